@@ -1,0 +1,100 @@
+"""The command line: parse options, build the config, call one library function, map errors to exit codes.
+
+This is the only module that imports typer and the only one that exits. Heavy libraries (torch, diffusers)
+are imported inside commands so that `sdlora --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import functools
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from sdlora import __version__
+from sdlora.errors import SdloraError
+
+app = typer.Typer(
+    name="sdlora",
+    help="Teach Stable Diffusion one person's face from a handful of photos, and measure whether it learned it.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# Options shared by the commands that read the config.
+ConfigOpt = Annotated[
+    Path | None, typer.Option("--config", "-c", help="TOML config file (see examples/).", dir_okay=False)
+]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override any setting: section.key=value (e.g. train.noise_offset=0.05). Repeatable."),
+]
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"sdlora {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    ctx: typer.Context,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show the full traceback of errors.")] = False,
+) -> None:
+    ctx.obj = {"debug": debug}
+
+
+def handles_errors(command: F) -> F:
+    """Turn our exceptions into `error: ...` on stderr and their exit code (tracebacks only with --debug)."""
+
+    @functools.wraps(command)
+    def wrapper(ctx: typer.Context, *args: Any, **kwargs: Any) -> Any:
+        debug = bool((ctx.obj or {}).get("debug"))
+        try:
+            return command(ctx, *args, **kwargs)
+        except SdloraError as exc:
+            if debug:
+                traceback.print_exc()
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            typer.echo("interrupted", err=True)
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def load_config(config_file: Path | None, options: dict[str, Any], sets: list[str] | None):
+    from sdlora import config
+
+    return config.load(config_file, options, sets or [])
+
+
+@app.command()
+@handles_errors
+def env(ctx: typer.Context) -> None:
+    """Print versions, device and setup facts, ready to paste into a bug report."""
+    from sdlora.env import collect_env
+
+    for key, value in collect_env().items():
+        typer.echo(f"- {key}: {value}")
+
+
+@app.command("config")
+@handles_errors
+def show_config(ctx: typer.Context, config_file: ConfigOpt = None, sets: SetOpt = None) -> None:
+    """Print the resolved config as TOML: defaults < --config FILE < --set. A starting point for your own file."""
+    from sdlora.config import to_toml
+
+    typer.echo(to_toml(load_config(config_file, {}, sets)), nl=False)

@@ -1,0 +1,317 @@
+"""The one typed config: sections, loading with precedence, cross-field checks, saving.
+
+Precedence, lowest first: field defaults < TOML file (`--config`) < explicit CLI options < `--set key=value`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import sys
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from sdlora.errors import ConfigError
+from sdlora.fsutil import atomic_write_text
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+def _multiple_of_8(value: int) -> int:
+    if value % 8:
+        raise ValueError(f"must be divisible by 8 (got {value}); try {max(8, value // 8 * 8)}")
+    return value
+
+
+class PrepConfig(Section):
+    """`sdlora prep`: photos -> face-centred training set."""
+
+    token: str = Field("sks", description="Rare token that names the person in captions and prompts.")
+    class_word: str = Field("person", description="Class noun after the token: person, man, woman, ...")
+    resolution: int = Field(512, ge=64, description="Side of the square output crops, in pixels.")
+    crop: Literal["face", "center"] = Field(
+        "face",
+        description="face: square centred on the detected face; center: the centre square, no face needed.",
+    )
+    min_images: int = Field(3, ge=1, description="Fail (exit 1) when fewer photos than this survive.")
+    caption_template: str = Field(
+        "a photo of {token} {class_word}", description="Caption for photos without a .txt sidecar."
+    )
+    buckets: bool = Field(False, description="SDXL aspect-ratio buckets instead of square crops.")
+    face_share: float = Field(0.45, gt=0.05, lt=1.0, description="Width of the face box as a share of the crop's side.")
+    max_upscale: float = Field(2.0, ge=1.0, description="Never upscale a crop more than this; smaller is too_small.")
+    blur_ratio: float = Field(
+        0.35,
+        ge=0.0,
+        lt=1.0,
+        description="Blurry when sharpness < this share of the set's median (0 disables).",
+    )
+    duplicate_distance: int = Field(
+        6, ge=0, description="Perceptual-hash Hamming distance at or under which two photos are duplicates."
+    )
+    other_person_distance: float = Field(
+        0.6,
+        gt=0.0,
+        description="Face-embedding distance from the set's identity above which a face is someone else.",
+    )
+    max_pixels: int = Field(
+        120_000_000, gt=0, description="Refuse images with more pixels than this (decompression bombs)."
+    )
+    workers: int = Field(0, ge=0, description="Parallel worker processes; 0 means one per CPU core.")
+
+    _check_resolution = field_validator("resolution")(_multiple_of_8)
+
+
+class ModelConfig(Section):
+    """Where the base model comes from."""
+
+    base: str | None = Field(
+        None, description="Hub id, local diffusers folder, or single-file .safetensors checkpoint."
+    )
+    vae: str | None = Field(None, description="Replacement VAE (hub id, folder or file), e.g. an fp16-fixed SDXL VAE.")
+    allow_pickle: bool = Field(
+        False, description="Allow .ckpt/.pt/.bin files, which are pickles that can run code when loaded."
+    )
+
+
+class LoraConfig(Section):
+    """The LoRA adapters: where they go and how big they are."""
+
+    rank: int = Field(16, gt=0, description="LoRA rank (inner dimension).")
+    alpha: float = Field(16.0, gt=0, description="LoRA alpha; the update is scaled by alpha / rank.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    targets: Literal["attention", "all"] = Field(
+        "attention",
+        description="attention: to_q/to_k/to_v/to_out.0; all: also feed-forward and transformer projections.",
+    )
+    train_text_encoder: bool = Field(False, description="Also train LoRA on the text encoder(s).")
+
+
+class TrainConfig(Section):
+    """`sdlora train`: the optimisation and its outputs."""
+
+    name: str | None = Field(None, description="Name of the kohya-format file; default: the OUT_DIR folder name.")
+    steps: int = Field(800, gt=0, description="Optimisation steps.")
+    resolution: int = Field(512, ge=64, description="Training resolution in pixels.")
+    batch_size: int = Field(1, gt=0, description="Images per device per micro-batch.")
+    grad_accum: int = Field(1, gt=0, description="Micro-batches accumulated per optimisation step.")
+    learning_rate: float = Field(1e-4, gt=0, description="UNet LoRA learning rate (Prodigy: use 1.0).")
+    text_encoder_learning_rate: float = Field(5e-5, gt=0, description="Text-encoder LoRA learning rate.")
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field(
+        "auto", description="auto: fp32 on CPU, bf16 on GPUs that support it, else fp16."
+    )
+    optimizer: Literal["adamw", "adamw8bit", "prodigy"] = Field("adamw", description="Optimizer.")
+    lr_scheduler: Literal["constant", "cosine", "linear"] = Field("constant", description="LR schedule after warmup.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
+    weight_decay: float = Field(1e-2, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, ge=0, description="Clip gradients at this norm; 0 disables clipping.")
+    gradient_checkpointing: bool = Field(False, description="Trade compute for memory in the UNet.")
+    checkpoint_every: int = Field(200, ge=0, description="Save a resumable checkpoint every N steps; 0 disables.")
+    keep_checkpoints: int = Field(3, ge=1, description="Keep only the newest N checkpoints.")
+    resume: str | None = Field(None, description="'latest' or a checkpoint folder to continue from.")
+    overwrite: bool = Field(False, description="Replace a different run already in OUT_DIR.")
+    class_prompt: str | None = Field(None, description="Prior preservation: generate class images from this prompt.")
+    num_class_images: int = Field(100, gt=0, description="How many class images prior preservation uses.")
+    prior_loss_weight: float = Field(1.0, ge=0, description="Weight of the prior-preservation loss.")
+    class_dir: Path | None = Field(None, description="Prior preservation: a folder of ready class images.")
+    sample_every: int = Field(200, ge=0, description="Render sample grids every N steps; 0 disables.")
+    sample_prompts: list[str] = Field(
+        default_factory=lambda: ["a photo of {trigger}", "a portrait of {trigger}, oil painting"],
+        description="Prompts of the sample grids; {trigger} becomes the trigger phrase.",
+    )
+    sample_steps: int = Field(20, gt=0, description="Denoising steps of each sample.")
+    seed: int = Field(0, description="Seed of data order, noise and LoRA init.")
+    min_snr_gamma: float | None = Field(
+        None, gt=0, description="Min-SNR loss weighting gamma (5.0 is usual); off when unset."
+    )
+    noise_offset: float = Field(0.0, ge=0, description="Offset noise strength (0.05-0.1 helps dark/bright images).")
+    flip: bool = Field(False, description="Random horizontal flips (faces are not symmetric: off by default).")
+    caption_dropout: float = Field(0.0, ge=0, lt=1, description="Share of steps trained with an empty caption.")
+    cache_latents: bool = Field(True, description="Encode each image with the VAE once, not every step.")
+    dataloader_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+    compile: bool = Field(False, description="torch.compile the UNet (slow start, faster steps on GPU).")
+    eval_every: int | None = Field(None, ge=0, description="Score identity every N steps; default: at each checkpoint.")
+    offload: bool = Field(False, description="Move text encoders and VAE to the CPU once their outputs are cached.")
+
+    _check_resolution = field_validator("resolution")(_multiple_of_8)
+
+    @model_validator(mode="after")
+    def _one_prior_source(self) -> TrainConfig:
+        if self.class_prompt and self.class_dir:
+            raise ValueError("can't give both class_prompt and class_dir; choose one")
+        return self
+
+
+class GenerateConfig(Section):
+    """`sdlora generate`: sampling settings."""
+
+    loras: list[str] = Field(default_factory=list, description="LoRA paths, each optionally PATH:SCALE.")
+    prompts: list[str] = Field(default_factory=list, description="Prompts; {trigger} becomes the LoRA's trigger.")
+    negative: str = Field("", description="Negative prompt.")
+    n: int = Field(4, gt=0, description="Images per prompt.")
+    batch_size: int = Field(4, gt=0, description="Images per pipeline call.")
+    seed: int = Field(42, description="Image i uses seed + i, so one image can be remade alone.")
+    steps: int = Field(30, gt=0, description="Denoising steps.")
+    cfg: float = Field(7.0, ge=0, description="Classifier-free guidance scale.")
+    scheduler: Literal["dpmpp_2m_karras", "euler_a", "euler", "ddim", "unipc"] = Field(
+        "dpmpp_2m_karras", description="Sampler."
+    )
+    size: str = Field("512x512", description="WIDTHxHEIGHT, each divisible by 8.")
+    fuse: bool = Field(False, description="Fuse LoRAs into the weights (same speed as the base model).")
+    compare: bool = Field(False, description="Also render the base model at the same seeds, side by side.")
+    keep_face: Path | None = Field(None, description="Keep this photo's face and repaint the rest.")
+    init_image: Path | None = Field(None, description="img2img from this photo.")
+    strength: float = Field(0.6, gt=0, le=1, description="img2img strength: 1 ignores the init image.")
+    save_steps: int = Field(0, ge=0, description="Filmstrip of the x0 prediction every K steps; 0 disables.")
+    refiner: str | None = Field(None, description="SDXL refiner model for an img2img pass.")
+
+    @field_validator("size")
+    @classmethod
+    def _check_size(cls, value: str) -> str:
+        parse_size(value)
+        return value
+
+    @model_validator(mode="after")
+    def _one_source_image(self) -> GenerateConfig:
+        if self.keep_face and self.init_image:
+            raise ValueError("can't give both keep_face and init_image; choose one")
+        return self
+
+    @property
+    def width_height(self) -> tuple[int, int]:
+        return parse_size(self.size)
+
+
+class EvalConfig(Section):
+    """`sdlora eval` and identity scoring during training."""
+
+    face_model: str = Field("dlib", description="Face-embedding backend: dlib (offline default) or insightface.")
+    threshold: float = Field(0.6, gt=0, description="Same-person distance threshold of the face model.")
+    n: int = Field(4, gt=0, description="Images per evaluation prompt.")
+    seed: int = Field(0, description="First seed of the evaluation images.")
+    clip: str | None = Field(None, description="CLIP model (hub id or folder) for prompt fidelity; skipped if unset.")
+    min_diversity: float = Field(0.0, ge=0, description="Best checkpoint must have at least this diversity.")
+    max_bleed: float = Field(1.0, ge=0, le=1, description="Best checkpoint must have at most this bleed.")
+
+
+class Config(Section):
+    prep: PrepConfig = PrepConfig()
+    model: ModelConfig = ModelConfig()
+    lora: LoraConfig = LoraConfig()
+    train: TrainConfig = TrainConfig()
+    generate: GenerateConfig = GenerateConfig()
+    eval: EvalConfig = EvalConfig()
+
+
+def parse_size(value: str) -> tuple[int, int]:
+    """'512x768' -> (512, 768), each side divisible by 8."""
+    try:
+        width, height = (int(part) for part in value.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"size must look like 512x512 (got {value!r})") from None
+    for side in (width, height):
+        if side <= 0 or side % 8:
+            raise ValueError(f"each side of size must be a positive multiple of 8 (got {value!r})")
+    return width, height
+
+
+def load(
+    path: Path | None = None,
+    options: Mapping[str, Any] | None = None,
+    sets: Iterable[str] = (),
+) -> Config:
+    """Build the config: defaults < TOML at `path` < `options` ({"train.steps": 10}; None = not given) < `sets`."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        data = read_toml(path)
+    for dotted, value in (options or {}).items():
+        if value is not None:
+            _set_dotted(data, dotted, value, origin="option")
+    for item in sets:
+        dotted, value = _parse_set(item)
+        _set_dotted(data, dotted, value, origin="--set")
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, source=str(path) if path else "config")) from None
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+
+
+def save(config: Config, path: Path) -> None:
+    """Write the resolved config as JSON, atomically."""
+    atomic_write_text(Path(path), json.dumps(config.model_dump(mode="json"), indent=2) + "\n")
+
+
+def to_toml(config: Config) -> str:
+    """The config as TOML (unset optional settings are left out: TOML has no null)."""
+    import tomli_w
+
+    def drop_none(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: drop_none(v) for k, v in value.items() if v is not None}
+        return value
+
+    return tomli_w.dumps(drop_none(config.model_dump(mode="json")))
+
+
+def _parse_set(item: str) -> tuple[str, Any]:
+    """'train.seed=3' -> ('train.seed', 3); the value is read as TOML, else kept as a string."""
+    key, sep, raw = item.partition("=")
+    if not sep or "." not in key:
+        raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. --set train.learning_rate=3e-4")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.strip(), value
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any, origin: str) -> None:
+    section, _, key = dotted.partition(".")
+    if section not in Config.model_fields:
+        raise ConfigError(f"{origin} {dotted}: unknown section {section!r}{_suggest(section, Config.model_fields)}")
+    target = data.setdefault(section, {})
+    if not isinstance(target, dict):
+        raise ConfigError(f"{origin} {dotted}: [{section}] must be a table")
+    target[key] = value
+
+
+def _suggest(name: str, candidates: Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.5)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _describe(exc: ValidationError, source: str) -> str:
+    """The first validation error as one line naming the key, with the closest valid key for typos."""
+    error = exc.errors()[0]
+    loc = [str(part) for part in error["loc"]]
+    where = ".".join(loc) or "config"
+    if error["type"] == "extra_forbidden":
+        model: type[BaseModel] = Config
+        for part in loc[:-1]:
+            model = model.model_fields[part].annotation  # type: ignore[assignment]
+        prefix = ".".join(loc[:-1] + [""])
+        close = difflib.get_close_matches(loc[-1], list(model.model_fields), n=1, cutoff=0.5)
+        hint = f"; did you mean {prefix + close[0]!r}?" if close else ""
+        return f"{source}: unknown setting {where!r}{hint}"
+    message = error["msg"].removeprefix("Value error, ")
+    return f"{source}: {where}: {message}"

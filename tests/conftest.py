@@ -1,0 +1,61 @@
+"""Shared fixtures: tiny pipelines saved once per test session, offline everywhere."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Tests never touch the network: any hub access fails fast instead of hanging or downloading.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    """Folders of the tiny sd1 / sd2 / sdxl pipelines, built lazily and saved once per session."""
+    from sdlora import testing
+
+    root = tmp_path_factory.mktemp("tiny-models")
+    built: dict[str, Path] = {}
+
+    class Lazy(dict):
+        def __missing__(self, family: str) -> Path:
+            built[family] = testing.save_tiny_pipeline(family, root / family)
+            self[family] = built[family]
+            return built[family]
+
+    return Lazy()
+
+
+@pytest.fixture(scope="session")
+def tiny_sd1(tiny_models) -> Path:
+    return tiny_models["sd1"]
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2(tiny_models) -> Path:
+    return tiny_models["sd2"]
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tiny_models) -> Path:
+    return tiny_models["sdxl"]
+
+
+def pytest_collection_modifyitems(config, items):
+    import importlib.util
+
+    cuda = False
+    if importlib.util.find_spec("torch") is not None:
+        import torch
+
+        cuda = torch.cuda.is_available()
+    if cuda:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
