@@ -1,0 +1,1 @@
+"""`sdlora prep`: from a folder of ordinary photos to a clean, face-centred training set."""

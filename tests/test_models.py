@@ -1,0 +1,53 @@
+"""Base-model loading: families from configs, pickle refusal, clear errors for bad paths."""
+
+from __future__ import annotations
+
+import pytest
+
+from sdlora import models
+from sdlora.errors import SdloraError, UsageError
+
+
+@pytest.mark.parametrize(
+    "family, version, arch",
+    [
+        ("sd1", "sd_v1", "stable-diffusion-v1/lora"),
+        ("sd2", "sd_v2_v", "stable-diffusion-v2-768-v/lora"),
+        ("sdxl", "sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora"),
+    ],
+)
+def test_family_detected_from_configs(tiny_models, family, version, arch):
+    pipe = models.load_pipeline(str(tiny_models[family]))
+    info = models.model_info(pipe)
+    assert info.family == family
+    assert info.kohya_base_version == version
+    assert info.modelspec_architecture == arch
+    assert info.vae_scale_factor == 8
+
+
+@pytest.mark.parametrize("suffix", [".ckpt", ".pt", ".bin", ".pth"])
+def test_pickles_refused_without_opt_in(tmp_path, suffix):
+    path = tmp_path / f"model{suffix}"
+    path.write_bytes(b"not loaded")
+    with pytest.raises(UsageError, match="--allow-pickle"):
+        models.check_base(str(path), allow_pickle=False)
+    models.check_base(str(path), allow_pickle=True)  # allowed: the check passes, loading is the user's call
+
+
+def test_bad_paths(tmp_path):
+    with pytest.raises(UsageError, match="required"):
+        models.check_base(None, allow_pickle=False)
+    with pytest.raises(UsageError, match="no such file"):
+        models.check_base(str(tmp_path / "missing.safetensors"), allow_pickle=False)
+    with pytest.raises(UsageError, match="not a diffusers folder"):
+        models.check_base(str(tmp_path), allow_pickle=False)
+
+
+def test_unknown_hub_id_offline_is_one_clear_error():
+    with pytest.raises(SdloraError, match="could not load base model 'nobody/no-such-model'"):
+        models.load_pipeline("nobody/no-such-model")
+
+
+def test_replacement_vae_from_folder(tiny_sd1):
+    pipe = models.load_pipeline(str(tiny_sd1), vae=str(tiny_sd1))
+    assert type(pipe.vae).__name__ == "AutoencoderKL"
