@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from sdlora.models import ModelInfo
 
 UNET_PREFIX = "lora_unet_"
-TEXT_ENCODER_PREFIXES = {"sd1": ("lora_te_",), "sd2": ("lora_te_",), "sdxl": ("lora_te1_", "lora_te2_")}
+FAMILIES = ("sd1", "sd2", "sdxl")
 KEY_PREFIXES = (UNET_PREFIX, "lora_te_", "lora_te1_", "lora_te2_")
 KEY_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
 
@@ -61,26 +61,35 @@ def kohya_state_dict(
 ) -> dict[str, torch.Tensor]:
     """Kohya-format tensors of the peft LoRA layers named `adapter` in `unet` and `text_encoders`.
 
-    `text_encoders` lists the encoders in pipeline order ([te] for SD 1.x/2.x, [te1, te2] for SDXL; [] or
-    encoders without LoRA layers add nothing). Weights are stored in `dtype` (default fp16, what UIs expect;
-    fp32 keeps the file exact), alphas in fp32 so that alpha/rank is never rounded.
+    `text_encoders`: [] (UNet only), [te] for SD 1.x/2.x, [te1, te2] or either one for SDXL (the one with a
+    text projection is te2); encoders without LoRA layers add nothing. Weights are stored in `dtype` (default
+    fp16, what UIs expect; fp32 keeps the file exact), alphas in fp32 so that alpha/rank is never rounded.
     """
     import torch
 
-    if family not in TEXT_ENCODER_PREFIXES:
-        raise ValueError(f"family must be one of {sorted(TEXT_ENCODER_PREFIXES)}, not {family!r}")
-    prefixes = TEXT_ENCODER_PREFIXES[family]
-    if len(text_encoders) > len(prefixes):
-        raise ValueError(f"{family} has {len(prefixes)} text encoder(s), got {len(text_encoders)}")
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES}, not {family!r}")
     dtype = torch.float16 if dtype is None else dtype
     rename_unet = _sgm_namer(unet.config) if family == "sdxl" else (lambda path: path)
     state: dict[str, torch.Tensor] = {}
     _add_modules(state, unet, UNET_PREFIX, rename_unet, adapter, dtype)
-    for encoder, prefix in zip(text_encoders, prefixes[: len(text_encoders)], strict=True):
+    for encoder, prefix in zip(text_encoders, _encoder_prefixes(text_encoders, family), strict=True):
         _add_modules(state, encoder, prefix, text_encoder_path, adapter, dtype)
     if not state:
         raise SdloraError(f"no LoRA layers named {adapter!r} in the UNet or text encoders: nothing to save")
     return state
+
+
+def _encoder_prefixes(text_encoders: Sequence[Any], family: str) -> list[str]:
+    """lora_te_ for SD 1.x/2.x; on SDXL lora_te2_ for the encoder with a projection (OpenCLIP bigG), else lora_te1_,
+    so that a list holding only the second encoder is still named right."""
+    if family == "sdxl":
+        prefixes = ["lora_te2_" if hasattr(e, "text_projection") else "lora_te1_" for e in text_encoders]
+    else:
+        prefixes = ["lora_te_"] * len(text_encoders)
+    if len(set(prefixes)) != len(prefixes):
+        raise ValueError(f"{family}: text encoders {prefixes} would share a key prefix; pass each encoder once")
+    return prefixes
 
 
 def _add_modules(state: dict, model: Any, prefix: str, rename: Any, adapter: str, dtype: torch.dtype) -> None:

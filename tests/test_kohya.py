@@ -175,6 +175,9 @@ def test_key_names(case):
         assert "lora_unet_output_blocks_1_1_proj_in.lora_up.weight" in case.state
         te_prefixes = ("lora_te1_text_model_encoder_layers_", "lora_te2_text_model_encoder_layers_")
         assert {key[:9] for key in te_keys} == ({"lora_te1_", "lora_te2_"} if case.with_te else set())
+        if case.with_te:  # the second encoder alone is still named lora_te2_
+            alone = kohya.kohya_state_dict(case.pipe.unet, [case.pipe.text_encoder_2], "sdxl")
+            assert {k for k in alone if k.startswith("lora_te")} == {k for k in te_keys if k.startswith("lora_te2_")}
     else:
         assert all(re.match(r"lora_unet_(down_blocks_\d+|mid_block|up_blocks_\d+)_", key) for key in unet_keys)
         assert "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight" in case.state
@@ -357,6 +360,21 @@ def test_read_errors(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(SdloraError, match="not a readable"):
         kohya.read_kohya(tmp_path / "junk.safetensors")
+
+
+def test_dora_and_wrong_encoder_lists_are_errors():
+    import peft
+    import torch
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    peft.inject_adapter_in_model(peft.LoraConfig(r=2, target_modules=["0"], use_dora=True), model)
+    with pytest.raises(SdloraError, match="DoRA"):
+        list(kohya.lora_layers(model))
+    unet = SimpleNamespace(config=None, named_modules=lambda: iter(()))
+    with pytest.raises(ValueError, match="share a key prefix"):
+        kohya.kohya_state_dict(unet, [model, model], "sd1")
+    with pytest.raises(ValueError, match="family"):
+        kohya.kohya_state_dict(unet, [], "sd3")
 
 
 def test_no_lora_layers_is_an_error(tiny_sd1):
