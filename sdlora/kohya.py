@@ -96,15 +96,23 @@ def _add_modules(state: dict, model: Any, prefix: str, rename: Any, adapter: str
     import torch
 
     for path, layer in lora_layers(model, adapter):
-        name = prefix + rename(path).replace(".", "_")
+        name = prefix + rename(_unwrapped(path)).replace(".", "_")
         down = layer.lora_A[adapter].weight.detach()  # (rank, in) or (rank, in, kh, kw)
         up = layer.lora_B[adapter].weight.detach()  # (out, rank) or (out, rank, 1, 1)
         # peft scales by alpha / r (or alpha / sqrt(r) with rsLoRA); readers scale by alpha / rank,
         # so store the alpha that gives peft's scaling.
         alpha = float(layer.scaling[adapter]) * layer.r[adapter]
-        state[f"{name}.lora_down.weight"] = down.to("cpu", dtype).contiguous()
-        state[f"{name}.lora_up.weight"] = up.to("cpu", dtype).contiguous()
+        # Copies: the state must not change when training goes on after a checkpoint.
+        state[f"{name}.lora_down.weight"] = down.to("cpu", dtype, copy=True).contiguous()
+        state[f"{name}.lora_up.weight"] = up.to("cpu", dtype, copy=True).contiguous()
         state[f"{name}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
+
+
+def _unwrapped(path: str) -> str:
+    """Drop the levels DDP (`module.`) and torch.compile (`_orig_mod.`) add around a model."""
+    while path.startswith(("module.", "_orig_mod.")):
+        path = path.split(".", 1)[1]
+    return path
 
 
 def lora_layers(model: Any, adapter: str = "default") -> Iterator[tuple[str, Any]]:

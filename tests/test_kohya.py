@@ -311,6 +311,18 @@ def test_text_encoder_paths_follow_transformers_4():
     assert kohya.text_encoder_path("text_projection") == "text_projection"
 
 
+def test_wrapped_models_keep_their_names(case):
+    """DDP (`module.`) and torch.compile (`_orig_mod.`) wrappers do not leak into the key names."""
+    import torch
+
+    wrapper = torch.nn.Module()
+    wrapper.module = torch.nn.Module()
+    wrapper.module._orig_mod = case.pipe.unet
+    wrapper.config = case.pipe.unet.config
+    state = kohya.kohya_state_dict(wrapper, [], case.family)
+    assert state.keys() == {key for key in case.state if key.startswith("lora_unet_")}
+
+
 def test_is_kohya_state_dict():
     assert kohya.is_kohya_state_dict(["lora_unet_a_b.lora_down.weight", "lora_te1_x.alpha"])
     assert not kohya.is_kohya_state_dict([])
