@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -250,6 +251,8 @@ def generate(config: Config, out_dir: Path) -> list[Path]:
         raise UsageError("no prompt: give --prompt TEXT or --prompts FILE")
     if g.compare and not g.loras:
         raise UsageError("--compare needs at least one --lora (it shows the base model beside the LoRA)")
+    if g.init_image and int(g.steps * g.strength) < 1:
+        raise UsageError(f"--strength {g.strength} x --steps {g.steps} leaves no denoising step; raise either")
     loras = [parse_lora(spec) for spec in g.loras]
     width, height = g.width_height
     source = _load_source(g, width, height)  # before the base model loads: a bad photo fails fast
@@ -280,7 +283,9 @@ def generate(config: Config, out_dir: Path) -> list[Path]:
     if g.refiner:
         refiner = _refiner(g.refiner, model.allow_pickle, dtype, device)
         refine_call = {"init_images": images, "call_kwargs": {"strength": REFINER_STRENGTH}}
-        images, _ = _render(refiner, jobs, g.model_copy(update={"save_steps": 0}), refine_call, "refiner")
+        # At least one denoising step however few --steps (img2img runs steps x strength of them).
+        refine_g = g.model_copy(update={"save_steps": 0, "steps": max(g.steps, math.ceil(1 / REFINER_STRENGTH))})
+        images, _ = _render(refiner, jobs, refine_g, refine_call, "refiner")
     if source is not None and source.face_mask is not None:
         images = [keepface.composite(source.photo, image, source.face_mask) for image in images]
     return write_outputs(out_dir, config, jobs, loras, images, strips, base_images)

@@ -1,0 +1,102 @@
+"""`sdlora generate` from photos and on SDXL: keep-face on a real photo, img2img, SDXL with LoRA and refiner."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from generate_helpers import make_lora, max_diff, parse_parameters, pixels
+from PIL import Image
+from typer.testing import CliRunner
+
+from sdlora import keepface
+from sdlora.cli import app
+
+runner = CliRunner()
+FAST = ["--steps", "2", "--scheduler", "euler_a", "--cfg", "5", "--n", "1"]
+
+
+@pytest.fixture(scope="module")
+def astronaut(tmp_path_factory) -> tuple:
+    """scikit-image's astronaut photo (a real face) and the landmarks our face detector finds on it."""
+    from skimage import data
+
+    from sdlora.prep.faces import DlibFaces
+
+    path = tmp_path_factory.mktemp("photos") / "astronaut.png"
+    photo = Image.fromarray(data.astronaut())
+    photo.save(path)
+    faces = DlibFaces().detect(photo)
+    assert len(faces) == 1
+    return path, photo, faces[0]
+
+
+def gen(*args: str):
+    return runner.invoke(app, ["generate", *FAST, *args])
+
+
+def test_keep_face_keeps_the_photos_face_and_repaints_the_rest(tiny_sd1, astronaut, tmp_path):
+    path, photo, face = astronaut
+    result = gen("--base", str(tiny_sd1), "--prompt", "a person in a garden", "--size", "128x128",
+                 "--keep-face", str(path), "--out", str(tmp_path))  # fmt: skip
+    assert result.exit_code == 0, result.output
+    out = pixels(tmp_path / "0000-42.png")
+    fitted, mask = keepface.prepare(photo, face.landmarks, 128, 128)
+    mask_a, photo_a = np.asarray(mask), pixels(fitted)
+    core, outside = mask_a == 255, mask_a == 0
+    # The core is the face: it holds the face box's centre and lies inside the box grown upward for the forehead.
+    scale = 128 / 512
+    left, top, right, bottom = (v * scale for v in face.box)
+    ys, xs = np.nonzero(core)
+    assert core.sum() > 150 and core[int((top + bottom) / 2), int((left + right) / 2)]
+    assert xs.min() >= left - 2 and xs.max() <= right + 2 and ys.max() <= bottom + 2
+    brows, nose_tip = face.landmarks[17:27, 1].min() * scale, face.landmarks[33, 1] * scale
+    assert brows - ys.min() > 0.3 * (nose_tip - brows)  # the forehead above the brows is covered too
+    assert (out[core] == photo_a[core]).all()  # exactly the photo's own pixels
+    assert np.abs(out[outside] - photo_a[outside]).mean() > 20  # everything else repainted
+    assert 0 < mask_a.astype(float).mean() / 255 < 0.3
+
+
+def test_keep_face_without_a_face_is_one_clear_error(tiny_sd1, tmp_path):
+    blank = tmp_path / "wall.png"
+    Image.new("RGB", (256, 256), (120, 110, 100)).save(blank)
+    result = gen("--base", str(tiny_sd1), "--prompt", "x", "--size", "64x64", "--keep-face", str(blank),
+                 "--out", str(tmp_path / "out"))  # fmt: skip
+    assert result.exit_code == 1
+    assert f"--keep-face {blank}: no face found" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_img2img_uses_the_init_image(tiny_sd1, astronaut, tmp_path):
+    from skimage import data
+
+    path, _, _ = astronaut
+    other = tmp_path / "coffee.png"
+    Image.fromarray(data.coffee()).save(other)
+    common = ["--base", str(tiny_sd1), "--prompt", "a portrait", "--size", "64x64", "--steps", "4"]
+    for name, args in {"a": ["--init-image", str(path)], "b": ["--init-image", str(other)], "t": []}.items():
+        result = gen(*common, *args, "--strength", "0.5", "--out", str(tmp_path / name))
+        assert result.exit_code == 0, result.output
+    png = "0000-42.png"
+    assert Image.open(tmp_path / "a" / png).size == (64, 64)
+    assert max_diff(tmp_path / "a" / png, tmp_path / "b" / png) > 10  # a different photo, a different image
+    assert max_diff(tmp_path / "a" / png, tmp_path / "t" / png) > 10
+    settings = parse_parameters(Image.open(tmp_path / "a" / png).text["parameters"])[2]
+    assert settings["Denoising strength"] == "0.5"
+
+
+def test_sdxl_with_lora_and_refiner(tiny_sdxl, tmp_path):
+    lora = make_lora(tiny_sdxl, tmp_path / "xl-lora", seed=5, metadata={"sdlora.trigger_phrase": "zwx"})
+    common = ["--base", str(tiny_sdxl), "--prompt", "{trigger} smiling", "--size", "64x64", "--lora", str(lora)]
+    for name, extra in {"plain": [], "refined": ["--refiner", str(tiny_sdxl)]}.items():
+        result = gen(*common, *extra, "--out", str(tmp_path / name))
+        assert result.exit_code == 0, result.output
+    png = "0000-42.png"
+    assert Image.open(tmp_path / "refined" / png).size == (64, 64)
+    assert max_diff(tmp_path / "plain" / png, tmp_path / "refined" / png) > 5
+    prompt, _, settings = parse_parameters(Image.open(tmp_path / "refined" / png).text["parameters"])
+    assert prompt.startswith("zwx smiling") and settings["Refiner"] == tiny_sdxl.name
+
+
+def test_refiner_refused_on_sd1(tiny_sd1, tmp_path):
+    result = gen("--base", str(tiny_sd1), "--prompt", "x", "--refiner", str(tiny_sd1), "--out", str(tmp_path))
+    assert result.exit_code == 2 and "a refiner pass is for SDXL bases" in result.output
