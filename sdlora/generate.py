@@ -17,6 +17,7 @@ from sdlora.adapters import Lora, check_family, load_loras, parse_lora
 from sdlora.config import Config, GenerateConfig
 from sdlora.errors import SdloraError, UsageError
 from sdlora.models import load_pipeline, model_info
+from sdlora.previews import Previews
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ def render_images(
             kwargs["image"] = list(init_images[chunk])
         if mask_images is not None:
             kwargs["mask_image"] = list(mask_images[chunk])
-        previews = _Previews(pipe, preview_every) if preview_every and on_previews else None
+        previews = Previews(pipe, preview_every) if preview_every and on_previews else None
         if previews is not None:
             kwargs.update(callback_on_step_end=previews, callback_on_step_end_tensor_inputs=["latents"])
         batch_prompts = prompts[chunk]
@@ -119,61 +120,6 @@ def render_images(
         if on_batch is not None:
             on_batch(len(images), len(prompts))
     return images
-
-
-class _Previews:
-    """Decoded x0 predictions every K steps of one pipeline call, per image.
-
-    Pipelines hand `callback_on_step_end` the latents but not the x0 prediction the scheduler computed, so the
-    scheduler's `step` is wrapped for the call to keep it: Euler, Euler a and DDIM return it
-    (pred_original_sample); DPM-Solver++ and UniPC keep it as their latest model output.
-    """
-
-    def __init__(self, pipe: Any, every: int) -> None:
-        self.pipe, self.every = pipe, every
-        self.x0: Any = None
-        self.frames: list[list[Image.Image]] = []  # [frame][image]
-        self._scheduler = pipe.scheduler
-        original = self._scheduler.step
-
-        def step(*args: Any, **kwargs: Any) -> Any:
-            out = original(*args, **kwargs)
-            self.x0 = _x0_of(self._scheduler, out)
-            return out
-
-        self._scheduler.step = step  # an instance attribute: `detach` removes it
-
-    def __call__(self, pipe: Any, i: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
-        if self.x0 is not None and ((i + 1) % self.every == 0 or i + 1 == pipe.num_timesteps):
-            self.frames.append(decode_latents(pipe, self.x0))
-        return tensors
-
-    def detach(self) -> None:
-        self._scheduler.__dict__.pop("step", None)
-
-    def per_image(self) -> list[list[Image.Image]]:
-        return [list(frames) for frames in zip(*self.frames, strict=True)]
-
-
-def _x0_of(scheduler: Any, out: Any) -> Any:
-    if isinstance(out, tuple):
-        if len(out) > 1:
-            return out[1]
-    elif getattr(out, "pred_original_sample", None) is not None:
-        return out.pred_original_sample
-    outputs = getattr(scheduler, "model_outputs", None)  # DPM-Solver++ / UniPC: x0 predictions, newest last
-    return outputs[-1] if outputs and outputs[-1] is not None else None
-
-
-def decode_latents(pipe: Any, latents: Any) -> list[Image.Image]:
-    """(B, 4, H/8, W/8) latents -> B PIL images through the pipeline's VAE."""
-    import torch
-
-    vae = pipe.vae
-    with torch.inference_mode():
-        scaled = latents.to(vae.dtype) / vae.config.scaling_factor
-        pixels = vae.decode(scaled, return_dict=False)[0]
-    return pipe.image_processor.postprocess(pixels, output_type="pil")
 
 
 def make_grid(images: Sequence[Image.Image], cols: int) -> Image.Image:
@@ -266,6 +212,8 @@ def generate(config: Config, out_dir: Path) -> list[Path]:
     family = model_info(pipe).family
     for lora in loras:  # every LoRA is checked before anything is generated
         check_family(lora, family, pipe.unet.config.cross_attention_dim)
+    if pipe.unet.config.in_channels == 9 and g.keep_face is None:
+        raise UsageError(f"{model.base} is an inpainting model (9-channel UNet): use it with --keep-face PHOTO")
     if g.refiner and family != "sdxl":
         raise UsageError(f"--refiner: a refiner pass is for SDXL bases, and {model.base} is {family}")
     pipe.to(device)

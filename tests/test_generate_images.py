@@ -100,3 +100,32 @@ def test_sdxl_with_lora_and_refiner(tiny_sdxl, tmp_path):
 def test_refiner_refused_on_sd1(tiny_sd1, tmp_path):
     result = gen("--base", str(tiny_sd1), "--prompt", "x", "--refiner", str(tiny_sd1), "--out", str(tmp_path))
     assert result.exit_code == 2 and "a refiner pass is for SDXL bases" in result.output
+
+
+@pytest.fixture(scope="module")
+def tiny_inpainting(tmp_path_factory):
+    """A tiny SD 1.x inpainting model: its UNet takes 9 channels (latents, mask, masked-image latents)."""
+    from diffusers import StableDiffusionInpaintPipeline, UNet2DConditionModel
+
+    from sdlora.testing import build_tiny_pipeline
+
+    pipe = build_tiny_pipeline("sd1")
+    components = {**pipe.components, "unet": UNet2DConditionModel.from_config({**pipe.unet.config, "in_channels": 9})}
+    folder = tmp_path_factory.mktemp("inpaint") / "sd1-inpainting"
+    StableDiffusionInpaintPipeline(**components).save_pretrained(folder)
+    return folder
+
+
+def test_keep_face_with_a_9_channel_inpainting_model(tiny_inpainting, astronaut, tmp_path):
+    path, photo, face = astronaut
+    args = ["--base", str(tiny_inpainting), "--prompt", "a person", "--size", "96x96", "--out", str(tmp_path)]
+    result = gen(*args)
+    assert result.exit_code == 2 and "inpainting model (9-channel UNet): use it with --keep-face" in result.output
+    result = gen(*args, "--keep-face", str(path))
+    assert result.exit_code == 0, result.output
+    out = pixels(tmp_path / "0000-42.png")
+    fitted, mask = keepface.prepare(photo, face.landmarks, 96, 96)
+    mask_a, photo_a = np.asarray(mask), pixels(fitted)
+    assert (mask_a == 255).sum() > 80
+    assert (out[mask_a == 255] == photo_a[mask_a == 255]).all()
+    assert np.abs(out[mask_a == 0] - photo_a[mask_a == 0]).mean() > 20
