@@ -15,6 +15,7 @@ from rich.console import Console
 from sdlora import __version__, adapters, keepface, pngmeta
 from sdlora.adapters import Lora, check_family, load_loras, parse_lora
 from sdlora.config import Config, GenerateConfig
+from sdlora.config import save as save_config
 from sdlora.errors import SdloraError, UsageError
 from sdlora.models import load_pipeline, model_info
 from sdlora.previews import Previews
@@ -334,6 +335,7 @@ def write_outputs(
 ) -> list[Path]:
     """DIR/NNNN-SEED.png (+ A1111 `parameters`) and .json per image, DIR/grid.png, DIR/compare.png, strips."""
     out_dir = Path(out_dir)
+    save_config(config, out_dir / "config.json")
     hashes = [(lora.name, adapters.addnet_hash(lora.path)) for lora in loras]
     written: list[Path] = []
     for job, image in zip(jobs, images, strict=True):

@@ -41,7 +41,7 @@ def test_outputs_parameters_chunk_and_json(tiny_sd1, loras, tmp_path):
     gen("--base", str(tiny_sd1), "--lora", f"{loras['a']}:0.8", "--prompt", "a photo of {trigger}",
         "--negative", "blurry, dark", "--n", "2", "--batch-size", "2", "--out", str(out))  # fmt: skip
     assert sorted(p.name for p in out.iterdir()) == [
-        "0000-42.json", "0000-42.png", "0001-43.json", "0001-43.png", "grid.png"
+        "0000-42.json", "0000-42.png", "0001-43.json", "0001-43.png", "config.json", "grid.png"
     ]  # fmt: skip
     assert Image.open(out / "grid.png").size == (128, 64)
     image = Image.open(out / "0001-43.png")
@@ -57,6 +57,7 @@ def test_outputs_parameters_chunk_and_json(tiny_sd1, loras, tmp_path):
     assert record["loras"][0]["scale"] == 0.8 and record["loras"][0]["trigger"] == "zwx person"
     assert record["loras"][0]["hash"].startswith(settings["Lora hashes"].split(": ")[1][:12])
     assert record["parameters"] == image.text["parameters"]
+    assert json.loads((out / "config.json").read_text())["generate"]["loras"] == [f"{loras['a']}:0.8"]
 
 
 def test_image_remade_alone_by_seed(tiny_sd1, tmp_path):
