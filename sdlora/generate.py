@@ -218,26 +218,34 @@ def generate(config: Config, out_dir: Path) -> list[Path]:
     if g.refiner and family != "sdxl":
         raise UsageError(f"--refiner: a refiner pass is for SDXL bases, and {model.base} is {family}")
     pipe.to(device)
+    refiner = _refiner(g.refiner, model.allow_pickle, dtype, device) if g.refiner else None
     adapters = load_loras(pipe, loras)
     runner, call = _runner(pipe, g, source, len(jobs))
 
     base_images = None
     if g.compare:
         runner.disable_lora()  # the same weights with the adapters off: no second copy of the model
-        base_images, _ = _render(runner, jobs, g, call, "base model")
+        base_images = _finish(_render(runner, jobs, g, call, "base model")[0], refiner, jobs, g, source)
         runner.enable_lora()
     if g.fuse and adapters:
         runner.fuse_lora(adapter_names=adapters, lora_scale=1.0)  # keeps the scales set_adapters gave
     images, strips = _render(runner, jobs, g, call, "images")
-    if g.refiner:
-        refiner = _refiner(g.refiner, model.allow_pickle, dtype, device)
-        refine_call = {"init_images": images, "call_kwargs": {"strength": REFINER_STRENGTH}}
+    images = _finish(images, refiner, jobs, g, source)
+    return write_outputs(out_dir, config, jobs, loras, images, strips, base_images)
+
+
+def _finish(
+    images: list[Image.Image], refiner: Any, jobs: list[Job], g: GenerateConfig, source: Source | None
+) -> list[Image.Image]:
+    """The refiner pass, then the photo's own face composited back (--keep-face)."""
+    if refiner is not None:
         # At least one denoising step however few --steps (img2img runs steps x strength of them).
-        refine_g = g.model_copy(update={"save_steps": 0, "steps": max(g.steps, math.ceil(1 / REFINER_STRENGTH))})
-        images, _ = _render(refiner, jobs, refine_g, refine_call, "refiner")
+        steps = max(g.steps, math.ceil(1 / REFINER_STRENGTH))
+        call = {"init_images": images, "call_kwargs": {"strength": REFINER_STRENGTH}}
+        images = _render(refiner, jobs, g.model_copy(update={"save_steps": 0, "steps": steps}), call, "refiner")[0]
     if source is not None and source.face_mask is not None:
         images = [keepface.composite(source.photo, image, source.face_mask) for image in images]
-    return write_outputs(out_dir, config, jobs, loras, images, strips, base_images)
+    return images
 
 
 def _load_source(g: GenerateConfig, width: int, height: int) -> Source | None:

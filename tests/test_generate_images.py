@@ -36,10 +36,12 @@ def gen(*args: str):
 
 def test_keep_face_keeps_the_photos_face_and_repaints_the_rest(tiny_sd1, astronaut, tmp_path):
     path, photo, face = astronaut
-    result = gen("--base", str(tiny_sd1), "--prompt", "a person in a garden", "--size", "128x128",
-                 "--keep-face", str(path), "--out", str(tmp_path))  # fmt: skip
+    lora = make_lora(tiny_sd1, tmp_path / "lora", seed=6)
+    result = gen("--base", str(tiny_sd1), "--prompt", "a person in a garden", "--size", "128x128", "--lora",
+                 str(lora), "--compare", "--keep-face", str(path), "--out", str(tmp_path / "out"))  # fmt: skip
     assert result.exit_code == 0, result.output
-    out = pixels(tmp_path / "0000-42.png")
+    out = pixels(tmp_path / "out" / "0000-42.png")
+    base = pixels(Image.open(tmp_path / "out" / "compare.png").crop((0, 0, 128, 128)))
     fitted, mask = keepface.prepare(photo, face.landmarks, 128, 128)
     mask_a, photo_a = np.asarray(mask), pixels(fitted)
     core, outside = mask_a == 255, mask_a == 0
@@ -51,8 +53,10 @@ def test_keep_face_keeps_the_photos_face_and_repaints_the_rest(tiny_sd1, astrona
     assert xs.min() >= left - 2 and xs.max() <= right + 2 and ys.max() <= bottom + 2
     brows, nose_tip = face.landmarks[17:27, 1].min() * scale, face.landmarks[33, 1] * scale
     assert brows - ys.min() > 0.3 * (nose_tip - brows)  # the forehead above the brows is covered too
-    assert (out[core] == photo_a[core]).all()  # exactly the photo's own pixels
-    assert np.abs(out[outside] - photo_a[outside]).mean() > 20  # everything else repainted
+    for image in (out, base):  # with the LoRA, and the base model beside it
+        assert (image[core] == photo_a[core]).all()  # exactly the photo's own pixels
+        assert np.abs(image[outside] - photo_a[outside]).mean() > 20  # everything else repainted
+    assert np.abs(out[outside] - base[outside]).mean() > 3  # the LoRA changed the repainted part
     assert 0 < mask_a.astype(float).mean() / 255 < 0.3
 
 
