@@ -133,3 +133,31 @@ def test_keep_face_with_a_9_channel_inpainting_model(tiny_inpainting, astronaut,
     assert (mask_a == 255).sum() > 80
     assert (out[mask_a == 255] == photo_a[mask_a == 255]).all()
     assert np.abs(out[mask_a == 0] - photo_a[mask_a == 0]).mean() > 20
+
+
+def test_sdxl_kohya_file_matches_diffusers_file_and_is_refused_on_sd1(tiny_sd1, tiny_sdxl, tmp_path):
+    """Our kohya export (SGM key names) renders like the diffusers-format file, and its shapes give it away."""
+    import torch
+    from diffusers import DiffusionPipeline
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    from sdlora.kohya import kohya_state_dict
+
+    pipe = DiffusionPipeline.from_pretrained(str(tiny_sdxl))
+    torch.manual_seed(7)
+    targets = ["to_q", "to_k", "to_v", "to_out.0"]
+    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=targets, init_lora_weights=False))
+    kohya = tmp_path / "xl_kohya.safetensors"
+    save_file(kohya_state_dict(pipe.unet, [], "sdxl", dtype=torch.float32), str(kohya))  # no metadata: shapes only
+    diffusers_dir = make_lora(tiny_sdxl, tmp_path / "xl-diffusers", seed=7)
+    common = ["--base", str(tiny_sdxl), "--prompt", "a face", "--size", "64x64"]
+    for name, lora in {"kohya": kohya, "diffusers": diffusers_dir}.items():
+        result = gen(*common, "--lora", str(lora), "--out", str(tmp_path / name))
+        assert result.exit_code == 0, result.output
+    assert gen(*common, "--out", str(tmp_path / "base")).exit_code == 0
+    png = "0000-42.png"
+    assert max_diff(tmp_path / "kohya" / png, tmp_path / "diffusers" / png) <= 2
+    assert max_diff(tmp_path / "kohya" / png, tmp_path / "base" / png) > 5
+    result = gen("--base", str(tiny_sd1), "--prompt", "x", "--lora", str(kohya), "--out", str(tmp_path / "no"))
+    assert result.exit_code == 2 and "64-wide text features" in result.output
