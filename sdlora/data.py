@@ -54,8 +54,9 @@ def _caption_of(image: Path, default: str) -> str:
     return default
 
 
-def trigger_phrase(dataset_dir: Path, token: str, class_word: str) -> str:
-    """ "{token} {class_word}" from the dataset's config.json (what prep used) if present, else the given ones."""
+def trigger_parts(dataset_dir: Path, token: str, class_word: str) -> tuple[str, str]:
+    """(token, class_word) from the dataset's config.json (what prep used) if present, else the given ones;
+    the trigger phrase is "{token} {class_word}"."""
     config_file = Path(dataset_dir) / "config.json"
     if config_file.is_file():
         try:

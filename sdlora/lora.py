@@ -55,16 +55,17 @@ def save_diffusers(
 ) -> None:
     """Write `path` with diffusers' save_lora_weights (+ adapter metadata), then add our `header` keys to the
     safetensors metadata beside diffusers' own; atomic."""
-    from diffusers.utils import convert_state_dict_to_diffusers
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
+    # peft's own key names (lora_A/lora_B), not convert_state_dict_to_diffusers: that renames only the attention
+    # layers to the old `lora.down` style and the resulting mix reloads without them.
     kwargs: dict[str, Any] = {
-        "unet_lora_layers": convert_state_dict_to_diffusers(peft_state(unet)),
+        "unet_lora_layers": peft_state(unet),
         "unet_lora_adapter_metadata": adapter_metadata(unet),
     }
     for name, encoder in text_encoders.items():  # "text_encoder" (and "text_encoder_2" on SDXL)
-        kwargs[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(peft_state(encoder))
+        kwargs[f"{name}_lora_layers"] = peft_state(encoder)
         kwargs[f"{name}_lora_adapter_metadata"] = adapter_metadata(encoder)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -87,9 +88,13 @@ def read_header(path: Path) -> dict[str, str]:
 
 
 def adapter_metadata_of(path: Path) -> dict[str, Any]:
-    """The adapter configs diffusers stored in `path` (keyed 'unet', 'text_encoder', ...)."""
+    """The adapter configs diffusers stored in `path`, by model: {'unet': {'r': 4, ...}, 'text_encoder': ...}."""
     raw = read_header(path).get("lora_adapter_metadata")
-    return json.loads(raw) if raw else {}
+    grouped: dict[str, dict[str, Any]] = {}
+    for key, value in (json.loads(raw) if raw else {}).items():  # stored flat: "unet.r", "text_encoder.r"
+        model, _, setting = key.partition(".")
+        grouped.setdefault(model, {})[setting] = value
+    return grouped
 
 
 def save_state(path: Path, models: dict[str, Any]) -> None:

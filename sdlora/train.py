@@ -381,7 +381,9 @@ def check_finite(run: Run, first_bad: Any) -> None:
     """Stop with a clear error when any process saw a NaN/inf loss (one sync; called at logs and checkpoints)."""
     from sdlora import checkpoint
 
-    worst = int(run.accelerator.gather(first_bad.view(1)).max()) if run.accelerator.num_processes > 1 else int(first_bad)
+    worst = (
+        int(run.accelerator.gather(first_bad.view(1)).max()) if run.accelerator.num_processes > 1 else int(first_bad)
+    )
     if worst < 0:
         return
     kept = checkpoint.list_checkpoints(run.plan.out_dir)
@@ -423,7 +425,11 @@ def save_loras(run: Run, folder: Path, *, unwrap_for_good: bool) -> tuple[Path, 
     encoders = {}
     if run.text_encoder is not None:
         encoders["text_encoder"] = unwrap(run.text_encoder, keep_fp32_wrapper=not unwrap_for_good)
-    header = {"sdlora.trigger_phrase": run.plan.trigger, "sdlora.family": run.info.family, "sdlora.version": __version__}
+    header = {
+        "sdlora.trigger_phrase": run.plan.trigger,
+        "sdlora.family": run.info.family,
+        "sdlora.version": __version__,
+    }
     diffusers_file = Path(folder) / lora.DIFFUSERS_FILE
     lora.save_diffusers(diffusers_file, type(run.pipe), unet, encoders, header)
     lc, tc = run.config.lora, run.config.train
