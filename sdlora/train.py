@@ -111,11 +111,15 @@ def _cuda_facts() -> tuple[bool, bool]:
 
 
 def resolve_precision(requested: str, cuda: bool, bf16_supported: bool) -> str:
-    """auto: fp32 ("no") on CPU, bf16 on GPUs that have it, else fp16. bf16 on a GPU without it is an error."""
+    """auto: fp32 ("no") on CPU, bf16 on GPUs that have it, else fp16. bf16 on a GPU without it, and fp16 on the
+    CPU, are errors."""
     if requested == "auto":
         return ("bf16" if bf16_supported else "fp16") if cuda else "no"
     if requested == "bf16" and cuda and not bf16_supported:
         raise UsageError("--mixed-precision bf16: this GPU has no bf16 support; use fp16 (or no)")
+    if requested == "fp16" and not cuda:
+        # Accelerate has no fp16 autocast or gradient scaler on the CPU: the half base and fp32 LoRA can't mix.
+        raise UsageError("--mixed-precision fp16 needs a CUDA GPU; on the CPU use bf16 or no")
     return requested
 
 
@@ -124,7 +128,11 @@ def resolve_precision(requested: str, cuda: bool, bf16_supported: bool) -> str:
 
 def make_accelerator(config: Config, precision: str) -> Any:
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
+    # Accelerate keeps its settings in a process-wide singleton; forget the last run's (tests and notebooks
+    # train several times in one process), keeping the distributed set-up.
+    AcceleratorState._reset_state()
     # The LR schedule is stepped by hand once per optimisation step, whatever the number of processes.
     return Accelerator(
         mixed_precision=precision,
@@ -463,18 +471,20 @@ def render_samples(run: Run, step: int) -> None:
         trained = [run.pipe.unet] + ([run.pipe.text_encoder] if run.text_encoder is not None else [])
         for module in trained:
             module.eval()
-        images = render_images(
-            run.pipe,
-            prompts,
-            [gc.seed] * len(prompts),
-            steps=tc.sample_steps,
-            cfg=gc.cfg,
-            scheduler=gc.scheduler,
-            width=tc.resolution,
-            height=tc.resolution,
-            negative=gc.negative,
-            batch_size=gc.batch_size,
-        )
+        # Under autocast: Accelerate's wrapper returns the UNet's output in fp32, which a half VAE would refuse.
+        with run.accelerator.autocast():
+            images = render_images(
+                run.pipe,
+                prompts,
+                [gc.seed] * len(prompts),
+                steps=tc.sample_steps,
+                cfg=gc.cfg,
+                scheduler=gc.scheduler,
+                width=tc.resolution,
+                height=tc.resolution,
+                negative=gc.negative,
+                batch_size=gc.batch_size,
+            )
         for module in trained:
             module.train()
         with atomic_path(run.plan.out_dir / SAMPLES / f"step-{step:06d}.png") as tmp:

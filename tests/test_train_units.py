@@ -33,6 +33,8 @@ def test_precision_choice():
     assert resolve_precision("bf16", cuda=False, bf16_supported=False) == "bf16"  # CPU autocast has bf16
     with pytest.raises(UsageError, match="no bf16 support"):
         resolve_precision("bf16", cuda=True, bf16_supported=False)
+    with pytest.raises(UsageError, match="fp16 needs a CUDA GPU"):
+        resolve_precision("fp16", cuda=False, bf16_supported=False)
 
 
 @pytest.mark.parametrize(
