@@ -184,3 +184,75 @@ def generate(
     }
     paths = run_generate(load_config(config_file, options, sets), out)
     typer.echo(f"wrote {len(paths)} image(s) to {out}")
+
+
+@app.command()
+@handles_errors
+def train(
+    ctx: typer.Context,
+    dataset_dir: Annotated[Path, typer.Argument(help="What `sdlora prep` wrote, or a folder of images (+ .txt).")],
+    out_dir: Annotated[Path, typer.Argument(help="Output folder: LoRA files, checkpoints, samples, metrics.")],
+    base: Annotated[str | None, typer.Option("--base", help="Base model: hub id, diffusers folder or file.")] = None,
+    config_file: ConfigOpt = None,
+    name: Annotated[str | None, typer.Option(help="Name of the kohya file (default: OUT_DIR's name).")] = None,
+    steps: Annotated[int | None, typer.Option(help="Optimisation steps [800].")] = None,
+    resolution: Annotated[int | None, typer.Option(help="Training resolution, divisible by 8 [512].")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Images per device per micro-batch [1].")] = None,
+    grad_accum: Annotated[int | None, typer.Option(help="Micro-batches per optimisation step [1].")] = None,
+    lr: Annotated[float | None, typer.Option("--lr", help="UNet LoRA learning rate [1e-4].")] = None,
+    text_encoder_lr: Annotated[float | None, typer.Option(help="Text-encoder LoRA learning rate [5e-5].")] = None,
+    rank: Annotated[int | None, typer.Option(help="LoRA rank [16].")] = None,
+    alpha: Annotated[float | None, typer.Option(help="LoRA alpha [16].")] = None,
+    train_text_encoder: Annotated[
+        bool | None, typer.Option("--train-text-encoder/--no-train-text-encoder", help="Also train the text encoder.")
+    ] = None,
+    mixed_precision: Annotated[str | None, typer.Option(help="auto|no|fp16|bf16 [auto].")] = None,
+    optimizer: Annotated[str | None, typer.Option(help="adamw|adamw8bit|prodigy [adamw].")] = None,
+    gradient_checkpointing: Annotated[
+        bool | None, typer.Option("--gradient-checkpointing/--no-gradient-checkpointing", help="Save memory.")
+    ] = None,
+    checkpoint_every: Annotated[int | None, typer.Option(help="Checkpoint every N steps; 0 disables [200].")] = None,
+    keep_checkpoints: Annotated[int | None, typer.Option(help="Keep the newest N checkpoints [3].")] = None,
+    resume: Annotated[str | None, typer.Option(help="'latest' or a checkpoint folder.")] = None,
+    class_prompt: Annotated[str | None, typer.Option(help="Prior preservation: generate class images.")] = None,
+    num_class_images: Annotated[int | None, typer.Option(help="Class images to use [100].")] = None,
+    prior_loss_weight: Annotated[float | None, typer.Option(help="Weight of the prior loss [1.0].")] = None,
+    class_dir: Annotated[Path | None, typer.Option(help="Prior preservation: ready class images.")] = None,
+    sample_every: Annotated[int | None, typer.Option(help="Sample grids every N steps; 0 disables [200].")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of data order, noise and LoRA init [0].")] = None,
+    allow_pickle: Annotated[bool | None, typer.Option("--allow-pickle", help="Allow .ckpt/.pt/.bin bases.")] = None,
+    overwrite: Annotated[bool | None, typer.Option("--overwrite", help="Replace a run already in OUT_DIR.")] = None,
+    sets: SetOpt = None,
+) -> None:
+    """Train a LoRA of the person in DATASET_DIR on the base model; resumable, loadable in diffusers and UIs."""
+    from sdlora.train import train as run_training
+
+    options = {
+        "model.base": base,
+        "model.allow_pickle": allow_pickle,
+        "lora.rank": rank,
+        "lora.alpha": alpha,
+        "lora.train_text_encoder": train_text_encoder,
+        "train.name": name,
+        "train.steps": steps,
+        "train.resolution": resolution,
+        "train.batch_size": batch_size,
+        "train.grad_accum": grad_accum,
+        "train.learning_rate": lr,
+        "train.text_encoder_learning_rate": text_encoder_lr,
+        "train.mixed_precision": mixed_precision,
+        "train.optimizer": optimizer,
+        "train.gradient_checkpointing": gradient_checkpointing,
+        "train.checkpoint_every": checkpoint_every,
+        "train.keep_checkpoints": keep_checkpoints,
+        "train.resume": resume,
+        "train.class_prompt": class_prompt,
+        "train.num_class_images": num_class_images,
+        "train.prior_loss_weight": prior_loss_weight,
+        "train.class_dir": str(class_dir) if class_dir else None,
+        "train.sample_every": sample_every,
+        "train.seed": seed,
+        "train.overwrite": overwrite,
+    }
+    result = run_training(load_config(config_file, options, sets), dataset_dir, out_dir)
+    typer.echo(f"done: {result.lora_file} and {result.kohya_file} ({result.steps} steps)")

@@ -131,6 +131,11 @@ class TrainConfig(Section):
     )
     sample_steps: int = Field(20, gt=0, description="Denoising steps of each sample.")
     seed: int = Field(0, description="Seed of data order, noise and LoRA init.")
+    log_every: int = Field(
+        10,
+        gt=0,
+        description="Log loss/lr to metrics.jsonl and the progress bar every N steps (each log syncs the GPU).",
+    )
     min_snr_gamma: float | None = Field(
         None, gt=0, description="Min-SNR loss weighting gamma (5.0 is usual); off when unset."
     )

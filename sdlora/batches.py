@@ -1,0 +1,133 @@
+"""Micro-batches for the training step: cached latents and text embeddings, noise, timesteps, prior pairing.
+
+Every random choice of micro-batch k (which images, flips, noise, timesteps, caption dropout) comes from
+generators seeded by (seed, k) and drawn for the whole global batch, of which each process takes its slice.
+So a resumed run, or a run on N processes, trains on exactly the samples of one uninterrupted 1-process run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from sdlora import conditioning, diffusion
+from sdlora.data import DataOrder, Example, load_pixels, micro_batch_positions, stream_seed
+
+
+@dataclass
+class MicroBatch:
+    latents: torch.Tensor  # (B, 4, H/8, W/8), fp32 on the device
+    noise: torch.Tensor  # same shape
+    timesteps: torch.Tensor  # (B,) int64
+    prompts: list[str]
+    cond: conditioning.Conditioning | None  # cached text conditioning, None when the text encoder trains
+    is_prior: torch.Tensor | None  # (B,) bool: class images of prior preservation
+
+
+class ImageSet:
+    """The images of one set (instance or class) as latents: encoded once and cached (both flips when flipping),
+    or encoded each step when caching is off."""
+
+    def __init__(self, examples: list[Example], resolution: int, flip: bool, vae: Any, cache: bool) -> None:
+        self.examples, self.flip, self.vae = examples, flip, vae
+        self.pixels = torch.stack([load_pixels(e.image, resolution) for e in examples])  # (N, 3, R, R) in [-1, 1]
+        self.cached = self._encode(self.pixels) if cache else None  # (N, F, 4, R/8, R/8)
+
+    @torch.no_grad()
+    def _encode(self, pixels: torch.Tensor, chunk: int = 8) -> torch.Tensor:
+        views = [pixels, torch.flip(pixels, dims=[-1])] if self.flip else [pixels]
+        per_view = []
+        for view in views:
+            parts = [encode_latents(self.vae, view[i : i + chunk]) for i in range(0, len(view), chunk)]
+            per_view.append(torch.cat(parts))
+        return torch.stack(per_view, dim=1)
+
+    def latents(self, slots: list[tuple[int, int]]) -> torch.Tensor:
+        if self.cached is not None:
+            return torch.stack([self.cached[i, f] for i, f in slots])
+        pixels = torch.stack([torch.flip(self.pixels[i], dims=[-1]) if f else self.pixels[i] for i, f in slots])
+        with torch.no_grad():
+            return encode_latents(self.vae, pixels)
+
+
+def encode_latents(vae: Any, pixels: torch.Tensor) -> torch.Tensor:
+    """VAE latents (mean of the posterior, scaled as the UNet expects), fp32 on the VAE's device."""
+    posterior = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+    latents = posterior.mean.float()
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return (latents - shift) * vae.config.scaling_factor
+
+
+class Batches:
+    """Builds micro-batch k of this process."""
+
+    def __init__(
+        self,
+        instances: ImageSet,
+        classes: ImageSet | None,
+        *,
+        class_prompt: str,
+        text_cache: dict[str, Any] | None,
+        seed: int,
+        batch_size: int,
+        num_processes: int,
+        rank: int,
+        num_train_timesteps: int,
+        noise_offset: float,
+        caption_dropout: float,
+    ) -> None:
+        self.instances, self.classes, self.class_prompt = instances, classes, class_prompt
+        self.text_cache = text_cache  # {"prompts": {prompt: row}, "cond": Conditioning} or None
+        self.seed, self.b, self.nproc, self.rank = seed, batch_size, num_processes, rank
+        self.T, self.noise_offset, self.caption_dropout = num_train_timesteps, noise_offset, caption_dropout
+        self.order = DataOrder(len(instances.examples), seed, instances.flip)
+        self.class_order = DataOrder(len(classes.examples), seed + 1, classes.flip) if classes else None
+
+    def micro_batch(self, k: int, device: torch.device) -> MicroBatch:
+        mine = slice(self.rank * self.b, (self.rank + 1) * self.b)
+        positions = micro_batch_positions(k, self.b, self.nproc, self.rank)
+        generator = torch.Generator().manual_seed(stream_seed("noise", self.seed, k))
+        latents, noise, timesteps, prompts = self._draw(self.instances, self.order, positions, generator, mine)
+        dropped = (torch.rand(self.b * self.nproc, generator=generator) < self.caption_dropout)[mine]
+        prompts = ["" if drop else prompt for prompt, drop in zip(prompts, dropped.tolist(), strict=True)]
+        is_prior = None
+        if self.classes is not None and self.class_order is not None:
+            extra = self._draw(self.classes, self.class_order, positions, generator, mine)
+            latents, noise = torch.cat([latents, extra[0]]), torch.cat([noise, extra[1]])
+            timesteps, prompts = torch.cat([timesteps, extra[2]]), prompts + extra[3]
+            is_prior = torch.arange(len(prompts)) >= self.b
+        cond = None
+        if self.text_cache is not None:
+            rows = torch.tensor([self.text_cache["prompts"][p] for p in prompts])
+            cond = conditioning.select(self.text_cache["cond"], rows.to(device))
+        return MicroBatch(
+            latents=latents.to(device),
+            noise=noise.to(device, non_blocking=True),
+            timesteps=timesteps.to(device, non_blocking=True),
+            prompts=prompts,
+            cond=cond,
+            is_prior=None if is_prior is None else is_prior.to(device),
+        )
+
+    def _draw(self, images: ImageSet, order: DataOrder, positions: range, generator: torch.Generator, mine: slice):
+        """Latents, noise, timesteps and prompts of this rank's slots; the noise is drawn for the global batch."""
+        slots = order.slots(positions)
+        latents = images.latents(slots).float()
+        global_shape = (self.b * self.nproc, *latents.shape[1:])
+        noise = diffusion.sample_noise(global_shape, generator, self.noise_offset)[mine]
+        timesteps = diffusion.sample_timesteps(self.b * self.nproc, self.T, generator)[mine]
+        prompts = [images.examples[i].caption if images is self.instances else self.class_prompt for i, _ in slots]
+        return latents, noise, timesteps, prompts
+
+
+@torch.no_grad()
+def build_text_cache(family: str, tokenizers: list[Any], text_encoders: list[Any], prompts: list[str]) -> dict:
+    """Encode each distinct prompt once (frozen text encoder): rows of one conditioning table on the device."""
+    unique = list(dict.fromkeys(prompts))
+    parts = [
+        conditioning.encode_prompts(family, tokenizers, text_encoders, unique[i : i + 16])
+        for i in range(0, len(unique), 16)
+    ]
+    return {"prompts": {p: i for i, p in enumerate(unique)}, "cond": conditioning.concat(parts)}

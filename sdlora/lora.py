@@ -1,0 +1,125 @@
+"""Attach LoRA adapters with peft; save them in diffusers format (with adapter metadata) and as raw training state."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from sdlora.fsutil import atomic_path
+
+DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
+UNET_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
+# Feed-forward and the transformer blocks' input/output projections (Conv2d 1x1 on SD 1.x, Linear on SD 2.x).
+UNET_EXTRA = ["ff.net.0.proj", "ff.net.2", "proj_in", "proj_out"]
+TEXT_ENCODER_ATTENTION = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+
+def lora_config(rank: int, alpha: float, dropout: float, targets: list[str]):
+    from peft import LoraConfig
+
+    # Gaussian init of A (B starts at zero), as diffusers' LoRA scripts do: the adapter starts as a no-op.
+    return LoraConfig(
+        r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights="gaussian", target_modules=targets
+    )
+
+
+def unet_targets(targets: str) -> list[str]:
+    """Module-name suffixes of the UNet layers that get LoRA ('attention' or 'all')."""
+    return UNET_ATTENTION + (UNET_EXTRA if targets == "all" else [])
+
+
+def attach(model: Any, rank: int, alpha: float, dropout: float, targets: list[str]) -> None:
+    """Add the 'default' LoRA adapter to `model` (a diffusers UNet or a transformers text encoder), in place."""
+    model.add_adapter(lora_config(rank, alpha, dropout, targets))
+
+
+def trainable_parameters(model: Any) -> list[Any]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def adapter_metadata(model: Any) -> dict[str, Any]:
+    """peft's config of the adapter (rank, alpha, targets): without it alpha != rank reloads at the wrong scale."""
+    return model.peft_config["default"].to_dict()
+
+
+def peft_state(model: Any) -> dict[str, Any]:
+    from peft.utils import get_peft_model_state_dict
+
+    return get_peft_model_state_dict(model)
+
+
+def save_diffusers(
+    path: Path, pipeline_cls: Any, unet: Any, text_encoders: dict[str, Any], header: dict[str, str]
+) -> None:
+    """Write `path` with diffusers' save_lora_weights (+ adapter metadata), then add our `header` keys to the
+    safetensors metadata beside diffusers' own; atomic."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    # peft's own key names (lora_A/lora_B), not convert_state_dict_to_diffusers: that renames only the attention
+    # layers to the old `lora.down` style and the resulting mix reloads without them.
+    kwargs: dict[str, Any] = {
+        "unet_lora_layers": peft_state(unet),
+        "unet_lora_adapter_metadata": adapter_metadata(unet),
+    }
+    for name, encoder in text_encoders.items():  # "text_encoder" (and "text_encoder_2" on SDXL)
+        kwargs[f"{name}_lora_layers"] = peft_state(encoder)
+        kwargs[f"{name}_lora_adapter_metadata"] = adapter_metadata(encoder)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".lora-") as tmp:
+        pipeline_cls.save_lora_weights(tmp, weight_name=DIFFUSERS_FILE, **kwargs)
+        written = Path(tmp) / DIFFUSERS_FILE
+        with safe_open(str(written), framework="pt") as handle:
+            metadata = dict(handle.metadata() or {})
+        tensors = load_file(str(written))
+    metadata.update(header)
+    with atomic_path(path) as tmp_path:
+        save_file(tensors, str(tmp_path), metadata=metadata)
+
+
+def read_header(path: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return dict(handle.metadata() or {})
+
+
+def adapter_metadata_of(path: Path) -> dict[str, Any]:
+    """The adapter configs diffusers stored in `path`, by model: {'unet': {'r': 4, ...}, 'text_encoder': ...}."""
+    raw = read_header(path).get("lora_adapter_metadata")
+    grouped: dict[str, dict[str, Any]] = {}
+    for key, value in (json.loads(raw) if raw else {}).items():  # stored flat: "unet.r", "text_encoder.r"
+        model, _, setting = key.partition(".")
+        grouped.setdefault(model, {})[setting] = value
+    return grouped
+
+
+def save_state(path: Path, models: dict[str, Any]) -> None:
+    """Exact fp32 LoRA tensors of each model ('unet', 'text_encoder'), for resuming; atomic."""
+    from safetensors.torch import save_file
+
+    tensors = {
+        f"{name}::{key}": value.detach().contiguous()
+        for name, m in models.items()
+        for key, value in peft_state(m).items()
+    }
+    with atomic_path(Path(path)) as tmp:
+        save_file(tensors, str(tmp))
+
+
+def load_state(path: Path, models: dict[str, Any]) -> None:
+    """Put the tensors written by `save_state` back into the models' adapters."""
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    for name, model in models.items():
+        prefix = f"{name}::"
+        state = {key[len(prefix) :]: value for key, value in tensors.items() if key.startswith(prefix)}
+        result = set_peft_model_state_dict(model, state)
+        unexpected = getattr(result, "unexpected_keys", [])
+        if unexpected:
+            raise RuntimeError(f"{path}: unexpected LoRA keys for {name}: {unexpected[:3]}")

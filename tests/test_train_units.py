@@ -1,0 +1,104 @@
+"""Train's pure parts: data order, precision choice, LR schedules, pre-flight errors through the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from train_utils import subject_set
+from typer.testing import CliRunner
+
+from sdlora.cli import app
+from sdlora.data import DataOrder, micro_batch_positions
+from sdlora.errors import UsageError
+from sdlora.optim import lr_factor
+from sdlora.train import resolve_precision
+
+
+def test_data_order_is_a_function_of_position():
+    order = DataOrder(n=4, seed=3, flip=True)
+    first_epoch = order.slots(range(0, 4))
+    assert sorted(i for i, _ in first_epoch) == [0, 1, 2, 3]
+    assert order.slots(range(2, 6))[:2] == first_epoch[2:]
+    assert DataOrder(4, 3, True).slots(range(8)) == order.slots(range(8))
+    # two processes with batch 1 cover exactly the positions of one process with batch 2
+    two = [p for r in range(2) for p in micro_batch_positions(5, 1, 2, r)]
+    assert two == list(micro_batch_positions(5, 2, 1, 0))
+
+
+def test_precision_choice():
+    assert resolve_precision("auto", cuda=False, bf16_supported=False) == "no"
+    assert resolve_precision("auto", cuda=True, bf16_supported=True) == "bf16"
+    assert resolve_precision("auto", cuda=True, bf16_supported=False) == "fp16"
+    assert resolve_precision("bf16", cuda=False, bf16_supported=False) == "bf16"  # CPU autocast has bf16
+    with pytest.raises(UsageError, match="no bf16 support"):
+        resolve_precision("bf16", cuda=True, bf16_supported=False)
+    with pytest.raises(UsageError, match="fp16 needs a CUDA GPU"):
+        resolve_precision("fp16", cuda=False, bf16_supported=False)
+
+
+@pytest.mark.parametrize(
+    ("schedule", "step", "expected"),
+    [("constant", 0, 0.25), ("constant", 50, 1.0), ("linear", 4, 1.0), ("linear", 54, 0.5), ("cosine", 54, 0.5)],
+)
+def test_lr_schedules_with_warmup(schedule, step, expected):
+    assert lr_factor(step, total=104, warmup=4, schedule=schedule) == pytest.approx(expected)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return subject_set(tmp_path_factory.mktemp("pre") / "data")
+
+
+def run(*args):
+    return CliRunner().invoke(app, ["train", *map(str, args)])
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--resolution", "100"], "divisible by 8"),
+        (["--steps", "0"], "train.steps"),
+        (["--rank", "0"], "lora.rank"),
+        (["--lr", "-1"], "train.learning_rate"),
+        (["--mixed-precision", "fp8"], "train.mixed_precision"),
+        (["--class-dir", "{tmp}/nothing"], "--class-dir"),
+        (["--resume", "latest"], "no checkpoint"),
+        (["--class-prompt", "a person", "--class-dir", "{tmp}"], "choose one"),
+    ],
+)
+def test_preflight_errors_are_one_line(dataset, tiny_sd1, tmp_path, extra, message):
+    extra = [e.replace("{tmp}", str(tmp_path)) for e in extra]
+    result = run(dataset, tmp_path / "out", "--base", tiny_sd1, *extra)
+    assert result.exit_code == 2, result.output
+    assert message in result.output and result.output.count("\n") == 1 and "Traceback" not in result.output
+
+
+def test_preflight_dataset_and_base_errors(dataset, tiny_sd1, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for args, message in [
+        ((tmp_path / "missing", tmp_path / "o", "--base", tiny_sd1), "dataset folder not found"),
+        ((empty, tmp_path / "o", "--base", tiny_sd1), "no training images"),
+        ((dataset, tmp_path / "o"), "--base is required"),
+        ((dataset, tmp_path / "o", "--base", tmp_path / "model.ckpt"), "pickles"),
+    ]:
+        result = run(*args)
+        assert result.exit_code == 2 and message in result.output, result.output
+    assert not (tmp_path / "o").exists()  # nothing written before the checks pass
+
+
+def test_preflight_bitsandbytes_unusable(dataset, tiny_sd1, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import fails as on a broken install
+    result = run(dataset, tmp_path / "o", "--base", tiny_sd1, "--optimizer", "adamw8bit")
+    assert result.exit_code == 2 and "bitsandbytes" in result.output
+
+
+def test_preflight_refuses_other_run_in_out_dir(dataset, tiny_sd1, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps({"train": {"seed": 9}}))
+    result = run(dataset, out, "--base", tiny_sd1)
+    assert result.exit_code == 2 and "different run" in result.output and "--overwrite" in result.output
