@@ -98,3 +98,54 @@ def show_config(ctx: typer.Context, config_file: ConfigOpt = None, sets: SetOpt 
     from sdlora.config import to_toml
 
     typer.echo(to_toml(load_config(config_file, {}, sets)), nl=False)
+
+
+@app.command("eval")
+@handles_errors
+def eval_command(
+    ctx: typer.Context,
+    reference: Annotated[
+        Path | None, typer.Option("--reference", help="The person's photos: a prep output folder or an image folder.")
+    ] = None,
+    images: Annotated[Path | None, typer.Option("--images", help="Score the images in this folder.")] = None,
+    lora: Annotated[
+        Path | None, typer.Option("--lora", help="Generate with this LoRA (file or train output folder), then score.")
+    ] = None,
+    base: Annotated[str | None, typer.Option("--base", help="Base model for --lora: hub id, folder or file.")] = None,
+    prompts: Annotated[
+        Path | None, typer.Option("--prompts", help="Prompt file ({trigger} per line) instead of the standard set.")
+    ] = None,
+    n: Annotated[int | None, typer.Option("--n", help="Images per prompt (default 4).")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="First seed; image i uses seed + i (default 0).")] = None,
+    face_model: Annotated[
+        str | None,
+        typer.Option(
+            "--face-model",
+            help="dlib (default, offline) or insightface (ArcFace; only when the package and its buffalo_l "
+            "weights are already on disk). insightface's pretrained models are for non-commercial use only.",
+        ),
+    ] = None,
+    threshold: Annotated[float | None, typer.Option("--threshold", help="Same-person face distance.")] = None,
+    clip: Annotated[
+        str | None, typer.Option("--clip", help="CLIP model (hub id or folder) for prompt fidelity; off if unset.")
+    ] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write every number to this JSON file.")] = None,
+    report: Annotated[Path | None, typer.Option("--report", help="Write an HTML report into this folder.")] = None,
+    config_file: ConfigOpt = None,
+    sets: SetOpt = None,
+) -> None:
+    """Measure whether the person was learned: face rate, identity, diversity, bleed and prompt fidelity."""
+    from sdlora.evaluate import evaluate
+
+    options = {
+        "model.base": base,
+        "eval.n": n,
+        "eval.seed": seed,
+        "eval.face_model": face_model,
+        "eval.threshold": threshold,
+        "eval.clip": clip,
+    }
+    cfg = load_config(config_file, options, sets)
+    evaluate(
+        cfg, reference=reference, images=images, lora=lora, prompts_file=prompts, json_path=json_out, report_dir=report
+    )
