@@ -19,6 +19,7 @@ from sdlora.evaluation.faces import FaceBackend, face_backend
 from sdlora.evaluation.metrics import build_reference, score_images
 from sdlora.evaluation.prompts import STANDARD_PROMPTS, clip_text, expand, lora_file, read_prompts, trigger_phrase
 from sdlora.evaluation.report import EvalResult, print_table, write_json, write_report
+from sdlora.models import check_base
 
 __all__ = ["evaluate", "load_reference", "pick_best", "plot_identity", "score_checkpoint"]
 
@@ -38,6 +39,10 @@ def evaluate(
 ) -> EvalResult:
     """Score `images` (a folder) or the standard prompt set rendered with `lora` on `config.model.base`."""
     _check_inputs(reference, images, lora, prompts_file)
+    if lora is not None:  # cheap checks first: a typo fails before any model loads
+        lora = lora_file(lora)
+        check_base(config.model.base, config.model.allow_pickle)
+        templates = read_prompts(prompts_file) if prompts_file else list(STANDARD_PROMPTS)
     backend = face_backend(config.eval.face_model)
     threshold = config.eval.threshold or backend.threshold
     ref_images, ref_names = load_reference(reference)
@@ -51,7 +56,7 @@ def evaluate(
         clip_texts = prompts
     else:
         assert lora is not None
-        pictures, prompts, seeds, templates, trigger = _generate(config, lora, prompts_file, notes)
+        pictures, prompts, seeds, templates, trigger = _generate(config, lora, templates, notes)
         names = [f"images/{i:03d}.png" for i in range(len(pictures))]
         clip_texts = [clip_text(t) for t in templates]
     fidelity = _fidelity(config.eval.clip, pictures, clip_texts, notes)
@@ -138,10 +143,8 @@ def _read_images(folder: Path) -> tuple[list[Image.Image], list[str], list[str |
     return pictures, [str(p) for p in paths], prompts, seeds
 
 
-def _generate(config: Config, lora: Path, prompts_file: Path | None, notes: list[str]):
-    """Render the prompt set with the LoRA: (images, prompts, seeds, templates, trigger)."""
-    weights = lora_file(lora)
-    templates = read_prompts(prompts_file) if prompts_file else list(STANDARD_PROMPTS)
+def _generate(config: Config, weights: Path, templates: list[str], notes: list[str]):
+    """Render the prompt templates with the LoRA file: (images, prompts, seeds, templates, trigger)."""
     trigger = trigger_phrase(weights)
     if trigger is None:
         trigger = f"{config.prep.token} {config.prep.class_word}"
@@ -175,8 +178,8 @@ def _pipeline(config: Config, weights: Path) -> Any:
     cuda = torch.cuda.is_available()
     # fp32 on CPU (bf16 is slower there); half precision on GPUs, bf16 where supported.
     dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else None
-    base = config.model.base
-    pipe = load_pipeline(base or "", allow_pickle=config.model.allow_pickle, torch_dtype=dtype, vae=config.model.vae)
+    base = config.model.base or ""
+    pipe = load_pipeline(base, allow_pickle=config.model.allow_pickle, torch_dtype=dtype, vae=config.model.vae)
     try:
         pipe.load_lora_weights(str(weights))
     except (ValueError, KeyError, OSError) as exc:
