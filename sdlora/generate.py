@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from PIL import Image
+from PIL import Image, ImageOps
+from rich.console import Console
+
+from sdlora import __version__, adapters, keepface, pngmeta
+from sdlora.adapters import Lora, check_family, load_loras, parse_lora
+from sdlora.config import Config, GenerateConfig
+from sdlora.errors import SdloraError, UsageError
+from sdlora.models import load_pipeline, model_info
+
+log = logging.getLogger(__name__)
 
 # Our sampler names -> (diffusers scheduler class, extra config, A1111's sampler name).
 SCHEDULERS: dict[str, tuple[str, dict[str, Any], str]] = {
@@ -26,8 +38,6 @@ def set_scheduler(pipe: Any, name: str) -> None:
     import diffusers
 
     if name not in SCHEDULERS:
-        from sdlora.errors import UsageError
-
         raise UsageError(f"--scheduler {name!r}: choose one of {', '.join(SCHEDULERS)}")
     class_name, extra, _ = SCHEDULERS[name]
     cls = getattr(diffusers, class_name)
@@ -52,26 +62,44 @@ def render_images(
     height: int,
     negative: str = "",
     batch_size: int = 4,
+    init_images: Sequence[Image.Image] | None = None,
+    mask_images: Sequence[Image.Image] | None = None,
     call_kwargs: dict[str, Any] | None = None,
     on_batch: Callable[[int, int], None] | None = None,
+    preview_every: int = 0,
+    on_previews: Callable[[int, list[list[Image.Image]]], None] | None = None,
 ) -> list[Image.Image]:
     """Render image i from prompts[i] with `torch.Generator(device).manual_seed(seeds[i])`, in batches.
 
     Each image has its own generator, so an image does not depend on the batch it was made in (up to the
-    float rounding of batched kernels). Works for SD 1.x/2.x and SDXL pipelines (and their img2img/inpaint
-    variants through `call_kwargs`, e.g. {"image": init, "strength": 0.6}). `on_batch(done, total)` is called
-    after each batch.
+    float rounding of batched kernels). Works for SD 1.x/2.x and SDXL pipelines and their img2img/inpainting
+    variants: `init_images`/`mask_images` (one per prompt) become `image`/`mask_image`, `call_kwargs` go to
+    every call (e.g. {"strength": 0.6}). `on_batch(done, total)` runs after each batch. With
+    `preview_every` K > 0, `on_previews(first_index, frames)` gets each image's decoded x0 predictions every
+    K steps (and at the last step).
     """
+    import inspect
+
     import torch
 
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
     set_scheduler(pipe, scheduler)
     device = pipe._execution_device
+    takes_size = "width" in inspect.signature(pipe.__call__).parameters  # img2img pipelines take the image's
     images: list[Image.Image] = []
     for start in range(0, len(prompts), batch_size):
         chunk = slice(start, start + batch_size)
-        generators = [torch.Generator(device).manual_seed(seed) for seed in seeds[chunk]]
+        kwargs: dict[str, Any] = dict(call_kwargs or {})
+        if takes_size:
+            kwargs.update(width=width, height=height)
+        if init_images is not None:
+            kwargs["image"] = list(init_images[chunk])
+        if mask_images is not None:
+            kwargs["mask_image"] = list(mask_images[chunk])
+        previews = _Previews(pipe, preview_every) if preview_every and on_previews else None
+        if previews is not None:
+            kwargs.update(callback_on_step_end=previews, callback_on_step_end_tensor_inputs=["latents"])
         batch_prompts = prompts[chunk]
         with torch.inference_mode():
             out = pipe(
@@ -79,16 +107,72 @@ def render_images(
                 negative_prompt=[negative] * len(batch_prompts),
                 num_inference_steps=steps,
                 guidance_scale=cfg,
-                width=width,
-                height=height,
-                generator=generators,
+                generator=[torch.Generator(device).manual_seed(seed) for seed in seeds[chunk]],
                 output_type="pil",
-                **(call_kwargs or {}),
+                **kwargs,
             )
         images.extend(out.images)
+        if previews is not None and on_previews is not None:
+            previews.detach()
+            on_previews(start, previews.per_image())
         if on_batch is not None:
             on_batch(len(images), len(prompts))
     return images
+
+
+class _Previews:
+    """Decoded x0 predictions every K steps of one pipeline call, per image.
+
+    Pipelines hand `callback_on_step_end` the latents but not the x0 prediction the scheduler computed, so the
+    scheduler's `step` is wrapped for the call to keep it: Euler, Euler a and DDIM return it
+    (pred_original_sample); DPM-Solver++ and UniPC keep it as their latest model output.
+    """
+
+    def __init__(self, pipe: Any, every: int) -> None:
+        self.pipe, self.every = pipe, every
+        self.x0: Any = None
+        self.frames: list[list[Image.Image]] = []  # [frame][image]
+        self._scheduler = pipe.scheduler
+        original = self._scheduler.step
+
+        def step(*args: Any, **kwargs: Any) -> Any:
+            out = original(*args, **kwargs)
+            self.x0 = _x0_of(self._scheduler, out)
+            return out
+
+        self._scheduler.step = step  # an instance attribute: `detach` removes it
+
+    def __call__(self, pipe: Any, i: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+        if self.x0 is not None and ((i + 1) % self.every == 0 or i + 1 == pipe.num_timesteps):
+            self.frames.append(decode_latents(pipe, self.x0))
+        return tensors
+
+    def detach(self) -> None:
+        self._scheduler.__dict__.pop("step", None)
+
+    def per_image(self) -> list[list[Image.Image]]:
+        return [list(frames) for frames in zip(*self.frames, strict=True)]
+
+
+def _x0_of(scheduler: Any, out: Any) -> Any:
+    if isinstance(out, tuple):
+        if len(out) > 1:
+            return out[1]
+    elif getattr(out, "pred_original_sample", None) is not None:
+        return out.pred_original_sample
+    outputs = getattr(scheduler, "model_outputs", None)  # DPM-Solver++ / UniPC: x0 predictions, newest last
+    return outputs[-1] if outputs and outputs[-1] is not None else None
+
+
+def decode_latents(pipe: Any, latents: Any) -> list[Image.Image]:
+    """(B, 4, H/8, W/8) latents -> B PIL images through the pipeline's VAE."""
+    import torch
+
+    vae = pipe.vae
+    with torch.inference_mode():
+        scaled = latents.to(vae.dtype) / vae.config.scaling_factor
+        pixels = vae.decode(scaled, return_dict=False)[0]
+    return pipe.image_processor.postprocess(pixels, output_type="pil")
 
 
 def make_grid(images: Sequence[Image.Image], cols: int) -> Image.Image:
@@ -103,3 +187,262 @@ def make_grid(images: Sequence[Image.Image], cols: int) -> Image.Image:
     for i, image in enumerate(images):
         grid.paste(image.convert("RGB"), ((i % cols) * cell_w, (i // cols) * cell_h))
     return grid
+
+
+# Refiner pass: img2img over the base's output at this strength (about A1111's "refiner switch at 0.7").
+REFINER_STRENGTH = 0.3
+
+
+@dataclass(frozen=True)
+class Job:
+    """One output image: image i of the run uses seed + i, so it can be remade alone with --seed seed+i --n 1."""
+
+    index: int
+    prompt: str
+    seed: int
+
+
+@dataclass
+class Source:
+    """The photo of --init-image or --keep-face, fitted to the output size, and the face mask for --keep-face."""
+
+    photo: Image.Image
+    face_mask: Image.Image | None = None
+
+
+def read_prompts(path: Path) -> list[str]:
+    """One prompt per line; blank lines and lines starting with # are skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"--prompts {path}: no such file")
+    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    prompts = [line for line in lines if line and not line.startswith("#")]
+    if not prompts:
+        raise UsageError(f"--prompts {path}: no prompts in it (one per line; # starts a comment)")
+    return prompts
+
+
+def expand_triggers(prompts: list[str], loras: list[Lora]) -> list[str]:
+    """Replace {trigger} with the LoRAs' trigger phrases; warn when a prompt lacks a LoRA's trigger."""
+    triggers = list(dict.fromkeys(lora.trigger for lora in loras if lora.trigger))
+    expanded = []
+    for prompt in prompts:
+        if "{trigger}" in prompt:
+            if not triggers:
+                raise UsageError(
+                    f"prompt {prompt!r} uses {{trigger}}, but no --lora has a trigger phrase in its metadata; "
+                    "write the words into the prompt instead"
+                )
+            prompt = prompt.replace("{trigger}", ", ".join(triggers))
+        for trigger in triggers:
+            if trigger.lower() not in prompt.lower():
+                log.warning("prompt %r lacks the LoRA trigger phrase %r: the LoRA may show little", prompt, trigger)
+        expanded.append(prompt)
+    return expanded
+
+
+def generate(config: Config, out_dir: Path) -> list[Path]:
+    """Render every prompt n times with the LoRAs; write DIR/NNNN-SEED.png + .json, grids and filmstrips."""
+    import torch
+
+    g = config.generate
+    if not g.prompts:
+        raise UsageError("no prompt: give --prompt TEXT or --prompts FILE")
+    if g.compare and not g.loras:
+        raise UsageError("--compare needs at least one --lora (it shows the base model beside the LoRA)")
+    loras = [parse_lora(spec) for spec in g.loras]
+    width, height = g.width_height
+    source = _load_source(g, width, height)  # before the base model loads: a bad photo fails fast
+    prompts = expand_triggers(g.prompts, loras)
+    jobs = [Job(i, prompt, g.seed + i) for i, prompt in enumerate(p for p in prompts for _ in range(g.n))]
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.float16 if device == "cuda" else torch.float32  # half precision is slower on CPUs
+    model = config.model
+    pipe = load_pipeline(model.base, allow_pickle=model.allow_pickle, vae=model.vae, torch_dtype=dtype)
+    family = model_info(pipe).family
+    for lora in loras:  # every LoRA is checked before anything is generated
+        check_family(lora, family, pipe.unet.config.cross_attention_dim)
+    if g.refiner and family != "sdxl":
+        raise UsageError(f"--refiner: a refiner pass is for SDXL bases, and {model.base} is {family}")
+    pipe.to(device)
+    adapters = load_loras(pipe, loras)
+    runner, call = _runner(pipe, g, source, len(jobs))
+
+    base_images = None
+    if g.compare:
+        runner.disable_lora()  # the same weights with the adapters off: no second copy of the model
+        base_images, _ = _render(runner, jobs, g, call, "base model")
+        runner.enable_lora()
+    if g.fuse and adapters:
+        runner.fuse_lora(adapter_names=adapters, lora_scale=1.0)  # keeps the scales set_adapters gave
+    images, strips = _render(runner, jobs, g, call, "images")
+    if g.refiner:
+        refiner = _refiner(g.refiner, model.allow_pickle, dtype, device)
+        refine_call = {"init_images": images, "call_kwargs": {"strength": REFINER_STRENGTH}}
+        images, _ = _render(refiner, jobs, g.model_copy(update={"save_steps": 0}), refine_call, "refiner")
+    if source is not None and source.face_mask is not None:
+        images = [keepface.composite(source.photo, image, source.face_mask) for image in images]
+    return write_outputs(out_dir, config, jobs, loras, images, strips, base_images)
+
+
+def _load_source(g: GenerateConfig, width: int, height: int) -> Source | None:
+    if g.init_image is not None:
+        photo, _, _ = keepface.fit(keepface.load_photo(g.init_image, "--init-image"), width, height)
+        return Source(photo)
+    if g.keep_face is None:
+        return None
+    from sdlora.prep.faces import DlibFaces
+
+    photo = keepface.load_photo(g.keep_face, "--keep-face")
+    faces = DlibFaces().detect(photo)
+    if not faces:
+        raise SdloraError(
+            f"--keep-face {g.keep_face}: no face found; use a photo with a clear, roughly frontal face "
+            "at least ~80 px wide"
+        )
+    fitted, mask = keepface.prepare(photo, faces[0].landmarks, width, height)  # the largest face
+    return Source(fitted, mask)
+
+
+def _runner(pipe: Any, g: GenerateConfig, source: Source | None, count: int) -> tuple[Any, dict[str, Any]]:
+    """The pipeline that does the job (text-to-image, img2img, inpainting; sharing the base's weights) and the
+    extra arguments of its calls."""
+    from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting
+
+    pipe.set_progress_bar_config(disable=True)
+    if source is None:
+        return pipe, {}
+    if source.face_mask is None:
+        runner = AutoPipelineForImage2Image.from_pipe(pipe)
+        return runner, {"init_images": [source.photo] * count, "call_kwargs": {"strength": g.strength}}
+    # Inpainting repaints the white part of its mask: everything but the face. Strength 1 repaints it fully.
+    runner = AutoPipelineForInpainting.from_pipe(pipe)
+    repaint = ImageOps.invert(source.face_mask)
+    call = {"init_images": [source.photo] * count, "mask_images": [repaint] * count, "call_kwargs": {"strength": 1.0}}
+    runner.set_progress_bar_config(disable=True)
+    return runner, call
+
+
+def _refiner(name: str, allow_pickle: bool, dtype: Any, device: str) -> Any:
+    from diffusers import AutoPipelineForImage2Image
+
+    refiner = load_pipeline(name, allow_pickle=allow_pickle, torch_dtype=dtype)
+    if model_info(refiner).family != "sdxl":
+        raise UsageError(f"--refiner {name}: not an SDXL model")
+    refiner = AutoPipelineForImage2Image.from_pipe(refiner).to(device)
+    refiner.set_progress_bar_config(disable=True)
+    return refiner
+
+
+def _render(
+    pipe: Any, jobs: list[Job], g: GenerateConfig, call: dict[str, Any], label: str
+) -> tuple[list[Image.Image], dict[int, list[Image.Image]]]:
+    """render_images over the jobs with a progress bar per batch; returns the images and the filmstrips."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    strips: dict[int, list[Image.Image]] = {}
+
+    def keep_strips(first: int, frames: list[list[Image.Image]]) -> None:
+        for offset, image_frames in enumerate(frames):
+            strips[first + offset] = image_frames
+
+    width, height = g.width_height
+    columns = (TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=Console(stderr=True)) as progress:
+        task = progress.add_task(label, total=len(jobs))
+        images = render_images(
+            pipe,
+            [job.prompt for job in jobs],
+            [job.seed for job in jobs],
+            steps=g.steps,
+            cfg=g.cfg,
+            scheduler=g.scheduler,
+            width=width,
+            height=height,
+            negative=g.negative,
+            batch_size=g.batch_size,
+            on_batch=lambda done, _total: progress.update(task, completed=done),
+            preview_every=g.save_steps,
+            on_previews=keep_strips,
+            **call,
+        )
+    return images, strips
+
+
+def write_outputs(
+    out_dir: Path,
+    config: Config,
+    jobs: list[Job],
+    loras: list[Lora],
+    images: list[Image.Image],
+    strips: dict[int, list[Image.Image]],
+    base_images: list[Image.Image] | None,
+) -> list[Path]:
+    """DIR/NNNN-SEED.png (+ A1111 `parameters`) and .json per image, DIR/grid.png, DIR/compare.png, strips."""
+    out_dir = Path(out_dir)
+    hashes = [(lora.name, adapters.addnet_hash(lora.path)) for lora in loras]
+    written: list[Path] = []
+    for job, image in zip(jobs, images, strict=True):
+        stem = f"{job.index:04d}-{job.seed}"
+        record = image_record(config, job, loras, hashes, image.size)
+        pngmeta.save_png(out_dir / f"{stem}.png", image, record["parameters"])
+        pngmeta.save_json(out_dir / f"{stem}.json", record)
+        written.append(out_dir / f"{stem}.png")
+        if job.index in strips:
+            strip = make_grid(strips[job.index], cols=len(strips[job.index]))
+            pngmeta.save_png(out_dir / f"{stem}-steps.png", strip)
+    if len(images) > 1:
+        pngmeta.save_png(out_dir / "grid.png", make_grid(images, cols=config.generate.n))
+    if base_images is not None:
+        # One row per seed: the base model on the left, the same seed with the LoRA on the right.
+        pairs = [image for pair in zip(base_images, images, strict=True) for image in pair]
+        pngmeta.save_png(out_dir / "compare.png", make_grid(pairs, cols=2))
+    return written
+
+
+def image_record(
+    config: Config, job: Job, loras: list[Lora], hashes: list[tuple[str, str]], size: tuple[int, int]
+) -> dict[str, Any]:
+    """Everything needed to remake one image, plus A1111's `parameters` text built from it."""
+    g, base = config.generate, str(config.model.base)
+    source = g.init_image or g.keep_face
+    lora_tags = "".join(f" <lora:{lora.name}:{lora.scale:g}>" for lora in loras)  # how A1111 asks for LoRAs
+    settings = {
+        "Steps": g.steps,
+        "Sampler": a1111_sampler_name(g.scheduler),
+        "CFG scale": g.cfg,
+        "Seed": job.seed,
+        "Size": f"{size[0]}x{size[1]}",
+        "Model hash": pngmeta.model_hash(Path(base)),
+        "Model": Path(base).stem if Path(base).is_file() else Path(base).name,
+        "Denoising strength": g.strength if g.init_image else None,
+        "Refiner": Path(g.refiner).name if g.refiner else None,
+        "Lora hashes": pngmeta.lora_hashes(hashes),
+        "Version": f"sdlora {__version__}",
+    }
+    return {
+        "prompt": job.prompt,
+        "negative_prompt": g.negative,
+        "index": job.index,
+        "seed": job.seed,
+        "steps": g.steps,
+        "cfg": g.cfg,
+        "scheduler": g.scheduler,
+        "width": size[0],
+        "height": size[1],
+        "base": base,
+        "vae": config.model.vae,
+        "loras": [
+            {"path": str(lora.path), "name": lora.name, "scale": lora.scale, "trigger": lora.trigger, "hash": h}
+            for lora, (_, h) in zip(loras, hashes, strict=True)
+        ],
+        "fuse": g.fuse,
+        "init_image": str(g.init_image) if g.init_image else None,
+        "keep_face": str(g.keep_face) if g.keep_face else None,
+        "strength": g.strength if g.init_image else None,
+        "refiner": g.refiner,
+        "source": str(source) if source else None,
+        "sdlora_version": __version__,
+        "parameters": pngmeta.infotext(job.prompt + lora_tags, g.negative, settings),
+    }

@@ -1,0 +1,183 @@
+"""LoRA files for generation: `PATH[:SCALE]` specs, metadata (trigger, family), family checks, A1111 hashes, loading."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sdlora.errors import SdloraError, UsageError
+
+DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"  # what `train` and diffusers' scripts write in OUT_DIR
+# Cross-attention width (the text encoder's hidden size) of each real family.
+CROSS_ATTENTION_FAMILY = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
+
+
+@dataclass(frozen=True)
+class Lora:
+    """One `--lora` argument, resolved: the .safetensors file, its scale and its header metadata."""
+
+    path: Path
+    scale: float
+    name: str  # A1111's name for it: the OUT_DIR or file name without suffix
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def trigger(self) -> str | None:
+        return trigger_phrase(self.metadata)
+
+    @property
+    def family(self) -> str | None:
+        return metadata_family(self.metadata)
+
+
+def parse_lora(spec: str) -> Lora:
+    """'out/run:0.8' -> Lora(path=out/run/pytorch_lora_weights.safetensors, scale=0.8); the scale defaults to 1."""
+    path_text, scale = spec, 1.0
+    head, sep, tail = spec.rpartition(":")
+    if sep and head:
+        # Without a number after it, the ':' is part of the path (C:\..., odd folder names).
+        with contextlib.suppress(ValueError):
+            path_text, scale = head, float(tail)
+    given = Path(path_text).expanduser()
+    path = resolve_lora_file(given, spec)
+    name = given.name if given.is_dir() else given.stem
+    return Lora(path=path, scale=scale, name=name, metadata=read_metadata(path))
+
+
+def resolve_lora_file(path: Path, spec: str) -> Path:
+    if not path.exists():
+        raise UsageError(f"--lora {spec}: no such file or folder")
+    if path.is_dir():
+        if (path / DIFFUSERS_WEIGHTS).is_file():
+            return path / DIFFUSERS_WEIGHTS
+        files = sorted(path.glob("*.safetensors"))
+        if len(files) != 1:
+            raise UsageError(
+                f"--lora {spec}: expected {DIFFUSERS_WEIGHTS} or exactly one .safetensors file in the folder "
+                f"(found {len(files)}); pass the file itself"
+            )
+        return files[0]
+    if path.suffix.lower() != ".safetensors":
+        raise UsageError(f"--lora {spec}: only .safetensors LoRA files are read (other formats are pickles)")
+    return path
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return dict(handle.metadata() or {})
+    except (SafetensorError, OSError) as exc:
+        raise UsageError(f"--lora {path}: not a readable .safetensors file ({exc})") from None
+
+
+def trigger_phrase(metadata: dict[str, str]) -> str | None:
+    """Ours (`sdlora.trigger_phrase`), else modelspec's, else kohya's most frequent caption tag."""
+    for key in ("sdlora.trigger_phrase", "modelspec.trigger_phrase"):
+        if metadata.get(key, "").strip():
+            return metadata[key].strip()
+    try:
+        frequency = json.loads(metadata.get("ss_tag_frequency", "{}"))
+    except json.JSONDecodeError:
+        return None
+    counts: Counter[str] = Counter()
+    for tags in frequency.values() if isinstance(frequency, dict) else ():
+        if isinstance(tags, dict):
+            counts.update({str(tag).strip(): int(n) for tag, n in tags.items()})
+    return counts.most_common(1)[0][0] if counts else None
+
+
+def metadata_family(metadata: dict[str, str]) -> str | None:
+    """'sd1' | 'sd2' | 'sdxl' | another architecture's name, from our, kohya's or modelspec's metadata."""
+    if metadata.get("sdlora.family"):
+        return metadata["sdlora.family"]
+    version = metadata.get("ss_base_model_version", "")
+    if version:
+        for prefix, family in (("sdxl", "sdxl"), ("sd_v2", "sd2"), ("sd_v1", "sd1")):
+            if version.startswith(prefix):
+                return family
+        return version
+    arch = metadata.get("modelspec.architecture", "")
+    if arch:
+        for prefix, family in (
+            ("stable-diffusion-xl", "sdxl"),
+            ("stable-diffusion-v2", "sd2"),
+            ("stable-diffusion-v1", "sd1"),
+        ):
+            if arch.startswith(prefix):
+                return family
+        return arch.split("/")[0]
+    return None
+
+
+def check_family(lora: Lora, base_family: str, cross_attention_dim: Any) -> None:
+    """Refuse a LoRA made for another base family, by its metadata, else by its tensor shapes or key names."""
+    family = lora.family
+    if family is not None and family != base_family:
+        raise UsageError(
+            f"--lora {lora.path}: made for {family}, but the base model is {base_family}; "
+            f"use a {base_family} LoRA or a {family} base model"
+        )
+    base_dims = set(cross_attention_dim) if isinstance(cross_attention_dim, list | tuple) else {cross_attention_dim}
+    in_features, sgm_te = _shape_facts(lora.path)
+    wrong = in_features - base_dims
+    if wrong:
+        width = sorted(wrong)[0]
+        made_for = CROSS_ATTENTION_FAMILY.get(width, f"a model with {width}-wide text features")
+        raise UsageError(
+            f"--lora {lora.path}: its cross-attention layers take {width}-wide text features ({made_for}), "
+            f"but the base model ({base_family}) has {sorted(base_dims)[0]}; use a LoRA made for {base_family}"
+        )
+    if sgm_te and base_family != "sdxl":
+        raise UsageError(
+            f"--lora {lora.path}: has two text encoders' keys (lora_te1_/lora_te2_: SDXL), but the base model "
+            f"is {base_family}; use a LoRA made for {base_family}"
+        )
+
+
+def _shape_facts(path: Path) -> tuple[set[int], bool]:
+    """In-features of the LoRA's cross-attention to_k down-projections, and whether it has SDXL's te1/te2 keys."""
+    from safetensors import safe_open
+
+    in_features: set[int] = set()
+    sgm_te = False
+    with safe_open(str(path), framework="pt") as handle:
+        for key in handle.keys():  # noqa: SIM118 (safe_open is not a dict)
+            sgm_te = sgm_te or key.startswith(("lora_te1_", "lora_te2_"))
+            down = any(part in key for part in ("lora_A.", "lora_down.", "lora.down.", "to_k_lora.down."))
+            if "attn2" in key and "to_k" in key and down and key.endswith("weight"):
+                shape = handle.get_slice(key).get_shape()
+                if len(shape) >= 2:
+                    in_features.add(int(shape[1]))
+    return in_features, sgm_te
+
+
+def addnet_hash(path: Path) -> str:
+    """A1111's LoRA hash: SHA-256 of the tensor bytes after the safetensors header (so metadata edits keep it)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        header_len = int.from_bytes(handle.read(8), "little")
+        handle.seek(8 + header_len)
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_loras(pipe: Any, loras: list[Lora]) -> list[str]:
+    """Load each LoRA as its own adapter (diffusers reads diffusers and kohya formats) and set their scales."""
+    names = [f"lora{i}" for i in range(len(loras))]
+    for name, lora in zip(names, loras, strict=True):
+        try:
+            pipe.load_lora_weights(str(lora.path), adapter_name=name)
+        except (ValueError, KeyError, RuntimeError, OSError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise SdloraError(f"--lora {lora.path}: could not load it into the base model: {first}") from exc
+    if names:
+        pipe.set_adapters(names, adapter_weights=[lora.scale for lora in loras])
+    return names
