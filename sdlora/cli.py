@@ -102,6 +102,46 @@ def show_config(ctx: typer.Context, config_file: ConfigOpt = None, sets: SetOpt 
 
 @app.command()
 @handles_errors
+def prep(
+    ctx: typer.Context,
+    photos_dir: Annotated[Path, typer.Argument(help="Folder of photos of one person (read only, never changed).")],
+    out_dir: Annotated[Path, typer.Argument(help="Where the training set goes; must be empty unless --overwrite.")],
+    token: Annotated[str | None, typer.Option(help="Rare token that names the person, e.g. sks.")] = None,
+    class_word: Annotated[str | None, typer.Option(help="Class noun after the token: person, man, woman, ...")] = None,
+    resolution: Annotated[int | None, typer.Option(help="Side of the square crops in px (default 512).")] = None,
+    crop: Annotated[
+        str | None, typer.Option(help="face (default): centred on the face; center: centre square.")
+    ] = None,
+    overwrite: Annotated[bool | None, typer.Option("--overwrite", help="Replace a non-empty OUT_DIR.")] = None,
+    min_images: Annotated[int | None, typer.Option(help="Fail (exit 1) when fewer photos survive (default 3).")] = None,
+    caption_template: Annotated[
+        str | None,
+        typer.Option(help="Caption of photos without a .txt sidecar (default 'a photo of {token} {class_word}')."),
+    ] = None,
+    workers: Annotated[int | None, typer.Option(help="Worker processes; 0 = one per CPU core.")] = None,
+    config_file: ConfigOpt = None,
+    sets: SetOpt = None,
+) -> None:
+    """Turn a folder of photos into a clean, face-centred training set, explaining every photo it drops."""
+    from sdlora.prep.run import prep as run_prep
+
+    options = {
+        "prep.token": token,
+        "prep.class_word": class_word,
+        "prep.resolution": resolution,
+        "prep.crop": crop,
+        "prep.overwrite": overwrite,
+        "prep.min_images": min_images,
+        "prep.caption_template": caption_template,
+        "prep.workers": workers,
+    }
+    report = run_prep(photos_dir, out_dir, load_config(config_file, options, sets))
+    typer.echo(report.summary())
+    typer.echo(f"wrote {out_dir}/manifest.jsonl, report.json and contact_sheet.jpg")
+
+
+@app.command()
+@handles_errors
 def generate(
     ctx: typer.Context,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for the images.", file_okay=False)],

@@ -68,6 +68,7 @@ class PrepConfig(Section):
         120_000_000, gt=0, description="Refuse images with more pixels than this (decompression bombs)."
     )
     workers: int = Field(0, ge=0, description="Parallel worker processes; 0 means one per CPU core.")
+    overwrite: bool = Field(False, description="Replace the contents of a non-empty OUT_DIR.")
 
     _check_resolution = field_validator("resolution")(_multiple_of_8)
 
