@@ -7,6 +7,8 @@ order and writes the outputs.
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,7 @@ from sdlora.models import check_base
 __all__ = ["evaluate", "load_reference", "pick_best", "plot_identity", "score_checkpoint"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+SHEETS = ("grid.png", "compare.png")
 
 
 def evaluate(
@@ -124,23 +127,34 @@ def _open(path: Path) -> Image.Image:
 
 
 def _read_images(folder: Path) -> tuple[list[Image.Image], list[str], list[str | None], list[int | None]]:
-    """Images of a folder with their prompt (NAME.txt beside it, or the PNG's `prompt`/`parameters` text)."""
-    paths = _image_files(folder)
+    """Images of a folder with their prompt and seed, if recorded. `sdlora generate`'s grids and filmstrips
+    (grid.png, compare.png, *-steps.png) are sheets of other images, not samples: skipped."""
+    paths = [p for p in _image_files(folder) if p.name not in SHEETS and not p.stem.endswith("-steps")]
     if not paths:
         raise UsageError(f"--images {folder}: no images in it ({', '.join(IMAGE_SUFFIXES)})")
-    pictures, prompts, seeds = [], [], []
-    for path in paths:
-        with Image.open(path) as raw:
-            info = dict(getattr(raw, "text", {}) or {})
-        pictures.append(_open(path))
-        sidecar = path.with_suffix(".txt")
-        prompt = sidecar.read_text(encoding="utf-8").strip() if sidecar.is_file() else info.get("prompt")
-        if prompt is None and info.get("parameters"):
-            prompt = info["parameters"].splitlines()[0]  # A1111 style: the prompt is the first line
-        prompts.append(prompt)
-        seed = info.get("seed")
-        seeds.append(int(seed) if seed is not None and str(seed).isdigit() else None)
-    return pictures, [str(p) for p in paths], prompts, seeds
+    prompts, seeds = zip(*(_recorded_prompt(path) for path in paths), strict=True)
+    return [_open(path) for path in paths], [str(p) for p in paths], list(prompts), list(seeds)
+
+
+def _recorded_prompt(path: Path) -> tuple[str | None, int | None]:
+    """(prompt, seed) from `sdlora generate`'s NAME.json, a NAME.txt caption, or the PNG's A1111 `parameters`."""
+    sidecar = path.with_suffix(".json")
+    if sidecar.is_file():
+        try:
+            record = json.loads(sidecar.read_text(encoding="utf-8"))
+            seed = record.get("seed")
+            return record.get("prompt"), seed if isinstance(seed, int) else None
+        except (json.JSONDecodeError, AttributeError):
+            pass  # not ours: fall through to the other sources
+    caption = path.with_suffix(".txt")
+    if caption.is_file():
+        return caption.read_text(encoding="utf-8").strip() or None, None
+    with Image.open(path) as raw:
+        parameters = (getattr(raw, "text", None) or {}).get("parameters")
+    if not parameters:
+        return None, None
+    seed = re.search(r"(?:^|, )Seed: (\d+)", parameters.splitlines()[-1])
+    return parameters.splitlines()[0], int(seed.group(1)) if seed else None  # A1111: prompt on the first line
 
 
 def _generate(config: Config, weights: Path, templates: list[str], notes: list[str]):

@@ -215,3 +215,23 @@ def test_lora_without_base_fails_before_loading_anything(dataset, tmp_path):
     (tmp_path / "pytorch_lora_weights.safetensors").write_bytes(b"")
     result = runner.invoke(app, ["eval", "--reference", str(dataset), "--lora", str(tmp_path)])
     assert result.exit_code == 2 and "--base is required" in result.output
+
+
+def test_images_folder_reads_recorded_prompts_and_skips_sheets(tmp_path):
+    from PIL import Image
+
+    from sdlora import pngmeta
+    from sdlora.evaluate import _read_images
+
+    blank = Image.new("RGB", (16, 16))
+    pngmeta.save_png(tmp_path / "0000-5.png", blank, "ignored")
+    (tmp_path / "0000-5.json").write_text(json.dumps({"prompt": "zwx person on a boat", "seed": 5}))
+    text = pngmeta.infotext("zwx person, oil painting", "blurry", {"Steps": 20, "Seed": 9, "Size": "16x16"})
+    pngmeta.save_png(tmp_path / "0001-9.png", blank, text)
+    blank.save(tmp_path / "0002.jpg")
+    for sheet in ("grid.png", "compare.png", "0000-5-steps.png"):
+        blank.save(tmp_path / sheet)
+    images, names, prompts, seeds = _read_images(tmp_path)
+    assert [Path(n).name for n in names] == ["0000-5.png", "0001-9.png", "0002.jpg"]
+    assert prompts == ["zwx person on a boat", "zwx person, oil painting", None]
+    assert seeds == [5, 9, None]
