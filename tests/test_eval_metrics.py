@@ -247,3 +247,47 @@ def test_plot_identity_writes_png(tmp_path):
     with Image.open(path) as image:
         assert image.format == "PNG" and image.width >= 400 and image.height >= 400
     assert [p.name for p in tmp_path.iterdir()] == ["identity.png"]
+
+
+class _FakeBackend:
+    """Any object with faces/distance/threshold/name is a backend: faces are read from a dict per image."""
+
+    name = "fake"
+    threshold = 0.5
+
+    def __init__(self, faces_by_image):
+        self._faces = faces_by_image
+
+    def faces(self, image):
+        return self._faces[id(image)]
+
+    def distance(self, a, b):
+        return float(abs(a - b).sum())
+
+
+def test_definitions_with_a_fake_backend():
+    import numpy
+
+    from sdlora.evaluation.faces import FoundFace
+
+    def face(x, value):
+        return FoundFace(box=(x, 0, x + 10, 10), embedding=numpy.array([value]))
+
+    images = [Image.new("RGB", (32, 32), colour) for colour in ("red", "green", "blue")]
+    faces = {
+        id(images[0]): [face(0, 5.0), face(20, 0.1)],  # a larger stranger, then the subject
+        id(images[1]): [face(0, 0.2), face(20, 0.25), face(40, 3.0)],  # subject, a copy of them, a stranger
+        id(images[2]): [],
+    }
+    backend = _FakeBackend(faces)
+    reference = metrics.Reference(embeddings=[numpy.array([0.0]), numpy.array([0.2])])
+    scores, summary = metrics.score_images(images, ["a", "b", "c"], reference, backend, backend.threshold)
+    first, second, third = scores
+    assert first.subject_box == (20, 0, 30, 10) and first.distance == pytest.approx(0.1)  # median of 0.1, 0.1
+    assert first.other_faces == 1 and first.other_matches == 0
+    assert second.distance == pytest.approx(0.1) and second.other_faces == 2 and second.other_matches == 1
+    assert third.faces == 0
+    assert summary.bleed == pytest.approx(1 / 3) and summary.other_faces == 3
+    assert summary.face_rate == pytest.approx(2 / 3) and summary.recognised_rate == pytest.approx(2 / 3)
+    assert summary.identity == pytest.approx(metrics.similarity(0.1, 0.5)) == pytest.approx(0.9)
+    assert summary.face_spread == pytest.approx(0.1)  # |0.1 - 0.2|: the two subject faces
