@@ -18,12 +18,12 @@ from sdlora.config import Config
 from sdlora.errors import SdloraError, UsageError
 from sdlora.evaluation.checkpoints import pick_best, plot_identity, score_checkpoint
 from sdlora.evaluation.faces import FaceBackend, face_backend
-from sdlora.evaluation.metrics import build_reference, score_images
+from sdlora.evaluation.metrics import Reference, build_reference, score_images
 from sdlora.evaluation.prompts import STANDARD_PROMPTS, clip_text, expand, lora_file, read_prompts, trigger_phrase
 from sdlora.evaluation.report import EvalResult, print_table, write_json, write_report
 from sdlora.models import check_base
 
-__all__ = ["evaluate", "load_reference", "pick_best", "plot_identity", "score_checkpoint"]
+__all__ = ["evaluate", "face_backend", "pick_best", "plot_identity", "reference_set", "score_checkpoint"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 SHEETS = ("grid.png", "compare.png")
@@ -49,9 +49,7 @@ def evaluate(
     backend = face_backend(config.eval.face_model)
     threshold = config.eval.threshold or backend.threshold
     ref_images, ref_names = load_reference(reference)
-    ref = build_reference(ref_images, ref_names, backend)
-    if not ref.embeddings:
-        raise SdloraError(f"--reference {reference}: no face found in any of its {len(ref_names)} photos")
+    ref = reference_set(reference, backend, (ref_images, ref_names))
     notes = [f"no face found in reference photo {name}" for name in ref.faceless]
     trigger = None
     if images is not None:
@@ -98,6 +96,15 @@ def _check_inputs(reference: Path | None, images: Path | None, lora: Path | None
         raise UsageError(f"--reference {reference}: no such folder")
     if images is not None and not Path(images).is_dir():
         raise UsageError(f"--images {images}: no such folder")
+
+
+def reference_set(folder: Path, backend: FaceBackend, loaded: tuple[list, list[str]] | None = None) -> Reference:
+    """The reference embeddings and hashes of a dataset folder, computed once (e.g. at the start of training)."""
+    images, names = loaded or load_reference(folder)
+    ref = build_reference(images, names, backend)
+    if not ref.embeddings:
+        raise SdloraError(f"--reference {folder}: no face found in any of its {len(names)} photos")
+    return ref
 
 
 def load_reference(folder: Path) -> tuple[list[Image.Image], list[str]]:

@@ -154,13 +154,11 @@ def test_lora_prompts_file_and_trigger_fallback(dataset, tiny_sd1, tmp_path):
 def test_score_checkpoint_for_training(dataset, tiny_sd1):
     from diffusers import StableDiffusionPipeline
 
-    from sdlora.evaluate import load_reference, score_checkpoint
-    from sdlora.evaluation.faces import DlibBackend
-    from sdlora.evaluation.metrics import build_reference
+    from sdlora.evaluate import face_backend, reference_set, score_checkpoint
 
-    backend = DlibBackend()
-    images, names = load_reference(dataset)
-    reference = build_reference(images, names, backend)
+    backend = face_backend("dlib")
+    reference = reference_set(dataset, backend)  # once per training run
+    assert len(reference.embeddings) == 2
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd1)
     pipe.set_progress_bar_config(disable=True)
     kwargs = dict(steps=2, cfg=5.0, scheduler="ddim", width=64, height=64)
