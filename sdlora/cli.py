@@ -102,6 +102,46 @@ def show_config(ctx: typer.Context, config_file: ConfigOpt = None, sets: SetOpt 
 
 @app.command()
 @handles_errors
+def prep(
+    ctx: typer.Context,
+    photos_dir: Annotated[Path, typer.Argument(help="Folder of photos of one person (read only, never changed).")],
+    out_dir: Annotated[Path, typer.Argument(help="Where the training set goes; must be empty unless --overwrite.")],
+    token: Annotated[str | None, typer.Option(help="Rare token that names the person, e.g. sks.")] = None,
+    class_word: Annotated[str | None, typer.Option(help="Class noun after the token: person, man, woman, ...")] = None,
+    resolution: Annotated[int | None, typer.Option(help="Side of the square crops in px (default 512).")] = None,
+    crop: Annotated[
+        str | None, typer.Option(help="face (default): centred on the face; center: centre square.")
+    ] = None,
+    overwrite: Annotated[bool | None, typer.Option("--overwrite", help="Replace a non-empty OUT_DIR.")] = None,
+    min_images: Annotated[int | None, typer.Option(help="Fail (exit 1) when fewer photos survive (default 3).")] = None,
+    caption_template: Annotated[
+        str | None,
+        typer.Option(help="Caption of photos without a .txt sidecar (default 'a photo of {token} {class_word}')."),
+    ] = None,
+    workers: Annotated[int | None, typer.Option(help="Worker processes; 0 = one per CPU core.")] = None,
+    config_file: ConfigOpt = None,
+    sets: SetOpt = None,
+) -> None:
+    """Turn a folder of photos into a clean, face-centred training set, explaining every photo it drops."""
+    from sdlora.prep.run import prep as run_prep
+
+    options = {
+        "prep.token": token,
+        "prep.class_word": class_word,
+        "prep.resolution": resolution,
+        "prep.crop": crop,
+        "prep.overwrite": overwrite,
+        "prep.min_images": min_images,
+        "prep.caption_template": caption_template,
+        "prep.workers": workers,
+    }
+    report = run_prep(photos_dir, out_dir, load_config(config_file, options, sets))
+    typer.echo(report.summary())
+    typer.echo(f"wrote {out_dir}/manifest.jsonl, report.json and contact_sheet.jpg")
+
+
+@app.command()
+@handles_errors
 def generate(
     ctx: typer.Context,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for the images.", file_okay=False)],
@@ -256,3 +296,54 @@ def train(
     }
     result = run_training(load_config(config_file, options, sets), dataset_dir, out_dir)
     typer.echo(f"done: {result.lora_file} and {result.kohya_file} ({result.steps} steps)")
+
+
+@app.command("eval")
+@handles_errors
+def eval_command(
+    ctx: typer.Context,
+    reference: Annotated[
+        Path | None, typer.Option("--reference", help="The person's photos: a prep output folder or an image folder.")
+    ] = None,
+    images: Annotated[Path | None, typer.Option("--images", help="Score the images in this folder.")] = None,
+    lora: Annotated[
+        Path | None, typer.Option("--lora", help="Generate with this LoRA (file or train output folder), then score.")
+    ] = None,
+    base: Annotated[str | None, typer.Option("--base", help="Base model for --lora: hub id, folder or file.")] = None,
+    prompts: Annotated[
+        Path | None, typer.Option("--prompts", help="Prompt file ({trigger} per line) instead of the standard set.")
+    ] = None,
+    n: Annotated[int | None, typer.Option("--n", help="Images per prompt (default 4).")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="First seed; image i uses seed + i (default 0).")] = None,
+    face_model: Annotated[
+        str | None,
+        typer.Option(
+            "--face-model",
+            help="dlib (default, offline) or insightface (ArcFace; only when the package and its buffalo_l "
+            "weights are already on disk). insightface's pretrained models are for non-commercial use only.",
+        ),
+    ] = None,
+    threshold: Annotated[float | None, typer.Option("--threshold", help="Same-person face distance.")] = None,
+    clip: Annotated[
+        str | None, typer.Option("--clip", help="CLIP model (hub id or folder) for prompt fidelity; off if unset.")
+    ] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write every number to this JSON file.")] = None,
+    report: Annotated[Path | None, typer.Option("--report", help="Write an HTML report into this folder.")] = None,
+    config_file: ConfigOpt = None,
+    sets: SetOpt = None,
+) -> None:
+    """Measure whether the person was learned: face rate, identity, diversity, bleed and prompt fidelity."""
+    from sdlora.evaluate import evaluate
+
+    options = {
+        "model.base": base,
+        "eval.n": n,
+        "eval.seed": seed,
+        "eval.face_model": face_model,
+        "eval.threshold": threshold,
+        "eval.clip": clip,
+    }
+    cfg = load_config(config_file, options, sets)
+    evaluate(
+        cfg, reference=reference, images=images, lora=lora, prompts_file=prompts, json_path=json_out, report_dir=report
+    )

@@ -68,6 +68,7 @@ class PrepConfig(Section):
         120_000_000, gt=0, description="Refuse images with more pixels than this (decompression bombs)."
     )
     workers: int = Field(0, ge=0, description="Parallel worker processes; 0 means one per CPU core.")
+    overwrite: bool = Field(False, description="Replace the contents of a non-empty OUT_DIR.")
 
     _check_resolution = field_validator("resolution")(_multiple_of_8)
 
@@ -200,12 +201,23 @@ class GenerateConfig(Section):
 class EvalConfig(Section):
     """`sdlora eval` and identity scoring during training."""
 
-    face_model: str = Field("dlib", description="Face-embedding backend: dlib (offline default) or insightface.")
-    threshold: float = Field(0.6, gt=0, description="Same-person distance threshold of the face model.")
+    face_model: Literal["dlib", "insightface"] = Field(
+        "dlib",
+        description="Face-embedding backend: dlib (offline default) or insightface (ArcFace; its pretrained "
+        "weights are for non-commercial use only, and must already be on disk).",
+    )
+    threshold: float | None = Field(
+        None, gt=0, description="Same-person face distance; unset: the face model's own (0.6 for dlib and ArcFace)."
+    )
     n: int = Field(4, gt=0, description="Images per evaluation prompt.")
     seed: int = Field(0, description="First seed of the evaluation images.")
     clip: str | None = Field(None, description="CLIP model (hub id or folder) for prompt fidelity; skipped if unset.")
-    min_diversity: float = Field(0.0, ge=0, description="Best checkpoint must have at least this diversity.")
+    min_diversity: float = Field(
+        0.1,
+        ge=0,
+        description="Best checkpoint must have at least this diversity (mean pairwise pHash distance; "
+        "near-duplicates are under 0.1, unrelated photos ~0.5; 0 disables).",
+    )
     max_bleed: float = Field(1.0, ge=0, le=1, description="Best checkpoint must have at most this bleed.")
 
 

@@ -1,0 +1,1 @@
+"""Identity evaluation: face backends, metrics, prompt sets, reports and checkpoint selection."""

@@ -1,0 +1,128 @@
+"""Identity scoring during training: score one checkpoint, plot the metrics, pick the best checkpoint."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from sdlora.evaluation.faces import FaceBackend
+from sdlora.evaluation.metrics import Reference, score_images
+from sdlora.fsutil import atomic_path
+
+PLOTTED = (
+    ("identity", "identity (similarity)"),
+    ("recognised_rate", "recognised rate"),
+    ("diversity", "diversity (pHash spread)"),
+    ("bleed", "bleed"),
+)
+
+
+def score_checkpoint(
+    pipe: Any,
+    reference: Reference,
+    backend: FaceBackend,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    *,
+    threshold: float | None = None,
+    steps: int = 20,
+    cfg: float = 7.0,
+    scheduler: str = "dpmpp_2m_karras",
+    width: int = 512,
+    height: int = 512,
+    negative: str = "",
+    batch_size: int = 4,
+) -> dict[str, Any]:
+    """Render the fixed validation set with `pipe` (LoRA already loaded) and return the summary metrics.
+
+    `reference` comes from `build_reference` once per run; fixed prompts and seeds make steps comparable.
+    """
+    from sdlora.generate import render_images
+
+    images = render_images(
+        pipe,
+        list(prompts),
+        list(seeds),
+        steps=steps,
+        cfg=cfg,
+        scheduler=scheduler,
+        width=width,
+        height=height,
+        negative=negative,
+        batch_size=batch_size,
+    )
+    names = [f"{i:03d}.png" for i in range(len(images))]
+    _, summary = score_images(
+        images, names, reference, backend, threshold or backend.threshold, prompts=list(prompts), seeds=list(seeds)
+    )
+    return summary.model_dump()
+
+
+def plot_identity(rows: Sequence[dict[str, Any]], path: Path) -> Path:
+    """Draw identity, recognised_rate, diversity and bleed against `step` (metrics.jsonl rows) to `path`."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: render to a file only
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(PLOTTED), 1, figsize=(7, 2.2 * len(PLOTTED)), sharex=True)
+    for ax, (key, label) in zip(axes, PLOTTED, strict=True):
+        points = [(row["step"], row[key]) for row in rows if row.get(key) is not None]
+        if points:
+            xs, ys = zip(*points, strict=True)
+            ax.plot(xs, ys, marker="o")
+        ax.set_ylabel(label, fontsize=8)
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+    axes[-1].set_xlabel("step")
+    fig.tight_layout()
+    with atomic_path(Path(path)) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
+def pick_best(rows: Sequence[dict[str, Any]], min_diversity: float, max_bleed: float) -> tuple[int, str]:
+    """The step with the best identity among those with diversity >= min_diversity and bleed <= max_bleed,
+    and a sentence saying why. Ties go to the higher recognised_rate, then the earlier step."""
+    if not rows:
+        raise ValueError("pick_best needs at least one metrics row")
+    scored = [row for row in rows if row.get("identity") is not None]
+    if not scored:
+        last = max(row["step"] for row in rows)
+        return last, f"no faces were detected at any evaluated step; keeping the last step ({last})"
+    eligible = [row for row in scored if _passes(row, min_diversity, max_bleed)]
+    pool = eligible or scored
+
+    def rank(row: dict[str, Any]) -> tuple[float, float, int]:
+        return (row["identity"], row.get("recognised_rate") or 0.0, -row["step"])
+
+    best = max(pool, key=rank)
+    facts = (
+        f"identity {best['identity']:.3f}, recognised {100 * (best.get('recognised_rate') or 0):.0f}%, "
+        f"diversity {_fmt(best.get('diversity'))}, bleed {_fmt(best.get('bleed'))}"
+    )
+    floors = f"diversity >= {min_diversity:g} and bleed <= {max_bleed:g}"
+    if not eligible:
+        return best["step"], (
+            f"step {best['step']} has the best identity ({facts}), but no step met {floors}: "
+            "lower the floors or check the samples"
+        )
+    excluded = [row for row in scored if row not in eligible and row["identity"] > best["identity"]]
+    why = f"step {best['step']} has the best identity among the {len(eligible)} steps with {floors} ({facts})"
+    if excluded:
+        steps = ", ".join(str(row["step"]) for row in excluded)
+        why += f"; step(s) {steps} scored higher identity but failed the floors"
+    return best["step"], why
+
+
+def _passes(row: dict[str, Any], min_diversity: float, max_bleed: float) -> bool:
+    diversity, bleed = row.get("diversity"), row.get("bleed")
+    diversity_ok = min_diversity <= 0 or (diversity is not None and diversity >= min_diversity)
+    bleed_ok = bleed is None or bleed <= max_bleed  # None: no other faces were generated, nothing bled
+    return diversity_ok and bleed_ok
+
+
+def _fmt(value: Any) -> str:
+    return "-" if value is None else f"{value:.3f}"

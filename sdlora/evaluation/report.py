@@ -1,0 +1,175 @@
+"""Evaluation outputs: the result model (the --json schema), the terminal table, and the HTML report."""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from sdlora.errors import UsageError
+from sdlora.evaluation.metrics import ImageScore, Summary
+from sdlora.fsutil import atomic_dir, atomic_write_text
+
+SCHEMA = "sdlora.eval/1"
+REPORT_MARKER = '<meta name="generator" content="sdlora eval">'
+THUMB = 160  # px, longest side of the reference thumbnails
+
+
+class EvalResult(BaseModel):
+    """Everything `sdlora eval --json` writes: settings, the reference set, per-image scores, the summary."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    schema_: str = Field(SCHEMA, alias="schema")
+    face_model: str
+    threshold: float = Field(description="Same-person distance of the face model.")
+    reference: list[str] = Field(description="Reference photos.")
+    reference_faces: int = Field(description="Reference photos in which a face was found.")
+    lora: str | None = None
+    trigger: str | None = None
+    summary: Summary
+    images: list[ImageScore]
+    notes: list[str] = Field(default_factory=list)
+
+    def to_json(self) -> str:
+        return self.model_dump_json(by_alias=True, indent=2) + "\n"
+
+
+def write_json(result: EvalResult, path: Path) -> None:
+    atomic_write_text(Path(path), result.to_json())
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+SUMMARY_ROWS = (
+    ("face_rate", "images with a detectable face"),
+    ("identity", "mean similarity to the reference (0.5 = threshold, higher is closer)"),
+    ("identity_distance", "mean face distance to the reference"),
+    ("recognised_rate", "images whose face is recognised as the subject"),
+    ("diversity", "mean pairwise pHash distance (<0.1 near-copies, ~0.5 unrelated)"),
+    ("face_spread", "mean pairwise distance between generated faces"),
+    ("memorised_rate", "images that near-copy a reference photo"),
+    ("bleed", "other faces that look like the subject (should be ~0)"),
+    ("prompt_fidelity", "CLIP image-prompt similarity"),
+)
+
+
+def print_table(result: EvalResult, console: Any = None) -> None:
+    """Per-prompt rows and the summary, as rich tables."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    per_prompt = Table(title="per prompt")
+    for column in ("prompt", "images", "faces", "identity", "recognised"):
+        per_prompt.add_column(column, justify="left" if column == "prompt" else "right")
+    for prompt, rows in _by_prompt(result.images).items():
+        sims = [r.similarity for r in rows if r.similarity is not None]
+        per_prompt.add_row(
+            prompt,
+            str(len(rows)),
+            str(sum(1 for r in rows if r.faces)),
+            _fmt(sum(sims) / len(sims) if sims else None),
+            f"{sum(r.recognised for r in rows)}/{len(rows)}",
+        )
+    console.print(per_prompt)
+    summary = Table(title=f"summary ({result.face_model}, threshold {result.threshold:g})")
+    summary.add_column("metric")
+    summary.add_column("value", justify="right")
+    summary.add_column("meaning")
+    data = result.summary.model_dump()
+    for key, meaning in SUMMARY_ROWS:
+        summary.add_row(key, _fmt(data[key]), meaning)
+    console.print(summary)
+    for note in result.notes:
+        console.print(f"note: {note}")
+
+
+def _by_prompt(images: Sequence[ImageScore]) -> dict[str, list[ImageScore]]:
+    groups: dict[str, list[ImageScore]] = {}
+    for score in images:
+        groups.setdefault(score.prompt or "(no prompt)", []).append(score)
+    return groups
+
+
+def write_report(result: EvalResult, images: Sequence[Any], references: Sequence[Any], folder: Path) -> Path:
+    """index.html with the summary, a grid of the scored images and the reference thumbnails; written whole
+    into a temporary folder and renamed, so a crash never leaves half a report. Returns index.html's path."""
+    folder = Path(folder)
+    if folder.exists() and any(folder.iterdir()) and not _is_report(folder):
+        raise UsageError(f"--report {folder}: folder exists and is not an sdlora report; choose a new folder")
+    with atomic_dir(folder) as tmp:
+        (tmp / "images").mkdir()
+        (tmp / "reference").mkdir()
+        image_names = [f"images/{i:03d}.png" for i in range(len(images))]
+        for name, image in zip(image_names, images, strict=True):
+            image.save(tmp / name)
+        ref_names = [f"reference/{i:03d}.jpg" for i in range(len(references))]
+        for name, image in zip(ref_names, references, strict=True):
+            thumb = image.convert("RGB")
+            thumb.thumbnail((THUMB, THUMB))
+            thumb.save(tmp / name, quality=90)
+        (tmp / "result.json").write_text(result.to_json(), encoding="utf-8")
+        (tmp / "index.html").write_text(render_html(result, image_names, ref_names), encoding="utf-8")
+    return folder / "index.html"
+
+
+def _is_report(folder: Path) -> bool:
+    index = folder / "index.html"
+    return index.is_file() and REPORT_MARKER in index.read_text(encoding="utf-8", errors="replace")
+
+
+CSS = """
+body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
+table.summary td, table.summary th { padding: 2px 10px; text-align: left; }
+.grid { display: flex; flex-wrap: wrap; gap: 12px; }
+.card { width: 220px; font-size: 12px; border: 1px solid #ccc; padding: 6px; }
+.card img { width: 100%; }
+.ok { color: #080; } .no { color: #b00; }
+.refs img { height: 96px; margin: 2px; }
+"""
+
+
+def render_html(result: EvalResult, image_names: Sequence[str], ref_names: Sequence[str]) -> str:
+    esc = html.escape
+    data = result.summary.model_dump()
+    rows = "".join(
+        f"<tr><th>{key}</th><td>{_fmt(data[key])}</td><td>{esc(meaning)}</td></tr>" for key, meaning in SUMMARY_ROWS
+    )
+    cards = "".join(_card(score, name) for score, name in zip(result.images, image_names, strict=True))
+    refs = "".join(f'<img src="{esc(name)}" alt="reference {i}">' for i, name in enumerate(ref_names))
+    notes = "".join(f"<li>{esc(note)}</li>" for note in result.notes)
+    title = f"sdlora eval: {esc(result.lora or 'images')}"
+    return (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">{REPORT_MARKER}<title>{title}</title>'
+        f"<style>{CSS}</style></head><body>\n<h1>{title}</h1>\n"
+        f"<p>face model <b>{esc(result.face_model)}</b>, same-person threshold {result.threshold:g}"
+        f"{', trigger <code>' + esc(result.trigger) + '</code>' if result.trigger else ''}.</p>\n"
+        f'<h2>Summary</h2>\n<table class="summary">{rows}</table>\n<ul>{notes}</ul>\n'
+        f'<h2>Images</h2>\n<div class="grid">{cards}</div>\n'
+        f'<h2>Reference set</h2>\n<div class="refs">{refs}</div>\n</body></html>\n'
+    )
+
+
+def _card(score: ImageScore, name: str) -> str:
+    esc = html.escape
+    verdict = '<span class="ok">recognised</span>' if score.recognised else '<span class="no">not recognised</span>'
+    lines = [
+        esc(score.prompt or score.image),
+        f"seed {score.seed}" if score.seed is not None else "",
+        f"faces {score.faces} &middot; {verdict}",
+        f"similarity {_fmt(score.similarity)} &middot; distance {_fmt(score.distance)}",
+        f"other faces {score.other_faces}, matching {score.other_matches}" if score.other_faces else "",
+        f"CLIP {_fmt(score.prompt_fidelity)}" if score.prompt_fidelity is not None else "",
+    ]
+    body = "<br>".join(line for line in lines if line)
+    return f'<div class="card"><img src="{esc(name)}" alt="{esc(score.image)}"><div>{body}</div></div>'

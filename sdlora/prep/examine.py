@@ -1,0 +1,166 @@
+"""One photo, on its own: decode, find the face, crop, measure. Runs in worker processes; no decisions across photos."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy
+from PIL import Image
+
+from sdlora.prep import crops, images
+from sdlora.prep.faces import DlibFaces
+
+# Faces are detected on a copy whose longer side is at most this: HOG with one 2x upsampling then finds faces
+# down to ~40 px (a face that small would be face_too_small anyway) in ~0.3 s, whatever the camera's resolution.
+DETECT_SIDE = 1024
+# A second face at least this share of the largest face's width makes the photo ambiguous (multiple_faces);
+# smaller faces are people in the background.
+COMPARABLE_FACE = 0.5
+THUMB = 160  # px, longer side of the contact-sheet thumbnails
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the workers need from the [prep] config (small and picklable)."""
+
+    crop: str
+    resolution: int
+    face_share: float
+    max_upscale: float
+    max_pixels: int
+    fast: bool = True  # decode JPEGs at reduced size (Pillow draft) where the crop allows
+
+
+@dataclass(frozen=True)
+class Photo:
+    """What one photo gave: a skip reason, or a candidate crop with the measurements set-level checks need."""
+
+    name: str
+    sha256: str
+    reason: str | None = None  # None: a candidate
+    message: str = ""
+    size: tuple[int, int] | None = None  # (width, height) after EXIF rotation
+    face_box: crops.Box | None = None
+    crop_box: crops.Box | None = None
+    sharpness: float = 0.0
+    phash: str = ""
+    embedding: numpy.ndarray | None = None  # (128,) identity descriptor
+    png: bytes = b""  # the output crop, PNG-encoded
+    thumb: Image.Image | None = None
+
+
+@functools.lru_cache(maxsize=1)
+def detector() -> DlibFaces:
+    """One DlibFaces per process: loading its four models takes about a second."""
+    return DlibFaces()
+
+
+def examine(path: Path, settings: Settings) -> Photo:
+    """Everything prep learns from one photo alone; a bad photo gives a skip reason, never an exception."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        return Photo(path.name, "", "unreadable", f"It could not be read ({exc.strerror or exc}).")
+    sha = hashlib.sha256(data).hexdigest()
+    thumb = None
+    try:
+        first = images.open_photo(data, settings.max_pixels, DETECT_SIDE if settings.fast else 0)
+        working = images.downscale(first.image, DETECT_SIDE)
+        thumb = _thumbnail(working)
+        return _candidate(path.name, sha, data, first, working, settings)
+    except images.Skip as skip:
+        return Photo(path.name, sha, skip.reason, skip.message, thumb=thumb)
+
+
+def _candidate(
+    name: str, sha: str, data: bytes, first: images.Opened, working: Image.Image, settings: Settings
+) -> Photo:
+    size = first.size
+    smallest = math.ceil(settings.resolution / settings.max_upscale)
+    if min(size) < smallest:
+        raise images.Skip(
+            "too_small",
+            f"It is only {size[0]}x{size[1]} px; a {settings.resolution} px crop needs a shorter side of at least "
+            f"{smallest} px (prep.max_upscale {settings.max_upscale:g}).",
+        )
+    face_box, embedding = None, None
+    if settings.crop == "face":
+        face_box, embedding = _the_face(working, size[0] / working.width)
+        crop = crops.face_crop(size, face_box, settings.face_share)
+        if crop[2] - crop[0] < smallest:
+            raise images.Skip(
+                "face_too_small",
+                f"The face is only {face_box[2] - face_box[0]} px wide; its crop would need enlarging "
+                f"{crops.upscale_needed(crop, settings.resolution):.1f}x (limit {settings.max_upscale:g}x). "
+                "Use a closer or larger photo.",
+            )
+    else:
+        crop = crops.center_crop(size)
+    out = _render(data, first, crop, settings)
+    return Photo(
+        name=name,
+        sha256=sha,
+        size=size,
+        face_box=face_box,
+        crop_box=crop,
+        sharpness=round(images.sharpness(out, _face_in_output(face_box, crop, settings.resolution)), 4),
+        phash=images.perceptual_hash(working),
+        embedding=embedding,
+        png=_png(out),
+        thumb=_thumbnail(out),
+    )
+
+
+def _the_face(working: Image.Image, scale: float) -> tuple[crops.Box, numpy.ndarray]:
+    """The one face of the photo in full-size pixels, and its identity descriptor; Skip otherwise."""
+    faces = detector().detect(working)
+    if not faces:
+        raise images.Skip("no_face", "No face was found (the detector needs a roughly frontal face).")
+    comparable = [face for face in faces if face.width >= COMPARABLE_FACE * faces[0].width]
+    if len(comparable) > 1:
+        raise images.Skip(
+            "multiple_faces",
+            f"{len(comparable)} faces of comparable size: it is unclear which person to learn. "
+            "Crop the photo to the one person.",
+        )
+    face = faces[0]
+    box = tuple(round(value * scale) for value in face.box)
+    return box, detector().embed(working, face)  # type: ignore[return-value]
+
+
+def _render(data: bytes, first: images.Opened, crop: crops.Box, settings: Settings) -> Image.Image:
+    """The crop resampled to the output size, from a decode with at least `resolution` px across the crop."""
+    source = first
+    side = crop[2] - crop[0]
+    if side / first.scale < settings.resolution:
+        # The detection decode is too coarse for this crop: decode again, only as finely as the crop needs.
+        needed = math.ceil(max(first.size) * settings.resolution / side)
+        source = images.open_photo(data, settings.max_pixels, needed if settings.fast else 0)
+    box = tuple(value / source.scale for value in crop)
+    size = (settings.resolution, settings.resolution)
+    return source.image.resize(size, Image.Resampling.LANCZOS, box=box)  # type: ignore[arg-type]
+
+
+def _face_in_output(face: crops.Box | None, crop: crops.Box, resolution: int) -> tuple[float, ...] | None:
+    if face is None:
+        return None
+    scale = resolution / (crop[2] - crop[0])
+    left, top, right, bottom = ((face[i] - crop[i % 2]) * scale for i in range(4))
+    return max(0.0, left), max(0.0, top), min(resolution, right), min(resolution, bottom)
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")  # Pillow writes no timestamp: same pixels, same bytes
+    return buffer.getvalue()
+
+
+def _thumbnail(image: Image.Image) -> Image.Image:
+    thumb = image.copy()
+    thumb.thumbnail((THUMB, THUMB), Image.Resampling.BILINEAR)
+    return thumb

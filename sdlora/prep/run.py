@@ -1,0 +1,262 @@
+"""prep(photos, out, config) -> Report: the pipeline over a folder, the decisions across photos, the outputs."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy
+
+from sdlora.errors import SdloraError, UsageError
+from sdlora.fsutil import atomic_dir
+from sdlora.prep import captions, contact, images
+from sdlora.prep.examine import Photo, Settings, examine
+from sdlora.prep.faces import face_distance
+from sdlora.prep.manifest import MANIFEST, ManifestEntry, write_manifest
+
+if TYPE_CHECKING:
+    from sdlora.config import Config, PrepConfig
+
+REASONS = (
+    "unreadable",
+    "not_an_image",
+    "too_small",
+    "too_large",
+    "no_face",
+    "multiple_faces",
+    "face_too_small",
+    "blurry",
+    "duplicate",
+    "other_person",
+)
+
+
+@dataclass
+class Report:
+    """Every input file in name order with its fate; `kept` are the manifest entries written."""
+
+    files: list[dict] = field(default_factory=list)
+    kept: list[ManifestEntry] = field(default_factory=list)
+
+    @property
+    def skipped(self) -> Counter:
+        return Counter(entry["reason"] for entry in self.files if entry["status"] == "skipped")
+
+    def summary(self) -> str:
+        """'kept 9, skipped 4 (2 no_face, 1 blurry, 1 duplicate)' and one line per skipped file."""
+        counts = ", ".join(f"{count} {reason}" for reason, count in sorted(self.skipped.items()))
+        lines = [f"kept {len(self.kept)}, skipped {sum(self.skipped.values())}" + (f" ({counts})" if counts else "")]
+        lines += [f"  {e['file']}: {e['reason']}: {e['message']}" for e in self.files if e["status"] == "skipped"]
+        return "\n".join(lines)
+
+    def to_json(self) -> str:
+        summary = {"kept": len(self.kept), "skipped": dict(sorted(self.skipped.items()))}
+        return json.dumps({"summary": summary, "files": self.files}, indent=2, ensure_ascii=False) + "\n"
+
+
+def prep(photos_dir: Path, out_dir: Path, config: Config, *, fast: bool = True, progress: bool = True) -> Report:
+    """Turn the photos in `photos_dir` into a training set in `out_dir` (written whole, atomically).
+    `fast=False` decodes every photo at full size (for checking that the fast path decides the same)."""
+    cfg = config.prep
+    photos_dir, out_dir = _check_paths(Path(photos_dir), Path(out_dir), cfg.overwrite)
+    caption = captions.render_template(cfg.caption_template, cfg.token, cfg.class_word)
+    files = list_inputs(photos_dir)
+    settings = Settings(cfg.crop, cfg.resolution, cfg.face_share, cfg.max_upscale, cfg.max_pixels, fast)
+    photos = _examine_all(files, settings, _workers(cfg.workers, len(files)), progress)
+    photos = _decide(photos, cfg)
+    report = Report()
+    for photo, path in zip(photos, files, strict=True):
+        if photo.reason is None:
+            number = len(report.kept)
+            text = captions.read_sidecar(path)
+            report.kept.append(
+                ManifestEntry(
+                    image=f"images/{number:04d}.png",
+                    caption=captions.with_trigger(text, cfg.token, cfg.class_word) if text else caption,
+                    source=str(path),
+                    source_sha256=photo.sha256,
+                    source_size=photo.size,
+                    crop_box=photo.crop_box,
+                    face_box=photo.face_box,
+                    sharpness=photo.sharpness,
+                    width=cfg.resolution,
+                    height=cfg.resolution,
+                )
+            )
+            report.files.append({"file": photo.name, "status": "kept", "image": report.kept[-1].image})
+        else:
+            report.files.append(
+                {"file": photo.name, "status": "skipped", "reason": photo.reason, "message": photo.message}
+            )
+    if len(report.kept) < cfg.min_images:
+        raise SdloraError(
+            f"only {len(report.kept)} of {len(files)} photos in {photos_dir} are usable, fewer than "
+            f"--min-images {cfg.min_images}; add more clear photos of one person (or lower --min-images).\n"
+            + report.summary()
+        )
+    _write(out_dir, report, photos, config)
+    return report
+
+
+def list_inputs(photos_dir: Path) -> list[Path]:
+    """Files directly in `photos_dir`, by name; hidden files and caption sidecars (IMG_1.txt beside IMG_1.jpg)
+    are not inputs. Everything else is, so a stray file is reported (not_an_image) rather than silently lost."""
+    entries = sorted(p for p in photos_dir.iterdir() if not p.name.startswith(".") and p.is_file())
+    photo_stems = {p.stem for p in entries if p.suffix.lower() in images.IMAGE_SUFFIXES}
+    return [p for p in entries if not (p.suffix.lower() == ".txt" and p.stem in photo_stems)]
+
+
+def _check_paths(photos_dir: Path, out_dir: Path, overwrite: bool) -> tuple[Path, Path]:
+    if not photos_dir.is_dir():
+        raise UsageError(f"PHOTOS_DIR {photos_dir}: no such folder; give the folder that holds the photos")
+    photos_dir, out_dir = photos_dir.resolve(), out_dir.resolve()
+    if out_dir == photos_dir or photos_dir in out_dir.parents or out_dir in photos_dir.parents:
+        raise UsageError(f"OUT_DIR {out_dir} must be outside PHOTOS_DIR {photos_dir} (prep never writes to the photos)")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"OUT_DIR {out_dir} is a file; give a folder")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise UsageError(f"OUT_DIR {out_dir} is not empty; choose an empty folder or pass --overwrite to replace it")
+    return photos_dir, out_dir
+
+
+def _workers(setting: int, files: int) -> int:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(setting or cores, files))
+
+
+def _examine_all(files: list[Path], settings: Settings, workers: int, progress: bool) -> list[Photo]:
+    """examine() every file, in parallel when workers > 1; results come back in the order of `files`."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn("prep"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    bar = Progress(*columns, console=Console(stderr=True), disable=not progress)
+    if workers == 1:
+        with bar:
+            task = bar.add_task("prep", total=len(files))
+            return [_advanced(bar, task, examine(path, settings)) for path in files]
+    import multiprocessing
+
+    # fork: workers start in milliseconds and need no `if __name__ == "__main__"` guard in the caller. With
+    # fork, the pool starts all its workers at the first submit, so submitting before the progress bar's
+    # refresh thread exists means no thread is ever forked mid-lock.
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("fork" if "fork" in methods else None)
+    with ProcessPoolExecutor(workers, mp_context=context) as pool:
+        futures = [pool.submit(examine, path, settings) for path in files]
+        with bar:
+            task = bar.add_task("prep", total=len(files))
+            return [_advanced(bar, task, future.result()) for future in futures]
+
+
+def _advanced(bar, task, photo: Photo) -> Photo:
+    bar.advance(task)
+    return photo
+
+
+def _decide(photos: list[Photo], cfg: PrepConfig) -> list[Photo]:
+    """The checks that compare photos with each other: someone else, blur relative to the set, duplicates."""
+    photos = _other_people(photos, cfg.other_person_distance)
+    photos = _blurry(photos, cfg.blur_ratio)
+    return _duplicates(photos, cfg.duplicate_distance)
+
+
+def _candidates(photos: list[Photo]) -> list[int]:
+    return [i for i, photo in enumerate(photos) if photo.reason is None]
+
+
+def _other_people(photos: list[Photo], limit: float) -> list[Photo]:
+    """Skip faces far from the set's majority identity: the largest group of faces close to one face."""
+    faces = [i for i in _candidates(photos) if photos[i].embedding is not None]
+    if len(faces) < 2:
+        return photos
+    vectors = numpy.stack([photos[i].embedding for i in faces])  # (N, 128)
+    distances = numpy.linalg.norm(vectors[:, None] - vectors[None], axis=-1)  # (N, N)
+    close = distances <= limit
+    # Most neighbours wins; ties go to the tighter group, then to the earlier file (deterministic).
+    best = min(range(len(faces)), key=lambda i: (-close[i].sum(), distances[i][close[i]].sum(), i))
+    if close[best].sum() < 2:
+        return photos  # nobody resembles anybody: no majority to judge by
+    majority = vectors[close[best]]
+    out = list(photos)
+    for i in faces:
+        # Median distance to the majority's faces: as strict as the pairwise threshold, robust to one odd photo.
+        distance = float(numpy.median([face_distance(photos[i].embedding, member) for member in majority]))
+        if distance > limit:
+            message = (
+                f"The face is {distance:.2f} from the person in most photos (limit {limit:g}): "
+                "it looks like someone else."
+            )
+            out[i] = replace(photos[i], reason="other_person", message=message)
+    return out
+
+
+def _blurry(photos: list[Photo], ratio: float) -> list[Photo]:
+    """Skip photos much less sharp than the set's median: phones differ too much for one absolute threshold."""
+    indices = _candidates(photos)
+    if ratio <= 0 or not indices:
+        return photos
+    median = float(numpy.median([photos[i].sharpness for i in indices]))
+    out = list(photos)
+    for i in indices:
+        if photos[i].sharpness < ratio * median:
+            message = (
+                f"Sharpness {photos[i].sharpness:.1f} is under {ratio:.0%} of the set's median ({median:.1f}): "
+                "blurry or out of focus."
+            )
+            out[i] = replace(photos[i], reason="blurry", message=message)
+    return out
+
+
+def _duplicates(photos: list[Photo], limit: int) -> list[Photo]:
+    """Group photos whose perceptual hashes are within `limit` bits (transitively); keep the sharpest of each."""
+    indices = _candidates(photos)
+    group = {i: i for i in indices}
+
+    def root(i: int) -> int:
+        while group[i] != i:
+            i = group[i]
+        return i
+
+    for a_pos, a in enumerate(indices):
+        for b in indices[a_pos + 1 :]:
+            if images.hash_distance(photos[a].phash, photos[b].phash) <= limit:
+                group[root(b)] = root(a)
+    members: dict[int, list[int]] = {}
+    for i in indices:
+        members.setdefault(root(i), []).append(i)
+    out = list(photos)
+    for same in members.values():
+        keeper = min(same, key=lambda i: (-photos[i].sharpness, i))
+        for i in same:
+            if i != keeper:
+                distance = images.hash_distance(photos[i].phash, photos[keeper].phash)
+                message = (
+                    f"A near-duplicate of {photos[keeper].name} (hash distance {distance}), "
+                    "which is sharper and was kept."
+                )
+                out[i] = replace(photos[i], reason="duplicate", message=message)
+    return out
+
+
+def _write(out_dir: Path, report: Report, photos: list[Photo], config: Config) -> None:
+    """All outputs into a temporary folder that replaces OUT_DIR whole: a crash leaves no half-written set."""
+    from sdlora.config import save
+
+    kept_photos = [photo for photo in photos if photo.reason is None]
+    with atomic_dir(out_dir) as tmp:
+        (tmp / "images").mkdir()
+        for entry, photo in zip(report.kept, kept_photos, strict=True):
+            (tmp / entry.image).write_bytes(photo.png)
+            (tmp / entry.image).with_suffix(".txt").write_text(entry.caption + "\n", encoding="utf-8")
+        write_manifest(tmp / MANIFEST, report.kept)
+        (tmp / "report.json").write_text(report.to_json(), encoding="utf-8")
+        skipped = [(f"{p.reason}: {p.name}", p.thumb) for p in photos if p.reason is not None]
+        sheet = contact.contact_sheet([(p.name, p.thumb) for p in kept_photos], skipped)
+        (tmp / "contact_sheet.jpg").write_bytes(sheet)
+        save(config, tmp / "config.json")
