@@ -24,39 +24,11 @@ import time
 from pathlib import Path
 
 import torch
+from _models import CLIP_COMMON, CLIP_G, CLIP_L, SD15_UNET, SDXL_UNET
 
 RANK, ALPHA = 8, 4.0
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
 TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
-
-# Published configs (CompVis/stable-diffusion-v1-5 and stabilityai/stable-diffusion-xl-base-1.0), typed in.
-SD15_UNET = dict(
-    block_out_channels=(320, 640, 1280, 1280),
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    layers_per_block=2,
-    cross_attention_dim=768,
-    attention_head_dim=8,
-    sample_size=64,
-)
-SDXL_UNET = dict(
-    block_out_channels=(320, 640, 1280),
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    layers_per_block=2,
-    transformer_layers_per_block=(1, 2, 10),
-    attention_head_dim=(5, 10, 20),
-    cross_attention_dim=2048,
-    use_linear_projection=True,
-    addition_embed_type="text_time",
-    addition_time_embed_dim=256,
-    projection_class_embeddings_input_dim=2816,
-    sample_size=128,
-)
-CLIP_L = dict(
-    hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12, hidden_act="quick_gelu"
-)
-CLIP_G = dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32, hidden_act="gelu")
 
 
 def build_models(family: str):
@@ -65,7 +37,7 @@ def build_models(family: str):
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    common = dict(vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407)
+    common = CLIP_COMMON
     with torch.device("meta"):
         unet = UNet2DConditionModel(**(SDXL_UNET if family == "sdxl" else SD15_UNET))
         encoders = [CLIPTextModel(CLIPTextConfig(**CLIP_L, **common))]

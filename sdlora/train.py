@@ -145,12 +145,19 @@ def setup(config: Config, plan: Plan, accelerator: Any) -> Run:
     """Load the base, make class images, attach LoRA, cache latents/text, build and prepare the optimizer."""
     import torch
 
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(plan.precision, torch.float32)
+    pipe, info = load_base(config, accelerator, weight_dtype)
+    return setup_pipeline(config, plan, accelerator, pipe, info)
+
+
+def setup_pipeline(config: Config, plan: Plan, accelerator: Any, pipe: Any, info: Any) -> Run:
+    """setup() after the base is loaded (frozen, on the device): also what bench/train_step.py times."""
+    import torch
+
     from sdlora import checkpoint, lora
     from sdlora.optim import build_optimizer, build_scheduler
 
     tc = config.train
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(plan.precision, torch.float32)
-    pipe, info = load_base(config, accelerator, weight_dtype)
     # The training noise schedule, kept before sampling swaps the pipeline's scheduler.
     alphas_cumprod = pipe.scheduler.alphas_cumprod.to(accelerator.device, torch.float32)
     num_train_timesteps = pipe.scheduler.config.num_train_timesteps
@@ -200,11 +207,16 @@ def load_base(config: Config, accelerator: Any, weight_dtype: Any) -> tuple[Any,
     info = model_info(pipe)
     if info.family == "sdxl":
         raise SdloraError(f"{config.model.base}: training SDXL models is not supported yet (SD 1.x and 2.x are)")
+    place_base(pipe, accelerator)
+    return pipe, info
+
+
+def place_base(pipe: Any, accelerator: Any) -> None:
+    """Freeze every base weight and move the pipeline to the training device."""
     for module in (pipe.unet, pipe.vae, pipe.text_encoder):
         module.requires_grad_(False)
     pipe.to(accelerator.device)
     pipe.set_progress_bar_config(disable=True)
-    return pipe, info
 
 
 def class_images(config: Config, plan: Plan, pipe: Any, accelerator: Any) -> list[Any] | None:

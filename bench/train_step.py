@@ -1,0 +1,533 @@
+"""Seconds per training step and peak memory: sdlora's real step against diffusers' DreamBooth LoRA loop.
+
+    PYTHONPATH=$PWD python bench/train_step.py --model sd15 --steps 3 --warmup 1 --json bench-sd15.json
+
+Each variant runs in its own worker process (so its peak RSS is its own), all workers are set up first, then
+the parent alternates them step by step (baseline, sdlora, baseline, sdlora, ...) so that a disturbance on the
+machine hits both. Variants:
+
+- `sdlora`: `sdlora.train.setup_pipeline` + `optimisation_step` exactly as `sdlora train` runs them (cached
+  latents and text embeddings, no per-step host sync).
+- `baseline`: per step what diffusers' examples/dreambooth/train_dreambooth_lora.py does: load and transform the
+  batch's images, tokenize, VAE-encode (posterior sample), text-encoder forward, UNet forward/backward on fp32
+  LoRA (targets to_q/k/v/out.0), clip, AdamW, LR scheduler, `loss.item()`.
+- `sdlora:LEVER[+LEVER]`: sdlora with one lever changed, to measure it (see LEVERS).
+- `unet`: UNet-only step on random cached latents/conditioning through sdlora.diffusion / lora / optim (any
+  model, SDXL included, whose text conditioning sdlora's trainer does not build yet): the memory row of gpu.sh.
+
+`--anchor-script PATH` replaces the baseline by the real diffusers script (a checkout of
+examples/dreambooth/train_dreambooth_lora.py; it needs torchvision): it runs twice, with W+1 and W+1+N steps,
+and the step time is the difference over N.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _models import build_pipeline, native_resolution, write_dataset  # noqa: E402
+
+TAG = "@@bench "  # the worker's answers to the parent, among whatever libraries print
+CAPTION = "a photo of sks person"
+BASELINE_TARGETS = ["to_k", "to_q", "to_v", "to_out.0", "add_k_proj", "add_v_proj"]  # the diffusers script's
+# Forward TFLOP per 512-px sample of the SD 1.5 UNet; a LoRA step (forward + input-gradient backward) ~2x.
+SD15_FORWARD_TFLOP = 0.68
+LEVERS = {
+    "channels_last": "UNet weights and latents in channels_last memory format",
+    "fused_adamw": "torch AdamW(fused=True) instead of the default",
+    "foreach_adamw": "torch AdamW(foreach=True) instead of the default",
+    "no_sdpa": "classic attention processor instead of scaled_dot_product_attention (shows SDPA's effect)",
+    "item": "a loss.item() host sync after every step (what diffusers' loop does)",
+    "free_encoders": "drop the VAE and text encoder once latents and embeddings are cached",
+    "grad_ckpt": "gradient checkpointing in the UNet",
+}
+
+
+# ----------------------------------------------------------------------------------------------- worker side
+
+
+def memory(device: str) -> float:
+    """Peak memory in GB since the last reset: RSS high-water mark (VmHWM) on CPU, allocated memory on CUDA."""
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 1e9
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024 / 1e9
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def reset_peak(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        Path("/proc/self/clear_refs").write_text("5")  # "5" resets the RSS high-water mark (Linux)
+
+
+def sdlora_worker(opts: argparse.Namespace, levers: list[str], work: Path):
+    """Set up sdlora's trainer on an in-memory pipeline; returns step(k)."""
+    from sdlora import train
+    from sdlora.config import Config
+    from sdlora.data import load_examples
+    from sdlora.models import model_info
+
+    precision = {"fp32": "no"}.get(opts.precision, opts.precision)
+    config = Config(
+        model={"base": f"bench:{opts.model}"},
+        lora={"rank": opts.rank, "alpha": opts.rank, "targets": "attention"},
+        train={
+            "resolution": opts.resolution,
+            "batch_size": opts.batch,
+            "mixed_precision": precision,
+            "optimizer": opts.optimizer,
+            "gradient_checkpointing": opts.gradient_checkpointing or "grad_ckpt" in levers,
+            "sample_every": 0,
+            "checkpoint_every": 0,
+            "steps": 10**6,
+        },
+    )
+    dataset = write_dataset(work / "data", max(2, opts.batch), opts.resolution, CAPTION)
+    plan = train.Plan(
+        dataset_dir=dataset,
+        out_dir=work / "out",
+        examples=load_examples(dataset, CAPTION),
+        trigger="sks person",
+        precision=precision,
+        resume_from=None,
+        name="bench",
+    )
+    accelerator = train.make_accelerator(config, precision)
+    pipe = build_pipeline(opts.model, device=opts.device)
+    if opts.precision != "fp32":
+        pipe.to(dtype=weight_dtype(opts.precision))  # what load_base's torch_dtype does
+    train.place_base(pipe, accelerator)
+    run = train.setup_pipeline(config, plan, accelerator, pipe, model_info(pipe))
+    apply_levers(run, levers)
+
+    def step(k: int) -> None:
+        loss = train.optimisation_step(run, k)
+        if "item" in levers:
+            float(loss)
+
+    return step
+
+
+def apply_levers(run: Any, levers: list[str]) -> None:
+    import torch
+
+    unknown = set(levers) - set(LEVERS)
+    if unknown:
+        raise SystemExit(f"unknown lever(s) {sorted(unknown)}; choose from {', '.join(LEVERS)}")
+    unet = run.accelerator.unwrap_model(run.unet)
+    if "channels_last" in levers:
+        unet.to(memory_format=torch.channels_last)
+    if "no_sdpa" in levers:
+        from diffusers.models.attention_processor import AttnProcessor
+
+        unet.set_attn_processor(AttnProcessor())
+    if "fused_adamw" in levers or "foreach_adamw" in levers:
+        flag = {"fused": True} if "fused_adamw" in levers else {"foreach": True}
+        groups = [{"params": g["params"], "lr": g["lr"]} for g in run.optimizer.param_groups]
+        run.optimizer = run.accelerator.prepare(torch.optim.AdamW(groups, weight_decay=1e-2, **flag))
+    if "free_encoders" in levers:
+        run.pipe.vae, run.pipe.text_encoder = None, None
+        run.batches.instances.vae = None
+        import gc
+
+        gc.collect()
+
+
+def weight_dtype(precision: str):
+    import torch
+
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
+
+
+def baseline_worker(opts: argparse.Namespace, work: Path):
+    """The per-step work of diffusers' train_dreambooth_lora.py (written from reading it, not copied)."""
+    import torch
+    import torch.nn.functional as F
+    from accelerate import Accelerator
+    from diffusers import DDPMScheduler
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import cast_training_params
+    from peft import LoraConfig
+
+    from sdlora.data import load_examples, load_pixels
+
+    precision = {"fp32": "no"}.get(opts.precision, opts.precision)
+    accelerator = Accelerator(mixed_precision=precision)
+    pipe = build_pipeline(opts.model, device=opts.device)
+    unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
+    for module in (unet, vae, text_encoder):
+        module.requires_grad_(False)
+        module.to(accelerator.device, dtype=weight_dtype(opts.precision))
+    unet.add_adapter(
+        LoraConfig(r=opts.rank, lora_alpha=opts.rank, init_lora_weights="gaussian", target_modules=BASELINE_TARGETS)
+    )
+    cast_training_params(unet, dtype=torch.float32)
+    if opts.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    params = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = build_baseline_optimizer(params, opts.optimizer)
+    lr_scheduler = get_scheduler("constant", optimizer=optimizer)
+    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    examples = load_examples(write_dataset(work / "data", max(2, opts.batch), opts.resolution, CAPTION), CAPTION)
+
+    def step(k: int) -> None:
+        # The dataset's __getitem__: open and transform each image, tokenize its prompt.
+        batch = [examples[(k * opts.batch + i) % len(examples)] for i in range(opts.batch)]
+        pixels = torch.stack([load_pixels(e.image, opts.resolution) for e in batch])
+        ids = tokenizer(
+            [e.caption for e in batch], truncation=True, padding="max_length", max_length=77, return_tensors="pt"
+        ).input_ids
+        with accelerator.accumulate(unet):
+            model_input = vae.encode(pixels.to(accelerator.device, vae.dtype)).latent_dist.sample()
+            model_input = model_input * vae.config.scaling_factor
+            noise = torch.randn_like(model_input)
+            timesteps = torch.randint(0, 1000, (len(batch),), device=model_input.device).long()
+            noisy = noise_scheduler.add_noise(model_input, noise, timesteps)
+            hidden = text_encoder(ids.to(accelerator.device), attention_mask=None)[0]
+            pred = unet(noisy, timesteps, hidden).sample
+            loss = F.mse_loss(pred.float(), noise.float(), reduction="mean")
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad()
+        loss.detach().item()  # the script logs it every step
+
+    return step
+
+
+def build_baseline_optimizer(params: list[Any], name: str):
+    import torch
+
+    if name == "adamw8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+    return torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+
+
+def unet_worker(opts: argparse.Namespace):
+    """UNet-only LoRA step on random cached latents and conditioning, with sdlora's diffusion/lora/optim code."""
+    import torch
+
+    from sdlora import diffusion, lora
+    from sdlora.optim import build_optimizer
+
+    device, dtype = opts.device, weight_dtype(opts.precision)
+    unet = build_pipeline(opts.model, device=device).unet  # encoders and VAE are dropped: outputs are cached
+    unet.requires_grad_(False)
+    unet.to(device, dtype)
+    torch.manual_seed(0)
+    lora.attach(unet, opts.rank, opts.rank, 0.0, lora.UNET_ATTENTION)
+    for p in lora.trainable_parameters(unet):
+        p.data = p.data.float()
+    if opts.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    params = lora.trainable_parameters(unet)
+    optimizer = build_optimizer([{"params": params, "lr": 1e-4}], opts.optimizer, 1e-2, fused=device == "cuda")
+    alphas = torch.cumprod(1 - torch.linspace(0.00085**0.5, 0.012**0.5, 1000) ** 2, 0).to(device)
+    b, side = opts.batch, opts.resolution // 8
+    latents = torch.randn(b, 4, side, side, device=device)
+    kwargs: dict[str, Any] = {
+        "encoder_hidden_states": torch.randn(b, 77, unet.config.cross_attention_dim, device=device)
+    }
+    if unet.config.addition_embed_type == "text_time":  # SDXL: pooled text embedding and 6 size/crop ids
+        size = float(opts.resolution)
+        ids = torch.tensor([size, size, 0.0, 0.0, size, size], device=device).repeat(b, 1)
+        kwargs["added_cond_kwargs"] = {"text_embeds": torch.randn(b, 1280, device=device), "time_ids": ids}
+    kwargs = {
+        k: (v.to(dtype) if torch.is_tensor(v) else {kk: vv.to(dtype) for kk, vv in v.items()})
+        for k, v in kwargs.items()
+    }
+
+    def step(k: int) -> None:
+        generator = torch.Generator().manual_seed(k)
+        noise = diffusion.sample_noise(latents.shape, generator).to(device)
+        t = diffusion.sample_timesteps(b, 1000, generator).to(device)
+        with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
+            noisy = diffusion.add_noise(latents, noise, t, alphas).to(dtype)
+            pred = unet(noisy, t, **kwargs).sample
+            loss = diffusion.denoising_loss(pred, noise)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def worker_main(opts: argparse.Namespace) -> None:
+    """Set up one variant, then answer the parent's `step K` / `stats` / `quit` lines on stdin."""
+    import torch
+
+    torch.manual_seed(0)
+    started = time.perf_counter()
+    name, _, lever_text = opts.worker.partition(":")
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        if name == "sdlora":
+            step = sdlora_worker(opts, [x for x in lever_text.split("+") if x], Path(tmp))
+        elif name == "baseline":
+            step = baseline_worker(opts, Path(tmp))
+        elif name == "unet":
+            step = unet_worker(opts)
+        else:
+            raise SystemExit(f"unknown variant {opts.worker!r}")
+        setup_peak = memory(opts.device)
+        reset_peak(opts.device)
+        answer({"ready": True, "setup_s": time.perf_counter() - started, "setup_peak_gb": setup_peak})
+        for line in sys.stdin:
+            command = line.split()
+            if command[0] == "step":
+                answer({"seconds": timed(step, int(command[1]), opts.device)})
+            elif command[0] == "stats":
+                answer({"step_peak_gb": memory(opts.device), "process_peak_gb": process_peak(opts.device)})
+            else:
+                break
+
+
+def timed(step, k: int, device: str) -> float:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    step(k)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def process_peak(device: str) -> float:
+    """Peak over the whole process (set-up included): ru_maxrss on CPU, reserved-memory peak on CUDA."""
+    import resource
+
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.max_memory_reserved() / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+
+
+def answer(payload: dict) -> None:
+    print(TAG + json.dumps(payload), flush=True)
+
+
+# ----------------------------------------------------------------------------------------------- parent side
+
+
+class Worker:
+    """One variant in its own process."""
+
+    def __init__(self, variant: str, argv: list[str]) -> None:
+        self.variant = variant
+        command = [sys.executable, __file__, *argv, "--worker", variant]
+        self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+        self.ready = self.read()
+
+    def read(self) -> dict:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.startswith(TAG):
+                return json.loads(line[len(TAG) :])
+            sys.stderr.write(line)
+        raise SystemExit(f"variant {self.variant}: worker exited with {self.proc.wait()} (see its errors above)")
+
+    def ask(self, command: str) -> dict:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        return self.read()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.ask_quit()
+
+    def ask_quit(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("quit\n")
+        self.proc.stdin.close()
+        self.proc.wait(timeout=120)
+
+
+def load_average() -> float:
+    return os.getloadavg()[0]
+
+
+def summarise(variant: str, ready: dict, seconds: list[float], stats: dict, opts: argparse.Namespace) -> dict:
+    measured = seconds[opts.warmup :]
+    median = statistics.median(measured)
+    row = {
+        "variant": variant,
+        "setup_s": round(ready["setup_s"], 2),
+        "step_seconds": [round(s, 4) for s in seconds],
+        "median_s": median,
+        "samples_per_s": opts.batch / median,
+        "setup_peak_gb": round(ready["setup_peak_gb"], 3),
+        "step_peak_gb": round(stats["step_peak_gb"], 3),
+        "process_peak_gb": round(stats["process_peak_gb"], 3),
+    }
+    if opts.model == "sd15":
+        # The UNet's work only (what any trainer must do); the baseline's VAE/text-encoder work is not counted.
+        tflop = 2 * SD15_FORWARD_TFLOP * (opts.resolution / 512) ** 2 * opts.batch
+        row["achieved_tflops"] = tflop / median
+    return row
+
+
+def measure_workers(opts: argparse.Namespace, argv: list[str], variants: list[str]) -> list[dict]:
+    """Set every variant up, then alternate their steps; returns one row per variant."""
+    workers = []
+    try:
+        for variant in variants:  # one at a time: set-ups do not compete for the cores
+            workers.append(Worker(variant, argv))
+        seconds: dict[str, list[float]] = {w.variant: [] for w in workers}
+        for k in range(opts.warmup + opts.steps):
+            for worker in workers if k % 2 == 0 else workers[::-1]:  # neither always goes first
+                seconds[worker.variant].append(worker.ask(f"step {k}")["seconds"])
+                print(f"step {k} {worker.variant}: {seconds[worker.variant][-1]:.3f} s", file=sys.stderr)
+        return [summarise(w.variant, w.ready, seconds[w.variant], w.ask("stats"), opts) for w in workers]
+    finally:
+        for worker in workers:
+            worker.close()
+
+
+def anchor_row(opts: argparse.Namespace, script: Path) -> dict:
+    """Run the real diffusers script twice (W+1 and W+1+N steps); the step time is the difference over N."""
+    import resource
+
+    with tempfile.TemporaryDirectory(prefix="bench-anchor-") as tmp:
+        model_dir = Path(tmp) / "model"
+        build_pipeline(opts.model).save_pretrained(model_dir, safe_serialization=True)
+        data = write_dataset(Path(tmp) / "data", max(2, opts.batch), opts.resolution, CAPTION)
+        walls = []
+        for steps in (opts.warmup + 1, opts.warmup + 1 + opts.steps):
+            command = [sys.executable, str(script), f"--pretrained_model_name_or_path={model_dir}"]
+            command += [f"--instance_data_dir={data}", f"--instance_prompt={CAPTION}", f"--output_dir={tmp}/out"]
+            command += [f"--resolution={opts.resolution}", f"--train_batch_size={opts.batch}", f"--rank={opts.rank}"]
+            command += [f"--max_train_steps={steps}", "--learning_rate=1e-4", "--lr_scheduler=constant"]
+            command += ["--checkpointing_steps=1000000", "--seed=0", f"--mixed_precision={opts.precision}"]
+            command += ["--gradient_checkpointing"] if opts.gradient_checkpointing else []
+            command += ["--use_8bit_adam"] if opts.optimizer == "adamw8bit" else []
+            start = time.perf_counter()
+            subprocess.run(command, check=True, env=os.environ | {"HF_HUB_OFFLINE": "1"})
+            walls.append(time.perf_counter() - start)
+    median = (walls[1] - walls[0]) / opts.steps
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024 / 1e9
+    return {
+        "variant": f"anchor:{script.name}",
+        "setup_s": round(walls[0], 2),
+        "step_seconds": [],
+        "median_s": median,
+        "samples_per_s": opts.batch / median,
+        "setup_peak_gb": None,
+        "step_peak_gb": None,
+        "process_peak_gb": round(peak, 3) if opts.device == "cpu" else None,
+        "wall_s": walls,
+    }
+
+
+def table(rows: list[dict], reference: str) -> str:
+    ref = next((r for r in rows if r["variant"] == reference), rows[0])
+    lines = [f"{'variant':34} {'s/step':>8} {'samples/s':>9} {'speedup':>7} {'step peak GB':>12} {'proc peak GB':>12}"]
+    for r in rows:
+        step_peak = "-" if r["step_peak_gb"] is None else f"{r['step_peak_gb']:.2f}"
+        proc_peak = "-" if r["process_peak_gb"] is None else f"{r['process_peak_gb']:.2f}"
+        lines.append(
+            f"{r['variant']:34} {r['median_s']:8.3f} {r['samples_per_s']:9.3f} "
+            f"{ref['median_s'] / r['median_s']:6.2f}x {step_peak:>12} {proc_peak:>12}"
+        )
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=["tiny", "sd15", "sdxl"], default="tiny")
+    parser.add_argument("--resolution", type=int, help="default: the model's native size (64 tiny, 512, 1024)")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--rank", type=int, default=4)
+    parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    parser.add_argument("--optimizer", choices=["adamw", "adamw8bit"], default="adamw")
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--steps", type=int, default=3, help="measured steps per variant (after the warm-up)")
+    parser.add_argument("--warmup", type=int, default=1, help="steps per variant not counted")
+    parser.add_argument("--variants", default="baseline,sdlora", help="comma-separated; the first is the reference")
+    parser.add_argument("--anchor-script", type=Path, help="the real train_dreambooth_lora.py instead of baseline")
+    parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    opts = parser.parse_args(argv)
+    opts.resolution = opts.resolution or native_resolution(opts.model)
+    if opts.device == "cpu" and opts.precision == "fp16":
+        parser.error("--precision fp16 needs --device cuda")
+    return opts
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    opts = parse_args(argv)
+    if opts.worker:
+        worker_main(opts)
+        return
+    variants = [v for v in opts.variants.split(",") if v]
+    if opts.anchor_script is not None:
+        variants = [v for v in variants if v != "baseline"]
+    load_before = load_average()
+    started = time.time()
+    rows = measure_workers(opts, argv, variants)
+    if opts.anchor_script is not None:
+        rows.insert(0, anchor_row(opts, opts.anchor_script))
+    result = {
+        "model": opts.model,
+        "resolution": opts.resolution,
+        "batch": opts.batch,
+        "rank": opts.rank,
+        "precision": opts.precision,
+        "optimizer": opts.optimizer,
+        "gradient_checkpointing": opts.gradient_checkpointing,
+        "device": opts.device,
+        "device_name": device_name(opts.device),
+        "warmup": opts.warmup,
+        "steps": opts.steps,
+        "load_average_before": load_before,
+        "load_average_after": load_average(),
+        "wall_s": round(time.time() - started, 1),
+        "variants": rows,
+    }
+    if opts.json:
+        opts.json.write_text(json.dumps(result, indent=2))
+    print(
+        f"{opts.model} {opts.resolution}px batch {opts.batch} rank {opts.rank} {opts.precision} on "
+        f"{result['device_name']}; median of {opts.steps} steps after {opts.warmup} warm-up; "
+        f"load {load_before:.2f} -> {result['load_average_after']:.2f}"
+    )
+    print(table(rows, rows[0]["variant"]))
+
+
+def device_name(device: str) -> str:
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    return f"CPU x{os.cpu_count()} ({torch.get_num_threads()} threads)"
+
+
+if __name__ == "__main__":
+    main()
