@@ -297,23 +297,28 @@ def worker_main(opts: argparse.Namespace) -> None:
         for line in sys.stdin:
             command = line.split()
             if command[0] == "step":
-                answer({"seconds": timed(step, int(command[1]), opts.device)})
+                wall, cpu = timed(step, int(command[1]), opts.device)
+                answer({"seconds": wall, "cpu_seconds": cpu})
             elif command[0] == "stats":
-                answer({"step_peak_gb": memory(opts.device), "process_peak_gb": process_peak(opts.device)})
+                step_peak = memory(opts.device)
+                whole = max(process_peak(opts.device), setup_peak, step_peak)  # two counters, take the larger
+                answer({"step_peak_gb": step_peak, "process_peak_gb": whole})
             else:
                 break
 
 
-def timed(step, k: int, device: str) -> float:
+def timed(step, k: int, device: str) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) of step k. CPU seconds barely move when other programs share
+    the cores (with OMP_WAIT_POLICY=PASSIVE, set by the parent): the cross-check of a disturbed wall time."""
     import torch
 
     if device == "cuda":
         torch.cuda.synchronize()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     step(k)
     if device == "cuda":
         torch.cuda.synchronize()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu_start
 
 
 def process_peak(device: str) -> float:
@@ -340,7 +345,11 @@ class Worker:
     def __init__(self, variant: str, argv: list[str]) -> None:
         self.variant = variant
         command = [sys.executable, __file__, *argv, "--worker", variant]
-        self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+        # Idle OpenMP threads sleep instead of spinning: CPU seconds then count work, not waiting.
+        env = {"OMP_WAIT_POLICY": "PASSIVE"} | dict(os.environ)
+        self.proc = subprocess.Popen(
+            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1, env=env
+        )
         self.ready = self.read()
 
     def read(self) -> dict:
@@ -372,14 +381,16 @@ def load_average() -> float:
     return os.getloadavg()[0]
 
 
-def summarise(variant: str, ready: dict, seconds: list[float], stats: dict, opts: argparse.Namespace) -> dict:
-    measured = seconds[opts.warmup :]
-    median = statistics.median(measured)
+def summarise(variant: str, ready: dict, steps: list[dict], stats: dict, opts: argparse.Namespace) -> dict:
+    measured = steps[opts.warmup :]
+    median = statistics.median(s["seconds"] for s in measured)
     row = {
         "variant": variant,
         "setup_s": round(ready["setup_s"], 2),
-        "step_seconds": [round(s, 4) for s in seconds],
+        "step_seconds": [round(s["seconds"], 4) for s in steps],
+        "step_cpu_seconds": [round(s["cpu_seconds"], 3) for s in steps],
         "median_s": median,
+        "median_cpu_s": statistics.median(s["cpu_seconds"] for s in measured),
         "samples_per_s": opts.batch / median,
         "setup_peak_gb": round(ready["setup_peak_gb"], 3),
         "step_peak_gb": round(stats["step_peak_gb"], 3),
@@ -398,11 +409,16 @@ def measure_workers(opts: argparse.Namespace, argv: list[str], variants: list[st
     try:
         for variant in variants:  # one at a time: set-ups do not compete for the cores
             workers.append(Worker(variant, argv))
-        seconds: dict[str, list[float]] = {w.variant: [] for w in workers}
+        seconds: dict[str, list[dict]] = {w.variant: [] for w in workers}
         for k in range(opts.warmup + opts.steps):
             for worker in workers if k % 2 == 0 else workers[::-1]:  # neither always goes first
-                seconds[worker.variant].append(worker.ask(f"step {k}")["seconds"])
-                print(f"step {k} {worker.variant}: {seconds[worker.variant][-1]:.3f} s", file=sys.stderr)
+                seconds[worker.variant].append(worker.ask(f"step {k}"))
+                took = seconds[worker.variant][-1]
+                print(
+                    f"step {k} {worker.variant}: {took['seconds']:.3f} s ({took['cpu_seconds']:.1f} CPU-s), "
+                    f"load {load_average():.2f}",
+                    file=sys.stderr,
+                )
         return [summarise(w.variant, w.ready, seconds[w.variant], w.ask("stats"), opts) for w in workers]
     finally:
         for worker in workers:
@@ -446,12 +462,15 @@ def anchor_row(opts: argparse.Namespace, script: Path) -> dict:
 
 def table(rows: list[dict], reference: str) -> str:
     ref = next((r for r in rows if r["variant"] == reference), rows[0])
-    lines = [f"{'variant':34} {'s/step':>8} {'samples/s':>9} {'speedup':>7} {'step peak GB':>12} {'proc peak GB':>12}"]
+    lines = [
+        f"{'variant':34} {'s/step':>8} {'CPU-s':>7} {'samples/s':>9} {'speedup':>7} {'step peak GB':>12} "
+        f"{'proc peak GB':>12}"
+    ]
     for r in rows:
         step_peak = "-" if r["step_peak_gb"] is None else f"{r['step_peak_gb']:.2f}"
         proc_peak = "-" if r["process_peak_gb"] is None else f"{r['process_peak_gb']:.2f}"
         lines.append(
-            f"{r['variant']:34} {r['median_s']:8.3f} {r['samples_per_s']:9.3f} "
+            f"{r['variant']:34} {r['median_s']:8.3f} {r.get('median_cpu_s') or 0:7.1f} {r['samples_per_s']:9.3f} "
             f"{ref['median_s'] / r['median_s']:6.2f}x {step_peak:>12} {proc_peak:>12}"
         )
     return "\n".join(lines)

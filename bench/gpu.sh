@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Everything that needs a GPU, in one run of at most 8 minutes; prints a short table last.
+#
+#   bash bench/gpu.sh            (from the repo root; results under $OUT or /tmp/sdlora-gpu)
+#
+# No network is needed: models are built from configs with random weights. Packages missing on the machine
+# (diffusers, bitsandbytes, peft...) can come as wheels in .whl/ (see docs/benchmarks.md); they are installed
+# into /tmp/site and put on PYTHONPATH.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+RESULTS=${OUT:-/tmp/sdlora-gpu}
+mkdir -p "$RESULTS"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+if compgen -G ".whl/*.whl" > /dev/null; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH="$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+$PY -c "import torch, diffusers, peft, accelerate; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'peft', peft.__version__)"
+
+# Each part has its own time limit (sum 465 s), so one hang cannot eat the whole run; a failed part is reported.
+run() { local limit=$1; shift; timeout "$limit" "$@" || echo "FAILED ($?): $*"; }
+run 40 $PY bench/matmul.py --json "$RESULTS/matmul.json"
+run 140 $PY bench/train_step.py --device cuda --model sd15 --precision bf16 --batch 1 --warmup 3 --steps 10 \
+  --json "$RESULTS/sd15-b1.json"
+run 160 $PY bench/train_step.py --device cuda --model sd15 --precision bf16 --batch 8 --warmup 2 --steps 5 \
+  --json "$RESULTS/sd15-b8.json"
+# SDXL: UNet-only LoRA rank 16 with the memory-saving settings, on cached (here random) latents and embeddings.
+run 125 $PY bench/train_step.py --device cuda --model sdxl --variants unet --precision bf16 --rank 16 \
+  --gradient-checkpointing --optimizer adamw8bit --warmup 2 --steps 3 --json "$RESULTS/sdxl-unet.json"
+
+$PY - "$RESULTS" <<'PYEOF'
+import json, sys
+from pathlib import Path
+
+results = Path(sys.argv[1])
+def load(name):
+    path = results / name
+    return json.loads(path.read_text()) if path.is_file() else None
+
+matmul = load("matmul.json")
+peak = matmul["tflops"] if matmul else None
+print(f"\nbf16 matmul: {peak:.1f} TFLOP/s" if peak else "\nbf16 matmul: not measured")
+print(f"{'run':24} {'variant':10} {'s/step':>8} {'samples/s':>9} {'speedup':>7} {'TFLOP/s':>8} {'of matmul':>9} {'peak GB':>8}")
+for name in ("sd15-b1.json", "sd15-b8.json", "sdxl-unet.json"):
+    data = load(name)
+    if data is None:
+        print(f"{name[:-5]:24} not measured (failed or timed out)")
+        continue
+    rows = data["variants"]
+    ref = rows[0]["median_s"]
+    for r in rows:
+        tflops = r.get("achieved_tflops")
+        share = f"{100 * tflops / peak:8.0f}%" if tflops and peak else f"{'-':>9}"
+        tf = f"{tflops:8.1f}" if tflops else f"{'-':>8}"
+        print(f"{name[:-5]:24} {r['variant']:10} {r['median_s']:8.3f} {r['samples_per_s']:9.2f} "
+              f"{ref / r['median_s']:6.2f}x {tf} {share} {r['step_peak_gb']:8.2f}")
+PYEOF
