@@ -494,6 +494,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     opts = parser.parse_args(argv)
     opts.resolution = opts.resolution or native_resolution(opts.model)
+    for variant in opts.variants.split(","):
+        name, _, levers = variant.partition(":")
+        if name not in ("baseline", "sdlora", "unet"):
+            parser.error(f"--variants: unknown variant {name!r}; choose baseline, sdlora[:LEVER+...] or unet")
+        unknown = [lever for lever in levers.split("+") if lever and lever not in LEVERS]
+        if unknown:
+            parser.error(f"--variants: unknown lever {unknown[0]!r}; choose from {', '.join(LEVERS)}")
     if opts.device == "cpu" and opts.precision == "fp16":
         parser.error("--precision fp16 needs --device cuda")
     return opts
