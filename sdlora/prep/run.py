@@ -142,11 +142,13 @@ def _examine_all(files: list[Path], settings: Settings, workers: int, progress: 
             return [_advanced(bar, task, examine(path, settings)) for path in files]
     import multiprocessing
 
-    # fork: workers start in milliseconds and need no `if __name__ == "__main__"` guard in the caller. With
-    # fork, the pool starts all its workers at the first submit, so submitting before the progress bar's
-    # refresh thread exists means no thread is ever forked mid-lock.
+    # Not fork: a parent that already ran dlib (workers=1 earlier, eval, tests) holds its threads' locks, and a
+    # forked child deadlocks on them. forkserver forks workers from a clean server that has only imported our
+    # modules (preloaded once), so they start fast without inheriting any state.
     methods = multiprocessing.get_all_start_methods()
-    context = multiprocessing.get_context("fork" if "fork" in methods else None)
+    context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+    if "forkserver" in methods:
+        context.set_forkserver_preload(["sdlora.prep.examine"])
     with ProcessPoolExecutor(workers, mp_context=context) as pool:
         futures = [pool.submit(examine, path, settings) for path in files]
         with bar:
