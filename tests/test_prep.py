@@ -156,7 +156,7 @@ def test_non_empty_out_dir_needs_overwrite(photos, tmp_path):
 def test_too_few_photos_exit_1(tmp_path):
     photos = tmp_path / "photos"
     photos.mkdir()
-    prep_photos.framing(0, 0, 512, 300).save(photos / "one.jpg")
+    prep_photos.framing(0, 0, 512, 400).save(photos / "one.jpg")
     (photos / "two.jpg").write_text("not a photo")
     result = CliRunner().invoke(app, ["prep", str(photos), str(tmp_path / "out"), "--resolution", "256"])
     assert result.exit_code == 1

@@ -129,7 +129,7 @@ def _the_face(working: Image.Image, scale: float) -> tuple[crops.Box, numpy.ndar
             "Crop the photo to the one person.",
         )
     face = faces[0]
-    box = tuple(round(value * scale) for value in face.box)
+    box = tuple(round(value * scale) for value in face.landmark_box)
     return box, detector().embed(working, face)  # type: ignore[return-value]
 
 

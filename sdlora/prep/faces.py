@@ -30,6 +30,8 @@ CONTEXT = 2.0
 CNN_CROP = 160
 # CNN confidence above which a candidate is a face (real faces measured ~1.0; clothing patches not detected).
 CNN_THRESHOLD = 0.3
+# Extra landmark passes, each started from the square around the previous pass's landmarks (see _shape).
+REFINE_PASSES = 2
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,17 @@ class Face:
     @property
     def width(self) -> int:
         return self.box[2] - self.box[0]
+
+    @property
+    def landmark_box(self) -> tuple[float, float, float, float]:
+        """Extent of the 68 landmarks (jaw, brows, chin): steadier than the detector's box, whose size comes in
+        steps of its image pyramid (~17%), so crops are placed by this one."""
+        return (
+            float(self.landmarks[:, 0].min()),
+            float(self.landmarks[:, 1].min()),
+            float(self.landmarks[:, 0].max()),
+            float(self.landmarks[:, 1].max()),
+        )
 
     @property
     def height(self) -> int:
@@ -89,7 +102,8 @@ class DlibFaces:
     def embed(self, image: Image.Image, face: Face) -> numpy.ndarray:
         """(128,) float64 identity descriptor of `face`; two photos of one person are < 0.6 apart."""
         pixels = _rgb_array(image)
-        shape = self._landmarks(pixels, self._rect(face.box))
+        points = self._dlib.points([self._dlib.point(round(x), round(y)) for x, y in face.landmarks])
+        shape = self._dlib.full_object_detection(self._rect(face.box), points)
         # num_jitters=0: no random augmentation, so the descriptor is deterministic.
         return numpy.asarray(self._encoder.compute_face_descriptor(pixels, shape, 0), dtype=numpy.float64)
 
@@ -117,8 +131,16 @@ class DlibFaces:
         return mapped, float(best.confidence)
 
     def _shape(self, pixels: numpy.ndarray, box: tuple[int, int, int, int]) -> numpy.ndarray:
-        shape = self._landmarks(pixels, self._rect(box))
-        return numpy.array([(p.x, p.y) for p in shape.parts()], dtype=numpy.float32)  # (68, 2)
+        """68 landmarks. The predictor starts from a mean face placed in the box it is given, so its answer moves
+        with the detector's coarse box; re-running it from the square around its own landmarks twice makes the
+        result (nearly) independent of the starting box: measured within 1 px on 1024-px photos."""
+        for _ in range(REFINE_PASSES + 1):
+            shape = self._landmarks(pixels, self._rect(box))
+            points = numpy.array([(p.x, p.y) for p in shape.parts()], dtype=numpy.float32)  # (68, 2)
+            low, high = points.min(axis=0), points.max(axis=0)
+            centre, half = (low + high) / 2, float((high - low).max()) / 2
+            box = (round(centre[0] - half), round(centre[1] - half), round(centre[0] + half), round(centre[1] + half))
+        return points
 
     def _rect(self, box: tuple[int, int, int, int]):
         return self._dlib.rectangle(box[0], box[1], box[2] - 1, box[3] - 1)
