@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from sdlora import config
 from sdlora.cli import app
-from sdlora.prep import contact
+from sdlora.prep import contact, images
 from sdlora.prep.faces import DlibFaces
 from sdlora.prep.manifest import read_manifest
 from sdlora.prep.run import prep
@@ -176,20 +176,57 @@ def test_out_dir_inside_photos_refused(photos):
     assert not (photos / "dataset").exists()
 
 
-def test_center_crop_needs_no_face(tmp_path):
+def _centre_set(tmp_path: Path) -> tuple[Path, config.Config]:
     from skimage import data
 
     photos = tmp_path / "photos"
     photos.mkdir()
-    Image.fromarray(data.coffee()).save(photos / "coffee.jpg")  # 600x400
-    Image.fromarray(data.chelsea()).save(photos / "chelsea.png")  # 451x300
-    Image.fromarray(data.rocket()).save(photos / "rocket.webp")  # 640x427
-    cfg = config.load(None, {"prep.crop": "center", "prep.resolution": 128, "prep.workers": 1})
+    for name, array in (("coffee.jpg", data.coffee()), ("chelsea.png", data.chelsea()), ("rocket.webp", data.rocket())):
+        Image.fromarray(array).save(photos / name)
+    return photos, config.load(None, {"prep.crop": "center", "prep.resolution": 128, "prep.workers": 1})
+
+
+def test_center_crop_needs_no_face(tmp_path):
+    photos, cfg = _centre_set(tmp_path)
     report = prep(photos, tmp_path / "out", cfg, progress=False)
     boxes = {Path(e.source).name: e.crop_box for e in report.kept}
+    # coffee 600x400, chelsea 451x300, rocket 640x427: the centred squares
     assert boxes == {
         "chelsea.png": (75, 0, 375, 300),
         "coffee.jpg": (100, 0, 500, 400),
         "rocket.webp": (106, 0, 533, 427),
     }
     assert all(e.face_box is None for e in report.kept)
+
+
+def test_crash_while_writing_leaves_out_dir_as_it_was(tmp_path, monkeypatch):
+    photos, cfg = _centre_set(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("an older dataset")
+    cfg = cfg.model_copy(update={"prep": cfg.prep.model_copy(update={"overwrite": True})})
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr("sdlora.prep.contact.contact_sheet", crash)  # after images and manifest are written
+    with pytest.raises(RuntimeError, match="disk full"):
+        prep(photos, out, cfg, progress=False)
+    assert [p.name for p in out.iterdir()] == ["old.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "photos"]  # no temporary folder left
+
+
+def test_a_photo_that_breaks_a_decoder_is_skipped_not_fatal(tmp_path, monkeypatch):
+    photos, cfg = _centre_set(tmp_path)
+    real = images.open_photo
+
+    def flaky(data, *args, **kwargs):
+        if data[:4] == b"RIFF":  # the WebP
+            raise IndexError("list index out of range")
+        return real(data, *args, **kwargs)
+
+    monkeypatch.setattr(images, "open_photo", flaky)
+    cfg = cfg.model_copy(update={"prep": cfg.prep.model_copy(update={"min_images": 2})})
+    report = prep(photos, tmp_path / "out", cfg, progress=False)
+    assert [e["reason"] for e in report.files if e["status"] == "skipped"] == ["unreadable"]
+    assert "IndexError" in report.files[2]["message"]

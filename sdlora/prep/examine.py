@@ -75,6 +75,9 @@ def examine(path: Path, settings: Settings) -> Photo:
         return _candidate(path.name, sha, data, first, working, settings)
     except images.Skip as skip:
         return Photo(path.name, sha, skip.reason, skip.message, thumb=thumb)
+    except Exception as exc:  # noqa: BLE001 - decoders of odd files raise anything; one photo never stops a run
+        message = f"It could not be processed ({type(exc).__name__}: {exc}); the file may be corrupt."
+        return Photo(path.name, sha, "unreadable", message, thumb=thumb)
 
 
 def _candidate(
