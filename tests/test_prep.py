@@ -230,3 +230,9 @@ def test_a_photo_that_breaks_a_decoder_is_skipped_not_fatal(tmp_path, monkeypatc
     report = prep(photos, tmp_path / "out", cfg, progress=False)
     assert [e["reason"] for e in report.files if e["status"] == "skipped"] == ["unreadable"]
     assert "IndexError" in report.files[2]["message"]
+
+
+def test_buckets_are_refused_until_supported(tmp_path):
+    photos, _ = _centre_set(tmp_path)
+    result = CliRunner().invoke(app, ["prep", str(photos), str(tmp_path / "out"), "--set", "prep.buckets=true"])
+    assert result.exit_code == 2 and "prep.buckets" in result.output

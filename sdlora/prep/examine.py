@@ -159,7 +159,8 @@ def _face_in_output(face: crops.Box | None, crop: crops.Box, resolution: int) ->
 
 def _png(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG")  # Pillow writes no timestamp: same pixels, same bytes
+    # Pillow writes no timestamp: same pixels, same bytes. Level 3: 2.5x faster than the default 6, files ~8% larger.
+    image.save(buffer, format="PNG", compress_level=3)
     return buffer.getvalue()
 
 

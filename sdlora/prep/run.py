@@ -63,36 +63,15 @@ def prep(photos_dir: Path, out_dir: Path, config: Config, *, fast: bool = True, 
     """Turn the photos in `photos_dir` into a training set in `out_dir` (written whole, atomically).
     `fast=False` decodes every photo at full size (for checking that the fast path decides the same)."""
     cfg = config.prep
+    if cfg.buckets:
+        raise UsageError("prep.buckets (SDXL aspect-ratio buckets) is not supported yet; leave it false")
     photos_dir, out_dir = _check_paths(Path(photos_dir), Path(out_dir), cfg.overwrite)
     caption = captions.render_template(cfg.caption_template, cfg.token, cfg.class_word)
     files = list_inputs(photos_dir)
     settings = Settings(cfg.crop, cfg.resolution, cfg.face_share, cfg.max_upscale, cfg.max_pixels, fast)
     photos = _examine_all(files, settings, _workers(cfg.workers, len(files)), progress)
     photos = _decide(photos, cfg)
-    report = Report()
-    for photo, path in zip(photos, files, strict=True):
-        if photo.reason is None:
-            number = len(report.kept)
-            text = captions.read_sidecar(path)
-            report.kept.append(
-                ManifestEntry(
-                    image=f"images/{number:04d}.png",
-                    caption=captions.with_trigger(text, cfg.token, cfg.class_word) if text else caption,
-                    source=str(path),
-                    source_sha256=photo.sha256,
-                    source_size=photo.size,
-                    crop_box=photo.crop_box,
-                    face_box=photo.face_box,
-                    sharpness=photo.sharpness,
-                    width=cfg.resolution,
-                    height=cfg.resolution,
-                )
-            )
-            report.files.append({"file": photo.name, "status": "kept", "image": report.kept[-1].image})
-        else:
-            report.files.append(
-                {"file": photo.name, "status": "skipped", "reason": photo.reason, "message": photo.message}
-            )
+    report = _report(photos, files, cfg, caption)
     if len(report.kept) < cfg.min_images:
         raise SdloraError(
             f"only {len(report.kept)} of {len(files)} photos in {photos_dir} are usable, fewer than "
@@ -100,6 +79,33 @@ def prep(photos_dir: Path, out_dir: Path, config: Config, *, fast: bool = True, 
             + report.summary()
         )
     _write(out_dir, report, photos, config)
+    return report
+
+
+def _report(photos: list[Photo], files: list[Path], cfg: PrepConfig, caption: str) -> Report:
+    """Manifest entries for the kept photos (numbered in name order) and every file's fate."""
+    report = Report()
+    for photo, path in zip(photos, files, strict=True):
+        if photo.reason is not None:
+            report.files.append(
+                {"file": photo.name, "status": "skipped", "reason": photo.reason, "message": photo.message}
+            )
+            continue
+        text = captions.read_sidecar(path)
+        entry = ManifestEntry(
+            image=f"images/{len(report.kept):04d}.png",
+            caption=captions.with_trigger(text, cfg.token, cfg.class_word) if text else caption,
+            source=str(path),
+            source_sha256=photo.sha256,
+            source_size=photo.size,
+            crop_box=photo.crop_box,
+            face_box=photo.face_box,
+            sharpness=photo.sharpness,
+            width=cfg.resolution,
+            height=cfg.resolution,
+        )
+        report.kept.append(entry)
+        report.files.append({"file": photo.name, "status": "kept", "image": entry.image})
     return report
 
 
