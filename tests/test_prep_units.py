@@ -52,6 +52,18 @@ def test_exif_orientation_is_applied():
     assert opened.image.getpixel((5, 20))[0] > 200 and opened.image.getpixel((55, 20))[0] < 50
 
 
+def test_heic_with_orientation_is_upright_once():
+    """pillow-heif applies the rotation itself and resets the tag; we must not rotate a second time."""
+    images.register_heif()
+    upright = Image.new("RGB", (60, 40), (0, 0, 0))
+    upright.paste((255, 255, 255), (0, 0, 30, 40))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    opened = images.open_photo(_encode(upright.rotate(90, expand=True), "HEIF", exif=exif.tobytes()), 10**6)
+    assert opened.size == (60, 40) == opened.image.size
+    assert opened.image.getpixel((5, 20))[0] > 200 and opened.image.getpixel((55, 20))[0] < 50
+
+
 def test_our_pixel_limit_refuses_before_decoding():
     with pytest.raises(images.Skip) as caught:
         images.open_photo(_encode(Image.new("RGB", (100, 100)), "PNG"), max_pixels=5000)
