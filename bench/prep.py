@@ -64,6 +64,20 @@ def run(photos: Path, fast: bool, workers: int) -> tuple[float, dict]:
     return seconds, {"report": report, "manifest": manifest}
 
 
+def cpu_per_photo(photos: Path, count: int) -> float:
+    """CPU seconds per photo of examine() run in this process: a figure that other programs' load on the
+    machine barely changes, unlike wall time."""
+    from sdlora.prep.examine import Settings, detector, examine
+
+    detector()  # model loading is a once-per-worker cost, not per photo
+    settings = Settings("face", 512, 0.45, 2.0, 120_000_000)
+    paths = sorted(photos.glob("*.jpg"))[:count]
+    start = time.process_time()
+    for path in paths:
+        examine(path, settings)
+    return (time.process_time() - start) / len(paths)
+
+
 def compare(fast: dict, slow: dict) -> list[str]:
     """Differences in decisions, or in face/crop boxes beyond a few pixels of a 4000-px photo."""
     problems = []
@@ -90,6 +104,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=0, help="0: one per core")
     parser.add_argument("--json", type=Path, default=Path("bench/prep.json"))
     parser.add_argument("--compare", action="store_true", help="also run the full-decode path and compare")
+    parser.add_argument("--cpu-sample", type=int, default=10, help="photos timed in CPU seconds (0: skip)")
     args = parser.parse_args()
 
     args.photos.mkdir(parents=True, exist_ok=True)
@@ -117,6 +132,14 @@ def main() -> None:
         f"prep: {args.count} photos in {seconds:.1f} s = {args.count / seconds:.2f} photos/s "
         f"(kept {len(report.kept)}, load average before {load:.2f} on {os.cpu_count()} cores)"
     )
+    if args.cpu_sample:
+        per_photo = cpu_per_photo(args.photos, args.cpu_sample)
+        cores = len(os.sched_getaffinity(0))
+        result.update(cpu_s_per_photo=round(per_photo, 3), cpu_bound_seconds=round(per_photo * args.count / cores, 1))
+        print(
+            f"CPU time: {per_photo:.2f} s per photo in one process -> {per_photo * args.count / cores:.1f} s "
+            f"for {args.count} photos on {cores} idle cores"
+        )
     if args.compare:
         slow_seconds, slow = run(args.photos, fast=False, workers=args.workers)
         problems = compare(fast, slow)
