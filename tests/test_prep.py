@@ -232,7 +232,22 @@ def test_a_photo_that_breaks_a_decoder_is_skipped_not_fatal(tmp_path, monkeypatc
     assert "IndexError" in report.files[2]["message"]
 
 
-def test_buckets_are_refused_until_supported(tmp_path):
-    photos, _ = _centre_set(tmp_path)
-    result = CliRunner().invoke(app, ["prep", str(photos), str(tmp_path / "out"), "--set", "prep.buckets=true"])
-    assert result.exit_code == 2 and "prep.buckets" in result.output
+def test_buckets_keep_portraits_portrait(tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for index, (left, mirror) in enumerate(((60, False), (120, True), (20, True))):
+        portrait = prep_photos.framing(0, 0, 512, 512, mirror=mirror).crop((left, 0, left + 340, 512))
+        portrait.save(photos / f"portrait_{index}.png")  # 340x512: nearest bucket at 256 px is 192x320
+    result = CliRunner().invoke(app, ["prep", str(photos), str(tmp_path / "out"), "--resolution", "256", "--buckets"])
+    assert result.exit_code == 0, result.output
+    report = read_manifest(tmp_path / "out")
+    assert len(report) == 3
+    faces = DlibFaces()
+    for entry in report:
+        assert (entry.width, entry.height) == (192, 320)
+        left, top, right, bottom = entry.crop_box
+        assert abs((right - left) / (bottom - top) - 192 / 320) < 0.02
+        with Image.open(tmp_path / "out" / entry.image) as image:
+            assert image.size == (192, 320)
+            (face,) = faces.detect(image)
+        assert abs((face.box[0] + face.box[2]) / 2 - 96) < 0.12 * 192

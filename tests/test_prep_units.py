@@ -106,9 +106,28 @@ def test_face_crop_shifts_inside_never_pads():
     assert crops.face_crop((600, 900), (100, 300, 500, 700), face_share=0.45) == (0, 230, 600, 830)
 
 
+def test_sdxl_buckets():
+    assert crops.buckets(1024)[:3] == [(1024, 1024), (1152, 896), (896, 1152)]
+    assert len(crops.buckets(1024)) == 9 and all(w % 32 == 0 and h % 32 == 0 for w, h in crops.buckets(768))
+    assert crops.nearest_bucket((3000, 4000), 1024) == (896, 1152)  # a 3:4 phone portrait
+    assert crops.nearest_bucket((4000, 3000), 1024) == (1152, 896)
+    assert crops.nearest_bucket((1000, 1000), 1024) == (1024, 1024)
+
+
+def test_face_crop_with_a_bucket_shape():
+    left, top, right, bottom = crops.face_crop((3000, 4000), (1300, 1000, 1700, 1400), 0.45, aspect=832 / 1216)
+    assert abs((right - left) / (bottom - top) - 832 / 1216) < 0.01
+    assert abs((right - left) * (bottom - top) - (400 / 0.45) ** 2) < 0.01 * (400 / 0.45) ** 2  # the square's area
+    assert abs((left + right) / 2 - 1500) <= 1 and left >= 0 and top >= 0 and bottom <= 4000
+    # Too tall for the photo: shrunk keeping its shape, then shifted inside.
+    box = crops.face_crop((1000, 600), (400, 100, 600, 300), 0.2, aspect=0.5)
+    assert box == (350, 0, 650, 600)
+
+
 def test_center_crop():
     assert crops.center_crop((640, 427)) == (106, 0, 533, 427)
     assert crops.center_crop((300, 500)) == (0, 100, 300, 400)
+    assert crops.center_crop((1000, 1000), aspect=0.5) == (250, 0, 750, 1000)
 
 
 @pytest.mark.parametrize(

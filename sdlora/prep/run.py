@@ -63,12 +63,12 @@ def prep(photos_dir: Path, out_dir: Path, config: Config, *, fast: bool = True, 
     """Turn the photos in `photos_dir` into a training set in `out_dir` (written whole, atomically).
     `fast=False` decodes every photo at full size (for checking that the fast path decides the same)."""
     cfg = config.prep
-    if cfg.buckets:
-        raise UsageError("prep.buckets (SDXL aspect-ratio buckets) is not supported yet; leave it false")
     photos_dir, out_dir = _check_paths(Path(photos_dir), Path(out_dir), cfg.overwrite)
     caption = captions.render_template(cfg.caption_template, cfg.token, cfg.class_word)
     files = list_inputs(photos_dir)
-    settings = Settings(cfg.crop, cfg.resolution, cfg.face_share, cfg.max_upscale, cfg.max_pixels, fast)
+    settings = Settings(
+        cfg.crop, cfg.resolution, cfg.face_share, cfg.max_upscale, cfg.max_pixels, fast=fast, buckets=cfg.buckets
+    )
     photos = _examine_all(files, settings, _workers(cfg.workers, len(files)), progress)
     photos = _decide(photos, cfg)
     report = _report(photos, files, cfg, caption)
@@ -101,8 +101,8 @@ def _report(photos: list[Photo], files: list[Path], cfg: PrepConfig, caption: st
             crop_box=photo.crop_box,
             face_box=photo.face_box,
             sharpness=photo.sharpness,
-            width=cfg.resolution,
-            height=cfg.resolution,
+            width=photo.out_size[0],
+            height=photo.out_size[1],
         )
         report.kept.append(entry)
         report.files.append({"file": photo.name, "status": "kept", "image": entry.image})
