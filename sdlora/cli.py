@@ -113,6 +113,9 @@ def prep(
         str | None, typer.Option(help="face (default): centred on the face; center: centre square.")
     ] = None,
     overwrite: Annotated[bool | None, typer.Option("--overwrite", help="Replace a non-empty OUT_DIR.")] = None,
+    buckets: Annotated[
+        bool | None, typer.Option("--buckets", help="SDXL aspect-ratio buckets instead of square crops.")
+    ] = None,
     min_images: Annotated[int | None, typer.Option(help="Fail (exit 1) when fewer photos survive (default 3).")] = None,
     caption_template: Annotated[
         str | None,
@@ -131,6 +134,7 @@ def prep(
         "prep.resolution": resolution,
         "prep.crop": crop,
         "prep.overwrite": overwrite,
+        "prep.buckets": buckets,
         "prep.min_images": min_images,
         "prep.caption_template": caption_template,
         "prep.workers": workers,
