@@ -351,3 +351,23 @@ def eval_command(
     evaluate(
         cfg, reference=reference, images=images, lora=lora, prompts_file=prompts, json_path=json_out, report_dir=report
     )
+
+
+@app.command()
+@handles_errors
+def demo(
+    ctx: typer.Context,
+    out_dir: Annotated[Path, typer.Argument(help="Empty folder for everything the demo makes.", file_okay=False)],
+    base: Annotated[
+        str | None,
+        typer.Option("--base", help="A real base model (hub id, folder, .safetensors); default: a tiny random one."),
+    ] = None,
+    steps: Annotated[int | None, typer.Option(help="Training steps (default 40 tiny, 400 with --base).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Reuse a non-empty OUT_DIR.")] = False,
+    sets: SetOpt = None,
+) -> None:
+    """Run prep -> train -> generate -> eval end to end on built-in photos of one person (CPU, offline, minutes)."""
+    from sdlora.demo import demo as run_demo
+
+    result = run_demo(out_dir, base=base, steps=steps, overwrite=overwrite, sets=sets, say=typer.echo)
+    typer.echo(f"done: everything is in {result.photos.parent}")
