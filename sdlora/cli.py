@@ -61,6 +61,8 @@ def handles_errors(command: F) -> F:
     @functools.wraps(command)
     def wrapper(ctx: typer.Context, *args: Any, **kwargs: Any) -> Any:
         debug = bool((ctx.obj or {}).get("debug"))
+        if not debug:
+            _quiet_libraries()
         try:
             return command(ctx, *args, **kwargs)
         except SdloraError as exc:
@@ -73,6 +75,21 @@ def handles_errors(command: F) -> F:
             raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _quiet_libraries() -> None:
+    """Keep the terminal for our progress and messages: the libraries' warnings and loading bars show with --debug.
+    Environment variables, so they act when the libraries are imported later (inside the commands)."""
+    import logging
+    import os
+    import warnings
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # "Failed to load CPU gemm_4bit_forward" on CPUs
+    for name in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY"):
+        os.environ.setdefault(name, "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*requires torchvision.*")
 
 
 def load_config(config_file: Path | None, options: dict[str, Any], sets: list[str] | None):
