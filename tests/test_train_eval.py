@@ -55,7 +55,8 @@ def prep_set(folder: Path, side: int = 96) -> Path:
 def train(data: Path, out: Path, base: Path, steps: int, *extra: str):
     args = [str(data), str(out), "--base", str(base), "--steps", str(steps), "--resolution", "64", "--rank", "4"]
     args += ["--lr", "1e-3", "--sample-every", "0", "--name", "astro", "--set", "train.sample_steps=2"]
-    args += ["--set", "eval.n=1", "--set", "generate.batch_size=10", *extra]
+    # cfg 1 renders without classifier-free guidance: half the UNet work of the 10 validation images
+    args += ["--set", "eval.n=1", "--set", "generate.batch_size=10", "--set", "generate.cfg=1", *extra]
     return CliRunner().invoke(app, ["train", *args])
 
 
@@ -97,10 +98,10 @@ def test_eval_every_scores_plots_and_fills_best(dataset, tiny_sd1, tmp_path):
     assert f"best checkpoint: step {best}" in result.output
     from diffusers import StableDiffusionPipeline
 
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_sd1))
     for name in LORA_FILES:  # both formats load into a fresh pipeline
-        pipe = StableDiffusionPipeline.from_pretrained(str(tiny_sd1))
-        pipe.load_lora_weights(str(out / "best" / name))
-        assert pipe.get_active_adapters()
+        pipe.load_lora_weights(str(out / "best" / name), adapter_name=name.split(".")[0])
+    assert sorted(pipe.get_list_adapters()["unet"]) == ["astro", "pytorch_lora_weights"]
 
 
 def scripted_scores(monkeypatch, script: list[dict], snapshots: list[dict]) -> None:
@@ -206,3 +207,27 @@ def test_cadence(tmp_path, manifest, eval_every, checkpoint_every, expected):
     every, note = cadence(config, tmp_path)
     assert every == expected
     assert (note is not None) == (not manifest and eval_every is None)
+
+
+def test_two_processes_only_rank_0_evaluates(dataset, tiny_sd1, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "two"
+    args = [str(dataset), str(out), "--base", str(tiny_sd1), "--steps", "2", "--resolution", "64", "--rank", "4"]
+    args += ["--sample-every", "0", "--checkpoint-every", "1", "--eval-every", "1", "--name", "astro"]
+    args += ["--set", "train.sample_steps=2", "--set", "eval.n=1", "--set", "generate.cfg=1"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541"]
+    env = {**os.environ, "PYTHONPATH": str(root), "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "true"}
+    done = subprocess.run(
+        [*torchrun, "-m", "sdlora", "train", *args], env=env, capture_output=True, text=True, timeout=400
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [r["step"] for r in eval_records(out)] == [1, 2]  # one row per step: rank 1 did not score
+    assert done.stdout.count("step 2 eval:") == 1 and "best checkpoint: step" in done.stdout
+    best = json.loads((out / "summary.json").read_text())["best_step"]
+    assert same_tensors(
+        out / "best" / "astro.safetensors", out / "checkpoints" / f"step-{best:06d}" / "astro.safetensors"
+    )
