@@ -231,3 +231,25 @@ def test_two_processes_only_rank_0_evaluates(dataset, tiny_sd1, tmp_path):
     assert same_tensors(
         out / "best" / "astro.safetensors", out / "checkpoints" / f"step-{best:06d}" / "astro.safetensors"
     )
+
+
+def test_resume_from_an_older_checkpoint_takes_best_from_that_checkpoint(tmp_path):
+    from sdlora.train_eval import TrainEval, _restore_best, best_step
+
+    rows = [{"step": 1, "identity": 0.5, "diversity": 0.3}, {"step": 2, "identity": 0.6, "diversity": 0.3}]
+    (tmp_path / "best").mkdir()
+    (tmp_path / "best" / "best.json").write_text(json.dumps({"step": 4}))  # from the steps being redone
+    (tmp_path / "best" / "astro.safetensors").write_bytes(b"step 4")
+    source = tmp_path / "checkpoints" / "step-000002"
+    source.mkdir(parents=True)
+    for name, data in [("astro.safetensors", b"step 2"), ("lora_state.safetensors", b"state")]:
+        (source / name).write_bytes(data)
+    (source / "trainer_state.json").write_text('{"step": 2}')
+    evaluation = TrainEval(tmp_path, 1, 6, True, Config(), "sks person", rows=rows)
+    _restore_best(evaluation)
+    assert best_step(tmp_path) == 2 and (tmp_path / "best" / "astro.safetensors").read_bytes() == b"step 2"
+    assert not (tmp_path / "best" / "lora_state.safetensors").exists()  # training state is not a LoRA file
+    (tmp_path / "best" / "best.json").write_text(json.dumps({"step": 4}))
+    evaluation.rows = rows + [{"step": 3, "identity": 0.9, "diversity": 0.3}]  # best is step 3: no files left
+    _restore_best(evaluation)
+    assert not (tmp_path / "best").exists()
