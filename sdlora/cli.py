@@ -280,6 +280,13 @@ def train(
     prior_loss_weight: Annotated[float | None, typer.Option(help="Weight of the prior loss [1.0].")] = None,
     class_dir: Annotated[Path | None, typer.Option(help="Prior preservation: ready class images.")] = None,
     sample_every: Annotated[int | None, typer.Option(help="Sample grids every N steps; 0 disables [200].")] = None,
+    eval_every: Annotated[
+        int | None,
+        typer.Option(
+            help="Score identity every N steps and keep the best step's LoRA in OUT_DIR/best; 0 disables "
+            "[at each checkpoint for a prep dataset].",
+        ),
+    ] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of data order, noise and LoRA init [0].")] = None,
     allow_pickle: Annotated[bool | None, typer.Option("--allow-pickle", help="Allow .ckpt/.pt/.bin bases.")] = None,
     overwrite: Annotated[bool | None, typer.Option("--overwrite", help="Replace a run already in OUT_DIR.")] = None,
@@ -312,6 +319,7 @@ def train(
         "train.prior_loss_weight": prior_loss_weight,
         "train.class_dir": str(class_dir) if class_dir else None,
         "train.sample_every": sample_every,
+        "train.eval_every": eval_every,
         "train.seed": seed,
         "train.overwrite": overwrite,
     }

@@ -146,7 +146,12 @@ class TrainConfig(Section):
     cache_latents: bool = Field(True, description="Encode each image with the VAE once, not every step.")
     dataloader_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
     compile: bool = Field(False, description="torch.compile the UNet (slow start, faster steps on GPU).")
-    eval_every: int | None = Field(None, ge=0, description="Score identity every N steps; default: at each checkpoint.")
+    eval_every: int | None = Field(
+        None,
+        ge=0,
+        description="Score identity every N steps and at the last (best step kept in OUT_DIR/best); default: at "
+        "each checkpoint of a prep dataset; 0 disables.",
+    )
     offload: bool = Field(False, description="Move text encoders and VAE to the CPU once their outputs are cached.")
 
     _check_resolution = field_validator("resolution")(_multiple_of_8)

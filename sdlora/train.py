@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sdlora import __version__
+from sdlora import __version__, train_eval
 from sdlora.config import Config
 from sdlora.errors import Interrupted, SdloraError, UsageError
 
@@ -63,9 +63,10 @@ def train(config: Config, dataset_dir: Path, out_dir: Path) -> TrainResult:
     """Pre-flight checks, set-up, the loop, the final save. Ctrl-C/SIGTERM checkpoint and raise Interrupted."""
     plan = preflight(config, Path(dataset_dir), Path(out_dir))
     accelerator = make_accelerator(config, plan.precision)
+    evaluation = train_eval.start(config, plan, accelerator)  # identity scoring; None when off
     run = setup(config, plan, accelerator)
     with stop_signals() as stopped:
-        step = loop(run, stopped)
+        step = loop(run, stopped, evaluation)
     if stopped and step < config.train.steps:
         raise Interrupted(interrupted_message(run, step), stopped[0])
     return finish(run, step)
@@ -311,7 +312,7 @@ def write_run_files(config: Config, plan: Plan, accelerator: Any) -> None:
 # ----------------------------------------------------------------------------------------------- the loop
 
 
-def loop(run: Run, stopped: list[int]) -> int:
+def loop(run: Run, stopped: list[int], evaluation: train_eval.TrainEval | None = None) -> int:
     """Optimisation steps from run.start_step; returns the last step done (earlier when a signal stopped it)."""
     import torch
 
@@ -343,6 +344,8 @@ def loop(run: Run, stopped: list[int]) -> int:
                 save_checkpoint(run, step)
             if tc.sample_every and (step % tc.sample_every == 0 or step == tc.steps) and not stop:
                 render_samples(run, step)
+            if not (stop and step < tc.steps):
+                train_eval.after_step(evaluation, run, step)
             if stop:
                 break
     finally:
