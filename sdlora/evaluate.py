@@ -46,8 +46,8 @@ def evaluate(
         from sdlora.adapters import parse_lora
         from sdlora.generate import read_prompts
 
-        adapter = parse_lora(str(lora))
         check_base(config.model.base, config.model.allow_pickle)
+        adapter = parse_lora(str(lora))
         templates = read_prompts(prompts_file) if prompts_file else list(STANDARD_PROMPTS)
     backend = face_backend(config.eval.face_model)
     threshold = config.eval.threshold or backend.threshold
