@@ -108,6 +108,9 @@ class TrainConfig(Section):
     grad_accum: int = Field(1, gt=0, description="Micro-batches accumulated per optimisation step.")
     learning_rate: float = Field(1e-4, gt=0, description="UNet LoRA learning rate (Prodigy: use 1.0).")
     text_encoder_learning_rate: float = Field(5e-5, gt=0, description="Text-encoder LoRA learning rate.")
+    text_encoder_2_learning_rate: float | None = Field(
+        None, gt=0, description="SDXL's second text-encoder LoRA learning rate; unset: text_encoder_learning_rate."
+    )
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field(
         "auto", description="auto: fp32 on CPU, bf16 on GPUs that support it, else fp16."
     )

@@ -9,7 +9,6 @@ step summary.json says which step won and why.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
 from collections.abc import Callable
@@ -162,7 +161,7 @@ def after_step(evaluation: TrainEval | None, run: Any, step: int) -> None:
     if evaluation is None or not evaluation.due(step):
         return
     if evaluation.main:
-        from sdlora.train import save_loras
+        from sdlora.outputs import save_loras
 
         evaluate_step(evaluation, run, step, lambda folder: save_loras(run, folder, unwrap_for_good=False))
     run.accelerator.wait_for_everyone()
@@ -195,15 +194,15 @@ def _score(evaluation: TrainEval, run: Any) -> dict[str, Any]:
     """Render the validation set with the LoRA in training and score it; no effect on the training's RNG."""
     import torch
 
+    from sdlora import outputs
     from sdlora.evaluate import score_checkpoint
     from sdlora.evaluation.prompts import STANDARD_PROMPTS, expand
 
     config = evaluation.config
     _, prompts, seeds = expand(list(STANDARD_PROMPTS), config.eval.n, config.eval.seed, evaluation.trigger)
-    trained = [run.pipe.unet] + ([run.pipe.text_encoder] if run.text_encoder is not None else [])
     cuda = run.accelerator.device.type == "cuda"
     devices = [run.accelerator.device] if cuda else []
-    with torch.random.fork_rng(devices=devices), _eval_mode(trained), run.accelerator.autocast():
+    with torch.random.fork_rng(devices=devices), outputs.rendering(run):
         return score_checkpoint(
             run.pipe,
             evaluation.reference,
@@ -219,17 +218,6 @@ def _score(evaluation: TrainEval, run: Any) -> dict[str, Any]:
             negative=config.generate.negative,
             batch_size=config.generate.batch_size,
         )
-
-
-@contextlib.contextmanager
-def _eval_mode(modules: list[Any]):
-    for module in modules:
-        module.eval()  # no LoRA dropout while rendering
-    try:
-        yield
-    finally:
-        for module in modules:
-            module.train()
 
 
 def _pick(evaluation: TrainEval) -> tuple[int, str]:
