@@ -7,7 +7,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-MODELS = ("tiny", "sd15", "sdxl")
+MODELS = ("tiny", "tiny-sdxl", "sd15", "sdxl")
 
 # Published configs (stable-diffusion-v1-5 and stabilityai/stable-diffusion-xl-base-1.0), typed in.
 SD15_UNET = dict(
@@ -51,17 +51,17 @@ SCHEDULER = dict(
 
 
 def native_resolution(model: str) -> int:
-    return {"tiny": 64, "sd15": 512, "sdxl": 1024}[model]
+    return {"tiny": 64, "tiny-sdxl": 64, "sd15": 512, "sdxl": 1024}[model]
 
 
 def build_pipeline(model: str, seed: int = 0, device: str = "cpu") -> Any:
     """A diffusers pipeline of `model` with random weights, built in fp32 directly on `device`."""
     import torch
 
-    if model == "tiny":
+    if model.startswith("tiny"):
         from sdlora.testing import build_tiny_pipeline
 
-        return build_tiny_pipeline("sd1", seed=seed)
+        return build_tiny_pipeline("sdxl" if model == "tiny-sdxl" else "sd1", seed=seed)
     if model not in MODELS:
         raise SystemExit(f"--model {model!r}: choose one of {', '.join(MODELS)}")
     torch.manual_seed(seed)

@@ -94,6 +94,7 @@ def sdlora_worker(opts: argparse.Namespace, levers: list[str], work: Path):
             "mixed_precision": precision,
             "optimizer": opts.optimizer,
             "gradient_checkpointing": opts.gradient_checkpointing or "grad_ckpt" in levers,
+            "offload": opts.offload,
             "sample_every": 0,
             "checkpoint_every": 0,
             "steps": 10**6,
@@ -113,8 +114,9 @@ def sdlora_worker(opts: argparse.Namespace, levers: list[str], work: Path):
     pipe = build_pipeline(opts.model, device=opts.device)
     if opts.precision != "fp32":
         pipe.to(dtype=weight_dtype(opts.precision))  # what load_base's torch_dtype does
-    train.place_base(pipe, accelerator)
-    run = train.setup_pipeline(config, plan, accelerator, pipe, model_info(pipe))
+    info = model_info(pipe)
+    train.place_base(pipe, info, accelerator)
+    run = train.setup_pipeline(config, plan, accelerator, pipe, info)
     apply_levers(run, levers)
 
     def step(k: int) -> None:
@@ -253,7 +255,8 @@ def unet_worker(opts: argparse.Namespace):
     if unet.config.addition_embed_type == "text_time":  # SDXL: pooled text embedding and 6 size/crop ids
         size = float(opts.resolution)
         ids = torch.tensor([size, size, 0.0, 0.0, size, size], device=device).repeat(b, 1)
-        kwargs["added_cond_kwargs"] = {"text_embeds": torch.randn(b, 1280, device=device), "time_ids": ids}
+        pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+        kwargs["added_cond_kwargs"] = {"text_embeds": torch.randn(b, pooled, device=device), "time_ids": ids}
     kwargs = {
         k: (v.to(dtype) if torch.is_tensor(v) else {kk: vv.to(dtype) for kk, vv in v.items()})
         for k, v in kwargs.items()
@@ -478,13 +481,14 @@ def table(rows: list[dict], reference: str) -> str:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=["tiny", "sd15", "sdxl"], default="tiny")
+    parser.add_argument("--model", choices=["tiny", "tiny-sdxl", "sd15", "sdxl"], default="tiny")
     parser.add_argument("--resolution", type=int, help="default: the model's native size (64 tiny, 512, 1024)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--rank", type=int, default=4)
     parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
     parser.add_argument("--optimizer", choices=["adamw", "adamw8bit"], default="adamw")
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--offload", action="store_true", help="sdlora: train.offload (encoders/VAE to the CPU)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--steps", type=int, default=3, help="measured steps per variant (after the warm-up)")
     parser.add_argument("--warmup", type=int, default=1, help="steps per variant not counted")

@@ -1,4 +1,5 @@
-"""Micro-batches for the training step: cached latents and text embeddings, noise, timesteps, prior pairing.
+"""Micro-batches for the training step: cached latents and text embeddings, SDXL time ids, noise, timesteps, prior
+pairing, one aspect-ratio bucket per micro-batch.
 
 Every random choice of micro-batch k (which images, flips, noise, timesteps, caption dropout) comes from
 generators seeded by (seed, k) and drawn for the whole global batch, of which each process takes its slice.
@@ -13,12 +14,13 @@ from typing import Any
 import torch
 
 from sdlora import conditioning, diffusion
-from sdlora.data import DataOrder, Example, load_pixels, micro_batch_positions, stream_seed
+from sdlora.data import DataOrder, Example, load_example, stream_seed
 
 
 @dataclass
 class MicroBatch:
-    latents: torch.Tensor  # (B, 4, H/8, W/8), fp32 on the device
+    latents: torch.Tensor  # (B, 4, H/8, W/8), fp32 on the device; one (H, W) per micro-batch
+    time_ids: torch.Tensor  # (B, 6) fp32: SDXL's original size, crop top-left, target size, each (height, width)
     noise: torch.Tensor  # same shape
     timesteps: torch.Tensor  # (B,) int64
     prompts: list[str]
@@ -27,29 +29,46 @@ class MicroBatch:
 
 
 class ImageSet:
-    """The images of one set (instance or class) as latents: encoded once and cached (both flips when flipping),
-    or encoded each step when caching is off."""
+    """The images of one set (instance or class) as latents, each at its bucket's size: encoded once and cached
+    (both flips when flipping), or encoded each step when caching is off."""
 
     def __init__(self, examples: list[Example], resolution: int, flip: bool, vae: Any, cache: bool) -> None:
         self.examples, self.flip, self.vae = examples, flip, vae
-        self.pixels = torch.stack([load_pixels(e.image, resolution) for e in examples])  # (N, 3, R, R) in [-1, 1]
-        self.cached = self._encode(self.pixels) if cache else None  # (N, F, 4, R/8, R/8)
+        loaded = [load_example(e, resolution) for e in examples]
+        self.pixels = [pixels for pixels, _ in loaded]  # (3, H, W) each, in [-1, 1]
+        self.geometry = [geometry for _, geometry in loaded]
+        self.cached = self._encode() if cache else None  # (F, 4, H/8, W/8) each
+
+    @property
+    def buckets(self) -> list[tuple[int, int]]:
+        """(width, height) of each image."""
+        return [g.size for g in self.geometry]
 
     @torch.no_grad()
-    def _encode(self, pixels: torch.Tensor, chunk: int = 8) -> torch.Tensor:
-        views = [pixels, torch.flip(pixels, dims=[-1])] if self.flip else [pixels]
-        per_view = []
-        for view in views:
-            parts = [encode_latents(self.vae, view[i : i + chunk]) for i in range(0, len(view), chunk)]
-            per_view.append(torch.cat(parts))
-        return torch.stack(per_view, dim=1)
+    def _encode(self, chunk: int = 8) -> list[torch.Tensor]:
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for index, size in enumerate(self.buckets):
+            by_size.setdefault(size, []).append(index)
+        cached: list[torch.Tensor] = [torch.empty(0)] * len(self.pixels)
+        for indices in by_size.values():
+            for start in range(0, len(indices), chunk):
+                part = indices[start : start + chunk]
+                pixels = torch.stack([self.pixels[i] for i in part])
+                views = [pixels, torch.flip(pixels, dims=[-1])] if self.flip else [pixels]
+                encoded = torch.stack([encode_latents(self.vae, view) for view in views], dim=1)  # (n, F, 4, h, w)
+                for index, latents in zip(part, encoded, strict=True):
+                    cached[index] = latents
+        return cached
 
     def latents(self, slots: list[tuple[int, int]]) -> torch.Tensor:
         if self.cached is not None:
-            return torch.stack([self.cached[i, f] for i, f in slots])
+            return torch.stack([self.cached[i][f] for i, f in slots])
         pixels = torch.stack([torch.flip(self.pixels[i], dims=[-1]) if f else self.pixels[i] for i, f in slots])
         with torch.no_grad():
-            return encode_latents(self.vae, pixels)
+            return encode_latents(self.vae, pixels.to(self.vae.device))
+
+    def time_ids(self, slots: list[tuple[int, int]]) -> torch.Tensor:
+        return torch.tensor([self.geometry[i].time_ids(bool(f)) for i, f in slots], dtype=torch.float32)
 
 
 def encode_latents(vae: Any, pixels: torch.Tensor) -> torch.Tensor:
@@ -82,19 +101,23 @@ class Batches:
         self.text_cache = text_cache  # {"prompts": {prompt: row}, "cond": Conditioning} or None
         self.seed, self.b, self.nproc, self.rank = seed, batch_size, num_processes, rank
         self.T, self.noise_offset, self.caption_dropout = num_train_timesteps, noise_offset, caption_dropout
-        self.order = DataOrder(len(instances.examples), seed, instances.flip)
-        self.class_order = DataOrder(len(classes.examples), seed + 1, classes.flip) if classes else None
+        group = batch_size * num_processes  # the global micro-batch, of which this process takes a slice
+        self.order = DataOrder(instances.buckets, seed, instances.flip, group)
+        self.class_order = DataOrder(classes.buckets, seed + 1, classes.flip, group) if classes else None
 
     def micro_batch(self, k: int, device: torch.device) -> MicroBatch:
         mine = slice(self.rank * self.b, (self.rank + 1) * self.b)
-        positions = micro_batch_positions(k, self.b, self.nproc, self.rank)
         generator = torch.Generator().manual_seed(stream_seed("noise", self.seed, k))
-        latents, noise, timesteps, prompts = self._draw(self.instances, self.order, positions, generator, mine)
+        slots = self.order.batch(k)[mine]
+        latents, noise, timesteps, prompts = self._draw(self.instances, slots, generator, mine)
+        time_ids = self.instances.time_ids(slots)
         dropped = (torch.rand(self.b * self.nproc, generator=generator) < self.caption_dropout)[mine]
         prompts = ["" if drop else prompt for prompt, drop in zip(prompts, dropped.tolist(), strict=True)]
         is_prior = None
         if self.classes is not None and self.class_order is not None:
-            extra = self._draw(self.classes, self.class_order, positions, generator, mine)
+            class_slots = self.class_order.batch(k)[mine]
+            extra = self._draw(self.classes, class_slots, generator, mine)
+            time_ids = torch.cat([time_ids, self.classes.time_ids(class_slots)])
             latents, noise = torch.cat([latents, extra[0]]), torch.cat([noise, extra[1]])
             timesteps, prompts = torch.cat([timesteps, extra[2]]), prompts + extra[3]
             is_prior = torch.arange(len(prompts)) >= self.b
@@ -104,6 +127,7 @@ class Batches:
             cond = conditioning.select(self.text_cache["cond"], rows.to(device))
         return MicroBatch(
             latents=latents.to(device),
+            time_ids=time_ids.to(device),
             noise=noise.to(device, non_blocking=True),
             timesteps=timesteps.to(device, non_blocking=True),
             prompts=prompts,
@@ -111,9 +135,8 @@ class Batches:
             is_prior=None if is_prior is None else is_prior.to(device),
         )
 
-    def _draw(self, images: ImageSet, order: DataOrder, positions: range, generator: torch.Generator, mine: slice):
+    def _draw(self, images: ImageSet, slots: list[tuple[int, int]], generator: torch.Generator, mine: slice):
         """Latents, noise, timesteps and prompts of this rank's slots; the noise is drawn for the global batch."""
-        slots = order.slots(positions)
         latents = images.latents(slots).float()
         global_shape = (self.b * self.nproc, *latents.shape[1:])
         noise = diffusion.sample_noise(global_shape, generator, self.noise_offset)[mine]

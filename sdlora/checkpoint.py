@@ -26,6 +26,7 @@ RESUMABLE_KEYS = {
     "sample_every",
     "log_every",
     "dataloader_workers",
+    "eval_every",
 }
 
 
@@ -99,9 +100,9 @@ def _differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
 def clear_run(out_dir: Path) -> None:
     """--overwrite: remove the previous run's outputs (class images are kept: they depend only on the base)."""
     out_dir = Path(out_dir)
-    for name in (CHECKPOINTS, "samples", "tensorboard"):
+    for name in (CHECKPOINTS, "samples", "tensorboard", "best"):
         shutil.rmtree(out_dir / name, ignore_errors=True)
-    for name in ("metrics.jsonl", "config.json"):
+    for name in ("metrics.jsonl", "config.json", "identity.png", "summary.json"):
         (out_dir / name).unlink(missing_ok=True)
 
 

@@ -61,6 +61,8 @@ def handles_errors(command: F) -> F:
     @functools.wraps(command)
     def wrapper(ctx: typer.Context, *args: Any, **kwargs: Any) -> Any:
         debug = bool((ctx.obj or {}).get("debug"))
+        if not debug:
+            _quiet_libraries()
         try:
             return command(ctx, *args, **kwargs)
         except SdloraError as exc:
@@ -73,6 +75,21 @@ def handles_errors(command: F) -> F:
             raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _quiet_libraries() -> None:
+    """Keep the terminal for our progress and messages: the libraries' warnings and loading bars show with --debug.
+    Environment variables, so they act when the libraries are imported later (inside the commands)."""
+    import logging
+    import os
+    import warnings
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # "Failed to load CPU gemm_4bit_forward" on CPUs
+    for name in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY"):
+        os.environ.setdefault(name, "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*requires torchvision.*")
 
 
 def load_config(config_file: Path | None, options: dict[str, Any], sets: list[str] | None):
@@ -113,6 +130,9 @@ def prep(
         str | None, typer.Option(help="face (default): centred on the face; center: centre square.")
     ] = None,
     overwrite: Annotated[bool | None, typer.Option("--overwrite", help="Replace a non-empty OUT_DIR.")] = None,
+    buckets: Annotated[
+        bool | None, typer.Option("--buckets", help="SDXL aspect-ratio buckets instead of square crops.")
+    ] = None,
     min_images: Annotated[int | None, typer.Option(help="Fail (exit 1) when fewer photos survive (default 3).")] = None,
     caption_template: Annotated[
         str | None,
@@ -131,6 +151,7 @@ def prep(
         "prep.resolution": resolution,
         "prep.crop": crop,
         "prep.overwrite": overwrite,
+        "prep.buckets": buckets,
         "prep.min_images": min_images,
         "prep.caption_template": caption_template,
         "prep.workers": workers,
@@ -259,6 +280,13 @@ def train(
     prior_loss_weight: Annotated[float | None, typer.Option(help="Weight of the prior loss [1.0].")] = None,
     class_dir: Annotated[Path | None, typer.Option(help="Prior preservation: ready class images.")] = None,
     sample_every: Annotated[int | None, typer.Option(help="Sample grids every N steps; 0 disables [200].")] = None,
+    eval_every: Annotated[
+        int | None,
+        typer.Option(
+            help="Score identity every N steps and keep the best step's LoRA in OUT_DIR/best; 0 disables "
+            "[at each checkpoint for a prep dataset].",
+        ),
+    ] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of data order, noise and LoRA init [0].")] = None,
     allow_pickle: Annotated[bool | None, typer.Option("--allow-pickle", help="Allow .ckpt/.pt/.bin bases.")] = None,
     overwrite: Annotated[bool | None, typer.Option("--overwrite", help="Replace a run already in OUT_DIR.")] = None,
@@ -291,6 +319,7 @@ def train(
         "train.prior_loss_weight": prior_loss_weight,
         "train.class_dir": str(class_dir) if class_dir else None,
         "train.sample_every": sample_every,
+        "train.eval_every": eval_every,
         "train.seed": seed,
         "train.overwrite": overwrite,
     }
@@ -347,3 +376,23 @@ def eval_command(
     evaluate(
         cfg, reference=reference, images=images, lora=lora, prompts_file=prompts, json_path=json_out, report_dir=report
     )
+
+
+@app.command()
+@handles_errors
+def demo(
+    ctx: typer.Context,
+    out_dir: Annotated[Path, typer.Argument(help="Empty folder for everything the demo makes.", file_okay=False)],
+    base: Annotated[
+        str | None,
+        typer.Option("--base", help="A real base model (hub id, folder, .safetensors); default: a tiny random one."),
+    ] = None,
+    steps: Annotated[int | None, typer.Option(help="Training steps (default 40 tiny, 400 with --base).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Reuse a non-empty OUT_DIR.")] = False,
+    sets: SetOpt = None,
+) -> None:
+    """Run prep -> train -> generate -> eval end to end on built-in photos of one person (CPU, offline, minutes)."""
+    from sdlora.demo import demo as run_demo
+
+    result = run_demo(out_dir, base=base, steps=steps, overwrite=overwrite, sets=sets, say=typer.echo)
+    typer.echo(f"done: everything is in {result.photos.parent}")

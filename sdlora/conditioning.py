@@ -1,38 +1,57 @@
-"""What the UNet is conditioned on, one small function per model family (SD 1.x/2.x now; SDXL adds pooled text
-embeddings and time ids here)."""
+"""What the UNet is conditioned on, one small function per model family: SD 1.x/2.x text hidden states; SDXL's
+two text encoders, pooled text embedding and size/crop time ids."""
 
 from __future__ import annotations
 
 from typing import Any
-
-from sdlora.errors import SdloraError
 
 # A batch of conditioning is a flat dict of tensors with the batch first, so that it can be cached, indexed and
 # concatenated without knowing the family; `unet_kwargs` turns it into the UNet's keyword arguments.
 Conditioning = dict[str, Any]
 
 
+def text_encoder_names(family: str) -> list[str]:
+    """Pipeline attributes of the family's text encoders (their tokenizers: `tokenizer`, `tokenizer_2`)."""
+    return ["text_encoder", "text_encoder_2"] if family == "sdxl" else ["text_encoder"]
+
+
+def tokenizers_of(pipe: Any, family: str) -> list[Any]:
+    return [getattr(pipe, name.replace("text_encoder", "tokenizer")) for name in text_encoder_names(family)]
+
+
 def encode_prompts(family: str, tokenizers: list[Any], text_encoders: list[Any], prompts: list[str]) -> Conditioning:
     """Text conditioning of `prompts` with the family's encoders (gradients flow when an encoder is trained)."""
-    if family in ("sd1", "sd2"):
-        return _encode_sd(tokenizers[0], text_encoders[0], prompts)
-    raise SdloraError(f"training {family} models is not supported yet (SD 1.x and 2.x are)")
+    if family == "sdxl":
+        return _encode_sdxl(tokenizers, text_encoders, prompts)
+    return {"encoder_hidden_states": text_encoders[0](_token_ids(tokenizers[0], prompts, text_encoders[0]))[0]}
 
 
-def _encode_sd(tokenizer: Any, text_encoder: Any, prompts: list[str]) -> Conditioning:
-    """SD 1.x/2.x: the text encoder's last hidden state, (B, 77, D), as the pipelines compute it (SD 2.x models
-    ship a text encoder already cut to the penultimate layer)."""
-    ids = tokenizer(
+def _token_ids(tokenizer: Any, prompts: list[str], encoder: Any) -> Any:
+    device = next(encoder.parameters()).device
+    return tokenizer(
         prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    ).input_ids.to(text_encoder.device)
-    return {"encoder_hidden_states": text_encoder(ids)[0]}
+    ).input_ids.to(device)
 
 
-def unet_kwargs(family: str, cond: Conditioning) -> dict[str, Any]:
-    """Keyword arguments of `unet(noisy, t, **kwargs)`."""
-    if family in ("sd1", "sd2"):
-        return {"encoder_hidden_states": cond["encoder_hidden_states"]}
-    raise SdloraError(f"training {family} models is not supported yet (SD 1.x and 2.x are)")
+def _encode_sdxl(tokenizers: list[Any], text_encoders: list[Any], prompts: list[str]) -> Conditioning:
+    """SDXL, as StableDiffusionXLPipeline.encode_prompt computes it: both encoders' penultimate hidden states side
+    by side, (B, 77, D1 + D2), and the second encoder's pooled, projected embedding, (B, P)."""
+    import torch
+
+    hidden = []
+    for tokenizer, encoder in zip(tokenizers, text_encoders, strict=True):
+        output = encoder(_token_ids(tokenizer, prompts, encoder), output_hidden_states=True)
+        hidden.append(output.hidden_states[-2])
+    return {"encoder_hidden_states": torch.cat(hidden, dim=-1), "text_embeds": output.text_embeds}
+
+
+def unet_kwargs(family: str, cond: Conditioning, time_ids: Any) -> dict[str, Any]:
+    """Keyword arguments of `unet(noisy, t, **kwargs)`; `time_ids` (B, 6): SDXL's original size, crop top-left and
+    target size of each image (unused by SD 1.x/2.x)."""
+    if family == "sdxl":
+        added = {"text_embeds": cond["text_embeds"], "time_ids": time_ids}
+        return {"encoder_hidden_states": cond["encoder_hidden_states"], "added_cond_kwargs": added}
+    return {"encoder_hidden_states": cond["encoder_hidden_states"]}
 
 
 def select(cond: Conditioning, index: Any) -> Conditioning:

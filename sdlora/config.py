@@ -108,6 +108,9 @@ class TrainConfig(Section):
     grad_accum: int = Field(1, gt=0, description="Micro-batches accumulated per optimisation step.")
     learning_rate: float = Field(1e-4, gt=0, description="UNet LoRA learning rate (Prodigy: use 1.0).")
     text_encoder_learning_rate: float = Field(5e-5, gt=0, description="Text-encoder LoRA learning rate.")
+    text_encoder_2_learning_rate: float | None = Field(
+        None, gt=0, description="SDXL's second text-encoder LoRA learning rate; unset: text_encoder_learning_rate."
+    )
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field(
         "auto", description="auto: fp32 on CPU, bf16 on GPUs that support it, else fp16."
     )
@@ -146,7 +149,12 @@ class TrainConfig(Section):
     cache_latents: bool = Field(True, description="Encode each image with the VAE once, not every step.")
     dataloader_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
     compile: bool = Field(False, description="torch.compile the UNet (slow start, faster steps on GPU).")
-    eval_every: int | None = Field(None, ge=0, description="Score identity every N steps; default: at each checkpoint.")
+    eval_every: int | None = Field(
+        None,
+        ge=0,
+        description="Score identity every N steps and at the last (best step kept in OUT_DIR/best); default: at "
+        "each checkpoint of a prep dataset; 0 disables.",
+    )
     offload: bool = Field(False, description="Move text encoders and VAE to the CPU once their outputs are cached.")
 
     _check_resolution = field_validator("resolution")(_multiple_of_8)

@@ -1,4 +1,5 @@
-"""Training examples (prep manifest or a plain folder), the trigger phrase, pixels, and the deterministic data order."""
+"""Training examples (prep manifest or a plain folder), the trigger phrase, pixels with their size and crop
+(aspect-ratio buckets, SDXL micro-conditioning), and the deterministic, bucket-aware data order."""
 
 from __future__ import annotations
 
@@ -15,10 +16,30 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 @dataclass(frozen=True)
 class Example:
-    """One training image and its caption."""
+    """One training image and its caption; prep's manifest adds the image's size and where it was cut from."""
 
     image: Path
     caption: str
+    size: tuple[int, int] | None = None  # (width, height) of the image file, from the manifest
+    original_size: tuple[int, int] | None = None  # (height, width) of the source, scaled like the crop
+    crop_top_left: tuple[int, int] | None = None  # (top, left) of the crop in that scaled source
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """The size an example trains at and SDXL's micro-conditioning for it, all in training pixels."""
+
+    size: tuple[int, int]  # (width, height): the bucket; images of one micro-batch share it
+    original_size: tuple[int, int]  # (height, width)
+    crop_top_left: tuple[int, int]  # (top, left)
+
+    def time_ids(self, flipped: bool) -> list[int]:
+        """SDXL's add_time_ids: original size, crop top-left, target size (each (height, width)). A flipped image
+        was cut from the mirrored source, so its crop's left edge is mirrored too."""
+        (width, height), (top, left) = self.size, self.crop_top_left
+        if flipped:
+            left = self.original_size[1] - left - width
+        return [*self.original_size, top, left, height, width]
 
 
 def load_examples(dataset_dir: Path, default_caption: str) -> list[Example]:
@@ -30,7 +51,10 @@ def load_examples(dataset_dir: Path, default_caption: str) -> list[Example]:
     if not dataset_dir.is_dir():
         raise UsageError(f"{dataset_dir}: dataset folder not found; run `sdlora prep PHOTOS {dataset_dir}` first")
     if (dataset_dir / MANIFEST).is_file():
-        examples = [Example(dataset_dir / e.image, e.caption) for e in read_manifest(dataset_dir)]
+        examples = [
+            Example(dataset_dir / e.image, e.caption, (e.width, e.height), e.original_size, e.crop_top_left)
+            for e in read_manifest(dataset_dir)
+        ]
     else:
         examples = [Example(path, _caption_of(path, default_caption)) for path in list_images(dataset_dir)]
     if not examples:
@@ -67,56 +91,94 @@ def trigger_parts(dataset_dir: Path, token: str, class_word: str) -> tuple[str, 
     return str(token), str(class_word)
 
 
-def load_pixels(path: Path, resolution: int):
-    """(3, R, R) float tensor in [-1, 1]: the image resized on its short side and centre-cropped."""
-    import numpy as np
-    import torch
+def train_size(example: Example, resolution: int) -> tuple[int, int]:
+    """(width, height) `example` trains at: the aspect-ratio bucket nearest its manifest size at `resolution`
+    (prep --buckets), else a square."""
+    from sdlora.prep.crops import nearest_bucket
+
+    if example.size is None or example.size[0] == example.size[1]:
+        return resolution, resolution
+    return nearest_bucket(example.size, resolution)
+
+
+def load_example(example: Example, resolution: int):
+    """((3, H, W) pixels in [-1, 1], Geometry): the image scaled to cover its training size, centre-cropped.
+
+    The micro-conditioning follows the manifest (prep's crop of the source photo), scaled to training pixels
+    and shifted by the centre crop; a plain-folder image counts as its own uncropped source."""
     from PIL import Image, ImageOps
 
-    with Image.open(path) as image:
+    size = train_size(example, resolution)
+    with Image.open(example.image) as image:
         image = ImageOps.exif_transpose(image).convert("RGB")
-        image = ImageOps.fit(image, (resolution, resolution), method=Image.Resampling.LANCZOS)
+    width, height = image.size
+    scale = max(size[0] / width, size[1] / height)
+    # ImageOps.fit's centre crop, in the scaled image's pixels
+    top, left = round((height * scale - size[1]) / 2), round((width * scale - size[0]) / 2)
+    source = example.original_size or (height, width)
+    crop = example.crop_top_left or (0, 0)
+    geometry = Geometry(
+        size=size,
+        original_size=(round(source[0] * scale), round(source[1] * scale)),
+        crop_top_left=(round(crop[0] * scale) + top, round(crop[1] * scale) + left),
+    )
+    return _to_tensor(ImageOps.fit(image, size, method=Image.Resampling.LANCZOS)), geometry
+
+
+def load_pixels(path: Path, resolution: int):
+    """(3, R, R) float tensor in [-1, 1]: the image resized on its short side and centre-cropped."""
+    return load_example(Example(Path(path), ""), resolution)[0]
+
+
+def _to_tensor(image: Any):
+    import numpy as np
+    import torch
+
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
-@dataclass(frozen=True)
 class DataOrder:
-    """Which example (and flip) feeds each sample slot, a pure function of (seed, position).
+    """Which example (and flip) fills each slot of global micro-batch k, a pure function of (seed, k).
 
-    Position p of the endless stream is example `perm_e[p % n]` of epoch e = p // n. Making the order a function
-    of the step, not of an iterator's state, means resume and multi-process runs see the same samples as one
+    Each epoch shuffles the examples (seeded by (seed, epoch)), splits them by bucket (training size) and cuts
+    each bucket into global micro-batches of `group` slots (the last one of a bucket wraps round to its start),
+    then shuffles the micro-batches when there are several buckets. So every micro-batch holds one size, and
+    since the order depends only on (seed, k), resumed and multi-process runs see the same samples as one
     uninterrupted single-process run with the same global batch.
     """
 
-    n: int
-    seed: int
-    flip: bool
+    def __init__(self, buckets: list[Any], seed: int, flip: bool, group: int) -> None:
+        self.buckets, self.seed, self.flip, self.group = list(buckets), seed, flip, group
+        sizes = [self.buckets.count(b) for b in dict.fromkeys(self.buckets)]
+        self.per_epoch = sum(-(-n // group) for n in sizes)  # micro-batches per epoch
+        self._cache: dict[int, list[list[tuple[int, int]]]] = {}
 
-    def _epoch(self, epoch: int):
+    def _epoch(self, epoch: int) -> list[list[tuple[int, int]]]:
         import torch
 
         generator = torch.Generator().manual_seed(stream_seed("order", self.seed, epoch))
-        perm = torch.randperm(self.n, generator=generator)
-        flips = torch.randint(0, 2, (self.n,), generator=generator) if self.flip else torch.zeros(self.n)
-        return perm.tolist(), [int(f) for f in flips.tolist()]
+        n = len(self.buckets)
+        perm = torch.randperm(n, generator=generator).tolist()
+        flips = torch.randint(0, 2, (n,), generator=generator).tolist() if self.flip else [0] * n
+        per_bucket: dict[Any, list[tuple[int, int]]] = {}
+        for position, index in enumerate(perm):
+            per_bucket.setdefault(self.buckets[index], []).append((index, int(flips[position])))
+        batches = [
+            [members[(start + j) % len(members)] for j in range(self.group)]
+            for members in per_bucket.values()
+            for start in range(0, len(members), self.group)
+        ]
+        if len(per_bucket) > 1:
+            batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+        return batches
 
-    def slots(self, positions: range) -> list[tuple[int, int]]:
-        """(example index, flip 0/1) for each position."""
-        out, cache = [], {}
-        for p in positions:
-            epoch = p // self.n
-            if epoch not in cache:
-                cache[epoch] = self._epoch(epoch)
-            perm, flips = cache[epoch]
-            out.append((perm[p % self.n], flips[p % self.n]))
-        return out
-
-
-def micro_batch_positions(micro_index: int, batch_size: int, num_processes: int, rank: int) -> range:
-    """Stream positions of this rank's share of global micro-batch `micro_index` (size batch_size x processes)."""
-    start = micro_index * batch_size * num_processes + rank * batch_size
-    return range(start, start + batch_size)
+    def batch(self, k: int) -> list[tuple[int, int]]:
+        """(example index, flip 0/1) of each slot of global micro-batch k."""
+        epoch = k // self.per_epoch
+        if epoch not in self._cache:
+            self._cache = {epoch: self._epoch(epoch)}  # the loop walks forward: keep one epoch
+        return self._cache[epoch][k % self.per_epoch]
 
 
 def stream_seed(kind: str, seed: int, index: int) -> int:

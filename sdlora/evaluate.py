@@ -19,7 +19,7 @@ from sdlora.errors import SdloraError, UsageError
 from sdlora.evaluation.checkpoints import pick_best, plot_identity, score_checkpoint
 from sdlora.evaluation.faces import FaceBackend, face_backend
 from sdlora.evaluation.metrics import Reference, build_reference, score_images
-from sdlora.evaluation.prompts import STANDARD_PROMPTS, clip_text, expand, lora_file, read_prompts, trigger_phrase
+from sdlora.evaluation.prompts import STANDARD_PROMPTS, clip_text, expand
 from sdlora.evaluation.report import EvalResult, print_table, write_json, write_report
 from sdlora.models import check_base
 
@@ -43,8 +43,11 @@ def evaluate(
     """Score `images` (a folder) or the standard prompt set rendered with `lora` on `config.model.base`."""
     _check_inputs(reference, images, lora, prompts_file)
     if lora is not None:  # cheap checks first: a typo fails before any model loads
-        lora = lora_file(lora)
+        from sdlora.adapters import parse_lora
+        from sdlora.generate import read_prompts
+
         check_base(config.model.base, config.model.allow_pickle)
+        adapter = parse_lora(str(lora))
         templates = read_prompts(prompts_file) if prompts_file else list(STANDARD_PROMPTS)
     backend = face_backend(config.eval.face_model)
     threshold = config.eval.threshold or backend.threshold
@@ -56,8 +59,7 @@ def evaluate(
         pictures, names, prompts, seeds = _read_images(images)
         clip_texts = prompts
     else:
-        assert lora is not None
-        pictures, prompts, seeds, templates, trigger = _generate(config, lora, templates, notes)
+        pictures, prompts, seeds, templates, trigger = _generate(config, adapter, templates, notes)
         names = [f"images/{i:03d}.png" for i in range(len(pictures))]
         clip_texts = [clip_text(t) for t in templates]
     fidelity = _fidelity(config.eval.clip, pictures, clip_texts, notes)
@@ -164,14 +166,14 @@ def _recorded_prompt(path: Path) -> tuple[str | None, int | None]:
     return parameters.splitlines()[0], int(seed.group(1)) if seed else None  # A1111: prompt on the first line
 
 
-def _generate(config: Config, weights: Path, templates: list[str], notes: list[str]):
-    """Render the prompt templates with the LoRA file: (images, prompts, seeds, templates, trigger)."""
-    trigger = trigger_phrase(weights)
+def _generate(config: Config, adapter: Any, templates: list[str], notes: list[str]):
+    """Render the prompt templates with the LoRA (an adapters.Lora): (images, prompts, seeds, templates, trigger)."""
+    trigger = adapter.trigger
     if trigger is None:
         trigger = f"{config.prep.token} {config.prep.class_word}"
-        notes.append(f"{weights.name} has no trigger phrase in its metadata; used {trigger!r} from [prep]")
+        notes.append(f"{adapter.path.name} has no trigger phrase in its metadata; used {trigger!r} from [prep]")
     repeated, prompts, seeds = expand(templates, config.eval.n, config.eval.seed, trigger)
-    pipe = _pipeline(config, weights)
+    pipe = _pipeline(config, adapter)
     gen = config.generate
     width, height = gen.width_height
     from sdlora.generate import render_images
@@ -191,20 +193,19 @@ def _generate(config: Config, weights: Path, templates: list[str], notes: list[s
     return images, prompts, seeds, repeated, trigger
 
 
-def _pipeline(config: Config, weights: Path) -> Any:
+def _pipeline(config: Config, adapter: Any) -> Any:
     import torch
 
-    from sdlora.models import load_pipeline
+    from sdlora.adapters import check_family, load_loras
+    from sdlora.models import load_pipeline, model_info
 
     cuda = torch.cuda.is_available()
     # fp32 on CPU (bf16 is slower there); half precision on GPUs, bf16 where supported.
     dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else None
     base = config.model.base or ""
     pipe = load_pipeline(base, allow_pickle=config.model.allow_pickle, torch_dtype=dtype, vae=config.model.vae)
-    try:
-        pipe.load_lora_weights(str(weights))
-    except (ValueError, KeyError, OSError) as exc:
-        raise SdloraError(f"--lora {weights}: could not load it into {base} ({exc})") from None
+    check_family(adapter, model_info(pipe).family, pipe.unet.config.cross_attention_dim)
+    load_loras(pipe, [adapter])
     pipe.set_progress_bar_config(disable=True)
     return pipe.to("cuda" if cuda else "cpu")
 

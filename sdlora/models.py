@@ -98,7 +98,7 @@ def load_pipeline(
 
     check_base(base, allow_pickle)
     path = Path(base).expanduser()
-    kwargs: dict[str, Any] = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
+    kwargs: dict[str, Any] = {"dtype": torch_dtype} if torch_dtype is not None else {}  # diffusers 0.42: `dtype`
     try:
         if path.is_file():
             cls = StableDiffusionXLPipeline if _single_file_is_sdxl(path) else StableDiffusionPipeline
@@ -123,7 +123,7 @@ def load_vae(vae: str, *, torch_dtype: Any = None, allow_pickle: bool = False) -
     from diffusers import AutoencoderKL
 
     check_base(vae, allow_pickle)
-    kwargs: dict[str, Any] = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
+    kwargs: dict[str, Any] = {"dtype": torch_dtype} if torch_dtype is not None else {}  # diffusers 0.42: `dtype`
     path = Path(vae).expanduser()
     if path.is_file():
         return AutoencoderKL.from_single_file(str(path), **kwargs)

@@ -1,4 +1,4 @@
-"""`sdlora train`: DreamBooth LoRA training of SD 1.x/2.x on Accelerate. train(config, dataset, out) -> TrainResult."""
+"""`sdlora train`: DreamBooth LoRA training of SD 1.x/2.x and SDXL on Accelerate: train(config, dataset, out)."""
 
 from __future__ import annotations
 
@@ -11,11 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sdlora import __version__
+from sdlora import train_eval
 from sdlora.config import Config
 from sdlora.errors import Interrupted, SdloraError, UsageError
-
-SAMPLES = "samples"
 
 
 @dataclass(frozen=True)
@@ -49,13 +47,14 @@ class Run:
     pipe: Any
     info: Any  # sdlora.models.ModelInfo
     unet: Any  # prepared (DDP/autocast-wrapped) UNet
-    text_encoder: Any | None  # prepared text encoder when it trains, else None
+    text_encoders: dict[str, Any]  # prepared text encoders by pipeline attribute, when they train; else {}
     params: list[Any]
     optimizer: Any
     lr_scheduler: Any
     batches: Any  # sdlora.batches.Batches
     alphas_cumprod: Any  # (T,) fp32 on the device
     start_step: int
+    offloaded: list[str] = field(default_factory=list)  # frozen pipeline parts moved to the CPU after caching
     started_at: float = field(default_factory=time.time)
 
 
@@ -63,9 +62,10 @@ def train(config: Config, dataset_dir: Path, out_dir: Path) -> TrainResult:
     """Pre-flight checks, set-up, the loop, the final save. Ctrl-C/SIGTERM checkpoint and raise Interrupted."""
     plan = preflight(config, Path(dataset_dir), Path(out_dir))
     accelerator = make_accelerator(config, plan.precision)
+    evaluation = train_eval.start(config, plan, accelerator)  # identity scoring; None when off
     run = setup(config, plan, accelerator)
     with stop_signals() as stopped:
-        step = loop(run, stopped)
+        step = loop(run, stopped, evaluation)
     if stopped and step < config.train.steps:
         raise Interrupted(interrupted_message(run, step), stopped[0])
     return finish(run, step)
@@ -85,6 +85,9 @@ def preflight(config: Config, dataset_dir: Path, out_dir: Path) -> Plan:
     caption = config.prep.caption_template.format(token=token, class_word=class_word)
     examples = data.load_examples(dataset_dir, default_caption=caption)
     prior.check_class_dir(config.train.class_dir)
+    bucketed = any(e.size and e.size[0] != e.size[1] for e in examples)
+    if bucketed and (config.train.class_dir or config.train.class_prompt):
+        raise UsageError(f"{dataset_dir}: prior preservation needs square images; run `sdlora prep` without --buckets")
     precision = resolve_precision(config.train.mixed_precision, *_cuda_facts())
     check_optimizer(config.train.optimizer)
     if out_dir.exists() and not out_dir.is_dir():
@@ -162,16 +165,17 @@ def setup_pipeline(config: Config, plan: Plan, accelerator: Any, pipe: Any, info
     alphas_cumprod = pipe.scheduler.alphas_cumprod.to(accelerator.device, torch.float32)
     num_train_timesteps = pipe.scheduler.config.num_train_timesteps
     classes = class_images(config, plan, pipe, accelerator)
-    attach_adapters(config, pipe, seed=tc.seed)
+    attach_adapters(config, pipe, info, seed=tc.seed)
     batches = build_batches(config, plan, pipe, info, classes, accelerator, num_train_timesteps)
-    text_encoder = pipe.text_encoder if config.lora.train_text_encoder else None
+    offloaded = offload_frozen(config, pipe, info)
+    encoders = trained_text_encoders(config, pipe, info)
     groups = [{"params": lora.trainable_parameters(pipe.unet), "lr": tc.learning_rate}]
-    if text_encoder is not None:
-        groups.append({"params": lora.trainable_parameters(text_encoder), "lr": tc.text_encoder_learning_rate})
+    for name, encoder in encoders.items():
+        groups.append({"params": lora.trainable_parameters(encoder), "lr": text_encoder_lr(tc, name)})
     params = [p for g in groups for p in g["params"]]
     optimizer = build_optimizer(groups, tc.optimizer, tc.weight_decay, fused=accelerator.device.type == "cuda")
     lr_scheduler = build_scheduler(optimizer, tc.steps, tc.warmup_steps, tc.lr_scheduler)
-    models = {"unet": pipe.unet} | ({"text_encoder": text_encoder} if text_encoder is not None else {})
+    models = {"unet": pipe.unet} | encoders
     checkpoint.register_hooks(accelerator, models, accelerator.unwrap_model)
     prepared = accelerator.prepare(*models.values(), optimizer, lr_scheduler)
     unet, optimizer, lr_scheduler = prepared[0], prepared[-2], prepared[-1]
@@ -187,34 +191,39 @@ def setup_pipeline(config: Config, plan: Plan, accelerator: Any, pipe: Any, info
         pipe=pipe,
         info=info,
         unet=unet,
-        text_encoder=prepared[1] if text_encoder is not None else None,
+        text_encoders=dict(zip(encoders, prepared[1 : 1 + len(encoders)], strict=True)),
         params=params,
         optimizer=optimizer,
         lr_scheduler=lr_scheduler,
         batches=batches,
         alphas_cumprod=alphas_cumprod,
         start_step=start_step,
+        offloaded=offloaded,
     )
 
 
 def load_base(config: Config, accelerator: Any, weight_dtype: Any) -> tuple[Any, Any]:
-    """The base pipeline with frozen weights in the training's half type, on the device."""
+    """The base pipeline with frozen weights in the training's half type (SDXL's VAE: fp32), on the device."""
     from sdlora.models import load_pipeline, model_info
 
     pipe = load_pipeline(
         config.model.base or "", allow_pickle=config.model.allow_pickle, torch_dtype=weight_dtype, vae=config.model.vae
     )
     info = model_info(pipe)
-    if info.family == "sdxl":
-        raise SdloraError(f"{config.model.base}: training SDXL models is not supported yet (SD 1.x and 2.x are)")
-    place_base(pipe, accelerator)
+    place_base(pipe, info, accelerator, own_vae=config.model.vae is not None)
     return pipe, info
 
 
-def place_base(pipe: Any, accelerator: Any) -> None:
-    """Freeze every base weight and move the pipeline to the training device."""
-    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
-        module.requires_grad_(False)
+def place_base(pipe: Any, info: Any, accelerator: Any, own_vae: bool = False) -> None:
+    """Freeze every base weight and move the pipeline to the training device (SDXL's own VAE in fp32)."""
+    import torch
+
+    for module in pipe.components.values():
+        if hasattr(module, "requires_grad_"):
+            module.requires_grad_(False)
+    if info.family == "sdxl" and not own_vae and pipe.vae.dtype != torch.float32:
+        # SDXL's own VAE overflows in fp16 (NaN latents, black images); fp32 costs once per image with caching.
+        pipe.vae.to(dtype=torch.float32)
     pipe.to(accelerator.device)
     pipe.set_progress_bar_config(disable=True)
 
@@ -247,8 +256,8 @@ def class_images(config: Config, plan: Plan, pipe: Any, accelerator: Any) -> lis
     return prior.class_examples(folder, prompt, tc.num_class_images)
 
 
-def attach_adapters(config: Config, pipe: Any, seed: int) -> None:
-    """LoRA on the UNet (and text encoder): trainable parameters in fp32 even when the base is half."""
+def attach_adapters(config: Config, pipe: Any, info: Any, seed: int) -> None:
+    """LoRA on the UNet (and text encoders): trainable parameters in fp32 even when the base is half."""
     import torch
     from diffusers.training_utils import cast_training_params
 
@@ -258,11 +267,11 @@ def attach_adapters(config: Config, pipe: Any, seed: int) -> None:
     torch.manual_seed(seed)  # the LoRA init is part of the run: same seed, same adapter
     lora.attach(pipe.unet, lc.rank, lc.alpha, lc.dropout, lora.unet_targets(lc.targets))
     trained = [pipe.unet]
-    if lc.train_text_encoder:
-        lora.attach(pipe.text_encoder, lc.rank, lc.alpha, lc.dropout, lora.TEXT_ENCODER_ATTENTION)
-        trained.append(pipe.text_encoder)
+    for encoder in trained_text_encoders(config, pipe, info).values():
+        lora.attach(encoder, lc.rank, lc.alpha, lc.dropout, lora.TEXT_ENCODER_ATTENTION)
+        trained.append(encoder)
         if tc.gradient_checkpointing:
-            pipe.text_encoder.gradient_checkpointing_enable()
+            encoder.gradient_checkpointing_enable()
     cast_training_params(trained, dtype=torch.float32)
     if tc.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
@@ -270,11 +279,41 @@ def attach_adapters(config: Config, pipe: Any, seed: int) -> None:
         pipe.unet.compile()
 
 
+def trained_text_encoders(config: Config, pipe: Any, info: Any) -> dict[str, Any]:
+    """The text encoders that get LoRA, by pipeline attribute (both of SDXL's), or {}."""
+    from sdlora.conditioning import text_encoder_names
+
+    if not config.lora.train_text_encoder:
+        return {}
+    return {name: getattr(pipe, name) for name in text_encoder_names(info.family)}
+
+
+def text_encoder_lr(tc: Any, name: str) -> float:
+    if name == "text_encoder_2" and tc.text_encoder_2_learning_rate is not None:
+        return tc.text_encoder_2_learning_rate
+    return tc.text_encoder_learning_rate
+
+
+def offload_frozen(config: Config, pipe: Any, info: Any) -> list[str]:
+    """With train.offload: move the frozen text encoders (their outputs are cached) and, with cached latents, the
+    VAE to the CPU; sampling brings them back for a moment. Returns the moved pipeline attributes."""
+    from sdlora.conditioning import text_encoder_names
+
+    if not config.train.offload:
+        return []
+    names = [] if config.lora.train_text_encoder else text_encoder_names(info.family)
+    names += ["vae"] if config.train.cache_latents else []
+    for name in names:
+        getattr(pipe, name).to("cpu")
+    return names
+
+
 def build_batches(
     config: Config, plan: Plan, pipe: Any, info: Any, classes: list[Any] | None, accelerator: Any, timesteps: int
 ) -> Any:
     """Cache the latents (VAE once per image and flip) and, with a frozen text encoder, the text conditioning."""
     from sdlora.batches import Batches, ImageSet, build_text_cache
+    from sdlora.conditioning import text_encoder_names, tokenizers_of
 
     tc = config.train
     instances = ImageSet(plan.examples, tc.resolution, tc.flip, pipe.vae, tc.cache_latents)
@@ -283,7 +322,8 @@ def build_batches(
     text_cache = None
     if not config.lora.train_text_encoder:
         prompts = [e.caption for e in plan.examples] + [class_prompt, ""]
-        text_cache = build_text_cache(info.family, [pipe.tokenizer], [pipe.text_encoder], prompts)
+        encoders = [getattr(pipe, name) for name in text_encoder_names(info.family)]
+        text_cache = build_text_cache(info.family, tokenizers_of(pipe, info.family), encoders, prompts)
     accelerator.print(
         f"{len(plan.examples)} images{f' + {len(classes)} class images' if classes else ''}; effective batch "
         f"{tc.batch_size} x {tc.grad_accum} accumulation x {accelerator.num_processes} processes = "
@@ -323,10 +363,11 @@ def write_run_files(config: Config, plan: Plan, accelerator: Any) -> None:
 # ----------------------------------------------------------------------------------------------- the loop
 
 
-def loop(run: Run, stopped: list[int]) -> int:
+def loop(run: Run, stopped: list[int], evaluation: train_eval.TrainEval | None = None) -> int:
     """Optimisation steps from run.start_step; returns the last step done (earlier when a signal stopped it)."""
     import torch
 
+    from sdlora import outputs
     from sdlora.monitor import Monitor
 
     tc, accelerator = run.config.train, run.accelerator
@@ -354,7 +395,9 @@ def loop(run: Run, stopped: list[int]) -> int:
                 check_finite(run, first_bad)
                 save_checkpoint(run, step)
             if tc.sample_every and (step % tc.sample_every == 0 or step == tc.steps) and not stop:
-                render_samples(run, step)
+                outputs.render_samples(run, step)
+            if not (stop and step < tc.steps):
+                train_eval.after_step(evaluation, run, step)
             if stop:
                 break
     finally:
@@ -372,14 +415,15 @@ def optimisation_step(run: Run, step: int) -> Any:
     total = None
     for micro in range(tc.grad_accum):
         batch = run.batches.micro_batch(step * tc.grad_accum + micro, accelerator.device)
-        trained = [run.unet] + ([run.text_encoder] if run.text_encoder is not None else [])
-        with accelerator.accumulate(*trained):
+        encoders = list(run.text_encoders.values())
+        with accelerator.accumulate(run.unet, *encoders):
             cond = batch.cond
-            if cond is None:  # the text encoder trains: encode with gradients
-                cond = conditioning.encode_prompts(family, [run.pipe.tokenizer], [run.text_encoder], batch.prompts)
+            if cond is None:  # the text encoders train: encode with gradients
+                tokenizers = conditioning.tokenizers_of(run.pipe, family)
+                cond = conditioning.encode_prompts(family, tokenizers, encoders, batch.prompts)
             # Add noise to the latents according to the noise magnitude at each timestep (forward diffusion).
             noisy = diffusion.add_noise(batch.latents, batch.noise, batch.timesteps, run.alphas_cumprod)
-            pred = run.unet(noisy, batch.timesteps, **conditioning.unet_kwargs(family, cond)).sample
+            pred = run.unet(noisy, batch.timesteps, **conditioning.unet_kwargs(family, cond, batch.time_ids)).sample
             goal = diffusion.target(batch.latents, batch.noise, batch.timesteps, run.alphas_cumprod, prediction)
             weights = None
             if tc.min_snr_gamma:
@@ -428,6 +472,7 @@ def _agree(accelerator: Any, flag: bool) -> bool:
 
 def save_checkpoint(run: Run, step: int) -> None:
     from sdlora import checkpoint
+    from sdlora.outputs import save_loras
 
     def write_files(folder: Path) -> None:
         save_loras(run, folder, unwrap_for_good=False)
@@ -435,80 +480,13 @@ def save_checkpoint(run: Run, step: int) -> None:
     checkpoint.save(run.accelerator, run.plan.out_dir, step, write_files, run.config.train.keep_checkpoints)
 
 
-def save_loras(run: Run, folder: Path, *, unwrap_for_good: bool) -> tuple[Path, Path]:
-    """pytorch_lora_weights.safetensors (diffusers, with adapter metadata and our header keys) and NAME.safetensors
-    (kohya) into `folder`. `unwrap_for_good` drops Accelerate's autocast wrapper (after the last step only)."""
-    from sdlora import kohya, lora
-
-    unwrap = run.accelerator.unwrap_model
-    unet = unwrap(run.unet, keep_fp32_wrapper=not unwrap_for_good)
-    encoders = {}
-    if run.text_encoder is not None:
-        encoders["text_encoder"] = unwrap(run.text_encoder, keep_fp32_wrapper=not unwrap_for_good)
-    header = {
-        "sdlora.trigger_phrase": run.plan.trigger,
-        "sdlora.family": run.info.family,
-        "sdlora.version": __version__,
-    }
-    diffusers_file = Path(folder) / lora.DIFFUSERS_FILE
-    lora.save_diffusers(diffusers_file, type(run.pipe), unet, encoders, header)
-    lc, tc = run.config.lora, run.config.train
-    metadata = kohya.build_metadata(
-        run.info,
-        name=run.plan.name,
-        rank=lc.rank,
-        alpha=lc.alpha,
-        steps=tc.steps,
-        learning_rate=tc.learning_rate,
-        resolution=tc.resolution,
-        num_train_images=len(run.plan.examples),
-        trigger_phrase=run.plan.trigger,
-        started_at=run.started_at,
-        finished_at=time.time(),
-        text_encoder_trained=run.text_encoder is not None,
-    )
-    kohya_file = Path(folder) / f"{run.plan.name}.safetensors"
-    kohya.save_kohya(kohya_file, kohya.kohya_state_dict(unet, list(encoders.values()), run.info.family), metadata)
-    return diffusers_file, kohya_file
-
-
-def render_samples(run: Run, step: int) -> None:
-    """A grid of the sample prompts (one column each, the config's generate seed) via `sdlora generate`'s code."""
-    from sdlora.fsutil import atomic_path
-    from sdlora.generate import make_grid, render_images
-
-    if run.accelerator.is_main_process:
-        tc, gc = run.config.train, run.config.generate
-        prompts = [p.replace("{trigger}", run.plan.trigger) for p in tc.sample_prompts]
-        trained = [run.pipe.unet] + ([run.pipe.text_encoder] if run.text_encoder is not None else [])
-        for module in trained:
-            module.eval()
-        # Under autocast: Accelerate's wrapper returns the UNet's output in fp32, which a half VAE would refuse.
-        with run.accelerator.autocast():
-            images = render_images(
-                run.pipe,
-                prompts,
-                [gc.seed] * len(prompts),
-                steps=tc.sample_steps,
-                cfg=gc.cfg,
-                scheduler=gc.scheduler,
-                width=tc.resolution,
-                height=tc.resolution,
-                negative=gc.negative,
-                batch_size=gc.batch_size,
-            )
-        for module in trained:
-            module.train()
-        with atomic_path(run.plan.out_dir / SAMPLES / f"step-{step:06d}.png") as tmp:
-            make_grid(images, cols=len(images)).save(tmp, format="PNG")
-    run.accelerator.wait_for_everyone()
-
-
 def finish(run: Run, step: int) -> TrainResult:
     """The final LoRA files in OUT_DIR (main process) and the result."""
     diffusers_file = run.plan.out_dir / "pytorch_lora_weights.safetensors"
     kohya_file = run.plan.out_dir / f"{run.plan.name}.safetensors"
     if run.accelerator.is_main_process:
+        from sdlora.outputs import save_loras
+
         diffusers_file, kohya_file = save_loras(run, run.plan.out_dir, unwrap_for_good=True)
         run.accelerator.print(f"saved {diffusers_file} and {kohya_file} after {step} steps")
     run.accelerator.wait_for_everyone()

@@ -79,9 +79,8 @@ def build(folder: Path) -> Path:
     # Stored on its side with EXIF orientation 6 ("rotate 90° clockwise to view"): upright only if EXIF is applied.
     exif = Image.Exif()
     exif[0x0112] = 6
-    framing(20, 0, 400, 520, tint=(1.05, 1.0, 0.9)).rotate(90, expand=True).save(
-        folder / "d_exif_rotated.jpg", quality=92, exif=exif
-    )
+    upright = framing(20, 0, 400, 520, tint=(1.05, 1.0, 0.9)).crop((0, 0, 520, 460))  # 520x460 when viewed
+    upright.rotate(90, expand=True).save(folder / "d_exif_rotated.jpg", quality=92, exif=exif)
     framing(60, 30, 380, 500, mirror=True).convert("CMYK").save(folder / "e_cmyk.jpg", quality=92)
     rgba = framing(0, 0, 440, 520, tint=(0.9, 1.0, 1.1)).convert("RGBA")
     alpha = Image.new("L", rgba.size, 255)

@@ -72,3 +72,16 @@ def test_generate_tiny(tmp_path):
     for row in data["variants"]:
         assert len(row["seconds"]) == 1 and positive(row["median_s"])
         assert math.isclose(row["images_per_s"], data["batch"] / row["median_s"])
+
+
+def test_train_step_sdxl_memory_settings_tiny(tmp_path):
+    """gpu.sh's SDXL row (sdlora's SDXL trainer with offload, 8-bit AdamW, checkpointing; the bare UNet step), tiny."""
+    out = tmp_path / "sdxl.json"
+    run_script(
+        "train_step.py", "--model", "tiny-sdxl", "--variants", "sdlora,unet", "--rank", "16", "--optimizer",
+        "adamw8bit", "--gradient-checkpointing", "--offload", "--warmup", "1", "--steps", "1", "--json", str(out),
+    )  # fmt: skip
+    data = json.loads(out.read_text())
+    assert data["model"] == "tiny-sdxl" and data["optimizer"] == "adamw8bit" and data["gradient_checkpointing"]
+    assert [row["variant"] for row in data["variants"]] == ["sdlora", "unet"]
+    assert all(positive(row["median_s"]) and positive(row["step_peak_gb"]) for row in data["variants"])

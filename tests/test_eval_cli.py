@@ -177,7 +177,10 @@ def test_score_checkpoint_for_training(dataset, tiny_sd1):
         (["--images", "{ds}", "--prompts", "p.txt"], "--prompts only applies with --lora"),
         (["--images", "{ds}", "--reference", "/no/such/folder"], "--reference /no/such/folder: no such folder"),
         (["--images", "/no/such/images", "--reference", "{ds}"], "--images /no/such/images: no such folder"),
-        (["--lora", "{ds}", "--reference", "{ds}", "--base", "{ds}"], "pytorch_lora_weights.safetensors: no such"),
+        (
+            ["--lora", "{ds}", "--reference", "{ds}", "--base", "some-org/some-model"],
+            "expected pytorch_lora_weights.safetensors or exactly one",
+        ),
     ],
 )
 def test_cli_errors(dataset, extra, message):

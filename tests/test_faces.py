@@ -47,6 +47,18 @@ def test_astronaut_has_one_face_where_it_is(faces, astronaut):
     assert abs(nose[0] - cx) < 20 and abs(nose[1] - cy) < 25
 
 
+def test_hog_alone_would_find_false_faces(astronaut):
+    """Why the CNN confirms: at the threshold that keeps real faces, HOG also proposes patches of her suit."""
+    import dlib
+
+    from sdlora.prep.faces import HOG_THRESHOLD
+
+    grey = numpy.ascontiguousarray(numpy.asarray(astronaut.convert("L")))
+    rects, scores, _ = dlib.get_frontal_face_detector().run(grey, 1, HOG_THRESHOLD)
+    assert len(rects) >= 2
+    assert sum(rect.top() > 250 for rect in rects) >= 1  # below her face (which ends at y~170): the suit
+
+
 def test_no_person_no_face(faces):
     from skimage import data
 

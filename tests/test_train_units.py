@@ -9,21 +9,32 @@ from train_utils import subject_set
 from typer.testing import CliRunner
 
 from sdlora.cli import app
-from sdlora.data import DataOrder, micro_batch_positions
+from sdlora.data import DataOrder
 from sdlora.errors import UsageError
 from sdlora.optim import lr_factor
 from sdlora.train import resolve_precision
 
 
-def test_data_order_is_a_function_of_position():
-    order = DataOrder(n=4, seed=3, flip=True)
-    first_epoch = order.slots(range(0, 4))
+def test_data_order_is_a_function_of_step():
+    order = DataOrder([(64, 64)] * 4, seed=3, flip=True, group=1)
+    first_epoch = [order.batch(k)[0] for k in range(4)]
     assert sorted(i for i, _ in first_epoch) == [0, 1, 2, 3]
-    assert order.slots(range(2, 6))[:2] == first_epoch[2:]
-    assert DataOrder(4, 3, True).slots(range(8)) == order.slots(range(8))
-    # two processes with batch 1 cover exactly the positions of one process with batch 2
-    two = [p for r in range(2) for p in micro_batch_positions(5, 1, 2, r)]
-    assert two == list(micro_batch_positions(5, 2, 1, 0))
+    assert [DataOrder([(64, 64)] * 4, 3, True, 1).batch(k) for k in range(8)] == [order.batch(k) for k in range(8)]
+    assert order.batch(2) == [first_epoch[2]]  # asked again after later steps (resume): the same slots
+    # one global batch of 2 (2 processes x 1, or 1 process x 2): each process takes its slice of the same list
+    pairs = DataOrder([(64, 64)] * 5, seed=3, flip=False, group=2)
+    assert [len(pairs.batch(k)) for k in range(6)] == [2] * 6 and pairs.per_epoch == 3
+
+
+def test_bucketed_batches_hold_one_size_and_cover_every_image():
+    sizes = [(64, 64), (64, 48), (48, 64), (64, 48), (64, 64), (64, 48), (64, 64)]
+    order = DataOrder(sizes, seed=1, flip=False, group=2)
+    assert order.per_epoch == 2 + 2 + 1  # ceil(3/2) squares, ceil(3/2) landscapes, 1 portrait
+    for epoch in range(3):
+        batches = [order.batch(epoch * order.per_epoch + j) for j in range(order.per_epoch)]
+        assert all(len({sizes[i] for i, _ in batch}) == 1 for batch in batches)
+        assert {i for batch in batches for i, _ in batch} == set(range(len(sizes)))
+    assert [order.batch(k) for k in range(10)] != [DataOrder(sizes, 2, False, 2).batch(k) for k in range(10)]
 
 
 def test_precision_choice():

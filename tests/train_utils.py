@@ -22,3 +22,39 @@ def subject_set(folder: Path, resolution: int = 64, token: str = "sks", class_wo
         (folder / f"img{i}.txt").write_text(f"a photo of {token} {class_word}", encoding="utf-8")
     (folder / "config.json").write_text(json.dumps({"prep": {"token": token, "class_word": class_word}}))
     return folder
+
+
+# Bucketed crops of the astronaut photo, (left, top, right, bottom): two squares (64x64) and two landscapes (96x64).
+BUCKET_CROPS = [(140, 30, 340, 230), (60, 100, 360, 300), (120, 10, 360, 250), (30, 60, 480, 360)]
+
+
+def bucketed_set(folder: Path, token: str = "sks", class_word: str = "person") -> Path:
+    """A prep-style dataset (manifest.jsonl) whose images have two aspect-ratio buckets at 64 px, as
+    `sdlora prep --buckets --resolution 64` writes them: real crop boxes of a 512x512 source photo."""
+    from PIL import Image
+    from skimage import data
+
+    from sdlora.prep.manifest import ManifestEntry, write_manifest
+
+    folder.mkdir(parents=True, exist_ok=True)
+    photo = Image.fromarray(data.astronaut())
+    entries = []
+    for i, box in enumerate(BUCKET_CROPS):
+        size = (64, 64) if box[2] - box[0] == box[3] - box[1] else (96, 64)
+        photo.crop(box).resize(size, Image.LANCZOS).save(folder / f"img{i}.png")
+        entries.append(
+            ManifestEntry(
+                image=f"img{i}.png",
+                caption=f"a photo of {token} {class_word}",
+                source="/photos/astronaut.png",
+                source_sha256="0" * 64,
+                source_size=(512, 512),
+                crop_box=box,
+                sharpness=100.0,
+                width=size[0],
+                height=size[1],
+            )
+        )
+    write_manifest(folder / "manifest.jsonl", entries)
+    (folder / "config.json").write_text(json.dumps({"prep": {"token": token, "class_word": class_word}}))
+    return folder

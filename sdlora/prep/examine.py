@@ -34,6 +34,7 @@ class Settings:
     max_upscale: float
     max_pixels: int
     fast: bool = True  # decode JPEGs at reduced size (Pillow draft) where the crop allows
+    buckets: bool = False  # SDXL aspect-ratio buckets instead of squares
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,7 @@ class Photo:
     size: tuple[int, int] | None = None  # (width, height) after EXIF rotation
     face_box: crops.Box | None = None
     crop_box: crops.Box | None = None
+    out_size: tuple[int, int] | None = None  # (width, height) of the output image
     sharpness: float = 0.0
     phash: str = ""
     embedding: numpy.ndarray | None = None  # (128,) identity descriptor
@@ -75,6 +77,9 @@ def examine(path: Path, settings: Settings) -> Photo:
         return _candidate(path.name, sha, data, first, working, settings)
     except images.Skip as skip:
         return Photo(path.name, sha, skip.reason, skip.message, thumb=thumb)
+    except Exception as exc:  # noqa: BLE001 - decoders of odd files raise anything; one photo never stops a run
+        message = f"It could not be processed ({type(exc).__name__}: {exc}); the file may be corrupt."
+        return Photo(path.name, sha, "unreadable", message, thumb=thumb)
 
 
 def _candidate(
@@ -88,27 +93,30 @@ def _candidate(
             f"It is only {size[0]}x{size[1]} px; a {settings.resolution} px crop needs a shorter side of at least "
             f"{smallest} px (prep.max_upscale {settings.max_upscale:g}).",
         )
+    out_size = crops.nearest_bucket(size, settings.resolution) if settings.buckets else (settings.resolution,) * 2
+    aspect = out_size[0] / out_size[1]
     face_box, embedding = None, None
     if settings.crop == "face":
         face_box, embedding = _the_face(working, size[0] / working.width)
-        crop = crops.face_crop(size, face_box, settings.face_share)
-        if crop[2] - crop[0] < smallest:
-            raise images.Skip(
-                "face_too_small",
-                f"The face is only {face_box[2] - face_box[0]} px wide; its crop would need enlarging "
-                f"{crops.upscale_needed(crop, settings.resolution):.1f}x (limit {settings.max_upscale:g}x). "
-                "Use a closer or larger photo.",
-            )
+        crop = crops.face_crop(size, face_box, settings.face_share, aspect)
     else:
-        crop = crops.center_crop(size)
-    out = _render(data, first, crop, settings)
+        crop = crops.center_crop(size, aspect)
+    needed = crops.upscale_needed(crop, out_size[0])
+    if needed > settings.max_upscale:
+        limit = f"enlarging {needed:.1f}x (limit {settings.max_upscale:g}x)"
+        if face_box is None:
+            raise images.Skip("too_small", f"The centre crop would need {limit}.")
+        width = face_box[2] - face_box[0]
+        raise images.Skip("face_too_small", f"The face is only {width} px wide: its crop would need {limit}.")
+    out = _render(data, first, crop, out_size, settings)
     return Photo(
         name=name,
         sha256=sha,
         size=size,
         face_box=face_box,
         crop_box=crop,
-        sharpness=round(images.sharpness(out, _face_in_output(face_box, crop, settings.resolution)), 4),
+        out_size=out_size,
+        sharpness=round(images.sharpness(out, _face_in_output(face_box, crop, out_size[0])), 4),
         phash=images.perceptual_hash(working),
         embedding=embedding,
         png=_png(out),
@@ -129,34 +137,37 @@ def _the_face(working: Image.Image, scale: float) -> tuple[crops.Box, numpy.ndar
             "Crop the photo to the one person.",
         )
     face = faces[0]
-    box = tuple(round(value * scale) for value in face.box)
+    box = tuple(round(value * scale) for value in face.landmark_box)
     return box, detector().embed(working, face)  # type: ignore[return-value]
 
 
-def _render(data: bytes, first: images.Opened, crop: crops.Box, settings: Settings) -> Image.Image:
-    """The crop resampled to the output size, from a decode with at least `resolution` px across the crop."""
+def _render(
+    data: bytes, first: images.Opened, crop: crops.Box, out_size: tuple[int, int], settings: Settings
+) -> Image.Image:
+    """The crop resampled to `out_size`, from a decode with at least that many pixels across the crop."""
     source = first
-    side = crop[2] - crop[0]
-    if side / first.scale < settings.resolution:
+    crop_width = crop[2] - crop[0]
+    if crop_width / first.scale < out_size[0]:
         # The detection decode is too coarse for this crop: decode again, only as finely as the crop needs.
-        needed = math.ceil(max(first.size) * settings.resolution / side)
+        needed = math.ceil(max(first.size) * out_size[0] / crop_width)
         source = images.open_photo(data, settings.max_pixels, needed if settings.fast else 0)
     box = tuple(value / source.scale for value in crop)
-    size = (settings.resolution, settings.resolution)
-    return source.image.resize(size, Image.Resampling.LANCZOS, box=box)  # type: ignore[arg-type]
+    return source.image.resize(out_size, Image.Resampling.LANCZOS, box=box)  # type: ignore[arg-type]
 
 
-def _face_in_output(face: crops.Box | None, crop: crops.Box, resolution: int) -> tuple[float, ...] | None:
+def _face_in_output(face: crops.Box | None, crop: crops.Box, out_width: int) -> tuple[float, ...] | None:
     if face is None:
         return None
-    scale = resolution / (crop[2] - crop[0])
+    scale = out_width / (crop[2] - crop[0])
     left, top, right, bottom = ((face[i] - crop[i % 2]) * scale for i in range(4))
-    return max(0.0, left), max(0.0, top), min(resolution, right), min(resolution, bottom)
+    out_height = (crop[3] - crop[1]) * scale
+    return max(0.0, left), max(0.0, top), min(out_width, right), min(out_height, bottom)
 
 
 def _png(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG")  # Pillow writes no timestamp: same pixels, same bytes
+    # Pillow writes no timestamp: same pixels, same bytes. Level 3: 2.5x faster than the default 6, files ~8% larger.
+    image.save(buffer, format="PNG", compress_level=3)
     return buffer.getvalue()
 
 

@@ -62,8 +62,8 @@ def open_photo(data: bytes, max_pixels: int, min_long_side: int = 0) -> Opened:
                     factor = min_long_side / max(image.size)
                     image.draft("RGB", (math.ceil(image.size[0] * factor), math.ceil(image.size[1] * factor)))
                 image.load()
-                rotated = ImageOps.exif_transpose(image)
-                rgb = to_rgb(rotated)
+                ImageOps.exif_transpose(image, in_place=True)  # in place: no copy of a 12-MP upright photo
+                rgb = to_rgb(image)
         except Skip:
             raise
         except UnidentifiedImageError:
@@ -99,7 +99,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
         rgba = image.convert("RGBA")
         canvas = Image.new("RGBA", rgba.size, BACKGROUND + (255,))
         return Image.alpha_composite(canvas, rgba).convert("RGB")
-    return image.convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def downscale(image: Image.Image, max_side: int) -> Image.Image:

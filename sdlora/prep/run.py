@@ -66,33 +66,12 @@ def prep(photos_dir: Path, out_dir: Path, config: Config, *, fast: bool = True, 
     photos_dir, out_dir = _check_paths(Path(photos_dir), Path(out_dir), cfg.overwrite)
     caption = captions.render_template(cfg.caption_template, cfg.token, cfg.class_word)
     files = list_inputs(photos_dir)
-    settings = Settings(cfg.crop, cfg.resolution, cfg.face_share, cfg.max_upscale, cfg.max_pixels, fast)
+    settings = Settings(
+        cfg.crop, cfg.resolution, cfg.face_share, cfg.max_upscale, cfg.max_pixels, fast=fast, buckets=cfg.buckets
+    )
     photos = _examine_all(files, settings, _workers(cfg.workers, len(files)), progress)
     photos = _decide(photos, cfg)
-    report = Report()
-    for photo, path in zip(photos, files, strict=True):
-        if photo.reason is None:
-            number = len(report.kept)
-            text = captions.read_sidecar(path)
-            report.kept.append(
-                ManifestEntry(
-                    image=f"images/{number:04d}.png",
-                    caption=captions.with_trigger(text, cfg.token, cfg.class_word) if text else caption,
-                    source=str(path),
-                    source_sha256=photo.sha256,
-                    source_size=photo.size,
-                    crop_box=photo.crop_box,
-                    face_box=photo.face_box,
-                    sharpness=photo.sharpness,
-                    width=cfg.resolution,
-                    height=cfg.resolution,
-                )
-            )
-            report.files.append({"file": photo.name, "status": "kept", "image": report.kept[-1].image})
-        else:
-            report.files.append(
-                {"file": photo.name, "status": "skipped", "reason": photo.reason, "message": photo.message}
-            )
+    report = _report(photos, files, cfg, caption)
     if len(report.kept) < cfg.min_images:
         raise SdloraError(
             f"only {len(report.kept)} of {len(files)} photos in {photos_dir} are usable, fewer than "
@@ -100,6 +79,33 @@ def prep(photos_dir: Path, out_dir: Path, config: Config, *, fast: bool = True, 
             + report.summary()
         )
     _write(out_dir, report, photos, config)
+    return report
+
+
+def _report(photos: list[Photo], files: list[Path], cfg: PrepConfig, caption: str) -> Report:
+    """Manifest entries for the kept photos (numbered in name order) and every file's fate."""
+    report = Report()
+    for photo, path in zip(photos, files, strict=True):
+        if photo.reason is not None:
+            report.files.append(
+                {"file": photo.name, "status": "skipped", "reason": photo.reason, "message": photo.message}
+            )
+            continue
+        text = captions.read_sidecar(path)
+        entry = ManifestEntry(
+            image=f"images/{len(report.kept):04d}.png",
+            caption=captions.with_trigger(text, cfg.token, cfg.class_word) if text else caption,
+            source=str(path),
+            source_sha256=photo.sha256,
+            source_size=photo.size,
+            crop_box=photo.crop_box,
+            face_box=photo.face_box,
+            sharpness=photo.sharpness,
+            width=photo.out_size[0],
+            height=photo.out_size[1],
+        )
+        report.kept.append(entry)
+        report.files.append({"file": photo.name, "status": "kept", "image": entry.image})
     return report
 
 
@@ -142,11 +148,13 @@ def _examine_all(files: list[Path], settings: Settings, workers: int, progress: 
             return [_advanced(bar, task, examine(path, settings)) for path in files]
     import multiprocessing
 
-    # fork: workers start in milliseconds and need no `if __name__ == "__main__"` guard in the caller. With
-    # fork, the pool starts all its workers at the first submit, so submitting before the progress bar's
-    # refresh thread exists means no thread is ever forked mid-lock.
+    # Not fork: a parent that already ran dlib (workers=1 earlier, eval, tests) holds its threads' locks, and a
+    # forked child deadlocks on them. forkserver forks workers from a clean server that has only imported our
+    # modules (preloaded once), so they start fast without inheriting any state.
     methods = multiprocessing.get_all_start_methods()
-    context = multiprocessing.get_context("fork" if "fork" in methods else None)
+    context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+    if "forkserver" in methods:
+        context.set_forkserver_preload(["sdlora.prep.examine"])
     with ProcessPoolExecutor(workers, mp_context=context) as pool:
         futures = [pool.submit(examine, path, settings) for path in files]
         with bar:
