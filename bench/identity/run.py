@@ -221,6 +221,29 @@ def base_rows(base_dir: Path, subjects: list[world.Identity], scale: Scale, work
     return [{"subject": i, "setting": "base", "step": 0, **score(paths, s)} for i, s in enumerate(subjects)]
 
 
+def vae_check(base_dir: Path, count: int = 200, seed: int = 5) -> dict[str, float]:
+    """Share of jittered renders decoded exactly before and after the base's VAE round trip (encode, decode)."""
+    import numpy
+    import torch
+    from diffusers import AutoencoderKL
+    from PIL import Image
+
+    vae = AutoencoderKL.from_pretrained(base_dir / "vae").eval()
+    rng = random.Random(seed)
+    identities = [rng.choice(world.all_identities()) for _ in range(count)]
+    renders = [world.render(i, rng) for i in identities]
+    batch = torch.from_numpy(numpy.stack([numpy.asarray(r, numpy.float32) for r in renders])).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        out = vae.decode(vae.encode(batch / 127.5 - 1).latent_dist.mean).sample
+    arrays = ((out.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    recon = [world.decode(Image.fromarray(a)) for a in arrays]
+    return {
+        "clean_exact": sum(world.decode(r) == i for r, i in zip(renders, identities, strict=True)) / count,
+        "reconstruction_exact": sum(r == i for r, i in zip(recon, identities, strict=True)) / count,
+        "reconstruction_valid": sum(r is not None for r in recon) / count,
+    }
+
+
 def table(rows: list[dict]) -> str:
     """Markdown table, one line per (setting, step), averaged over subjects."""
     keys = ["exact", "attribute_accuracy", "validity", "bleed", "class_validity", "fidelity", "glasses_rate"]
@@ -283,15 +306,22 @@ def main(argv: list[str] | None = None) -> None:
     subjects = list(base.SUBJECTS[: args.subjects])
     base_dir = base.ensure_base()
     args.out.mkdir(parents=True, exist_ok=True)
+    checks = vae_check(base_dir)
     rows = base_rows(base_dir, subjects, scale, args.out / "work")
+    checks["class_validity"] = rows[0]["class_validity"]  # the base's own samples of "a photo of a person"
+    print(f"base {base_dir}: {checks}", flush=True)
     for setting in REDUCED if args.grid == "reduced" else FULL:
         for index, subject in enumerate(subjects):
             work = args.out / "work" / f"{setting.name.replace(' ', '_')}-s{index}"
             for row in run_subject(base_dir, subject, setting, scale, work):
                 rows.append({"subject": index, **row})
-            (args.out / "results.json").write_text(json.dumps({"scale": asdict(scale), "rows": rows}, indent=1))
+            (args.out / "results.json").write_text(
+                json.dumps({"scale": asdict(scale), "base": checks, "rows": rows}, indent=1)
+            )
             print(f"{setting.name} subject {index}: {rows[-1]}", flush=True)
     print(table(rows))
+    (args.out / "table.md").write_text(table(rows) + "\n")
+    (args.out / "results.json").write_text(json.dumps({"scale": asdict(scale), "base": checks, "rows": rows}, indent=1))
     plot(rows, args.out / "curves.png")
 
 
