@@ -41,28 +41,42 @@ def test_decoder_tells_attributes_apart():
         assert world.agreement(found, plain) == pytest.approx(5 / 6)
 
 
+# A smaller base than base.TINY: on a shared 2-core machine it trains several times more steps in the same time.
+SMOKE_BASE = dict(
+    vae_seconds=15.0,
+    unet_seconds=45.0,
+    batch=16,
+    vae_batch=8,
+    pool=400,
+    vae_channels=(8, 16, 16),
+    unet_channels=(16, 32, 32),
+    text_width=32,
+    text_layers=1,
+)
+
+
 def test_smoke_lora_moves_decoded_attributes_toward_the_subject(tmp_path):
     """Tiny base trained here, then the benchmark's own code path: prep -> train -> generate -> decode.
 
-    Margin: the LoRA's mean attribute agreement (nearest-prototype reading of every image, 6 attributes) must
-    beat the base's by 3 standard errors of the difference, computed from the per-image spread measured in this
-    run (the benchmark reports the same spread as soft_agreement_sd), and by at least one attribute in six.
+    Margin: the LoRA's mean attribute agreement with the subject (nearest-prototype reading of every image, six
+    attributes) must beat the base's by 3 standard errors of the difference, computed from the per-image spread
+    measured in this run (the benchmark reports the same spread as soft_agreement_sd), and by at least 0.1
+    (more than half an attribute in six on average).
     """
     import torch
 
     from bench.identity import base, run
 
     torch.set_num_threads(1)
-    base_dir = base.ensure_base(base.TINY, tmp_path / "base")
+    base_dir = base.ensure_base(base.BaseSpec(**SMOKE_BASE), tmp_path / "base")
     subject = base.SUBJECTS[0]
-    scale = run.Scale(photos=8, seeds=24, sample_steps=8, checkpoints=(120,), batch_size=4)
-    setting = run.Setting(prior=False, text_encoder=False, rank=8, lr=3e-3)
-    rows = run.run_subject(base_dir, subject, setting, scale, tmp_path / "run")
+    scale = run.Scale(photos=8, seeds=16, sample_steps=6, checkpoints=(150,), batch_size=4)
+    setting = run.Setting(prior=False, text_encoder=True, rank=8, lr=1e-2)
+    (after,) = run.run_subject(base_dir, subject, setting, scale, tmp_path / "run")
     (before,) = run.base_rows(base_dir, [subject], scale, tmp_path / "base-run")
-    (after,) = rows
-    assert after["step"] == 120
+    assert after["step"] == 150
     n = scale.seeds
     stderr = math.sqrt(before["soft_agreement_sd"] ** 2 / n + after["soft_agreement_sd"] ** 2 / n)
-    margin = max(3 * stderr, 1 / 6)
+    margin = max(3 * stderr, 0.1)
     gain = after["soft_agreement"] - before["soft_agreement"]
     assert gain > margin, (before["soft_agreement"], after["soft_agreement"], margin)

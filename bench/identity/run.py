@@ -48,9 +48,9 @@ class Scale:
 
     photos: int = 12
     seeds: int = 64
-    sample_steps: int = 10
+    sample_steps: int = 8
     cfg: float = 4.0
-    checkpoints: tuple[int, ...] = (100, 200, 400)
+    checkpoints: tuple[int, ...] = (100, 300)
     batch_size: int = 4
     class_images: int = 64
 
