@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import inspect
 import json
 import random
 import time
@@ -50,11 +51,14 @@ TINY = BaseSpec(
 
 
 def cache_dir(spec: BaseSpec) -> Path:
-    """~/.cache/sdlora/identity-base-<hash>: the hash covers this file, world.py and the spec."""
+    """~/.cache/sdlora/identity-base-<hash>: the hash covers this file, the world's renderer and the spec."""
     digest = hashlib.sha256()
-    for path in (Path(__file__), Path(world.__file__)):
-        # The syntax tree, not the bytes: reformatting or editing comments does not retrain the base.
-        digest.update(ast.dump(ast.parse(path.read_text(encoding="utf-8"))).encode())
+    # The syntax tree, not the bytes: reformatting or editing comments does not retrain the base. Of world.py
+    # only what draws the training images counts (the decoder can change without a retrain).
+    digest.update(ast.dump(ast.parse(Path(__file__).read_text(encoding="utf-8"))).encode())
+    digest.update(ast.dump(ast.parse(inspect.getsource(world.render))).encode())
+    digest.update(repr((world.SIZE, world.SKIN, world.HAIR, world.STYLES, world.EYES, world.BACKGROUND)).encode())
+    digest.update(repr((world.FRAME, world.MOUTH)).encode())
     digest.update(json.dumps(asdict(spec), sort_keys=True).encode())
     return Path.home() / ".cache" / "sdlora" / f"identity-base-{digest.hexdigest()[:12]}"
 

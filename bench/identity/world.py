@@ -147,12 +147,16 @@ def read(image: Image.Image) -> Reading:
     dist = numpy.linalg.norm(img - numpy.asarray(SKIN[skin], numpy.float32), axis=2)
     ys, xs = numpy.nonzero(dist <= 32)
     if len(xs) < 120:
-        return Reading(Identity(skin, "black", "short", "brown", False, background), "no face")
-    left, right = numpy.percentile(xs, [2, 98])
-    chin = float(numpy.percentile(ys, 98))
-    r = (right - left + 1) / 2
-    cx = (left + right + 1) / 2
-    cy = chin + 1 - 1.2 * r
+        # No face: read every attribute where an unjittered render has it, so blurry samples of weak models
+        # still get a best guess (never valid).
+        problems.insert(0, "no face")
+        r, cx, cy = 14.0, SIZE / 2, SIZE / 2 + 3
+    else:
+        left, right = numpy.percentile(xs, [2, 98])
+        chin = float(numpy.percentile(ys, 98))
+        r = (right - left + 1) / 2
+        cx = (left + right + 1) / 2
+        cy = chin + 1 - 1.2 * r
     if not 10 <= r <= 18:
         problems.append(f"face width {2 * r:.0f} px")
     yy, xx = numpy.mgrid[0:SIZE, 0:SIZE].astype(numpy.float32) + 0.5
