@@ -74,6 +74,7 @@ TINY_WORLD = [
 @pytest.mark.xfail(
     reason="on the shared 2-core machine the in-test base gets ~70 UNet steps in its minute and draws noise, so "
     "the LoRA's gain (+0.02-0.03 measured, three tries) stays under the 0.1 margin; needs a stronger tiny base",
+    raises=AssertionError,  # only the margin may fail: a crash anywhere on the code path fails the test
     strict=False,
 )
 def test_smoke_lora_moves_decoded_attributes_toward_the_subject(tmp_path, monkeypatch):

@@ -247,6 +247,7 @@ def vae_check(base_dir: Path, count: int = 200, seed: int = 5) -> dict[str, floa
 def table(rows: list[dict]) -> str:
     """Markdown table, one line per (setting, step), averaged over subjects."""
     keys = ["exact", "attribute_accuracy", "validity", "bleed", "class_validity", "fidelity", "glasses_rate"]
+    keys += ["soft_agreement", "class_soft_agreement"]
     groups: dict[tuple[str, int], list[dict]] = {}
     for row in rows:
         groups.setdefault((row["setting"], row["step"]), []).append(row)
@@ -313,7 +314,7 @@ def _mean(values: list[float | None]) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("bench-out/identity"))
+    parser.add_argument("--out", type=Path, default=Path.home() / ".cache" / "sdlora" / "identity-bench")
     parser.add_argument("--grid", choices=("reduced", "full"), default="reduced")
     parser.add_argument("--subjects", type=int, default=len(base.SUBJECTS))
     parser.add_argument("--steps", type=int, nargs="+", default=list(Scale.checkpoints))
