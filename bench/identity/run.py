@@ -1,0 +1,356 @@
+"""The identity benchmark: real `sdlora` prep -> train -> generate in the toy world, scored by the decoder.
+
+For each held-out subject and each setting of the grid: render photos of the subject, `prep` them
+(--crop center: renders have no dlib face), `train` a LoRA with checkpoints, `generate` a fixed set of
+seeds per prompt from the base and from every checkpoint, and decode every image. Prints a table, writes
+results.json and curves.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.identity import base, world
+
+TRIGGER = "sks person"
+PROMPTS = {
+    "identity": f"a photo of {TRIGGER}",
+    "class": base.CLASS_PROMPT,  # must NOT give the subject (bleed)
+    "glasses": f"a photo of {TRIGGER} with glasses",  # the subject, wearing glasses (prompt fidelity)
+}
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One cell of the grid."""
+
+    prior: bool  # prior preservation with renders of other identities as class images
+    text_encoder: bool  # LoRA on the text encoder too
+    rank: int = 8
+    lr: float = 3e-3
+
+    @property
+    def name(self) -> str:
+        on = {True: "on", False: "off"}
+        return f"prior={on[self.prior]} te={on[self.text_encoder]} r{self.rank} lr{self.lr:g}"
+
+
+@dataclass(frozen=True)
+class Scale:
+    """How big a run is: photos, seeds per prompt, sampling steps, checkpoints."""
+
+    photos: int = 12
+    seeds: int = 64
+    sample_steps: int = 8
+    cfg: float = 4.0
+    checkpoints: tuple[int, ...] = (100, 300)
+    batch_size: int = 4
+    class_images: int = 64
+
+
+REDUCED = [Setting(p, t) for p in (False, True) for t in (False, True)]
+FULL = [Setting(p, t, r, lr) for p in (False, True) for t in (False, True) for r in (4, 16) for lr in (1e-3, 3e-3)]
+
+
+# ----------------------------------------------------------------------------------------------- inputs
+
+
+def write_renders(identities: list[world.Identity], folder: Path, seed: int) -> Path:
+    """One PNG per identity in `identities` (jittered renders), as a user's photo folder."""
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, identity in enumerate(identities):
+        world.render(identity, rng).save(folder / f"{i:04d}.png")
+    return folder
+
+
+def class_renders(subject: world.Identity, count: int, folder: Path, seed: int) -> Path:
+    """Prior-preservation class images: renders of other identities (never the subject)."""
+    rng = random.Random(seed)
+    others = [i for i in world.all_identities() if i != subject]
+    return write_renders(rng.sample(others, count), folder, seed + 1)
+
+
+def make_config(base_dir: Path, setting: Setting, scale: Scale, class_dir: Path | None, seed: int = 0):
+    """The sdlora config of one run: 64 px renders, LoRA settings of `setting`, checkpoints of `scale`."""
+    from math import gcd
+
+    from sdlora.config import load
+
+    every = 0
+    for step in scale.checkpoints:
+        every = gcd(every, step)
+    options = {
+        "model.base": str(base_dir),
+        "prep.crop": "center",
+        "prep.resolution": world.SIZE,
+        "prep.min_images": 3,
+        "prep.blur_ratio": 0.0,  # flat-colour renders: sharpness is no signal
+        "prep.duplicate_distance": 0,  # jittered renders of one identity hash alike, yet are distinct photos
+        "prep.workers": 1,
+        "lora.rank": setting.rank,
+        "lora.alpha": float(setting.rank),
+        "lora.train_text_encoder": setting.text_encoder,
+        "train.resolution": world.SIZE,
+        "train.steps": max(scale.checkpoints),
+        "train.checkpoint_every": every,
+        "train.keep_checkpoints": 100,
+        "train.sample_every": 0,
+        "train.batch_size": scale.batch_size,
+        "train.learning_rate": setting.lr,
+        "train.text_encoder_learning_rate": setting.lr / 3,
+        "train.seed": seed,
+        "train.class_dir": str(class_dir) if setting.prior else None,
+        "train.num_class_images": scale.class_images,
+        "generate.n": scale.seeds,
+        "generate.batch_size": scale.seeds,
+        "generate.steps": scale.sample_steps,
+        "generate.cfg": scale.cfg,
+        "generate.size": f"{world.SIZE}x{world.SIZE}",
+        "generate.seed": 1000,
+    }
+    return load(None, options)
+
+
+# ----------------------------------------------------------------------------------------------- the real commands
+
+
+def prep_subject(subject: world.Identity, work: Path, config: Any, scale: Scale, seed: int) -> Path:
+    from sdlora.prep.run import prep
+
+    photos = write_renders([subject] * scale.photos, work / "photos", seed)
+    prep(photos, work / "dataset", config, progress=False)
+    return work / "dataset"
+
+
+def train_lora(config: Any, dataset: Path, out: Path) -> dict[int, Path]:
+    """`sdlora train`; returns {step: diffusers LoRA file} of every checkpoint."""
+    from sdlora import checkpoint
+    from sdlora.lora import DIFFUSERS_FILE
+    from sdlora.train import train
+
+    train(config, dataset, out)
+    return {checkpoint.read_step(c): c / DIFFUSERS_FILE for c in checkpoint.list_checkpoints(out)}
+
+
+def render_prompts(config: Any, lora: Path | None, out: Path) -> dict[str, list[Path]]:
+    """`sdlora generate` of every benchmark prompt at the config's fixed seeds; {prompt key: image paths}."""
+    from sdlora.generate import generate
+
+    g = config.generate.model_copy(update={"prompts": list(PROMPTS.values()), "loras": [str(lora)] if lora else []})
+    paths = generate(config.model_copy(update={"generate": g}), out)
+    pngs = sorted(p for p in paths if p.suffix == ".png" and p.stem[:4].isdigit())
+    n = config.generate.n
+    return {key: pngs[i * n : (i + 1) * n] for i, key in enumerate(PROMPTS)}
+
+
+# ----------------------------------------------------------------------------------------------- scoring
+
+
+def score(images: dict[str, list[Any]], subject: world.Identity) -> dict[str, Any]:
+    """Decoder metrics of one image set ({prompt key: PIL images or paths}); see docs/identity-benchmark.md."""
+    from PIL import Image
+
+    def readings(key: str) -> list[world.Reading]:
+        return [world.read(Image.open(i) if isinstance(i, str | Path) else i) for i in images[key]]
+
+    ident, cls, glasses = readings("identity"), readings("class"), readings("glasses")
+    valid = [r.identity for r in ident if r.valid]
+    with_glasses = world.Identity(**(subject.as_dict() | {"glasses": True}))
+    result = {
+        "exact": _share(ident, lambda r: r.valid and r.identity == subject),
+        "validity": _share(ident, lambda r: r.valid),
+        "attribute_accuracy": sum(world.agreement(v, subject) for v in valid) / len(valid) if valid else None,
+        "per_attribute": {
+            a: (sum(getattr(v, a) == getattr(subject, a) for v in valid) / len(valid) if valid else None)
+            for a in world.ATTRIBUTES
+        },
+        # Over every image, valid or not: the nearest-prototype guess (the smoke test's signal on weak models).
+        "soft_agreement": sum(world.agreement(r.identity, subject) for r in ident) / len(ident),
+        "soft_agreement_sd": _sd([world.agreement(r.identity, subject) for r in ident]),
+        "bleed": _share(cls, lambda r: r.valid and r.identity == subject),
+        "class_soft_agreement": sum(world.agreement(r.identity, subject) for r in cls) / len(cls),
+        "class_validity": _share(cls, lambda r: r.valid),
+        "fidelity": _share(glasses, lambda r: r.valid and r.identity == with_glasses),
+        "glasses_rate": _share(glasses, lambda r: r.valid and r.identity.glasses),
+        "glasses_validity": _share(glasses, lambda r: r.valid),
+    }
+    return result
+
+
+def _share(readings: list[world.Reading], test) -> float:
+    return sum(1 for r in readings if test(r)) / len(readings)
+
+
+def _sd(values: list[float]) -> float:
+    mean = sum(values) / len(values)
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / max(1, len(values) - 1))
+
+
+# ----------------------------------------------------------------------------------------------- the grid
+
+
+def run_subject(base_dir: Path, subject: world.Identity, setting: Setting, scale: Scale, work: Path) -> list[dict]:
+    """Prep, train and score one (subject, setting): one row per checkpoint."""
+    classes = class_renders(subject, scale.class_images, work / "class", seed=7) if setting.prior else None
+    config = make_config(base_dir, setting, scale, classes)
+    dataset = prep_subject(subject, work, config, scale, seed=11)
+    started = time.time()
+    files = train_lora(config, dataset, work / "lora")
+    train_s = time.time() - started
+    rows = []
+    for step, lora in sorted(files.items()):
+        if step not in scale.checkpoints:
+            continue
+        metrics = score(render_prompts(config, lora, work / f"images-{step}"), subject)
+        rows.append({"setting": setting.name, **asdict(setting), "step": step, "train_s": round(train_s), **metrics})
+    return rows
+
+
+def base_rows(base_dir: Path, subjects: list[world.Identity], scale: Scale, work: Path) -> list[dict]:
+    """Step 0: the base model alone, scored against each subject (same seeds and prompts)."""
+    config = make_config(base_dir, REDUCED[0], scale, None)
+    paths = render_prompts(config, None, work / "base-images")
+    return [{"subject": i, "setting": "base", "step": 0, **score(paths, s)} for i, s in enumerate(subjects)]
+
+
+def vae_check(base_dir: Path, count: int = 200, seed: int = 5) -> dict[str, float]:
+    """Share of jittered renders decoded exactly before and after the base's VAE round trip (encode, decode)."""
+    import numpy
+    import torch
+    from diffusers import AutoencoderKL
+    from PIL import Image
+
+    vae = AutoencoderKL.from_pretrained(base_dir / "vae").eval()
+    rng = random.Random(seed)
+    identities = [rng.choice(world.all_identities()) for _ in range(count)]
+    renders = [world.render(i, rng) for i in identities]
+    batch = torch.from_numpy(numpy.stack([numpy.asarray(r, numpy.float32) for r in renders])).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        out = vae.decode(vae.encode(batch / 127.5 - 1).latent_dist.mean).sample
+    arrays = ((out.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    recon = [world.decode(Image.fromarray(a)) for a in arrays]
+    return {
+        "clean_exact": sum(world.decode(r) == i for r, i in zip(renders, identities, strict=True)) / count,
+        "reconstruction_exact": sum(r == i for r, i in zip(recon, identities, strict=True)) / count,
+        "reconstruction_valid": sum(r is not None for r in recon) / count,
+    }
+
+
+def table(rows: list[dict]) -> str:
+    """Markdown table, one line per (setting, step), averaged over subjects."""
+    keys = ["exact", "attribute_accuracy", "validity", "bleed", "class_validity", "fidelity", "glasses_rate"]
+    keys += ["soft_agreement", "class_soft_agreement"]
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["setting"], row["step"]), []).append(row)
+    lines = ["| setting | step | " + " | ".join(keys) + " |", "|" + "---|" * (len(keys) + 2)]
+    for (setting, step), members in groups.items():
+        cells = []
+        for key in keys:
+            values = [m[key] for m in members if m[key] is not None]
+            cells.append(f"{100 * sum(values) / len(values):.0f}%" if values else "-")
+        lines.append(f"| {setting} | {step} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def best_steps(rows: list[dict], max_bleed: float = 0.05) -> list[dict]:
+    """sdlora's pick_best (the eval issue's checkpoint choice) fed the decoder's numbers, against the measured
+    best step: the most exact identity among steps with bleed <= max_bleed (ties: the earlier step)."""
+    from sdlora.evaluation.checkpoints import pick_best
+
+    out = []
+    runs = dict.fromkeys((r["setting"], r["subject"]) for r in rows if r["setting"] != "base")
+    for setting, subject in runs:
+        mine = [r for r in rows if r["setting"] == setting and r["subject"] == subject]
+        metrics = [
+            {"step": r["step"], "identity": r["attribute_accuracy"], "recognised_rate": r["exact"], "bleed": r["bleed"]}
+            for r in mine
+        ]
+        picked, why = pick_best(metrics, min_diversity=0.0, max_bleed=max_bleed)
+        ok = [r for r in mine if r["bleed"] <= max_bleed] or mine
+        measured = max(ok, key=lambda r: (r["exact"], -r["step"]))["step"]
+        out.append({"setting": setting, "subject": subject, "picked": picked, "measured": measured, "why": why})
+    return out
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Identity (exact), bleed and validity against steps, one line per setting (mean over subjects)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = (("exact", "exact identity"), ("attribute_accuracy", "attribute accuracy"), ("bleed", "bleed"))
+    panels += (("validity", "validity (trigger)"), ("class_validity", "validity (class)"), ("fidelity", "fidelity"))
+    fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
+    base_mean = {k: _mean([r[k] for r in rows if r["setting"] == "base"]) for k, _ in panels}
+    for ax, (key, label) in zip(axes.flat, panels, strict=True):
+        for setting in dict.fromkeys(r["setting"] for r in rows if r["setting"] != "base"):
+            steps = sorted({r["step"] for r in rows if r["setting"] == setting})
+            ys = [_mean([r[key] for r in rows if r["setting"] == setting and r["step"] == s]) for s in steps]
+            ax.plot([0, *steps], [base_mean[key], *ys], marker="o", label=setting)
+        ax.set_title(label, fontsize=9)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _mean(values: list[float | None]) -> float:
+    kept = [v for v in values if v is not None]
+    return sum(kept) / len(kept) if kept else float("nan")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path.home() / ".cache" / "sdlora" / "identity-bench")
+    parser.add_argument("--grid", choices=("reduced", "full"), default="reduced")
+    parser.add_argument("--subjects", type=int, default=len(base.SUBJECTS))
+    parser.add_argument("--steps", type=int, nargs="+", default=list(Scale.checkpoints))
+    parser.add_argument("--seeds", type=int, default=Scale.seeds)
+    args = parser.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(1)  # shared 2-core machine: one thread is faster under load
+    scale = Scale(checkpoints=tuple(args.steps), seeds=args.seeds)
+    subjects = list(base.SUBJECTS[: args.subjects])
+    base_dir = base.ensure_base()
+    args.out.mkdir(parents=True, exist_ok=True)
+    checks = vae_check(base_dir)
+    rows = base_rows(base_dir, subjects, scale, args.out / "work")
+    checks["class_validity"] = rows[0]["class_validity"]  # the base's own samples of "a photo of a person"
+    print(f"base {base_dir}: {checks}", flush=True)
+    # Subjects outer: a run cut short still has every setting for the first subject.
+    for index, subject in enumerate(subjects):
+        for setting in REDUCED if args.grid == "reduced" else FULL:
+            work = args.out / "work" / f"{setting.name.replace(' ', '_')}-s{index}"
+            for row in run_subject(base_dir, subject, setting, scale, work):
+                rows.append({"subject": index, **row})
+            print(f"{setting.name} subject {index}: {rows[-1]}", flush=True)
+            write_results(args.out, scale, checks, rows)
+    print(table(rows))
+    for pick in best_steps(rows):
+        print(f"{pick['setting']} s{pick['subject']}: pick_best {pick['picked']}, measured best {pick['measured']}")
+
+
+def write_results(out: Path, scale: Scale, checks: dict, rows: list[dict]) -> None:
+    """table.md, results.json and curves.png of the rows so far."""
+    results = {"scale": asdict(scale), "base": checks, "rows": rows, "best_steps": best_steps(rows)}
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    (out / "table.md").write_text(table(rows) + "\n")
+    plot(rows, out / "curves.png")
+
+
+if __name__ == "__main__":
+    main()
