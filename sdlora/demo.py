@@ -31,12 +31,17 @@ class DemoResult:
     prep_summary: str
 
 
-def demo_config(base: str, tiny: bool, steps: int | None, sets: list[str] | None = None) -> Config:
-    """The demo's settings: small and quick on the tiny model, sensible defaults on a real one."""
+def demo_config(
+    base: str, tiny: bool, steps: int | None, lora: Path, overwrite: bool = False, sets: list[str] | None = None
+) -> Config:
+    """The demo's settings for every stage: small and quick on the tiny model, sensible defaults on a real one."""
     resolution = TINY_RESOLUTION if tiny else 512
     steps = steps or (40 if tiny else 400)
     options = {
         "model.base": base,
+        "prep.overwrite": overwrite,
+        "train.overwrite": overwrite,
+        "generate.loras": [str(lora)],
         "prep.resolution": resolution,
         "train.resolution": resolution,
         "train.steps": steps,
@@ -86,22 +91,16 @@ def demo(
 
         base = str(save_tiny_pipeline("sd1", out_dir / "base-model"))
         say(f"      base model: a tiny randomly initialised SD 1.x in {base} (its images are noise)")
-    cfg = demo_config(base, tiny, steps, sets)
-    update = {"prep": cfg.prep.model_copy(update={"overwrite": overwrite})}
-    cfg = cfg.model_copy(update=update)
+    dataset, lora, images = out_dir / "dataset", out_dir / "lora", out_dir / "images"
+    cfg = demo_config(base, tiny, steps, lora, overwrite, sets)
 
-    dataset = out_dir / "dataset"
     report = prep(photos, dataset, cfg)
     say(f"[2/5] prep: {report.summary().splitlines()[0]} -> {dataset} (see contact_sheet.jpg, report.json)")
 
-    lora = out_dir / "lora"
-    train_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"overwrite": overwrite})})
-    result = train(train_cfg, dataset, lora)
+    result = train(cfg, dataset, lora)
     say(f"[3/5] train: {result.steps} steps -> {result.lora_file} and {result.kohya_file}")
 
-    images = out_dir / "images"
-    gen_cfg = cfg.model_copy(update={"generate": cfg.generate.model_copy(update={"loras": [str(lora)]})})
-    paths = generate(gen_cfg, images)
+    paths = generate(cfg, images)
     say(f"[4/5] generate: {len(paths)} images -> {images}")
 
     eval_json, eval_report = out_dir / "eval.json", out_dir / "eval-report"
