@@ -19,17 +19,20 @@ fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 $PY -c "import torch, diffusers, peft, accelerate; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'peft', peft.__version__)"
 
-# Each part has its own time limit (sum 465 s), so one hang cannot eat the whole run; a failed part is reported.
+# Each part has its own time limit (sum 470 s), so one hang cannot eat the whole run; a failed part is reported.
 run() { local limit=$1; shift; timeout "$limit" "$@" || echo "FAILED ($?): $*"; }
-run 40 $PY bench/matmul.py --json "$RESULTS/matmul.json"
-run 140 $PY bench/train_step.py --device cuda --model sd15 --precision bf16 --batch 1 --warmup 3 --steps 10 \
+run 30 $PY bench/matmul.py --json "$RESULTS/matmul.json"
+run 90 $PY bench/train_step.py --device cuda --model sd15 --precision bf16 --batch 1 --warmup 3 --steps 10 \
   --json "$RESULTS/sd15-b1.json"
-run 160 $PY bench/train_step.py --device cuda --model sd15 --precision bf16 --batch 8 --warmup 2 --steps 5 \
-  --json "$RESULTS/sd15-b8.json"
+run 110 $PY bench/train_step.py --device cuda --model sd15 --precision bf16 --batch 8 --warmup 2 --steps 6 \
+  --variants baseline,sdlora,sdlora:channels_last --json "$RESULTS/sd15-b8.json"
 # SDXL 1024: UNet-only LoRA rank 16 with the memory-saving settings: sdlora's trainer (cached latents and
 # embeddings, encoders and VAE offloaded to the CPU) and the bare UNet step on random cached inputs.
-run 125 $PY bench/train_step.py --device cuda --model sdxl --variants sdlora,unet --precision bf16 --rank 16 \
+run 110 $PY bench/train_step.py --device cuda --model sdxl --variants sdlora,unet --precision bf16 --rank 16 \
   --gradient-checkpointing --optimizer adamw8bit --offload --warmup 2 --steps 3 --json "$RESULTS/sdxl-unet.json"
+# The best batch size for throughput, and torch.compile (its compile time is in the warm-up steps' times).
+run 130 $PY bench/train_step.py --device cuda --model sd15 --precision bf16 --batch 32 --warmup 2 --steps 4 \
+  --variants sdlora,sdlora:compile --json "$RESULTS/sd15-b32.json"
 
 $PY - "$RESULTS" <<'PYEOF'
 import json, sys
@@ -44,7 +47,7 @@ matmul = load("matmul.json")
 peak = matmul["tflops"] if matmul else None
 print(f"\nbf16 matmul: {peak:.1f} TFLOP/s" if peak else "\nbf16 matmul: not measured")
 print(f"{'run':24} {'variant':10} {'s/step':>8} {'samples/s':>9} {'speedup':>7} {'TFLOP/s':>8} {'of matmul':>9} {'peak GB':>8}")
-for name in ("sd15-b1.json", "sd15-b8.json", "sdxl-unet.json"):
+for name in ("sd15-b1.json", "sd15-b8.json", "sd15-b32.json", "sdxl-unet.json"):
     data = load(name)
     if data is None:
         print(f"{name[:-5]:24} not measured (failed or timed out)")

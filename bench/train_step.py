@@ -49,6 +49,7 @@ LEVERS = {
     "item": "a loss.item() host sync after every step (what diffusers' loop does)",
     "free_encoders": "drop the VAE and text encoder once latents and embeddings are cached",
     "grad_ckpt": "gradient checkpointing in the UNet",
+    "compile": "torch.compile of the UNet (train.compile): its compile time is in the first (warm-up) steps",
 }
 
 
@@ -94,6 +95,7 @@ def sdlora_worker(opts: argparse.Namespace, levers: list[str], work: Path):
             "mixed_precision": precision,
             "optimizer": opts.optimizer,
             "gradient_checkpointing": opts.gradient_checkpointing or "grad_ckpt" in levers,
+            "compile": "compile" in levers,
             "offload": opts.offload,
             "sample_every": 0,
             "checkpoint_every": 0,

@@ -4,6 +4,10 @@ The base learns "a photo of a person" (any identity) and attribute phrases ("wit
 from renders of every identity except the benchmark's held-out subjects. `ensure_base` caches it under
 ~/.cache/sdlora/identity-base-<hash of this file and world.py>, so it is rebuilt only when missing or when the
 training code or the world changes.
+
+The budgets are step counts, not seconds, so the same spec gives the same base on any device: the default one
+was built once on a GPU (`python -m bench.identity.base --out DIR`: about 2 minutes on an H100) and takes
+hours on a 2-core CPU; the tests' TINY spec builds in about a minute on the CPU.
 """
 
 from __future__ import annotations
@@ -32,21 +36,22 @@ SUBJECTS = (
 class BaseSpec:
     """Sizes and budgets of one base model (the default is the benchmark's; tests use a tiny one)."""
 
-    vae_seconds: float = 180.0  # wall-clock budgets: step counts are recorded in identity_base.json
-    unet_seconds: float = 780.0
-    batch: int = 32
-    vae_batch: int = 16
-    pool: int = 8000  # renders encoded once; the UNet trains on their latents
+    vae_steps: int = 3000
+    unet_steps: int = 10000
+    batch: int = 128
+    vae_batch: int = 32
+    pool: int = 20000  # renders drawn once; the VAE trains on them, the UNet on their latents
     vae_channels: tuple[int, ...] = (16, 32, 32)
     unet_channels: tuple[int, ...] = (32, 64, 64)
     text_width: int = 64
     text_layers: int = 3
     lr: float = 1e-3
+    ema: float = 0.999  # the saved UNet and text encoder are exponential moving averages of the trained ones
     seed: int = 0
 
 
 TINY = BaseSpec(
-    vae_seconds=20.0, unet_seconds=40.0, batch=16, vae_batch=8, pool=600, unet_channels=(32, 32, 64), text_layers=2
+    vae_steps=60, unet_steps=150, batch=16, vae_batch=8, pool=600, unet_channels=(32, 32, 64), text_layers=2, ema=0.0
 )
 
 
@@ -63,7 +68,7 @@ def cache_dir(spec: BaseSpec) -> Path:
     return Path.home() / ".cache" / "sdlora" / f"identity-base-{digest.hexdigest()[:12]}"
 
 
-def ensure_base(spec: BaseSpec = BaseSpec(), folder: Path | None = None, log=print) -> Path:
+def ensure_base(spec: BaseSpec = BaseSpec(), folder: Path | None = None, log=print, max_seconds: float = 0) -> Path:
     """The base model folder for `spec`: the cached one, or a freshly trained one (written atomically)."""
     from sdlora.fsutil import atomic_dir
 
@@ -72,7 +77,7 @@ def ensure_base(spec: BaseSpec = BaseSpec(), folder: Path | None = None, log=pri
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
     with atomic_dir(folder) as tmp:
-        train_base(spec, tmp, log)
+        train_base(spec, tmp, log, max_seconds=max_seconds)
     return folder
 
 
@@ -92,12 +97,16 @@ def training_identities() -> list[world.Identity]:
     return [i for i in world.all_identities() if i not in SUBJECTS]
 
 
-def _images(identities: list[world.Identity], rng: random.Random):
+def _renders(identities: list[world.Identity], rng: random.Random):
     import numpy
     import torch
 
-    arrays = [numpy.asarray(world.render(i, rng), numpy.float32) for i in identities]
-    return torch.from_numpy(numpy.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1  # (B, 3, 64, 64) in [-1, 1]
+    arrays = [numpy.asarray(world.render(i, rng), numpy.uint8) for i in identities]
+    return torch.from_numpy(numpy.stack(arrays)).permute(0, 3, 1, 2).contiguous()  # (B, 3, 64, 64) uint8
+
+
+def _to_float(pixels):
+    return pixels.float() / 127.5 - 1
 
 
 def build_vae(spec: BaseSpec):
@@ -115,15 +124,16 @@ def build_vae(spec: BaseSpec):
     )
 
 
-def train_vae(spec: BaseSpec, identities: list[world.Identity], rng: random.Random, log) -> tuple[Any, int]:
+def train_vae(spec: BaseSpec, pixels, log) -> Any:
+    """Reconstruction training on the pool's renders (uint8 on the training device)."""
     import torch
 
-    vae = build_vae(spec)
+    vae = build_vae(spec).to(pixels.device)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=spec.lr)
-    started, step = time.time(), 0
-    while time.time() - started < spec.vae_seconds:
-        _cosine(optimizer, spec.lr, (time.time() - started) / spec.vae_seconds)
-        images = _images(rng.choices(identities, k=spec.vae_batch), rng)
+    started = time.time()
+    for step in range(spec.vae_steps):
+        _cosine(optimizer, spec.lr, step / spec.vae_steps)
+        images = _to_float(pixels[torch.randint(len(pixels), (spec.vae_batch,), device=pixels.device)])
         posterior = vae.encode(images).latent_dist
         recon = vae.decode(posterior.sample()).sample
         # Reconstruction plus a weak KL term: latents stay near unit scale without blurring small features.
@@ -131,11 +141,9 @@ def train_vae(spec: BaseSpec, identities: list[world.Identity], rng: random.Rand
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        if step % 100 == 0:
+        if step % 500 == 0 or step == spec.vae_steps - 1:
             log(f"vae step {step}: loss {loss.item():.4f} ({time.time() - started:.0f} s)")
-        step += 1
-    log(f"vae: {step} steps, last loss {loss.item():.4f}")
-    return vae.eval().requires_grad_(False), step
+    return vae.eval().requires_grad_(False)
 
 
 def build_unet(spec: BaseSpec):
@@ -185,8 +193,9 @@ def scheduler():
     )
 
 
-def train_base(spec: BaseSpec, out: Path, log=print) -> None:
-    """Train VAE, then UNet + text encoder on cached latents; save a StableDiffusionPipeline folder to `out`."""
+def train_base(spec: BaseSpec, out: Path, log=print, device: str | None = None, max_seconds: float = 0) -> None:
+    """Train VAE, then UNet + text encoder on cached latents; save a StableDiffusionPipeline folder to `out`.
+    `max_seconds` (0: none) cuts the UNet's training short; identity_base.json records the steps done."""
     import tempfile
 
     import torch
@@ -194,24 +203,34 @@ def train_base(spec: BaseSpec, out: Path, log=print) -> None:
 
     from sdlora.testing import clip_tokenizer
 
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(spec.seed)
-    # One thread: on a shared 2-core machine two threads oversubscribe and run slower (measured 2-30 s vs 2 s/step).
-    torch.set_num_threads(1)
+    if device == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if device == "cpu":
+        # One thread: on a shared 2-core machine two threads oversubscribe and run slower (2-30 s vs 2 s/step).
+        torch.set_num_threads(1)
+    started = time.time()
     rng = random.Random(spec.seed)
-    identities = training_identities()
-    vae, vae_steps = train_vae(spec, identities, rng, log)
-    pool = rng.choices(identities, k=spec.pool)
+    pool = rng.choices(training_identities(), k=spec.pool)
+    pixels = torch.cat([_renders(pool[i : i + 1000], rng) for i in range(0, spec.pool, 1000)]).to(device)
+    vae = train_vae(spec, pixels, log)
     with torch.no_grad():
         means = torch.cat(
-            [vae.encode(_images(pool[i : i + 256], rng)).latent_dist.mean for i in range(0, spec.pool, 256)]
+            [vae.encode(_to_float(pixels[i : i + 500])).latent_dist.mean for i in range(0, spec.pool, 500)]
         )
     scale = float(1 / means.std())
     vae.register_to_config(scaling_factor=scale)  # latents reach the UNet at unit variance, as in SD
     latents = means * scale  # (pool, 4, 16, 16)
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = clip_tokenizer(Path(tmp) / "tok")
-    unet, text_encoder, sched = build_unet(spec), build_text_encoder(spec), scheduler()
-    unet_steps = train_denoiser(spec, unet, text_encoder, tokenizer, sched, latents, pool, rng, log)
+    unet, text_encoder = build_unet(spec).to(device), build_text_encoder(spec).to(device)
+    sched = scheduler()
+    deadline = started + max_seconds if max_seconds else float("inf")
+    unet, text_encoder, steps = train_denoiser(
+        spec, unet, text_encoder, tokenizer, sched, latents, pool, rng, log, deadline
+    )
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder.eval(),
@@ -222,31 +241,43 @@ def train_base(spec: BaseSpec, out: Path, log=print) -> None:
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    pipe.save_pretrained(out, safe_serialization=True)
-    (out / "identity_base.json").write_text(
-        json.dumps(
-            {"spec": asdict(spec), "vae_scale": scale, "vae_steps": vae_steps, "unet_steps": unet_steps}, indent=2
-        )
-        + "\n"
-    )
+    pipe.to("cpu", torch.float32).save_pretrained(out, safe_serialization=True)
+    record = {"spec": asdict(spec), "vae_scale": scale, "unet_steps_done": steps, "device": _device_name(device)}
+    record["build_seconds"] = round(time.time() - started, 1)
+    (out / "identity_base.json").write_text(json.dumps(record, indent=2) + "\n")
 
 
-def train_denoiser(spec, unet, text_encoder, tokenizer, sched, latents, pool, rng: random.Random, log) -> int:
-    """Epsilon-prediction DDPM training of UNet and text encoder together (10% empty captions, for CFG)."""
+def train_denoiser(spec, unet, text_encoder, tokenizer, sched, latents, pool, rng, log, deadline=float("inf")):
+    """Epsilon-prediction DDPM training of UNet and text encoder together (10% empty captions, for CFG).
+    Returns the two models holding their moving averages (spec.ema; 0 keeps the last weights) and the steps done."""
+    import functools
+
     import torch
 
-    params = list(unet.parameters()) + list(text_encoder.parameters())
+    device = latents.device
+
+    @functools.cache
+    def token_ids(prompt: str):  # a few hundred distinct captions: tokenize each once
+        ids = tokenizer(prompt, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        return ids[0].to(device)
+
+    modules = torch.nn.ModuleList([unet, text_encoder])
+    params = list(modules.parameters())
     optimizer = torch.optim.AdamW(params, lr=spec.lr)
-    alphas = sched.alphas_cumprod
-    started, step = time.time(), 0
-    while time.time() - started < spec.unet_seconds:
-        _cosine(optimizer, spec.lr, (time.time() - started) / spec.unet_seconds)
+    averaged = None
+    if spec.ema:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        averaged = AveragedModel(modules, multi_avg_fn=get_ema_multi_avg_fn(spec.ema), use_buffers=True)
+    alphas = sched.alphas_cumprod.to(device)
+    started = time.time()
+    for step in range(spec.unet_steps):
+        _cosine(optimizer, spec.lr, step / spec.unet_steps)
         index = torch.randint(len(pool), (spec.batch,))
-        x0 = latents[index]
+        x0 = latents[index.to(device)]
         prompts = ["" if rng.random() < 0.1 else caption(pool[int(i)], rng) for i in index]
-        ids = tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-        cond = text_encoder(ids).last_hidden_state
-        t = torch.randint(0, len(alphas), (spec.batch,))
+        cond = text_encoder(torch.stack([token_ids(p) for p in prompts])).last_hidden_state
+        t = torch.randint(0, len(alphas), (spec.batch,), device=device)
         noise = torch.randn_like(x0)
         a = alphas[t].view(-1, 1, 1, 1)
         # Forward diffusion: x_t = sqrt(a) x0 + sqrt(1 - a) eps; the UNet predicts eps.
@@ -256,20 +287,43 @@ def train_denoiser(spec, unet, text_encoder, tokenizer, sched, latents, pool, rn
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
-        if step % 250 == 0:
+        if averaged is not None:
+            averaged.update_parameters(modules)
+        if step % 1000 == 0 or step == spec.unet_steps - 1:
             log(f"unet step {step}: loss {loss.item():.4f} ({time.time() - started:.0f} s)")
-        step += 1
-    log(f"unet: {step} steps, last loss {loss.item():.4f}")
-    return step
+        if time.time() > deadline:
+            log(f"unet: stopped by the time limit after {step + 1} of {spec.unet_steps} steps")
+            break
+    if averaged is not None:
+        modules = averaged.module
+    return modules[0], modules[1], step + 1
 
 
 def _cosine(optimizer, peak: float, progress: float) -> None:
-    """Cosine decay of the learning rate over the time budget (progress 0 -> 1)."""
+    """Linear warm-up over the first 2%, then cosine decay (progress 0 -> 1)."""
     import math
 
     for group in optimizer.param_groups:
-        group["lr"] = peak * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        warm = min(1.0, progress / 0.02)
+        group["lr"] = peak * warm * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def _device_name(device: str) -> str:
+    import torch
+
+    return torch.cuda.get_device_name() if device == "cuda" else "CPU"
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Build (or find) the identity benchmark's base model.")
+    parser.add_argument("--out", type=Path, help="build into this folder (default: the cache folder)")
+    parser.add_argument("--tiny", action="store_true", help="the tests' tiny spec")
+    parser.add_argument("--max-seconds", type=float, default=0, help="cut the UNet's training short (0: never)")
+    args = parser.parse_args(argv)
+    print(ensure_base(TINY if args.tiny else BaseSpec(), args.out, max_seconds=args.max_seconds))
 
 
 if __name__ == "__main__":
-    print(ensure_base())
+    main()
