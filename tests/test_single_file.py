@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from single_file import save_sdxl_with_distinct_encoders, write_single_file
@@ -63,7 +64,8 @@ def test_file_has_the_original_layout(single_files):
             names = set(handle.keys())
             assert set(keys) <= names, family
             assert all(
-                n.startswith(("model.diffusion_model.", "first_stage_model.", "cond", "conditioner.")) for n in names
+                n.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner."))
+                for n in names
             )
             assert handle.get_slice("first_stage_model.encoder.mid.attn_1.q.weight").get_shape()[2:] == [1, 1]
 
@@ -98,19 +100,29 @@ def test_single_file_renders_the_same_image(pipes):
     np.testing.assert_allclose(images[1], images[0], rtol=0, atol=1e-5)
 
 
-def test_train_cli_on_a_single_file_base(single_files, tmp_path):
+def cli(*args: object) -> str:
+    result = CliRunner().invoke(app, [str(arg) for arg in args])
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+@pytest.fixture(scope="module")
+def trained(single_files, tmp_path_factory):
+    """`sdlora train` for 2 steps on the SD 1.x single file and on its folder: (data, {"file"|"folder": OUT_DIR})."""
     folder, path = single_files["sd1"]
-    data = subject_set(tmp_path / "data")
+    root = tmp_path_factory.mktemp("single-file-train")
+    data = subject_set(root / "data")
     common = ["--steps", "2", "--resolution", "64", "--rank", "4", "--sample-every", "0", "--checkpoint-every", "0"]
     common += ["--lr", "1e-3", "--set", "train.eval_every=0", "--set", "train.log_every=1"]
-    outs = {}
-    for kind, base, extra in [
-        ("file", path, ["--set", f"model.single_file_config='{folder}'"]),
-        ("folder", folder, []),
-    ]:
-        outs[kind] = tmp_path / kind
-        result = CliRunner().invoke(app, ["train", str(data), str(outs[kind]), "--base", str(base), *common, *extra])
-        assert result.exit_code == 0, result.output
+    outs = {"file": root / "file", "folder": root / "folder"}
+    cli("train", data, outs["file"], "--base", path, *common, "--set", f"model.single_file_config='{folder}'")
+    cli("train", data, outs["folder"], "--base", folder, *common)
+    return data, outs
+
+
+def test_train_cli_on_a_single_file_base(single_files, trained):
+    folder, path = single_files["sd1"]
+    _, outs = trained
     stored = json.loads((outs["file"] / "config.json").read_text())["model"]
     assert stored["base"] == str(path) and stored["single_file_config"] == str(folder)
     # Training on the file is training on the same model: the same losses and LoRA as from the folder.
@@ -120,6 +132,23 @@ def test_train_cli_on_a_single_file_base(single_files, tmp_path):
     assert lora.keys() == reference.keys() and lora
     for key in lora:
         torch.testing.assert_close(lora[key], reference[key], rtol=0, atol=1e-5)
+
+
+def test_generate_and_eval_cli_on_a_single_file_base(single_files, trained, tmp_path):
+    folder, path = single_files["sd1"]
+    data, outs = trained
+    config = ["--set", f"model.single_file_config='{folder}'"]
+    fast = ["--size", "64x64", "--steps", "2", "--scheduler", "ddim", "--n", "1", "--lora", outs["file"]]
+    cli("generate", "--base", path, *config, *fast, "--prompt", "a photo of {trigger}", "--out", tmp_path / "file")
+    cli("generate", "--base", folder, *fast, "--prompt", "a photo of {trigger}", "--out", tmp_path / "folder")
+    images = [np.asarray(Image.open(tmp_path / kind / "0000-42.png"), dtype=int) for kind in ("file", "folder")]
+    assert np.abs(images[0] - images[1]).max() <= 1  # 8-bit rounding of ~1e-6 differences (see above)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("{trigger} on a boat\n")
+    report = tmp_path / "eval.json"
+    cli("eval", "--reference", data, "--lora", outs["file"], "--base", path, *config, "--prompts", prompts,
+        "--n", "1", "--json", report, "--set", "generate.steps=2", "--set", "generate.size=64x64")  # fmt: skip
+    assert [image["prompt"] for image in json.loads(report.read_text())["images"]] == ["sks person on a boat"]
 
 
 def test_single_file_without_config_offline_is_one_line_error(single_files, tmp_path):
