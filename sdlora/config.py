@@ -79,6 +79,11 @@ class ModelConfig(Section):
     base: str | None = Field(
         None, description="Hub id, local diffusers folder, or single-file .safetensors checkpoint."
     )
+    single_file_config: str | None = Field(
+        None,
+        description="A local diffusers folder or hub id of the same architecture, used to load a single-file "
+        "--base offline (its configs and tokenizers; the weights come from the file).",
+    )
     vae: str | None = Field(None, description="Replacement VAE (hub id, folder or file), e.g. an fp16-fixed SDXL VAE.")
     allow_pickle: bool = Field(
         False, description="Allow .ckpt/.pt/.bin files, which are pickles that can run code when loaded."

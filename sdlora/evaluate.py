@@ -46,7 +46,7 @@ def evaluate(
         from sdlora.adapters import parse_lora
         from sdlora.generate import read_prompts
 
-        check_base(config.model.base, config.model.allow_pickle)
+        check_base(config.model.base, config.model.allow_pickle, config.model.single_file_config)
         adapter = parse_lora(str(lora))
         templates = read_prompts(prompts_file) if prompts_file else list(STANDARD_PROMPTS)
     backend = face_backend(config.eval.face_model)
@@ -202,8 +202,14 @@ def _pipeline(config: Config, adapter: Any) -> Any:
     cuda = torch.cuda.is_available()
     # fp32 on CPU (bf16 is slower there); half precision on GPUs, bf16 where supported.
     dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else None
-    base = config.model.base or ""
-    pipe = load_pipeline(base, allow_pickle=config.model.allow_pickle, torch_dtype=dtype, vae=config.model.vae)
+    model = config.model
+    pipe = load_pipeline(
+        model.base or "",
+        allow_pickle=model.allow_pickle,
+        torch_dtype=dtype,
+        vae=model.vae,
+        single_file_config=model.single_file_config,
+    )
     check_family(adapter, model_info(pipe).family, pipe.unet.config.cross_attention_dim)
     load_loras(pipe, [adapter])
     pipe.set_progress_bar_config(disable=True)

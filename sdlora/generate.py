@@ -209,7 +209,13 @@ def generate(config: Config, out_dir: Path) -> list[Path]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.float16 if device == "cuda" else torch.float32  # half precision is slower on CPUs
     model = config.model
-    pipe = load_pipeline(model.base, allow_pickle=model.allow_pickle, vae=model.vae, torch_dtype=dtype)
+    pipe = load_pipeline(
+        model.base,
+        allow_pickle=model.allow_pickle,
+        vae=model.vae,
+        torch_dtype=dtype,
+        single_file_config=model.single_file_config,
+    )
     family = model_info(pipe).family
     for lora in loras:  # every LoRA is checked before anything is generated
         check_family(lora, family, pipe.unet.config.cross_attention_dim)

@@ -64,8 +64,9 @@ def model_info(pipe: Any) -> ModelInfo:
     )
 
 
-def check_base(base: str | None, allow_pickle: bool) -> None:
-    """Cheap checks before anything heavy loads: given, exists if it looks local, not a pickle unless allowed."""
+def check_base(base: str | None, allow_pickle: bool, single_file_config: str | None = None) -> None:
+    """Cheap checks before anything heavy loads: given, exists if it looks local, not a pickle unless allowed;
+    for a single-file base, `single_file_config` (if it looks local) is a diffusers folder."""
     if not base:
         raise UsageError("--base is required: a hub id, a local diffusers folder or a .safetensors file")
     path = Path(base).expanduser()
@@ -79,6 +80,20 @@ def check_base(base: str | None, allow_pickle: bool) -> None:
         raise UsageError(f"{base}: no such file or folder")
     if path.is_dir() and not any((path / name).is_file() for name in ("model_index.json", "config.json")):
         raise UsageError(f"{base}: not a diffusers folder (no model_index.json)")
+    if single_file_config and path.is_file():
+        _check_single_file_config(single_file_config)
+
+
+def _check_single_file_config(value: str) -> None:
+    """A local `model.single_file_config` must be a diffusers pipeline folder (a hub id is checked when loading)."""
+    folder = Path(value).expanduser()
+    if not (value.startswith((".", "/", "~")) or folder.exists()):
+        return
+    if not (folder / "model_index.json").is_file():
+        raise UsageError(
+            f"model.single_file_config {value}: not a diffusers pipeline folder (no model_index.json); "
+            "give the folder or hub id of a model with the same architecture as --base"
+        )
 
 
 def load_pipeline(
@@ -94,29 +109,50 @@ def load_pipeline(
     `single_file_config` (a diffusers folder or hub id of the same architecture) lets a single file load
     offline; without it diffusers fetches the architecture's configs from the hub.
     """
-    from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import DiffusionPipeline
 
-    check_base(base, allow_pickle)
+    check_base(base, allow_pickle, single_file_config)
     path = Path(base).expanduser()
     kwargs: dict[str, Any] = {"dtype": torch_dtype} if torch_dtype is not None else {}  # diffusers 0.42: `dtype`
+    hint = _load_hint(path, single_file_config)
     try:
         if path.is_file():
-            cls = StableDiffusionXLPipeline if _single_file_is_sdxl(path) else StableDiffusionPipeline
-            if single_file_config:
-                kwargs["config"] = single_file_config
-            pipe = cls.from_single_file(str(path), **kwargs)
+            pipe = _from_single_file(path, single_file_config, kwargs)
         else:
             pipe = DiffusionPipeline.from_pretrained(str(path) if path.is_dir() else base, **kwargs)
         if vae:
             pipe.vae = load_vae(vae, torch_dtype=torch_dtype, allow_pickle=allow_pickle)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise SdloraError(
-            f"could not load base model {base!r}: {first} (offline? use a local diffusers folder or set HF_HOME)"
-        ) from exc
+        raise SdloraError(f"could not load base model {base!r}: {first} ({hint})") from exc
     if not hasattr(pipe, "unet"):
         raise UsageError(f"{base}: {type(pipe).__name__} is not a Stable Diffusion (UNet) pipeline")
     return pipe
+
+
+def _load_hint(path: Path, single_file_config: str | None) -> str:
+    """What to try when `path` fails to load."""
+    if not path.is_file():
+        return "offline? use a local diffusers folder or set HF_HOME"
+    if single_file_config:
+        return f"does model.single_file_config {single_file_config} have the architecture of this file?"
+    # Without a config, diffusers fetches the configs (and tokenizers) of the architecture it guesses from the hub.
+    return "offline? name a diffusers folder of the same architecture: --set model.single_file_config=DIR"
+
+
+def _from_single_file(path: Path, config: str | None, kwargs: dict[str, Any]) -> Any:
+    """The pipeline of an original-format (LDM/SGM) checkpoint, with the configs and tokenizers of `config`."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers.loaders.single_file_utils import SingleFileComponentError
+
+    cls = StableDiffusionXLPipeline if _single_file_is_sdxl(path) else StableDiffusionPipeline
+    try:
+        return cls.from_single_file(str(path), **kwargs, **({"config": config} if config else {}))
+    except SingleFileComponentError as exc:  # e.g. a LoRA or VAE file given as the base
+        missing = str(exc.message).split(".")[0].removeprefix("Failed to load ")
+        raise UsageError(
+            f"{path}: not a full checkpoint (no {missing} weights in it; a LoRA or VAE file is not a base model)"
+        ) from exc
 
 
 def load_vae(vae: str, *, torch_dtype: Any = None, allow_pickle: bool = False) -> Any:

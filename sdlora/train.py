@@ -80,7 +80,7 @@ def preflight(config: Config, dataset_dir: Path, out_dir: Path) -> Plan:
     from sdlora.models import check_base
     from sdlora.optim import check_optimizer
 
-    check_base(config.model.base, config.model.allow_pickle)
+    check_base(config.model.base, config.model.allow_pickle, config.model.single_file_config)
     token, class_word = data.trigger_parts(dataset_dir, config.prep.token, config.prep.class_word)
     caption = config.prep.caption_template.format(token=token, class_word=class_word)
     examples = data.load_examples(dataset_dir, default_caption=caption)
@@ -206,8 +206,13 @@ def load_base(config: Config, accelerator: Any, weight_dtype: Any) -> tuple[Any,
     """The base pipeline with frozen weights in the training's half type (SDXL's VAE: fp32), on the device."""
     from sdlora.models import load_pipeline, model_info
 
+    model = config.model
     pipe = load_pipeline(
-        config.model.base or "", allow_pickle=config.model.allow_pickle, torch_dtype=weight_dtype, vae=config.model.vae
+        model.base or "",
+        allow_pickle=model.allow_pickle,
+        torch_dtype=weight_dtype,
+        vae=model.vae,
+        single_file_config=model.single_file_config,
     )
     info = model_info(pipe)
     place_base(pipe, info, accelerator, own_vae=config.model.vae is not None)
