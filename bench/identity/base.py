@@ -247,6 +247,44 @@ def train_base(spec: BaseSpec, out: Path, log=print, device: str | None = None, 
     (out / "identity_base.json").write_text(json.dumps(record, indent=2) + "\n")
 
 
+def continue_base(src: Path, out: Path, steps: int, lr: float, batch: int, log=print, max_seconds: float = 0) -> None:
+    """Train a saved base's UNet and text encoder `steps` more (cosine from `lr` to 0) on the same pool of renders
+    (re-drawn from the spec's seed) and save the result to `out`; the VAE stays. identity_base.json lists every
+    continuation. Used when a build was cut short by its time limit (see docs/identity-benchmark.md)."""
+    import dataclasses
+
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    started = time.time()
+    record = json.loads((src / "identity_base.json").read_text())
+    spec = BaseSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in record["spec"].items()})
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    pipe = StableDiffusionPipeline.from_pretrained(src).to(device)
+    torch.manual_seed(spec.seed + len(record.get("continued", [])) + 1)
+    rng = random.Random(spec.seed)
+    pool = rng.choices(training_identities(), k=spec.pool)
+    pixels = torch.cat([_renders(pool[i : i + 1000], rng) for i in range(0, spec.pool, 1000)]).to(device)
+    with torch.no_grad():
+        latents = torch.cat(
+            [pipe.vae.encode(_to_float(pixels[i : i + 500])).latent_dist.mean for i in range(0, spec.pool, 500)]
+        )
+    latents = latents * pipe.vae.config.scaling_factor
+    more = dataclasses.replace(spec, unet_steps=steps, lr=lr, batch=batch)
+    deadline = started + max_seconds if max_seconds else float("inf")
+    for module in (pipe.unet, pipe.text_encoder):
+        module.train().requires_grad_(True)
+    unet, text_encoder, done = train_denoiser(
+        more, pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, latents, pool, rng, log, deadline
+    )
+    pipe.unet, pipe.text_encoder = unet.eval(), text_encoder.eval()
+    pipe.to("cpu", torch.float32).save_pretrained(out, safe_serialization=True)
+    step = {"steps": steps, "lr": lr, "batch": batch, "steps_done": done, "device": _device_name(device)}
+    step["seconds"] = round(time.time() - started, 1)
+    record["continued"] = [*record.get("continued", []), step]
+    (out / "identity_base.json").write_text(json.dumps(record, indent=2) + "\n")
+
+
 def train_denoiser(spec, unet, text_encoder, tokenizer, sched, latents, pool, rng, log, deadline=float("inf")):
     """Epsilon-prediction DDPM training of UNet and text encoder together (10% empty captions, for CFG).
     Returns the two models holding their moving averages (spec.ema; 0 keeps the last weights) and the steps done."""
@@ -321,7 +359,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, help="build into this folder (default: the cache folder)")
     parser.add_argument("--tiny", action="store_true", help="the tests' tiny spec")
     parser.add_argument("--max-seconds", type=float, default=0, help="cut the UNet's training short (0: never)")
+    parser.add_argument("--continue-from", type=Path, help="train this saved base's UNet further (needs --out)")
+    parser.add_argument("--steps", type=int, default=1000, help="--continue-from: steps")
+    parser.add_argument("--lr", type=float, default=3e-4, help="--continue-from: peak learning rate")
+    parser.add_argument("--batch", type=int, default=64, help="--continue-from: batch size")
     args = parser.parse_args(argv)
+    if args.continue_from:
+        if not args.out:
+            parser.error("--continue-from needs --out")
+        from sdlora.fsutil import atomic_dir
+
+        with atomic_dir(args.out) as tmp:
+            continue_base(args.continue_from, tmp, args.steps, args.lr, args.batch, max_seconds=args.max_seconds)
+        print(args.out)
+        return
     print(ensure_base(TINY if args.tiny else BaseSpec(), args.out, max_seconds=args.max_seconds))
 
 
