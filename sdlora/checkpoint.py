@@ -25,7 +25,6 @@ RESUMABLE_KEYS = {
     "keep_checkpoints",
     "sample_every",
     "log_every",
-    "dataloader_workers",
     "eval_every",
 }
 

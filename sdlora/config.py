@@ -152,7 +152,6 @@ class TrainConfig(Section):
     flip: bool = Field(False, description="Random horizontal flips (faces are not symmetric: off by default).")
     caption_dropout: float = Field(0.0, ge=0, lt=1, description="Share of steps trained with an empty caption.")
     cache_latents: bool = Field(True, description="Encode each image with the VAE once, not every step.")
-    dataloader_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
     compile: bool = Field(False, description="torch.compile the UNet (slow start, faster steps on GPU).")
     eval_every: int | None = Field(
         None,

@@ -113,3 +113,34 @@ def test_preflight_refuses_other_run_in_out_dir(dataset, tiny_sd1, tmp_path):
     (out / "config.json").write_text(json.dumps({"train": {"seed": 9}}))
     result = run(dataset, out, "--base", tiny_sd1)
     assert result.exit_code == 2 and "different run" in result.output and "--overwrite" in result.output
+
+
+def test_monitor_writes_metrics_and_tensorboard_scalars_and_truncates_on_resume(tmp_path, monkeypatch):
+    """TensorBoard is optional (not installed here): the writer is faked to check what the monitor sends it."""
+    from sdlora import monitor
+
+    calls = []
+
+    class Writer:
+        def add_scalar(self, tag, value, step):
+            calls.append((tag, value, step))
+
+        def close(self):
+            calls.append("closed")
+
+    folders = []
+    monkeypatch.setattr(monitor, "_tensorboard", lambda folder: folders.append(folder) or Writer())
+    run = monitor.Monitor(tmp_path, total=4, start=0, enabled=True, cuda=False)
+    run.log(2, 0.5, 1e-4)
+    run.log(4, 0.25, 5e-5)
+    run.close()
+    assert folders == [tmp_path / "tensorboard"]
+    assert calls == [("loss", 0.5, 2), ("lr", 1e-4, 2), ("loss", 0.25, 4), ("lr", 5e-5, 4), "closed"]
+    records = [json.loads(line) for line in (tmp_path / monitor.METRICS).read_text().splitlines()]
+    assert [(r["step"], r["loss"], r["lr"]) for r in records] == [(2, 0.5, 1e-4), (4, 0.25, 5e-5)]
+    resumed = monitor.Monitor(tmp_path, total=4, start=2, enabled=True, cuda=False)  # resume from step 2
+    resumed.close()
+    assert [json.loads(line)["step"] for line in (tmp_path / monitor.METRICS).read_text().splitlines()] == [2]
+    silent = monitor.Monitor(tmp_path / "other", total=4, start=0, enabled=False, cuda=False)  # not main process
+    silent.log(2, 0.5, 1e-4)
+    assert not (tmp_path / "other").exists() and len(folders) == 2

@@ -319,17 +319,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--subjects", type=int, default=len(base.SUBJECTS))
     parser.add_argument("--steps", type=int, nargs="+", default=list(Scale.checkpoints))
     parser.add_argument("--seeds", type=int, default=Scale.seeds)
+    parser.add_argument("--base", type=Path, help="a base model folder (default: build or find the cached one)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: fastest on a shared 2-core box)")
     args = parser.parse_args(argv)
     import torch
 
-    torch.set_num_threads(1)  # shared 2-core machine: one thread is faster under load
+    torch.set_num_threads(args.threads)
     scale = Scale(checkpoints=tuple(args.steps), seeds=args.seeds)
     subjects = list(base.SUBJECTS[: args.subjects])
-    base_dir = base.ensure_base()
+    base_dir = args.base or base.ensure_base()
     args.out.mkdir(parents=True, exist_ok=True)
     checks = vae_check(base_dir)
     rows = base_rows(base_dir, subjects, scale, args.out / "work")
     checks["class_validity"] = rows[0]["class_validity"]  # the base's own samples of "a photo of a person"
+    checks["base_dir"] = str(base_dir)
+    if (base_dir / "identity_base.json").is_file():  # how the base was built (spec, device, continuations)
+        checks["base_record"] = json.loads((base_dir / "identity_base.json").read_text())
     print(f"base {base_dir}: {checks}", flush=True)
     # Subjects outer: a run cut short still has every setting for the first subject.
     for index, subject in enumerate(subjects):
