@@ -50,6 +50,8 @@ LEVERS = {
     "free_encoders": "drop the VAE and text encoder once latents and embeddings are cached",
     "grad_ckpt": "gradient checkpointing in the UNet",
     "compile": "torch.compile of the UNet (train.compile): its compile time is in the first (warm-up) steps",
+    "denormal": "torch.set_flush_denormal(True): denormal floats flushed to zero (CPU)",
+    "malloc": "glibc malloc keeps freed memory (mallopt: 32 MB mmap threshold, no trimming) instead of returning it",
 }
 
 
@@ -136,6 +138,14 @@ def apply_levers(run: Any, levers: list[str]) -> None:
     if unknown:
         raise SystemExit(f"unknown lever(s) {sorted(unknown)}; choose from {', '.join(LEVERS)}")
     unet = run.accelerator.unwrap_model(run.unet)
+    if "denormal" in levers:
+        torch.set_flush_denormal(True)
+    if "malloc" in levers:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        # M_MMAP_THRESHOLD (-3) at its 64-bit maximum, M_TRIM_THRESHOLD (-1) and M_TOP_PAD (-2) large.
+        assert libc.mallopt(-3, 32 << 20) and libc.mallopt(-1, 1 << 34) and libc.mallopt(-2, 256 << 20)
     if "channels_last" in levers:
         unet.to(memory_format=torch.channels_last)
     if "no_sdpa" in levers:

@@ -2,4 +2,5 @@
 
 from bench.identity.run import main
 
-main()
+if __name__ == "__main__":  # the benchmark's worker processes are spawned: they must not run it again
+    main()

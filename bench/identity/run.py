@@ -56,7 +56,11 @@ class Scale:
 
 
 REDUCED = [Setting(p, t) for p in (False, True) for t in (False, True)]
+# The default run: every (prior, text encoder, rank) cell at one learning rate (toy learning rates do not transfer
+# to real models, ranks and on/off choices may); `full` adds the second learning rate.
+DEFAULT = [Setting(p, t, r) for p in (False, True) for t in (False, True) for r in (4, 16)]
 FULL = [Setting(p, t, r, lr) for p in (False, True) for t in (False, True) for r in (4, 16) for lr in (1e-3, 3e-3)]
+GRIDS = {"reduced": REDUCED, "default": DEFAULT, "full": FULL}
 
 
 # ----------------------------------------------------------------------------------------------- inputs
@@ -315,7 +319,8 @@ def _mean(values: list[float | None]) -> float:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path.home() / ".cache" / "sdlora" / "identity-bench")
-    parser.add_argument("--grid", choices=("reduced", "full"), default="reduced")
+    parser.add_argument("--grid", choices=tuple(GRIDS), default="default")
+    parser.add_argument("--jobs", type=int, default=2, help="runs in parallel, one thread each (2 cores: 2)")
     parser.add_argument("--subjects", type=int, default=len(base.SUBJECTS))
     parser.add_argument("--steps", type=int, nargs="+", default=list(Scale.checkpoints))
     parser.add_argument("--seeds", type=int, default=Scale.seeds)
@@ -337,16 +342,40 @@ def main(argv: list[str] | None = None) -> None:
         checks["base_record"] = json.loads((base_dir / "identity_base.json").read_text())
     print(f"base {base_dir}: {checks}", flush=True)
     # Subjects outer: a run cut short still has every setting for the first subject.
-    for index, subject in enumerate(subjects):
-        for setting in REDUCED if args.grid == "reduced" else FULL:
-            work = args.out / "work" / f"{setting.name.replace(' ', '_')}-s{index}"
-            for row in run_subject(base_dir, subject, setting, scale, work):
+    cells = [(i, s, setting) for i, s in enumerate(subjects) for setting in GRIDS[args.grid]]
+    with _pool(args.jobs, args.threads) as pool:
+        futures = [
+            pool.submit(run_subject, base_dir, s, setting, scale, args.out / "work" / f"{_slug(setting)}-s{i}")
+            for i, s, setting in cells
+        ]
+        for (index, _, setting), future in zip(cells, futures, strict=True):
+            for row in future.result():
                 rows.append({"subject": index, **row})
             print(f"{setting.name} subject {index}: {rows[-1]}", flush=True)
             write_results(args.out, scale, checks, rows)
     print(table(rows))
     for pick in best_steps(rows):
         print(f"{pick['setting']} s{pick['subject']}: pick_best {pick['picked']}, measured best {pick['measured']}")
+
+
+def _slug(setting: Setting) -> str:
+    return setting.name.replace(" ", "_")
+
+
+def _pool(jobs: int, threads: int):
+    """Worker processes (spawned: no inherited torch state), each with `threads` torch threads."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    return ProcessPoolExecutor(
+        jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_set_threads, initargs=(threads,)
+    )
+
+
+def _set_threads(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
 
 
 def write_results(out: Path, scale: Scale, checks: dict, rows: list[dict]) -> None:
