@@ -323,6 +323,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--grid", choices=tuple(GRIDS), default="default")
     parser.add_argument("--jobs", type=int, default=2, help="runs in parallel, one thread each (2 cores: 2)")
     parser.add_argument("--subjects", type=int, default=len(base.SUBJECTS))
+    parser.add_argument("--only-subject", type=int, help="run this subject (0-based) alone")
     parser.add_argument("--steps", type=int, nargs="+", default=list(Scale.checkpoints))
     parser.add_argument("--seeds", type=int, default=Scale.seeds)
     parser.add_argument("--base", type=Path, help="a base model folder (default: build or find the cached one)")
@@ -333,6 +334,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     scale = Scale(checkpoints=tuple(args.steps), seeds=args.seeds)
     subjects = list(base.SUBJECTS[: args.subjects])
+    if args.only_subject is not None:
+        subjects = [base.SUBJECTS[args.only_subject]]
     base_dir = args.base or base.ensure_base()
     args.out.mkdir(parents=True, exist_ok=True)
     checks = vae_check(base_dir)
