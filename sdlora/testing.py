@@ -13,7 +13,7 @@ import importlib.util
 import json
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from sdlora.errors import SdloraError
 
@@ -118,7 +118,6 @@ def build_tiny_pipeline(family: Family, seed: int = 0):
 
     import torch
     from diffusers import (
-        DDIMScheduler,
         EulerDiscreteScheduler,
         StableDiffusionPipeline,
         StableDiffusionXLPipeline,
@@ -175,15 +174,7 @@ def build_tiny_pipeline(family: Family, seed: int = 0):
         attention_head_dim=(2, 4) if sd2 else 8,
         use_linear_projection=sd2,
     )
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type="v_prediction" if sd2 else "epsilon",
-    )
+    scheduler = sd_scheduler("v_prediction" if sd2 else "epsilon")
     return StableDiffusionPipeline(
         vae=_vae(),
         text_encoder=CLIPTextModel(_text_encoder_config(hidden_act="gelu" if sd2 else "quick_gelu")),
@@ -201,3 +192,18 @@ def save_tiny_pipeline(family: Family, folder: Path, seed: int = 0) -> Path:
     folder = Path(folder)
     build_tiny_pipeline(family, seed=seed).save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+def sd_scheduler(prediction_type: str = "epsilon") -> Any:
+    """DDIM with Stable Diffusion's own noise schedule (the tiny models' and the identity benchmark's base)."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type=prediction_type,
+    )

@@ -180,17 +180,10 @@ def build_text_encoder(spec: BaseSpec):
 
 
 def scheduler():
-    from diffusers import DDIMScheduler
+    from sdlora.testing import sd_scheduler
 
     # Stable Diffusion's own noise schedule, so sdlora's training and sampling code sees the usual numbers.
-    return DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
+    return sd_scheduler()
 
 
 def train_base(spec: BaseSpec, out: Path, log=print, device: str | None = None, max_seconds: float = 0) -> None:
