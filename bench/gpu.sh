@@ -1,13 +1,22 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, in one run of at most 8 minutes; prints a short table last.
 #
-#   bash bench/gpu.sh            (from the repo root; results under $OUT or /tmp/sdlora-gpu)
+#   bash bench/gpu.sh              (from the repo root; results under $OUT or /tmp/sdlora-gpu)
+#   bash bench/gpu.sh matmul b32   (only the parts named: matmul b1 b8 sdxl b32; b32 is not in the default run)
 #
 # No network is needed: models are built from configs with random weights. Packages missing on the machine
 # (diffusers, bitsandbytes, peft...) can come as wheels in .whl/ (see docs/benchmarks.md); they are installed
-# into /tmp/site and put on PYTHONPATH.
+# into /tmp/site and put on PYTHONPATH. torch.compile's time (about 2-3 minutes per shape on 16 cores) is in
+# the compiled variant's first warm-up step.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+PARTS=${*:-matmul b1 b8 sdxl}
+for part in $PARTS; do
+  case $part in
+  matmul | b1 | b8 | sdxl | b32) ;;
+  *) echo "bench/gpu.sh: unknown part '$part'; choose from matmul b1 b8 sdxl b32" >&2; exit 2 ;;
+  esac
+done
 PY=${PYTHON:-python3}
 RESULTS=${OUT:-/tmp/sdlora-gpu}
 mkdir -p "$RESULTS"
@@ -19,20 +28,26 @@ fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 $PY -c "import torch, diffusers, peft, accelerate; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'peft', peft.__version__)"
 
-# Each part has its own time limit (sum 470 s), so one hang cannot eat the whole run; a failed part is reported.
+# Each part has its own time limit (default parts: 440 s), so one hang cannot eat the whole run; a failed part
+# is reported and the others still run.
 run() { local limit=$1; shift; timeout "$limit" "$@" || echo "FAILED ($?): $*"; }
-run 30 $PY bench/matmul.py --json "$RESULTS/matmul.json"
-run 90 $PY bench/train_step.py --device cuda --model sd15 --precision bf16 --batch 1 --warmup 3 --steps 10 \
-  --json "$RESULTS/sd15-b1.json"
-run 110 $PY bench/train_step.py --device cuda --model sd15 --precision bf16 --batch 8 --warmup 2 --steps 6 \
-  --variants baseline,sdlora,sdlora:channels_last --json "$RESULTS/sd15-b8.json"
-# SDXL 1024: UNet-only LoRA rank 16 with the memory-saving settings: sdlora's trainer (cached latents and
-# embeddings, encoders and VAE offloaded to the CPU) and the bare UNet step on random cached inputs.
-run 110 $PY bench/train_step.py --device cuda --model sdxl --variants sdlora,unet --precision bf16 --rank 16 \
-  --gradient-checkpointing --optimizer adamw8bit --offload --warmup 2 --steps 3 --json "$RESULTS/sdxl-unet.json"
-# The best batch size for throughput, and torch.compile (its compile time is in the warm-up steps' times).
-run 130 $PY bench/train_step.py --device cuda --model sd15 --precision bf16 --batch 32 --warmup 2 --steps 4 \
-  --variants sdlora,sdlora:compile --json "$RESULTS/sd15-b32.json"
+for part in $PARTS; do
+  case $part in
+  matmul) run 30 $PY bench/matmul.py --json "$RESULTS/matmul.json" ;;
+  # Batch 1 is bound by per-step launch overhead in eager mode, which torch.compile removes.
+  b1) run 230 $PY bench/train_step.py --device cuda --model sd15 --precision bf16 --batch 1 --warmup 3 --steps 10 \
+    --variants baseline,sdlora,sdlora:compile --json "$RESULTS/sd15-b1.json" ;;
+  b8) run 70 $PY bench/train_step.py --device cuda --model sd15 --precision bf16 --batch 8 --warmup 2 --steps 6 \
+    --json "$RESULTS/sd15-b8.json" ;;
+  # SDXL 1024: UNet-only LoRA rank 16 with the memory-saving settings: sdlora's trainer (cached latents and
+  # embeddings, encoders and VAE offloaded to the CPU) and the bare UNet step on random cached inputs.
+  sdxl) run 110 $PY bench/train_step.py --device cuda --model sdxl --variants sdlora,unet --precision bf16 --rank 16 \
+    --gradient-checkpointing --optimizer adamw8bit --offload --warmup 2 --steps 3 --json "$RESULTS/sdxl-unet.json" ;;
+  # The best batch size for throughput, eager and compiled.
+  b32) run 240 $PY bench/train_step.py --device cuda --model sd15 --precision bf16 --batch 32 --warmup 2 --steps 5 \
+    --variants sdlora,sdlora:compile --json "$RESULTS/sd15-b32.json" ;;
+  esac
+done
 
 $PY - "$RESULTS" <<'PYEOF'
 import json, sys
@@ -46,11 +61,12 @@ def load(name):
 matmul = load("matmul.json")
 peak = matmul["tflops"] if matmul else None
 print(f"\nbf16 matmul: {peak:.1f} TFLOP/s" if peak else "\nbf16 matmul: not measured")
-print(f"{'run':24} {'variant':10} {'s/step':>8} {'samples/s':>9} {'speedup':>7} {'TFLOP/s':>8} {'of matmul':>9} {'peak GB':>8}")
+print(f"{'run':14} {'variant':20} {'s/step':>8} {'samples/s':>9} {'speedup':>7} {'TFLOP/s':>8} {'of matmul':>9} "
+      f"{'peak GB':>8} {'1st step s':>10}")
 for name in ("sd15-b1.json", "sd15-b8.json", "sd15-b32.json", "sdxl-unet.json"):
     data = load(name)
     if data is None:
-        print(f"{name[:-5]:24} not measured (failed or timed out)")
+        print(f"{name[:-5]:14} not measured (failed or timed out)")
         continue
     rows = data["variants"]
     ref = rows[0]["median_s"]
@@ -58,6 +74,6 @@ for name in ("sd15-b1.json", "sd15-b8.json", "sd15-b32.json", "sdxl-unet.json"):
         tflops = r.get("achieved_tflops")
         share = f"{100 * tflops / peak:8.0f}%" if tflops and peak else f"{'-':>9}"
         tf = f"{tflops:8.1f}" if tflops else f"{'-':>8}"
-        print(f"{name[:-5]:24} {r['variant']:10} {r['median_s']:8.3f} {r['samples_per_s']:9.2f} "
-              f"{ref / r['median_s']:6.2f}x {tf} {share} {r['step_peak_gb']:8.2f}")
+        print(f"{name[:-5]:14} {r['variant']:20} {r['median_s']:8.3f} {r['samples_per_s']:9.2f} "
+              f"{ref / r['median_s']:6.2f}x {tf} {share} {r['step_peak_gb']:8.2f} {r['step_seconds'][0]:10.1f}")
 PYEOF

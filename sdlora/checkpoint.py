@@ -26,6 +26,7 @@ RESUMABLE_KEYS = {
     "sample_every",
     "log_every",
     "eval_every",
+    "compile",  # speed only
 }
 
 

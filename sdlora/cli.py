@@ -272,6 +272,14 @@ def train(
     gradient_checkpointing: Annotated[
         bool | None, typer.Option("--gradient-checkpointing/--no-gradient-checkpointing", help="Save memory.")
     ] = None,
+    compile: Annotated[
+        bool | None,
+        typer.Option(
+            "--compile/--no-compile",
+            help="torch.compile the UNet: minutes of compiling in the first step (reported), then faster steps on "
+            "a GPU (docs/benchmarks.md) [off].",
+        ),
+    ] = None,
     checkpoint_every: Annotated[int | None, typer.Option(help="Checkpoint every N steps; 0 disables [200].")] = None,
     keep_checkpoints: Annotated[int | None, typer.Option(help="Keep the newest N checkpoints [3].")] = None,
     resume: Annotated[str | None, typer.Option(help="'latest' or a checkpoint folder.")] = None,
@@ -311,6 +319,7 @@ def train(
         "train.mixed_precision": mixed_precision,
         "train.optimizer": optimizer,
         "train.gradient_checkpointing": gradient_checkpointing,
+        "train.compile": compile,
         "train.checkpoint_every": checkpoint_every,
         "train.keep_checkpoints": keep_checkpoints,
         "train.resume": resume,

@@ -384,7 +384,13 @@ def loop(run: Run, stopped: list[int], evaluation: train_eval.TrainEval | None =
     step, since_log = run.start_step, 0
     try:
         while step < tc.steps:
+            started = time.perf_counter()
             loss = optimisation_step(run, step)
+            if tc.compile and step == run.start_step:
+                float(loss)  # wait for the step: torch.compile compiles the UNet's forward and backward in it
+                monitor.print(
+                    f"torch.compile: first step (compiling the UNet) took {time.perf_counter() - started:.1f} s"
+                )
             step, since_log = step + 1, since_log + 1
             loss_sum += loss
             bad = ~torch.isfinite(loss) & (first_bad < 0)

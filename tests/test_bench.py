@@ -56,6 +56,11 @@ def test_train_step_rejects_unknown_lever(tmp_path):
     assert result.returncode == 2 and "unknown lever 'warp'" in result.stderr
 
 
+def test_gpu_sh_rejects_an_unknown_part_before_running_anything():
+    result = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh"), "matmul", "b64"], capture_output=True, text=True)
+    assert result.returncode == 2 and "unknown part 'b64'" in result.stderr and result.stdout == ""
+
+
 def test_generate_tiny(tmp_path):
     out = tmp_path / "generate.json"
     run_script(

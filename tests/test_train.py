@@ -179,6 +179,33 @@ def test_resume_from_step_3_equals_uninterrupted_6_steps(sd1_run, tmp_path):
     assert records == list(range(1, STEPS + 1))  # resumed steps replace, not duplicate, the old records
 
 
+def test_resume_with_compile_reports_compile_time_and_matches(sd1_run, tmp_path, monkeypatch):
+    """--compile compiles the UNet (here with torch.compile's aot_eager backend: the same graph capture of forward
+    and backward, no code generation), reports the first step's time, may be switched on at a resume, and trains
+    the same LoRA."""
+    import torch
+
+    compiled = []
+    original = torch.nn.Module.compile
+
+    def compile_eager(module, *args, **kwargs):
+        compiled.append(type(module).__name__)
+        return original(module, *args, **{**kwargs, "backend": "aot_eager"})
+
+    monkeypatch.setattr(torch.nn.Module, "compile", compile_eager)
+    out = tmp_path / "resumed"
+    shutil.copytree(sd1_run["out"], out)
+    shutil.rmtree(out / "checkpoints" / "step-000006")
+    result = run_cli(*train_args(sd1_run["data"], out, sd1_run["base"], "--resume", "latest", "--compile"))
+    assert result.exit_code == 0, result.output
+    assert compiled == ["UNet2DConditionModel"]
+    assert "torch.compile: first step (compiling the UNet) took" in result.output
+    straight = load_file(str(sd1_run["out"] / "pytorch_lora_weights.safetensors"))
+    resumed = load_file(str(out / "pytorch_lora_weights.safetensors"))
+    assert max((straight[k] - resumed[k]).abs().max().item() for k in straight) <= 1e-5
+    torch._dynamo.reset()
+
+
 def test_refuses_out_dir_of_another_run(sd1_run):
     again = run_cli(*train_args(sd1_run["data"], sd1_run["out"], sd1_run["base"]))
     assert again.exit_code == 2
