@@ -448,13 +448,16 @@ def anchor_row(opts: argparse.Namespace, script: Path) -> dict:
         model_dir = Path(tmp) / "model"
         build_pipeline(opts.model).save_pretrained(model_dir, safe_serialization=True)
         data = write_dataset(Path(tmp) / "data", max(2, opts.batch), opts.resolution, CAPTION)
+        for caption in data.glob("*.txt"):  # the script opens every file of its folder as an image
+            caption.unlink()
         walls = []
         for steps in (opts.warmup + 1, opts.warmup + 1 + opts.steps):
             command = [sys.executable, str(script), f"--pretrained_model_name_or_path={model_dir}"]
             command += [f"--instance_data_dir={data}", f"--instance_prompt={CAPTION}", f"--output_dir={tmp}/out"]
             command += [f"--resolution={opts.resolution}", f"--train_batch_size={opts.batch}", f"--rank={opts.rank}"]
             command += [f"--max_train_steps={steps}", "--learning_rate=1e-4", "--lr_scheduler=constant"]
-            command += ["--checkpointing_steps=1000000", "--seed=0", f"--mixed_precision={opts.precision}"]
+            precision = {"fp32": "no"}.get(opts.precision, opts.precision)
+            command += ["--checkpointing_steps=1000000", "--seed=0", f"--mixed_precision={precision}"]
             command += ["--gradient_checkpointing"] if opts.gradient_checkpointing else []
             command += ["--use_8bit_adam"] if opts.optimizer == "adamw8bit" else []
             start = time.perf_counter()

@@ -97,6 +97,25 @@ def training_identities() -> list[world.Identity]:
     return [i for i in world.all_identities() if i not in SUBJECTS]
 
 
+def _pool(spec: BaseSpec, rng: random.Random, device: str):
+    """The renders the base learns from, drawn once from the spec's seed: (identities, uint8 pixels on `device`)."""
+    import torch
+
+    pool = rng.choices(training_identities(), k=spec.pool)
+    pixels = torch.cat([_renders(pool[i : i + 1000], rng) for i in range(0, spec.pool, 1000)]).to(device)
+    return pool, pixels
+
+
+def _latents(vae, pixels):
+    """Posterior means of `pixels` (uint8), unscaled."""
+    import torch
+
+    with torch.no_grad():
+        return torch.cat(
+            [vae.encode(_to_float(pixels[i : i + 500])).latent_dist.mean for i in range(0, len(pixels), 500)]
+        )
+
+
 def _renders(identities: list[world.Identity], rng: random.Random):
     import numpy
     import torch
@@ -206,13 +225,9 @@ def train_base(spec: BaseSpec, out: Path, log=print, device: str | None = None, 
         torch.set_num_threads(1)
     started = time.time()
     rng = random.Random(spec.seed)
-    pool = rng.choices(training_identities(), k=spec.pool)
-    pixels = torch.cat([_renders(pool[i : i + 1000], rng) for i in range(0, spec.pool, 1000)]).to(device)
+    pool, pixels = _pool(spec, rng, device)
     vae = train_vae(spec, pixels, log)
-    with torch.no_grad():
-        means = torch.cat(
-            [vae.encode(_to_float(pixels[i : i + 500])).latent_dist.mean for i in range(0, spec.pool, 500)]
-        )
+    means = _latents(vae, pixels)
     scale = float(1 / means.std())
     vae.register_to_config(scaling_factor=scale)  # latents reach the UNet at unit variance, as in SD
     latents = means * scale  # (pool, 4, 16, 16)
@@ -256,13 +271,8 @@ def continue_base(src: Path, out: Path, steps: int, lr: float, batch: int, log=p
     pipe = StableDiffusionPipeline.from_pretrained(src).to(device)
     torch.manual_seed(spec.seed + len(record.get("continued", [])) + 1)
     rng = random.Random(spec.seed)
-    pool = rng.choices(training_identities(), k=spec.pool)
-    pixels = torch.cat([_renders(pool[i : i + 1000], rng) for i in range(0, spec.pool, 1000)]).to(device)
-    with torch.no_grad():
-        latents = torch.cat(
-            [pipe.vae.encode(_to_float(pixels[i : i + 500])).latent_dist.mean for i in range(0, spec.pool, 500)]
-        )
-    latents = latents * pipe.vae.config.scaling_factor
+    pool, pixels = _pool(spec, rng, device)
+    latents = _latents(pipe.vae, pixels) * pipe.vae.config.scaling_factor
     more = dataclasses.replace(spec, unet_steps=steps, lr=lr, batch=batch)
     deadline = started + max_seconds if max_seconds else float("inf")
     for module in (pipe.unet, pipe.text_encoder):

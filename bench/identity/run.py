@@ -226,6 +226,24 @@ def base_rows(base_dir: Path, subjects: list[world.Identity], scale: Scale, work
     return [{"subject": i, "setting": "base", "step": 0, **score(paths, s)} for i, s in enumerate(subjects)]
 
 
+# The smoke test's cell (tests/test_identity_bench.py): cheap, and the benchmark measured a clear gain for it.
+SMOKE = Setting(prior=False, text_encoder=False, rank=16, lr=3e-3)
+SMOKE_STEP = 100
+
+
+def smoke(base_dir: Path, work: Path, lr: float = SMOKE.lr, seeds: int = 64) -> tuple[dict, dict]:
+    """Subject 0's base row and its LoRA's row after SMOKE_STEP steps of the SMOKE setting (at `lr`).
+
+    python -c "from bench.identity import run; print(run.smoke(BASE, WORK, lr=1e-7))"   (a LoRA that learns nothing)
+    """
+    scale = Scale(seeds=seeds, checkpoints=(SMOKE_STEP,))
+    subject = base.SUBJECTS[0]
+    (before,) = base_rows(base_dir, [subject], scale, work / "base-run")
+    setting = Setting(SMOKE.prior, SMOKE.text_encoder, SMOKE.rank, lr)
+    (after,) = run_subject(base_dir, subject, setting, scale, work / "lora-run")
+    return before, after
+
+
 def vae_check(base_dir: Path, count: int = 200, seed: int = 5) -> dict[str, float]:
     """Share of jittered renders decoded exactly before and after the base's VAE round trip (encode, decode)."""
     import numpy
@@ -328,25 +346,34 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, default=Scale.seeds)
     parser.add_argument("--base", type=Path, help="a base model folder (default: build or find the cached one)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: fastest on a shared 2-core box)")
+    parser.add_argument("--rank", type=int, help="only the grid's settings of this rank")
+    parser.add_argument("--lr", type=float, help="only the grid's settings of this learning rate")
     args = parser.parse_args(argv)
+    settings = [
+        s for s in GRIDS[args.grid] if args.rank in (None, s.rank) and (args.lr is None or math.isclose(s.lr, args.lr))
+    ]
+    if not settings:
+        parser.error(f"no setting of the {args.grid} grid has rank {args.rank} and lr {args.lr}")
     import torch
 
     torch.set_num_threads(args.threads)
     scale = Scale(checkpoints=tuple(args.steps), seeds=args.seeds)
-    subjects = list(base.SUBJECTS[: args.subjects])
-    if args.only_subject is not None:
-        subjects = [base.SUBJECTS[args.only_subject]]
+    numbers = range(args.subjects) if args.only_subject is None else [args.only_subject]
+    subjects = {k: base.SUBJECTS[k] for k in numbers}  # keyed by the subject's own number, also with --only-subject
     base_dir = args.base or base.ensure_base()
     args.out.mkdir(parents=True, exist_ok=True)
     checks = vae_check(base_dir)
-    rows = base_rows(base_dir, subjects, scale, args.out / "work")
+    rows = [
+        row | {"subject": k}
+        for k, row in zip(subjects, base_rows(base_dir, [*subjects.values()], scale, args.out / "work"), strict=True)
+    ]
     checks["class_validity"] = rows[0]["class_validity"]  # the base's own samples of "a photo of a person"
     checks["base_dir"] = str(base_dir)
     if (base_dir / "identity_base.json").is_file():  # how the base was built (spec, device, continuations)
         checks["base_record"] = json.loads((base_dir / "identity_base.json").read_text())
     print(f"base {base_dir}: {checks}", flush=True)
     # Subjects outer: a run cut short still has every setting for the first subject.
-    cells = [(i, s, setting) for i, s in enumerate(subjects) for setting in GRIDS[args.grid]]
+    cells = [(i, s, setting) for i, s in subjects.items() for setting in settings]
     with _pool(args.jobs, args.threads) as pool:
         futures = [
             pool.submit(run_subject, base_dir, s, setting, scale, args.out / "work" / f"{_slug(setting)}-s{i}")
