@@ -87,7 +87,7 @@ def sdlora_worker(opts: argparse.Namespace, levers: list[str], work: Path):
     from sdlora.data import load_examples
     from sdlora.models import model_info
 
-    precision = {"fp32": "no"}.get(opts.precision, opts.precision)
+    precision = accelerate_precision(opts.precision)
     config = Config(
         model={"base": f"bench:{opts.model}"},
         lora={"rank": opts.rank, "alpha": opts.rank, "targets": "attention"},
@@ -164,6 +164,11 @@ def apply_levers(run: Any, levers: list[str]) -> None:
         gc.collect()
 
 
+def accelerate_precision(precision: str) -> str:
+    """This script's --precision as Accelerate's (and diffusers' scripts') mixed_precision: fp32 is "no"."""
+    return {"fp32": "no"}.get(precision, precision)
+
+
 def weight_dtype(precision: str):
     import torch
 
@@ -182,7 +187,7 @@ def baseline_worker(opts: argparse.Namespace, work: Path):
 
     from sdlora.data import load_examples, load_pixels
 
-    precision = {"fp32": "no"}.get(opts.precision, opts.precision)
+    precision = accelerate_precision(opts.precision)
     accelerator = Accelerator(mixed_precision=precision)
     pipe = build_pipeline(opts.model, device=opts.device)
     unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
@@ -456,7 +461,7 @@ def anchor_row(opts: argparse.Namespace, script: Path) -> dict:
             command += [f"--instance_data_dir={data}", f"--instance_prompt={CAPTION}", f"--output_dir={tmp}/out"]
             command += [f"--resolution={opts.resolution}", f"--train_batch_size={opts.batch}", f"--rank={opts.rank}"]
             command += [f"--max_train_steps={steps}", "--learning_rate=1e-4", "--lr_scheduler=constant"]
-            precision = {"fp32": "no"}.get(opts.precision, opts.precision)
+            precision = accelerate_precision(opts.precision)
             command += ["--checkpointing_steps=1000000", "--seed=0", f"--mixed_precision={precision}"]
             command += ["--gradient_checkpointing"] if opts.gradient_checkpointing else []
             command += ["--use_8bit_adam"] if opts.optimizer == "adamw8bit" else []

@@ -45,8 +45,6 @@ def test_decoder_tells_attributes_apart():
 def test_base_builds_by_step_budgets_and_continues(tmp_path):
     """The benchmark's base builder at a micro budget: a loadable diffusers folder whose record holds the steps done;
     a time limit cuts the UNet's training short; --continue-from trains it further and records that."""
-    import json
-
     from diffusers import StableDiffusionPipeline
 
     from bench.identity import base
@@ -78,6 +76,31 @@ def torch_equal(a, b) -> bool:
 
 FIXTURE = Path(__file__).parent / "data" / "identity-base.safetensors"
 BENCHMARK = Path(__file__).resolve().parents[1] / "docs" / "identity-benchmark" / "results.json"
+
+
+def test_fixture_export_restore_round_trip(tmp_path):
+    """Exporting a restored base and restoring it again gives the same weights and trained token rows (the export
+    is what rebuilds the fixture when the benchmark's base changes)."""
+    from diffusers import StableDiffusionPipeline
+
+    from bench.identity import fixture
+
+    first = fixture.restore(FIXTURE, tmp_path / "first")
+    fixture.export(first, tmp_path / "again.safetensors")
+    second = fixture.restore(tmp_path / "again.safetensors", tmp_path / "second")
+    a, b = StableDiffusionPipeline.from_pretrained(first), StableDiffusionPipeline.from_pretrained(second)
+    ids = fixture.trained_token_ids(a.tokenizer)
+    table = "embeddings.token_embedding.weight"  # its untrained rows are drawn afresh: only the trained ones travel
+    for part in ("unet", "vae", "text_encoder"):
+        left, right = getattr(a, part).state_dict(), getattr(b, part).state_dict()
+        assert left.keys() == right.keys()
+        assert all(torch_equal(left[k], right[k]) for k in left if k != table), part
+    assert torch_equal(a.text_encoder.state_dict()[table][ids], b.text_encoder.state_dict()[table][ids])
+    assert (second / "identity_base.json").read_text() == (first / "identity_base.json").read_text()
+    assert (
+        len(ids) > 10
+        and a.tokenizer("a photo of sks person").input_ids == b.tokenizer("a photo of sks person").input_ids
+    )
 
 
 def test_lora_moves_decoded_attributes_toward_the_subject(tmp_path):

@@ -75,13 +75,14 @@ def restore(file: Path, folder: Path) -> Path:
     """Write the base stored in `file` as a diffusers folder (fp32) at `folder`; returns `folder`."""
     import torch
     from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     from sdlora.testing import clip_tokenizer
 
-    with safe_open(str(file), "pt") as handle:
+    with safe_open(str(file), "pt") as handle:  # one read: tensors and metadata
         metadata = handle.metadata()
-    tensors = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(file)).items()}
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118 (safe_open is no dict)
+    tensors = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
     rows, ids = tensors.pop(EMBEDDING + ".rows"), tensors.pop(EMBEDDING + ".ids")
     generator = torch.Generator().manual_seed(0)
     table = torch.randn(int(metadata["vocab_size"]), rows.shape[1], generator=generator)

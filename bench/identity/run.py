@@ -219,11 +219,12 @@ def run_subject(base_dir: Path, subject: world.Identity, setting: Setting, scale
     return rows
 
 
-def base_rows(base_dir: Path, subjects: list[world.Identity], scale: Scale, work: Path) -> list[dict]:
-    """Step 0: the base model alone, scored against each subject (same seeds and prompts)."""
+def base_rows(base_dir: Path, subjects: dict[int, world.Identity], scale: Scale, work: Path) -> list[dict]:
+    """Step 0: the base model alone, scored against each subject ({subject number: identity}; same seeds and
+    prompts)."""
     config = make_config(base_dir, REDUCED[0], scale, None)
     paths = render_prompts(config, None, work / "base-images")
-    return [{"subject": i, "setting": "base", "step": 0, **score(paths, s)} for i, s in enumerate(subjects)]
+    return [{"subject": i, "setting": "base", "step": 0, **score(paths, s)} for i, s in subjects.items()]
 
 
 # The smoke test's cell (tests/test_identity_bench.py): cheap, and the benchmark measured a clear gain for it.
@@ -238,7 +239,7 @@ def smoke(base_dir: Path, work: Path, lr: float = SMOKE.lr, seeds: int = 64) -> 
     """
     scale = Scale(seeds=seeds, checkpoints=(SMOKE_STEP,))
     subject = base.SUBJECTS[0]
-    (before,) = base_rows(base_dir, [subject], scale, work / "base-run")
+    (before,) = base_rows(base_dir, {0: subject}, scale, work / "base-run")
     setting = Setting(SMOKE.prior, SMOKE.text_encoder, SMOKE.rank, lr)
     (after,) = run_subject(base_dir, subject, setting, scale, work / "lora-run")
     return before, after
@@ -363,10 +364,7 @@ def main(argv: list[str] | None = None) -> None:
     base_dir = args.base or base.ensure_base()
     args.out.mkdir(parents=True, exist_ok=True)
     checks = vae_check(base_dir)
-    rows = [
-        row | {"subject": k}
-        for k, row in zip(subjects, base_rows(base_dir, [*subjects.values()], scale, args.out / "work"), strict=True)
-    ]
+    rows = base_rows(base_dir, subjects, scale, args.out / "work")
     checks["class_validity"] = rows[0]["class_validity"]  # the base's own samples of "a photo of a person"
     checks["base_dir"] = str(base_dir)
     if (base_dir / "identity_base.json").is_file():  # how the base was built (spec, device, continuations)
