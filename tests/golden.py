@@ -1,0 +1,207 @@
+"""Golden outputs of fixed-seed runs through the CLI: sha256s of LoRA tensors and of rendered pixels.
+
+Recorded once on the code before a refactor (`python tests/golden.py --record`), then checked by
+tests/test_golden.py after every move: a refactor must not change a single bit of what a user gets. The hashes
+cover tensor values, dtypes and shapes (not the files, whose headers hold timestamps) and decoded RGB pixels.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+GOLDEN_FILE = Path(__file__).parent / "data" / "golden.json"
+
+
+def tensors_sha256(path: Path) -> str:
+    """sha256 over every tensor of a .safetensors file: key, dtype, shape and bytes, in key order."""
+    import torch
+    from safetensors.torch import load_file
+
+    digest = hashlib.sha256()
+    for key, value in sorted(load_file(str(path)).items()):
+        digest.update(f"{key}|{value.dtype}|{tuple(value.shape)}|".encode())
+        digest.update(value.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def pixels_sha256(path: Path) -> str:
+    """sha256 of an image's decoded RGB pixels and size."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as image:
+        array = np.asarray(image.convert("RGB"))
+    return hashlib.sha256(f"{array.shape}|".encode() + array.tobytes()).hexdigest()
+
+
+def cli(*args: str) -> str:
+    from typer.testing import CliRunner
+
+    from sdlora.cli import app
+
+    result = CliRunner().invoke(app, list(args))
+    if result.exit_code != 0:
+        raise AssertionError(f"sdlora {' '.join(args)} exited {result.exit_code}:\n{result.output}")
+    return result.output
+
+
+def _train_args(data: Path, out: Path, base: Path, steps: int, *extra: str) -> list[str]:
+    return [
+        "train",
+        str(data),
+        str(out),
+        "--base",
+        str(base),
+        "--steps",
+        str(steps),
+        "--resolution",
+        "64",
+        "--rank",
+        "4",
+        "--alpha",
+        "8",
+        "--lr",
+        "1e-3",
+        "--checkpoint-every",
+        "2",
+        "--sample-every",
+        str(steps),
+        "--name",
+        "golden",
+        "--set",
+        "train.log_every=1",
+        "--set",
+        "train.sample_steps=3",
+        *extra,
+    ]
+
+
+def _run_files(out: Path) -> dict[str, str]:
+    hashes = {
+        "lora_diffusers": tensors_sha256(out / "pytorch_lora_weights.safetensors"),
+        "lora_kohya": tensors_sha256(out / "golden.safetensors"),
+    }
+    for checkpoint in sorted((out / "checkpoints").glob("step-*")):
+        hashes[f"{checkpoint.name}/lora_state"] = tensors_sha256(checkpoint / "lora_state.safetensors")
+    for sample in sorted((out / "samples").glob("*.png")):
+        hashes[f"samples/{sample.name}"] = pixels_sha256(sample)
+    return hashes
+
+
+def _images(folder: Path, prefix: str) -> dict[str, str]:
+    return {f"{prefix}/{p.name}": pixels_sha256(p) for p in sorted(folder.glob("*.png"))}
+
+
+def _generate_args(base: Path, lora: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "generate",
+        "--base",
+        str(base),
+        "--lora",
+        f"{lora}:0.8",
+        "--prompt",
+        "a photo of {trigger}, smiling",
+        "--n",
+        "2",
+        "--steps",
+        "3",
+        "--size",
+        "64x64",
+        "--out",
+        str(out),
+        *extra,
+    ]
+
+
+def scenario_sd1(root: Path, models: Callable[[str], Path]) -> dict[str, str]:
+    """SD 1.x: all targets, text-encoder LoRA, min-SNR, flips, offset noise, caption dropout; generate with
+    compare, filmstrips and two schedulers."""
+    from train_utils import subject_set
+
+    data, out, base = subject_set(root / "data"), root / "run", models("sd1")
+    extra = ["--train-text-encoder", "--set", "lora.targets='all'", "--set", "train.min_snr_gamma=5.0"]
+    extra += ["--set", "train.flip=true", "--set", "train.noise_offset=0.05", "--set", "train.caption_dropout=0.25"]
+    cli(*_train_args(data, out, base, 4, *extra))
+    hashes = _run_files(out)
+    cli(*_generate_args(base, out, root / "gen", "--compare", "--save-steps", "2"))
+    hashes |= _images(root / "gen", "generate")
+    cli(*_generate_args(base, out / "golden.safetensors", root / "gen-euler", "--scheduler", "euler_a", "--fuse"))
+    hashes |= _images(root / "gen-euler", "generate-kohya-euler_a")
+    return hashes
+
+
+def scenario_sd1_prior(root: Path, models: Callable[[str], Path]) -> dict[str, str]:
+    """SD 1.x with prior preservation: generated class images, then the paired loss."""
+    from train_utils import subject_set
+
+    data, out, base = subject_set(root / "data"), root / "run", models("sd1")
+    extra = ["--class-prompt", "a photo of a person", "--num-class-images", "3", "--prior-loss-weight", "0.5"]
+    cli(*_train_args(data, out, base, 3, *extra, "--batch-size", "2"))
+    hashes = _run_files(out)
+    hashes |= _images(out / "class_images", "class_images")
+    return hashes
+
+
+def scenario_sd2(root: Path, models: Callable[[str], Path]) -> dict[str, str]:
+    """SD 2.x (v-prediction), gradient accumulation, cosine schedule with warmup."""
+    from train_utils import subject_set
+
+    data, out, base = subject_set(root / "data"), root / "run", models("sd2")
+    extra = ["--grad-accum", "2", "--set", "train.lr_scheduler='cosine'", "--set", "train.warmup_steps=1"]
+    cli(*_train_args(data, out, base, 3, *extra))
+    hashes = _run_files(out)
+    cli(*_generate_args(base, out, root / "gen", "--scheduler", "ddim"))
+    return hashes | _images(root / "gen", "generate")
+
+
+def scenario_sdxl(root: Path, models: Callable[[str], Path]) -> dict[str, str]:
+    """SDXL: both text encoders trained, aspect-ratio buckets (micro-conditioning from the manifest)."""
+    from train_utils import bucketed_set
+
+    data, out, base = bucketed_set(root / "data"), root / "run", models("sdxl")
+    cli(*_train_args(data, out, base, 4, "--train-text-encoder", "--set", "train.eval_every=0"))
+    hashes = _run_files(out)
+    cli(*_generate_args(base, out, root / "gen", "--size", "96x64"))
+    return hashes | _images(root / "gen", "generate")
+
+
+SCENARIOS = {
+    "sd1": scenario_sd1,
+    "sd1_prior": scenario_sd1_prior,
+    "sd2": scenario_sd2,
+    "sdxl": scenario_sdxl,
+}
+
+
+def record(root: Path) -> dict[str, dict[str, str]]:
+    from sdlora import testing
+
+    built: dict[str, Path] = {}
+
+    def models(family: str) -> Path:
+        if family not in built:
+            built[family] = testing.save_tiny_pipeline(family, root / "models" / family)
+        return built[family]
+
+    return {name: run(root / name, models) for name, run in SCENARIOS.items()}
+
+
+if __name__ == "__main__":
+    import tempfile
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    with tempfile.TemporaryDirectory() as tmp:
+        result = record(Path(tmp))
+    if "--record" in sys.argv:
+        GOLDEN_FILE.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        print(f"wrote {GOLDEN_FILE}")
+    else:
+        print(json.dumps(result, indent=2, sort_keys=True))

@@ -1,0 +1,25 @@
+"""Refactors change no behaviour: fixed-seed train/generate runs give the LoRA tensors and pixels recorded in
+tests/data/golden.json (recorded with `python tests/golden.py --record` on the code before the family refactor).
+
+If this fails after a change that is *meant* to change outputs, say so in the commit and re-record; a refactor
+must never need that.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from golden import GOLDEN_FILE, SCENARIOS
+
+RECORDED = json.loads(GOLDEN_FILE.read_text(encoding="utf-8"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_outputs_match_the_recorded_hashes(name, tmp_path, tiny_models):
+    hashes = SCENARIOS[name](tmp_path, tiny_models.__getitem__)
+    expected = RECORDED[name]
+    assert sorted(hashes) == sorted(expected), "a different set of outputs was written"
+    changed = [key for key in expected if hashes[key] != expected[key]]
+    assert not changed, f"{name}: outputs differ from the recorded golden run: {changed}"
