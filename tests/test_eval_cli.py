@@ -236,3 +236,25 @@ def test_images_folder_reads_recorded_prompts_and_skips_sheets(tmp_path):
     assert [Path(n).name for n in names] == ["0000-5.png", "0001-9.png", "0002.jpg"]
     assert prompts == ["zwx person on a boat", "zwx person, oil painting", None]
     assert seeds == [5, 9, None]
+
+
+def test_eval_renders_exactly_what_generate_renders(dataset, tiny_sd1, tmp_path):
+    """`eval --lora` and `generate` load the base the same way (one dtype rule) and render through one path: the
+    same prompt, seed and settings give the same pixels."""
+    import numpy as np
+    from PIL import Image
+
+    lora = _tiny_lora(tiny_sd1, tmp_path / "run", trigger="zwx person")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of {trigger} on a boat\n")
+    args = ["eval", "--reference", str(dataset), "--lora", str(lora), "--base", str(tiny_sd1), "--n", "2"]
+    args += ["--seed", "5", "--prompts", str(prompts), "--report", str(tmp_path / "r"), *GEN]
+    assert runner.invoke(app, args).exit_code == 0
+    gen = ["generate", "--base", str(tiny_sd1), "--lora", str(lora), "--prompt", "a photo of zwx person on a boat"]
+    gen += ["--n", "2", "--seed", "5", "--batch-size", "4", "--out", str(tmp_path / "gen"), *GEN]
+    result = runner.invoke(app, gen)
+    assert result.exit_code == 0, result.output
+    for i, seed in enumerate((5, 6)):
+        evaluated = np.asarray(Image.open(tmp_path / "r" / "images" / f"{i:03d}.png").convert("RGB"))
+        generated = np.asarray(Image.open(tmp_path / "gen" / f"{i:04d}-{seed}.png").convert("RGB"))
+        assert evaluated.std() > 0 and np.array_equal(evaluated, generated)
