@@ -7,7 +7,7 @@ import both (e.g. a separate venv that adds ComfyUI's requirements on top of our
 
 For each family: the diffusers UNet and CLIP text encoder(s) are built from the published configs on the meta
 device (no weights, no download), LoRA is attached with peft (UNet attention + projection + feed-forward
-layers, every text-encoder attention projection), `sdlora.kohya` writes the kohya file, and ComfyUI builds its
+layers, every text-encoder attention projection), `sdlora.lora.kohya` writes the kohya file, and ComfyUI builds its
 own model objects from an original-format checkpoint state dict of the same architecture (tensors are
 broadcast zeros: no memory). `comfy.sd.load_lora_for_models` then patches them; we count the keys it used and
 skipped (it logs "lora key not loaded" for each skipped key) and compare each patched weight's change with
@@ -68,7 +68,7 @@ def original_checkpoint(family: str, unet, encoders) -> dict:
     import comfy.model_detection
     import comfy.utils
 
-    from sdlora.kohya import text_encoder_path
+    from sdlora.lora.kohya import text_encoder_path
 
     unet_sd = zeros_like_meta({k: v for k, v in unet.state_dict().items() if "lora_" not in k})
     unet_sd = {k.replace(".base_layer.", "."): v for k, v in unet_sd.items()}
@@ -128,7 +128,7 @@ def check(family: str, workdir: Path) -> dict:
     import comfy.sd
     import comfy.utils
 
-    from sdlora import kohya
+    from sdlora.lora import kohya
     from sdlora.models import ModelInfo
 
     started = time.time()

@@ -2,13 +2,13 @@
 
     PYTHONPATH=$PWD python bench/generate.py --model tiny --json bench-generate.json
 
-One pipeline (random weights, see _models.py) and one LoRA file (written by sdlora.lora.save_diffusers, with
+One pipeline (random weights, see _models.py) and one LoRA file (written by sdlora.lora.peft.save_diffusers, with
 random non-zero weights so the adapter really computes). Variants, each timed with the same prompt, scheduler,
 steps, CFG, size and batch:
 
 - `diffusers-base`: `pipe(...)` with no LoRA (what --fuse should match);
 - `diffusers+lora`: `pipe.load_lora_weights(file)` then `pipe(...)`;
-- `sdlora`: `sdlora.adapters.load_loras` + `sdlora.generate.render_images` (what `sdlora generate` runs);
+- `sdlora`: `sdlora.lora.files.load_loras` + `sdlora.generate.render_images` (what `sdlora generate` runs);
 - `sdlora --fuse`: the same after `fuse_lora`, as `sdlora generate --fuse` does.
 """
 
@@ -34,15 +34,16 @@ def make_lora(model: str, path: Path, rank: int) -> Path:
     """A diffusers-format LoRA for `model` with random weights (B is not zero: the adapter changes the output)."""
     import torch
 
-    from sdlora import lora
+    from sdlora.families.sd import unet_targets
+    from sdlora.lora import peft
 
     pipe = build_pipeline(model, seed=1)
-    lora.attach(pipe.unet, rank, rank, 0.0, lora.unet_targets("attention"))
+    peft.attach(pipe.unet, rank, rank, 0.0, unet_targets("attention"))
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for p in lora.trainable_parameters(pipe.unet):
+        for p in peft.trainable_parameters(pipe.unet):
             p.copy_(torch.randn(p.shape, generator=generator) * 0.01)
-    lora.save_diffusers(path, type(pipe), pipe.unet, {}, {"sdlora.trigger_phrase": "sks person"})
+    peft.save_diffusers(path, type(pipe), {"unet": pipe.unet}, {"sdlora.trigger_phrase": "sks person"})
     return path
 
 
@@ -63,19 +64,11 @@ def plain_call(pipe: Any, opts: argparse.Namespace, scheduler: Any) -> None:
 
 
 def sdlora_call(pipe: Any, opts: argparse.Namespace) -> None:
-    from sdlora.generate import render_images
+    from sdlora.generate.render import Sampling, render_images
 
-    render_images(
-        pipe,
-        [PROMPT] * opts.batch,
-        list(range(opts.batch)),
-        steps=opts.steps,
-        cfg=opts.cfg,
-        scheduler=opts.scheduler,
-        width=opts.resolution,
-        height=opts.resolution,
-        batch_size=opts.batch,
-    )
+    size = opts.resolution
+    sampling = Sampling(opts.steps, opts.cfg, opts.scheduler, size, size, batch_size=opts.batch)
+    render_images(pipe, [PROMPT] * opts.batch, list(range(opts.batch)), sampling)
 
 
 def timed(fn, repeats: int, warmup: int) -> list[float]:
@@ -88,8 +81,8 @@ def timed(fn, repeats: int, warmup: int) -> list[float]:
 
 
 def measure(opts: argparse.Namespace, lora_file: Path) -> list[dict]:
-    from sdlora.adapters import load_loras, parse_lora
     from sdlora.generate import set_scheduler
+    from sdlora.lora.files import load_loras, parse_lora
 
     pipe = build_pipeline(opts.model)
     pipe.set_progress_bar_config(disable=True)
@@ -139,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     opts = parse_args(argv)
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="bench-gen-") as tmp:
-        lora_file = make_lora(opts.model, Path(tmp) / "lora.safetensors", opts.rank)
+        lora_file = make_lora(opts.model, Path(tmp) / "peft.safetensors", opts.rank)
         rows = measure(opts, lora_file)
     result = {
         "model": opts.model,

@@ -6,13 +6,13 @@ Each variant runs in its own worker process (so its peak RSS is its own), all wo
 the parent alternates them step by step (baseline, sdlora, baseline, sdlora, ...) so that a disturbance on the
 machine hits both. Variants:
 
-- `sdlora`: `sdlora.train.setup_pipeline` + `optimisation_step` exactly as `sdlora train` runs them (cached
+- `sdlora`: `sdlora.train.setup.setup_pipeline` + `run.optimisation_step` exactly as `sdlora train` runs them (cached
   latents and text embeddings, no per-step host sync).
 - `baseline`: per step what diffusers' examples/dreambooth/train_dreambooth_lora.py does: load and transform the
   batch's images, tokenize, VAE-encode (posterior sample), text-encoder forward, UNet forward/backward on fp32
   LoRA (targets to_q/k/v/out.0), clip, AdamW, LR scheduler, `loss.item()`.
 - `sdlora:LEVER[+LEVER]`: sdlora with one lever changed, to measure it (see LEVERS).
-- `unet`: UNet-only step on random cached latents/conditioning through sdlora.diffusion / lora / optim (any
+- `unet`: UNet-only step on random cached latents/conditioning through sdlora.objectives / lora / optim (any
   model, SDXL included, whose text conditioning sdlora's trainer does not build yet): the memory row of gpu.sh.
 
 `--anchor-script PATH` replaces the baseline by the real diffusers script (a checkout of
@@ -82,10 +82,10 @@ def reset_peak(device: str) -> None:
 
 def sdlora_worker(opts: argparse.Namespace, levers: list[str], work: Path):
     """Set up sdlora's trainer on an in-memory pipeline; returns step(k)."""
-    from sdlora import train
     from sdlora.config import Config
-    from sdlora.data import load_examples
     from sdlora.models import model_info
+    from sdlora.train import Plan, run, setup
+    from sdlora.train.data import load_examples
 
     precision = accelerate_precision(opts.precision)
     config = Config(
@@ -105,7 +105,7 @@ def sdlora_worker(opts: argparse.Namespace, levers: list[str], work: Path):
         },
     )
     dataset = write_dataset(work / "data", max(2, opts.batch), opts.resolution, CAPTION)
-    plan = train.Plan(
+    plan = Plan(
         dataset_dir=dataset,
         out_dir=work / "out",
         examples=load_examples(dataset, CAPTION),
@@ -114,17 +114,17 @@ def sdlora_worker(opts: argparse.Namespace, levers: list[str], work: Path):
         resume_from=None,
         name="bench",
     )
-    accelerator = train.make_accelerator(config, precision)
+    accelerator = setup.make_accelerator(config, precision)
     pipe = build_pipeline(opts.model, device=opts.device)
     if opts.precision != "fp32":
         pipe.to(dtype=weight_dtype(opts.precision))  # what load_base's torch_dtype does
     info = model_info(pipe)
-    train.place_base(pipe, info, accelerator)
-    run = train.setup_pipeline(config, plan, accelerator, pipe, info)
-    apply_levers(run, levers)
+    setup.place_base(pipe, info, accelerator)
+    state = setup.setup_pipeline(config, plan, accelerator, pipe, info)
+    apply_levers(state, levers)
 
     def step(k: int) -> None:
-        loss = train.optimisation_step(run, k)
+        loss = run.optimisation_step(state, k)
         if "item" in levers:
             float(loss)
 
@@ -137,7 +137,7 @@ def apply_levers(run: Any, levers: list[str]) -> None:
     unknown = set(levers) - set(LEVERS)
     if unknown:
         raise SystemExit(f"unknown lever(s) {sorted(unknown)}; choose from {', '.join(LEVERS)}")
-    unet = run.accelerator.unwrap_model(run.unet)
+    unet = run.accelerator.unwrap_model(run.denoiser)
     if "denormal" in levers:
         torch.set_flush_denormal(True)
     if "malloc" in levers:
@@ -185,7 +185,7 @@ def baseline_worker(opts: argparse.Namespace, work: Path):
     from diffusers.training_utils import cast_training_params
     from peft import LoraConfig
 
-    from sdlora.data import load_examples, load_pixels
+    from sdlora.train.data import load_examples, load_pixels
 
     precision = accelerate_precision(opts.precision)
     accelerator = Accelerator(mixed_precision=precision)
@@ -248,20 +248,22 @@ def unet_worker(opts: argparse.Namespace):
     """UNet-only LoRA step on random cached latents and conditioning, with sdlora's diffusion/lora/optim code."""
     import torch
 
-    from sdlora import diffusion, lora
-    from sdlora.optim import build_optimizer
+    from sdlora import objectives
+    from sdlora.families.sd import UNET_ATTENTION
+    from sdlora.lora import peft
+    from sdlora.train.optim import build_optimizer
 
     device, dtype = opts.device, weight_dtype(opts.precision)
     unet = build_pipeline(opts.model, device=device).unet  # encoders and VAE are dropped: outputs are cached
     unet.requires_grad_(False)
     unet.to(device, dtype)
     torch.manual_seed(0)
-    lora.attach(unet, opts.rank, opts.rank, 0.0, lora.UNET_ATTENTION)
-    for p in lora.trainable_parameters(unet):
+    peft.attach(unet, opts.rank, opts.rank, 0.0, UNET_ATTENTION)
+    for p in peft.trainable_parameters(unet):
         p.data = p.data.float()
     if opts.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    params = lora.trainable_parameters(unet)
+    params = peft.trainable_parameters(unet)
     optimizer = build_optimizer([{"params": params, "lr": 1e-4}], opts.optimizer, 1e-2, fused=device == "cuda")
     alphas = torch.cumprod(1 - torch.linspace(0.00085**0.5, 0.012**0.5, 1000) ** 2, 0).to(device)
     b, side = opts.batch, opts.resolution // 8
@@ -281,12 +283,12 @@ def unet_worker(opts: argparse.Namespace):
 
     def step(k: int) -> None:
         generator = torch.Generator().manual_seed(k)
-        noise = diffusion.sample_noise(latents.shape, generator).to(device)
-        t = diffusion.sample_timesteps(b, 1000, generator).to(device)
+        noise = objectives.sample_noise(latents.shape, generator).to(device)
+        t = objectives.sample_timesteps(b, 1000, generator).to(device)
         with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
-            noisy = diffusion.add_noise(latents, noise, t, alphas).to(dtype)
+            noisy = objectives.add_noise(latents, noise, t, alphas).to(dtype)
             pred = unet(noisy, t, **kwargs).sample
-            loss = diffusion.denoising_loss(pred, noise)
+            loss = objectives.denoising_loss(pred, noise)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()

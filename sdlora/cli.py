@@ -92,6 +92,86 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*requires torchvision.*")
 
 
+# Which config setting each command-line option sets (None: not given, the config file or default stands).
+PREP_OPTIONS = {
+    "token": "prep.token",
+    "class_word": "prep.class_word",
+    "resolution": "prep.resolution",
+    "crop": "prep.crop",
+    "overwrite": "prep.overwrite",
+    "buckets": "prep.buckets",
+    "min_images": "prep.min_images",
+    "caption_template": "prep.caption_template",
+    "workers": "prep.workers",
+}
+
+GENERATE_OPTIONS = {
+    "base": "model.base",
+    "allow_pickle": "model.allow_pickle",
+    "lora": "generate.loras",
+    "prompt_list": "generate.prompts",
+    "negative": "generate.negative",
+    "n": "generate.n",
+    "batch_size": "generate.batch_size",
+    "seed": "generate.seed",
+    "steps": "generate.steps",
+    "cfg": "generate.cfg",
+    "scheduler": "generate.scheduler",
+    "size": "generate.size",
+    "fuse": "generate.fuse",
+    "compare": "generate.compare",
+    "keep_face": "generate.keep_face",
+    "init_image": "generate.init_image",
+    "strength": "generate.strength",
+    "save_steps": "generate.save_steps",
+    "refiner": "generate.refiner",
+}
+
+TRAIN_OPTIONS = {
+    "base": "model.base",
+    "allow_pickle": "model.allow_pickle",
+    "rank": "lora.rank",
+    "alpha": "lora.alpha",
+    "train_text_encoder": "lora.train_text_encoder",
+    "name": "train.name",
+    "steps": "train.steps",
+    "resolution": "train.resolution",
+    "batch_size": "train.batch_size",
+    "grad_accum": "train.grad_accum",
+    "lr": "train.learning_rate",
+    "text_encoder_lr": "train.text_encoder_learning_rate",
+    "mixed_precision": "train.mixed_precision",
+    "optimizer": "train.optimizer",
+    "gradient_checkpointing": "train.gradient_checkpointing",
+    "compile": "train.compile",
+    "checkpoint_every": "train.checkpoint_every",
+    "keep_checkpoints": "train.keep_checkpoints",
+    "resume": "train.resume",
+    "class_prompt": "train.class_prompt",
+    "num_class_images": "train.num_class_images",
+    "prior_loss_weight": "train.prior_loss_weight",
+    "class_dir": "train.class_dir",
+    "sample_every": "train.sample_every",
+    "eval_every": "train.eval_every",
+    "seed": "train.seed",
+    "overwrite": "train.overwrite",
+}
+
+EVAL_OPTIONS = {
+    "base": "model.base",
+    "n": "eval.n",
+    "seed": "eval.seed",
+    "face_model": "eval.face_model",
+    "threshold": "eval.threshold",
+    "clip": "eval.clip",
+}
+
+
+def _options(values: dict[str, Any], table: dict[str, str]) -> dict[str, Any]:
+    """{config key: value} of the options in `table` (parameter name -> config key); empty lists count as unset."""
+    return {key: values[name] if values[name] != [] else None for name, key in table.items()}
+
+
 def load_config(config_file: Path | None, options: dict[str, Any], sets: list[str] | None):
     from sdlora import config
 
@@ -145,17 +225,7 @@ def prep(
     """Turn a folder of photos into a clean, face-centred training set, explaining every photo it drops."""
     from sdlora.prep.run import prep as run_prep
 
-    options = {
-        "prep.token": token,
-        "prep.class_word": class_word,
-        "prep.resolution": resolution,
-        "prep.crop": crop,
-        "prep.overwrite": overwrite,
-        "prep.buckets": buckets,
-        "prep.min_images": min_images,
-        "prep.caption_template": caption_template,
-        "prep.workers": workers,
-    }
+    options = _options(locals(), PREP_OPTIONS)
     report = run_prep(photos_dir, out_dir, load_config(config_file, options, sets))
     typer.echo(report.summary())
     typer.echo(f"wrote {out_dir}/manifest.jsonl, report.json and contact_sheet.jpg")
@@ -222,27 +292,7 @@ def generate(
     if prompt is not None and prompts is not None:
         raise UsageError("can't give both --prompt and --prompts; choose one")
     prompt_list = [prompt] if prompt is not None else read_prompts(prompts) if prompts is not None else None
-    options = {
-        "model.base": base,
-        "model.allow_pickle": allow_pickle,
-        "generate.loras": lora or None,
-        "generate.prompts": prompt_list,
-        "generate.negative": negative,
-        "generate.n": n,
-        "generate.batch_size": batch_size,
-        "generate.seed": seed,
-        "generate.steps": steps,
-        "generate.cfg": cfg,
-        "generate.scheduler": scheduler,
-        "generate.size": size,
-        "generate.fuse": fuse,
-        "generate.compare": compare,
-        "generate.keep_face": str(keep_face) if keep_face else None,
-        "generate.init_image": str(init_image) if init_image else None,
-        "generate.strength": strength,
-        "generate.save_steps": save_steps,
-        "generate.refiner": refiner,
-    }
+    options = _options(locals(), GENERATE_OPTIONS)
     paths = run_generate(load_config(config_file, options, sets), out)
     typer.echo(f"wrote {len(paths)} image(s) to {out}")
 
@@ -303,35 +353,7 @@ def train(
     """Train a LoRA of the person in DATASET_DIR on the base model; resumable, loadable in diffusers and UIs."""
     from sdlora.train import train as run_training
 
-    options = {
-        "model.base": base,
-        "model.allow_pickle": allow_pickle,
-        "lora.rank": rank,
-        "lora.alpha": alpha,
-        "lora.train_text_encoder": train_text_encoder,
-        "train.name": name,
-        "train.steps": steps,
-        "train.resolution": resolution,
-        "train.batch_size": batch_size,
-        "train.grad_accum": grad_accum,
-        "train.learning_rate": lr,
-        "train.text_encoder_learning_rate": text_encoder_lr,
-        "train.mixed_precision": mixed_precision,
-        "train.optimizer": optimizer,
-        "train.gradient_checkpointing": gradient_checkpointing,
-        "train.compile": compile,
-        "train.checkpoint_every": checkpoint_every,
-        "train.keep_checkpoints": keep_checkpoints,
-        "train.resume": resume,
-        "train.class_prompt": class_prompt,
-        "train.num_class_images": num_class_images,
-        "train.prior_loss_weight": prior_loss_weight,
-        "train.class_dir": str(class_dir) if class_dir else None,
-        "train.sample_every": sample_every,
-        "train.eval_every": eval_every,
-        "train.seed": seed,
-        "train.overwrite": overwrite,
-    }
+    options = _options(locals(), TRAIN_OPTIONS)
     result = run_training(load_config(config_file, options, sets), dataset_dir, out_dir)
     typer.echo(f"done: {result.lora_file} and {result.kohya_file} ({result.steps} steps)")
 
@@ -371,16 +393,9 @@ def eval_command(
     sets: SetOpt = None,
 ) -> None:
     """Measure whether the person was learned: face rate, identity, diversity, bleed and prompt fidelity."""
-    from sdlora.evaluate import evaluate
+    from sdlora.evaluation.run import evaluate
 
-    options = {
-        "model.base": base,
-        "eval.n": n,
-        "eval.seed": seed,
-        "eval.face_model": face_model,
-        "eval.threshold": threshold,
-        "eval.clip": clip,
-    }
+    options = _options(locals(), EVAL_OPTIONS)
     cfg = load_config(config_file, options, sets)
     evaluate(
         cfg, reference=reference, images=images, lora=lora, prompts_file=prompts, json_path=json_out, report_dir=report

@@ -17,6 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from sdlora.errors import ConfigError
 from sdlora.fsutil import atomic_write_text
 
+# Images with more pixels than this are refused as decompression bombs or huge scans (prep.max_pixels).
+MAX_PIXELS = 120_000_000
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -65,7 +68,7 @@ class PrepConfig(Section):
         description="Face-embedding distance from the set's identity above which a face is someone else.",
     )
     max_pixels: int = Field(
-        120_000_000, gt=0, description="Refuse images with more pixels than this (decompression bombs)."
+        MAX_PIXELS, gt=0, description="Refuse images with more pixels than this (decompression bombs)."
     )
     workers: int = Field(0, ge=0, description="Parallel worker processes; 0 means one per CPU core.")
     overwrite: bool = Field(False, description="Replace the contents of a non-empty OUT_DIR.")

@@ -1,17 +1,21 @@
-"""Load a base model (hub id, local diffusers folder, single-file checkpoint) and tell its family.
+"""Load a base model (hub id, local diffusers folder, single-file checkpoint) and tell its family; the one
+precision rule of the commands that render.
 
-The family is read from the model itself (pipeline class, UNet and scheduler config), never from its name.
+The family is read from the model itself (sdlora.families: its config, or a checkpoint's keys), never from its name.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from sdlora.errors import SdloraError, UsageError
 
-Family = Literal["sd1", "sd2", "sdxl"]
+if TYPE_CHECKING:
+    from sdlora.config import ModelConfig
+    from sdlora.families import Family
+
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 SINGLE_FILE_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
 
@@ -20,47 +24,70 @@ SINGLE_FILE_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
 class ModelInfo:
     """What training and generation need to know about a base model."""
 
-    family: Family
+    family: str  # a name in sdlora.families.REGISTRY
     prediction_type: str  # "epsilon" or "v_prediction"
     vae_scale_factor: int  # pixels per latent pixel (8 for every real SD model)
 
     @property
+    def spec(self) -> Family:
+        """The family object: everything that differs between families."""
+        from sdlora import families
+
+        return families.get(self.family)
+
+    @property
     def kohya_base_version(self) -> str:
         """kohya's `ss_base_model_version` value."""
-        if self.family == "sdxl":
-            return "sdxl_base_v1-0"
-        if self.family == "sd2":
-            return "sd_v2_v" if self.prediction_type == "v_prediction" else "sd_v2"
-        return "sd_v1"
+        return self.spec.kohya_base_version(self.prediction_type)
 
     @property
     def modelspec_architecture(self) -> str:
         """The `modelspec.architecture` value of a LoRA for this base."""
-        if self.family == "sdxl":
-            return "stable-diffusion-xl-v1-base/lora"
-        if self.family == "sd2":
-            return (
-                "stable-diffusion-v2-768-v/lora"
-                if self.prediction_type == "v_prediction"
-                else "stable-diffusion-v2-512/lora"
-            )
-        return "stable-diffusion-v1/lora"
-
-
-def family_of(unet_config: Any) -> Family:
-    """SDXL conditions on pooled text + time ids ("text_time"); SD 2.x uses linear projections in its transformers."""
-    if getattr(unet_config, "addition_embed_type", None) == "text_time":
-        return "sdxl"
-    if getattr(unet_config, "use_linear_projection", False):
-        return "sd2"
-    return "sd1"
+        return self.spec.modelspec_architecture(self.prediction_type)
 
 
 def model_info(pipe: Any) -> ModelInfo:
+    from sdlora import families
+
     return ModelInfo(
-        family=family_of(pipe.unet.config),
+        family=families.detect(pipe).name,
         prediction_type=pipe.scheduler.config.get("prediction_type", "epsilon"),
         vae_scale_factor=2 ** (len(pipe.vae.config.block_out_channels) - 1),
+    )
+
+
+def device_facts() -> tuple[bool, bool]:
+    """(CUDA available, bf16 supported on it)."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    return cuda, cuda and torch.cuda.is_bf16_supported()
+
+
+def device() -> str:
+    """Where every command runs its models: the GPU when there is one."""
+    return "cuda" if device_facts()[0] else "cpu"
+
+
+def inference_dtype() -> Any:
+    """The one precision rule of every command that renders (generate, eval): fp32 on the CPU (half precision is
+    slower there), bf16 on GPUs that have it, else fp16."""
+    import torch
+
+    cuda, bf16 = device_facts()
+    if not cuda:
+        return torch.float32
+    return torch.bfloat16 if bf16 else torch.float16
+
+
+def load_base(model: ModelConfig, torch_dtype: Any = None) -> Any:
+    """The pipeline of the config's base model (with its VAE and single-file settings), for every command."""
+    return load_pipeline(
+        model.base or "",
+        allow_pickle=model.allow_pickle,
+        torch_dtype=torch_dtype,
+        vae=model.vae,
+        single_file_config=model.single_file_config,
     )
 
 
@@ -125,8 +152,12 @@ def load_pipeline(
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise SdloraError(f"could not load base model {base!r}: {first} ({hint})") from exc
-    if not hasattr(pipe, "unet"):
-        raise UsageError(f"{base}: {type(pipe).__name__} is not a Stable Diffusion (UNet) pipeline")
+    from sdlora import families
+
+    try:
+        families.detect(pipe)
+    except ValueError:
+        raise UsageError(f"{base}: {type(pipe).__name__} is not a pipeline of a supported model family") from None
     return pipe
 
 
@@ -142,10 +173,10 @@ def _load_hint(path: Path, single_file_config: str | None) -> str:
 
 def _from_single_file(path: Path, config: str | None, kwargs: dict[str, Any]) -> Any:
     """The pipeline of an original-format (LDM/SGM) checkpoint, with the configs and tokenizers of `config`."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    import diffusers
     from diffusers.loaders.single_file_utils import SingleFileComponentError
 
-    cls = StableDiffusionXLPipeline if _single_file_is_sdxl(path) else StableDiffusionPipeline
+    cls = getattr(diffusers, _checkpoint_family(path).single_file_pipeline)
     try:
         return cls.from_single_file(str(path), **kwargs, **({"config": config} if config else {}))
     except SingleFileComponentError as exc:  # e.g. a LoRA or VAE file given as the base
@@ -167,11 +198,16 @@ def load_vae(vae: str, *, torch_dtype: Any = None, allow_pickle: bool = False) -
     return AutoencoderKL.from_pretrained(str(path) if path.is_dir() else vae, subfolder=subfolder, **kwargs)
 
 
-def _single_file_is_sdxl(path: Path) -> bool:
-    """An original-format SDXL checkpoint has a second text encoder under `conditioner.embedders.1`."""
-    if path.suffix.lower() != ".safetensors":
-        return False  # pickles: assume SD 1.x/2.x; SDXL ships as .safetensors
+def _checkpoint_family(path: Path) -> Family:
+    """The family of an original-format checkpoint, from its tensor keys (a pickle's keys can't be read without
+    unpickling it: those are SD 1.x/2.x, as SDXL ships as .safetensors)."""
     from safetensors import safe_open
 
+    from sdlora import families
+    from sdlora.families.sd import SD1
+
+    if path.suffix.lower() != ".safetensors":
+        return SD1
     with safe_open(str(path), framework="pt") as handle:
-        return any(key.startswith("conditioner.embedders.1.") for key in handle.keys())  # noqa: SIM118
+        keys = set(handle.keys())
+    return families.detect_checkpoint(keys) or SD1  # unknown keys: diffusers says what is missing

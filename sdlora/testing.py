@@ -1,4 +1,4 @@
-"""Tiny SD 1.x / 2.x / SDXL pipelines built from configs with random weights, for tests and the demo.
+"""Tiny pipelines built from configs with random weights, for tests and the demo.
 
 They are saved in diffusers folder format so that every loading path is the real one (`from_pretrained`
 on a local folder). The tokenizer is the real CLIP BPE (49,408 tokens), built offline from the vocabulary
@@ -13,12 +13,12 @@ import importlib.util
 import json
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from sdlora.errors import SdloraError
+from sdlora.families import NAMES
 
-Family = Literal["sd1", "sd2", "sdxl"]
-FAMILIES: tuple[Family, ...] = ("sd1", "sd2", "sdxl")
+FAMILIES = tuple(sorted(NAMES))  # every registered family, in name order
 _BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
 
 
@@ -112,72 +112,43 @@ def _vae():
     )
 
 
-def build_tiny_pipeline(family: Family, seed: int = 0):
+def build_tiny_pipeline(family: str, seed: int = 0):
     """A tiny, randomly initialised pipeline of `family` (diffusers classes, real CLIP tokenizer)."""
+    from sdlora import families
+
+    return families.get(family).tiny_pipeline(seed)
+
+
+# Both tiny UNets: two blocks of two layers, the second with cross-attention.
+_UNET = dict(
+    block_out_channels=(32, 64),
+    layers_per_block=2,
+    sample_size=8,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+)
+
+
+def tiny_sd_pipeline(v2: bool, seed: int = 0):
+    """Tiny SD 1.x (epsilon, quick-GELU CLIP) or SD 2.x (v-prediction, linear projections, GELU CLIP)."""
     import tempfile
 
     import torch
-    from diffusers import (
-        EulerDiscreteScheduler,
-        StableDiffusionPipeline,
-        StableDiffusionXLPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
 
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = clip_tokenizer(Path(tmp) / "tok")
-        if family == "sdxl":
-            tokenizer_2 = clip_tokenizer(Path(tmp) / "tok2", pad_token="!")
-    common = dict(
-        block_out_channels=(32, 64),
-        layers_per_block=2,
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-    )
-    if family == "sdxl":
-        unet = UNet2DConditionModel(
-            **common,
-            attention_head_dim=(2, 4),
-            use_linear_projection=True,
-            addition_embed_type="text_time",
-            addition_time_embed_dim=8,
-            transformer_layers_per_block=(1, 2),
-            projection_class_embeddings_input_dim=6 * 8 + 32,  # 6 time ids x 8 + pooled text (32)
-            cross_attention_dim=64,  # both text encoders' hidden states, concatenated
-            norm_num_groups=1,
-        )
-        scheduler = EulerDiscreteScheduler(
-            beta_start=0.00085,
-            beta_end=0.012,
-            beta_schedule="scaled_linear",
-            timestep_spacing="leading",
-            steps_offset=1,
-        )
-        return StableDiffusionXLPipeline(
-            vae=_vae(),
-            text_encoder=CLIPTextModel(_text_encoder_config()),
-            text_encoder_2=CLIPTextModelWithProjection(_text_encoder_config(hidden_act="gelu")),
-            tokenizer=tokenizer,
-            tokenizer_2=tokenizer_2,
-            unet=unet,
-            scheduler=scheduler,
-        )
-    sd2 = family == "sd2"
     unet = UNet2DConditionModel(
-        **common,
-        cross_attention_dim=32,
-        attention_head_dim=(2, 4) if sd2 else 8,
-        use_linear_projection=sd2,
+        **_UNET, cross_attention_dim=32, attention_head_dim=(2, 4) if v2 else 8, use_linear_projection=v2
     )
-    scheduler = sd_scheduler("v_prediction" if sd2 else "epsilon")
+    scheduler = sd_scheduler("v_prediction" if v2 else "epsilon")
     return StableDiffusionPipeline(
         vae=_vae(),
-        text_encoder=CLIPTextModel(_text_encoder_config(hidden_act="gelu" if sd2 else "quick_gelu")),
+        text_encoder=CLIPTextModel(_text_encoder_config(hidden_act="gelu" if v2 else "quick_gelu")),
         tokenizer=tokenizer,
         unet=unet,
         scheduler=scheduler,
@@ -187,7 +158,44 @@ def build_tiny_pipeline(family: Family, seed: int = 0):
     )
 
 
-def save_tiny_pipeline(family: Family, folder: Path, seed: int = 0) -> Path:
+def tiny_sdxl_pipeline(seed: int = 0):
+    """Tiny SDXL: two text encoders (the second with a projection), text_time conditioning, Euler."""
+    import tempfile
+
+    import torch
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = clip_tokenizer(Path(tmp) / "tok")
+        tokenizer_2 = clip_tokenizer(Path(tmp) / "tok2", pad_token="!")
+    unet = UNet2DConditionModel(
+        **_UNET,
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=6 * 8 + 32,  # 6 time ids x 8 + pooled text (32)
+        cross_attention_dim=64,  # both text encoders' hidden states, concatenated
+        norm_num_groups=1,
+    )
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", timestep_spacing="leading", steps_offset=1
+    )
+    return StableDiffusionXLPipeline(
+        vae=_vae(),
+        text_encoder=CLIPTextModel(_text_encoder_config()),
+        text_encoder_2=CLIPTextModelWithProjection(_text_encoder_config(hidden_act="gelu")),
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=scheduler,
+    )
+
+
+def save_tiny_pipeline(family: str, folder: Path, seed: int = 0) -> Path:
     """Build the tiny pipeline of `family` and save it as a diffusers folder; returns the folder."""
     folder = Path(folder)
     build_tiny_pipeline(family, seed=seed).save_pretrained(folder, safe_serialization=True)

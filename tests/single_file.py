@@ -1,9 +1,10 @@
 """Write a diffusers pipeline folder as ONE original-format (LDM / SGM, "A1111") `.safetensors` checkpoint.
 
 The layout is what A1111, ComfyUI and civitai files use, and what diffusers' `from_single_file` reads:
-- UNet: `model.diffusion_model.<SGM path>` (`input_blocks.4.1...`), named by sdlora.kohya.sgm_path;
+- UNet: `model.diffusion_model.<SGM path>` (`input_blocks.4.1...`), named by sdlora.lora.sgm.sgm_path;
 - VAE: `first_stage_model.<LDM path>` (`encoder.down.0.block.1...`; its attention q/k/v/proj_out are 1x1 convs);
 - SD 1.x text encoder: `cond_stage_model.transformer.<transformers-4 CLIP path>`;
+- SD 2.x text encoder (OpenCLIP-H): `cond_stage_model.model.<OpenCLIP path>`;
 - SDXL: `conditioner.embedders.0.transformer.<CLIP path>` and `conditioner.embedders.1.model.<OpenCLIP path>`
   (one fused `in_proj` per attention, `text_projection` stored transposed).
 """
@@ -13,12 +14,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from sdlora.kohya import sgm_path, text_encoder_path
+from sdlora.lora.kohya import text_encoder_path
+from sdlora.lora.sgm import sgm_path
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = {"sd1": "cond_stage_model.transformer.", "sdxl": "conditioner.embedders.0.transformer."}
 OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."
+SD2_OPEN_CLIP_PREFIX = "cond_stage_model.model."
 
 # Inside a diffusers VAE ResnetBlock2D -> inside an LDM ResnetBlock (only the shortcut differs).
 _VAE_RESNET = {"conv_shortcut": "nin_shortcut"}
@@ -45,7 +48,10 @@ def write_single_file(folder: Path, path: Path) -> Path:
     sdxl = hasattr(pipe, "text_encoder_2")
     state = {UNET_PREFIX + unet_key(k, pipe.unet.config): v for k, v in pipe.unet.state_dict().items()}
     state |= vae_state(pipe.vae)
-    state |= clip_state(pipe.text_encoder, CLIP_PREFIX["sdxl" if sdxl else "sd1"])
+    if not sdxl and pipe.unet.config.use_linear_projection:  # SD 2.x: OpenCLIP-H, no projection
+        state |= open_clip_state(pipe.text_encoder, SD2_OPEN_CLIP_PREFIX)
+    else:
+        state |= clip_state(pipe.text_encoder, CLIP_PREFIX["sdxl" if sdxl else "sd1"])
     if sdxl:
         state |= open_clip_state(pipe.text_encoder_2, OPEN_CLIP_PREFIX)
     save_file({k: v.contiguous() for k, v in state.items()}, str(path))
@@ -116,8 +122,9 @@ def open_clip_state(encoder: Any, prefix: str) -> dict[str, Any]:
         "positional_embedding": sd.pop("embeddings.position_embedding.weight"),
         "ln_final.weight": sd.pop("final_layer_norm.weight"),
         "ln_final.bias": sd.pop("final_layer_norm.bias"),
-        "text_projection": sd.pop("text_projection.weight").T,  # OpenCLIP multiplies x @ proj: (width, embed)
     }
+    if "text_projection.weight" in sd:  # OpenCLIP multiplies x @ proj: (width, embed)
+        state["text_projection"] = sd.pop("text_projection.weight").T
     for layer in range(encoder.config.num_hidden_layers):
         old, new = f"encoder.layers.{layer}.", f"transformer.resblocks.{layer}."
         for kind in ("weight", "bias"):

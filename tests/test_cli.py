@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 import tomllib
 from typer.testing import CliRunner
 
@@ -20,10 +21,22 @@ def test_version():
     assert result.output.strip() == f"sdlora {__version__}"
 
 
+COMMANDS = ("prep", "train", "generate", "eval", "demo", "config", "env")
+
+
 def test_help_lists_commands():
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
-    assert "env" in result.output and "config" in result.output
+    for command in COMMANDS:
+        assert f" {command} " in result.output, command
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help(command):
+    result = runner.invoke(app, [command, "--help"])
+    assert result.exit_code == 0, result.output
+    assert f"Usage: sdlora {command}" in " ".join(result.output.split())
+    assert "--help" in result.output
 
 
 def test_help_imports_no_heavy_library():

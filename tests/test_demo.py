@@ -8,7 +8,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from sdlora.cli import app
-from sdlora.demo_photos import demo_photos
+from sdlora.demo.photos import demo_photos
 
 runner = CliRunner()
 

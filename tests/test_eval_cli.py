@@ -154,18 +154,19 @@ def test_lora_prompts_file_and_trigger_fallback(dataset, tiny_sd1, tmp_path):
 def test_score_checkpoint_for_training(dataset, tiny_sd1):
     from diffusers import StableDiffusionPipeline
 
-    from sdlora.evaluate import face_backend, reference_set, score_checkpoint
+    from sdlora.evaluation.run import face_backend, reference_set, score_checkpoint
+    from sdlora.generate.render import Sampling
 
     backend = face_backend("dlib")
     reference = reference_set(dataset, backend)  # once per training run
     assert len(reference.embeddings) == 2
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd1)
     pipe.set_progress_bar_config(disable=True)
-    kwargs = dict(steps=2, cfg=5.0, scheduler="ddim", width=64, height=64)
-    metrics = score_checkpoint(pipe, reference, backend, ["a photo of zwx person"] * 2, [0, 1], **kwargs)
+    sampling = Sampling(steps=2, cfg=5.0, scheduler="ddim", width=64, height=64)
+    metrics = score_checkpoint(pipe, reference, backend, ["a photo of zwx person"] * 2, [0, 1], sampling)
     assert metrics["images"] == 2 and metrics["face_rate"] == 0.0 and metrics["identity"] is None
     assert 0.0 <= metrics["diversity"] <= 1.0
-    again = score_checkpoint(pipe, reference, backend, ["a photo of zwx person"] * 2, [0, 1], **kwargs)
+    again = score_checkpoint(pipe, reference, backend, ["a photo of zwx person"] * 2, [0, 1], sampling)
     assert again == metrics  # fixed prompts and seeds: comparable across steps
 
 
@@ -221,8 +222,8 @@ def test_lora_without_base_fails_before_loading_anything(dataset, tmp_path):
 def test_images_folder_reads_recorded_prompts_and_skips_sheets(tmp_path):
     from PIL import Image
 
-    from sdlora import pngmeta
-    from sdlora.evaluate import _read_images
+    from sdlora.evaluation.run import _read_images
+    from sdlora.generate import pngmeta
 
     blank = Image.new("RGB", (16, 16))
     pngmeta.save_png(tmp_path / "0000-5.png", blank, "ignored")

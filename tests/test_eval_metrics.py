@@ -11,8 +11,8 @@ from PIL import Image, ImageOps
 from sdlora.errors import UsageError
 from sdlora.evaluation import metrics
 from sdlora.evaluation.checkpoints import pick_best, plot_identity
-from sdlora.evaluation.faces import DlibBackend
 from sdlora.evaluation.report import EvalResult, render_html, write_report
+from sdlora.faces.backends import DlibBackend
 from tests import eval_photos as photos
 
 
@@ -268,7 +268,7 @@ class _FakeBackend:
 def test_definitions_with_a_fake_backend():
     import numpy
 
-    from sdlora.evaluation.faces import FoundFace
+    from sdlora.faces.backends import FoundFace
 
     def face(x, value):
         return FoundFace(box=(x, 0, x + 10, 10), embedding=numpy.array([value]))

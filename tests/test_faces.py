@@ -6,7 +6,7 @@ import numpy
 import pytest
 from PIL import Image, ImageOps
 
-from sdlora.prep.faces import DlibFaces, Face, face_distance
+from sdlora.faces.dlib import DlibFaces, Face, face_distance
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,7 @@ def test_hog_alone_would_find_false_faces(astronaut):
     """Why the CNN confirms: at the threshold that keeps real faces, HOG also proposes patches of her suit."""
     import dlib
 
-    from sdlora.prep.faces import HOG_THRESHOLD
+    from sdlora.faces.dlib import HOG_THRESHOLD
 
     grey = numpy.ascontiguousarray(numpy.asarray(astronaut.convert("L")))
     rects, scores, _ = dlib.get_frontal_face_detector().run(grey, 1, HOG_THRESHOLD)

@@ -12,10 +12,10 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from sdlora import __version__
-from sdlora.adapters import parse_lora
 from sdlora.cli import app
 from sdlora.errors import UsageError
 from sdlora.generate import expand_triggers, read_prompts
+from sdlora.lora.files import parse_lora
 
 runner = CliRunner()
 FAST = ["--size", "64x64", "--steps", "2", "--scheduler", "euler_a", "--cfg", "5"]

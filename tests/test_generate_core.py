@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from sdlora import models
-from sdlora.generate import SCHEDULERS, make_grid, render_images, set_scheduler
+from sdlora.generate.render import SCHEDULERS, Sampling, make_grid, render_images, set_scheduler
 
 
 def _pixels(image: Image.Image) -> np.ndarray:
@@ -18,10 +18,10 @@ def _pixels(image: Image.Image) -> np.ndarray:
 def test_render_images_is_per_image_seeded_and_batched(tiny_models, family):
     pipe = models.load_pipeline(str(tiny_models[family]))
     pipe.set_progress_bar_config(disable=True)
-    kw = dict(steps=2, cfg=5.0, scheduler="euler_a", width=64, height=48)
-    batch = render_images(pipe, ["a photo", "a cat"], [7, 8], batch_size=2, **kw)
-    alone = render_images(pipe, ["a cat"], [8], batch_size=1, **kw)
-    other = render_images(pipe, ["a cat"], [9], batch_size=1, **kw)
+    sampling = Sampling(steps=2, cfg=5.0, scheduler="euler_a", width=64, height=48)
+    batch = render_images(pipe, ["a photo", "a cat"], [7, 8], sampling.but(batch_size=2))
+    alone = render_images(pipe, ["a cat"], [8], sampling.but(batch_size=1))
+    other = render_images(pipe, ["a cat"], [9], sampling.but(batch_size=1))
     assert [image.size for image in batch] == [(64, 48), (64, 48)]
     # Image 1 of a batch equals the same prompt and seed rendered alone (batched kernels round differently).
     assert np.abs(_pixels(batch[1]) - _pixels(alone[0])).max() <= 2

@@ -8,8 +8,8 @@ from generate_helpers import make_lora, max_diff, parse_parameters, pixels
 from PIL import Image
 from typer.testing import CliRunner
 
-from sdlora import keepface
 from sdlora.cli import app
+from sdlora.generate import keepface
 
 runner = CliRunner()
 FAST = ["--steps", "2", "--scheduler", "euler_a", "--cfg", "5", "--n", "1"]
@@ -20,7 +20,7 @@ def astronaut(tmp_path_factory) -> tuple:
     """scikit-image's astronaut photo (a real face) and the landmarks our face detector finds on it."""
     from skimage import data
 
-    from sdlora.prep.faces import DlibFaces
+    from sdlora.faces.dlib import DlibFaces
 
     path = tmp_path_factory.mktemp("photos") / "astronaut.png"
     photo = Image.fromarray(data.astronaut())
@@ -142,7 +142,7 @@ def test_sdxl_kohya_file_matches_diffusers_file_and_is_refused_on_sd1(tiny_sd1, 
     from peft import LoraConfig
     from safetensors.torch import save_file
 
-    from sdlora.kohya import kohya_state_dict
+    from sdlora.lora.kohya import kohya_state_dict
 
     pipe = DiffusionPipeline.from_pretrained(str(tiny_sdxl))
     torch.manual_seed(7)

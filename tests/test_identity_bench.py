@@ -75,7 +75,12 @@ def torch_equal(a, b) -> bool:
 
 
 FIXTURE = Path(__file__).parent / "data" / "identity-base.safetensors"
-BENCHMARK = Path(__file__).resolve().parents[1] / "docs" / "identity-benchmark" / "results.json"
+# The smoke test's pass margin: three standard errors of the gain in soft agreement at 64 seeds,
+# 3 * sqrt((sd_base**2 + sd_lora**2) / 64) = 3 * sqrt((0.1605**2 + 0.1775**2) / 64) = 0.0898, from the per-image
+# spreads the benchmark measured on subject 0 (docs/identity-benchmark/results.json at 74fddb3: the base row, and
+# "prior=off te=off r16 lr0.003" at step 100). A constant, so that re-running the benchmark never moves it.
+SMOKE_SEEDS = 64
+SMOKE_MARGIN = 0.090
 
 
 def test_fixture_export_restore_round_trip(tmp_path):
@@ -107,17 +112,12 @@ def test_lora_moves_decoded_attributes_toward_the_subject(tmp_path):
     """The benchmark's code path end to end (renders as photos -> `prep` -> `train` -> `generate` -> decoder) on its
     base (the fixture): after 100 steps the images of "a photo of sks person" agree with the subject on more of the
     six attributes than the base's images do. The margin is three standard errors of that difference at this
-    test's 64 seeds, from the per-image spread the benchmark measured for the same setting and step."""
-    import math
-
+    test's 64 seeds, from the per-image spread the benchmark measured for the same setting and step
+    (SMOKE_MARGIN)."""
     from bench.identity import fixture, run
 
-    seeds = 64
-    before, after = run.smoke(fixture.restore(FIXTURE, tmp_path / "base"), tmp_path, seeds=seeds)
-    measured = json.loads(BENCHMARK.read_text())["rows"]
-    spread = {(r["setting"], r["step"]): r["soft_agreement_sd"] for r in measured if r.get("subject", 0) == 0}
-    sd_base, sd_lora = spread[("base", 0)], spread[(run.SMOKE.name, run.SMOKE_STEP)]
-    margin = 3 * math.sqrt((sd_base**2 + sd_lora**2) / seeds)
+    before, after = run.smoke(fixture.restore(FIXTURE, tmp_path / "base"), tmp_path, seeds=SMOKE_SEEDS)
+    margin = SMOKE_MARGIN
     gain = after["soft_agreement"] - before["soft_agreement"]
     print(f"soft agreement {before['soft_agreement']:.3f} -> {after['soft_agreement']:.3f}, margin {margin:.3f}")
     assert gain > margin, (before["soft_agreement"], after["soft_agreement"], margin)

@@ -7,8 +7,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from sdlora import kohya
 from sdlora.errors import SdloraError, UsageError
+from sdlora.lora import kohya, sgm
 from sdlora.models import ModelInfo
 
 RANK, ALPHA = 4, 2.0  # alpha != rank: a wrong scale on reload shows up in the images
@@ -192,9 +192,9 @@ def test_tensors_alpha_and_dtype(case):
     import torch
 
     for path, layer in kohya.lora_layers(case.pipe.unet):
-        name = "lora_unet_" + (
-            kohya._sgm_namer(case.pipe.unet.config)(path) if case.family == "sdxl" else path
-        ).replace(".", "_")
+        name = "lora_unet_" + (sgm.sgm_namer(case.pipe.unet.config)(path) if case.family == "sdxl" else path).replace(
+            ".", "_"
+        )
         down, up = case.state[f"{name}.lora_down.weight"], case.state[f"{name}.lora_up.weight"]
         assert down.dtype == up.dtype == torch.float16 and down.is_contiguous() and up.is_contiguous()
         assert torch.equal(down, layer.lora_A["default"].weight.detach().half())
@@ -260,7 +260,7 @@ def _sdxl_like_config(layers: int = 2):
     ],
 )
 def test_sgm_names_of_the_real_sdxl_layout(diffusers_path, sgm):
-    assert kohya._sgm_namer(_sdxl_like_config())(diffusers_path) == sgm
+    assert sgm.sgm_namer(_sdxl_like_config())(diffusers_path) == sgm
 
 
 def test_diffusers_reads_back_every_real_sdxl_attention_name():
@@ -291,7 +291,7 @@ def test_diffusers_reads_back_every_real_sdxl_attention_name():
         unet = UNet2DConditionModel(**config)
     wanted = [path for path, _ in unet.named_modules() if path.endswith(tuple(UNET_TARGETS))]
     assert len(wanted) == 70 * 10 + 11 * 2  # 70 transformer blocks x (8 attention + 2 ff) + 11 x proj_in/out
-    rename = kohya._sgm_namer(unet.config)
+    rename = sgm.sgm_namer(unet.config)
     state = {}
     for path in wanted:
         name = "lora_unet_" + rename(path).replace(".", "_")

@@ -48,6 +48,19 @@ def test_unknown_hub_id_offline_is_one_clear_error():
         models.load_pipeline("nobody/no-such-model")
 
 
-def test_replacement_vae_from_folder(tiny_sd1):
-    pipe = models.load_pipeline(str(tiny_sd1), vae=str(tiny_sd1))
-    assert type(pipe.vae).__name__ == "AutoencoderKL"
+def test_replacement_vae_from_folder(tiny_sd1, tmp_path):
+    """--vae replaces the base's VAE with the given one's weights (a VAE folder, or a pipeline folder's vae/)."""
+    import torch
+
+    from sdlora.testing import build_tiny_pipeline
+
+    other = build_tiny_pipeline("sd1", seed=7)
+    other.vae.save_pretrained(tmp_path / "vae-only")
+    other.save_pretrained(tmp_path / "pipeline")
+    base = models.load_pipeline(str(tiny_sd1))
+    for vae in (tmp_path / "vae-only", tmp_path / "pipeline"):
+        pipe = models.load_pipeline(str(tiny_sd1), vae=str(vae))
+        weights = pipe.vae.state_dict()
+        assert all(torch.equal(weights[k], v) for k, v in other.vae.state_dict().items()), vae
+        assert not all(torch.equal(weights[k], v) for k, v in base.vae.state_dict().items())
+        assert all(torch.equal(a, b) for a, b in zip(pipe.unet.parameters(), base.unet.parameters(), strict=True))

@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 
 from sdlora import config
 from sdlora.cli import app
+from sdlora.faces.dlib import DlibFaces
 from sdlora.prep import contact, images
-from sdlora.prep.faces import DlibFaces
 from sdlora.prep.manifest import read_manifest
 from sdlora.prep.run import prep
 

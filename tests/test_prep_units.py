@@ -10,9 +10,9 @@ import pytest
 from PIL import Image, ImageFilter
 
 from sdlora.errors import UsageError
+from sdlora.faces.dlib import face_distance
 from sdlora.prep import captions, crops, images
 from sdlora.prep.examine import Settings, examine
-from sdlora.prep.faces import face_distance
 
 
 def _encode(image: Image.Image, fmt: str, **kwargs) -> bytes:

@@ -69,12 +69,10 @@ def sd1_run(tmp_path_factory, tiny_sd1):
 
 
 def render(pipe):
-    from sdlora.generate import make_grid, render_images
+    from sdlora.generate.render import Sampling, make_grid, render_images
 
     prompts = ["a photo of sks person", "a portrait of sks person, oil painting"]
-    images = render_images(
-        pipe, prompts, [42, 42], steps=SAMPLE_STEPS, cfg=7.0, scheduler="dpmpp_2m_karras", width=64, height=64
-    )
+    images = render_images(pipe, prompts, [42, 42], Sampling(SAMPLE_STEPS, 7.0, "dpmpp_2m_karras", 64, 64))
     return np.asarray(make_grid(images, cols=len(images))).astype(int)
 
 
@@ -113,7 +111,7 @@ def test_outputs_config_metrics_and_checkpoints(sd1_run):
 
 def test_diffusers_file_has_adapter_metadata_and_our_keys(sd1_run):
     from sdlora import __version__
-    from sdlora.lora import adapter_metadata_of, read_header
+    from sdlora.lora.peft import adapter_metadata_of, read_header
 
     path = sd1_run["out"] / "pytorch_lora_weights.safetensors"
     header = read_header(path)
@@ -140,7 +138,7 @@ def test_reload_reproduces_trained_images_exactly(sd1_run):
 def test_kohya_file_keys_metadata_and_same_model(sd1_run):
     import torch
 
-    from sdlora.kohya import read_kohya
+    from sdlora.lora.kohya import read_kohya
 
     state, metadata = read_kohya(sd1_run["out"] / "astro.safetensors")
     assert any(k.startswith("lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q.") for k in state)

@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 
 from sdlora.cli import app
 from sdlora.config import Config
-from sdlora.evaluate import pick_best
-from sdlora.train_eval import cadence, read_eval_rows
+from sdlora.evaluation.run import pick_best
+from sdlora.train.identity import cadence, read_eval_rows
 
 # Fixed crops of scikit-image's astronaut photo at 96 px: dlib finds the face in each (at 64 px it misses some).
 CROPS = [(140, 30, 200), (120, 10, 240), (160, 50, 170), (100, 0, 280)]
@@ -127,7 +127,7 @@ def scripted_scores(monkeypatch, script: list[dict], snapshots: list[dict]) -> N
             **values,
         ).model_dump()
 
-    monkeypatch.setattr("sdlora.evaluate.score_checkpoint", fake)
+    monkeypatch.setattr("sdlora.evaluation.run.score_checkpoint", fake)
 
 
 def test_best_step_kept_aside_and_survives_resume(dataset, tiny_sd1, tmp_path, monkeypatch):
@@ -234,7 +234,7 @@ def test_two_processes_only_rank_0_evaluates(dataset, tiny_sd1, tmp_path):
 
 
 def test_resume_from_an_older_checkpoint_takes_best_from_that_checkpoint(tmp_path):
-    from sdlora.train_eval import TrainEval, _restore_best, best_step
+    from sdlora.train.identity import TrainEval, _restore_best, best_step
 
     rows = [{"step": 1, "identity": 0.5, "diversity": 0.3}, {"step": 2, "identity": 0.6, "diversity": 0.3}]
     (tmp_path / "best").mkdir()

@@ -16,9 +16,9 @@ STEPS = 40
 
 def denoising_loss(pipe, dataset: Path) -> float:
     """Mean epsilon MSE over the subject images x 4 fixed timesteps x 2 fixed noises, prompted with the trigger."""
-    from sdlora import diffusion
-    from sdlora.batches import encode_latents
-    from sdlora.data import list_images, load_pixels
+    from sdlora import objectives
+    from sdlora.train.batches import encode_latents
+    from sdlora.train.data import list_images, load_pixels
 
     pixels = torch.stack([load_pixels(p, 64) for p in list_images(dataset)])
     alphas = pipe.scheduler.alphas_cumprod.float()
@@ -32,9 +32,9 @@ def denoising_loss(pipe, dataset: Path) -> float:
             for _ in range(2):
                 noise = torch.randn(latents.shape, generator=generator)
                 timesteps = torch.full((len(latents),), t)
-                noisy = diffusion.add_noise(latents, noise, timesteps, alphas)
+                noisy = objectives.add_noise(latents, noise, timesteps, alphas)
                 pred = pipe.unet(noisy, timesteps, encoder_hidden_states=text).sample
-                losses.append(diffusion.per_sample_loss(pred, noise).mean().item())
+                losses.append(objectives.per_sample_loss(pred, noise).mean().item())
     return sum(losses) / len(losses)
 
 

@@ -70,11 +70,9 @@ def fresh_pipe(base: Path, lora: Path | None = None):
 
 
 def render(pipe) -> np.ndarray:
-    from sdlora.generate import make_grid, render_images
+    from sdlora.generate.render import Sampling, make_grid, render_images
 
-    images = render_images(
-        pipe, PROMPTS, [42, 42], steps=SAMPLE_STEPS, cfg=7.0, scheduler="dpmpp_2m_karras", width=64, height=64
-    )
+    images = render_images(pipe, PROMPTS, [42, 42], Sampling(SAMPLE_STEPS, 7.0, "dpmpp_2m_karras", 64, 64))
     return np.asarray(make_grid(images, cols=len(images))).astype(int)
 
 
@@ -100,7 +98,7 @@ def text_output(pipe) -> torch.Tensor:
 
 
 def test_unet_lora_files_reproduce_the_trained_model(unet_run, tiny_sdxl):
-    from sdlora.lora import adapter_metadata_of, read_header
+    from sdlora.lora.peft import adapter_metadata_of, read_header
 
     out = unet_run["out"]
     trained = sample_grid(out, 6)
@@ -116,7 +114,7 @@ def test_unet_lora_files_reproduce_the_trained_model(unet_run, tiny_sdxl):
 
 
 def test_kohya_file_uses_sgm_names_for_exactly_the_peft_modules(unet_run):
-    from sdlora.kohya import read_kohya
+    from sdlora.lora.kohya import read_kohya
 
     out = unet_run["out"]
     state, metadata = read_kohya(out / "xl.safetensors")
@@ -155,8 +153,8 @@ def test_resume_from_step_3_equals_uninterrupted_6_steps(unet_run, tmp_path):
 
 
 def test_text_encoder_loras_on_both_encoders_reproduce_the_trained_model(te_run, tiny_sdxl):
-    from sdlora.kohya import read_kohya
-    from sdlora.lora import adapter_metadata_of
+    from sdlora.lora.kohya import read_kohya
+    from sdlora.lora.peft import adapter_metadata_of
 
     keys = load_file(str(te_run / "pytorch_lora_weights.safetensors"))
     assert {k.split(".")[0] for k in keys} == {"unet", "text_encoder", "text_encoder_2"}
@@ -176,13 +174,13 @@ def test_text_encoder_loras_on_both_encoders_reproduce_the_trained_model(te_run,
 
 
 def setup_run(data: Path, base: Path, out: Path, **settings):
-    from sdlora import train
     from sdlora.config import load
+    from sdlora.train import preflight, setup
 
     options = {"model.base": str(base), "train.resolution": 64, "train.steps": 1, "train.sample_every": 0}
     config = load(None, options | {f"train.{k}": v for k, v in settings.items()})
-    plan = train.preflight(config, data, out)
-    return train.setup(config, plan, train.make_accelerator(config, plan.precision))
+    plan = preflight(config, data, out)
+    return setup.setup(config, plan, setup.make_accelerator(config, plan.precision))
 
 
 def test_batches_hold_one_bucket_with_the_manifests_time_ids_and_offload(buckets, tiny_sdxl, tmp_path):

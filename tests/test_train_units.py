@@ -9,10 +9,10 @@ from train_utils import subject_set
 from typer.testing import CliRunner
 
 from sdlora.cli import app
-from sdlora.data import DataOrder
 from sdlora.errors import UsageError
-from sdlora.optim import lr_factor
 from sdlora.train import resolve_precision
+from sdlora.train.data import DataOrder
+from sdlora.train.optim import lr_factor
 
 
 def test_data_order_is_a_function_of_step():
@@ -117,7 +117,7 @@ def test_preflight_refuses_other_run_in_out_dir(dataset, tiny_sd1, tmp_path):
 
 def test_monitor_writes_metrics_and_tensorboard_scalars_and_truncates_on_resume(tmp_path, monkeypatch):
     """TensorBoard is optional (not installed here): the writer is faked to check what the monitor sends it."""
-    from sdlora import monitor
+    from sdlora.train import monitor
 
     calls = []
 

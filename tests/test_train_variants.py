@@ -30,8 +30,8 @@ def test_sd2_v_prediction_text_encoder_adamw8bit(dataset, tiny_sd2, tmp_path):
     from diffusers import StableDiffusionPipeline
     from PIL import Image
 
-    from sdlora.generate import make_grid, render_images
-    from sdlora.kohya import read_kohya
+    from sdlora.generate.render import Sampling, make_grid, render_images
+    from sdlora.lora.kohya import read_kohya
 
     out = tmp_path / "sd2"
     result = run(
@@ -55,7 +55,7 @@ def test_sd2_v_prediction_text_encoder_adamw8bit(dataset, tiny_sd2, tmp_path):
     pipe.set_progress_bar_config(disable=True)
     pipe.load_lora_weights(str(out))
     prompts = ["a photo of sks person", "a portrait of sks person, oil painting"]
-    images = render_images(pipe, prompts, [42, 42], steps=3, cfg=7.0, scheduler="dpmpp_2m_karras", width=64, height=64)
+    images = render_images(pipe, prompts, [42, 42], Sampling(3, 7.0, "dpmpp_2m_karras", 64, 64))
     trained = np.asarray(Image.open(out / "samples" / "step-000003.png")).astype(int)
     assert np.abs(np.asarray(make_grid(images, cols=2)).astype(int) - trained).max() == 0
 

@@ -137,9 +137,8 @@ def prep_subject(subject: world.Identity, work: Path, config: Any, scale: Scale,
 
 def train_lora(config: Any, dataset: Path, out: Path) -> dict[int, Path]:
     """`sdlora train`; returns {step: diffusers LoRA file} of every checkpoint."""
-    from sdlora import checkpoint
-    from sdlora.lora import DIFFUSERS_FILE
-    from sdlora.train import train
+    from sdlora.lora.peft import DIFFUSERS_FILE
+    from sdlora.train import checkpoint, train
 
     train(config, dataset, out)
     return {checkpoint.read_step(c): c / DIFFUSERS_FILE for c in checkpoint.list_checkpoints(out)}

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from sdlora.evaluation.faces import FaceBackend
 from sdlora.evaluation.metrics import Reference, score_images
+from sdlora.faces.backends import FaceBackend
 from sdlora.fsutil import atomic_path
+
+if TYPE_CHECKING:
+    from sdlora.generate.render import Sampling
 
 PLOTTED = (
     ("identity", "identity (similarity)"),
@@ -24,34 +27,17 @@ def score_checkpoint(
     backend: FaceBackend,
     prompts: Sequence[str],
     seeds: Sequence[int],
+    sampling: Sampling,
     *,
     threshold: float | None = None,
-    steps: int = 20,
-    cfg: float = 7.0,
-    scheduler: str = "dpmpp_2m_karras",
-    width: int = 512,
-    height: int = 512,
-    negative: str = "",
-    batch_size: int = 4,
 ) -> dict[str, Any]:
     """Render the fixed validation set with `pipe` (LoRA already loaded) and return the summary metrics.
 
     `reference` comes from `build_reference` once per run; fixed prompts and seeds make steps comparable.
     """
-    from sdlora.generate import render_images
+    from sdlora.generate.render import render_images
 
-    images = render_images(
-        pipe,
-        list(prompts),
-        list(seeds),
-        steps=steps,
-        cfg=cfg,
-        scheduler=scheduler,
-        width=width,
-        height=height,
-        negative=negative,
-        batch_size=batch_size,
-    )
+    images = render_images(pipe, list(prompts), list(seeds), sampling)
     names = [f"{i:03d}.png" for i in range(len(images))]
     _, summary = score_images(
         images, names, reference, backend, threshold or backend.threshold, prompts=list(prompts), seeds=list(seeds)

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import numpy
 from pydantic import BaseModel, ConfigDict, Field
 
-from sdlora.evaluation.faces import FaceBackend, FoundFace
+from sdlora.faces.backends import FaceBackend, FoundFace
 
 HASH_BITS = 64
 # pHash distance at or under which an image is a copy of a reference photo: prep's duplicate default (6 bits).

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy
 from PIL import Image
 
+from sdlora.faces.dlib import DlibFaces
 from sdlora.prep import crops, images
-from sdlora.prep.faces import DlibFaces
 
 # Faces are detected on a copy whose longer side is at most this: HOG with one 2x upsampling then finds faces
 # down to ~40 px (a face that small would be face_too_small anyway) in ~0.3 s, whatever the camera's resolution.

@@ -6,12 +6,14 @@ import io
 import math
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-# File endings we treat as photos; anything else in the folder is reported as not_an_image.
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".heic", ".heif"})
+from sdlora.config import MAX_PIXELS
+from sdlora.errors import UsageError
+
 # Transparent pixels are flattened onto this neutral grey, not black or white, so they don't bias exposure.
 BACKGROUND = (128, 128, 128)
 
@@ -75,6 +77,20 @@ def open_photo(data: bytes, max_pixels: int, min_long_side: int = 0) -> Opened:
                 "unreadable", f"It could not be decoded ({exc}); the file may be truncated or corrupt."
             ) from None
     return Opened(image=rgb, size=full, scale=full[0] / rgb.width)
+
+
+def read_image(path: Path, what: str = "", max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """The one opener of every image sdlora reads outside prep's folder scan (datasets, eval's images and
+    references, --init-image, --keep-face): 8-bit RGB, upright per EXIF, any format prep reads (HEIC too), with
+    prep's decompression-bomb limit. A file that can't be used is a UsageError naming it (`what`: the option)."""
+    path = Path(path)
+    where = f"{what} {path}" if what else str(path)
+    if not path.is_file():
+        raise UsageError(f"{where}: no such file")
+    try:
+        return open_photo(path.read_bytes(), max_pixels).image
+    except Skip as skip:
+        raise UsageError(f"{where}: not a usable image: {skip.message}") from None
 
 
 def _rotated_size(image: Image.Image) -> tuple[int, int]:

@@ -10,8 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from sdlora.errors import UsageError
 from sdlora.fsutil import atomic_write_text
-
-MANIFEST = "manifest.jsonl"
+from sdlora.layout import MANIFEST
 
 Box = tuple[int, int, int, int]  # (left, top, right, bottom) in source pixels, after EXIF rotation
 

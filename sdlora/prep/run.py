@@ -12,11 +12,12 @@ from typing import TYPE_CHECKING
 
 import numpy
 
+from sdlora import layout
 from sdlora.errors import SdloraError, UsageError
+from sdlora.faces.dlib import face_distance
 from sdlora.fsutil import atomic_dir
 from sdlora.prep import captions, contact, images
 from sdlora.prep.examine import Photo, Settings, examine
-from sdlora.prep.faces import face_distance
 from sdlora.prep.manifest import MANIFEST, ManifestEntry, write_manifest
 
 if TYPE_CHECKING:
@@ -113,7 +114,7 @@ def list_inputs(photos_dir: Path) -> list[Path]:
     """Files directly in `photos_dir`, by name; hidden files and caption sidecars (IMG_1.txt beside IMG_1.jpg)
     are not inputs. Everything else is, so a stray file is reported (not_an_image) rather than silently lost."""
     entries = sorted(p for p in photos_dir.iterdir() if not p.name.startswith(".") and p.is_file())
-    photo_stems = {p.stem for p in entries if p.suffix.lower() in images.IMAGE_SUFFIXES}
+    photo_stems = {p.stem for p in entries if p.suffix.lower() in layout.IMAGE_SUFFIXES}
     return [p for p in entries if not (p.suffix.lower() == ".txt" and p.stem in photo_stems)]
 
 
@@ -258,13 +259,13 @@ def _write(out_dir: Path, report: Report, photos: list[Photo], config: Config) -
 
     kept_photos = [photo for photo in photos if photo.reason is None]
     with atomic_dir(out_dir) as tmp:
-        (tmp / "images").mkdir()
+        (tmp / layout.DATASET_IMAGES).mkdir()
         for entry, photo in zip(report.kept, kept_photos, strict=True):
             (tmp / entry.image).write_bytes(photo.png)
             (tmp / entry.image).with_suffix(".txt").write_text(entry.caption + "\n", encoding="utf-8")
         write_manifest(tmp / MANIFEST, report.kept)
-        (tmp / "report.json").write_text(report.to_json(), encoding="utf-8")
+        (tmp / layout.REPORT).write_text(report.to_json(), encoding="utf-8")
         skipped = [(f"{p.reason}: {p.name}", p.thumb) for p in photos if p.reason is not None]
         sheet = contact.contact_sheet([(p.name, p.thumb) for p in kept_photos], skipped)
-        (tmp / "contact_sheet.jpg").write_bytes(sheet)
-        save(config, tmp / "config.json")
+        (tmp / layout.CONTACT_SHEET).write_bytes(sheet)
+        save(config, tmp / layout.CONFIG_JSON)

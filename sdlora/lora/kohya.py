@@ -14,7 +14,8 @@ from __future__ import annotations
 import datetime
 import hashlib
 import struct
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,88 +25,102 @@ from sdlora.fsutil import atomic_path
 if TYPE_CHECKING:
     import torch
 
+    from sdlora.families import Family
     from sdlora.models import ModelInfo
 
+# A family's kohya naming: denoiser module path -> (kohya module path, part, parts).
+Namer = Callable[[str], tuple[str, int, int]]
 UNET_PREFIX = "lora_unet_"
-FAMILIES = ("sd1", "sd2", "sdxl")
 KEY_PREFIXES = (UNET_PREFIX, "lora_te_", "lora_te1_", "lora_te2_")
 KEY_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
 
-# Inside a diffusers ResnetBlock2D -> inside an SGM ResBlock.
-_SGM_RESNET = {
-    "norm1": "in_layers.0",
-    "conv1": "in_layers.2",
-    "time_emb_proj": "emb_layers.1",
-    "norm2": "out_layers.0",
-    "conv2": "out_layers.3",
-    "conv_shortcut": "skip_connection",
-}
-# Modules outside the down/mid/up blocks.
-_SGM_TOP = {
-    "conv_in": "input_blocks.0.0",
-    "time_embedding.linear_1": "time_embed.0",
-    "time_embedding.linear_2": "time_embed.2",
-    "add_embedding.linear_1": "label_emb.0.0",
-    "add_embedding.linear_2": "label_emb.0.2",
-    "conv_norm_out": "out.0",
-    "conv_out": "out.2",
-}
-
 
 def kohya_state_dict(
-    unet: Any,
+    denoiser: Any,
     text_encoders: Sequence[Any],
-    family: str,
+    family: Family | str,
     adapter: str = "default",
     dtype: torch.dtype | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Kohya-format tensors of the peft LoRA layers named `adapter` in `unet` and `text_encoders`.
+    """Kohya-format tensors of the peft LoRA layers named `adapter` in `denoiser` and `text_encoders`.
 
-    `text_encoders`: [] (UNet only), [te] for SD 1.x/2.x, [te1, te2] or either one for SDXL (the one with a
-    text projection is te2); encoders without LoRA layers add nothing. Weights are stored in `dtype` (default
-    fp16, what UIs expect; fp32 keeps the file exact), alphas in fp32 so that alpha/rank is never rounded.
+    `text_encoders`: [] (denoiser only), or the family's encoders that carry LoRA (on SDXL either one alone is
+    named right: the one with a text projection is te2); encoders without LoRA layers add nothing. The family names
+    the modules, and may fuse several layers into one kohya module. Weights are stored in `dtype` (default fp16,
+    what UIs expect; fp32 keeps the file exact), alphas in fp32 so that alpha/rank is never rounded.
     """
     import torch
 
-    if family not in FAMILIES:
-        raise ValueError(f"family must be one of {FAMILIES}, not {family!r}")
+    from sdlora import families
+
+    family = families.get(family) if isinstance(family, str) else family
     dtype = torch.float16 if dtype is None else dtype
-    rename_unet = _sgm_namer(unet.config) if family == "sdxl" else (lambda path: path)
     state: dict[str, torch.Tensor] = {}
-    _add_modules(state, unet, UNET_PREFIX, rename_unet, adapter, dtype)
-    for encoder, prefix in zip(text_encoders, _encoder_prefixes(text_encoders, family), strict=True):
-        _add_modules(state, encoder, prefix, text_encoder_path, adapter, dtype)
+    _add_modules(state, denoiser, UNET_PREFIX, family.kohya_namer(denoiser), adapter, dtype)
+    for encoder, prefix in zip(text_encoders, family.kohya_encoder_prefixes(text_encoders), strict=True):
+        _add_modules(state, encoder, prefix, lambda path: (text_encoder_path(path), 0, 1), adapter, dtype)
     if not state:
-        raise SdloraError(f"no LoRA layers named {adapter!r} in the UNet or text encoders: nothing to save")
+        raise SdloraError(
+            f"no LoRA layers named {adapter!r} in the {family.denoiser} or text encoders: nothing to save"
+        )
     return state
 
 
-def _encoder_prefixes(text_encoders: Sequence[Any], family: str) -> list[str]:
-    """lora_te_ for SD 1.x/2.x; on SDXL lora_te2_ for the encoder with a projection (OpenCLIP bigG), else lora_te1_,
-    so that a list holding only the second encoder is still named right."""
-    if family == "sdxl":
-        prefixes = ["lora_te2_" if hasattr(e, "text_projection") else "lora_te1_" for e in text_encoders]
-    else:
-        prefixes = ["lora_te_"] * len(text_encoders)
-    if len(set(prefixes)) != len(prefixes):
-        raise ValueError(f"{family}: text encoders {prefixes} would share a key prefix; pass each encoder once")
-    return prefixes
-
-
-def _add_modules(state: dict, model: Any, prefix: str, rename: Any, adapter: str, dtype: torch.dtype) -> None:
+def _add_modules(state: dict, model: Any, prefix: str, namer: Namer, adapter: str, dtype: torch.dtype) -> None:
     import torch
 
+    fused: dict[str, dict[int, Part]] = {}
+    parts_of: dict[str, int] = {}
     for path, layer in lora_layers(model, adapter):
-        name = prefix + rename(_unwrapped(path)).replace(".", "_")
-        down = layer.lora_A[adapter].weight.detach()  # (rank, in) or (rank, in, kh, kw)
-        up = layer.lora_B[adapter].weight.detach()  # (out, rank) or (out, rank, 1, 1)
+        module, part, parts = namer(_unwrapped(path))
+        name = prefix + module.replace(".", "_")
+        # Copies: the state must not change when training goes on after a checkpoint.
+        down = layer.lora_A[adapter].weight.detach().to("cpu", copy=True)  # (rank, in) or (rank, in, kh, kw)
+        up = layer.lora_B[adapter].weight.detach().to("cpu", copy=True)  # (out, rank) or (out, rank, 1, 1)
         # peft scales by alpha / r (or alpha / sqrt(r) with rsLoRA); readers scale by alpha / rank,
         # so store the alpha that gives peft's scaling.
         alpha = float(layer.scaling[adapter]) * layer.r[adapter]
-        # Copies: the state must not change when training goes on after a checkpoint.
-        state[f"{name}.lora_down.weight"] = down.to("cpu", dtype, copy=True).contiguous()
-        state[f"{name}.lora_up.weight"] = up.to("cpu", dtype, copy=True).contiguous()
+        if parts > 1:
+            fused.setdefault(name, {})[part] = Part(down, up, alpha)
+            parts_of[name] = parts
+            continue
+        state[f"{name}.lora_down.weight"] = down.to(dtype).contiguous()
+        state[f"{name}.lora_up.weight"] = up.to(dtype).contiguous()
         state[f"{name}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
+    for name, members in fused.items():
+        if sorted(members) != list(range(parts_of[name])):
+            raise SdloraError(
+                f"{name}: kohya's format fuses {parts_of[name]} layers into this module, but only parts "
+                f"{sorted(members)} have LoRA layers; target all of them or none"
+            )
+        down, up, alpha = fuse_parts([members[i] for i in range(parts_of[name])])
+        state[f"{name}.lora_down.weight"] = down.to(dtype).contiguous()
+        state[f"{name}.lora_up.weight"] = up.to(dtype).contiguous()
+        state[f"{name}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
+
+
+@dataclass(frozen=True)
+class Part:
+    """One layer's LoRA: down (r, in), up (out, r) and the alpha that gives its scale alpha / r."""
+
+    down: torch.Tensor
+    up: torch.Tensor
+    alpha: float
+
+
+def fuse_parts(parts: Sequence[Part]) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """One LoRA module for layers whose outputs a fused layer concatenates (Flux's q, k, v -> qkv): the down
+    weights stacked (sum r, in), the up weights block-diagonal (sum out, sum r), and an alpha such that
+    up @ down * alpha / rank equals the stacked weight changes of the parts. Parts with other scales than the
+    first get the ratio folded into their up weights."""
+    import torch
+
+    rank = sum(part.down.shape[0] for part in parts)
+    scale = parts[0].alpha / parts[0].down.shape[0]
+    ups = [part.up * ((part.alpha / part.down.shape[0]) / scale) for part in parts]
+    if any(part.down.ndim != 2 for part in parts):
+        raise SdloraError("only linear layers can be fused into one kohya module")
+    return torch.cat([part.down for part in parts]), torch.block_diag(*ups), scale * rank
 
 
 def _unwrapped(path: str) -> str:
@@ -142,58 +157,6 @@ def text_encoder_path(path: str) -> str:
     return f"text_model.{path}"
 
 
-def _sgm_namer(config: Any) -> Any:
-    """A function from a diffusers UNet module path to its SGM path, for this UNet's block layout."""
-    per_block = config.layers_per_block
-    if not isinstance(per_block, int):
-        if len(set(per_block)) != 1:
-            raise SdloraError(f"SDXL UNet with uneven layers_per_block {per_block} has no SGM naming")
-        per_block = per_block[0]
-    up_has_attention = ["CrossAttn" in kind for kind in config.up_block_types]
-    return lambda path: sgm_path(path, per_block, up_has_attention)
-
-
-def sgm_path(path: str, layers_per_block: int, up_has_attention: Sequence[bool]) -> str:
-    """Map a diffusers UNet module path to the original SGM path.
-
-    SGM numbers every layer of the UNet in one sequence: `input_blocks.0` is conv_in, then each down block
-    has `layers_per_block` (resnet, attention) pairs and a downsampler; each up block has one layer more.
-    Inside a layer, `.0` is the resnet and `.1` the attention (`.1`/`.2` the upsampler after it).
-    """
-    for diffusers_name, sgm_name in _SGM_TOP.items():
-        if path == diffusers_name or path.startswith(diffusers_name + "."):
-            return sgm_name + path[len(diffusers_name) :]
-    parts = path.split(".")
-    stride = layers_per_block + 1
-    if parts[0] == "mid_block":
-        kind, index, rest = parts[1], int(parts[2]), parts[3:]
-        slot = {"resnets": 2 * index, "attentions": 1}[kind]
-        return ".".join(["middle_block", str(slot), *_inner(kind, rest)])
-    if parts[0] not in ("down_blocks", "up_blocks"):
-        raise SdloraError(f"UNet module {path!r} has no known SGM name")
-    block, kind, index, rest = int(parts[1]), parts[2], int(parts[3]), parts[4:]
-    if parts[0] == "down_blocks":
-        if kind == "downsamplers":  # diffusers' `conv` is SGM's `op`
-            return ".".join(["input_blocks", str(1 + block * stride + layers_per_block), "0", "op", *rest[1:]])
-        layer = 1 + block * stride + index
-        return ".".join(["input_blocks", str(layer), _slot(kind), *_inner(kind, rest)])
-    if kind == "upsamplers":
-        slot = "2" if up_has_attention[block] else "1"
-        return ".".join(["output_blocks", str(block * stride + layers_per_block), slot, *rest])
-    return ".".join(["output_blocks", str(block * stride + index), _slot(kind), *_inner(kind, rest)])
-
-
-def _slot(kind: str) -> str:
-    return {"resnets": "0", "attentions": "1"}[kind]
-
-
-def _inner(kind: str, rest: list[str]) -> list[str]:
-    """Resnet submodules are renamed; attention (transformer) submodules keep their names in SGM."""
-    if kind == "resnets" and rest:
-        return [*_SGM_RESNET[rest[0]].split("."), *rest[1:]]
-    return rest
-
-
 def build_metadata(
     info: ModelInfo,
     *,
@@ -211,10 +174,13 @@ def build_metadata(
     extra: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
     """The string metadata kohya's sd-scripts writes (`ss_*`) and the SAI model spec (`modelspec.*`)."""
-    sdxl = info.family == "sdxl"
+    from sdlora import families
+
+    family = families.get(info.family)
+    version = info.kohya_base_version
     metadata = {
-        "ss_base_model_version": info.kohya_base_version,
-        "ss_v2": str(info.family == "sd2"),
+        "ss_base_model_version": version,
+        "ss_v2": str(version.startswith("sd_v2")),
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(int(rank)),
         "ss_network_alpha": str(float(alpha)),
@@ -229,8 +195,7 @@ def build_metadata(
         "ss_training_finished_at": str(float(finished_at)),
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": info.modelspec_architecture,
-        # kohya marks SDXL LoRAs with Stability's implementation (SGM names) and SD 1.x/2.x ones with diffusers.
-        "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if sdxl else "diffusers",
+        "modelspec.implementation": family.kohya_implementation,
         "modelspec.title": name,
         "modelspec.date": datetime.datetime.fromtimestamp(int(finished_at), tz=datetime.timezone.utc).isoformat(),
         "modelspec.resolution": f"{resolution}x{resolution}",

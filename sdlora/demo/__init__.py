@@ -69,8 +69,8 @@ def demo(
     say: Callable[[str], None] = print,
 ) -> DemoResult:
     """Run the whole pipeline into `out_dir`: photos/, base-model/ (tiny), dataset/, lora/, images/, eval/."""
-    from sdlora.demo_photos import write_demo_photos
-    from sdlora.evaluate import evaluate
+    from sdlora.demo.photos import write_demo_photos
+    from sdlora.evaluation.run import evaluate
     from sdlora.generate import generate
     from sdlora.prep.run import prep
     from sdlora.train import train
@@ -87,9 +87,10 @@ def demo(
         f"and one without a face) in {photos}"
     )
     if tiny:
+        from sdlora.families.sd import SD1
         from sdlora.testing import save_tiny_pipeline
 
-        base = str(save_tiny_pipeline("sd1", out_dir / "base-model"))
+        base = str(save_tiny_pipeline(SD1.name, out_dir / "base-model"))
         say(f"      base model: a tiny randomly initialised SD 1.x in {base} (its images are noise)")
     dataset, lora, images = out_dir / "dataset", out_dir / "lora", out_dir / "images"
     cfg = demo_config(base, tiny, steps, lora, overwrite, sets)

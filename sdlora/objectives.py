@@ -1,6 +1,12 @@
-"""Pure tensor math of the denoising objective: timesteps, forward noising, targets, SNR weights, loss."""
+"""Pure tensor math of the denoising objectives: timesteps, forward noising, targets, SNR weights, loss.
+
+The functions take tensors and return tensors; `DDPM` bundles them with one noise schedule as the objective object
+that UNet families hand the training loop (flow matching joins with the DiT families).
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -93,3 +99,31 @@ def denoising_loss(
     instance = (losses * (1 - prior)).sum() / (1 - prior).sum().clamp(min=1)
     prior_part = (losses * prior).sum() / prior.sum().clamp(min=1)
     return instance + prior_loss_weight * prior_part
+
+
+@dataclass(frozen=True)
+class DDPM:
+    """Denoising diffusion training with a discrete noise schedule: integer timesteps drawn uniformly, x_t from
+    `add_noise`, the epsilon or v target, optional min-SNR weights."""
+
+    alphas_cumprod: torch.Tensor  # (T,) fp32, on the training device
+    prediction_type: str  # "epsilon" | "v_prediction"
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.alphas_cumprod.shape[0])
+
+    def sample_timesteps(self, batch: int, generator: torch.Generator) -> torch.Tensor:
+        return sample_timesteps(batch, self.num_train_timesteps, generator)
+
+    def noisy(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        return add_noise(latents, noise, timesteps, self.alphas_cumprod)
+
+    def target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        return target(latents, noise, timesteps, self.alphas_cumprod, self.prediction_type)
+
+    def weights(self, timesteps: torch.Tensor, min_snr_gamma: float | None) -> torch.Tensor | None:
+        """Per-sample loss weights (B,), or None for a plain mean."""
+        if not min_snr_gamma:
+            return None
+        return min_snr_weights(timesteps, self.alphas_cumprod, min_snr_gamma, self.prediction_type)

@@ -12,21 +12,19 @@ import re
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
+from sdlora import layout
 from sdlora.config import Config
 from sdlora.errors import SdloraError, UsageError
 from sdlora.evaluation.checkpoints import pick_best, plot_identity, score_checkpoint
-from sdlora.evaluation.faces import FaceBackend, face_backend
 from sdlora.evaluation.metrics import Reference, build_reference, score_images
 from sdlora.evaluation.prompts import STANDARD_PROMPTS, clip_text, expand
 from sdlora.evaluation.report import EvalResult, print_table, write_json, write_report
+from sdlora.faces.backends import FaceBackend, face_backend
 from sdlora.models import check_base
 
 __all__ = ["evaluate", "face_backend", "pick_best", "plot_identity", "reference_set", "score_checkpoint"]
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-SHEETS = ("grid.png", "compare.png")
 
 
 def evaluate(
@@ -43,8 +41,8 @@ def evaluate(
     """Score `images` (a folder) or the standard prompt set rendered with `lora` on `config.model.base`."""
     _check_inputs(reference, images, lora, prompts_file)
     if lora is not None:  # cheap checks first: a typo fails before any model loads
-        from sdlora.adapters import parse_lora
         from sdlora.generate import read_prompts
+        from sdlora.lora.files import parse_lora
 
         check_base(config.model.base, config.model.allow_pickle, config.model.single_file_config)
         adapter = parse_lora(str(lora))
@@ -124,23 +122,21 @@ def load_reference(folder: Path) -> tuple[list[Image.Image], list[str]]:
 
 
 def _image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in layout.IMAGE_SUFFIXES and p.is_file())
 
 
 def _open(path: Path) -> Image.Image:
-    try:
-        with Image.open(path) as image:
-            return ImageOps.exif_transpose(image).convert("RGB")
-    except (OSError, UnidentifiedImageError) as exc:
-        raise UsageError(f"{path}: not a readable image ({exc.__class__.__name__}); remove it or fix it") from None
+    from sdlora.prep.images import read_image
+
+    return read_image(path)
 
 
 def _read_images(folder: Path) -> tuple[list[Image.Image], list[str], list[str | None], list[int | None]]:
     """Images of a folder with their prompt and seed, if recorded. `sdlora generate`'s grids and filmstrips
     (grid.png, compare.png, *-steps.png) are sheets of other images, not samples: skipped."""
-    paths = [p for p in _image_files(folder) if p.name not in SHEETS and not p.stem.endswith("-steps")]
+    paths = [p for p in _image_files(folder) if p.name not in layout.SHEETS and not p.stem.endswith("-steps")]
     if not paths:
-        raise UsageError(f"--images {folder}: no images in it ({', '.join(IMAGE_SUFFIXES)})")
+        raise UsageError(f"--images {folder}: no images in it ({', '.join(sorted(layout.IMAGE_SUFFIXES))})")
     prompts, seeds = zip(*(_recorded_prompt(path) for path in paths), strict=True)
     return [_open(path) for path in paths], [str(p) for p in paths], list(prompts), list(seeds)
 
@@ -173,47 +169,11 @@ def _generate(config: Config, adapter: Any, templates: list[str], notes: list[st
         trigger = f"{config.prep.token} {config.prep.class_word}"
         notes.append(f"{adapter.path.name} has no trigger phrase in its metadata; used {trigger!r} from [prep]")
     repeated, prompts, seeds = expand(templates, config.eval.n, config.eval.seed, trigger)
-    pipe = _pipeline(config, adapter)
-    gen = config.generate
-    width, height = gen.width_height
-    from sdlora.generate import render_images
+    from sdlora.generate.render import Sampling, load_for_rendering, render_images
 
-    images = render_images(
-        pipe,
-        prompts,
-        seeds,
-        steps=gen.steps,
-        cfg=gen.cfg,
-        scheduler=gen.scheduler,
-        width=width,
-        height=height,
-        negative=gen.negative,
-        batch_size=gen.batch_size,
-    )
+    pipe = load_for_rendering(config.model, [adapter])[0]
+    images = render_images(pipe, prompts, seeds, Sampling.of(config.generate))
     return images, prompts, seeds, repeated, trigger
-
-
-def _pipeline(config: Config, adapter: Any) -> Any:
-    import torch
-
-    from sdlora.adapters import check_family, load_loras
-    from sdlora.models import load_pipeline, model_info
-
-    cuda = torch.cuda.is_available()
-    # fp32 on CPU (bf16 is slower there); half precision on GPUs, bf16 where supported.
-    dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else None
-    model = config.model
-    pipe = load_pipeline(
-        model.base or "",
-        allow_pickle=model.allow_pickle,
-        torch_dtype=dtype,
-        vae=model.vae,
-        single_file_config=model.single_file_config,
-    )
-    check_family(adapter, model_info(pipe).family, pipe.unet.config.cross_attention_dim)
-    load_loras(pipe, [adapter])
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to("cuda" if cuda else "cpu")
 
 
 def _fidelity(clip: str | None, pictures: list, texts: list[str | None], notes: list[str]) -> list[float | None]:

@@ -7,13 +7,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from sdlora import layout
 from sdlora.fsutil import atomic_path
 
-DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
-UNET_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
-# Feed-forward and the transformer blocks' input/output projections (Conv2d 1x1 on SD 1.x, Linear on SD 2.x).
-UNET_EXTRA = ["ff.net.0.proj", "ff.net.2", "proj_in", "proj_out"]
-TEXT_ENCODER_ATTENTION = ["q_proj", "k_proj", "v_proj", "out_proj"]
+DIFFUSERS_FILE = layout.DIFFUSERS_LORA
 
 
 def lora_config(rank: int, alpha: float, dropout: float, targets: list[str]):
@@ -23,11 +20,6 @@ def lora_config(rank: int, alpha: float, dropout: float, targets: list[str]):
     return LoraConfig(
         r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights="gaussian", target_modules=targets
     )
-
-
-def unet_targets(targets: str) -> list[str]:
-    """Module-name suffixes of the UNet layers that get LoRA ('attention' or 'all')."""
-    return UNET_ATTENTION + (UNET_EXTRA if targets == "all" else [])
 
 
 def attach(model: Any, rank: int, alpha: float, dropout: float, targets: list[str]) -> None:
@@ -50,23 +42,19 @@ def peft_state(model: Any) -> dict[str, Any]:
     return get_peft_model_state_dict(model)
 
 
-def save_diffusers(
-    path: Path, pipeline_cls: Any, unet: Any, text_encoders: dict[str, Any], header: dict[str, str]
-) -> None:
+def save_diffusers(path: Path, pipeline_cls: Any, models: dict[str, Any], header: dict[str, str]) -> None:
     """Write `path` with diffusers' save_lora_weights (+ adapter metadata), then add our `header` keys to the
-    safetensors metadata beside diffusers' own; atomic."""
+    safetensors metadata beside diffusers' own; atomic. `models`: the adapted models by pipeline attribute
+    (denoiser first: "unet" or "transformer", then "text_encoder", ...), which name save_lora_weights' arguments."""
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
     # peft's own key names (lora_A/lora_B), not convert_state_dict_to_diffusers: that renames only the attention
     # layers to the old `lora.down` style and the resulting mix reloads without them.
-    kwargs: dict[str, Any] = {
-        "unet_lora_layers": peft_state(unet),
-        "unet_lora_adapter_metadata": adapter_metadata(unet),
-    }
-    for name, encoder in text_encoders.items():  # "text_encoder" (and "text_encoder_2" on SDXL)
-        kwargs[f"{name}_lora_layers"] = peft_state(encoder)
-        kwargs[f"{name}_lora_adapter_metadata"] = adapter_metadata(encoder)
+    kwargs: dict[str, Any] = {}
+    for name, model in models.items():
+        kwargs[f"{name}_lora_layers"] = peft_state(model)
+        kwargs[f"{name}_lora_adapter_metadata"] = adapter_metadata(model)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".lora-") as tmp:

@@ -8,13 +8,15 @@ import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from sdlora import families, layout
 from sdlora.errors import SdloraError, UsageError
 
-DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"  # what `train` and diffusers' scripts write in OUT_DIR
-# Cross-attention width (the text encoder's hidden size) of each real family.
-CROSS_ATTENTION_FAMILY = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
+if TYPE_CHECKING:
+    from sdlora.families import Family
+
+DIFFUSERS_WEIGHTS = layout.DIFFUSERS_LORA  # what `train` and diffusers' scripts write in OUT_DIR
 
 
 @dataclass(frozen=True)
@@ -32,7 +34,8 @@ class Lora:
 
     @property
     def family(self) -> str | None:
-        return metadata_family(self.metadata)
+        """The family name its metadata says it was made for (sdlora.families.detect_lora)."""
+        return families.detect_lora(self.metadata)
 
 
 def parse_lora(spec: str) -> Lora:
@@ -93,56 +96,35 @@ def trigger_phrase(metadata: dict[str, str]) -> str | None:
     return counts.most_common(1)[0][0] if counts else None
 
 
-def metadata_family(metadata: dict[str, str]) -> str | None:
-    """'sd1' | 'sd2' | 'sdxl' | another architecture's name, from our, kohya's or modelspec's metadata."""
-    if metadata.get("sdlora.family"):
-        return metadata["sdlora.family"]
-    version = metadata.get("ss_base_model_version", "")
-    if version:
-        for prefix, family in (("sdxl", "sdxl"), ("sd_v2", "sd2"), ("sd_v1", "sd1")):
-            if version.startswith(prefix):
-                return family
-        return version
-    arch = metadata.get("modelspec.architecture", "")
-    if arch:
-        for prefix, family in (
-            ("stable-diffusion-xl", "sdxl"),
-            ("stable-diffusion-v2", "sd2"),
-            ("stable-diffusion-v1", "sd1"),
-        ):
-            if arch.startswith(prefix):
-                return family
-        return arch.split("/")[0]
-    return None
-
-
-def check_family(lora: Lora, base_family: str, cross_attention_dim: Any) -> None:
+def check_family(lora: Lora, family: Family, pipe: Any) -> None:
     """Refuse a LoRA made for another base family, by its metadata, else by its tensor shapes or key names."""
-    family = lora.family
-    if family is not None and family != base_family:
+    made_for = lora.family
+    if made_for is not None and made_for != family.name:
         raise UsageError(
-            f"--lora {lora.path}: made for {family}, but the base model is {base_family}; "
-            f"use a {base_family} LoRA or a {family} base model"
+            f"--lora {lora.path}: made for {made_for}, but the base model is {family.name}; "
+            f"use a {family.name} LoRA or a {made_for} base model"
         )
-    base_dims = set(cross_attention_dim) if isinstance(cross_attention_dim, list | tuple) else {cross_attention_dim}
-    in_features, sgm_te = _shape_facts(lora.path)
+    base_dims = family.cross_attention_widths(pipe)
+    in_features, two_encoders = _shape_facts(lora.path)
     wrong = in_features - base_dims
     if wrong:
         width = sorted(wrong)[0]
-        made_for = CROSS_ATTENTION_FAMILY.get(width, f"a model with {width}-wide text features")
+        by_width = {f.text_width: f.name for f in families.REGISTRY.values()}
+        made_for = by_width.get(width, f"a model with {width}-wide text features")
         raise UsageError(
             f"--lora {lora.path}: its cross-attention layers take {width}-wide text features ({made_for}), "
-            f"but the base model ({base_family}) has {sorted(base_dims)[0]}; use a LoRA made for {base_family}"
+            f"but the base model ({family.name}) has {sorted(base_dims)[0]}; use a LoRA made for {family.name}"
         )
-    if sgm_te and base_family != "sdxl":
+    if two_encoders and len(family.text_encoders) < 2:
         raise UsageError(
             f"--lora {lora.path}: has two text encoders' keys (lora_te1_/lora_te2_: SDXL), but the base model "
-            f"is {base_family}; use a LoRA made for {base_family}"
+            f"is {family.name}; use a LoRA made for {family.name}"
         )
 
 
 def _shape_facts(path: Path) -> tuple[set[int], bool]:
-    """In-features of the LoRA's cross-attention to_k down-projections, and whether it has SDXL's te1/te2 keys."""
+    """In-features of the LoRA's cross-attention to_k down-projections, and whether it has two text encoders'
+    keys (kohya's te1/te2)."""
     from safetensors import safe_open
 
     in_features: set[int] = set()

@@ -16,15 +16,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sdlora import layout
 from sdlora.config import Config
 from sdlora.errors import SdloraError
 from sdlora.fsutil import atomic_dir, atomic_write_text
 
-BEST = "best"
-BEST_FILE = "best.json"  # inside best/: the step its files come from, its metrics and why it won
-SUMMARY = "summary.json"
-PLOT = "identity.png"
-METRICS = "metrics.jsonl"
+BEST, BEST_FILE, SUMMARY, PLOT, METRICS = (
+    layout.BEST,
+    layout.BEST_FILE,
+    layout.SUMMARY,
+    layout.IDENTITY_PLOT,
+    layout.METRICS,
+)
 
 
 @dataclass
@@ -38,7 +41,7 @@ class TrainEval:
     config: Config
     trigger: str
     reference: Any = None  # sdlora.evaluation.metrics.Reference
-    backend: Any = None  # sdlora.evaluation.faces.FaceBackend
+    backend: Any = None  # sdlora.faces.backends.FaceBackend
     rows: list[dict[str, Any]] = field(default_factory=list)  # eval rows so far, flattened: {"step": N, **summary}
 
     def due(self, step: int) -> bool:
@@ -87,8 +90,8 @@ def start(config: Config, plan: Any, accelerator: Any) -> TrainEval | None:
 
 def _prepare(evaluation: TrainEval, plan: Any, asked: bool) -> str | None:
     """Main process: the reference set, then the state of a resumed run. A note when evaluation must be off."""
-    from sdlora import checkpoint
-    from sdlora.evaluate import face_backend, reference_set
+    from sdlora.evaluation.run import face_backend, reference_set
+    from sdlora.train import checkpoint
 
     evaluation.backend = face_backend(evaluation.config.eval.face_model)
     try:
@@ -133,7 +136,7 @@ def best_step(out_dir: Path) -> int | None:
 def _restore_best(evaluation: TrainEval) -> None:
     """On resume, best/ must hold the best of the kept rows. It does unless the run resumed from a checkpoint
     older than best/'s step: then take the files from that step's checkpoint if it is still there."""
-    from sdlora import checkpoint
+    from sdlora.train import checkpoint
 
     best_dir = evaluation.out_dir / BEST
     if not evaluation.rows:
@@ -152,7 +155,7 @@ def _restore_best(evaluation: TrainEval) -> None:
 
 def _copy_loras(source: Path, folder: Path) -> None:
     for path in source.glob("*.safetensors"):
-        if path.name != "lora_state.safetensors":  # the training state, not a LoRA file
+        if path.name != layout.LORA_STATE:  # the training state, not a LoRA file
             shutil.copy2(path, folder / path.name)
 
 
@@ -161,7 +164,7 @@ def after_step(evaluation: TrainEval | None, run: Any, step: int) -> None:
     if evaluation is None or not evaluation.due(step):
         return
     if evaluation.main:
-        from sdlora.outputs import save_loras
+        from sdlora.train.outputs import save_loras
 
         evaluate_step(evaluation, run, step, lambda folder: save_loras(run, folder, unwrap_for_good=False))
     run.accelerator.wait_for_everyone()
@@ -169,7 +172,7 @@ def after_step(evaluation: TrainEval | None, run: Any, step: int) -> None:
 
 def evaluate_step(evaluation: TrainEval, run: Any, step: int, write_loras: Callable[[Path], Any]) -> dict[str, Any]:
     """Score step `step`, log and plot it, update best/ (and summary.json at the last step)."""
-    from sdlora.evaluate import plot_identity
+    from sdlora.evaluation.run import plot_identity
 
     metrics = _score(evaluation, run)
     with (evaluation.out_dir / METRICS).open("a", encoding="utf-8") as handle:
@@ -194,9 +197,10 @@ def _score(evaluation: TrainEval, run: Any) -> dict[str, Any]:
     """Render the validation set with the LoRA in training and score it; no effect on the training's RNG."""
     import torch
 
-    from sdlora import outputs
-    from sdlora.evaluate import score_checkpoint
     from sdlora.evaluation.prompts import STANDARD_PROMPTS, expand
+    from sdlora.evaluation.run import score_checkpoint
+    from sdlora.generate.render import Sampling
+    from sdlora.train import outputs
 
     config = evaluation.config
     _, prompts, seeds = expand(list(STANDARD_PROMPTS), config.eval.n, config.eval.seed, evaluation.trigger)
@@ -209,19 +213,13 @@ def _score(evaluation: TrainEval, run: Any) -> dict[str, Any]:
             evaluation.backend,
             prompts,
             seeds,
+            Sampling.for_training(config),
             threshold=config.eval.threshold,
-            steps=config.train.sample_steps,
-            cfg=config.generate.cfg,
-            scheduler=config.generate.scheduler,
-            width=config.train.resolution,
-            height=config.train.resolution,
-            negative=config.generate.negative,
-            batch_size=config.generate.batch_size,
         )
 
 
 def _pick(evaluation: TrainEval) -> tuple[int, str]:
-    from sdlora.evaluate import pick_best
+    from sdlora.evaluation.run import pick_best
 
     ec = evaluation.config.eval
     return pick_best(evaluation.rows, ec.min_diversity, ec.max_bleed)

@@ -47,7 +47,7 @@ class DlibBackend:
     threshold = 0.6  # dlib's documented same-person threshold (99.38% on LFW)
 
     def __init__(self) -> None:
-        from sdlora.prep.faces import DlibFaces
+        from sdlora.faces.dlib import DlibFaces
 
         self._faces = DlibFaces()
 
@@ -55,7 +55,7 @@ class DlibBackend:
         return [FoundFace(box=f.box, embedding=self._faces.embed(image, f)) for f in self._faces.detect(image)]
 
     def distance(self, a: numpy.ndarray, b: numpy.ndarray) -> float:
-        from sdlora.prep.faces import face_distance
+        from sdlora.faces.dlib import face_distance
 
         return face_distance(a, b)
 

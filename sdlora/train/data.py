@@ -9,9 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sdlora import layout
 from sdlora.errors import UsageError
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 @dataclass(frozen=True)
@@ -66,7 +65,7 @@ def load_examples(dataset_dir: Path, default_caption: str) -> list[Example]:
 
 
 def list_images(folder: Path) -> list[Path]:
-    return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in layout.IMAGE_SUFFIXES and p.is_file())
 
 
 def _caption_of(image: Path, default: str) -> str:
@@ -81,7 +80,7 @@ def _caption_of(image: Path, default: str) -> str:
 def trigger_parts(dataset_dir: Path, token: str, class_word: str) -> tuple[str, str]:
     """(token, class_word) from the dataset's config.json (what prep used) if present, else the given ones;
     the trigger phrase is "{token} {class_word}"."""
-    config_file = Path(dataset_dir) / "config.json"
+    config_file = Path(dataset_dir) / layout.CONFIG_JSON
     if config_file.is_file():
         try:
             prep: dict[str, Any] = json.loads(config_file.read_text(encoding="utf-8")).get("prep", {})
@@ -108,9 +107,10 @@ def load_example(example: Example, resolution: int):
     and shifted by the centre crop; a plain-folder image counts as its own uncropped source."""
     from PIL import Image, ImageOps
 
+    from sdlora.prep.images import read_image
+
     size = train_size(example, resolution)
-    with Image.open(example.image) as image:
-        image = ImageOps.exif_transpose(image).convert("RGB")
+    image = read_image(example.image)
     width, height = image.size
     scale = max(size[0] / width, size[1] / height)
     # ImageOps.fit's centre crop, in the scaled image's pixels

@@ -5,9 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter, ImageOps
-
-from sdlora.errors import UsageError
+from PIL import Image, ImageDraw, ImageFilter
 
 JAW = slice(0, 17)  # dlib 68-point order: jaw outline, ear to ear through the chin
 BROWS = slice(17, 27)  # both eyebrows, left to right
@@ -20,14 +18,9 @@ FEATHER = 0.06
 
 def load_photo(path: Path, option: str) -> Image.Image:
     """An RGB photo, upright per its EXIF orientation; a clear error when it is missing or not an image."""
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"{option} {path}: no such file")
-    try:
-        with Image.open(path) as image:
-            return ImageOps.exif_transpose(image).convert("RGB")
-    except (OSError, Image.DecompressionBombError) as exc:
-        raise UsageError(f"{option} {path}: not a readable image ({exc})") from None
+    from sdlora.prep.images import read_image
+
+    return read_image(path, option)
 
 
 def fit(image: Image.Image, width: int, height: int) -> tuple[Image.Image, float, tuple[float, float]]:

@@ -8,9 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from sdlora import __version__
-
-SAMPLES = "samples"
+from sdlora import __version__, layout
 
 
 def save_loras(run: Any, folder: Path, *, unwrap_for_good: bool) -> tuple[Path, Path]:
@@ -18,10 +16,10 @@ def save_loras(run: Any, folder: Path, *, unwrap_for_good: bool) -> tuple[Path, 
     (kohya) into `folder`. `unwrap_for_good` drops Accelerate's autocast wrapper (after the last step only)."""
     import torch
 
-    from sdlora import kohya, lora
+    from sdlora.lora import kohya, peft
 
     unwrap = run.accelerator.unwrap_model
-    unet = unwrap(run.unet, keep_fp32_wrapper=not unwrap_for_good)
+    denoiser = unwrap(run.denoiser, keep_fp32_wrapper=not unwrap_for_good)
     encoders = {
         name: unwrap(encoder, keep_fp32_wrapper=not unwrap_for_good) for name, encoder in run.text_encoders.items()
     }
@@ -30,8 +28,8 @@ def save_loras(run: Any, folder: Path, *, unwrap_for_good: bool) -> tuple[Path, 
         "sdlora.family": run.info.family,
         "sdlora.version": __version__,
     }
-    diffusers_file = Path(folder) / lora.DIFFUSERS_FILE
-    lora.save_diffusers(diffusers_file, type(run.pipe), unet, encoders, header)
+    diffusers_file = Path(folder) / layout.DIFFUSERS_LORA
+    peft.save_diffusers(diffusers_file, type(run.pipe), {run.family.denoiser: denoiser} | encoders, header)
     lc, tc = run.config.lora, run.config.train
     metadata = kohya.build_metadata(
         run.info,
@@ -47,9 +45,9 @@ def save_loras(run: Any, folder: Path, *, unwrap_for_good: bool) -> tuple[Path, 
         finished_at=time.time(),
         text_encoder_trained=bool(encoders),
     )
-    kohya_file = Path(folder) / f"{run.plan.name}.safetensors"
+    kohya_file = Path(folder) / layout.kohya_file(run.plan.name)
     # fp32, not the UIs' usual fp16: the file then reproduces the trained model (fp16 weights missed 1e-4).
-    state = kohya.kohya_state_dict(unet, list(encoders.values()), run.info.family, dtype=torch.float32)
+    state = kohya.kohya_state_dict(denoiser, list(encoders.values()), run.family, dtype=torch.float32)
     kohya.save_kohya(kohya_file, state, metadata)
     return diffusers_file, kohya_file
 
@@ -57,25 +55,14 @@ def save_loras(run: Any, folder: Path, *, unwrap_for_good: bool) -> tuple[Path, 
 def render_samples(run: Any, step: int) -> None:
     """A grid of the sample prompts (one column each, the config's generate seed) via `sdlora generate`'s code."""
     from sdlora.fsutil import atomic_path
-    from sdlora.generate import make_grid, render_images
+    from sdlora.generate.render import Sampling, make_grid, render_images
 
     if run.accelerator.is_main_process:
-        tc, gc = run.config.train, run.config.generate
-        prompts = [p.replace("{trigger}", run.plan.trigger) for p in tc.sample_prompts]
+        prompts = [p.replace("{trigger}", run.plan.trigger) for p in run.config.train.sample_prompts]
+        seeds = [run.config.generate.seed] * len(prompts)
         with rendering(run):
-            images = render_images(
-                run.pipe,
-                prompts,
-                [gc.seed] * len(prompts),
-                steps=tc.sample_steps,
-                cfg=gc.cfg,
-                scheduler=gc.scheduler,
-                width=tc.resolution,
-                height=tc.resolution,
-                negative=gc.negative,
-                batch_size=gc.batch_size,
-            )
-        with atomic_path(run.plan.out_dir / SAMPLES / f"step-{step:06d}.png") as tmp:
+            images = render_images(run.pipe, prompts, seeds, Sampling.for_training(run.config))
+        with atomic_path(run.plan.out_dir / layout.SAMPLES / layout.sample_grid(step)) as tmp:
             make_grid(images, cols=len(images)).save(tmp, format="PNG")
     run.accelerator.wait_for_everyone()
 
@@ -85,7 +72,7 @@ def rendering(run: Any) -> Iterator[None]:
     """Render with the LoRA in training: trained modules in eval mode (no LoRA dropout), offloaded encoders and VAE
     back on the device, under autocast (Accelerate's wrapper returns the UNet's output in fp32, which a half VAE
     would refuse); all restored afterwards."""
-    trained = [run.pipe.unet] + [getattr(run.pipe, name) for name in run.text_encoders]
+    trained = [getattr(run.pipe, name) for name in (run.family.denoiser, *run.text_encoders)]
     for module in trained:
         module.eval()
     for name in run.offloaded:

@@ -13,8 +13,9 @@ from typing import Any
 
 import torch
 
-from sdlora import conditioning, diffusion
-from sdlora.data import DataOrder, Example, load_example, stream_seed
+from sdlora import objectives
+from sdlora.families import Conditioning
+from sdlora.train.data import DataOrder, Example, load_example, stream_seed
 
 
 @dataclass
@@ -24,7 +25,7 @@ class MicroBatch:
     noise: torch.Tensor  # same shape
     timesteps: torch.Tensor  # (B,) int64
     prompts: list[str]
-    cond: conditioning.Conditioning | None  # cached text conditioning, None when the text encoder trains
+    cond: Conditioning | None  # cached text conditioning, None when the text encoder trains
     is_prior: torch.Tensor | None  # (B,) bool: class images of prior preservation
 
 
@@ -93,14 +94,14 @@ class Batches:
         batch_size: int,
         num_processes: int,
         rank: int,
-        num_train_timesteps: int,
+        objective: Any,
         noise_offset: float,
         caption_dropout: float,
     ) -> None:
         self.instances, self.classes, self.class_prompt = instances, classes, class_prompt
         self.text_cache = text_cache  # {"prompts": {prompt: row}, "cond": Conditioning} or None
         self.seed, self.b, self.nproc, self.rank = seed, batch_size, num_processes, rank
-        self.T, self.noise_offset, self.caption_dropout = num_train_timesteps, noise_offset, caption_dropout
+        self.objective, self.noise_offset, self.caption_dropout = objective, noise_offset, caption_dropout
         group = batch_size * num_processes  # the global micro-batch, of which this process takes a slice
         self.order = DataOrder(instances.buckets, seed, instances.flip, group)
         self.class_order = DataOrder(classes.buckets, seed + 1, classes.flip, group) if classes else None
@@ -124,7 +125,7 @@ class Batches:
         cond = None
         if self.text_cache is not None:
             rows = torch.tensor([self.text_cache["prompts"][p] for p in prompts])
-            cond = conditioning.select(self.text_cache["cond"], rows.to(device))
+            cond = select(self.text_cache["cond"], rows.to(device))
         return MicroBatch(
             latents=latents.to(device),
             time_ids=time_ids.to(device),
@@ -139,18 +140,24 @@ class Batches:
         """Latents, noise, timesteps and prompts of this rank's slots; the noise is drawn for the global batch."""
         latents = images.latents(slots).float()
         global_shape = (self.b * self.nproc, *latents.shape[1:])
-        noise = diffusion.sample_noise(global_shape, generator, self.noise_offset)[mine]
-        timesteps = diffusion.sample_timesteps(self.b * self.nproc, self.T, generator)[mine]
+        noise = objectives.sample_noise(global_shape, generator, self.noise_offset)[mine]
+        timesteps = self.objective.sample_timesteps(self.b * self.nproc, generator)[mine]
         prompts = [images.examples[i].caption if images is self.instances else self.class_prompt for i, _ in slots]
         return latents, noise, timesteps, prompts
 
 
 @torch.no_grad()
-def build_text_cache(family: str, tokenizers: list[Any], text_encoders: list[Any], prompts: list[str]) -> dict:
+def build_text_cache(family: Any, tokenizers: list[Any], text_encoders: list[Any], prompts: list[str]) -> dict:
     """Encode each distinct prompt once (frozen text encoder): rows of one conditioning table on the device."""
     unique = list(dict.fromkeys(prompts))
-    parts = [
-        conditioning.encode_prompts(family, tokenizers, text_encoders, unique[i : i + 16])
-        for i in range(0, len(unique), 16)
-    ]
-    return {"prompts": {p: i for i, p in enumerate(unique)}, "cond": conditioning.concat(parts)}
+    parts = [family.encode_prompts(tokenizers, text_encoders, unique[i : i + 16]) for i in range(0, len(unique), 16)]
+    return {"prompts": {p: i for i, p in enumerate(unique)}, "cond": concat(parts)}
+
+
+def select(cond: Conditioning, index: Any) -> Conditioning:
+    """Rows `index` of every tensor in `cond`."""
+    return {key: value[index] for key, value in cond.items()}
+
+
+def concat(parts: list[Conditioning]) -> Conditioning:
+    return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from sdlora.data import Example, list_images
+from sdlora import layout
 from sdlora.errors import UsageError
 from sdlora.fsutil import atomic_path
 
-CLASS_IMAGES = "class_images"
+if TYPE_CHECKING:
+    from sdlora.generate.render import Sampling
+from sdlora.train.data import Example, list_images
+
+CLASS_IMAGES = layout.CLASS_IMAGES
 
 
 def check_class_dir(class_dir: Path | None) -> None:
@@ -32,32 +36,18 @@ def generate_class_images(
     prompt: str,
     count: int,
     seed: int,
-    resolution: int,
-    steps: int,
-    cfg: float,
-    scheduler: str,
-    batch_size: int,
+    sampling: Sampling,
 ) -> None:
     """Render the missing class images (class-NNNNN.png, image i from seed + i) into `folder` with the same code
     as `sdlora generate`; images already there are reused, so a second run generates nothing."""
-    from sdlora.generate import render_images
+    from sdlora.generate.render import render_images
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     missing = [i for i in range(count) if not (folder / f"class-{i:05d}.png").is_file()]
-    for start in range(0, len(missing), batch_size):
-        chunk = missing[start : start + batch_size]
-        images = render_images(
-            pipe,
-            [prompt] * len(chunk),
-            [seed + i for i in chunk],
-            steps=steps,
-            cfg=cfg,
-            scheduler=scheduler,
-            width=resolution,
-            height=resolution,
-            batch_size=batch_size,
-        )
+    for start in range(0, len(missing), sampling.batch_size):
+        chunk = missing[start : start + sampling.batch_size]
+        images = render_images(pipe, [prompt] * len(chunk), [seed + i for i in chunk], sampling)
         for i, image in zip(chunk, images, strict=True):
             with atomic_path(folder / f"class-{i:05d}.png") as tmp:
                 image.save(tmp, format="PNG")

@@ -10,11 +10,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from sdlora import layout
 from sdlora.errors import UsageError
 
-CHECKPOINTS = "checkpoints"
-STATE_FILE = "trainer_state.json"
-LORA_STATE = "lora_state.safetensors"
+CHECKPOINTS, STATE_FILE, LORA_STATE = layout.CHECKPOINTS, layout.TRAINER_STATE, layout.LORA_STATE
 _STEP_DIR = re.compile(r"^step-(\d{6,})$")
 # Settings that may change between a run and its resume (or extension) without making it a different run.
 RESUMABLE_KEYS = {
@@ -74,7 +73,7 @@ def run_settings(config: dict[str, Any]) -> dict[str, Any]:
 
 def check_out_dir(out_dir: Path, config: dict[str, Any], resume: str | None, overwrite: bool) -> None:
     """Refuse an OUT_DIR that holds another run, unless resuming it (same settings) or overwriting it."""
-    saved_file = Path(out_dir) / "config.json"
+    saved_file = Path(out_dir) / layout.CONFIG_JSON
     if overwrite or not saved_file.is_file():
         return
     saved = run_settings(json.loads(saved_file.read_text(encoding="utf-8")))
@@ -100,9 +99,9 @@ def _differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
 def clear_run(out_dir: Path) -> None:
     """--overwrite: remove the previous run's outputs (class images are kept: they depend only on the base)."""
     out_dir = Path(out_dir)
-    for name in (CHECKPOINTS, "samples", "tensorboard", "best"):
+    for name in (layout.CHECKPOINTS, layout.SAMPLES, layout.TENSORBOARD, layout.BEST):
         shutil.rmtree(out_dir / name, ignore_errors=True)
-    for name in ("metrics.jsonl", "config.json", "identity.png", "summary.json"):
+    for name in (layout.METRICS, layout.CONFIG_JSON, layout.IDENTITY_PLOT, layout.SUMMARY):
         (out_dir / name).unlink(missing_ok=True)
 
 
@@ -137,15 +136,15 @@ def prune(out_dir: Path, keep: int) -> None:
 
 def register_hooks(accelerator: Any, models: dict[str, Any], unwrap: Callable[[Any], Any]) -> None:
     """Make save_state/load_state store only the LoRA tensors (not the frozen multi-GB base weights)."""
-    from sdlora import lora
+    from sdlora.lora import peft
 
     def save_hook(prepared: list[Any], weights: list[Any], folder: str) -> None:
         if accelerator.is_main_process:
-            lora.save_state(Path(folder) / LORA_STATE, {name: unwrap(m) for name, m in models.items()})
+            peft.save_state(Path(folder) / LORA_STATE, {name: unwrap(m) for name, m in models.items()})
         weights.clear()  # nothing else for Accelerate to write
 
     def load_hook(prepared: list[Any], folder: str) -> None:
-        lora.load_state(Path(folder) / LORA_STATE, {name: unwrap(m) for name, m in models.items()})
+        peft.load_state(Path(folder) / LORA_STATE, {name: unwrap(m) for name, m in models.items()})
         prepared.clear()  # already loaded
 
     accelerator.register_save_state_pre_hook(save_hook)

@@ -19,7 +19,7 @@ from rich.progress import (
 )
 from rich.text import Text
 
-METRICS = "metrics.jsonl"
+from sdlora import layout
 
 
 class Monitor:
@@ -29,8 +29,8 @@ class Monitor:
         self.enabled, self.cuda = enabled, cuda
         self.smoothed: float | None = None
         self.last_time, self.last_step = time.perf_counter(), start
-        self.metrics = Path(out_dir) / METRICS
-        self.writer = _tensorboard(Path(out_dir) / "tensorboard") if enabled else None
+        self.metrics = Path(out_dir) / layout.METRICS
+        self.writer = _tensorboard(Path(out_dir) / layout.TENSORBOARD) if enabled else None
         if enabled:
             _truncate_after(self.metrics, start)
         self.progress = _progress_bar() if enabled else None

@@ -1,10 +1,10 @@
-"""Generate images from a base model plus LoRA adapters: seeds, batching, schedulers, grids, metadata."""
+"""`sdlora generate`: images from a base model plus LoRAs, with img2img, keep-face, a refiner, comparisons,
+filmstrips, grids and A1111-readable settings in every file (the rendering itself is `render`)."""
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,130 +12,16 @@ from typing import Any
 from PIL import Image, ImageOps
 from rich.console import Console
 
-from sdlora import __version__, adapters, keepface, pngmeta
-from sdlora.adapters import Lora, check_family, load_loras, parse_lora
+from sdlora import __version__, families, layout, models
 from sdlora.config import Config, GenerateConfig
 from sdlora.config import save as save_config
 from sdlora.errors import SdloraError, UsageError
-from sdlora.models import load_pipeline, model_info
-from sdlora.previews import Previews
+from sdlora.generate import keepface, pngmeta
+from sdlora.generate.render import Sampling, a1111_sampler_name, load_for_rendering, make_grid, render_images
+from sdlora.lora import files as lora_files
+from sdlora.lora.files import Lora, parse_lora
 
 log = logging.getLogger(__name__)
-
-# Our sampler names -> (diffusers scheduler class, extra config, A1111's sampler name).
-SCHEDULERS: dict[str, tuple[str, dict[str, Any], str]] = {
-    "dpmpp_2m_karras": (
-        "DPMSolverMultistepScheduler",
-        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
-        "DPM++ 2M Karras",
-    ),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}, "Euler a"),
-    "euler": ("EulerDiscreteScheduler", {"use_karras_sigmas": False}, "Euler"),
-    "ddim": ("DDIMScheduler", {}, "DDIM"),
-    "unipc": ("UniPCMultistepScheduler", {"use_karras_sigmas": False}, "UniPC"),
-}
-
-
-def set_scheduler(pipe: Any, name: str) -> None:
-    """Swap the pipeline's sampler for `name`, keeping the model's noise schedule and prediction_type."""
-    import diffusers
-
-    if name not in SCHEDULERS:
-        raise UsageError(f"--scheduler {name!r}: choose one of {', '.join(SCHEDULERS)}")
-    class_name, extra, _ = SCHEDULERS[name]
-    cls = getattr(diffusers, class_name)
-    # from_config carries over betas, timestep_spacing and prediction_type (epsilon vs v) from the model's own
-    # scheduler; the extras only pick the solver variant.
-    pipe.scheduler = cls.from_config(pipe.scheduler.config, **extra)
-
-
-def a1111_sampler_name(name: str) -> str:
-    return SCHEDULERS[name][2]
-
-
-def render_images(
-    pipe: Any,
-    prompts: list[str],
-    seeds: list[int],
-    *,
-    steps: int,
-    cfg: float,
-    scheduler: str,
-    width: int,
-    height: int,
-    negative: str = "",
-    batch_size: int = 4,
-    init_images: Sequence[Image.Image] | None = None,
-    mask_images: Sequence[Image.Image] | None = None,
-    call_kwargs: dict[str, Any] | None = None,
-    on_batch: Callable[[int, int], None] | None = None,
-    preview_every: int = 0,
-    on_previews: Callable[[int, list[list[Image.Image]]], None] | None = None,
-) -> list[Image.Image]:
-    """Render image i from prompts[i] with `torch.Generator(device).manual_seed(seeds[i])`, in batches.
-
-    Each image has its own generator, so an image does not depend on the batch it was made in (up to the
-    float rounding of batched kernels). Works for SD 1.x/2.x and SDXL pipelines and their img2img/inpainting
-    variants: `init_images`/`mask_images` (one per prompt) become `image`/`mask_image`, `call_kwargs` go to
-    every call (e.g. {"strength": 0.6}). `on_batch(done, total)` runs after each batch. With
-    `preview_every` K > 0, `on_previews(first_index, frames)` gets each image's decoded x0 predictions every
-    K steps (and at the last step).
-    """
-    import inspect
-
-    import torch
-
-    if len(prompts) != len(seeds):
-        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
-    set_scheduler(pipe, scheduler)
-    device = pipe._execution_device
-    takes_size = "width" in inspect.signature(pipe.__call__).parameters  # img2img pipelines take the image's
-    images: list[Image.Image] = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = slice(start, start + batch_size)
-        kwargs: dict[str, Any] = dict(call_kwargs or {})
-        if takes_size:
-            kwargs.update(width=width, height=height)
-        if init_images is not None:
-            kwargs["image"] = list(init_images[chunk])
-        if mask_images is not None:
-            kwargs["mask_image"] = list(mask_images[chunk])
-        previews = Previews(pipe, preview_every) if preview_every and on_previews else None
-        if previews is not None:
-            kwargs.update(callback_on_step_end=previews, callback_on_step_end_tensor_inputs=["latents"])
-        batch_prompts = prompts[chunk]
-        with torch.inference_mode():
-            out = pipe(
-                prompt=batch_prompts,
-                negative_prompt=[negative] * len(batch_prompts),
-                num_inference_steps=steps,
-                guidance_scale=cfg,
-                generator=[torch.Generator(device).manual_seed(seed) for seed in seeds[chunk]],
-                output_type="pil",
-                **kwargs,
-            )
-        images.extend(out.images)
-        if previews is not None and on_previews is not None:
-            previews.detach()
-            on_previews(start, previews.per_image())
-        if on_batch is not None:
-            on_batch(len(images), len(prompts))
-    return images
-
-
-def make_grid(images: Sequence[Image.Image], cols: int) -> Image.Image:
-    """Tile `images` row by row, `cols` per row, in cells the size of the largest image (black background)."""
-    if not images:
-        raise ValueError("no images to put in a grid")
-    cols = max(1, min(cols, len(images)))
-    rows = -(-len(images) // cols)
-    cell_w = max(image.width for image in images)
-    cell_h = max(image.height for image in images)
-    grid = Image.new("RGB", (cols * cell_w, rows * cell_h))
-    for i, image in enumerate(images):
-        grid.paste(image.convert("RGB"), ((i % cols) * cell_w, (i // cols) * cell_h))
-    return grid
-
 
 # Refiner pass: img2img over the base's output at this strength (about A1111's "refiner switch at 0.7").
 REFINER_STRENGTH = 0.3
@@ -191,8 +77,6 @@ def expand_triggers(prompts: list[str], loras: list[Lora]) -> list[str]:
 
 def generate(config: Config, out_dir: Path) -> list[Path]:
     """Render every prompt n times with the LoRAs; write DIR/NNNN-SEED.png + .json, grids and filmstrips."""
-    import torch
-
     g = config.generate
     if not g.prompts:
         raise UsageError("no prompt: give --prompt TEXT or --prompts FILE")
@@ -206,26 +90,16 @@ def generate(config: Config, out_dir: Path) -> list[Path]:
     prompts = expand_triggers(g.prompts, loras)
     jobs = [Job(i, prompt, g.seed + i) for i, prompt in enumerate(p for p in prompts for _ in range(g.n))]
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.float16 if device == "cuda" else torch.float32  # half precision is slower on CPUs
-    model = config.model
-    pipe = load_pipeline(
-        model.base,
-        allow_pickle=model.allow_pickle,
-        vae=model.vae,
-        torch_dtype=dtype,
-        single_file_config=model.single_file_config,
-    )
-    family = model_info(pipe).family
-    for lora in loras:  # every LoRA is checked before anything is generated
-        check_family(lora, family, pipe.unet.config.cross_attention_dim)
-    if pipe.unet.config.in_channels == 9 and g.keep_face is None:
-        raise UsageError(f"{model.base} is an inpainting model (9-channel UNet): use it with --keep-face PHOTO")
-    if g.refiner and family != "sdxl":
-        raise UsageError(f"--refiner: a refiner pass is for SDXL bases, and {model.base} is {family}")
-    pipe.to(device)
-    refiner = _refiner(g.refiner, model.allow_pickle, dtype, device) if g.refiner else None
-    adapters = load_loras(pipe, loras)
+    pipe, family, adapters = load_for_rendering(config.model, loras)
+    inpainting = family.inpainting_kind(pipe)
+    if inpainting and g.keep_face is None:
+        raise UsageError(f"{config.model.base} is an inpainting model ({inpainting}): use it with --keep-face PHOTO")
+    if g.refiner and not family.supports_refiner:
+        with_refiner = ", ".join(f.label for f in families.REGISTRY.values() if f.supports_refiner)
+        raise UsageError(
+            f"--refiner: a refiner pass is for {with_refiner} bases, and {config.model.base} is {family.name}"
+        )
+    refiner = _refiner(g.refiner, config.model.allow_pickle, family) if g.refiner else None
     runner, call = _runner(pipe, g, source, len(jobs))
 
     base_images = None
@@ -260,7 +134,7 @@ def _load_source(g: GenerateConfig, width: int, height: int) -> Source | None:
         return Source(photo)
     if g.keep_face is None:
         return None
-    from sdlora.prep.faces import DlibFaces
+    from sdlora.faces.dlib import DlibFaces
 
     photo = keepface.load_photo(g.keep_face, "--keep-face")
     faces = DlibFaces().detect(photo)
@@ -292,13 +166,13 @@ def _runner(pipe: Any, g: GenerateConfig, source: Source | None, count: int) -> 
     return runner, call
 
 
-def _refiner(name: str, allow_pickle: bool, dtype: Any, device: str) -> Any:
+def _refiner(name: str, allow_pickle: bool, family: Any) -> Any:
     from diffusers import AutoPipelineForImage2Image
 
-    refiner = load_pipeline(name, allow_pickle=allow_pickle, torch_dtype=dtype)
-    if model_info(refiner).family != "sdxl":
-        raise UsageError(f"--refiner {name}: not an SDXL model")
-    refiner = AutoPipelineForImage2Image.from_pipe(refiner).to(device)
+    refiner = models.load_pipeline(name, allow_pickle=allow_pickle, torch_dtype=models.inference_dtype())
+    if families.detect(refiner) is not family:
+        raise UsageError(f"--refiner {name}: not an {family.label} model")
+    refiner = AutoPipelineForImage2Image.from_pipe(refiner).to(models.device())
     refiner.set_progress_bar_config(disable=True)
     return refiner
 
@@ -315,7 +189,6 @@ def _render(
         for offset, image_frames in enumerate(frames):
             strips[first + offset] = image_frames
 
-    width, height = g.width_height
     columns = (TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=Console(stderr=True)) as progress:
         task = progress.add_task(label, total=len(jobs))
@@ -323,13 +196,7 @@ def _render(
             pipe,
             [job.prompt for job in jobs],
             [job.seed for job in jobs],
-            steps=g.steps,
-            cfg=g.cfg,
-            scheduler=g.scheduler,
-            width=width,
-            height=height,
-            negative=g.negative,
-            batch_size=g.batch_size,
+            Sampling.of(g),
             on_batch=lambda done, _total: progress.update(task, completed=done),
             preview_every=g.save_steps,
             on_previews=keep_strips,
@@ -349,8 +216,8 @@ def write_outputs(
 ) -> list[Path]:
     """DIR/NNNN-SEED.png (+ A1111 `parameters`) and .json per image, DIR/grid.png, DIR/compare.png, strips."""
     out_dir = Path(out_dir)
-    save_config(config, out_dir / "config.json")
-    hashes = [(lora.name, adapters.addnet_hash(lora.path)) for lora in loras]
+    save_config(config, out_dir / layout.CONFIG_JSON)
+    hashes = [(lora.name, lora_files.addnet_hash(lora.path)) for lora in loras]
     written: list[Path] = []
     for job, image in zip(jobs, images, strict=True):
         stem = f"{job.index:04d}-{job.seed}"
@@ -362,11 +229,11 @@ def write_outputs(
             strip = make_grid(strips[job.index], cols=len(strips[job.index]))
             pngmeta.save_png(out_dir / f"{stem}-steps.png", strip)
     if len(images) > 1:
-        pngmeta.save_png(out_dir / "grid.png", make_grid(images, cols=config.generate.n))
+        pngmeta.save_png(out_dir / layout.GRID, make_grid(images, cols=config.generate.n))
     if base_images is not None:
         # One row per seed: the base model on the left, the same seed with the LoRA on the right.
         pairs = [image for pair in zip(base_images, images, strict=True) for image in pair]
-        pngmeta.save_png(out_dir / "compare.png", make_grid(pairs, cols=2))
+        pngmeta.save_png(out_dir / layout.COMPARE, make_grid(pairs, cols=2))
     return written
 
 

@@ -1,0 +1,1 @@
+"""Faces: dlib detection, landmarks and identity embeddings (prep, keep-face, eval), and eval's face backends."""

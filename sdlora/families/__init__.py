@@ -1,0 +1,134 @@
+"""Model families: everything that differs between SD 1.x, SD 2.x and SDXL (and later DiT families) behind one
+Protocol, and the registry that tells a family from a loaded pipeline, a checkpoint file's keys or a LoRA file.
+
+The training loop, the render path, the LoRA writers and the loaders ask the family object and never name a
+family. A family is a plain object (no base class), found in REGISTRY by its `name`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Protocol
+
+# A batch of conditioning is a flat dict of tensors with the batch first, so that it can be cached, indexed and
+# concatenated without knowing the family; the family's `predict` turns it into the denoiser's arguments.
+Conditioning = dict[str, Any]
+
+
+class Family(Protocol):
+    """What the rest of sdlora needs to know about one model family."""
+
+    name: str  # "sd1" | "sd2" | "sdxl": LoRA metadata (`sdlora.family`), messages, tests
+    label: str  # for people: "SD 1.x"
+    denoiser: str  # pipeline attribute of the trained network ("unet"); also its key in checkpoints and LoRA files
+    denoiser_label: str  # for people: "UNet"
+    text_encoders: tuple[str, ...]  # pipeline attributes; tokenizer of "text_encoder_2" is "tokenizer_2"
+    text_width: int  # width of the real models' text features (cross-attention input): LoRA shape checks
+    single_file_pipeline: str  # diffusers pipeline class that reads this family's original-format checkpoints
+    supports_refiner: bool  # an SDXL-style img2img refiner pass
+    vae_fp32: bool  # the stock VAE overflows in half precision and must run in fp32
+    kohya_implementation: str  # kohya's `modelspec.implementation`
+    kohya_versions: tuple[str, ...]  # prefixes of `ss_base_model_version` values of this family's LoRA files
+    modelspec_prefix: str  # prefix of `modelspec.architecture` values of this family's LoRA files
+
+    def claims(self, pipe: Any) -> bool:
+        """True when the loaded pipeline is of this family (read from its config, never its name)."""
+
+    def claims_checkpoint(self, keys: set[str]) -> bool:
+        """True when an original-format single-file checkpoint with these tensor keys is of this family."""
+
+    def inpainting_kind(self, pipe: Any) -> str | None:
+        """A few words naming what makes the loaded base an inpainting model ("9-channel UNet"), or None."""
+
+    def cross_attention_widths(self, pipe: Any) -> set[int]:
+        """Widths of the text features the loaded denoiser's cross-attention takes (LoRA shape checks)."""
+
+    def kohya_base_version(self, prediction_type: str) -> str:
+        """kohya's `ss_base_model_version`."""
+
+    def modelspec_architecture(self, prediction_type: str) -> str:
+        """The SAI model spec's `modelspec.architecture` of a LoRA for this family."""
+
+    def encode_prompts(self, tokenizers: Sequence[Any], encoders: Sequence[Any], prompts: list[str]) -> Conditioning:
+        """Text conditioning of `prompts`, as the family's pipeline computes it (gradients flow when trained)."""
+
+    def predict(self, model: Any, noisy: Any, timesteps: Any, cond: Conditioning, micro_conditioning: Any) -> Any:
+        """The denoiser's prediction for `noisy` latents at `timesteps`; `micro_conditioning` (B, 6) holds SDXL's
+        original size, crop and target size of each image (families that don't use it ignore it)."""
+
+    def objective(self, scheduler: Any, device: Any) -> Any:
+        """The training objective (an object of sdlora.objectives) for a pipeline with this scheduler."""
+
+    def denoiser_targets(self, targets: str) -> list[str]:
+        """LoRA target module names of the denoiser for `lora.targets` ('attention' or 'all')."""
+
+    def text_encoder_targets(self) -> list[str]:
+        """LoRA target module names of the text encoders."""
+
+    def kohya_namer(self, denoiser: Any) -> Callable[[str], tuple[str, int, int]]:
+        """A function from a denoiser module path to (kohya module path, part, parts): parts > 1 means that
+        several layers are fused into one kohya module (their down weights stacked, up weights block-diagonal)."""
+
+    def kohya_encoder_prefixes(self, encoders: Sequence[Any]) -> list[str]:
+        """The kohya key prefix of each text encoder given (`lora_te_`, or `lora_te1_`/`lora_te2_`)."""
+
+    def tiny_pipeline(self, seed: int) -> Any:
+        """A tiny randomly initialised pipeline of this family, built from configs (tests and the demo)."""
+
+
+def _registry() -> dict[str, Family]:
+    from sdlora.families import sd, sdxl
+
+    # Order matters for detection: the most specific family first, SD 1.x last.
+    families: list[Family] = [sdxl.SDXL, sd.SD2, sd.SD1]
+    return {family.name: family for family in families}
+
+
+REGISTRY: Mapping[str, Family] = _registry()
+NAMES = tuple(REGISTRY)
+
+
+def get(name: str) -> Family:
+    """The family called `name`; a ValueError names the known ones."""
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown model family {name!r}; known: {', '.join(NAMES)}") from None
+
+
+def detect(pipe: Any) -> Family:
+    """The family of a loaded pipeline."""
+    for family in REGISTRY.values():
+        if family.claims(pipe):
+            return family
+    raise ValueError(f"{type(pipe).__name__} is not a pipeline of a known family ({', '.join(NAMES)})")
+
+
+def detect_checkpoint(keys: Iterable[str]) -> Family | None:
+    """The family of an original-format single-file checkpoint, from its tensor keys; None if unknown."""
+    keys = set(keys)
+    return next((family for family in REGISTRY.values() if family.claims_checkpoint(keys)), None)
+
+
+def detect_lora(metadata: Mapping[str, str]) -> str | None:
+    """The family name a LoRA file was made for, from our own metadata, else kohya's, else modelspec's (a foreign
+    architecture's own name when it is none of ours); None when the metadata says nothing."""
+    if metadata.get("sdlora.family"):
+        return metadata["sdlora.family"]
+    version = metadata.get("ss_base_model_version", "")
+    if version:
+        return next((f.name for f in REGISTRY.values() if version.startswith(f.kohya_versions)), version)
+    architecture = metadata.get("modelspec.architecture", "")
+    if architecture:
+        found = (f.name for f in REGISTRY.values() if architecture.startswith(f.modelspec_prefix))
+        return next(found, architecture.split("/")[0])
+    return None
+
+
+def tokenizers(pipe: Any, family: Family) -> list[Any]:
+    """The tokenizer of each of the family's text encoders."""
+    return [getattr(pipe, name.replace("text_encoder", "tokenizer")) for name in family.text_encoders]
+
+
+def encoders(pipe: Any, family: Family) -> list[Any]:
+    return [getattr(pipe, name) for name in family.text_encoders]

@@ -1,0 +1,135 @@
+"""Stable Diffusion 1.x and 2.x: a UNet conditioned on one CLIP text encoder's last hidden states, DDPM training
+(epsilon on SD 1.x, epsilon or v-prediction on SD 2.x, read from the scheduler)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sdlora.families import Conditioning
+
+UNET_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
+# Feed-forward and the transformer blocks' input/output projections (Conv2d 1x1 on SD 1.x, Linear on SD 2.x).
+UNET_EXTRA = ["ff.net.0.proj", "ff.net.2", "proj_in", "proj_out"]
+TEXT_ENCODER_ATTENTION = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+
+def token_ids(tokenizer: Any, prompts: list[str], encoder: Any) -> Any:
+    """Padded token ids of `prompts` (B, 77) on the encoder's device."""
+    device = next(encoder.parameters()).device
+    return tokenizer(
+        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids.to(device)
+
+
+def unet_objective(scheduler: Any, device: Any) -> Any:
+    """DDPM with the scheduler's noise schedule, kept before sampling swaps the pipeline's scheduler."""
+    import torch
+
+    from sdlora.objectives import DDPM
+
+    alphas_cumprod = scheduler.alphas_cumprod.to(device, torch.float32)
+    return DDPM(alphas_cumprod, scheduler.config.get("prediction_type", "epsilon"))
+
+
+def unet_targets(targets: str) -> list[str]:
+    """Module-name suffixes of the UNet layers that get LoRA ('attention' or 'all')."""
+    return UNET_ATTENTION + (UNET_EXTRA if targets == "all" else [])
+
+
+def cross_attention_widths(pipe: Any) -> set[int]:
+    dims = pipe.unet.config.cross_attention_dim
+    return set(dims) if isinstance(dims, list | tuple) else {dims}
+
+
+def inpainting_kind(pipe: Any) -> str | None:
+    """Inpainting UNets take 9 channels: latents, mask and masked-image latents."""
+    return "9-channel UNet" if pipe.unet.config.in_channels == 9 else None
+
+
+def one_prefix_each(prefixes: list[str], family: str) -> list[str]:
+    if len(set(prefixes)) != len(prefixes):
+        raise ValueError(f"{family}: text encoders {prefixes} would share a key prefix; pass each encoder once")
+    return prefixes
+
+
+@dataclass(frozen=True)
+class StableDiffusion:
+    """SD 1.x (`v2=False`) or SD 2.x: SD 2.x's transformers use linear projections and OpenCLIP-H text."""
+
+    name: str
+    label: str
+    v2: bool
+    text_width: int
+    modelspec_prefix: str
+    denoiser: str = "unet"
+    denoiser_label: str = "UNet"
+    text_encoders: tuple[str, ...] = ("text_encoder",)
+    single_file_pipeline: str = "StableDiffusionPipeline"
+    supports_refiner: bool = False
+    vae_fp32: bool = False
+    kohya_implementation: str = "diffusers"
+
+    @property
+    def kohya_versions(self) -> tuple[str, ...]:
+        return ("sd_v2",) if self.v2 else ("sd_v1",)
+
+    def claims(self, pipe: Any) -> bool:
+        config = getattr(getattr(pipe, "unet", None), "config", None)
+        if config is None or getattr(config, "addition_embed_type", None) == "text_time":
+            return False
+        return bool(getattr(config, "use_linear_projection", False)) == self.v2
+
+    def claims_checkpoint(self, keys: set[str]) -> bool:
+        # LDM checkpoints: SD 2.x's OpenCLIP text encoder lives under cond_stage_model.model.
+        if not any(key.startswith("model.diffusion_model.") for key in keys):
+            return False
+        return any(key.startswith("cond_stage_model.model.") for key in keys) == self.v2
+
+    def cross_attention_widths(self, pipe: Any) -> set[int]:
+        return cross_attention_widths(pipe)
+
+    def inpainting_kind(self, pipe: Any) -> str | None:
+        return inpainting_kind(pipe)
+
+    def kohya_base_version(self, prediction_type: str) -> str:
+        if not self.v2:
+            return "sd_v1"
+        return "sd_v2_v" if prediction_type == "v_prediction" else "sd_v2"
+
+    def modelspec_architecture(self, prediction_type: str) -> str:
+        if not self.v2:
+            return "stable-diffusion-v1/lora"
+        v = prediction_type == "v_prediction"
+        return "stable-diffusion-v2-768-v/lora" if v else "stable-diffusion-v2-512/lora"
+
+    def encode_prompts(self, tokenizers: Sequence[Any], encoders: Sequence[Any], prompts: list[str]) -> Conditioning:
+        return {"encoder_hidden_states": encoders[0](token_ids(tokenizers[0], prompts, encoders[0]))[0]}
+
+    def predict(self, model: Any, noisy: Any, timesteps: Any, cond: Conditioning, micro_conditioning: Any) -> Any:
+        return model(noisy, timesteps, encoder_hidden_states=cond["encoder_hidden_states"]).sample
+
+    def objective(self, scheduler: Any, device: Any) -> Any:
+        return unet_objective(scheduler, device)
+
+    def denoiser_targets(self, targets: str) -> list[str]:
+        return unet_targets(targets)
+
+    def text_encoder_targets(self) -> list[str]:
+        return list(TEXT_ENCODER_ATTENTION)
+
+    def kohya_namer(self, denoiser: Any) -> Callable[[str], tuple[str, int, int]]:
+        return lambda path: (path, 0, 1)  # kohya names SD 1.x/2.x UNet modules by their diffusers paths
+
+    def kohya_encoder_prefixes(self, encoders: Sequence[Any]) -> list[str]:
+        return one_prefix_each(["lora_te_"] * len(encoders), self.name)
+
+    def tiny_pipeline(self, seed: int) -> Any:
+        from sdlora.testing import tiny_sd_pipeline
+
+        return tiny_sd_pipeline(v2=self.v2, seed=seed)
+
+
+SD1 = StableDiffusion(name="sd1", label="SD 1.x", v2=False, text_width=768, modelspec_prefix="stable-diffusion-v1")
+SD2 = StableDiffusion(name="sd2", label="SD 2.x", v2=True, text_width=1024, modelspec_prefix="stable-diffusion-v2")

@@ -1,0 +1,172 @@
+"""The one render path of every command (generate, eval, sample grids, class images, identity scoring): samplers,
+the shared sampling settings, per-image seeded batched rendering, and grids."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+from PIL import Image
+
+from sdlora.errors import UsageError
+from sdlora.generate.previews import Previews
+
+if TYPE_CHECKING:
+    from sdlora.config import Config, GenerateConfig, ModelConfig
+    from sdlora.families import Family
+    from sdlora.lora.files import Lora
+
+# Our sampler names -> (diffusers scheduler class, extra config, A1111's sampler name).
+SCHEDULERS: dict[str, tuple[str, dict[str, Any], str]] = {
+    "dpmpp_2m_karras": (
+        "DPMSolverMultistepScheduler",
+        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
+        "DPM++ 2M Karras",
+    ),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}, "Euler a"),
+    "euler": ("EulerDiscreteScheduler", {"use_karras_sigmas": False}, "Euler"),
+    "ddim": ("DDIMScheduler", {}, "DDIM"),
+    "unipc": ("UniPCMultistepScheduler", {"use_karras_sigmas": False}, "UniPC"),
+}
+
+
+def set_scheduler(pipe: Any, name: str) -> None:
+    """Swap the pipeline's sampler for `name`, keeping the model's noise schedule and prediction_type."""
+    import diffusers
+
+    if name not in SCHEDULERS:
+        raise UsageError(f"--scheduler {name!r}: choose one of {', '.join(SCHEDULERS)}")
+    class_name, extra, _ = SCHEDULERS[name]
+    cls = getattr(diffusers, class_name)
+    # from_config carries over betas, timestep_spacing and prediction_type (epsilon vs v) from the model's own
+    # scheduler; the extras only pick the solver variant.
+    pipe.scheduler = cls.from_config(pipe.scheduler.config, **extra)
+
+
+def a1111_sampler_name(name: str) -> str:
+    return SCHEDULERS[name][2]
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """The settings every render shares (generate, eval, sample grids, class images, identity scoring)."""
+
+    steps: int
+    cfg: float
+    scheduler: str
+    width: int
+    height: int
+    negative: str = ""
+    batch_size: int = 4
+
+    @classmethod
+    def of(cls, g: GenerateConfig) -> Sampling:
+        """`sdlora generate`'s and `sdlora eval`'s settings."""
+        width, height = g.width_height
+        return cls(g.steps, g.cfg, g.scheduler, width, height, g.negative, g.batch_size)
+
+    @classmethod
+    def for_training(cls, config: Config) -> Sampling:
+        """Renders during training (sample grids, identity scoring, class images): the generate settings at the
+        training resolution with `train.sample_steps`."""
+        g, tc = config.generate, config.train
+        return cls(tc.sample_steps, g.cfg, g.scheduler, tc.resolution, tc.resolution, g.negative, g.batch_size)
+
+    def but(self, **changes: Any) -> Sampling:
+        return replace(self, **changes)
+
+
+def render_images(
+    pipe: Any,
+    prompts: list[str],
+    seeds: list[int],
+    sampling: Sampling,
+    *,
+    init_images: Sequence[Image.Image] | None = None,
+    mask_images: Sequence[Image.Image] | None = None,
+    call_kwargs: dict[str, Any] | None = None,
+    on_batch: Callable[[int, int], None] | None = None,
+    preview_every: int = 0,
+    on_previews: Callable[[int, list[list[Image.Image]]], None] | None = None,
+) -> list[Image.Image]:
+    """Render image i from prompts[i] with `torch.Generator(device).manual_seed(seeds[i])`, in batches.
+
+    Each image has its own generator, so an image does not depend on the batch it was made in (up to the
+    float rounding of batched kernels). Works for SD 1.x/2.x and SDXL pipelines and their img2img/inpainting
+    variants: `init_images`/`mask_images` (one per prompt) become `image`/`mask_image`, `call_kwargs` go to
+    every call (e.g. {"strength": 0.6}). `on_batch(done, total)` runs after each batch. With
+    `preview_every` K > 0, `on_previews(first_index, frames)` gets each image's decoded x0 predictions every
+    K steps (and at the last step).
+    """
+    import inspect
+
+    import torch
+
+    if len(prompts) != len(seeds):
+        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    s = sampling
+    set_scheduler(pipe, s.scheduler)
+    device = pipe._execution_device
+    takes_size = "width" in inspect.signature(pipe.__call__).parameters  # img2img pipelines take the image's
+    images: list[Image.Image] = []
+    for start in range(0, len(prompts), s.batch_size):
+        chunk = slice(start, start + s.batch_size)
+        kwargs: dict[str, Any] = dict(call_kwargs or {})
+        if takes_size:
+            kwargs.update(width=s.width, height=s.height)
+        if init_images is not None:
+            kwargs["image"] = list(init_images[chunk])
+        if mask_images is not None:
+            kwargs["mask_image"] = list(mask_images[chunk])
+        previews = Previews(pipe, preview_every) if preview_every and on_previews else None
+        if previews is not None:
+            kwargs.update(callback_on_step_end=previews, callback_on_step_end_tensor_inputs=["latents"])
+        batch_prompts = prompts[chunk]
+        with torch.inference_mode():
+            out = pipe(
+                prompt=batch_prompts,
+                negative_prompt=[s.negative] * len(batch_prompts),
+                num_inference_steps=s.steps,
+                guidance_scale=s.cfg,
+                generator=[torch.Generator(device).manual_seed(seed) for seed in seeds[chunk]],
+                output_type="pil",
+                **kwargs,
+            )
+        images.extend(out.images)
+        if previews is not None and on_previews is not None:
+            previews.detach()
+            on_previews(start, previews.per_image())
+        if on_batch is not None:
+            on_batch(len(images), len(prompts))
+    return images
+
+
+def make_grid(images: Sequence[Image.Image], cols: int) -> Image.Image:
+    """Tile `images` row by row, `cols` per row, in cells the size of the largest image (black background)."""
+    if not images:
+        raise ValueError("no images to put in a grid")
+    cols = max(1, min(cols, len(images)))
+    rows = -(-len(images) // cols)
+    cell_w = max(image.width for image in images)
+    cell_h = max(image.height for image in images)
+    grid = Image.new("RGB", (cols * cell_w, rows * cell_h))
+    for i, image in enumerate(images):
+        grid.paste(image.convert("RGB"), ((i % cols) * cell_w, (i // cols) * cell_h))
+    return grid
+
+
+def load_for_rendering(model: ModelConfig, loras: Sequence[Lora]) -> tuple[Any, Family, list[str]]:
+    """The base pipeline on the device in the one inference precision, with every LoRA checked against its family
+    and loaded as an adapter: what `generate` and `eval` render with. Returns (pipe, family, adapter names)."""
+    from sdlora import families, models
+    from sdlora.lora.files import check_family, load_loras
+
+    pipe = models.load_base(model, models.inference_dtype())
+    family = families.detect(pipe)
+    for lora in loras:  # every LoRA is checked before anything renders
+        check_family(lora, family, pipe)
+    pipe.to(models.device())
+    adapters = load_loras(pipe, list(loras))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, family, adapters

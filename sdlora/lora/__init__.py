@@ -1,0 +1,1 @@
+"""LoRA adapters: attaching them with peft, the kohya file format, and the files generate loads."""

@@ -1,0 +1,95 @@
+"""`sdlora train`: DreamBooth LoRA training on Accelerate, for every model family: train(config, dataset, out).
+
+It reads like a table of contents: pre-flight checks (here, before any model loads), set-up (`setup`), the loop and
+the final save (`run`), with identity scoring (`identity`) beside it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sdlora.config import Config
+from sdlora.errors import Interrupted, UsageError
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    out_dir: Path
+    lora_file: Path
+    kohya_file: Path
+    steps: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the pre-flight checks settled, before any model loads."""
+
+    dataset_dir: Path
+    out_dir: Path
+    examples: list[Any]
+    trigger: str
+    precision: str  # "no" | "fp16" | "bf16"
+    resume_from: Path | None
+    name: str
+
+
+def train(config: Config, dataset_dir: Path, out_dir: Path) -> TrainResult:
+    """Pre-flight checks, set-up, the loop, the final save. Ctrl-C/SIGTERM checkpoint and raise Interrupted."""
+    from sdlora.train import identity, run, setup
+
+    plan = preflight(config, Path(dataset_dir), Path(out_dir))
+    accelerator = setup.make_accelerator(config, plan.precision)
+    evaluation = identity.start(config, plan, accelerator)  # identity scoring; None when off
+    state = setup.setup(config, plan, accelerator)
+    with run.stop_signals() as stopped:
+        step = run.loop(state, stopped, evaluation)
+    if stopped and step < config.train.steps:
+        raise Interrupted(run.interrupted_message(state, step), stopped[0])
+    return run.finish(state, step)
+
+
+def preflight(config: Config, dataset_dir: Path, out_dir: Path) -> Plan:
+    """Every check that needs no model, each failing with a one-line UsageError."""
+    from sdlora.models import check_base, device_facts
+    from sdlora.train import checkpoint, data, prior
+    from sdlora.train.optim import check_optimizer
+
+    check_base(config.model.base, config.model.allow_pickle, config.model.single_file_config)
+    token, class_word = data.trigger_parts(dataset_dir, config.prep.token, config.prep.class_word)
+    caption = config.prep.caption_template.format(token=token, class_word=class_word)
+    examples = data.load_examples(dataset_dir, default_caption=caption)
+    prior.check_class_dir(config.train.class_dir)
+    bucketed = any(e.size and e.size[0] != e.size[1] for e in examples)
+    if bucketed and (config.train.class_dir or config.train.class_prompt):
+        raise UsageError(f"{dataset_dir}: prior preservation needs square images; run `sdlora prep` without --buckets")
+    precision = resolve_precision(config.train.mixed_precision, *device_facts())
+    check_optimizer(config.train.optimizer)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"{out_dir}: exists and is not a folder; choose another OUT_DIR")
+    settings = config.model_dump(mode="json")
+    checkpoint.check_out_dir(out_dir, settings, config.train.resume, config.train.overwrite)
+    resume_from = checkpoint.resolve_resume(out_dir, config.train.resume)
+    return Plan(
+        dataset_dir=dataset_dir,
+        out_dir=out_dir,
+        examples=examples,
+        trigger=f"{token} {class_word}",
+        precision=precision,
+        resume_from=resume_from,
+        name=config.train.name or out_dir.resolve().name,
+    )
+
+
+def resolve_precision(requested: str, cuda: bool, bf16_supported: bool) -> str:
+    """auto: fp32 ("no") on CPU, bf16 on GPUs that have it, else fp16. bf16 on a GPU without it, and fp16 on the
+    CPU, are errors."""
+    if requested == "auto":
+        return ("bf16" if bf16_supported else "fp16") if cuda else "no"
+    if requested == "bf16" and cuda and not bf16_supported:
+        raise UsageError("--mixed-precision bf16: this GPU has no bf16 support; use fp16 (or no)")
+    if requested == "fp16" and not cuda:
+        # Accelerate has no fp16 autocast or gradient scaler on the CPU: the half base and fp32 LoRA can't mix.
+        raise UsageError("--mixed-precision fp16 needs a CUDA GPU; on the CPU use bf16 or no")
+    return requested

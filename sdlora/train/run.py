@@ -1,0 +1,185 @@
+"""The training loop: optimisation steps, NaN checks, logging, checkpoints, samples, evaluation, the final save."""
+
+from __future__ import annotations
+
+import contextlib
+import shlex
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from sdlora import layout
+from sdlora.errors import SdloraError
+from sdlora.train import TrainResult, identity
+from sdlora.train.setup import Run
+
+
+def loop(run: Run, stopped: list[int], evaluation: identity.TrainEval | None = None) -> int:
+    """Optimisation steps from run.start_step; returns the last step done (earlier when a signal stopped it)."""
+    import torch
+
+    from sdlora.train import outputs
+    from sdlora.train.monitor import Monitor
+
+    tc, accelerator = run.config.train, run.accelerator
+    monitor = Monitor(
+        run.plan.out_dir, tc.steps, run.start_step, accelerator.is_main_process, accelerator.device.type == "cuda"
+    )
+    loss_sum = torch.zeros((), device=accelerator.device)  # summed on the device: no sync per step
+    first_bad = torch.full((), -1, device=accelerator.device, dtype=torch.long)
+    step, since_log = run.start_step, 0
+    try:
+        while step < tc.steps:
+            started = time.perf_counter()
+            loss = optimisation_step(run, step)
+            if tc.compile and step == run.start_step:
+                float(loss)  # wait for the step: torch.compile compiles the denoiser's forward and backward in it
+                took = time.perf_counter() - started
+                monitor.print(
+                    f"torch.compile: first step (compiling the {run.family.denoiser_label}) took {took:.1f} s"
+                )
+            step, since_log = step + 1, since_log + 1
+            loss_sum += loss
+            bad = ~torch.isfinite(loss) & (first_bad < 0)
+            first_bad = torch.where(bad, torch.full_like(first_bad, step), first_bad)
+            monitor.advance()
+            if since_log and (step % tc.log_every == 0 or step == tc.steps):
+                check_finite(run, first_bad)
+                monitor.log(step, float(loss_sum) / since_log, run.lr_scheduler.get_last_lr()[0])
+                loss_sum.zero_()
+                since_log = 0
+            stop = _agree(accelerator, bool(stopped))
+            if tc.checkpoint_every and step % tc.checkpoint_every == 0 or (stop and step < tc.steps):
+                check_finite(run, first_bad)
+                save_checkpoint(run, step)
+            if tc.sample_every and (step % tc.sample_every == 0 or step == tc.steps) and not stop:
+                outputs.render_samples(run, step)
+            if not (stop and step < tc.steps):
+                identity.after_step(evaluation, run, step)
+            if stop:
+                break
+    finally:
+        monitor.close()
+    check_finite(run, first_bad)
+    return step
+
+
+def optimisation_step(run: Run, step: int) -> Any:
+    """grad_accum micro-batches, one optimizer and LR-schedule step; returns the mean loss (on the device)."""
+    from sdlora import families, objectives
+
+    tc, accelerator, family, objective = run.config.train, run.accelerator, run.family, run.objective
+    total = None
+    for micro in range(tc.grad_accum):
+        batch = run.batches.micro_batch(step * tc.grad_accum + micro, accelerator.device)
+        encoders = list(run.text_encoders.values())
+        with accelerator.accumulate(run.denoiser, *encoders):
+            cond = batch.cond
+            if cond is None:  # the text encoders train: encode with gradients
+                cond = family.encode_prompts(families.tokenizers(run.pipe, family), encoders, batch.prompts)
+            # Add noise to the latents according to the noise magnitude at each timestep (forward diffusion).
+            noisy = objective.noisy(batch.latents, batch.noise, batch.timesteps)
+            pred = family.predict(run.denoiser, noisy, batch.timesteps, cond, batch.time_ids)
+            goal = objective.target(batch.latents, batch.noise, batch.timesteps)
+            loss = objectives.denoising_loss(
+                pred,
+                goal,
+                weights=objective.weights(batch.timesteps, tc.min_snr_gamma),
+                is_prior=batch.is_prior,
+                prior_loss_weight=tc.prior_loss_weight,
+            )
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and tc.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(run.params, tc.max_grad_norm)
+            run.optimizer.step()
+            run.optimizer.zero_grad(set_to_none=True)
+        total = loss.detach() if total is None else total + loss.detach()
+    run.lr_scheduler.step()
+    return total / tc.grad_accum
+
+
+def check_finite(run: Run, first_bad: Any) -> None:
+    """Stop with a clear error when any process saw a NaN/inf loss (one sync; called at logs and checkpoints)."""
+    from sdlora.train import checkpoint
+
+    worst = (
+        int(run.accelerator.gather(first_bad.view(1)).max()) if run.accelerator.num_processes > 1 else int(first_bad)
+    )
+    if worst < 0:
+        return
+    kept = checkpoint.list_checkpoints(run.plan.out_dir)
+    where = f"; the last good checkpoint {kept[-1]} is intact (resume it with a lower --lr)" if kept else ""
+    raise SdloraError(
+        f"loss became NaN/inf at step {worst}: likely fp16 overflow in the VAE or UNet (try --mixed-precision bf16 "
+        f"or no) or a learning rate too high (try a lower --lr){where}"
+    )
+
+
+def _agree(accelerator: Any, flag: bool) -> bool:
+    """True on every process when any process got a stop signal (a collective only with several processes)."""
+    if accelerator.num_processes == 1:
+        return flag
+    import torch
+
+    return bool(accelerator.reduce(torch.tensor([int(flag)], device=accelerator.device), "max").item())
+
+
+def save_checkpoint(run: Run, step: int) -> None:
+    from sdlora.train import checkpoint
+    from sdlora.train.outputs import save_loras
+
+    def write_files(folder: Path) -> None:
+        save_loras(run, folder, unwrap_for_good=False)
+
+    checkpoint.save(run.accelerator, run.plan.out_dir, step, write_files, run.config.train.keep_checkpoints)
+
+
+def finish(run: Run, step: int) -> TrainResult:
+    """The final LoRA files in OUT_DIR (main process) and the result."""
+    diffusers_file = run.plan.out_dir / layout.DIFFUSERS_LORA
+    kohya_file = run.plan.out_dir / layout.kohya_file(run.plan.name)
+    if run.accelerator.is_main_process:
+        from sdlora.train.outputs import save_loras
+
+        diffusers_file, kohya_file = save_loras(run, run.plan.out_dir, unwrap_for_good=True)
+        run.accelerator.print(f"saved {diffusers_file} and {kohya_file} after {step} steps")
+    run.accelerator.wait_for_everyone()
+    run.accelerator.end_training()
+    return TrainResult(out_dir=run.plan.out_dir, lora_file=diffusers_file, kohya_file=kohya_file, steps=step)
+
+
+def interrupted_message(run: Run, step: int) -> str:
+    plan = run.plan
+    command = shlex.join(
+        [
+            "sdlora",
+            "train",
+            str(plan.dataset_dir),
+            str(plan.out_dir),
+            "--config",
+            str(plan.out_dir / layout.CONFIG_TOML),
+        ]
+        + ["--resume", "latest"]
+    )
+    return f"stopped after step {step}; checkpoint saved. Resume with: {command}"
+
+
+@contextlib.contextmanager
+def stop_signals() -> Iterator[list[int]]:
+    """While training, SIGINT/SIGTERM only record themselves (the loop finishes the step and checkpoints)."""
+    stopped: list[int] = []
+
+    def handler(signum: int, frame: Any) -> None:
+        stopped.append(signum)
+
+    previous = {}
+    with contextlib.suppress(ValueError):  # not the main thread: keep the default handlers
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            previous[signum] = signal.signal(signum, handler)
+    try:
+        yield stopped
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)

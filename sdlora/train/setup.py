@@ -1,0 +1,255 @@
+"""Training set-up: the accelerator, the base on the device, class images, adapters, cached batches, optimizer."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sdlora import layout
+from sdlora.config import Config
+from sdlora.train import Plan
+
+
+@dataclass
+class Run:
+    """Everything the loop touches, set up once."""
+
+    config: Config
+    plan: Plan
+    accelerator: Any
+    pipe: Any
+    info: Any  # sdlora.models.ModelInfo
+    family: Any  # sdlora.families.Family of the base
+    denoiser: Any  # prepared (DDP/autocast-wrapped) UNet or transformer
+    text_encoders: dict[str, Any]  # prepared text encoders by pipeline attribute, when they train; else {}
+    params: list[Any]
+    optimizer: Any
+    lr_scheduler: Any
+    batches: Any  # sdlora.train.batches.Batches
+    objective: Any  # sdlora.objectives: timesteps, noising, targets and loss weights of the family
+    start_step: int
+    offloaded: list[str] = field(default_factory=list)  # frozen pipeline parts moved to the CPU after caching
+    started_at: float = field(default_factory=time.time)
+
+
+def make_accelerator(config: Config, precision: str) -> Any:
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    # Accelerate keeps its settings in a process-wide singleton; forget the last run's (tests and notebooks
+    # train several times in one process), keeping the distributed set-up.
+    AcceleratorState._reset_state()
+    # The LR schedule is stepped by hand once per optimisation step, whatever the number of processes.
+    return Accelerator(
+        mixed_precision=precision,
+        gradient_accumulation_steps=config.train.grad_accum,
+        step_scheduler_with_optimizer=False,
+    )
+
+
+def setup(config: Config, plan: Plan, accelerator: Any) -> Run:
+    """Load the base, make class images, attach LoRA, cache latents/text, build and prepare the optimizer."""
+    import torch
+
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(plan.precision, torch.float32)
+    pipe, info = load_base(config, accelerator, weight_dtype)
+    return setup_pipeline(config, plan, accelerator, pipe, info)
+
+
+def setup_pipeline(config: Config, plan: Plan, accelerator: Any, pipe: Any, info: Any) -> Run:
+    """setup() after the base is loaded (frozen, on the device): also what bench/train_step.py times."""
+    from sdlora.lora import peft
+    from sdlora.train import checkpoint
+    from sdlora.train.optim import build_optimizer, build_scheduler
+
+    tc, family = config.train, info.spec
+    # The training objective (noise schedule), kept before sampling swaps the pipeline's scheduler.
+    objective = family.objective(pipe.scheduler, accelerator.device)
+    classes = class_images(config, plan, pipe, accelerator)
+    attach_adapters(config, pipe, family, seed=tc.seed)
+    batches = build_batches(config, plan, pipe, family, classes, accelerator, objective)
+    offloaded = offload_frozen(config, pipe, family)
+    encoders = trained_text_encoders(config, pipe, family)
+    denoiser = getattr(pipe, family.denoiser)
+    groups = [{"params": peft.trainable_parameters(denoiser), "lr": tc.learning_rate}]
+    for name, encoder in encoders.items():
+        groups.append({"params": peft.trainable_parameters(encoder), "lr": text_encoder_lr(tc, name)})
+    params = [p for g in groups for p in g["params"]]
+    optimizer = build_optimizer(groups, tc.optimizer, tc.weight_decay, fused=accelerator.device.type == "cuda")
+    lr_scheduler = build_scheduler(optimizer, tc.steps, tc.warmup_steps, tc.lr_scheduler)
+    models = {family.denoiser: denoiser} | encoders
+    checkpoint.register_hooks(accelerator, models, accelerator.unwrap_model)
+    prepared = accelerator.prepare(*models.values(), optimizer, lr_scheduler)
+    denoiser, optimizer, lr_scheduler = prepared[0], prepared[-2], prepared[-1]
+    start_step = 0
+    if plan.resume_from is not None:
+        accelerator.load_state(str(plan.resume_from))
+        start_step = checkpoint.read_step(plan.resume_from)
+    write_run_files(config, plan, accelerator)
+    return Run(
+        config=config,
+        plan=plan,
+        accelerator=accelerator,
+        pipe=pipe,
+        info=info,
+        family=family,
+        denoiser=denoiser,
+        text_encoders=dict(zip(encoders, prepared[1 : 1 + len(encoders)], strict=True)),
+        params=params,
+        optimizer=optimizer,
+        lr_scheduler=lr_scheduler,
+        batches=batches,
+        objective=objective,
+        start_step=start_step,
+        offloaded=offloaded,
+    )
+
+
+def load_base(config: Config, accelerator: Any, weight_dtype: Any) -> tuple[Any, Any]:
+    """The base pipeline with frozen weights in the training's half type (SDXL's VAE: fp32), on the device."""
+    from sdlora import models
+
+    pipe = models.load_base(config.model, weight_dtype)
+    info = models.model_info(pipe)
+    place_base(pipe, info, accelerator, own_vae=config.model.vae is not None)
+    return pipe, info
+
+
+def place_base(pipe: Any, info: Any, accelerator: Any, own_vae: bool = False) -> None:
+    """Freeze every base weight and move the pipeline to the training device (a VAE that overflows in half
+    precision, SDXL's own, in fp32)."""
+    import torch
+
+    for module in pipe.components.values():
+        if hasattr(module, "requires_grad_"):
+            module.requires_grad_(False)
+    if info.spec.vae_fp32 and not own_vae and pipe.vae.dtype != torch.float32:
+        # SDXL's own VAE overflows in fp16 (NaN latents, black images); fp32 costs once per image with caching.
+        pipe.vae.to(dtype=torch.float32)
+    pipe.to(accelerator.device)
+    pipe.set_progress_bar_config(disable=True)
+
+
+def class_images(config: Config, plan: Plan, pipe: Any, accelerator: Any) -> list[Any] | None:
+    """Prior preservation's class examples: --class-dir, or generated once into OUT_DIR/class_images."""
+    from sdlora.train import prior
+
+    tc = config.train
+    if tc.class_dir is None and not tc.class_prompt:
+        return None
+    prompt = tc.class_prompt or f"a photo of {config.prep.class_word}"
+    folder = Path(tc.class_dir) if tc.class_dir else plan.out_dir / prior.CLASS_IMAGES
+    if tc.class_dir is None:
+        if accelerator.is_main_process:
+            from sdlora.generate.render import Sampling
+
+            # The sample grids' settings, without the negative prompt: class images show the plain class.
+            sampling = Sampling.for_training(config).but(negative="")
+            prior.generate_class_images(
+                pipe, folder, prompt=prompt, count=tc.num_class_images, seed=tc.seed, sampling=sampling
+            )
+        accelerator.wait_for_everyone()
+    return prior.class_examples(folder, prompt, tc.num_class_images)
+
+
+def attach_adapters(config: Config, pipe: Any, family: Any, seed: int) -> None:
+    """LoRA on the denoiser (and text encoders): trainable parameters in fp32 even when the base is half."""
+    import torch
+    from diffusers.training_utils import cast_training_params
+
+    from sdlora.lora import peft
+
+    lc, tc = config.lora, config.train
+    denoiser = getattr(pipe, family.denoiser)
+    torch.manual_seed(seed)  # the LoRA init is part of the run: same seed, same adapter
+    peft.attach(denoiser, lc.rank, lc.alpha, lc.dropout, family.denoiser_targets(lc.targets))
+    trained = [denoiser]
+    for encoder in trained_text_encoders(config, pipe, family).values():
+        peft.attach(encoder, lc.rank, lc.alpha, lc.dropout, family.text_encoder_targets())
+        trained.append(encoder)
+        if tc.gradient_checkpointing:
+            encoder.gradient_checkpointing_enable()
+    cast_training_params(trained, dtype=torch.float32)
+    if tc.gradient_checkpointing:
+        denoiser.enable_gradient_checkpointing()
+    if tc.compile:
+        denoiser.compile()
+
+
+def trained_text_encoders(config: Config, pipe: Any, family: Any) -> dict[str, Any]:
+    """The text encoders that get LoRA, by pipeline attribute (all of the family's), or {}."""
+    if not config.lora.train_text_encoder:
+        return {}
+    return {name: getattr(pipe, name) for name in family.text_encoders}
+
+
+def text_encoder_lr(tc: Any, name: str) -> float:
+    if name == "text_encoder_2" and tc.text_encoder_2_learning_rate is not None:
+        return tc.text_encoder_2_learning_rate
+    return tc.text_encoder_learning_rate
+
+
+def offload_frozen(config: Config, pipe: Any, family: Any) -> list[str]:
+    """With train.offload: move the frozen text encoders (their outputs are cached) and, with cached latents, the
+    VAE to the CPU; sampling brings them back for a moment. Returns the moved pipeline attributes."""
+    if not config.train.offload:
+        return []
+    names = [] if config.lora.train_text_encoder else list(family.text_encoders)
+    names += ["vae"] if config.train.cache_latents else []
+    for name in names:
+        getattr(pipe, name).to("cpu")
+    return names
+
+
+def build_batches(
+    config: Config, plan: Plan, pipe: Any, family: Any, classes: list[Any] | None, accelerator: Any, objective: Any
+) -> Any:
+    """Cache the latents (VAE once per image and flip) and, with a frozen text encoder, the text conditioning."""
+    from sdlora import families
+    from sdlora.train.batches import Batches, ImageSet, build_text_cache
+
+    tc = config.train
+    instances = ImageSet(plan.examples, tc.resolution, tc.flip, pipe.vae, tc.cache_latents)
+    class_set = ImageSet(classes, tc.resolution, tc.flip, pipe.vae, tc.cache_latents) if classes else None
+    class_prompt = classes[0].caption if classes else ""
+    text_cache = None
+    if not config.lora.train_text_encoder:
+        prompts = [e.caption for e in plan.examples] + [class_prompt, ""]
+        encoders = families.encoders(pipe, family)
+        text_cache = build_text_cache(family, families.tokenizers(pipe, family), encoders, prompts)
+    accelerator.print(
+        f"{len(plan.examples)} images{f' + {len(classes)} class images' if classes else ''}; effective batch "
+        f"{tc.batch_size} x {tc.grad_accum} accumulation x {accelerator.num_processes} processes = "
+        f"{tc.batch_size * tc.grad_accum * accelerator.num_processes}; precision {plan.precision}"
+    )
+    return Batches(
+        instances,
+        class_set,
+        class_prompt=class_prompt,
+        text_cache=text_cache,
+        seed=tc.seed,
+        batch_size=tc.batch_size,
+        num_processes=accelerator.num_processes,
+        rank=accelerator.process_index,
+        objective=objective,
+        noise_offset=tc.noise_offset,
+        caption_dropout=tc.caption_dropout,
+    )
+
+
+def write_run_files(config: Config, plan: Plan, accelerator: Any) -> None:
+    """config.json (what train resolved) and config.toml (what the resume command passes back)."""
+    from sdlora.config import save, to_toml
+    from sdlora.fsutil import atomic_write_text
+    from sdlora.train import checkpoint
+
+    if not accelerator.is_main_process:
+        return
+    if config.train.overwrite and plan.resume_from is None:
+        checkpoint.clear_run(plan.out_dir)
+    # Never store --resume/--overwrite: passing config.toml back must not wipe the run it resumes.
+    stored = config.model_copy(update={"train": config.train.model_copy(update={"resume": None, "overwrite": False})})
+    save(stored, plan.out_dir / layout.CONFIG_JSON)
+    atomic_write_text(plan.out_dir / layout.CONFIG_TOML, to_toml(stored))
