@@ -81,7 +81,7 @@ def timed(fn, repeats: int, warmup: int) -> list[float]:
 
 
 def measure(opts: argparse.Namespace, lora_file: Path) -> list[dict]:
-    from sdlora.generate import set_scheduler
+    from sdlora.generate.render import set_scheduler
     from sdlora.lora.files import load_loras, parse_lora
 
     pipe = build_pipeline(opts.model)

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -25,6 +27,7 @@ def positive(value) -> bool:
     return isinstance(value, int | float) and math.isfinite(value) and value > 0
 
 
+@pytest.mark.slow
 def test_train_step_tiny_two_steps(tmp_path):
     out = tmp_path / "train.json"
     variants = "baseline,sdlora,sdlora:channels_last+item"
@@ -61,6 +64,7 @@ def test_gpu_sh_rejects_an_unknown_part_before_running_anything():
     assert result.returncode == 2 and "unknown part 'b64'" in result.stderr and result.stdout == ""
 
 
+@pytest.mark.slow
 def test_generate_tiny(tmp_path):
     out = tmp_path / "generate.json"
     run_script(
@@ -79,6 +83,7 @@ def test_generate_tiny(tmp_path):
         assert math.isclose(row["images_per_s"], data["batch"] / row["median_s"])
 
 
+@pytest.mark.slow
 def test_train_step_sdxl_memory_settings_tiny(tmp_path):
     """gpu.sh's SDXL row (sdlora's SDXL trainer with offload, 8-bit AdamW, checkpointing; the bare UNet step), tiny."""
     out = tmp_path / "sdxl.json"

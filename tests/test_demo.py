@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -25,6 +26,7 @@ def test_demo_photo_set_is_deterministic_and_upright():
     assert stored.size == (520, 792) and upright.size == (792, 520)  # stored sideways, shown landscape
 
 
+@pytest.mark.slow
 def test_demo_runs_every_stage(tmp_path):
     out = tmp_path / "demo"
     result = runner.invoke(app, ["demo", str(out), "--steps", "4"])

@@ -115,6 +115,7 @@ def _tiny_lora(base: Path, folder: Path, trigger: str | None) -> Path:
 GEN = ["--set", "generate.steps=2", "--set", "generate.size=64x64", "--set", "generate.scheduler=ddim"]
 
 
+@pytest.mark.slow
 def test_lora_end_to_end_on_tiny_model_without_faces(dataset, tiny_sd1, tmp_path):
     lora = _tiny_lora(tiny_sd1, tmp_path / "run", trigger="zwx person")
     out = tmp_path / "eval.json"
@@ -151,6 +152,7 @@ def test_lora_prompts_file_and_trigger_fallback(dataset, tiny_sd1, tmp_path):
     assert any("no trigger phrase" in note for note in data["notes"])
 
 
+@pytest.mark.slow
 def test_score_checkpoint_for_training(dataset, tiny_sd1):
     from diffusers import StableDiffusionPipeline
 
@@ -239,6 +241,7 @@ def test_images_folder_reads_recorded_prompts_and_skips_sheets(tmp_path):
     assert seeds == [5, 9, None]
 
 
+@pytest.mark.slow
 def test_eval_renders_exactly_what_generate_renders(dataset, tiny_sd1, tmp_path):
     """`eval --lora` and `generate` load the base the same way (one dtype rule) and render through one path: the
     same prompt, seed and settings give the same pixels."""

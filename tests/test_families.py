@@ -71,6 +71,7 @@ def test_prompt_encoding_equals_the_pipelines_own(name, tiny_models):
         assert any(t.shape == value.shape and torch.equal(t, value) for t in tensors), f"{name}: {key} differs"
 
 
+@pytest.mark.slow
 def test_trained_files_say_their_family_and_reload_pixel_identically(trained):
     from sdlora.generate.render import Sampling, make_grid, render_images
 
@@ -89,6 +90,7 @@ def test_trained_files_say_their_family_and_reload_pixel_identically(trained):
     assert np.array_equal(np.asarray(make_grid(images, cols=1)), sample)
 
 
+@pytest.mark.slow
 def test_kohya_file_loads_in_diffusers_with_the_same_denoiser_output(trained):
     family, base, out = trained
     outputs = []

@@ -60,6 +60,7 @@ def test_outputs_parameters_chunk_and_json(tiny_sd1, loras, tmp_path):
     assert json.loads((out / "config.json").read_text())["generate"]["loras"] == [f"{loras['a']}:0.8"]
 
 
+@pytest.mark.slow
 def test_image_remade_alone_by_seed(tiny_sd1, tmp_path):
     base = ["--base", str(tiny_sd1), "--prompts", str(_prompts(tmp_path, "# comment", "a cat", "", "a dog"))]
     gen(*base, "--n", "2", "--batch-size", "3", "--seed", "10", "--out", str(tmp_path / "all"))
@@ -69,6 +70,7 @@ def test_image_remade_alone_by_seed(tiny_sd1, tmp_path):
     assert max_diff(tmp_path / "all" / "0002-12.png", tmp_path / "one" / "0000-13.png") > 10
 
 
+@pytest.mark.slow
 def test_two_loras_with_scales(tiny_sd1, loras, tmp_path):
     common = ["--base", str(tiny_sd1), "--prompt", "zwx person", "--n", "1"]
     gen(*common, "--out", str(tmp_path / "base"))
@@ -83,6 +85,7 @@ def test_two_loras_with_scales(tiny_sd1, loras, tmp_path):
     assert settings["Lora hashes"].count(":") == 2
 
 
+@pytest.mark.slow
 def test_fused_equals_unfused_and_compare_grid(tiny_sd1, loras, tmp_path):
     common = ["--base", str(tiny_sd1), "--prompt", "zwx person", "--n", "2", "--lora", f"{loras['a']}:0.7"]
     gen(*common, "--out", str(tmp_path / "unfused"), "--compare")
@@ -97,6 +100,7 @@ def test_fused_equals_unfused_and_compare_grid(tiny_sd1, loras, tmp_path):
     assert max_diff(compare.crop((64, 64, 128, 128)), tmp_path / "unfused" / "0001-43.png") == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scheduler", ["euler_a", "dpmpp_2m_karras"])
 def test_save_steps_filmstrip(tiny_sd1, tmp_path, scheduler):
     gen("--base", str(tiny_sd1), "--prompt", "a cat", "--n", "1", "--steps", "5", "--save-steps", "2",
@@ -123,6 +127,7 @@ def test_family_mismatch_refused_before_generating(tiny_sd1, tiny_sdxl, loras, t
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_kohya_format_lora(tiny_sd1, tmp_path):
     import torch
     from safetensors.torch import save_file

@@ -34,6 +34,7 @@ def gen(*args: str):
     return runner.invoke(app, ["generate", *FAST, *args])
 
 
+@pytest.mark.slow
 def test_keep_face_keeps_the_photos_face_and_repaints_the_rest(tiny_sd1, astronaut, tmp_path):
     path, photo, face = astronaut
     lora = make_lora(tiny_sd1, tmp_path / "lora", seed=6)
@@ -70,6 +71,7 @@ def test_keep_face_without_a_face_is_one_clear_error(tiny_sd1, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_img2img_uses_the_init_image(tiny_sd1, astronaut, tmp_path):
     from skimage import data
 
@@ -88,6 +90,7 @@ def test_img2img_uses_the_init_image(tiny_sd1, astronaut, tmp_path):
     assert settings["Denoising strength"] == "0.5"
 
 
+@pytest.mark.slow
 def test_sdxl_with_lora_and_refiner(tiny_sdxl, tmp_path):
     lora = make_lora(tiny_sdxl, tmp_path / "xl-lora", seed=5, metadata={"sdlora.trigger_phrase": "zwx"})
     common = ["--base", str(tiny_sdxl), "--prompt", "{trigger} smiling", "--size", "64x64", "--lora", str(lora)]
@@ -120,6 +123,7 @@ def tiny_inpainting(tmp_path_factory):
     return folder
 
 
+@pytest.mark.slow
 def test_keep_face_with_a_9_channel_inpainting_model(tiny_inpainting, astronaut, tmp_path):
     path, photo, face = astronaut
     args = ["--base", str(tiny_inpainting), "--prompt", "a person", "--size", "96x96", "--out", str(tmp_path)]
@@ -135,6 +139,7 @@ def test_keep_face_with_a_9_channel_inpainting_model(tiny_inpainting, astronaut,
     assert np.abs(out[mask_a == 0] - photo_a[mask_a == 0]).mean() > 20
 
 
+@pytest.mark.slow
 def test_sdxl_kohya_file_matches_diffusers_file_and_is_refused_on_sd1(tiny_sd1, tiny_sdxl, tmp_path):
     """Our kohya export (SGM key names) renders like the diffusers-format file, and its shapes give it away."""
     import torch

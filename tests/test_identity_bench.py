@@ -42,6 +42,7 @@ def test_decoder_tells_attributes_apart():
         assert world.agreement(found, plain) == pytest.approx(5 / 6)
 
 
+@pytest.mark.slow
 def test_base_builds_by_step_budgets_and_continues(tmp_path):
     """The benchmark's base builder at a micro budget: a loadable diffusers folder whose record holds the steps done;
     a time limit cuts the UNet's training short; --continue-from trains it further and records that."""
@@ -108,6 +109,7 @@ def test_fixture_export_restore_round_trip(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_lora_moves_decoded_attributes_toward_the_subject(tmp_path):
     """The benchmark's code path end to end (renders as photos -> `prep` -> `train` -> `generate` -> decoder) on its
     base (the fixture): after 100 steps the images of "a photo of sks person" agree with the subject on more of the
@@ -123,6 +125,7 @@ def test_lora_moves_decoded_attributes_toward_the_subject(tmp_path):
     assert gain > margin, (before["soft_agreement"], after["soft_agreement"], margin)
 
 
+@pytest.mark.slow
 def test_benchmark_main_filters_the_grid_and_keeps_the_subject_number(tmp_path):
     """`python -m bench.identity` at a micro scale on the fixture base: --rank/--lr pick the grid's cells, two
     spawned jobs run them, and --only-subject 1 records subject 1 (not its position in the list)."""

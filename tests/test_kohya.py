@@ -8,7 +8,8 @@ from types import SimpleNamespace
 import pytest
 
 from sdlora.errors import SdloraError, UsageError
-from sdlora.lora import kohya, sgm
+from sdlora.lora import kohya
+from sdlora.lora.sgm import sgm_namer
 from sdlora.models import ModelInfo
 
 RANK, ALPHA = 4, 2.0  # alpha != rank: a wrong scale on reload shows up in the images
@@ -135,6 +136,7 @@ def case(request, tiny_models, tmp_path_factory):
     )
 
 
+@pytest.mark.slow
 def test_reloaded_files_give_the_trained_images(case):
     import torch
 
@@ -192,7 +194,7 @@ def test_tensors_alpha_and_dtype(case):
     import torch
 
     for path, layer in kohya.lora_layers(case.pipe.unet):
-        name = "lora_unet_" + (sgm.sgm_namer(case.pipe.unet.config)(path) if case.family == "sdxl" else path).replace(
+        name = "lora_unet_" + (sgm_namer(case.pipe.unet.config)(path) if case.family == "sdxl" else path).replace(
             ".", "_"
         )
         down, up = case.state[f"{name}.lora_down.weight"], case.state[f"{name}.lora_up.weight"]
@@ -260,7 +262,7 @@ def _sdxl_like_config(layers: int = 2):
     ],
 )
 def test_sgm_names_of_the_real_sdxl_layout(diffusers_path, sgm):
-    assert sgm.sgm_namer(_sdxl_like_config())(diffusers_path) == sgm
+    assert sgm_namer(_sdxl_like_config())(diffusers_path) == sgm
 
 
 def test_diffusers_reads_back_every_real_sdxl_attention_name():
@@ -291,7 +293,7 @@ def test_diffusers_reads_back_every_real_sdxl_attention_name():
         unet = UNet2DConditionModel(**config)
     wanted = [path for path, _ in unet.named_modules() if path.endswith(tuple(UNET_TARGETS))]
     assert len(wanted) == 70 * 10 + 11 * 2  # 70 transformer blocks x (8 attention + 2 ff) + 11 x proj_in/out
-    rename = sgm.sgm_namer(unet.config)
+    rename = sgm_namer(unet.config)
     state = {}
     for path in wanted:
         name = "lora_unet_" + rename(path).replace(".", "_")

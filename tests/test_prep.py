@@ -58,6 +58,7 @@ def second(photos, before, first, tmp_path_factory):
     return result, out
 
 
+@pytest.mark.slow
 def test_every_file_gets_its_expected_fate(first):
     report, out = first
     data = json.loads((out / "report.json").read_text())
@@ -76,6 +77,7 @@ def test_every_file_gets_its_expected_fate(first):
     assert "k_reencoded.jpg: duplicate: A near-duplicate of a_original.png" in report.summary()
 
 
+@pytest.mark.slow
 def test_crops_centre_the_face(first):
     _, out = first
     faces = DlibFaces()
@@ -91,6 +93,7 @@ def test_crops_centre_the_face(first):
         assert 0.3 < (box[2] - box[0]) / RESOLUTION < 0.7, (path.name, box)
 
 
+@pytest.mark.slow
 def test_manifest_fields(first, photos):
     report, out = first
     entries = read_manifest(out)
@@ -113,6 +116,7 @@ def test_manifest_fields(first, photos):
     assert by_name["a_original.png"].caption == "a photo of sks person"
 
 
+@pytest.mark.slow
 def test_contact_sheet_and_config(first):
     _, out = first
     with Image.open(out / "contact_sheet.jpg") as sheet:
@@ -123,6 +127,7 @@ def test_contact_sheet_and_config(first):
     assert (saved.prep.token, saved.prep.class_word, saved.prep.resolution) == ("sks", "person", RESOLUTION)
 
 
+@pytest.mark.slow
 def test_second_run_is_byte_identical(first, second):
     result, out = second
     assert result.exit_code == 0, result.output
@@ -140,6 +145,7 @@ def test_second_run_is_byte_identical(first, second):
     assert config_one == config_two
 
 
+@pytest.mark.slow
 def test_input_folder_untouched(photos, before, first, second):
     assert _snapshot(photos) == before
     assert not list(photos.parent.glob(".*.tmp"))  # no temporary folder left behind
@@ -153,6 +159,7 @@ def test_non_empty_out_dir_needs_overwrite(photos, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
 
 
+@pytest.mark.slow
 def test_too_few_photos_exit_1(tmp_path):
     photos = tmp_path / "photos"
     photos.mkdir()
@@ -232,6 +239,7 @@ def test_a_photo_that_breaks_a_decoder_is_skipped_not_fatal(tmp_path, monkeypatc
     assert "IndexError" in report.files[2]["message"]
 
 
+@pytest.mark.slow
 def test_buckets_keep_portraits_portrait(tmp_path):
     photos = tmp_path / "photos"
     photos.mkdir()

@@ -120,6 +120,7 @@ def trained(single_files, tmp_path_factory):
     return data, outs
 
 
+@pytest.mark.slow
 def test_train_cli_on_a_single_file_base(single_files, trained):
     folder, path = single_files["sd1"]
     _, outs = trained
@@ -134,6 +135,7 @@ def test_train_cli_on_a_single_file_base(single_files, trained):
         torch.testing.assert_close(lora[key], reference[key], rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_generate_and_eval_cli_on_a_single_file_base(single_files, trained, tmp_path):
     folder, path = single_files["sd1"]
     data, outs = trained

@@ -177,6 +177,7 @@ def test_resume_from_step_3_equals_uninterrupted_6_steps(sd1_run, tmp_path):
     assert records == list(range(1, STEPS + 1))  # resumed steps replace, not duplicate, the old records
 
 
+@pytest.mark.slow
 def test_resume_with_compile_reports_compile_time_and_matches(sd1_run, tmp_path, monkeypatch):
     """--compile compiles the UNet (here with torch.compile's aot_eager backend: the same graph capture of forward
     and backward, no code generation), reports the first step's time, may be switched on at a resume, and trains

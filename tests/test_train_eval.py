@@ -75,6 +75,7 @@ def dataset(tmp_path_factory) -> Path:
     return prep_set(tmp_path_factory.mktemp("prep") / "data")
 
 
+@pytest.mark.slow
 def test_eval_every_scores_plots_and_fills_best(dataset, tiny_sd1, tmp_path):
     out = tmp_path / "out"
     result = train(dataset, out, tiny_sd1, 4, "--eval-every", "2", "--checkpoint-every", "2")
@@ -110,7 +111,7 @@ def scripted_scores(monkeypatch, script: list[dict], snapshots: list[dict]) -> N
 
     from sdlora.evaluation.metrics import Summary
 
-    def fake(pipe, reference, backend, prompts, seeds, **kwargs):
+    def fake(pipe, reference, backend, prompts, seeds, sampling, **kwargs):
         snapshots.append({k: v.clone() for k, v in get_peft_model_state_dict(pipe.unet).items()})
         values = script[len(snapshots) - 1]
         return Summary(
@@ -130,6 +131,7 @@ def scripted_scores(monkeypatch, script: list[dict], snapshots: list[dict]) -> N
     monkeypatch.setattr("sdlora.evaluation.run.score_checkpoint", fake)
 
 
+@pytest.mark.slow
 def test_best_step_kept_aside_and_survives_resume(dataset, tiny_sd1, tmp_path, monkeypatch):
     script = [
         {"identity": 0.5, "diversity": 0.3},
@@ -209,6 +211,7 @@ def test_cadence(tmp_path, manifest, eval_every, checkpoint_every, expected):
     assert (note is not None) == (not manifest and eval_every is None)
 
 
+@pytest.mark.slow
 def test_two_processes_only_rank_0_evaluates(dataset, tiny_sd1, tmp_path):
     import os
     import subprocess

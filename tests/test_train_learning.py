@@ -3,6 +3,8 @@ drops clearly after training, and both saved files reproduce the drop after relo
 
 from __future__ import annotations
 
+import pytest
+
 from pathlib import Path
 
 import torch
@@ -38,6 +40,7 @@ def denoising_loss(pipe, dataset: Path) -> float:
     return sum(losses) / len(losses)
 
 
+@pytest.mark.slow
 def test_training_lowers_the_subject_loss_and_files_keep_it(tmp_path, tiny_sd1):
     from diffusers import StableDiffusionPipeline
 

@@ -30,6 +30,7 @@ def common(base: Path) -> list[str]:
     return ["--base", str(base), "--resolution", "64", "--rank", "4", "--sample-every", "0", "--seed", "1"]
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_prints_resume_command_and_resumes(dataset, tiny_sd1, tmp_path):
     out = tmp_path / "out"
     command = [sys.executable, "-m", "sdlora", "train", str(dataset), str(out), *common(tiny_sd1)]
@@ -64,6 +65,7 @@ def test_sigterm_checkpoints_prints_resume_command_and_resumes(dataset, tiny_sd1
     assert records == list(range(1, step + 2))
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_with_the_same_global_batch(dataset, tiny_sd1, tmp_path):
     args = [str(dataset), "OUT", *common(tiny_sd1), "--steps", "2", "--checkpoint-every", "2", "--lr", "1e-3"]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"]

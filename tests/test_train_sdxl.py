@@ -97,6 +97,7 @@ def text_output(pipe) -> torch.Tensor:
     return torch.cat([embeds.flatten(), pooled.flatten()])
 
 
+@pytest.mark.slow
 def test_unet_lora_files_reproduce_the_trained_model(unet_run, tiny_sdxl):
     from sdlora.lora.peft import adapter_metadata_of, read_header
 
@@ -113,6 +114,7 @@ def test_unet_lora_files_reproduce_the_trained_model(unet_run, tiny_sdxl):
     assert adapter_metadata_of(out / "pytorch_lora_weights.safetensors")["unet"]["lora_alpha"] == 8
 
 
+@pytest.mark.slow
 def test_kohya_file_uses_sgm_names_for_exactly_the_peft_modules(unet_run):
     from sdlora.lora.kohya import read_kohya
 
@@ -135,6 +137,7 @@ def test_kohya_file_uses_sgm_names_for_exactly_the_peft_modules(unet_run):
     assert metadata["sdlora.text_encoder_trained"] == "False"
 
 
+@pytest.mark.slow
 def test_resume_from_step_3_equals_uninterrupted_6_steps(unet_run, tmp_path):
     out = tmp_path / "resumed"
     shutil.copytree(unet_run["out"], out)
@@ -152,6 +155,7 @@ def test_resume_from_step_3_equals_uninterrupted_6_steps(unet_run, tmp_path):
     assert max(straight[k].abs().max().item() for k in straight if "lora_B" in k) > 0  # it trained
 
 
+@pytest.mark.slow
 def test_text_encoder_loras_on_both_encoders_reproduce_the_trained_model(te_run, tiny_sdxl):
     from sdlora.lora.kohya import read_kohya
     from sdlora.lora.peft import adapter_metadata_of
@@ -207,6 +211,7 @@ def test_batches_hold_one_bucket_with_the_manifests_time_ids_and_offload(buckets
     assert {i for i, _ in seen} == {0, 1, 2, 3} and {f for _, f in seen} == {0, 1}
 
 
+@pytest.mark.slow
 def test_sd1_trains_on_buckets(buckets, tiny_sd1, tmp_path):
     run = setup_run(buckets, tiny_sd1, tmp_path / "setup", batch_size=2)
     assert {tuple(run.batches.micro_batch(k, run.accelerator.device).latents.shape[-2:]) for k in range(3)} == {

@@ -8,6 +8,7 @@ import pytest
 from train_utils import subject_set
 from typer.testing import CliRunner
 
+from sdlora import layout
 from sdlora.cli import app
 from sdlora.errors import UsageError
 from sdlora.train import resolve_precision
@@ -136,11 +137,11 @@ def test_monitor_writes_metrics_and_tensorboard_scalars_and_truncates_on_resume(
     run.close()
     assert folders == [tmp_path / "tensorboard"]
     assert calls == [("loss", 0.5, 2), ("lr", 1e-4, 2), ("loss", 0.25, 4), ("lr", 5e-5, 4), "closed"]
-    records = [json.loads(line) for line in (tmp_path / monitor.METRICS).read_text().splitlines()]
+    records = [json.loads(line) for line in (tmp_path / layout.METRICS).read_text().splitlines()]
     assert [(r["step"], r["loss"], r["lr"]) for r in records] == [(2, 0.5, 1e-4), (4, 0.25, 5e-5)]
     resumed = monitor.Monitor(tmp_path, total=4, start=2, enabled=True, cuda=False)  # resume from step 2
     resumed.close()
-    assert [json.loads(line)["step"] for line in (tmp_path / monitor.METRICS).read_text().splitlines()] == [2]
+    assert [json.loads(line)["step"] for line in (tmp_path / layout.METRICS).read_text().splitlines()] == [2]
     silent = monitor.Monitor(tmp_path / "other", total=4, start=0, enabled=False, cuda=False)  # not main process
     silent.log(2, 0.5, 1e-4)
     assert not (tmp_path / "other").exists() and len(folders) == 2
