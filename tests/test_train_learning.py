@@ -3,10 +3,9 @@ drops clearly after training, and both saved files reproduce the drop after relo
 
 from __future__ import annotations
 
-import pytest
-
 from pathlib import Path
 
+import pytest
 import torch
 from train_utils import subject_set
 from typer.testing import CliRunner
