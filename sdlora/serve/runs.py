@@ -41,15 +41,15 @@ class RunStatus:
 
 
 def run_names(workspace: Workspace, jobs: Jobs) -> list[str]:
-    """Every run folder under runs/, and runs still waiting in the queue (no folder yet), newest first."""
+    """Every run folder under runs/, and the app's runs that have none yet (queued, starting), newest first."""
     names = set(workspace.subfolders("runs"))
-    names |= {Path(job.run).name for job in jobs.all() if not job.cancelled and jobs.state(job) == "queued"}
+    names |= {Path(job.run).name for job in jobs.all() if not job.cancelled and jobs.state(job) != "ended"}
     run_dir = workspace.root / "runs"
 
     def modified(name: str) -> float:
         with contextlib.suppress(OSError):
             return (run_dir / name).stat().st_mtime
-        return float("inf")  # queued: no folder yet, shown first
+        return float("inf")  # no folder yet: shown first
 
     return sorted(names, key=lambda name: (-modified(name), name))
 
