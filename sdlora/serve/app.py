@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
+from fastapi import Request  # module level: FastAPI resolves the route's annotations here
 
 from sdlora import __version__
 from sdlora.errors import SdloraError
@@ -51,15 +52,15 @@ def build(ws: Workspace, jobs: Jobs) -> gr.Blocks:
     with gr.Blocks(title="sdlora", analytics_enabled=False) as demo:
         gr.Markdown(f"## sdlora {__version__} · workspace `{ws.root}`")
         with gr.Tabs():
-            with gr.Tab("Photos", id="photos"):
+            with gr.Tab("Photos", id="photos") as photos_tab:
                 photos = _photos_tab(ws)
-            with gr.Tab("Train", id="train"):
+            with gr.Tab("Train", id="train") as train_tab:
                 train = _train_tab(ws, jobs)
-            with gr.Tab("Runs", id="runs"):
+            with gr.Tab("Runs", id="runs") as runs_tab:
                 run_list = _runs_tab(ws, jobs)
-            with gr.Tab("Generate", id="generate"):
+            with gr.Tab("Generate", id="generate") as generate_tab:
                 gen = _generate_tab(ws)
-            with gr.Tab("Evaluate", id="evaluate"):
+            with gr.Tab("Evaluate", id="evaluate") as eval_tab:
                 ev = _eval_tab(ws)
         dataset_boxes = [photos["dataset"], train["dataset"], run_list["resume_dataset"], ev["reference"]]
 
@@ -77,8 +78,10 @@ def build(ws: Workspace, jobs: Jobs) -> gr.Blocks:
 
         refreshed = [*dataset_boxes, photos["photo_set"], train["base"], run_list["run"], gen["lora"], ev["run"]]
         demo.load(refresh, None, refreshed)
-        for tab_button in (photos["prepare"], photos["save"], train["start"], run_list["refresh"]):
-            tab_button.click(refresh, None, refreshed)
+        for button in (photos["prepare"], photos["save"], train["start"], run_list["refresh"]):
+            button.click(refresh, None, refreshed)
+        for tab in (photos_tab, train_tab, runs_tab, generate_tab, eval_tab):  # new runs, datasets, LoRAs
+            tab.select(refresh, None, refreshed)
     return demo
 
 
@@ -177,6 +180,8 @@ def _setting_input(setting: form.Setting) -> Any:
         return gr.Checkbox(value=bool(setting.default), **common)
     if setting.kind == "choice":
         return gr.Dropdown(choices=list(setting.choices), value=setting.default, **common)
+    if setting.kind in ("int", "float") and setting.optional:  # a Number can't be blank: "unset" needs text
+        return gr.Textbox(value="" if setting.default is None else str(setting.default), placeholder="unset", **common)
     if setting.kind in ("int", "float"):
         return gr.Number(value=setting.default, precision=0 if setting.kind == "int" else None, **common)
     return gr.Textbox(value=setting.default, lines=3 if setting.kind == "lines" else 1, **common)
@@ -213,7 +218,9 @@ def _train_tab(ws: Workspace, jobs: Jobs) -> dict[str, Any]:
     with gr.Row():
         start = gr.Button("Start", variant="primary", elem_id="start")
     status = gr.Textbox(label="status", interactive=False, elem_id="train-status")
-    toml = gr.Code(label="config.toml that Start runs", language=None, interactive=False, elem_id="toml")
+    toml = gr.Textbox(
+        label="config.toml that Start runs", lines=12, max_lines=30, interactive=False, buttons=["copy"], elem_id="toml"
+    )
 
     @guarded(2)
     def on_preview(preset_name, base_model, *values):
@@ -285,8 +292,10 @@ def _runs_tab(ws: Workspace, jobs: Jobs) -> dict[str, Any]:
             seen = runs.Tail(run=name)
         folder = ws.path(name, "runs")
         state = runs.status(ws, jobs, name)
-        if not seen.update(folder) and seen.offset:
+        changed = seen.update(folder)
+        if not changed and seen.shown == state.line():
             return (state.line(), seen.speed(state.total), *[gr.update()] * 6, rows(), seen)
+        seen.shown = state.line()
         best = runs.best_step(seen, folder)
         return (
             state.line(),
@@ -338,7 +347,9 @@ def _generate_tab(ws: Workspace) -> dict[str, Any]:
     go = gr.Button("Generate", variant="primary", elem_id="generate")
     status = gr.Textbox(label="status", interactive=False, elem_id="gen-status")
     gallery = gr.Gallery(label="images (parameters under each)", columns=4, height="auto", elem_id="gen-gallery")
-    comparison = gr.Image(label="base (left) vs LoRA (right)", interactive=False, elem_id="compare-image")
+    comparison = gr.Image(
+        label="base model vs LoRA at the same seeds (compare.png)", interactive=False, elem_id="compare-image"
+    )
     files = gr.File(label="downloads", file_count="multiple", interactive=False)
 
     @guarded(4)
@@ -418,7 +429,6 @@ def report_url(relative: str) -> str:
 def report_route(ws: Workspace):
     """GET /sdlora/report/NAME/STAMP/FILE: eval reports (HTML and their images), behind the app's login, only
     from runs/NAME/eval/STAMP/report/ (no `..`, no symlink out)."""
-    from fastapi import Request
     from fastapi.responses import FileResponse, PlainTextResponse
     from fastapi.routing import APIRoute
 

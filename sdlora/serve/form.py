@@ -157,13 +157,13 @@ def _parsed(setting: Setting, raw: Any) -> Any:
         return None
     if setting.kind == "lines":
         return [line.strip() for line in str(raw).splitlines() if line.strip()]
-    if setting.kind == "int":
-        try:
-            return int(float(raw)) if float(raw).is_integer() else raw
-        except (TypeError, ValueError):
-            raise UsageError(f"{setting.key}: {raw!r} is not a whole number") from None
-    if setting.kind == "float":
-        return float(raw)
+    try:
+        if setting.kind == "int":
+            return int(float(raw)) if float(raw).is_integer() else raw  # pydantic names a fraction
+        if setting.kind == "float":
+            return float(raw)
+    except (TypeError, ValueError):
+        raise UsageError(f"{setting.key}: {raw!r} is not a number") from None
     return raw
 
 

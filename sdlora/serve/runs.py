@@ -146,6 +146,7 @@ class Tail:
     losses: list[dict] = field(default_factory=list)  # {"step", "loss", "lr", "seconds_per_step"}
     evals: list[dict] = field(default_factory=list)  # {"step", "eval": {...}}
     samples: list[str] = field(default_factory=list)  # file names in samples/, in order
+    shown: str = ""  # the status line last shown: a new one (e.g. finished) refreshes summary and downloads
 
     def update(self, folder: Path) -> bool:
         """Read only the new lines of metrics.jsonl and the new sample files; True when something changed."""
