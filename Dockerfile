@@ -24,9 +24,10 @@ RUN pip install torch==2.13.0
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY sdlora ./sdlora
-# The project with exactly the dependency pins of pyproject.toml; open-clip-torch only for its CLIP
-# vocabulary file (used by `sdlora demo`), without its dependencies (they would pull torchvision).
-RUN pip install /src \
+# The project with exactly the dependency pins of pyproject.toml, with the web app's extra (`sdlora serve`);
+# open-clip-torch only for its CLIP vocabulary file (used by `sdlora demo`), without its dependencies (they
+# would pull torchvision).
+RUN pip install /src[ui] \
     && pip install --no-deps open-clip-torch==3.3.0
 
 RUN useradd --create-home --uid 1000 sdlora \
@@ -34,6 +35,8 @@ RUN useradd --create-home --uid 1000 sdlora \
     && chown sdlora:sdlora /models /data
 USER 1000:1000
 VOLUME ["/models"]
+# sdlora serve /data --host 0.0.0.0 --auth-file /data/.auth
+EXPOSE 7860
 WORKDIR /data
 ENTRYPOINT ["sdlora"]
 CMD ["--help"]

@@ -420,3 +420,25 @@ def demo(
 
     result = run_demo(out_dir, base=base, steps=steps, overwrite=overwrite, sets=sets, say=typer.echo)
     typer.echo(f"done: everything is in {result.photos.parent}")
+
+
+@app.command()
+@handles_errors
+def serve(
+    ctx: typer.Context,
+    workspace: Annotated[
+        Path, typer.Argument(help="Folder of photos/, datasets/, runs/, images/, models/ (created if missing).")
+    ],
+    host: Annotated[
+        str, typer.Option(help="Interface to bind; anything but the loopback needs --auth or --auth-file.")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port of the web app.")] = 7860,
+    auth: Annotated[str | None, typer.Option(help="USER:PASSWORD to log in (visible in the process list).")] = None,
+    auth_file: Annotated[
+        Path | None, typer.Option(help="File of USER:PASSWORD lines to log in.", dir_okay=False)
+    ] = None,
+) -> None:
+    """Serve the whole workflow as a local web app (optional extra: pip install "sdlora[ui]")."""
+    from sdlora.serve import serve as run_serve
+
+    run_serve(workspace, host=host, port=port, auth=auth, auth_file=auth_file)

@@ -1,0 +1,162 @@
+"""Photos -> dataset for the page: uploads into photos/, `sdlora prep` into datasets/, what it kept and dropped,
+and edits (exclude a crop, change a caption) written as a new dataset folder; photos are never touched."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sdlora.errors import UsageError
+from sdlora.fsutil import atomic_dir
+from sdlora.serve.commands import Progress, run_sdlora
+from sdlora.serve.workspace import CAPTION_SUFFIXES, MAX_UPLOAD_FILES, PHOTO_SUFFIXES, Workspace, sanitise_name
+
+# prep's reasons (report.json), in words for the page.
+REASONS = {
+    "unreadable": "could not be read",
+    "not_an_image": "not an image",
+    "too_small": "too small",
+    "too_large": "too large",
+    "no_face": "no face found",
+    "multiple_faces": "more than one person",
+    "face_too_small": "face too small",
+    "blurry": "blurry",
+    "duplicate": "near-duplicate",
+    "other_person": "someone else",
+}
+
+
+@dataclass
+class DatasetView:
+    name: str
+    kept: list[tuple[Path, str, str]] = field(default_factory=list)  # (image, caption, manifest image name)
+    dropped: list[tuple[Path | None, str, str, str]] = field(default_factory=list)  # (photo, file, reason, message)
+    contact_sheet: Path | None = None
+
+    def summary(self) -> str:
+        return f"{self.name}: kept {len(self.kept)}, dropped {len(self.dropped)}"
+
+
+def save_uploads(workspace: Workspace, files: list[Path], set_name: str) -> Path:
+    """Copy uploaded photos (and .txt captions) into a new photos/SET_NAME; type, size and count are checked
+    first, so a refused upload leaves nothing behind."""
+    if not files:
+        raise UsageError("no photos uploaded")
+    if len(files) > MAX_UPLOAD_FILES:
+        raise UsageError(f"{len(files)} files: at most {MAX_UPLOAD_FILES} per upload")
+    allowed = PHOTO_SUFFIXES | CAPTION_SUFFIXES
+    folder = workspace.new_folder("photos", set_name)
+    staging = workspace.state / "uploads" / f"{folder.name}-{time.time_ns()}"
+    try:
+        for path in files:
+            workspace.take_upload(Path(path), staging, allowed, original_name=Path(path).name)
+        staging.rename(folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
+def prepare(
+    workspace: Workspace,
+    photos: str,
+    dataset: str,
+    *,
+    token: str = "sks",
+    class_word: str = "person",
+    resolution: int = 512,
+    extra: list[str] | None = None,
+    progress: Progress | None = None,
+) -> DatasetView:
+    """`sdlora prep photos/PHOTOS datasets/DATASET` as a child process; returns what it kept and dropped."""
+    source = workspace.path(photos, "photos")
+    if not source.is_dir():
+        raise UsageError(f"photos/{photos}: no such folder")
+    target = workspace.new_folder("datasets", dataset)
+    args = ["prep", str(source), str(target), "--token", sanitise_name(token, "sks"), "--class-word", class_word]
+    args += ["--resolution", str(int(resolution)), *(extra or [])]
+    run_sdlora(workspace, args, "prep", progress)
+    return view(workspace, target.name)
+
+
+def view(workspace: Workspace, name: str) -> DatasetView:
+    """A dataset's kept crops with captions and its dropped photos with their reasons (manifest + report)."""
+    folder = workspace.path(name, "datasets")
+    entries = read_manifest(folder)
+    result = DatasetView(folder.name)
+    for entry in entries:
+        result.kept.append((workspace.inside(folder / entry["image"], "datasets"), entry["caption"], entry["image"]))
+    photos = _photo_folder(workspace, entries)
+    report = _read_json(folder / "report.json").get("files", [])
+    for item in report:
+        if item.get("status") != "skipped":
+            continue
+        photo = None
+        if photos is not None and (photos / item["file"]).is_file():
+            photo = workspace.inside(photos / item["file"])
+        reason = REASONS.get(item.get("reason", ""), item.get("reason", ""))
+        result.dropped.append((photo, item["file"], reason, item.get("message", "")))
+    if (folder / "contact_sheet.jpg").is_file():
+        result.contact_sheet = workspace.inside(folder / "contact_sheet.jpg", "datasets")
+    return result
+
+
+def save_edits(
+    workspace: Workspace, name: str, new_name: str, exclude: list[str], captions: dict[str, str]
+) -> DatasetView:
+    """A new dataset folder from `name` without the `exclude`d crops (manifest image names) and with `captions`
+    ({image name: caption}) changed. The source dataset and the photos stay as they are."""
+    source = workspace.path(name, "datasets")
+    target = workspace.new_folder("datasets", new_name)
+    entries = read_manifest(source)
+    known = {entry["image"] for entry in entries}
+    unknown = sorted((set(exclude) | set(captions)) - known)
+    if unknown:
+        raise UsageError(f"{unknown[0]}: not an image of dataset {source.name}")
+    kept = [dict(entry) for entry in entries if entry["image"] not in set(exclude)]
+    if not kept:
+        raise UsageError("every crop is excluded; keep at least one")
+    with atomic_dir(target) as tmp:
+        for entry in kept:
+            text = " ".join(captions.get(entry["image"], entry["caption"]).split())
+            if not text:
+                raise UsageError(f"{entry['image']}: the caption is empty")
+            entry["caption"] = text
+            image = workspace.inside(source / entry["image"], "datasets")
+            (tmp / entry["image"]).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(image, tmp / entry["image"])
+            (tmp / entry["image"]).with_suffix(".txt").write_text(text + "\n", encoding="utf-8")
+        lines = "".join(json.dumps(entry, ensure_ascii=False) + "\n" for entry in kept)
+        (tmp / "manifest.jsonl").write_text(lines, encoding="utf-8")
+        for extra in ("config.json", "report.json"):
+            if (source / extra).is_file():
+                shutil.copyfile(source / extra, tmp / extra)
+        note = {"edited_from": f"datasets/{source.name}", "excluded": sorted(exclude), "captions_changed": captions}
+        (tmp / "edits.json").write_text(json.dumps(note, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return view(workspace, target.name)
+
+
+def read_manifest(folder: Path) -> list[dict]:
+    path = folder / "manifest.jsonl"
+    if not path.is_file():
+        raise UsageError(f"datasets/{folder.name}: no manifest.jsonl (not made by prep)")
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _photo_folder(workspace: Workspace, entries: list[dict]) -> Path | None:
+    """The photo folder prep read (from the manifest's sources), when it is inside the workspace."""
+    for entry in entries:
+        try:
+            return workspace.inside(Path(entry["source"]).parent, "photos")
+        except (UsageError, KeyError, OSError):
+            continue
+    return None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}

@@ -1,0 +1,230 @@
+"""Training runs as found on disk under runs/: status, progress, the live tail of metrics and samples, downloads.
+
+A run started from the command line has no job record; its status comes from its files alone: the final LoRA
+file means finished, checkpoints without it mean stopped, and a live `OUT_DIR/.sdlora.lock` ({"pid": N, ...},
+written by `sdlora train` where available) means running. A job record of the app adds queued, running and
+failed (with the last `error:` line of its log).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sdlora.serve.jobs import Job, Jobs, process_alive
+from sdlora.serve.workspace import Workspace
+
+DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
+METRICS = "metrics.jsonl"
+LOCK = ".sdlora.lock"
+STOPPED_CODES = (130, 143)  # SIGINT, SIGTERM: train checkpointed and stopped
+
+
+@dataclass(frozen=True)
+class RunStatus:
+    name: str
+    state: str  # running, queued, finished, stopped, failed
+    detail: str  # the error line of a failed run, or what happened
+    step: int | None
+    total: int | None
+    dataset: str | None  # workspace-relative, when the app started the run
+
+    def line(self) -> str:
+        progress = f" step {self.step}/{self.total}" if self.step is not None and self.total else ""
+        return f"{self.name}: {self.state}{progress}" + (f" ({self.detail})" if self.detail else "")
+
+
+def run_names(workspace: Workspace, jobs: Jobs) -> list[str]:
+    """Every run folder under runs/, and the app's runs that have none yet (queued, starting), newest first."""
+    names = set(workspace.subfolders("runs"))
+    names |= {Path(job.run).name for job in jobs.all() if not job.cancelled and jobs.state(job) != "ended"}
+    run_dir = workspace.root / "runs"
+
+    def modified(name: str) -> float:
+        with contextlib.suppress(OSError):
+            return (run_dir / name).stat().st_mtime
+        return float("inf")  # no folder yet: shown first
+
+    return sorted(names, key=lambda name: (-modified(name), name))
+
+
+def status(workspace: Workspace, jobs: Jobs, name: str) -> RunStatus:
+    folder = workspace.path(name, "runs")
+    job = jobs.latest_for(f"runs/{folder.name}")
+    step, total = last_step(folder), total_steps(folder, job)
+    dataset = job.dataset if job else None
+
+    def make(state: str, detail: str = "") -> RunStatus:
+        return RunStatus(folder.name, state, detail, step, total, dataset)
+
+    job_state = jobs.state(job) if job else None
+    if job_state == "queued":
+        return make("queued", "waits for the running run to end")
+    if job_state == "running" or lock_alive(folder):
+        return make("running")
+    has_checkpoints = bool(checkpoints(folder))
+    code = jobs.returncode(job) if job else None
+    if code is not None and code != 0:
+        if code in STOPPED_CODES and has_checkpoints:
+            return make("stopped", "resumable from its last checkpoint")
+        if code in STOPPED_CODES:
+            return make("failed", "stopped before its first checkpoint; start it again")
+        return make("failed", error_line(jobs.log_path(job)))
+    if (folder / DIFFUSERS_FILE).is_file():
+        return make("finished")
+    if has_checkpoints:
+        return make("stopped", "resumable from its last checkpoint")
+    if code == 0:
+        return make("failed", "ended without writing its LoRA")
+    return make("stopped", "no checkpoint yet")
+
+
+def lock_alive(folder: Path) -> bool:
+    with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
+        return process_alive(int(json.loads((folder / LOCK).read_text(encoding="utf-8"))["pid"]))
+    return False
+
+
+def checkpoints(folder: Path) -> list[Path]:
+    top = folder / "checkpoints"
+    return sorted(p for p in top.iterdir() if p.name.startswith("step-")) if top.is_dir() else []
+
+
+def error_line(log: Path) -> str:
+    """The last `error: ...` line of a log, else its last line (never a traceback)."""
+    try:
+        lines = [line.strip() for line in log.read_text(encoding="utf-8", errors="replace").splitlines()]
+    except OSError:
+        return "no log"
+    lines = [line for line in lines if line]
+    errors = [line for line in lines if line.startswith("error:")]
+    return (errors or lines or ["no output"])[-1][:500]
+
+
+def run_config(folder: Path) -> dict[str, Any]:
+    with contextlib.suppress(OSError, ValueError):
+        return json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    return {}
+
+
+def total_steps(folder: Path, job: Job | None = None) -> int | None:
+    steps = run_config(folder).get("train", {}).get("steps")
+    if steps is None and job is not None and "--steps" in job.argv:
+        steps = job.argv[job.argv.index("--steps") + 1]
+    with contextlib.suppress(TypeError, ValueError):
+        return int(steps)
+    return None
+
+
+def last_step(folder: Path) -> int | None:
+    """The step of the last record of metrics.jsonl, reading only the end of the file."""
+    path = folder / METRICS
+    try:
+        with path.open("rb") as handle:
+            handle.seek(max(0, path.stat().st_size - 4096))
+            lines = handle.read().decode("utf-8", errors="replace").splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            return int(json.loads(line)["step"])
+    return None
+
+
+@dataclass
+class Tail:
+    """What the live view has already shown of one run: the metrics file's offset, its records, the samples."""
+
+    run: str = ""
+    offset: int = 0
+    losses: list[dict] = field(default_factory=list)  # {"step", "loss", "lr", "seconds_per_step"}
+    evals: list[dict] = field(default_factory=list)  # {"step", "eval": {...}}
+    samples: list[str] = field(default_factory=list)  # file names in samples/, in order
+    shown: str = ""  # the status line last shown: a new one (e.g. finished) refreshes summary and downloads
+
+    def update(self, folder: Path) -> bool:
+        """Read only the new lines of metrics.jsonl and the new sample files; True when something changed."""
+        changed = False
+        path = folder / METRICS
+        size = path.stat().st_size if path.is_file() else 0
+        if size < self.offset:  # a resume truncated the file: read it again
+            self.offset, self.losses, self.evals, changed = 0, [], [], True
+        if size > self.offset:
+            with path.open("rb") as handle:
+                handle.seek(self.offset)
+                chunk = handle.read(size - self.offset)
+            complete = chunk[: chunk.rfind(b"\n") + 1]  # a line being written waits for the next poll
+            self.offset += len(complete)
+            for line in complete.decode("utf-8", errors="replace").splitlines():
+                with contextlib.suppress(ValueError):
+                    record = json.loads(line)
+                    (self.evals if "eval" in record else self.losses).append(record)
+                    changed = True
+        samples = folder / "samples"
+        if samples.is_dir():
+            with os.scandir(samples) as entries:
+                names = sorted(e.name for e in entries if e.name.endswith(".png") and not e.name.startswith("."))
+            new = [name for name in names if name not in set(self.samples)]
+            if new:
+                self.samples = sorted(set(self.samples) | set(new))
+                changed = True
+        return changed
+
+    def speed(self, total: int | None) -> str:
+        """'5.2 it/s, ETA 0:01:20' from the last record."""
+        if not self.losses:
+            return ""
+        last = self.losses[-1]
+        seconds = float(last.get("seconds_per_step") or 0)
+        text = f"step {last['step']}" + (f"/{total}" if total else "") + f", loss {last['loss']:.4f}"
+        if seconds > 0:
+            text += f", {1 / seconds:.2f} it/s"
+            if total and total > last["step"]:
+                eta = int(seconds * (total - last["step"]))
+                text += f", ETA {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}"
+        return text
+
+
+def best_step(tail: Tail, folder: Path) -> int | None:
+    """The step best/ holds (best/best.json), else the highest identity seen."""
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        return int(json.loads((folder / "best" / "best.json").read_text(encoding="utf-8"))["step"])
+    scored = [e for e in tail.evals if e["eval"].get("identity") is not None]
+    return max(scored, key=lambda e: e["eval"]["identity"])["step"] if scored else None
+
+
+def summary(folder: Path) -> dict[str, Any] | None:
+    with contextlib.suppress(OSError, ValueError):
+        return json.loads((folder / "summary.json").read_text(encoding="utf-8"))
+    return None
+
+
+def downloads(workspace: Workspace, folder: Path) -> list[Path]:
+    """Both LoRA files (diffusers and kohya format) and best/ as a zip, when they exist."""
+    files = [folder / DIFFUSERS_FILE] if (folder / DIFFUSERS_FILE).is_file() else []
+    files += sorted(p for p in folder.glob("*.safetensors") if p.name != DIFFUSERS_FILE)
+    best = folder / "best"
+    if best.is_dir():
+        files.append(zip_folder(best, workspace.state / "downloads" / f"{folder.name}-best.zip"))
+    return [workspace.inside(path, "runs") if "runs" in path.parts else path for path in files]
+
+
+def zip_folder(folder: Path, target: Path) -> Path:
+    """`folder` as a zip (rebuilt when a file in it is newer), its symlinks left out."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
+    newest = max((p.stat().st_mtime for p in files), default=0)
+    if target.is_file() and target.stat().st_mtime >= newest:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + ".tmp")
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as archive:  # safetensors do not compress
+        for path in files:
+            archive.write(path, Path(folder.name) / path.relative_to(folder))
+    shutil.move(tmp, target)
+    return target
