@@ -14,7 +14,7 @@ from typing import Any
 import gradio as gr
 from fastapi import Request  # module level: FastAPI resolves the route's annotations here
 
-from sdlora import __version__
+from sdlora import __version__, layout
 from sdlora.errors import SdloraError
 from sdlora.serve import datasets, form, plots, runs, studio, training
 from sdlora.serve.jobs import Jobs
@@ -303,7 +303,7 @@ def _runs_tab(ws: Workspace, jobs: Jobs) -> dict[str, Any]:
             plots.curve(seen.losses, "loss", "loss"),
             plots.curve(seen.losses, "lr", "learning rate"),
             plots.identity(seen.evals, best),
-            [(str(folder / "samples" / n), n.removesuffix(".png")) for n in seen.samples],
+            [(str(folder / layout.SAMPLES / n), n.removesuffix(".png")) for n in seen.samples],
             runs.summary(folder),
             [str(p) for p in runs.downloads(ws, folder)] or None,
             rows(),

@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sdlora import layout
 from sdlora.errors import UsageError
 from sdlora.fsutil import atomic_dir
 from sdlora.serve.commands import Progress, run_sdlora
@@ -89,7 +90,7 @@ def view(workspace: Workspace, name: str) -> DatasetView:
     for entry in entries:
         result.kept.append((workspace.inside(folder / entry["image"], "datasets"), entry["caption"], entry["image"]))
     photos = _photo_folder(workspace, entries)
-    report = _read_json(folder / "report.json").get("files", [])
+    report = _read_json(folder / layout.REPORT).get("files", [])
     for item in report:
         if item.get("status") != "skipped":
             continue
@@ -98,8 +99,8 @@ def view(workspace: Workspace, name: str) -> DatasetView:
             photo = workspace.inside(photos / item["file"])
         reason = REASONS.get(item.get("reason", ""), item.get("reason", ""))
         result.dropped.append((photo, item["file"], reason, item.get("message", "")))
-    if (folder / "contact_sheet.jpg").is_file():
-        result.contact_sheet = workspace.inside(folder / "contact_sheet.jpg", "datasets")
+    if (folder / layout.CONTACT_SHEET).is_file():
+        result.contact_sheet = workspace.inside(folder / layout.CONTACT_SHEET, "datasets")
     return result
 
 
@@ -129,8 +130,8 @@ def save_edits(
             shutil.copyfile(image, tmp / entry["image"])
             (tmp / entry["image"]).with_suffix(".txt").write_text(text + "\n", encoding="utf-8")
         lines = "".join(json.dumps(entry, ensure_ascii=False) + "\n" for entry in kept)
-        (tmp / "manifest.jsonl").write_text(lines, encoding="utf-8")
-        for extra in ("config.json", "report.json"):
+        (tmp / layout.MANIFEST).write_text(lines, encoding="utf-8")
+        for extra in (layout.CONFIG_JSON, layout.REPORT):
             if (source / extra).is_file():
                 shutil.copyfile(source / extra, tmp / extra)
         note = {"edited_from": f"datasets/{source.name}", "excluded": sorted(exclude), "captions_changed": captions}
@@ -139,7 +140,7 @@ def save_edits(
 
 
 def read_manifest(folder: Path) -> list[dict]:
-    path = folder / "manifest.jsonl"
+    path = folder / layout.MANIFEST
     if not path.is_file():
         raise UsageError(f"datasets/{folder.name}: no manifest.jsonl (not made by prep)")
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sdlora import layout
 from sdlora.serve.jobs import Job, Jobs, process_alive
 from sdlora.serve.workspace import Workspace
 
-DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
-METRICS = "metrics.jsonl"
+DIFFUSERS_FILE, METRICS = layout.DIFFUSERS_LORA, layout.METRICS
 LOCK = ".sdlora.lock"
 STOPPED_CODES = (130, 143)  # SIGINT, SIGTERM: train checkpointed and stopped
 
@@ -92,7 +92,7 @@ def lock_alive(folder: Path) -> bool:
 
 
 def checkpoints(folder: Path) -> list[Path]:
-    top = folder / "checkpoints"
+    top = folder / layout.CHECKPOINTS
     return sorted(p for p in top.iterdir() if p.name.startswith("step-")) if top.is_dir() else []
 
 
@@ -109,7 +109,7 @@ def error_line(log: Path) -> str:
 
 def run_config(folder: Path) -> dict[str, Any]:
     with contextlib.suppress(OSError, ValueError):
-        return json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        return json.loads((folder / layout.CONFIG_JSON).read_text(encoding="utf-8"))
     return {}
 
 
@@ -166,7 +166,7 @@ class Tail:
                     record = json.loads(line)
                     (self.evals if "eval" in record else self.losses).append(record)
                     changed = True
-        samples = folder / "samples"
+        samples = folder / layout.SAMPLES
         if samples.is_dir():
             with os.scandir(samples) as entries:
                 names = sorted(e.name for e in entries if e.name.endswith(".png") and not e.name.startswith("."))
@@ -194,14 +194,14 @@ class Tail:
 def best_step(tail: Tail, folder: Path) -> int | None:
     """The step best/ holds (best/best.json), else the highest identity seen."""
     with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-        return int(json.loads((folder / "best" / "best.json").read_text(encoding="utf-8"))["step"])
+        return int(json.loads((folder / layout.BEST / layout.BEST_FILE).read_text(encoding="utf-8"))["step"])
     scored = [e for e in tail.evals if e["eval"].get("identity") is not None]
     return max(scored, key=lambda e: e["eval"]["identity"])["step"] if scored else None
 
 
 def summary(folder: Path) -> dict[str, Any] | None:
     with contextlib.suppress(OSError, ValueError):
-        return json.loads((folder / "summary.json").read_text(encoding="utf-8"))
+        return json.loads((folder / layout.SUMMARY).read_text(encoding="utf-8"))
     return None
 
 
@@ -209,7 +209,7 @@ def downloads(workspace: Workspace, folder: Path) -> list[Path]:
     """Both LoRA files (diffusers and kohya format) and best/ as a zip, when they exist."""
     files = [folder / DIFFUSERS_FILE] if (folder / DIFFUSERS_FILE).is_file() else []
     files += sorted(p for p in folder.glob("*.safetensors") if p.name != DIFFUSERS_FILE)
-    best = folder / "best"
+    best = folder / layout.BEST
     if best.is_dir():
         files.append(zip_folder(best, workspace.state / "downloads" / f"{folder.name}-best.zip"))
     return [workspace.inside(path, "runs") if "runs" in path.parts else path for path in files]

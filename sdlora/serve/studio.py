@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sdlora import layout
 from sdlora.errors import UsageError
 from sdlora.serve.commands import Progress, run_sdlora
 from sdlora.serve.runs import DIFFUSERS_FILE, run_config
@@ -111,8 +112,8 @@ def images_of(workspace: Workspace, folder: Path) -> Images:
             record = {}
         words = ", ".join(f"{key}: {record[key]}" for key in ("prompt", "seed", "steps", "cfg") if key in record)
         result.images.append((png, words or png.name))
-    result.grid = folder / "grid.png" if (folder / "grid.png").is_file() else None
-    result.compare = folder / "compare.png" if (folder / "compare.png").is_file() else None
+    result.grid = folder / layout.GRID if (folder / layout.GRID).is_file() else None
+    result.compare = folder / layout.COMPARE if (folder / layout.COMPARE).is_file() else None
     return result
 
 

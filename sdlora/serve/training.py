@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import sdlora
+from sdlora import layout
 from sdlora.config import Config
 from sdlora.errors import UsageError
 from sdlora.fsutil import atomic_write_text
@@ -53,7 +54,7 @@ def start(
 ) -> str:
     """Queue `sdlora train datasets/DATASET runs/NAME --config TOML` (it starts at once if nothing runs)."""
     data = workspace.path(dataset, "datasets")
-    if not (data / "manifest.jsonl").is_file() and not data.is_dir():
+    if not (data / layout.MANIFEST).is_file() and not data.is_dir():
         raise UsageError(f"datasets/{dataset}: no such dataset; prepare one first")
     run = workspace.path(sanitise_name(name, "run"), "runs")
     if run.exists() or jobs.latest_for(f"runs/{run.name}") is not None:
@@ -81,12 +82,12 @@ def resume(workspace: Workspace, jobs: Jobs, name: str, dataset: str | None = No
     current = status(workspace, jobs, run.name)
     if current.state in ("running", "queued"):
         raise UsageError(f"runs/{run.name} is {current.state}; nothing to resume")
-    if not checkpoints(run) or not (run / "config.toml").is_file():
+    if not checkpoints(run) or not (run / layout.CONFIG_TOML).is_file():
         raise UsageError(f"runs/{run.name} has no checkpoint to resume from")
     chosen = dataset or current.dataset
     if not chosen:
         raise UsageError(f"runs/{run.name} was started outside the app: choose its dataset to resume it")
     data = workspace.path(Path(chosen).name, "datasets")
-    args = ["train", str(data), str(run), "--config", str(run / "config.toml"), "--resume", "latest"]
+    args = ["train", str(data), str(run), "--config", str(run / layout.CONFIG_TOML), "--resume", "latest"]
     job = jobs.submit(f"runs/{run.name}", f"datasets/{data.name}", args)
     return f"runs/{run.name}: resumed" if job.started else f"runs/{run.name}: resume queued behind the running run"

@@ -12,12 +12,13 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from sdlora import layout
 from sdlora.errors import UsageError
 
 FOLDERS = ("photos", "datasets", "runs", "images", "models")
 STATE = ".sdlora-serve"
 # What an upload may be: the photo formats prep reads (README), nothing executable or archived.
-PHOTO_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".heic", ".heif"})
+PHOTO_SUFFIXES = layout.IMAGE_SUFFIXES  # what prep reads
 CAPTION_SUFFIXES = frozenset({".txt"})
 MAX_UPLOAD_BYTES = 50 * 2**20  # a 12-MP phone JPEG is 3-8 MB; 50 MB leaves room for HEIC/TIFF scans
 MAX_UPLOAD_FILES = 500
