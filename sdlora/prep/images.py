@@ -98,7 +98,19 @@ def read_photo_bytes(path: Path, max_pixels: int) -> bytes:
     and its size is one such an image can have: a video, an archive or a huge file is refused (Skip) after
     reading a few KB, so a 2 GB video in a photo folder costs no memory. Special files (pipes, devices,
     dangling links, link loops) are refused without opening them."""
-    path = Path(path)
+    _regular_file(Path(path), max_pixels)
+    try:
+        with open(path, "rb") as handle:
+            _check_header(handle, max_pixels)  # reads only the header
+            handle.seek(0)
+            return handle.read()
+    except OSError as exc:
+        raise Skip("unreadable", f"It could not be read ({exc.strerror or exc}).") from None
+
+
+def _regular_file(path: Path, max_pixels: int) -> os.stat_result:
+    """The file's stat when it is a regular, non-empty file of a size an image within `max_pixels` can have;
+    Skip otherwise (dangling links, link loops, pipes, devices: without opening them)."""
     try:
         info = path.stat()
     except OSError as exc:
@@ -117,13 +129,7 @@ def read_photo_bytes(path: Path, max_pixels: int) -> bytes:
             f"The file is {info.st_size / 1e6:.0f} MB, more than any photo within prep.max_pixels needs "
             f"({limit / 1e6:.0f} MB); it was not read.",
         )
-    try:
-        with open(path, "rb") as handle:
-            _check_header(handle, max_pixels)  # reads only the header
-            handle.seek(0)
-            return handle.read()
-    except OSError as exc:
-        raise Skip("unreadable", f"It could not be read ({exc.strerror or exc}).") from None
+    return info
 
 
 def max_file_bytes(max_pixels: int) -> int:
@@ -164,6 +170,28 @@ def _special_kind(mode: int) -> str:
     if stat.S_ISSOCK(mode):
         return "a socket"
     return "a special file"
+
+
+def check_images(paths: list[Path], what: str = "", max_pixels: int = MAX_PIXELS) -> None:
+    """Before the slow part: every file exists, is a regular file and has an image header within `max_pixels`
+    (a few KB read per file; the pixels are decoded later). The first bad one is a UsageError naming it."""
+    for path in paths:
+        where = printable(f"{what} {path}" if what else str(path))
+        if not os.path.lexists(path):
+            raise UsageError(f"{where}: no such file")
+        try:
+            _header_only(Path(path), max_pixels)
+        except Skip as skip:
+            raise UsageError(f"{where}: not a usable image: {skip.message} Remove it or replace it.") from None
+
+
+def _header_only(path: Path, max_pixels: int) -> None:
+    _regular_file(path, max_pixels)
+    try:
+        with open(path, "rb") as handle:
+            _check_header(handle, max_pixels)
+    except OSError as exc:
+        raise Skip("unreadable", f"It could not be read ({exc.strerror or exc}).") from None
 
 
 def read_image(path: Path, what: str = "", max_pixels: int = MAX_PIXELS) -> Image.Image:
