@@ -65,7 +65,7 @@ def handles_errors(command: F) -> F:
     def wrapper(ctx: typer.Context, *args: Any, **kwargs: Any) -> Any:
         debug = bool((ctx.obj or {}).get("debug"))
         if not debug:
-            _quiet_libraries(loads_models=command.__name__ in MODEL_COMMANDS)
+            _quiet_libraries()
         try:
             return command(ctx, *args, **kwargs)
         except (typer.Exit, typer.Abort, SystemExit):
@@ -98,11 +98,7 @@ def _message(exc: Exception) -> tuple[str, int]:
     return f"unexpected {type(exc).__name__}: {printable(first)[:300]}; {BUG}", 1
 
 
-# Commands that load diffusers anyway: importing it early costs them nothing and lets us turn its bars off.
-MODEL_COMMANDS = frozenset({"train", "generate", "eval_command", "demo"})
-
-
-def _quiet_libraries(loads_models: bool) -> None:
+def _quiet_libraries() -> None:
     """Keep the terminal for our progress and messages: the libraries' warnings, loading bars and multi-line
     LoRA-loading reports show with --debug. Environment variables act when the libraries are imported later
     (inside the commands); a library already imported is told directly."""
@@ -115,16 +111,13 @@ def _quiet_libraries(loads_models: bool) -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
     for name in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY"):
         os.environ.setdefault(name, "error")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # also diffusers' "Loading pipeline components"
+    # models.load_pipeline turns diffusers' own bars ("Loading pipeline components") off with the hub's.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*requires torchvision.*")
     # peft's "Loading adapter weights ... led to unexpected keys" and diffusers' key dumps are UserWarnings.
     warnings.filterwarnings("ignore", module="peft.*")
     warnings.filterwarnings("ignore", module="diffusers.*")
-    if loads_models:  # diffusers' "Loading pipeline components" bar ignores the environment
-        from diffusers.utils import logging as diffusers_logging
-
-        diffusers_logging.disable_progress_bar()
 
 
 # Which config setting each command-line option sets (None: not given, the config file or default stands).

@@ -87,6 +87,10 @@ def describe(exc: BaseException) -> tuple[str, int] | None:
     name = type(exc).__name__
     if name == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError, without importing torch
         return GPU_MEMORY, 1
+    if isinstance(exc, OSError | SyntaxError | EOFError) and _origin(exc.__traceback__).startswith("PIL."):
+        where = _file_of(exc.__traceback__) or "an image"
+        first = (str(exc).strip().splitlines() or [name])[0]
+        return f"{where}: could not be decoded ({first}); the file may be truncated or corrupt: replace it", 1
     if isinstance(exc, OSError) and exc.errno is not None:
         return _os_error(exc), 1
     if isinstance(exc, UnicodeDecodeError):
@@ -131,6 +135,15 @@ def _os_error(exc: OSError) -> str:
 
 # Local variable names that hold the file being read in our code and in pathlib/json/PIL frames.
 PATH_NAMES = ("path", "file", "filename", "fp", "self", "source", "sidecar", "caption", "config_file")
+
+
+def _origin(tb: TracebackType | None) -> str:
+    """The module in which the exception was raised (the innermost frame)."""
+    name = ""
+    while tb is not None:
+        name = str(tb.tb_frame.f_globals.get("__name__", ""))
+        tb = tb.tb_next
+    return name
 
 
 def _file_of(tb: TracebackType | None) -> str | None:

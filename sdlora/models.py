@@ -206,8 +206,12 @@ def load_pipeline(
     offline; without it diffusers fetches the architecture's configs from the hub.
     """
     from diffusers import DiffusionPipeline
+    from diffusers.utils import logging as diffusers_logging
+    from huggingface_hub.utils import are_progress_bars_disabled
 
     check_base(base, allow_pickle, single_file_config)
+    if are_progress_bars_disabled():  # diffusers' "Loading pipeline components" bar follows the hub's setting
+        diffusers_logging.disable_progress_bar()
     path = Path(base).expanduser()
     kwargs: dict[str, Any] = {"dtype": torch_dtype} if torch_dtype is not None else {}  # diffusers 0.42: `dtype`
     hint = _load_hint(path, single_file_config)
