@@ -18,7 +18,6 @@ from typer.testing import CliRunner
 from sdlora import config
 from sdlora.cli import app
 from sdlora.errors import UsageError
-from sdlora.preflight import check_output_dir
 from sdlora.prep import images
 from sdlora.prep.examine import Settings, examine
 from sdlora.prep.run import list_inputs, prep
@@ -150,6 +149,8 @@ def test_float_images_in_0_to_1_are_not_black(tmp_path):
 
 
 def test_out_dir_checked_before_the_slow_part(tmp_path, monkeypatch):
+    from sdlora.preflight import check_output_dir
+
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
     with pytest.raises(UsageError, match="which is a file, not a folder"):
