@@ -87,10 +87,6 @@ def describe(exc: BaseException) -> tuple[str, int] | None:
     name = type(exc).__name__
     if name == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError, without importing torch
         return GPU_MEMORY, 1
-    if isinstance(exc, OSError | SyntaxError | EOFError) and _origin(exc.__traceback__).startswith("PIL."):
-        where = _file_of(exc.__traceback__) or "an image"
-        first = (str(exc).strip().splitlines() or [name])[0]
-        return f"{where}: could not be decoded ({first}); the file may be truncated or corrupt: replace it", 1
     if isinstance(exc, OSError) and exc.errno is not None:
         return _os_error(exc), 1
     if isinstance(exc, UnicodeDecodeError):
@@ -102,7 +98,15 @@ def describe(exc: BaseException) -> tuple[str, int] | None:
     if name == "JSONDecodeError":
         where = _file_of(exc.__traceback__) or "a JSON file"
         return f"{where}: not valid JSON ({exc.msg} at line {exc.lineno}); fix the file or write it again", 1
-    return _library_error(exc)
+    known = _library_error(exc)
+    if known is not None:
+        return known
+    decode = isinstance(exc, SyntaxError | EOFError) or isinstance(exc, OSError) and exc.errno is None
+    if decode and _origin(exc.__traceback__).startswith("PIL."):  # a damaged image (a full disk has an errno)
+        where = _file_of(exc.__traceback__) or "an image"
+        first = (str(exc).strip().splitlines() or [name])[0]
+        return f"{where}: could not be decoded ({first}); the file may be truncated or corrupt: replace it", 1
+    return None
 
 
 def _library_error(exc: BaseException) -> tuple[str, int] | None:

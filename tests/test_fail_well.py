@@ -65,6 +65,26 @@ def test_library_errors_are_one_line(monkeypatch, tmp_path):
     assert str(bad) in line and "not an image" in line
 
 
+def test_a_full_disk_inside_pillow_is_not_a_damaged_image(monkeypatch, tmp_path):
+    from PIL import Image
+
+    class Full:
+        name = str(tmp_path / "grid.png")
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def flush(self):
+            pass
+
+    def save(*_args, **_kwargs):
+        Image.new("RGB", (8, 8)).save(Full(), format="PNG")
+
+    monkeypatch.setattr(config_module, "to_toml", save)
+    line = one_error_line(runner.invoke(app, ["config"]), 1)
+    assert "no space left on the device" in line
+
+
 def test_unexpected_errors_are_one_line_and_traceback_with_debug(monkeypatch):
     line = one_error_line(fail_with(monkeypatch, TypeError("boom")), 1)
     assert "unexpected TypeError: boom" in line and "bug" in line
