@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
+import time
 
-from bench.robust import Case, snapshot
+from bench.robust import Case, Ran, snapshot
 from bench.robust import _makers as make
 from bench.robust.inputs import GEN, Context, error_case, judged, kind, prep_args
 
@@ -81,16 +85,8 @@ def no_permission(ctx: Context) -> Case:
     locked.chmod(0o555)
     if not shutil.which("setpriv"):
         return Case("inputs", "", "", ok=False, detail="setpriv not found")
-    import sys
-
-    from bench.robust import Ran
-
     command = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m", "sdlora",
                *prep_args(photos, locked / "out")]  # fmt: skip
-    import os
-    import subprocess
-    import time
-
     start = time.perf_counter()
     env = os.environ | {"HOME": str(folder), "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env, cwd=folder)
