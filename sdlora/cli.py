@@ -15,7 +15,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from sdlora import __version__
-from sdlora.errors import SdloraError
+from sdlora.errors import BUG, Interrupted, SdloraError, describe, printable
 
 app = typer.Typer(
     name="sdlora",
@@ -56,7 +56,10 @@ def main(
 
 
 def handles_errors(command: F) -> F:
-    """Turn our exceptions into `error: ...` on stderr and their exit code (tracebacks only with --debug)."""
+    """The one error boundary: our exceptions, and the failures a user's input or machine causes (full disk,
+    read-only folder, damaged model or image files, text that is not UTF-8, out of memory), become one line
+    `error: <file>: <what happened>; <what to do>` on stderr with exit 1 (2 for usage). Tracebacks only with --debug;
+    an unexpected exception (a bug) says so in one line."""
 
     @functools.wraps(command)
     def wrapper(ctx: typer.Context, *args: Any, **kwargs: Any) -> Any:
@@ -65,31 +68,56 @@ def handles_errors(command: F) -> F:
             _quiet_libraries()
         try:
             return command(ctx, *args, **kwargs)
-        except SdloraError as exc:
-            if debug:
-                traceback.print_exc()
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(exc.exit_code) from None
+        except (typer.Exit, typer.Abort, SystemExit):
+            raise
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)
             raise typer.Exit(130) from None
+        except Interrupted as exc:  # stopped on request after saving its state: not an error
+            if debug:
+                traceback.print_exc()
+            typer.echo(str(exc), err=True)
+            raise typer.Exit(exc.exit_code) from None
+        except Exception as exc:  # noqa: BLE001 - the boundary: every failure becomes one line
+            if debug:
+                traceback.print_exc()
+            message, code = _message(exc)
+            typer.echo(f"error: {message}", err=True)
+            raise typer.Exit(code) from None
 
     return wrapper  # type: ignore[return-value]
 
 
+def _message(exc: Exception) -> tuple[str, int]:
+    if isinstance(exc, SdloraError):
+        return str(exc), exc.exit_code
+    known = describe(exc)
+    if known is not None:
+        return known
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return f"unexpected {type(exc).__name__}: {printable(first)[:300]}; {BUG}", 1
+
+
 def _quiet_libraries() -> None:
-    """Keep the terminal for our progress and messages: the libraries' warnings and loading bars show with --debug.
-    Environment variables, so they act when the libraries are imported later (inside the commands)."""
+    """Keep the terminal for our progress and messages: the libraries' warnings, loading bars and multi-line
+    LoRA-loading reports show with --debug. Environment variables act when the libraries are imported later
+    (inside the commands); a library already imported is told directly."""
     import logging
     import os
     import warnings
 
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # "Failed to load CPU gemm_4bit_forward" on CPUs
+    for name in ("diffusers", "transformers", "peft", "accelerate", "huggingface_hub"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     for name in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY"):
         os.environ.setdefault(name, "error")
+    # models.load_pipeline turns diffusers' own bars ("Loading pipeline components") off with the hub's.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*requires torchvision.*")
+    # peft's "Loading adapter weights ... led to unexpected keys" and diffusers' key dumps are UserWarnings.
+    warnings.filterwarnings("ignore", module="peft.*")
+    warnings.filterwarnings("ignore", module="diffusers.*")
 
 
 # Which config setting each command-line option sets (None: not given, the config file or default stands).

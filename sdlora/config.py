@@ -26,8 +26,16 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 
+# Upper bounds of the numbers that would otherwise reach torch or numpy and fail there (or exhaust memory).
+MAX_RESOLUTION = 4096  # px: SDXL trains at 1024; 4096 is already 16x its memory
+MAX_SEED = 2**32 - 1  # A1111's range; torch takes 64-bit seeds, but seed + i must stay in range
+MAX_STEPS = 10_000_000
+MAX_IMAGES = 100_000  # images per prompt, class images, batch sizes
+
+
 class Section(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # allow_inf_nan=False: every float setting is finite (`--lr inf` and `nan` are refused here, not in torch).
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 def _multiple_of_8(value: int) -> int:
@@ -41,7 +49,7 @@ class PrepConfig(Section):
 
     token: str = Field("sks", description="Rare token that names the person in captions and prompts.")
     class_word: str = Field("person", description="Class noun after the token: person, man, woman, ...")
-    resolution: int = Field(512, ge=64, description="Side of the square output crops, in pixels.")
+    resolution: int = Field(512, ge=64, le=MAX_RESOLUTION, description="Side of the square output crops, in pixels.")
     crop: Literal["face", "center"] = Field(
         "face",
         description="face: square centred on the detected face; center: the centre square, no face needed.",
@@ -60,7 +68,7 @@ class PrepConfig(Section):
         description="Blurry when sharpness < this share of the set's median (0 disables).",
     )
     duplicate_distance: int = Field(
-        6, ge=0, description="Perceptual-hash Hamming distance at or under which two photos are duplicates."
+        6, ge=0, le=64, description="Perceptual-hash Hamming distance at or under which two photos are duplicates."
     )
     other_person_distance: float = Field(
         0.6,
@@ -68,9 +76,12 @@ class PrepConfig(Section):
         description="Face-embedding distance from the set's identity above which a face is someone else.",
     )
     max_pixels: int = Field(
-        MAX_PIXELS, gt=0, description="Refuse images with more pixels than this (decompression bombs)."
+        MAX_PIXELS,
+        gt=0,
+        le=10 * MAX_PIXELS,
+        description="Refuse images with more pixels than this (decompression bombs).",
     )
-    workers: int = Field(0, ge=0, description="Parallel worker processes; 0 means one per CPU core.")
+    workers: int = Field(0, ge=0, le=256, description="Parallel worker processes; 0 means one per CPU core.")
     overwrite: bool = Field(False, description="Replace the contents of a non-empty OUT_DIR.")
 
     _check_resolution = field_validator("resolution")(_multiple_of_8)
@@ -96,7 +107,7 @@ class ModelConfig(Section):
 class LoraConfig(Section):
     """The LoRA adapters: where they go and how big they are."""
 
-    rank: int = Field(16, gt=0, description="LoRA rank (inner dimension).")
+    rank: int = Field(16, gt=0, le=1024, description="LoRA rank (inner dimension).")
     alpha: float = Field(16.0, gt=0, description="LoRA alpha; the update is scaled by alpha / rank.")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
     targets: Literal["attention", "all"] = Field(
@@ -110,21 +121,24 @@ class TrainConfig(Section):
     """`sdlora train`: the optimisation and its outputs."""
 
     name: str | None = Field(None, description="Name of the kohya-format file; default: the OUT_DIR folder name.")
-    steps: int = Field(800, gt=0, description="Optimisation steps.")
-    resolution: int = Field(512, ge=64, description="Training resolution in pixels.")
-    batch_size: int = Field(1, gt=0, description="Images per device per micro-batch.")
-    grad_accum: int = Field(1, gt=0, description="Micro-batches accumulated per optimisation step.")
-    learning_rate: float = Field(1e-4, gt=0, description="UNet LoRA learning rate (Prodigy: use 1.0).")
-    text_encoder_learning_rate: float = Field(5e-5, gt=0, description="Text-encoder LoRA learning rate.")
+    steps: int = Field(800, gt=0, le=MAX_STEPS, description="Optimisation steps.")
+    resolution: int = Field(512, ge=64, le=MAX_RESOLUTION, description="Training resolution in pixels.")
+    batch_size: int = Field(1, gt=0, le=1024, description="Images per device per micro-batch.")
+    grad_accum: int = Field(1, gt=0, le=MAX_IMAGES, description="Micro-batches accumulated per optimisation step.")
+    learning_rate: float = Field(1e-4, gt=0, le=10, description="UNet LoRA learning rate (Prodigy: use 1.0).")
+    text_encoder_learning_rate: float = Field(5e-5, gt=0, le=10, description="Text-encoder LoRA learning rate.")
     text_encoder_2_learning_rate: float | None = Field(
-        None, gt=0, description="SDXL's second text-encoder LoRA learning rate; unset: text_encoder_learning_rate."
+        None,
+        gt=0,
+        le=10,
+        description="SDXL's second text-encoder LoRA learning rate; unset: text_encoder_learning_rate.",
     )
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field(
         "auto", description="auto: fp32 on CPU, bf16 on GPUs that support it, else fp16."
     )
     optimizer: Literal["adamw", "adamw8bit", "prodigy"] = Field("adamw", description="Optimizer.")
     lr_scheduler: Literal["constant", "cosine", "linear"] = Field("constant", description="LR schedule after warmup.")
-    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
+    warmup_steps: int = Field(0, ge=0, le=MAX_STEPS, description="Linear warmup steps.")
     weight_decay: float = Field(1e-2, ge=0, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, ge=0, description="Clip gradients at this norm; 0 disables clipping.")
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory in the UNet.")
@@ -133,7 +147,9 @@ class TrainConfig(Section):
     resume: str | None = Field(None, description="'latest' or a checkpoint folder to continue from.")
     overwrite: bool = Field(False, description="Replace a different run already in OUT_DIR.")
     class_prompt: str | None = Field(None, description="Prior preservation: generate class images from this prompt.")
-    num_class_images: int = Field(100, gt=0, description="How many class images prior preservation uses.")
+    num_class_images: int = Field(
+        100, gt=0, le=MAX_IMAGES, description="How many class images prior preservation uses."
+    )
     prior_loss_weight: float = Field(1.0, ge=0, description="Weight of the prior-preservation loss.")
     class_dir: Path | None = Field(None, description="Prior preservation: a folder of ready class images.")
     sample_every: int = Field(200, ge=0, description="Render sample grids every N steps; 0 disables.")
@@ -141,8 +157,8 @@ class TrainConfig(Section):
         default_factory=lambda: ["a photo of {trigger}", "a portrait of {trigger}, oil painting"],
         description="Prompts of the sample grids; {trigger} becomes the trigger phrase.",
     )
-    sample_steps: int = Field(20, gt=0, description="Denoising steps of each sample.")
-    seed: int = Field(0, description="Seed of data order, noise and LoRA init.")
+    sample_steps: int = Field(20, gt=0, le=1000, description="Denoising steps of each sample.")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="Seed of data order, noise and LoRA init.")
     log_every: int = Field(
         10,
         gt=0,
@@ -179,10 +195,10 @@ class GenerateConfig(Section):
     loras: list[str] = Field(default_factory=list, description="LoRA paths, each optionally PATH:SCALE.")
     prompts: list[str] = Field(default_factory=list, description="Prompts; {trigger} becomes the LoRA's trigger.")
     negative: str = Field("", description="Negative prompt.")
-    n: int = Field(4, gt=0, description="Images per prompt.")
-    batch_size: int = Field(4, gt=0, description="Images per pipeline call.")
-    seed: int = Field(42, description="Image i uses seed + i, so one image can be remade alone.")
-    steps: int = Field(30, gt=0, description="Denoising steps.")
+    n: int = Field(4, gt=0, le=MAX_IMAGES, description="Images per prompt.")
+    batch_size: int = Field(4, gt=0, le=1024, description="Images per pipeline call.")
+    seed: int = Field(42, ge=0, le=MAX_SEED, description="Image i uses seed + i, so one image can be remade alone.")
+    steps: int = Field(30, gt=0, le=1000, description="Denoising steps (at most the 1000 training timesteps).")
     cfg: float = Field(7.0, ge=0, description="Classifier-free guidance scale.")
     scheduler: Literal["dpmpp_2m_karras", "euler_a", "euler", "ddim", "unipc"] = Field(
         "dpmpp_2m_karras", description="Sampler."
@@ -224,8 +240,8 @@ class EvalConfig(Section):
     threshold: float | None = Field(
         None, gt=0, description="Same-person face distance; unset: the face model's own (0.6 for dlib and ArcFace)."
     )
-    n: int = Field(4, gt=0, description="Images per evaluation prompt.")
-    seed: int = Field(0, description="First seed of the evaluation images.")
+    n: int = Field(4, gt=0, le=MAX_IMAGES, description="Images per evaluation prompt.")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="First seed of the evaluation images.")
     clip: str | None = Field(None, description="CLIP model (hub id or folder) for prompt fidelity; skipped if unset.")
     min_diversity: float = Field(
         0.1,
@@ -252,8 +268,10 @@ def parse_size(value: str) -> tuple[int, int]:
     except ValueError:
         raise ValueError(f"size must look like 512x512 (got {value!r})") from None
     for side in (width, height):
-        if side <= 0 or side % 8:
-            raise ValueError(f"each side of size must be a positive multiple of 8 (got {value!r})")
+        if side <= 0 or side % 8 or side > MAX_RESOLUTION:
+            raise ValueError(
+                f"each side of size must be a positive multiple of 8, at most {MAX_RESOLUTION} (got {value!r})"
+            )
     return width, height
 
 
@@ -266,16 +284,30 @@ def load(
     data: dict[str, Any] = {}
     if path is not None:
         data = read_toml(path)
+        _no_pickle_from(data, str(path))
     for dotted, value in (options or {}).items():
         if value is not None:
             _set_dotted(data, dotted, value, origin="option")
     for item in sets:
         dotted, value = _parse_set(item)
+        if dotted == "model.allow_pickle":
+            _no_pickle_from({"model": {"allow_pickle": value}}, f"--set {item}")
         _set_dotted(data, dotted, value, origin="--set")
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_describe(exc, source=str(path) if path else "config")) from None
+
+
+def _no_pickle_from(data: dict[str, Any], source: str) -> None:
+    """Loading a pickle runs its code, so only the person at the command line may allow it: a config file
+    (shared, downloaded, written by a run) or a --set saying `model.allow_pickle = true` is refused."""
+    model = data.get("model")
+    if isinstance(model, dict) and model.get("allow_pickle") not in (None, False):
+        raise ConfigError(
+            f"{source}: model.allow_pickle may only be given on the command line (--allow-pickle), "
+            "because loading a pickle can run code; remove it from there"
+        )
 
 
 def read_toml(path: Path) -> dict[str, Any]:
@@ -302,7 +334,9 @@ def to_toml(config: Config) -> str:
             return {k: drop_none(v) for k, v in value.items() if v is not None}
         return value
 
-    return tomli_w.dumps(drop_none(config.model_dump(mode="json")))
+    data = config.model_dump(mode="json")
+    data["model"]["allow_pickle"] = False  # a config file may not allow pickles (see _no_pickle_from)
+    return tomli_w.dumps(drop_none(data))
 
 
 def _parse_set(item: str) -> tuple[str, Any]:

@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic_core import PydanticSerializationError
 
-from sdlora.errors import UsageError
+from sdlora.errors import UsageError, printable
 from sdlora.evaluation.metrics import ImageScore, Summary
 from sdlora.fsutil import atomic_dir, atomic_write_text
 
@@ -35,7 +36,25 @@ class EvalResult(BaseModel):
     notes: list[str] = Field(default_factory=list)
 
     def to_json(self) -> str:
-        return self.model_dump_json(by_alias=True, indent=2) + "\n"
+        try:
+            return self.model_dump_json(by_alias=True, indent=2) + "\n"
+        except PydanticSerializationError:  # a file name that is not valid UTF-8: written escaped
+            clean = type(self).model_validate(_printable_strings(self.model_dump(by_alias=True)))
+            return clean.model_dump_json(by_alias=True, indent=2) + "\n"
+
+
+def _printable_strings(value: Any) -> Any:
+    if isinstance(value, str):
+        return printable(value)
+    if isinstance(value, dict):
+        return {key: _printable_strings(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_printable_strings(item) for item in value)
+    return value
+
+
+def _esc(text: str) -> str:
+    return html.escape(printable(text))
 
 
 def write_json(result: EvalResult, path: Path) -> None:
@@ -67,7 +86,10 @@ def print_table(result: EvalResult, console: Any = None) -> None:
     """Per-prompt rows and the summary, as rich tables."""
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
+    # Prompts, file names and notes are plain text: as rich markup, A1111's [square brackets] would vanish or
+    # raise MarkupError after all the scoring.
     console = console or Console()
     per_prompt = Table(title="per prompt")
     for column in ("prompt", "images", "faces", "identity", "recognised"):
@@ -75,14 +97,14 @@ def print_table(result: EvalResult, console: Any = None) -> None:
     for prompt, rows in _by_prompt(result.images).items():
         sims = [r.similarity for r in rows if r.similarity is not None]
         per_prompt.add_row(
-            prompt,
+            Text(printable(prompt)),
             str(len(rows)),
             str(sum(1 for r in rows if r.faces)),
             _fmt(sum(sims) / len(sims) if sims else None),
             f"{sum(r.recognised for r in rows)}/{len(rows)}",
         )
     console.print(per_prompt)
-    summary = Table(title=f"summary ({result.face_model}, threshold {result.threshold:g})")
+    summary = Table(title=Text(f"summary ({result.face_model}, threshold {result.threshold:g})"))
     summary.add_column("metric")
     summary.add_column("value", justify="right")
     summary.add_column("meaning")
@@ -91,7 +113,7 @@ def print_table(result: EvalResult, console: Any = None) -> None:
         summary.add_row(key, _fmt(data[key]), meaning)
     console.print(summary)
     for note in result.notes:
-        console.print(f"note: {note}")
+        console.print(Text(f"note: {printable(note)}"))
 
 
 def _by_prompt(images: Sequence[ImageScore]) -> dict[str, list[ImageScore]]:
@@ -140,7 +162,7 @@ table.summary td, table.summary th { padding: 2px 10px; text-align: left; }
 
 
 def render_html(result: EvalResult, image_names: Sequence[str], ref_names: Sequence[str]) -> str:
-    esc = html.escape
+    esc = _esc
     data = result.summary.model_dump()
     rows = "".join(
         f"<tr><th>{key}</th><td>{_fmt(data[key])}</td><td>{esc(meaning)}</td></tr>" for key, meaning in SUMMARY_ROWS
@@ -161,7 +183,7 @@ def render_html(result: EvalResult, image_names: Sequence[str], ref_names: Seque
 
 
 def _card(score: ImageScore, name: str) -> str:
-    esc = html.escape
+    esc = _esc
     verdict = '<span class="ok">recognised</span>' if score.recognised else '<span class="no">not recognised</span>'
     lines = [
         esc(score.prompt or score.image),

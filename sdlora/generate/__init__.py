@@ -3,6 +3,7 @@ filmstrips, grids and A1111-readable settings in every file (the rendering itsel
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import dataclass
@@ -45,15 +46,53 @@ class Source:
 
 
 def read_prompts(path: Path) -> list[str]:
-    """One prompt per line; blank lines and lines starting with # are skipped."""
+    """One prompt per line; blank lines and lines starting with # are skipped. A missing, special (pipe,
+    device), empty, huge or non-UTF-8 file is a UsageError that says which."""
+    import stat
+
+    from sdlora.errors import printable
+
     path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"--prompts {path}: no such file")
-    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    where = f"--prompts {printable(path)}"
+    try:
+        info = path.stat()
+    except OSError:
+        raise UsageError(f"{where}: no such file") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise UsageError(f"{where}: is a folder; give a text file with one prompt per line")
+    if not stat.S_ISREG(info.st_mode):
+        raise UsageError(f"{where}: not a regular file (a pipe or device?); give a text file with one prompt per line")
+    if info.st_size == 0:
+        raise UsageError(f"{where}: the file is empty; write one prompt per line (# starts a comment)")
+    if info.st_size > MAX_PROMPTS_BYTES:
+        raise UsageError(f"{where}: {info.st_size / 1e6:.0f} MB is too large for a prompts file; is it the right file?")
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{where}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+    except OSError as exc:
+        raise UsageError(f"{where}: could not be read ({exc.strerror or exc})") from None
+    lines = [line.strip() for line in text.splitlines()]
     prompts = [line for line in lines if line and not line.startswith("#")]
     if not prompts:
-        raise UsageError(f"--prompts {path}: no prompts in it (one per line; # starts a comment)")
+        raise UsageError(f"{where}: no prompts in it (one per line; # starts a comment)")
+    if any("\x00" in p for p in prompts):
+        raise UsageError(f"{where}: holds NUL bytes, so it is not a text file; give a text file")
     return prompts
+
+
+MAX_PROMPTS_BYTES = 16 * 1024 * 1024
+
+
+def _a1111_hash(path: Path) -> str:
+    """A1111's hash of a LoRA file (SHA-256 of the bytes after the safetensors header), once per file and run."""
+    info = Path(path).stat()
+    return _cached_hash(str(path), info.st_size, info.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_hash(path: str, size: int, mtime_ns: int) -> str:
+    return lora_files.addnet_hash(Path(path))
 
 
 def expand_triggers(prompts: list[str], loras: list[Lora]) -> list[str]:
@@ -240,9 +279,14 @@ def write_outputs(
 def image_record(
     config: Config, job: Job, loras: list[Lora], hashes: list[tuple[str, str]], size: tuple[int, int]
 ) -> dict[str, Any]:
-    """Everything needed to remake one image, plus A1111's `parameters` text built from it."""
+    """Everything needed to remake one image, plus A1111's `parameters` text built from it. A LoRA given as a
+    train OUT_DIR is named and hashed by its kohya file, which is what A1111, Forge and civitai know."""
     g, base = config.generate, str(config.model.base)
     source = g.init_image or g.keep_face
+    hashes = [
+        (lora.name, _a1111_hash(lora.a1111_file) if lora.a1111_file else digest)
+        for lora, (_, digest) in zip(loras, hashes, strict=True)
+    ]
     lora_tags = "".join(f" <lora:{lora.name}:{lora.scale:g}>" for lora in loras)  # how A1111 asks for LoRAs
     settings = {
         "Steps": g.steps,

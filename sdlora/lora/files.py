@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 from collections import Counter
@@ -27,6 +26,7 @@ class Lora:
     scale: float
     name: str  # A1111's name for it: the OUT_DIR or file name without suffix
     metadata: dict[str, str] = field(default_factory=dict)
+    a1111_file: Path | None = None  # the kohya file A1111 knows it by, when `path` is a train OUT_DIR's diffusers file
 
     @property
     def trigger(self) -> str | None:
@@ -39,17 +39,54 @@ class Lora:
 
 
 def parse_lora(spec: str) -> Lora:
-    """'out/run:0.8' -> Lora(path=out/run/pytorch_lora_weights.safetensors, scale=0.8); the scale defaults to 1."""
+    """'out/run:0.8' -> Lora(path=out/run/pytorch_lora_weights.safetensors, scale=0.8); the scale defaults to 1.
+    A ':' is part of the path when the whole spec names something that exists (C:\\..., odd folder names);
+    otherwise what follows the last ':' must be a finite number. A train OUT_DIR is known to A1111 by its
+    kohya file, so its name (the `<lora:NAME:w>` tag) and A1111 hash come from that file."""
+    import math
+
+    from sdlora.errors import printable
+    from sdlora.models import check_safetensors
+
     path_text, scale = spec, 1.0
     head, sep, tail = spec.rpartition(":")
-    if sep and head:
-        # Without a number after it, the ':' is part of the path (C:\..., odd folder names).
-        with contextlib.suppress(ValueError):
-            path_text, scale = head, float(tail)
+    if sep and head and not Path(spec).expanduser().exists() and not any(c in tail for c in "/\\"):
+        try:
+            scale = float(tail)
+        except ValueError:
+            raise UsageError(
+                f"--lora {printable(spec)}: the scale {printable(tail)!r} after ':' is not a number; "
+                "write PATH:SCALE, e.g. out/run:0.8"
+            ) from None
+        if not math.isfinite(scale):
+            raise UsageError(f"--lora {printable(spec)}: the scale must be a finite number, e.g. 0.8 (got {tail})")
+        path_text = head
     given = Path(path_text).expanduser()
     path = resolve_lora_file(given, spec)
-    name = given.name if given.is_dir() else given.stem
-    return Lora(path=path, scale=scale, name=name, metadata=read_metadata(path))
+    header = check_safetensors(path, f"--lora {path}")
+    if not any(key != "__metadata__" for key in header):
+        raise UsageError(f"--lora {printable(path)}: the file holds no tensors (an empty LoRA); train it again")
+    kohya = _kohya_file_of(given) if given.is_dir() else None
+    name = kohya.stem if kohya else given.name if given.is_dir() else given.stem
+    return Lora(path=path, scale=scale, name=name, metadata=read_metadata(path), a1111_file=kohya)
+
+
+def _kohya_file_of(folder: Path) -> Path | None:
+    """The kohya-format file of a train OUT_DIR (`train.name` in its config.json, default the folder's name):
+    what the user copies into A1111/Forge/ComfyUI, and what civitai knows by its hash."""
+    names = [folder.resolve().name]
+    try:
+        name = json.loads((folder / layout.CONFIG_JSON).read_text(encoding="utf-8")).get("train", {}).get("name")
+    except (OSError, ValueError, AttributeError):
+        name = None
+    if isinstance(name, str) and name:
+        names.insert(0, name)
+    for name in names:
+        candidate = folder / layout.kohya_file(name)
+        if candidate.is_file() and candidate.name != DIFFUSERS_WEIGHTS:
+            return candidate
+    others = [p for p in folder.glob("*.safetensors") if p.name != DIFFUSERS_WEIGHTS and p.is_file()]
+    return others[0] if len(others) == 1 else None
 
 
 def resolve_lora_file(path: Path, spec: str) -> Path:

@@ -7,6 +7,8 @@ import math
 
 from PIL import Image, ImageDraw, ImageFont
 
+from sdlora.errors import printable
+
 TILE = 160  # px, side of one cell
 LABEL = 18  # px, height of the text strip under each cell
 COLUMNS = 6
@@ -51,7 +53,11 @@ def contact_sheet(
 
 
 def _fit(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.ImageFont | ImageFont.FreeTypeFont) -> str:
-    """`text` shortened with an ellipsis to fit one cell."""
+    """`text` shortened with an ellipsis to fit one cell; file names that are not valid UTF-8 or hold control
+    characters are escaped, and Pillow's bitmap font (without FreeType) gets Latin-1 only."""
+    text = printable(text)
+    if not isinstance(font, ImageFont.FreeTypeFont):
+        text = text.encode("latin-1", "backslashreplace").decode("latin-1")
     while len(text) > 1 and draw.textlength(text, font=font) > TILE - 8:
         text = text[:-4] + "..."
     return text

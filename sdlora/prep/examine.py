@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy
 from PIL import Image
 
+from sdlora.errors import printable
 from sdlora.faces.dlib import DlibFaces
 from sdlora.prep import crops, images
 
@@ -54,6 +55,11 @@ class Photo:
     embedding: numpy.ndarray | None = None  # (128,) identity descriptor
     png: bytes = b""  # the output crop, PNG-encoded
     thumb: Image.Image | None = None
+    # What tells the original among near-duplicates (prep.run._duplicates): re-encodes are more compressed,
+    # edited copies noisier or smaller.
+    noise: float = 0.0  # noise_level of the detection decode, grey levels
+    quantization: float = 1.0  # mean JPEG luma quantization step; 1 for lossless formats
+    file_bytes: int = 0
 
 
 @functools.lru_cache(maxsize=1)
@@ -64,22 +70,23 @@ def detector() -> DlibFaces:
 
 def examine(path: Path, settings: Settings) -> Photo:
     """Everything prep learns from one photo alone; a bad photo gives a skip reason, never an exception."""
+    name = printable(path.name)
     try:
-        data = path.read_bytes()
-    except OSError as exc:
-        return Photo(path.name, "", "unreadable", f"It could not be read ({exc.strerror or exc}).")
+        data = images.read_photo_bytes(path, settings.max_pixels)  # the header first: no video read whole
+    except images.Skip as skip:
+        return Photo(name, "", skip.reason, skip.message)
     sha = hashlib.sha256(data).hexdigest()
     thumb = None
     try:
         first = images.open_photo(data, settings.max_pixels, DETECT_SIDE if settings.fast else 0)
         working = images.downscale(first.image, DETECT_SIDE)
         thumb = _thumbnail(working)
-        return _candidate(path.name, sha, data, first, working, settings)
+        return _candidate(name, sha, data, first, working, settings)
     except images.Skip as skip:
-        return Photo(path.name, sha, skip.reason, skip.message, thumb=thumb)
+        return Photo(name, sha, skip.reason, skip.message, thumb=thumb)
     except Exception as exc:  # noqa: BLE001 - decoders of odd files raise anything; one photo never stops a run
         message = f"It could not be processed ({type(exc).__name__}: {exc}); the file may be corrupt."
-        return Photo(path.name, sha, "unreadable", message, thumb=thumb)
+        return Photo(name, sha, "unreadable", message, thumb=thumb)
 
 
 def _candidate(
@@ -121,6 +128,9 @@ def _candidate(
         embedding=embedding,
         png=_png(out),
         thumb=_thumbnail(out),
+        noise=round(images.noise_level(working), 4),
+        quantization=first.quantization,
+        file_bytes=len(data),
     )
 
 

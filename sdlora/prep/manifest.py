@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from sdlora.errors import UsageError
+from sdlora.errors import UsageError, printable
 from sdlora.fsutil import atomic_write_text
 from sdlora.layout import MANIFEST
 
-Box = tuple[int, int, int, int]  # (left, top, right, bottom) in source pixels, after EXIF rotation
+Box = tuple[int, int, int, int]
+MAX_SIDE = 65536  # px: no output image is larger  # (left, top, right, bottom) in source pixels, after EXIF rotation
 
 
 class ManifestEntry(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     image: str = Field(description="Output image, relative to the dataset folder.")
     caption: str
@@ -26,8 +27,24 @@ class ManifestEntry(BaseModel):
     crop_box: Box = Field(description="Region of the original that became the output image.")
     face_box: Box | None = Field(None, description="Detected face in the original (None with --crop center).")
     sharpness: float
-    width: int
-    height: int
+    width: int = Field(gt=0, le=MAX_SIDE)
+    height: int = Field(gt=0, le=MAX_SIDE)
+
+    @field_validator("image")
+    @classmethod
+    def _inside_dataset(cls, value: str) -> str:
+        """A relative path inside the dataset folder (a damaged or hand-edited manifest can say anything)."""
+        parts = PurePosixPath(value.replace("\\", "/")).parts
+        if not value or "\x00" in value or value.startswith(("/", "\\")) or ".." in parts or ":" in value:
+            raise ValueError(f"image {value!r} must be a relative path inside the dataset folder")
+        return value
+
+    @field_validator("source_size")
+    @classmethod
+    def _positive(cls, value: tuple[int, int]) -> tuple[int, int]:
+        if min(value) <= 0:
+            raise ValueError(f"source_size {list(value)} must be positive")
+        return value
 
     @property
     def crop_top_left(self) -> tuple[int, int]:
@@ -47,18 +64,31 @@ def write_manifest(path: Path, entries: Iterable[ManifestEntry]) -> None:
     atomic_write_text(path, "".join(line + "\n" for line in lines))
 
 
+# A manifest line is a few hundred bytes; this bounds what a damaged or wrong file makes us read.
+MAX_MANIFEST_BYTES = 256 * 1024 * 1024
+
+
 def read_manifest(path: Path) -> list[ManifestEntry]:
     """Entries of `path` (a manifest.jsonl or the dataset folder holding it); errors name file and line."""
     path = Path(path)
     if path.is_dir():
         path = path / MANIFEST
+    where = printable(path)
+    try:
+        if path.stat().st_size > MAX_MANIFEST_BYTES:
+            raise UsageError(f"{where}: too large for a manifest; re-run `sdlora prep`")
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{where}: not UTF-8 text (byte {exc.start}); re-run `sdlora prep`") from None
+    except OSError as exc:
+        raise UsageError(f"{where}: could not be read ({exc.strerror or exc}); re-run `sdlora prep`") from None
     entries = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
             entries.append(ManifestEntry.model_validate(json.loads(line)))
-        except (json.JSONDecodeError, ValidationError) as exc:
-            reason = str(exc).splitlines()[0]
-            raise UsageError(f"{path}:{number}: not a valid manifest entry ({reason}); re-run `sdlora prep`") from None
+        except (json.JSONDecodeError, ValidationError, RecursionError) as exc:
+            reason = printable((str(exc).splitlines() or [type(exc).__name__])[0])[:200]
+            raise UsageError(f"{where}:{number}: not a valid manifest entry ({reason}); re-run `sdlora prep`") from None
     return entries

@@ -13,9 +13,10 @@ from typing import TYPE_CHECKING
 import numpy
 
 from sdlora import layout
-from sdlora.errors import SdloraError, UsageError
+from sdlora.errors import SdloraError, UsageError, printable
 from sdlora.faces.dlib import face_distance
 from sdlora.fsutil import atomic_dir
+from sdlora.preflight import MIN_FREE, check_output_dir
 from sdlora.prep import captions, contact, images
 from sdlora.prep.examine import Photo, Settings, examine
 from sdlora.prep.manifest import MANIFEST, ManifestEntry, write_manifest
@@ -67,6 +68,9 @@ def prep(photos_dir: Path, out_dir: Path, config: Config, *, fast: bool = True, 
     photos_dir, out_dir = _check_paths(Path(photos_dir), Path(out_dir), cfg.overwrite)
     caption = captions.render_template(cfg.caption_template, cfg.token, cfg.class_word)
     files = list_inputs(photos_dir)
+    # Before the slow part: a read-only, full or file-blocked OUT_DIR fails now, not after every photo.
+    # Each kept photo needs at most an uncompressed crop (PNG is smaller), plus the sheet and report.
+    check_output_dir(out_dir, "OUT_DIR", need=len(files) * 3 * cfg.resolution**2 + MIN_FREE)
     settings = Settings(
         cfg.crop, cfg.resolution, cfg.face_share, cfg.max_upscale, cfg.max_pixels, fast=fast, buckets=cfg.buckets
     )
@@ -75,7 +79,7 @@ def prep(photos_dir: Path, out_dir: Path, config: Config, *, fast: bool = True, 
     report = _report(photos, files, cfg, caption)
     if len(report.kept) < cfg.min_images:
         raise SdloraError(
-            f"only {len(report.kept)} of {len(files)} photos in {photos_dir} are usable, fewer than "
+            f"only {len(report.kept)} of {len(files)} photos in {printable(photos_dir)} are usable, fewer than "
             f"--min-images {cfg.min_images}; add more clear photos of one person (or lower --min-images).\n"
             + report.summary()
         )
@@ -96,7 +100,7 @@ def _report(photos: list[Photo], files: list[Path], cfg: PrepConfig, caption: st
         entry = ManifestEntry(
             image=f"images/{len(report.kept):04d}.png",
             caption=captions.with_trigger(text, cfg.token, cfg.class_word) if text else caption,
-            source=str(path),
+            source=printable(path),
             source_sha256=photo.sha256,
             source_size=photo.size,
             crop_box=photo.crop_box,
@@ -111,11 +115,19 @@ def _report(photos: list[Photo], files: list[Path], cfg: PrepConfig, caption: st
 
 
 def list_inputs(photos_dir: Path) -> list[Path]:
-    """Files directly in `photos_dir`, by name; hidden files and caption sidecars (IMG_1.txt beside IMG_1.jpg)
-    are not inputs. Everything else is, so a stray file is reported (not_an_image) rather than silently lost."""
-    entries = sorted(p for p in photos_dir.iterdir() if not p.name.startswith(".") and p.is_file())
+    """Entries directly in `photos_dir`, by name; hidden files, sub-folders and caption sidecars (IMG_1.txt
+    beside IMG_1.jpg) are not inputs. Everything else is, so a stray file is reported (not_an_image) rather than
+    silently lost: dangling links, link loops, pipes and devices too (unreadable, with what they are)."""
+    entries = sorted(p for p in photos_dir.iterdir() if not p.name.startswith(".") and not _is_folder(p))
     photo_stems = {p.stem for p in entries if p.suffix.lower() in layout.IMAGE_SUFFIXES}
-    return [p for p in entries if not (p.suffix.lower() == ".txt" and p.stem in photo_stems)]
+    return [p for p in entries if not (p.suffix.lower() == ".txt" and p.stem in photo_stems and p.is_file())]
+
+
+def _is_folder(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:  # a link loop on Python versions whose is_dir raises: an input, reported as unreadable
+        return False
 
 
 def _check_paths(photos_dir: Path, out_dir: Path, overwrite: bool) -> tuple[Path, Path]:
@@ -241,16 +253,55 @@ def _duplicates(photos: list[Photo], limit: int) -> list[Photo]:
         members.setdefault(root(i), []).append(i)
     out = list(photos)
     for same in members.values():
-        keeper = min(same, key=lambda i: (-photos[i].sharpness, i))
+        keeper = original_of([photos[i] for i in same])
         for i in same:
-            if i != keeper:
-                distance = images.hash_distance(photos[i].phash, photos[keeper].phash)
+            if i != same[keeper]:
+                kept = photos[same[keeper]]
+                distance = images.hash_distance(photos[i].phash, kept.phash)
                 message = (
-                    f"A near-duplicate of {photos[keeper].name} (hash distance {distance}), "
-                    "which is sharper and was kept."
+                    f"A near-duplicate of {kept.name} (hash distance {distance}), which looks like the original "
+                    f"({_why_original(kept, photos[i])}) and was kept."
                 )
                 out[i] = replace(photos[i], reason="duplicate", message=message)
     return out
+
+
+# Duplicates within this share of the largest one's pixel count count as the same size (a crop of a few pixels).
+SAME_SIZE = 0.9
+# A copy noisier than the quietest one by more than this factor plus this many grey levels is an edited copy.
+NOISE_FACTOR, NOISE_SLACK = 1.5, 1.0
+
+
+def original_of(group: list[Photo]) -> int:
+    """Index in `group` (near-duplicates) of the one most likely the real original: of the largest (a resized
+    copy is smaller), those not clearly noisier than the quietest (grain and speckle are added, not removed),
+    the least compressed (re-encodes have coarser JPEG quantization), then the most bytes per pixel, then
+    the sharpest, then the first. Sharpness alone rewards noise and JPEG artefacts."""
+    areas = [photo.size[0] * photo.size[1] if photo.size else 0 for photo in group]
+    largest = [i for i in range(len(group)) if areas[i] >= SAME_SIZE * max(areas)]
+    quietest = min(group[i].noise for i in largest)
+    clean = [i for i in largest if group[i].noise <= NOISE_FACTOR * quietest + NOISE_SLACK]
+    return min(
+        clean,
+        key=lambda i: (
+            group[i].quantization,
+            -group[i].file_bytes / max(1, areas[i]),
+            -group[i].sharpness,
+            i,
+        ),
+    )
+
+
+def _why_original(kept: Photo, other: Photo) -> str:
+    kept_area = kept.size[0] * kept.size[1] if kept.size else 0
+    other_area = other.size[0] * other.size[1] if other.size else 0
+    if other_area < SAME_SIZE * kept_area:
+        return "larger"
+    if other.noise > NOISE_FACTOR * kept.noise + NOISE_SLACK:
+        return "less noisy"
+    if other.quantization > kept.quantization:
+        return "less compressed"
+    return "as large, as clean and at least as sharp"
 
 
 def _write(out_dir: Path, report: Report, photos: list[Photo], config: Config) -> None:
