@@ -27,7 +27,7 @@ QUICK = {
 
 
 def photo_files(folder: Path) -> list[Path]:
-    from sdlora.demo_photos import write_demo_photos
+    from sdlora.demo.photos import write_demo_photos
 
     write_demo_photos(folder)
     return [folder / name for name in PHOTOS]
