@@ -79,6 +79,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
     tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
     try:
         yield tmp
+        os.chmod(tmp, file_mode())  # some writers (safetensors) make 0600 files
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
