@@ -99,7 +99,7 @@ def resolve_resume(out_dir: Path, resume: str | None, say: Callable[[str], None]
             f"--resume latest: none of the {len(found)} checkpoints in {Path(out_dir) / CHECKPOINTS} is usable "
             f"({details}); start the run again with --overwrite"
         )
-    if not (Path(out_dir) / layout.CONFIG_JSON).is_file():  # no run here at all: nothing to resume
+    if fsutil.owner(out_dir) != "train":  # no run here at all (a run killed at its start has its marker)
         raise UsageError(f"--resume latest: no checkpoint in {Path(out_dir) / CHECKPOINTS}; drop --resume")
     say(f"note: {Path(out_dir) / CHECKPOINTS} has no checkpoint yet: the run starts again from step 0")
     return None
@@ -190,9 +190,6 @@ def check_owner(out_dir: Path, dataset_dir: Path) -> None:
             f"OUT_DIR {out_dir}: holds {fsutil.describe(out_dir)}; train writes only into a new or empty folder "
             "(or one of its own runs): choose another OUT_DIR"
         )
-    live = fsutil.holder(out_dir) if out_dir.is_dir() else None
-    if live is not None:
-        raise SdloraError(fsutil.in_use_message(out_dir, live))
 
 
 def check_out_dir(out_dir: Path, config: dict[str, Any], resume: str | None, overwrite: bool) -> None:

@@ -24,6 +24,7 @@ from rich.text import Text
 from sdlora import layout
 from sdlora.errors import SdloraError
 
+METRICS = layout.METRICS
 PLAIN_EVERY = 30.0  # seconds between plain progress lines (logs, CI, `sdlora train ... > train.log`)
 
 
@@ -43,7 +44,7 @@ class Monitor:
         self.enabled, self.cuda = enabled, cuda
         self.smoothed: float | None = None
         self.last_time, self.last_step = time.perf_counter(), start
-        self.metrics = Path(out_dir) / layout.METRICS
+        self.metrics = Path(out_dir) / METRICS
         self.writer = _tensorboard(Path(out_dir) / layout.TENSORBOARD) if enabled else None
         if enabled:
             _truncate_after(self.metrics, start)
