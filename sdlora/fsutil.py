@@ -200,8 +200,9 @@ def _process_start(pid: int) -> float | None:
         return None
 
 
-def holder(folder: Path) -> dict[str, Any] | None:
-    """The live holder of `folder`'s lock ({"pid", "command", "started"}), or None when free or stale."""
+def holder(folder: Path, ignore_siblings: bool = False) -> dict[str, Any] | None:
+    """The live holder of `folder`'s lock ({"pid", "command", "started"}), or None when free or stale (or, with
+    `ignore_siblings`, held by a process with our parent: another process of one multi-process run)."""
     try:
         record = json.loads((Path(folder) / LOCK).read_text(encoding="utf-8"))
         pid = int(record["pid"])
@@ -211,6 +212,8 @@ def holder(folder: Path) -> dict[str, Any] | None:
         return None  # torn or foreign: not a live lock (a live holder writes it whole before anything else)
     started = record.get("started_at")
     if pid == os.getpid() or not _alive(pid, started if isinstance(started, (int, float)) else None):
+        return None
+    if ignore_siblings and record.get("ppid") == os.getppid():
         return None
     return record
 
@@ -243,6 +246,7 @@ class FolderLock:
                 "command": self.command,
                 "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "started_at": time.time(),
+                "ppid": os.getppid(),
             }
             for _ in range(3):
                 if self._create(json.dumps(record) + "\n"):

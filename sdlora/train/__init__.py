@@ -46,12 +46,12 @@ def train(config: Config, dataset_dir: Path, out_dir: Path) -> TrainResult:
 
     dataset_dir, out_dir = Path(dataset_dir), Path(out_dir)
     checkpoint.check_owner(out_dir, dataset_dir)  # before anything is written into OUT_DIR
-    held = _lock(out_dir)  # None on the other processes of a multi-process run
+    plan = preflight(config, dataset_dir, out_dir)
+    accelerator = setup.make_accelerator(config, plan.precision)
+    held = _lock(out_dir) if accelerator.is_main_process else None  # one writer: this run's main process
     with held or contextlib.nullcontext():
-        plan = preflight(config, dataset_dir, out_dir)
         if held is not None:
             checkpoint.mark_run(out_dir, fresh=config.train.overwrite and plan.resume_from is None)
-        accelerator = setup.make_accelerator(config, plan.precision)
         evaluation = identity.start(config, plan, accelerator)  # identity scoring; None when off
         state = setup.setup(config, plan, accelerator)
         identity.catch_up(evaluation, state)  # a resumed step whose evaluation a kill -9 prevented
@@ -63,14 +63,9 @@ def train(config: Config, dataset_dir: Path, out_dir: Path) -> TrainResult:
 
 
 def _lock(out_dir: Path) -> Any:
-    """OUT_DIR's lock, taken by the main process (None on the others); stale temporaries of a killed run are
-    removed once it is held."""
-    from accelerate import PartialState
-
+    """OUT_DIR's lock; stale temporaries of a killed run are removed once it is held."""
     from sdlora import fsutil
 
-    if not PartialState().is_main_process:
-        return None
     held = fsutil.lock(out_dir, "train").acquire()
     fsutil.remove_stale_temporaries(out_dir)
     return held

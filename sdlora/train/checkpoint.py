@@ -180,6 +180,9 @@ def check_owner(out_dir: Path, dataset_dir: Path) -> None:
         )
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"{out_dir}: exists and is not a folder; choose another OUT_DIR")
+    live = fsutil.holder(out_dir, ignore_siblings=True) if out_dir.is_dir() else None  # (not this run's ranks)
+    if live is not None:
+        raise SdloraError(fsutil.in_use_message(out_dir, live))
     made_by = fsutil.owner(out_dir)
     if made_by not in (None, "train"):
         raise UsageError(
