@@ -144,9 +144,9 @@ def test_eval_json_and_report_never_write_into_a_dataset(dataset, tmp_path):
         (["--name", "sub/x"], "plain file name"),
         (["--name", ".hidden"], "plain file name"),
         (["--set", "train.name='../escape'"], "plain file name"),
-        (["--name", "lora_state"], "lora_state.safetensors"),
-        (["--name", "pytorch_lora_weights"], "pytorch_lora_weights.safetensors"),
-        (["--name", "PyTorch_Lora_Weights"], "pytorch_lora_weights.safetensors"),
+        (["--name", "lora_state"], "would replace the training state"),
+        (["--name", "pytorch_lora_weights"], "would replace the run's diffusers-format"),
+        (["--name", "PyTorch_Lora_Weights"], "would replace the run's diffusers-format"),
     ],
 )
 def test_name_is_a_plain_file_name_that_collides_with_nothing(dataset, tiny_sd1, tmp_path, how, message):

@@ -303,6 +303,11 @@ def same_run(out: Path, reference: Path) -> str:
     return ""
 
 
+def checkpoint_folders(out: Path) -> list[Path]:
+    root = out / "checkpoints"
+    return sorted(p for p in root.iterdir() if p.name.startswith("step-")) if root.is_dir() else []
+
+
 def _records(out: Path) -> list:
     lines = (out / "metrics.jsonl").read_text().splitlines()
     return [
@@ -352,10 +357,13 @@ def trial(world: World, number: int, kind: str, rng: random.Random) -> Case:
     if killed:
         proc.send_signal(signal.SIGKILL)
     proc.communicate()
+    left = sorted(p.name for p in checkpoint_folders(out))
     resumed = trainer(world.dataset, out, world.base, "--resume", "latest")
     if resumed.code == 2 and "drop --resume" in resumed.error_line:  # killed before the run had written anything
         resumed = trainer(world.dataset, out, world.base)
     differs = same_run(out, world.reference) if resumed.code == 0 else f"resume exited {resumed.code}"
+    caught_up = "checkpointed but not evaluated" in resumed.stdout
+    where = f"killed with checkpoints {left[-1] if left else 'none'}{', a score caught up' if caught_up else ''}"
     return Case(
         "interrupt",
         f"kill -9 {kind} (trial {number})",
@@ -366,8 +374,8 @@ def trial(world: World, number: int, kind: str, rng: random.Random) -> Case:
         resumed.code is None,
         0,
         round(time.perf_counter() - start, 1),
-        differs or ("killed" if killed else "finished before the kill"),
-        {"killed": killed},
+        differs or (where if killed else "finished before the kill"),
+        {"killed": killed, "checkpoints_left": left, "evaluation_caught_up": caught_up},
     )
 
 
@@ -384,7 +392,7 @@ def cases(work: Path, quick: bool) -> list[Case]:
             world.holder.wait()
     results += [nan_lora(world), generate_interrupted(world)]
     rng = random.Random(15)
-    trials = 4 if quick else 24
+    trials = 4 if quick else 21
     results += [trial(world, i, KINDS[i % len(KINDS)], rng) for i in range(trials)]
     shutil.rmtree(work / "base", ignore_errors=True)
     return results

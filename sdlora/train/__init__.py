@@ -16,7 +16,10 @@ from sdlora.config import Config
 from sdlora.errors import Interrupted, UsageError
 
 # Files of a run that a kohya file named NAME.safetensors must not replace.
-RUN_FILES = (layout.DIFFUSERS_LORA, layout.LORA_STATE)
+RUN_FILES = {
+    layout.DIFFUSERS_LORA: "the run's diffusers-format LoRA file",
+    layout.LORA_STATE: "the training state in each checkpoint",
+}
 
 
 @dataclass(frozen=True)
@@ -112,11 +115,9 @@ def run_name(name: str | None, out_dir: Path) -> str:
         raise UsageError(f"{what}: must be a plain file name (no '/', '\\', leading '.' or '..'), e.g. --name alice")
     if len(name.encode()) > 200:
         raise UsageError(f"{what}: too long for a file name ({len(name.encode())} bytes); choose a shorter --name")
-    taken = [f for f in RUN_FILES if layout.kohya_file(name).casefold() == f.casefold()]
+    taken = [what_it_is for f, what_it_is in RUN_FILES.items() if layout.kohya_file(name).casefold() == f.casefold()]
     if taken:
-        raise UsageError(
-            f"{what}: {layout.kohya_file(name)} is the name of the run's own {taken[0]}; choose another --name"
-        )
+        raise UsageError(f"{what}: {layout.kohya_file(name)} would replace {taken[0]}; choose another --name")
     return name
 
 
