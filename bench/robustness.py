@@ -42,6 +42,8 @@ def summary(results: list[robust.Case]) -> dict[str, int]:
         "tracebacks": sum(case.traceback for case in results),
         "hangs": sum(case.hung for case in results),
         "user files modified": sum(case.user_files_modified for case in results),
+        "interruption trials": sum(case.group == "interrupt" for case in results),
+        "resumed equal to uninterrupted": sum(case.group == "interrupt" and case.ok for case in results),
     }
 
 

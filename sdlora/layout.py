@@ -7,6 +7,8 @@ from __future__ import annotations
 
 # Any command's output folder: the resolved settings it ran with.
 CONFIG_JSON = "config.json"
+MARKER = ".sdlora.json"  # which command made the folder: {"command", "run_id", "created", "version"}
+LOCK = ".sdlora.lock"  # while a command writes the folder: {"pid", "command", "started"} (UIs read it)
 
 # `sdlora prep` DATASET_DIR (also what `train` and `eval --reference` read).
 MANIFEST = "manifest.jsonl"
@@ -29,6 +31,7 @@ IDENTITY_PLOT = "identity.png"
 # Inside a checkpoint folder.
 TRAINER_STATE = "trainer_state.json"
 LORA_STATE = "lora_state.safetensors"
+CHECKPOINT_RECORD = "complete.json"  # written last: the checkpoint's files and sizes, and that its LoRA is finite
 
 # `sdlora generate` --out: the sheets beside the images.
 GRID = "grid.png"

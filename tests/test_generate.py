@@ -40,8 +40,9 @@ def test_outputs_parameters_chunk_and_json(tiny_sd1, loras, tmp_path):
     out = tmp_path / "out"
     gen("--base", str(tiny_sd1), "--lora", f"{loras['a']}:0.8", "--prompt", "a photo of {trigger}",
         "--negative", "blurry, dark", "--n", "2", "--batch-size", "2", "--out", str(out))  # fmt: skip
+    # .sdlora.json: the folder's ownership marker
     assert sorted(p.name for p in out.iterdir()) == [
-        "0000-42.json", "0000-42.png", "0001-43.json", "0001-43.png", "config.json", "grid.png"
+        ".sdlora.json", "0000-42.json", "0000-42.png", "0001-43.json", "0001-43.png", "config.json", "grid.png"
     ]  # fmt: skip
     assert Image.open(out / "grid.png").size == (128, 64)
     image = Image.open(out / "0001-43.png")

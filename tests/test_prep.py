@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from sdlora import config
+from sdlora import config, fsutil
 from sdlora.cli import app
 from sdlora.faces.dlib import DlibFaces
 from sdlora.prep import contact, images
@@ -53,6 +53,7 @@ def second(photos, before, first, tmp_path_factory):
     out = tmp_path_factory.mktemp("second") / "dataset"
     out.mkdir()
     (out / "stale.txt").write_text("from an older run")
+    fsutil.write_marker(out, fsutil.new_marker("prep"))  # an earlier dataset of ours: --overwrite may replace it
     args = ["prep", str(photos), str(out), "--resolution", str(RESOLUTION), "--workers", "1", "--overwrite"]
     result = CliRunner().invoke(app, args)
     return result, out
@@ -136,7 +137,7 @@ def test_second_run_is_byte_identical(first, second):
     assert "stale.txt" not in two  # --overwrite replaced the folder whole
     assert one.keys() == two.keys()
     for name in one:
-        if name != "config.json":
+        if name not in ("config.json", ".sdlora.json"):  # the marker names each run (its id and time)
             assert one[name] == two[name], name
     # config.json differs only by the worker count and --overwrite asked for.
     config_one, config_two = json.loads(one["config.json"]), json.loads(two["config.json"])
@@ -211,6 +212,8 @@ def test_crash_while_writing_leaves_out_dir_as_it_was(tmp_path, monkeypatch):
     out = tmp_path / "out"
     out.mkdir()
     (out / "old.txt").write_text("an older dataset")
+    fsutil.write_marker(out, fsutil.new_marker("prep"))  # ours, so --overwrite may replace it
+    marker = (out / ".sdlora.json").read_bytes()
     cfg = cfg.model_copy(update={"prep": cfg.prep.model_copy(update={"overwrite": True})})
 
     def crash(*args, **kwargs):
@@ -219,7 +222,8 @@ def test_crash_while_writing_leaves_out_dir_as_it_was(tmp_path, monkeypatch):
     monkeypatch.setattr("sdlora.prep.contact.contact_sheet", crash)  # after images and manifest are written
     with pytest.raises(RuntimeError, match="disk full"):
         prep(photos, out, cfg, progress=False)
-    assert [p.name for p in out.iterdir()] == ["old.txt"]
+    assert sorted(p.name for p in out.iterdir()) == [".sdlora.json", "old.txt"]
+    assert (out / ".sdlora.json").read_bytes() == marker
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "photos"]  # no temporary folder left
 
 

@@ -12,7 +12,7 @@ from pydantic_core import PydanticSerializationError
 
 from sdlora.errors import UsageError, printable
 from sdlora.evaluation.metrics import ImageScore, Summary
-from sdlora.fsutil import atomic_dir, atomic_write_text
+from sdlora.fsutil import atomic_dir, atomic_write_text, read_marker
 
 SCHEMA = "sdlora.eval/1"
 REPORT_MARKER = '<meta name="generator" content="sdlora eval">'
@@ -146,6 +146,8 @@ def write_report(result: EvalResult, images: Sequence[Any], references: Sequence
 
 
 def _is_report(folder: Path) -> bool:
+    if (read_marker(folder) or {}).get("command") == "eval":
+        return True  # a report folder `sdlora eval` claimed (its renders stream into it before index.html)
     index = folder / "index.html"
     return index.is_file() and REPORT_MARKER in index.read_text(encoding="utf-8", errors="replace")
 

@@ -14,13 +14,13 @@ from typing import Any
 
 from PIL import Image
 
-from sdlora import layout
+from sdlora import fsutil, layout
 from sdlora.config import Config
 from sdlora.errors import SdloraError, UsageError
 from sdlora.evaluation.checkpoints import pick_best, plot_identity, score_checkpoint
 from sdlora.evaluation.metrics import Reference, build_reference, score_images
 from sdlora.evaluation.prompts import STANDARD_PROMPTS, clip_text, expand
-from sdlora.evaluation.report import EvalResult, print_table, write_json, write_report
+from sdlora.evaluation.report import SCHEMA, EvalResult, print_table, write_json, write_report
 from sdlora.faces.backends import FaceBackend, face_backend
 from sdlora.models import check_base
 
@@ -40,13 +40,44 @@ def evaluate(
 ) -> EvalResult:
     """Score `images` (a folder) or the standard prompt set rendered with `lora` on `config.model.base`."""
     _check_inputs(reference, images, lora, prompts_file)
-    if lora is not None:  # cheap checks first: a typo fails before any model loads
-        from sdlora.generate import read_prompts
-        from sdlora.lora.files import parse_lora
+    adapter, templates = _lora_inputs(config, lora, prompts_file) if lora is not None else (None, [])
+    _check_json_path(json_path)
+    claim = _claim_report(report_dir) if report_dir is not None else None  # locked until the report is written
+    try:
+        stream = report_dir / "images" if report_dir is not None else None
+        result, pictures, ref_images = _evaluate(config, reference, images, lora, adapter, templates, stream)
+        print_table(result, console)
+        if json_path is not None:
+            write_json(result, json_path)
+        if report_dir is not None:
+            write_report(result, pictures, ref_images, report_dir)
+    finally:
+        if claim is not None:
+            claim.drop()
+    return result
 
-        check_base(config.model.base, config.model.allow_pickle, config.model.single_file_config)
-        adapter = parse_lora(str(lora))
-        templates = read_prompts(prompts_file) if prompts_file else list(STANDARD_PROMPTS)
+
+def _lora_inputs(config: Config, lora: Path, prompts_file: Path | None) -> tuple[Any, list[str]]:
+    """Cheap checks first, so a typo fails before any model loads: the base, the LoRA (finite), the prompts."""
+    from sdlora.generate import read_prompts
+    from sdlora.lora.files import check_finite, parse_lora
+
+    check_base(config.model.base, config.model.allow_pickle, config.model.single_file_config)
+    adapter = parse_lora(str(lora))
+    check_finite(adapter)
+    return adapter, read_prompts(prompts_file) if prompts_file else list(STANDARD_PROMPTS)
+
+
+def _evaluate(
+    config: Config,
+    reference: Path,
+    images: Path | None,
+    lora: Path | None,
+    adapter: Any,
+    templates: list[str],
+    stream: Path | None,
+) -> tuple[EvalResult, list[Image.Image], list[Image.Image]]:
+    """Read or render (streaming into `stream`) the images and score them: (result, images, reference photos)."""
     backend = face_backend(config.eval.face_model)
     threshold = config.eval.threshold or backend.threshold
     ref_images, ref_names = load_reference(reference)
@@ -57,7 +88,7 @@ def evaluate(
         pictures, names, prompts, seeds = _read_images(images)
         clip_texts = prompts
     else:
-        pictures, prompts, seeds, templates, trigger = _generate(config, adapter, templates, notes)
+        pictures, prompts, seeds, templates, trigger = _generate(config, adapter, templates, notes, stream)
         names = [f"images/{i:03d}.png" for i in range(len(pictures))]
         clip_texts = [clip_text(t) for t in templates]
     fidelity = _fidelity(config.eval.clip, pictures, clip_texts, notes)
@@ -75,12 +106,50 @@ def evaluate(
         images=scores,
         notes=notes,
     )
-    print_table(result, console)
-    if json_path is not None:
-        write_json(result, json_path)
-    if report_dir is not None:
-        write_report(result, pictures, ref_images, report_dir)
-    return result
+    return result, pictures, ref_images
+
+
+def _inside_dataset(path: Path) -> Path | None:
+    """The `sdlora prep` dataset folder `path` is (or is in: a dataset's images/), if any."""
+    for folder in (path, path.parent):
+        if folder.is_dir() and fsutil.owner(folder) == "prep":
+            return folder
+    return None
+
+
+def _check_json_path(path: Path | None) -> None:
+    """--json writes a new file or replaces an earlier eval result; never a dataset's file or anything else."""
+    if path is None:
+        return
+    path = Path(path).absolute()
+    dataset = _inside_dataset(path.parent)
+    if dataset is not None:
+        raise UsageError(f"--json {path}: inside the dataset {dataset}; write the result elsewhere")
+    if path.is_dir():
+        raise UsageError(f"--json {path}: is a folder; give a file name, e.g. {path / 'eval.json'}")
+    if path.exists():
+        try:
+            ours = json.loads(path.read_text(encoding="utf-8")).get("schema") == SCHEMA
+        except (OSError, ValueError, AttributeError):
+            ours = False
+        if not ours:
+            raise UsageError(f"--json {path}: exists and is not an `sdlora eval` result; choose a new file name")
+
+
+def _claim_report(folder: Path) -> fsutil.Claim:
+    """--report: a new or empty folder, or an earlier report; never a dataset or another command's folder. Locked
+    and marked now (renders stream into it)."""
+    folder = Path(folder)
+    dataset = _inside_dataset(folder.absolute())
+    made_by = fsutil.owner(folder)
+    if dataset is not None or made_by not in (None, "eval") or (made_by is None and fsutil.contents(folder)):
+        raise UsageError(
+            f"--report {folder}: holds {fsutil.describe(dataset or folder)}; choose a new folder for the report"
+        )
+    claim = fsutil.claim(folder, "eval", lock_now=True)
+    fsutil.remove_stale_temporaries(folder)
+    fsutil.write_marker(folder, claim.marker)
+    return claim
 
 
 def _check_inputs(reference: Path | None, images: Path | None, lora: Path | None, prompts: Path | None) -> None:
@@ -110,10 +179,11 @@ def reference_set(folder: Path, backend: FaceBackend, loaded: tuple[list, list[s
 def load_reference(folder: Path) -> tuple[list[Image.Image], list[str]]:
     """The reference photos: a prep dataset's manifest entries, or every image in a plain folder."""
     from sdlora.prep.manifest import MANIFEST, read_manifest
+    from sdlora.train.data import confined
 
     folder = Path(folder)
     if (folder / MANIFEST).is_file():
-        paths = [folder / entry.image for entry in read_manifest(folder)]
+        paths = [confined(folder, entry.image) for entry in read_manifest(folder)]
     else:
         paths = _image_files(folder)
     if not paths:
@@ -162,8 +232,10 @@ def _recorded_prompt(path: Path) -> tuple[str | None, int | None]:
     return parameters.splitlines()[0], int(seed.group(1)) if seed else None  # A1111: prompt on the first line
 
 
-def _generate(config: Config, adapter: Any, templates: list[str], notes: list[str]):
-    """Render the prompt templates with the LoRA (an adapters.Lora): (images, prompts, seeds, templates, trigger)."""
+def _generate(config: Config, adapter: Any, templates: list[str], notes: list[str], stream: Path | None):
+    """Render the prompt templates with the LoRA (an adapters.Lora): (images, prompts, seeds, templates, trigger).
+    With `stream` (the report's images/), each batch is written there as soon as it is decoded and a rerun with
+    the same settings reuses it: Ctrl-C keeps what is done."""
     trigger = adapter.trigger
     if trigger is None:
         trigger = f"{config.prep.token} {config.prep.class_word}"
@@ -171,9 +243,54 @@ def _generate(config: Config, adapter: Any, templates: list[str], notes: list[st
     repeated, prompts, seeds = expand(templates, config.eval.n, config.eval.seed, trigger)
     from sdlora.generate.render import Sampling, load_for_rendering, render_images
 
-    pipe = load_for_rendering(config.model, [adapter])[0]
-    images = render_images(pipe, prompts, seeds, Sampling.of(config.generate))
+    sampling = Sampling.of(config.generate)
+    key = _render_key(config, adapter, sampling)
+    pipe = None
+    images: list[Image.Image] = []
+    for start in range(0, len(prompts), sampling.batch_size):
+        chunk = range(start, min(start + sampling.batch_size, len(prompts)))
+        done = [_streamed(stream, i, prompts[i], seeds[i], key) for i in chunk]
+        if any(image is None for image in done):
+            pipe = pipe or load_for_rendering(config.model, [adapter])[0]
+            done = render_images(pipe, [prompts[i] for i in chunk], [seeds[i] for i in chunk], sampling)
+            for i, image in zip(chunk, done, strict=True):
+                _stream_image(stream, i, image, prompts[i], seeds[i], key)
+        images += done
     return images, prompts, seeds, repeated, trigger
+
+
+def _render_key(config: Config, adapter: Any, sampling: Any) -> str:
+    """What a streamed render depends on besides its prompt and seed: base, LoRA bytes and scale, sampling."""
+    import hashlib
+    from dataclasses import asdict
+
+    from sdlora.lora.files import addnet_hash
+
+    facts = [str(config.model.base), str(config.model.vae), addnet_hash(adapter.path), adapter.scale, asdict(sampling)]
+    return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _streamed(stream: Path | None, index: int, prompt: str, seed: int, key: str) -> Image.Image | None:
+    """Image `index` rendered earlier with the same prompt, seed and settings (kept by an interrupted run)."""
+    if stream is None:
+        return None
+    try:
+        record = json.loads((stream / f"{index:03d}.json").read_text(encoding="utf-8"))
+        if record != {"prompt": prompt, "seed": seed, "key": key}:
+            return None
+        with Image.open(stream / f"{index:03d}.png") as image:
+            return image.convert("RGB")
+    except (OSError, ValueError):
+        return None
+
+
+def _stream_image(stream: Path | None, index: int, image: Image.Image, prompt: str, seed: int, key: str) -> None:
+    if stream is None:
+        return
+    from sdlora.generate import pngmeta
+
+    pngmeta.save_png(stream / f"{index:03d}.png", image)
+    pngmeta.save_json(stream / f"{index:03d}.json", {"prompt": prompt, "seed": seed, "key": key})
 
 
 def _fidelity(clip: str | None, pictures: list, texts: list[str | None], notes: list[str]) -> list[float | None]:

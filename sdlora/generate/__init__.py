@@ -6,6 +6,8 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import shutil
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,10 +15,10 @@ from typing import Any
 from PIL import Image, ImageOps
 from rich.console import Console
 
-from sdlora import __version__, families, layout, models
+from sdlora import __version__, families, fsutil, layout, models
 from sdlora.config import Config, GenerateConfig
 from sdlora.config import save as save_config
-from sdlora.errors import SdloraError, UsageError
+from sdlora.errors import Interrupted, SdloraError, UsageError
 from sdlora.generate import keepface, pngmeta
 from sdlora.generate.render import Sampling, a1111_sampler_name, load_for_rendering, make_grid, render_images
 from sdlora.lora import files as lora_files
@@ -115,7 +117,8 @@ def expand_triggers(prompts: list[str], loras: list[Lora]) -> list[str]:
 
 
 def generate(config: Config, out_dir: Path) -> list[Path]:
-    """Render every prompt n times with the LoRAs; write DIR/NNNN-SEED.png + .json, grids and filmstrips."""
+    """Render every prompt n times with the LoRAs; write DIR/NNNN-SEED.png + .json as each image is decoded, then
+    the grids. Ctrl-C keeps every image finished so far."""
     g = config.generate
     if not g.prompts:
         raise UsageError("no prompt: give --prompt TEXT or --prompts FILE")
@@ -124,11 +127,28 @@ def generate(config: Config, out_dir: Path) -> list[Path]:
     if g.init_image and int(g.steps * g.strength) < 1:
         raise UsageError(f"--strength {g.strength} x --steps {g.steps} leaves no denoising step; raise either")
     loras = [parse_lora(spec) for spec in g.loras]
+    for lora in loras:
+        lora_files.check_finite(lora)
     width, height = g.width_height
     source = _load_source(g, width, height)  # before the base model loads: a bad photo fails fast
     prompts = expand_triggers(g.prompts, loras)
     jobs = [Job(i, prompt, g.seed + i) for i, prompt in enumerate(p for p in prompts for _ in range(g.n))]
+    out_dir = Path(out_dir)
+    check_out_dir(out_dir, [g.init_image, g.keep_face, *(lora.path for lora in loras)], width * height * 3)
+    writer = Writer(out_dir, config, loras)
+    try:
+        with fsutil.lock(out_dir, "generate"):
+            writer.start()
+            return _generate(config, jobs, loras, source, writer)
+    except KeyboardInterrupt:
+        raise Interrupted(
+            f"interrupted: kept the {len(writer.written)} image(s) finished so far in {out_dir}", signal.SIGINT
+        ) from None
 
+
+def _generate(config: Config, jobs: list[Job], loras: list[Lora], source: Source | None, writer: Writer) -> list[Path]:
+    """Load the base and LoRAs, render (the base model first with --compare), stream the images, then the sheets."""
+    g = config.generate
     pipe, family, adapters = load_for_rendering(config.model, loras)
     inpainting = family.inpainting_kind(pipe)
     if inpainting and g.keep_face is None:
@@ -140,6 +160,7 @@ def generate(config: Config, out_dir: Path) -> list[Path]:
         )
     refiner = _refiner(g.refiner, config.model.allow_pickle, family) if g.refiner else None
     runner, call = _runner(pipe, g, source, len(jobs))
+    writer.write_config()
 
     base_images = None
     if g.compare:
@@ -148,9 +169,103 @@ def generate(config: Config, out_dir: Path) -> list[Path]:
         runner.enable_lora()
     if g.fuse and adapters:
         runner.fuse_lora(adapter_names=adapters, lora_scale=1.0)  # keeps the scales set_adapters gave
-    images, strips = _render(runner, jobs, g, call, "images")
-    images = _finish(images, refiner, jobs, g, source)
-    return write_outputs(out_dir, config, jobs, loras, images, strips, base_images)
+    images = _stream(runner, jobs, g, call, refiner, source, writer)
+    writer.sheets(images, base_images)
+    return writer.written
+
+
+def _stream(
+    runner: Any,
+    jobs: list[Job],
+    g: GenerateConfig,
+    call: dict[str, Any],
+    refiner: Any,
+    source: Source | None,
+    writer: Writer,
+) -> list[Image.Image]:
+    """Render batch by batch (the same batches, so the same pixels, as one call over every job) and write each
+    finished image at once."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (TextColumn("[bold]images"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    images: list[Image.Image] = []
+    with Progress(*columns, console=Console(stderr=True)) as progress:
+        task = progress.add_task("images", total=len(jobs))
+        for start in range(0, len(jobs), g.batch_size):
+            batch = jobs[start : start + g.batch_size]
+            part = {
+                key: value[start : start + len(batch)] if isinstance(value, list) else value
+                for key, value in call.items()
+            }
+            rendered, strips = _render(runner, batch, g, part, "images", quiet=True)
+            rendered = _finish(rendered, refiner, batch, g, source)
+            for job, image in zip(batch, rendered, strict=True):
+                writer.image(job, image, strips.get(job.index))
+            images += rendered
+            progress.update(task, completed=len(images))
+    return images
+
+
+class Writer:
+    """generate's output folder: its marker, config.json, each image with its sidecar (and filmstrip) as soon as it
+    exists, and the sheets at the end."""
+
+    def __init__(self, out_dir: Path, config: Config, loras: list[Lora]) -> None:
+        self.out_dir, self.config, self.loras = out_dir, config, loras
+        self.hashes = [(lora.name, lora_files.addnet_hash(lora.path)) for lora in loras]
+        self.written: list[Path] = []
+
+    def start(self) -> None:
+        """Called holding the lock: the marker (a folder of an earlier generate keeps its own) and no leftovers."""
+        if fsutil.read_marker(self.out_dir) is None:
+            fsutil.write_marker(self.out_dir, fsutil.new_marker("generate"))
+        fsutil.remove_stale_temporaries(self.out_dir)
+
+    def write_config(self) -> None:
+        save_config(self.config, self.out_dir / layout.CONFIG_JSON)
+
+    def image(self, job: Job, image: Image.Image, strip: list[Image.Image] | None) -> None:
+        stem = f"{job.index:04d}-{job.seed}"
+        record = image_record(self.config, job, self.loras, self.hashes, image.size)
+        pngmeta.save_png(self.out_dir / f"{stem}.png", image, record["parameters"])
+        pngmeta.save_json(self.out_dir / f"{stem}.json", record)
+        self.written.append(self.out_dir / f"{stem}.png")
+        if strip:
+            pngmeta.save_png(self.out_dir / f"{stem}-steps.png", make_grid(strip, cols=len(strip)))
+
+    def sheets(self, images: list[Image.Image], base_images: list[Image.Image] | None) -> None:
+        """DIR/grid.png and, with --compare, DIR/compare.png."""
+        if len(images) > 1:
+            pngmeta.save_png(self.out_dir / layout.GRID, make_grid(images, cols=self.config.generate.n))
+        if base_images is not None:
+            # One row per seed: the base model on the left, the same seed with the LoRA on the right.
+            pairs = [image for pair in zip(base_images, images, strict=True) for image in pair]
+            pngmeta.save_png(self.out_dir / layout.COMPARE, make_grid(pairs, cols=2))
+
+
+def check_out_dir(out_dir: Path, inputs: list[Path | None], first_image_bytes: int) -> None:
+    """Before any model loads: --out is new, empty or an earlier generate's; holds none of the inputs; and its disk
+    has room for the first image (lock creation then proves it writable)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"--out {out_dir}: is a file; give a folder")
+    made_by = fsutil.owner(out_dir)
+    if made_by not in (None, "generate") or (made_by is None and fsutil.contents(out_dir)):
+        raise UsageError(
+            f"--out {out_dir}: holds {fsutil.describe(out_dir)}; generate writes only into a new or empty folder or "
+            "one of its own: choose another --out"
+        )
+    root = out_dir.resolve()
+    for path in inputs:
+        if path is not None and (root == Path(path).resolve() or root in Path(path).resolve().parents):
+            raise UsageError(f"--out {out_dir}: holds the input {path}; write the images elsewhere")
+    existing = next(p for p in (out_dir, *out_dir.absolute().parents) if p.exists())
+    free = shutil.disk_usage(existing).free
+    needed = first_image_bytes + (1 << 20)  # an uncompressed PNG, its sidecar and config.json, with room to spare
+    if free < needed:
+        raise SdloraError(
+            f"--out {out_dir}: only {free / 2**20:.1f} MiB free on its disk, and the first image needs about "
+            f"{needed / 2**20:.1f} MiB; free some space or choose another --out"
+        )
 
 
 def _finish(
@@ -217,19 +332,20 @@ def _refiner(name: str, allow_pickle: bool, family: Any) -> Any:
 
 
 def _render(
-    pipe: Any, jobs: list[Job], g: GenerateConfig, call: dict[str, Any], label: str
+    pipe: Any, jobs: list[Job], g: GenerateConfig, call: dict[str, Any], label: str, quiet: bool = False
 ) -> tuple[list[Image.Image], dict[int, list[Image.Image]]]:
-    """render_images over the jobs with a progress bar per batch; returns the images and the filmstrips."""
+    """render_images over the jobs with a progress bar per batch (none when `quiet`); returns the images and the
+    filmstrips by job index."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     strips: dict[int, list[Image.Image]] = {}
 
     def keep_strips(first: int, frames: list[list[Image.Image]]) -> None:
         for offset, image_frames in enumerate(frames):
-            strips[first + offset] = image_frames
+            strips[jobs[first + offset].index] = image_frames
 
     columns = (TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=Console(stderr=True)) as progress:
+    with Progress(*columns, console=Console(stderr=True), disable=quiet) as progress:
         task = progress.add_task(label, total=len(jobs))
         images = render_images(
             pipe,
@@ -242,38 +358,6 @@ def _render(
             **call,
         )
     return images, strips
-
-
-def write_outputs(
-    out_dir: Path,
-    config: Config,
-    jobs: list[Job],
-    loras: list[Lora],
-    images: list[Image.Image],
-    strips: dict[int, list[Image.Image]],
-    base_images: list[Image.Image] | None,
-) -> list[Path]:
-    """DIR/NNNN-SEED.png (+ A1111 `parameters`) and .json per image, DIR/grid.png, DIR/compare.png, strips."""
-    out_dir = Path(out_dir)
-    save_config(config, out_dir / layout.CONFIG_JSON)
-    hashes = [(lora.name, lora_files.addnet_hash(lora.path)) for lora in loras]
-    written: list[Path] = []
-    for job, image in zip(jobs, images, strict=True):
-        stem = f"{job.index:04d}-{job.seed}"
-        record = image_record(config, job, loras, hashes, image.size)
-        pngmeta.save_png(out_dir / f"{stem}.png", image, record["parameters"])
-        pngmeta.save_json(out_dir / f"{stem}.json", record)
-        written.append(out_dir / f"{stem}.png")
-        if job.index in strips:
-            strip = make_grid(strips[job.index], cols=len(strips[job.index]))
-            pngmeta.save_png(out_dir / f"{stem}-steps.png", strip)
-    if len(images) > 1:
-        pngmeta.save_png(out_dir / layout.GRID, make_grid(images, cols=config.generate.n))
-    if base_images is not None:
-        # One row per seed: the base model on the left, the same seed with the LoRA on the right.
-        pairs = [image for pair in zip(base_images, images, strict=True) for image in pair]
-        pngmeta.save_png(out_dir / layout.COMPARE, make_grid(pairs, cols=2))
-    return written
 
 
 def image_record(

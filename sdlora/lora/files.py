@@ -200,3 +200,19 @@ def load_loras(pipe: Any, loras: list[Lora]) -> list[str]:
     if names:
         pipe.set_adapters(names, adapter_weights=[lora.scale for lora in loras])
     return names
+
+
+def check_finite(lora: Lora) -> None:
+    """Refuse a LoRA file holding NaN/inf values (what a diverged training writes) before anything renders: it
+    would turn every image black or noise while the command succeeds."""
+    import torch
+    from safetensors import safe_open
+
+    with safe_open(str(lora.path), framework="pt") as handle:
+        for key in handle.keys():  # noqa: SIM118 (safe_open is not a dict)
+            tensor = handle.get_tensor(key)
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise UsageError(
+                    f"--lora {lora.path}: tensor {key} holds NaN/inf values (a training that diverged); use an "
+                    "earlier checkpoint's LoRA or train again with a lower --lr"
+                )

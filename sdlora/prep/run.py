@@ -131,6 +131,11 @@ def _is_folder(path: Path) -> bool:
 
 
 def _check_paths(photos_dir: Path, out_dir: Path, overwrite: bool) -> tuple[Path, Path]:
+    """Check the folders and claim OUT_DIR: new, empty, or (with --overwrite) an earlier prep's dataset; never a
+    folder of the user's or of another command. The claim locks it (now if it exists, else when it is written)
+    and makes the writer check that nothing else wrote it meanwhile."""
+    from sdlora import fsutil
+
     if not photos_dir.is_dir():
         raise UsageError(f"PHOTOS_DIR {photos_dir}: no such folder; give the folder that holds the photos")
     photos_dir, out_dir = photos_dir.resolve(), out_dir.resolve()
@@ -138,8 +143,20 @@ def _check_paths(photos_dir: Path, out_dir: Path, overwrite: bool) -> tuple[Path
         raise UsageError(f"OUT_DIR {out_dir} must be outside PHOTOS_DIR {photos_dir} (prep never writes to the photos)")
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"OUT_DIR {out_dir} is a file; give a folder")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise UsageError(f"OUT_DIR {out_dir} is not empty; choose an empty folder or pass --overwrite to replace it")
+    if fsutil.contents(out_dir):
+        made_by = fsutil.owner(out_dir)
+        if made_by != "prep":
+            raise UsageError(
+                f"OUT_DIR {out_dir} is not empty: it holds {fsutil.describe(out_dir)}; choose an empty or new folder "
+                "(--overwrite replaces only a dataset made by `sdlora prep`)"
+            )
+        if not overwrite:
+            raise UsageError(
+                f"OUT_DIR {out_dir} is not empty; choose an empty folder or pass --overwrite to replace it"
+            )
+    fsutil.claim(out_dir, "prep", lock_now=out_dir.is_dir())
+    if out_dir.is_dir():
+        fsutil.remove_stale_temporaries(out_dir)
     return photos_dir, out_dir
 
 

@@ -6,12 +6,20 @@ the final save (`run`), with identity scoring (`identity`) beside it.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sdlora import layout
 from sdlora.config import Config
 from sdlora.errors import Interrupted, UsageError
+
+# Files of a run that a kohya file named NAME.safetensors must not replace.
+RUN_FILES = {
+    layout.DIFFUSERS_LORA: "the run's diffusers-format LoRA file",
+    layout.LORA_STATE: "the training state in each checkpoint",
+}
 
 
 @dataclass(frozen=True)
@@ -37,17 +45,33 @@ class Plan:
 
 def train(config: Config, dataset_dir: Path, out_dir: Path) -> TrainResult:
     """Pre-flight checks, set-up, the loop, the final save. Ctrl-C/SIGTERM checkpoint and raise Interrupted."""
-    from sdlora.train import identity, run, setup
+    from sdlora.train import checkpoint, identity, run, setup
 
-    plan = preflight(config, Path(dataset_dir), Path(out_dir))
+    dataset_dir, out_dir = Path(dataset_dir), Path(out_dir)
+    checkpoint.check_owner(out_dir, dataset_dir)  # before anything is written into OUT_DIR
+    plan = preflight(config, dataset_dir, out_dir)
     accelerator = setup.make_accelerator(config, plan.precision)
-    evaluation = identity.start(config, plan, accelerator)  # identity scoring; None when off
-    state = setup.setup(config, plan, accelerator)
-    with run.stop_signals() as stopped:
-        step = run.loop(state, stopped, evaluation)
-    if stopped and step < config.train.steps:
-        raise Interrupted(run.interrupted_message(state, step), stopped[0])
-    return run.finish(state, step)
+    held = _lock(out_dir) if accelerator.is_main_process else None  # one writer: this run's main process
+    with held or contextlib.nullcontext():
+        if held is not None:
+            checkpoint.mark_run(out_dir, fresh=config.train.overwrite and plan.resume_from is None)
+        evaluation = identity.start(config, plan, accelerator)  # identity scoring; None when off
+        state = setup.setup(config, plan, accelerator)
+        identity.catch_up(evaluation, state)  # a resumed step whose evaluation a kill -9 prevented
+        with run.stop_signals() as stopped:
+            step = run.loop(state, stopped, evaluation)
+        if stopped and step < config.train.steps:
+            raise Interrupted(run.interrupted_message(state, step), stopped[0])
+        return run.finish(state, step)
+
+
+def _lock(out_dir: Path) -> Any:
+    """OUT_DIR's lock; stale temporaries of a killed run are removed once it is held."""
+    from sdlora import fsutil
+
+    held = fsutil.lock(out_dir, "train").acquire()
+    fsutil.remove_stale_temporaries(out_dir)
+    return held
 
 
 def preflight(config: Config, dataset_dir: Path, out_dir: Path) -> Plan:
@@ -66,8 +90,7 @@ def preflight(config: Config, dataset_dir: Path, out_dir: Path) -> Plan:
         raise UsageError(f"{dataset_dir}: prior preservation needs square images; run `sdlora prep` without --buckets")
     precision = resolve_precision(config.train.mixed_precision, *device_facts())
     check_optimizer(config.train.optimizer)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UsageError(f"{out_dir}: exists and is not a folder; choose another OUT_DIR")
+    name = run_name(config.train.name, out_dir)
     settings = config.model_dump(mode="json")
     checkpoint.check_out_dir(out_dir, settings, config.train.resume, config.train.overwrite)
     resume_from = checkpoint.resolve_resume(out_dir, config.train.resume)
@@ -78,8 +101,24 @@ def preflight(config: Config, dataset_dir: Path, out_dir: Path) -> Plan:
         trigger=f"{token} {class_word}",
         precision=precision,
         resume_from=resume_from,
-        name=config.train.name or out_dir.resolve().name,
+        name=name,
     )
+
+
+def run_name(name: str | None, out_dir: Path) -> str:
+    """The run's name (--name, else OUT_DIR's): a plain file name, so that NAME.safetensors lands in OUT_DIR and
+    replaces none of the run's own files."""
+    given = name is not None
+    name = name if given else Path(out_dir).resolve().name
+    what = f"--name {name!r}" if given else f"OUT_DIR's name {name!r} (the default --name)"
+    if not name or name in (".", "..") or any(c in name for c in "/\\\0") or name != name.strip() or name[0] == ".":
+        raise UsageError(f"{what}: must be a plain file name (no '/', '\\', leading '.' or '..'), e.g. --name alice")
+    if len(name.encode()) > 200:
+        raise UsageError(f"{what}: too long for a file name ({len(name.encode())} bytes); choose a shorter --name")
+    taken = [what_it_is for f, what_it_is in RUN_FILES.items() if layout.kohya_file(name).casefold() == f.casefold()]
+    if taken:
+        raise UsageError(f"{what}: {layout.kohya_file(name)} would replace {taken[0]}; choose another --name")
+    return name
 
 
 def resolve_precision(requested: str, cuda: bool, bf16_supported: bool) -> str:

@@ -51,17 +51,37 @@ def load_examples(dataset_dir: Path, default_caption: str) -> list[Example]:
         raise UsageError(f"{dataset_dir}: dataset folder not found; run `sdlora prep PHOTOS {dataset_dir}` first")
     if (dataset_dir / MANIFEST).is_file():
         examples = [
-            Example(dataset_dir / e.image, e.caption, (e.width, e.height), e.original_size, e.crop_top_left)
+            Example(confined(dataset_dir, e.image), e.caption, (e.width, e.height), e.original_size, e.crop_top_left)
             for e in read_manifest(dataset_dir)
         ]
     else:
-        examples = [Example(path, _caption_of(path, default_caption)) for path in list_images(dataset_dir)]
+        images = [confined(dataset_dir, path.name) for path in list_images(dataset_dir)]
+        examples = [Example(path, _caption_of(path, default_caption)) for path in images]
     if not examples:
         raise UsageError(f"{dataset_dir}: no training images (expected manifest.jsonl or .png/.jpg files)")
     missing = [e.image for e in examples if not e.image.is_file()]
     if missing:
         raise UsageError(f"{missing[0]}: image listed in the manifest is missing; re-run `sdlora prep`")
     return examples
+
+
+def confined(dataset_dir: Path, entry: str) -> Path:
+    """`dataset_dir / entry`, refused unless it stays inside the dataset folder: no absolute path, no '..', no
+    symlink that leads out (symlinks within the folder are fine). A dataset is data and must not read the rest of
+    the machine."""
+    dataset_dir = Path(dataset_dir)
+    relative = Path(entry)
+    where = f"{dataset_dir / layout.MANIFEST}: entry {entry!r}" if (dataset_dir / layout.MANIFEST).is_file() else None
+    where = where or f"{dataset_dir / entry}"
+    if relative.is_absolute() or ".." in relative.parts:
+        raise UsageError(f"{where}: must be a path inside the dataset folder (no absolute path or '..'); re-run prep")
+    path = dataset_dir / relative
+    root = dataset_dir.resolve()
+    if root not in path.resolve().parents:
+        raise UsageError(
+            f"{where}: leads outside the dataset folder (to {path.resolve()}); copy the image into {dataset_dir}"
+        )
+    return path
 
 
 def list_images(folder: Path) -> list[Path]:
@@ -71,6 +91,7 @@ def list_images(folder: Path) -> list[Path]:
 def _caption_of(image: Path, default: str) -> str:
     sidecar = image.with_suffix(".txt")
     if sidecar.is_file():
+        sidecar = confined(image.parent, sidecar.name)
         text = sidecar.read_text(encoding="utf-8").strip()
         if text:
             return text

@@ -107,7 +107,7 @@ def _prepare(evaluation: TrainEval, plan: Any, asked: bool) -> str | None:
     return None
 
 
-def _share(accelerator: Any, outcome: Exception | str | None) -> Exception | str | None:
+def _share(accelerator: Any, outcome: Any) -> Any:
     """The main process's outcome, on every process."""
     if accelerator.num_processes == 1:
         return outcome
@@ -120,11 +120,10 @@ def _share(accelerator: Any, outcome: Exception | str | None) -> Exception | str
 
 def read_eval_rows(out_dir: Path) -> list[dict[str, Any]]:
     """The eval rows of OUT_DIR/metrics.jsonl, flattened to {"step": N, **metrics} (what pick_best reads)."""
-    path = Path(out_dir) / METRICS
-    if not path.is_file():
-        return []
-    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return [{"step": r["step"], **r["eval"]} for r in records if "eval" in r]
+    from sdlora.train.monitor import read_records
+
+    records = read_records(Path(out_dir) / METRICS)
+    return [{"step": r["step"], **r["eval"]} for r in records if isinstance(r.get("eval"), dict)]
 
 
 def best_step(out_dir: Path) -> int | None:
@@ -157,6 +156,20 @@ def _copy_loras(source: Path, folder: Path) -> None:
     for path in source.glob("*.safetensors"):
         if path.name != layout.LORA_STATE:  # the training state, not a LoRA file
             shutil.copy2(path, folder / path.name)
+
+
+def catch_up(evaluation: TrainEval | None, run: Any) -> None:
+    """At a resume: score the resumed step if it was due and has no score (the run was killed between its
+    checkpoint and its evaluation). The model holds exactly that step's weights now, so the score and best/ are
+    what the uninterrupted run got."""
+    step = run.start_step
+    if evaluation is None or step == 0 or not evaluation.due(step):
+        return
+    missed = evaluation.main and not any(row["step"] == step for row in evaluation.rows)
+    if not _share(run.accelerator, missed):  # the main process knows the rows; all must agree (a barrier follows)
+        return
+    run.accelerator.print(f"note: step {step} was checkpointed but not evaluated; evaluating it now")
+    after_step(evaluation, run, step)
 
 
 def after_step(evaluation: TrainEval | None, run: Any, step: int) -> None:

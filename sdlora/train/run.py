@@ -30,6 +30,7 @@ def loop(run: Run, stopped: list[int], evaluation: identity.TrainEval | None = N
     loss_sum = torch.zeros((), device=accelerator.device)  # summed on the device: no sync per step
     first_bad = torch.full((), -1, device=accelerator.device, dtype=torch.long)
     step, since_log = run.start_step, 0
+    _catch_up_samples(run)
     try:
         while step < tc.steps:
             started = time.perf_counter()
@@ -64,6 +65,16 @@ def loop(run: Run, stopped: list[int], evaluation: identity.TrainEval | None = N
         monitor.close()
     check_finite(run, first_bad)
     return step
+
+
+def _catch_up_samples(run: Run) -> None:
+    """At a resume: the resumed step's sample grid, if it was due and a kill came between checkpoint and samples."""
+    from sdlora.train import outputs
+
+    step, every = run.start_step, run.config.train.sample_every
+    due = step > 0 and every > 0 and (step % every == 0 or step == run.config.train.steps)
+    if due and not (run.plan.out_dir / layout.SAMPLES / layout.sample_grid(step)).is_file():
+        outputs.render_samples(run, step)
 
 
 def optimisation_step(run: Run, step: int) -> Any:
@@ -101,20 +112,40 @@ def optimisation_step(run: Run, step: int) -> Any:
 
 
 def check_finite(run: Run, first_bad: Any) -> None:
-    """Stop with a clear error when any process saw a NaN/inf loss (one sync; called at logs and checkpoints)."""
-    from sdlora.train import checkpoint
+    """Stop with a clear error when any process saw a NaN/inf loss, or a LoRA weight is no longer finite (an update
+    can break the weights while the loss, computed before it, is still finite). One sync; called at logs,
+    before checkpoints (so none holds broken weights) and at the end."""
+    import torch
 
     worst = (
         int(run.accelerator.gather(first_bad.view(1)).max()) if run.accelerator.num_processes > 1 else int(first_bad)
     )
-    if worst < 0:
+    weights_ok = bool(torch.stack([torch.isfinite(p).all() for p in run.params]).all()) if run.params else True
+    if worst < 0 and weights_ok:
         return
-    kept = checkpoint.list_checkpoints(run.plan.out_dir)
-    where = f"; the last good checkpoint {kept[-1]} is intact (resume it with a lower --lr)" if kept else ""
+    what = f"loss became NaN/inf at step {worst}" if worst >= 0 else "LoRA weights became NaN/inf"
     raise SdloraError(
-        f"loss became NaN/inf at step {worst}: likely fp16 overflow in the VAE or UNet (try --mixed-precision bf16 "
-        f"or no) or a learning rate too high (try a lower --lr){where}"
+        f"{what}: likely fp16 overflow in the VAE or UNet (try --mixed-precision bf16 or no) or a learning rate too "
+        f"high; {_way_forward(run)}"
     )
+
+
+def _way_forward(run: Run) -> str:
+    """What to run after a divergence: resume the newest checkpoint that verifies (finite weights) with a lower
+    learning rate, which a resume may change."""
+    from sdlora.train import checkpoint
+
+    plan, lr = run.plan, run.config.train.learning_rate
+    good = checkpoint.good_checkpoints(plan.out_dir)
+    config_toml = plan.out_dir / layout.CONFIG_TOML
+    command = ["sdlora", "train", str(plan.dataset_dir), str(plan.out_dir), "--config", str(config_toml)]
+    if good:
+        command += ["--resume", str(good[-1]), "--lr", f"{lr / 10:g}"]
+        return f"the last good checkpoint {good[-1]} has finite weights; resume it with a lower --lr: " + shlex.join(
+            command
+        )
+    command += ["--overwrite", "--lr", f"{lr / 10:g}"]
+    return "no checkpoint with finite weights was written; start again with a lower --lr: " + shlex.join(command)
 
 
 def _agree(accelerator: Any, flag: bool) -> bool:

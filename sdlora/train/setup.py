@@ -85,8 +85,7 @@ def setup_pipeline(config: Config, plan: Plan, accelerator: Any, pipe: Any, info
     denoiser, optimizer, lr_scheduler = prepared[0], prepared[-2], prepared[-1]
     start_step = 0
     if plan.resume_from is not None:
-        accelerator.load_state(str(plan.resume_from))
-        start_step = checkpoint.read_step(plan.resume_from)
+        start_step = resume_state(accelerator, plan.resume_from, optimizer, lr_scheduler, [g["lr"] for g in groups])
     write_run_files(config, plan, accelerator)
     return Run(
         config=config,
@@ -105,6 +104,24 @@ def setup_pipeline(config: Config, plan: Plan, accelerator: Any, pipe: Any, info
         start_step=start_step,
         offloaded=offloaded,
     )
+
+
+def resume_state(accelerator: Any, folder: Path, optimizer: Any, lr_scheduler: Any, rates: list[float]) -> int:
+    """Load a checkpoint's state; the learning rates of this run's settings replace the saved ones (a resume may
+    lower them). Returns the checkpoint's step."""
+    from sdlora.errors import SdloraError
+    from sdlora.train import checkpoint
+
+    try:
+        accelerator.load_state(str(folder))
+    except (OSError, RuntimeError, ValueError, KeyError, EOFError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise SdloraError(
+            f"{folder}: checkpoint could not be loaded ({first}); resume an older one with --resume PATH"
+        ) from None
+    if checkpoint.apply_learning_rates(optimizer, lr_scheduler, rates):
+        accelerator.print(f"learning rates from this run's settings: {', '.join(f'{r:g}' for r in rates)}")
+    return checkpoint.read_step(folder)
 
 
 def load_base(config: Config, accelerator: Any, weight_dtype: Any) -> tuple[Any, Any]:
