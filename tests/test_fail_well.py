@@ -158,3 +158,35 @@ def test_config_file_not_utf8(tmp_path):
     toml = tmp_path / "c.toml"
     toml.write_bytes(b"[train]\nname = '\xff'\n")
     assert "c.toml" in one_error_line(runner.invoke(app, ["config", "--config", str(toml)]), 2)
+
+
+def test_train_refuses_a_damaged_dataset_image_and_a_read_only_out_dir_before_loading(tmp_path, monkeypatch):
+    """train's pre-flight reads every dataset image's header and checks OUT_DIR before any model loads."""
+    import os
+
+    from train_utils import subject_set
+
+    data = subject_set(tmp_path / "data")
+    (data / "img1.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)  # a PNG signature and a torn body
+    monkeypatch.setattr("sdlora.models.load_pipeline", lambda *a, **k: pytest.fail("a model loaded"))
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "model_index.json").write_text("{}")
+    args = ["train", str(data), str(tmp_path / "out"), "--base", str(base)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and "img1.png" in result.output and "not a usable image" in result.output
+    (data / "img1.png").unlink()
+    (data / "img1.txt").unlink()
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    os.chmod(locked, 0o500)
+    try:
+        if os.access(locked, os.W_OK):  # root ignores permissions: a file in the path instead
+            (tmp_path / "plain").write_text("x")
+            out, expect = tmp_path / "plain" / "out", "not a folder"
+        else:
+            out, expect = locked / "out", "no permission"
+        result = runner.invoke(app, ["train", str(data), str(out), "--base", str(base)])
+        assert result.exit_code == 2 and expect in result.output and "OUT_DIR" in result.output, result.output
+    finally:
+        os.chmod(locked, 0o700)

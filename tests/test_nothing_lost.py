@@ -387,7 +387,7 @@ def test_full_disk_is_found_before_any_model_loads(tiny_sd1, tmp_path, monkeypat
     monkeypatch.setattr("sdlora.generate.load_for_rendering", lambda *a: pytest.fail("a model loaded"))
     out = tmp_path / "out"
     result = runner.invoke(app, ["generate", "--base", str(tiny_sd1), "--prompt", "x", "--out", str(out)])
-    assert result.exit_code == 1 and "MiB free" in result.output and not out.exists(), result.output
+    assert result.exit_code == 2 and "MB free" in result.output and not out.exists(), result.output
 
 
 def test_unwritable_out_is_found_before_any_model_loads(tiny_sd1, tmp_path, monkeypatch):

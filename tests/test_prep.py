@@ -178,6 +178,23 @@ def test_missing_photos_dir_exit_2(tmp_path):
     assert result.exit_code == 2 and "PHOTOS_DIR" in result.output and "no such folder" in result.output
 
 
+def test_photos_dir_that_is_a_file_says_so(tmp_path):
+    photo = tmp_path / "IMG_1.jpg"
+    photo.write_bytes(b"not a folder")
+    result = CliRunner().invoke(app, ["prep", str(photo), str(tmp_path / "out")])
+    assert result.exit_code == 2 and "is a file, not a folder" in result.output
+    assert photo.read_bytes() == b"not a folder"
+
+
+def test_out_dir_above_photos_dir_says_so(tmp_path):
+    photos = tmp_path / "shoot" / "photos"
+    photos.mkdir(parents=True)
+    (photos / "a.jpg").write_bytes(b"x")
+    result = CliRunner().invoke(app, ["prep", str(photos), str(tmp_path / "shoot")])
+    assert result.exit_code == 2 and "holds PHOTOS_DIR" in result.output and "must be outside" not in result.output
+    assert (photos / "a.jpg").read_bytes() == b"x"
+
+
 def test_out_dir_inside_photos_refused(photos):
     result = CliRunner().invoke(app, ["prep", str(photos), str(photos / "dataset")])
     assert result.exit_code == 2 and "outside PHOTOS_DIR" in result.output

@@ -6,7 +6,6 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import shutil
 import signal
 from dataclasses import dataclass
 from pathlib import Path
@@ -258,14 +257,11 @@ def check_out_dir(out_dir: Path, inputs: list[Path | None], first_image_bytes: i
     for path in inputs:
         if path is not None and (root == Path(path).resolve() or root in Path(path).resolve().parents):
             raise UsageError(f"--out {out_dir}: holds the input {path}; write the images elsewhere")
-    existing = next(p for p in (out_dir, *out_dir.absolute().parents) if p.exists())
-    free = shutil.disk_usage(existing).free
-    needed = first_image_bytes + (1 << 20)  # an uncompressed PNG, its sidecar and config.json, with room to spare
-    if free < needed:
-        raise SdloraError(
-            f"--out {out_dir}: only {free / 2**20:.1f} MiB free on its disk, and the first image needs about "
-            f"{needed / 2**20:.1f} MiB; free some space or choose another --out"
-        )
+    from sdlora.preflight import check_output_dir
+
+    # Room for an uncompressed PNG, its sidecar and config.json, with some to spare; a read-only disk or a
+    # folder without write permission is refused here too.
+    check_output_dir(out_dir, "--out", need=first_image_bytes + (1 << 20))
 
 
 def _finish(

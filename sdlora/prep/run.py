@@ -136,11 +136,18 @@ def _check_paths(photos_dir: Path, out_dir: Path, overwrite: bool) -> tuple[Path
     and makes the writer check that nothing else wrote it meanwhile."""
     from sdlora import fsutil
 
+    if photos_dir.exists() and not photos_dir.is_dir():
+        raise UsageError(f"PHOTOS_DIR {photos_dir}: is a file, not a folder; give the folder that holds the photos")
     if not photos_dir.is_dir():
         raise UsageError(f"PHOTOS_DIR {photos_dir}: no such folder; give the folder that holds the photos")
     photos_dir, out_dir = photos_dir.resolve(), out_dir.resolve()
-    if out_dir == photos_dir or photos_dir in out_dir.parents or out_dir in photos_dir.parents:
+    if out_dir == photos_dir or photos_dir in out_dir.parents:
         raise UsageError(f"OUT_DIR {out_dir} must be outside PHOTOS_DIR {photos_dir} (prep never writes to the photos)")
+    if out_dir in photos_dir.parents:
+        raise UsageError(
+            f"OUT_DIR {out_dir} holds PHOTOS_DIR {photos_dir}: prep would replace the photos' own folder; "
+            "choose an OUT_DIR beside the photos, not above them"
+        )
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"OUT_DIR {out_dir} is a file; give a folder")
     if fsutil.contents(out_dir):

@@ -77,6 +77,8 @@ def _lock(out_dir: Path) -> Any:
 def preflight(config: Config, dataset_dir: Path, out_dir: Path) -> Plan:
     """Every check that needs no model, each failing with a one-line UsageError."""
     from sdlora.models import check_base, device_facts
+    from sdlora.preflight import check_output_dir
+    from sdlora.prep.images import check_images
     from sdlora.train import checkpoint, data, prior
     from sdlora.train.optim import check_optimizer
 
@@ -84,6 +86,7 @@ def preflight(config: Config, dataset_dir: Path, out_dir: Path) -> Plan:
     token, class_word = data.trigger_parts(dataset_dir, config.prep.token, config.prep.class_word)
     caption = config.prep.caption_template.format(token=token, class_word=class_word)
     examples = data.load_examples(dataset_dir, default_caption=caption)
+    check_images([e.image for e in examples])  # headers only: a damaged image fails now, not after the model loads
     prior.check_class_dir(config.train.class_dir)
     bucketed = any(e.size and e.size[0] != e.size[1] for e in examples)
     if bucketed and (config.train.class_dir or config.train.class_prompt):
@@ -91,6 +94,7 @@ def preflight(config: Config, dataset_dir: Path, out_dir: Path) -> Plan:
     precision = resolve_precision(config.train.mixed_precision, *device_facts())
     check_optimizer(config.train.optimizer)
     name = run_name(config.train.name, out_dir)
+    check_output_dir(out_dir, "OUT_DIR")
     settings = config.model_dump(mode="json")
     checkpoint.check_out_dir(out_dir, settings, config.train.resume, config.train.overwrite)
     resume_from = checkpoint.resolve_resume(out_dir, config.train.resume)
