@@ -170,7 +170,9 @@ def manifest_set(folder: Path, image: str) -> Path:
     from sdlora.prep.manifest import ManifestEntry, write_manifest
 
     subject_set(folder)
-    entry = ManifestEntry(
+    # model_construct: written as a hand-edited or downloaded manifest would be, without the writer's own checks
+    entry = ManifestEntry.model_construct(
+        face_box=None,
         image=image,
         caption="a photo of sks person",
         source="x.png",

@@ -89,6 +89,11 @@ def read_manifest(path: Path) -> list[ManifestEntry]:
         try:
             entries.append(ManifestEntry.model_validate(json.loads(line)))
         except (json.JSONDecodeError, ValidationError, RecursionError) as exc:
-            reason = printable((str(exc).splitlines() or [type(exc).__name__])[0])[:200]
+            if isinstance(exc, ValidationError):  # the field and why, not pydantic's "1 validation error" header
+                error = exc.errors()[0]
+                field = ".".join(str(part) for part in error["loc"]) or "entry"
+                reason = printable(f"{field}: {error['msg'].removeprefix('Value error, ')}")[:200]
+            else:
+                reason = printable((str(exc).splitlines() or [type(exc).__name__])[0])[:200]
             raise UsageError(f"{where}:{number}: not a valid manifest entry ({reason}); re-run `sdlora prep`") from None
     return entries
