@@ -25,8 +25,9 @@ class ModelInfo:
     """What training and generation need to know about a base model."""
 
     family: str  # a name in sdlora.families.REGISTRY
-    prediction_type: str  # "epsilon" or "v_prediction"
+    prediction_type: str  # "epsilon", "v_prediction" or "flow"
     vae_scale_factor: int  # pixels per latent pixel (8 for every real SD model)
+    variant: str = ""  # within the family: "dev" / "schnell" for Flux.1
 
     @property
     def spec(self) -> Family:
@@ -38,21 +39,23 @@ class ModelInfo:
     @property
     def kohya_base_version(self) -> str:
         """kohya's `ss_base_model_version` value."""
-        return self.spec.kohya_base_version(self.prediction_type)
+        return self.spec.kohya_base_version(self.prediction_type, self.variant)
 
     @property
     def modelspec_architecture(self) -> str:
         """The `modelspec.architecture` value of a LoRA for this base."""
-        return self.spec.modelspec_architecture(self.prediction_type)
+        return self.spec.modelspec_architecture(self.prediction_type, self.variant)
 
 
 def model_info(pipe: Any) -> ModelInfo:
     from sdlora import families
 
+    family = families.detect(pipe)
     return ModelInfo(
-        family=families.detect(pipe).name,
-        prediction_type=pipe.scheduler.config.get("prediction_type", "epsilon"),
+        family=family.name,
+        prediction_type=family.prediction_type(pipe),
         vae_scale_factor=2 ** (len(pipe.vae.config.block_out_channels) - 1),
+        variant=family.variant(pipe),
     )
 
 

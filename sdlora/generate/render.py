@@ -3,6 +3,7 @@ the shared sampling settings, per-image seeded batched rendering, and grids."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
@@ -17,6 +18,8 @@ if TYPE_CHECKING:
     from sdlora.families import Family
     from sdlora.lora.files import Lora
 
+log = logging.getLogger(__name__)
+
 # Our sampler names -> (diffusers scheduler class, extra config, A1111's sampler name).
 SCHEDULERS: dict[str, tuple[str, dict[str, Any], str]] = {
     "dpmpp_2m_karras": (
@@ -28,20 +31,38 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any], str]] = {
     "euler": ("EulerDiscreteScheduler", {"use_karras_sigmas": False}, "Euler"),
     "ddim": ("DDIMScheduler", {}, "DDIM"),
     "unipc": ("UniPCMultistepScheduler", {"use_karras_sigmas": False}, "UniPC"),
+    # Flow-matching bases (Flux.1): Euler on the model's own (size-dependent, shifted) sigmas.
+    "flow_euler": ("FlowMatchEulerDiscreteScheduler", {}, "Euler"),
 }
 
 
 def set_scheduler(pipe: Any, name: str) -> None:
-    """Swap the pipeline's sampler for `name`, keeping the model's noise schedule and prediction_type."""
+    """Swap the pipeline's sampler for `name`, keeping the model's noise schedule and prediction_type. A UNet
+    sampler asked of a flow-matching base (the config's default, e.g. in `sdlora eval`) becomes the family's
+    own; `generate` refuses an explicit one before rendering (check_sampler)."""
     import diffusers
+
+    from sdlora import families
 
     if name not in SCHEDULERS:
         raise UsageError(f"--scheduler {name!r}: choose one of {', '.join(SCHEDULERS)}")
+    family = families.detect(pipe)
+    if name not in family.samplers:
+        log.info("sampler %s is not for %s bases; using %s", name, family.label, family.samplers[0])
+        name = family.samplers[0]
     class_name, extra, _ = SCHEDULERS[name]
     cls = getattr(diffusers, class_name)
     # from_config carries over betas, timestep_spacing and prediction_type (epsilon vs v) from the model's own
     # scheduler; the extras only pick the solver variant.
     pipe.scheduler = cls.from_config(pipe.scheduler.config, **extra)
+
+
+def check_sampler(name: str, family: Family) -> None:
+    """An explicitly chosen sampler must suit the base's family."""
+    if name not in family.samplers:
+        raise UsageError(
+            f"--scheduler {name}: not a sampler for {family.label} bases; choose {', '.join(family.samplers)}"
+        )
 
 
 def a1111_sampler_name(name: str) -> str:
@@ -59,6 +80,7 @@ class Sampling:
     height: int
     negative: str = ""
     batch_size: int = 4
+    max_sequence_length: int | None = None  # T5 tokens (Flux); None: the family's default for the base
 
     @classmethod
     def of(cls, g: GenerateConfig) -> Sampling:
@@ -71,7 +93,16 @@ class Sampling:
         """Renders during training (sample grids, identity scoring, class images): the generate settings at the
         training resolution with `train.sample_steps`."""
         g, tc = config.generate, config.train
-        return cls(tc.sample_steps, g.cfg, g.scheduler, tc.resolution, tc.resolution, g.negative, g.batch_size)
+        return cls(
+            tc.sample_steps,
+            g.cfg,
+            g.scheduler,
+            tc.resolution,
+            tc.resolution,
+            g.negative,
+            g.batch_size,
+            config.model.max_sequence_length,
+        )
 
     def but(self, **changes: Any) -> Sampling:
         return replace(self, **changes)
@@ -103,23 +134,28 @@ def render_images(
 
     import torch
 
+    from sdlora import families
+
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
     s = sampling
     set_scheduler(pipe, s.scheduler)
     device = pipe._execution_device
     takes_size = "width" in inspect.signature(pipe.__call__).parameters  # img2img pipelines take the image's
+    tokens = families.detect(pipe).sequence_length(pipe, s.max_sequence_length)
     images: list[Image.Image] = []
     for start in range(0, len(prompts), s.batch_size):
         chunk = slice(start, start + s.batch_size)
         kwargs: dict[str, Any] = dict(call_kwargs or {})
+        if tokens is not None:
+            kwargs["max_sequence_length"] = tokens
         if takes_size:
             kwargs.update(width=s.width, height=s.height)
         if init_images is not None:
             kwargs["image"] = list(init_images[chunk])
         if mask_images is not None:
             kwargs["mask_image"] = list(mask_images[chunk])
-        previews = Previews(pipe, preview_every) if preview_every and on_previews else None
+        previews = Previews(pipe, preview_every, s.width, s.height) if preview_every and on_previews else None
         if previews is not None:
             kwargs.update(callback_on_step_end=previews, callback_on_step_end_tensor_inputs=["latents"])
         batch_prompts = prompts[chunk]

@@ -44,6 +44,9 @@ def save_loras(run: Any, folder: Path, *, unwrap_for_good: bool) -> tuple[Path, 
         started_at=run.started_at,
         finished_at=time.time(),
         text_encoder_trained=bool(encoders),
+        extra=kohya.flow_metadata(
+            run.info, tc, run.family.sequence_length(run.pipe, run.config.model.max_sequence_length)
+        ),
     )
     kohya_file = Path(folder) / layout.kohya_file(run.plan.name)
     # fp32, not the UIs' usual fp16: the file then reproduces the trained model (fp16 weights missed 1e-4).

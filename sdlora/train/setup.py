@@ -60,13 +60,16 @@ def setup(config: Config, plan: Plan, accelerator: Any) -> Run:
 
 def setup_pipeline(config: Config, plan: Plan, accelerator: Any, pipe: Any, info: Any) -> Run:
     """setup() after the base is loaded (frozen, on the device): also what bench/train_step.py times."""
+    from sdlora import families
     from sdlora.lora import peft
     from sdlora.train import checkpoint
     from sdlora.train.optim import build_optimizer, build_scheduler
 
-    tc, family = config.train, info.spec
+    family = info.spec
+    config = families.with_defaults(config, family, pipe)  # e.g. Flux's sampler for the sample grids
+    tc = config.train
     # The training objective (noise schedule), kept before sampling swaps the pipeline's scheduler.
-    objective = family.objective(pipe.scheduler, accelerator.device)
+    objective = family.objective(pipe.scheduler, accelerator.device, tc.timestep_sampling, tc.timestep_shift)
     classes = class_images(config, plan, pipe, accelerator)
     attach_adapters(config, pipe, family, seed=tc.seed)
     batches = build_batches(config, plan, pipe, family, classes, accelerator, objective)
@@ -182,7 +185,7 @@ def trained_text_encoders(config: Config, pipe: Any, family: Any) -> dict[str, A
     """The text encoders that get LoRA, by pipeline attribute (all of the family's), or {}."""
     if not config.lora.train_text_encoder:
         return {}
-    return {name: getattr(pipe, name) for name in family.text_encoders}
+    return {name: getattr(pipe, name) for name in family.trainable_text_encoders}
 
 
 def text_encoder_lr(tc: Any, name: str) -> float:
@@ -196,7 +199,8 @@ def offload_frozen(config: Config, pipe: Any, family: Any) -> list[str]:
     VAE to the CPU; sampling brings them back for a moment. Returns the moved pipeline attributes."""
     if not config.train.offload:
         return []
-    names = [] if config.lora.train_text_encoder else list(family.text_encoders)
+    trained = trained_text_encoders(config, pipe, family)
+    names = [name for name in family.text_encoders if name not in trained]
     names += ["vae"] if config.train.cache_latents else []
     for name in names:
         getattr(pipe, name).to("cpu")
@@ -211,14 +215,16 @@ def build_batches(
     from sdlora.train.batches import Batches, ImageSet, build_text_cache
 
     tc = config.train
-    instances = ImageSet(plan.examples, tc.resolution, tc.flip, pipe.vae, tc.cache_latents)
-    class_set = ImageSet(classes, tc.resolution, tc.flip, pipe.vae, tc.cache_latents) if classes else None
+    sizes = tc.resolutions or [tc.resolution]
+    instances = ImageSet(plan.examples, sizes, tc.flip, pipe.vae, tc.cache_latents)
+    class_set = ImageSet(classes, sizes, tc.flip, pipe.vae, tc.cache_latents) if classes else None
     class_prompt = classes[0].caption if classes else ""
     text_cache = None
     if not config.lora.train_text_encoder:
         prompts = [e.caption for e in plan.examples] + [class_prompt, ""]
         encoders = families.encoders(pipe, family)
-        text_cache = build_text_cache(family, families.tokenizers(pipe, family), encoders, prompts)
+        tokens = family.sequence_length(pipe, config.model.max_sequence_length)
+        text_cache = build_text_cache(family, families.tokenizers(pipe, family), encoders, prompts, tokens)
     accelerator.print(
         f"{len(plan.examples)} images{f' + {len(classes)} class images' if classes else ''}; effective batch "
         f"{tc.batch_size} x {tc.grad_accum} accumulation x {accelerator.num_processes} processes = "
