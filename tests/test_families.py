@@ -84,7 +84,7 @@ def test_trained_files_say_their_family_and_reload_pixel_identically(trained):
     pipe.load_lora_weights(str(out))
     # The sample grid's settings as the run resolved them (a family may have its own sampler and guidance).
     config = Config.model_validate_json((out / "config.json").read_text())
-    sampling = Sampling.for_training(config)
+    sampling = Sampling.for_training(families.with_defaults(config, family, pipe))
     assert (sampling.steps, sampling.width, sampling.height) == (SAMPLE_STEPS, 64, 64)
     assert sampling.scheduler in family.samplers
     images = render_images(pipe, ["a photo of sks person"], [42], sampling)

@@ -66,6 +66,7 @@ def setup_pipeline(config: Config, plan: Plan, accelerator: Any, pipe: Any, info
     from sdlora.train.optim import build_optimizer, build_scheduler
 
     family = info.spec
+    given = config  # what the run files store, so that a resume compares like with like
     config = families.with_defaults(config, family, pipe)  # e.g. Flux's sampler for the sample grids
     tc = config.train
     # The training objective (noise schedule), kept before sampling swaps the pipeline's scheduler.
@@ -90,7 +91,7 @@ def setup_pipeline(config: Config, plan: Plan, accelerator: Any, pipe: Any, info
     if plan.resume_from is not None:
         accelerator.load_state(str(plan.resume_from))
         start_step = checkpoint.read_step(plan.resume_from)
-    write_run_files(config, plan, accelerator)
+    write_run_files(given, plan, accelerator)
     return Run(
         config=config,
         plan=plan,
