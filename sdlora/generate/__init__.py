@@ -17,7 +17,14 @@ from sdlora.config import Config, GenerateConfig
 from sdlora.config import save as save_config
 from sdlora.errors import SdloraError, UsageError
 from sdlora.generate import keepface, pngmeta
-from sdlora.generate.render import Sampling, a1111_sampler_name, load_for_rendering, make_grid, render_images
+from sdlora.generate.render import (
+    Sampling,
+    a1111_sampler_name,
+    check_sampler,
+    load_for_rendering,
+    make_grid,
+    render_images,
+)
 from sdlora.lora import files as lora_files
 from sdlora.lora.files import Lora, parse_lora
 
@@ -91,6 +98,9 @@ def generate(config: Config, out_dir: Path) -> list[Path]:
     jobs = [Job(i, prompt, g.seed + i) for i, prompt in enumerate(p for p in prompts for _ in range(g.n))]
 
     pipe, family, adapters = load_for_rendering(config.model, loras)
+    config = families.with_defaults(config, family, pipe)  # Flux: 28 steps, guidance 3.5, flow-matching Euler
+    g = config.generate
+    check_sampler(g.scheduler, family)
     inpainting = family.inpainting_kind(pipe)
     if inpainting and g.keep_face is None:
         raise UsageError(f"{config.model.base} is an inpainting model ({inpainting}): use it with --keep-face PHOTO")
@@ -105,13 +115,15 @@ def generate(config: Config, out_dir: Path) -> list[Path]:
     base_images = None
     if g.compare:
         runner.disable_lora()  # the same weights with the adapters off: no second copy of the model
-        base_images = _finish(_render(runner, jobs, g, call, "base model")[0], refiner, jobs, g, source)
+        base_images = _finish(
+            _render(runner, jobs, g, call, "base model", config.model.max_sequence_length)[0], refiner, jobs, g, source
+        )
         runner.enable_lora()
     if g.fuse and adapters:
         runner.fuse_lora(adapter_names=adapters, lora_scale=1.0)  # keeps the scales set_adapters gave
-    images, strips = _render(runner, jobs, g, call, "images")
+    images, strips = _render(runner, jobs, g, call, "images", config.model.max_sequence_length)
     images = _finish(images, refiner, jobs, g, source)
-    return write_outputs(out_dir, config, jobs, loras, images, strips, base_images)
+    return write_outputs(out_dir, config, jobs, loras, images, strips, base_images, family.guidance_label)
 
 
 def _finish(
@@ -178,7 +190,12 @@ def _refiner(name: str, allow_pickle: bool, family: Any) -> Any:
 
 
 def _render(
-    pipe: Any, jobs: list[Job], g: GenerateConfig, call: dict[str, Any], label: str
+    pipe: Any,
+    jobs: list[Job],
+    g: GenerateConfig,
+    call: dict[str, Any],
+    label: str,
+    max_sequence_length: int | None = None,
 ) -> tuple[list[Image.Image], dict[int, list[Image.Image]]]:
     """render_images over the jobs with a progress bar per batch; returns the images and the filmstrips."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -196,7 +213,7 @@ def _render(
             pipe,
             [job.prompt for job in jobs],
             [job.seed for job in jobs],
-            Sampling.of(g),
+            Sampling.of(g).but(max_sequence_length=max_sequence_length),
             on_batch=lambda done, _total: progress.update(task, completed=done),
             preview_every=g.save_steps,
             on_previews=keep_strips,
@@ -213,15 +230,17 @@ def write_outputs(
     images: list[Image.Image],
     strips: dict[int, list[Image.Image]],
     base_images: list[Image.Image] | None,
+    guidance_label: str | None = None,
 ) -> list[Path]:
-    """DIR/NNNN-SEED.png (+ A1111 `parameters`) and .json per image, DIR/grid.png, DIR/compare.png, strips."""
+    """DIR/NNNN-SEED.png (+ A1111 `parameters`) and .json per image, DIR/grid.png, DIR/compare.png, strips;
+    `guidance_label`: the family's name for a distilled guidance value (Forge's "Distilled CFG Scale")."""
     out_dir = Path(out_dir)
     save_config(config, out_dir / layout.CONFIG_JSON)
     hashes = [(lora.name, lora_files.addnet_hash(lora.path)) for lora in loras]
     written: list[Path] = []
     for job, image in zip(jobs, images, strict=True):
         stem = f"{job.index:04d}-{job.seed}"
-        record = image_record(config, job, loras, hashes, image.size)
+        record = image_record(config, job, loras, hashes, image.size, guidance_label)
         pngmeta.save_png(out_dir / f"{stem}.png", image, record["parameters"])
         pngmeta.save_json(out_dir / f"{stem}.json", record)
         written.append(out_dir / f"{stem}.png")
@@ -238,7 +257,12 @@ def write_outputs(
 
 
 def image_record(
-    config: Config, job: Job, loras: list[Lora], hashes: list[tuple[str, str]], size: tuple[int, int]
+    config: Config,
+    job: Job,
+    loras: list[Lora],
+    hashes: list[tuple[str, str]],
+    size: tuple[int, int],
+    guidance_label: str | None = None,
 ) -> dict[str, Any]:
     """Everything needed to remake one image, plus A1111's `parameters` text built from it."""
     g, base = config.generate, str(config.model.base)
@@ -257,6 +281,10 @@ def image_record(
         "Lora hashes": pngmeta.lora_hashes(hashes),
         "Version": f"sdlora {__version__}",
     }
+    if guidance_label:  # Forge: real CFG off (1), then the guidance embedding's value under its own name
+        pairs = [(k, 1 if k == "CFG scale" else v) for k, v in settings.items()]
+        at = [k for k, _ in pairs].index("CFG scale") + 1
+        settings = dict(pairs[:at] + [(guidance_label, g.cfg)] + pairs[at:])
     return {
         "prompt": job.prompt,
         "negative_prompt": g.negative,
