@@ -33,6 +33,7 @@ class Family(Protocol):
     modelspec_prefix: str  # prefix of `modelspec.architecture` values of this family's LoRA files
     samplers: tuple[str, ...]  # names in sdlora.generate.render.SCHEDULERS that can sample this family
     guidance_label: str | None  # A1111/Forge's name of a distilled guidance value in PNG parameters, or None
+    size_multiple: int  # training and image sides must be multiples of this (Flux: 16, for its 2x2 packing)
 
     def claims(self, pipe: Any) -> bool:
         """True when the loaded pipeline is of this family (read from its config, never its name)."""
@@ -111,6 +112,10 @@ class Family(Protocol):
 
     def x0_prediction(self, scheduler: Any, model_output: Any, timestep: Any, sample: Any, out: Any) -> Any:
         """The x0 prediction of the scheduler step that just gave `out` from `model_output` at `sample`, or None."""
+
+    def load_single_file(self, path: Any, config: str | None, kwargs: dict[str, Any]) -> Any:
+        """The pipeline of an original-format single file whose pipeline diffusers can't build from the file
+        (`config`: model.single_file_config; `kwargs`: from_pretrained's), or None: diffusers' from_single_file."""
 
     def tiny_pipeline(self, seed: int) -> Any:
         """A tiny randomly initialised pipeline of this family, built from configs (tests and the demo)."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from sdlora.errors import UsageError
@@ -77,6 +78,7 @@ class Flux:
     modelspec_prefix: str = "flux-1"
     samplers: tuple[str, ...] = ("flow_euler",)
     guidance_label: str | None = "Distilled CFG Scale"  # Forge's name for the guidance embedding's value
+    size_multiple: int = 16  # 8x VAE, then 2x2 patches
 
     def claims(self, pipe: Any) -> bool:
         transformer = getattr(pipe, "transformer", None)
@@ -204,6 +206,13 @@ class Flux:
 
         sigma = scheduler.sigmas[scheduler.step_index - 1].to(sample.device).expand(sample.shape[0])
         return flow_x0(sample, model_output.to(sample.dtype), sigma)
+
+    def load_single_file(self, path: Path, config: str | None, kwargs: dict[str, Any]) -> Any:
+        """A BFL or ComfyUI single file (flux1-dev.safetensors, also float8_e4m3fn): its transformer, converted
+        by our own BFL names at the widths of `config`'s transformer, and the rest of `config`'s pipeline."""
+        from sdlora.families.flux_single_file import load_pipeline
+
+        return load_pipeline(path, config, kwargs)
 
     def tiny_pipeline(self, seed: int) -> Any:
         from sdlora.testing import tiny_flux_pipeline

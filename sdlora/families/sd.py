@@ -75,6 +75,7 @@ class UNetFamily:
     trainable_text_encoders: tuple[str, ...]
     samplers: tuple[str, ...] = UNET_SAMPLERS
     guidance_label: str | None = None
+    size_multiple: int = 8
 
     def variant(self, pipe: Any) -> str:
         return ""
@@ -93,6 +94,9 @@ class UNetFamily:
 
     def x0_prediction(self, scheduler: Any, model_output: Any, timestep: Any, sample: Any, out: Any) -> Any:
         return scheduler_x0(scheduler, out)
+
+    def load_single_file(self, path: Any, config: str | None, kwargs: dict[str, Any]) -> Any:
+        return None  # diffusers' from_single_file reads LDM/SGM checkpoints whole
 
 
 def one_prefix_each(prefixes: list[str], family: str) -> list[str]:

@@ -73,6 +73,7 @@ def setup_pipeline(config: Config, plan: Plan, accelerator: Any, pipe: Any, info
     objective = family.objective(pipe.scheduler, accelerator.device, tc.timestep_sampling, tc.timestep_shift)
     classes = class_images(config, plan, pipe, accelerator)
     attach_adapters(config, pipe, family, seed=tc.seed)
+    check_sizes(config, family)
     batches = build_batches(config, plan, pipe, family, classes, accelerator, objective)
     offloaded = offload_frozen(config, pipe, family)
     encoders = trained_text_encoders(config, pipe, family)
@@ -206,6 +207,19 @@ def offload_frozen(config: Config, pipe: Any, family: Any) -> list[str]:
     for name in names:
         getattr(pipe, name).to("cpu")
     return names
+
+
+def check_sizes(config: Config, family: Any) -> None:
+    """Training sizes the family can take (Flux packs 2x2 latent patches: multiples of 16)."""
+    from sdlora.errors import UsageError
+
+    tc, multiple = config.train, family.size_multiple
+    for size in tc.resolutions or [tc.resolution]:
+        if size % multiple:
+            raise UsageError(
+                f"--resolution {size}: {family.label} trains on sizes that are multiples of {multiple}; "
+                f"try {max(multiple, size // multiple * multiple)}"
+            )
 
 
 def build_batches(
