@@ -79,6 +79,7 @@ class Flux:
     samplers: tuple[str, ...] = ("flow_euler",)
     guidance_label: str | None = "Distilled CFG Scale"  # Forge's name for the guidance embedding's value
     size_multiple: int = 16  # 8x VAE, then 2x2 patches
+    stage_frozen: bool = True  # T5-XXL (9.5 GB) and the VAE visit the device one at a time, only to be cached
 
     def claims(self, pipe: Any) -> bool:
         transformer = getattr(pipe, "transformer", None)
@@ -123,12 +124,14 @@ class Flux:
         max_sequence_length: int | None = None,
     ) -> Conditioning:
         """As FluxPipeline.encode_prompt computes it: CLIP's pooled output (B, 768) and T5's last hidden states
-        (B, max_sequence_length, 4096), no attention mask."""
+        (B, max_sequence_length, 4096), no attention mask; an encoder given as None adds nothing."""
         cond: Conditioning = {}
         lengths = (tokenizers[0].model_max_length, max_sequence_length or 512)
         for tokenizer, encoder, length, key in zip(
             tokenizers, encoders, lengths, ("pooled_projections", "encoder_hidden_states"), strict=True
         ):
+            if encoder is None:  # encoded apart (one encoder on the device at a time)
+                continue
             device = next(encoder.parameters()).device
             ids = tokenizer(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
             output = encoder(ids.input_ids.to(device), output_hidden_states=False)

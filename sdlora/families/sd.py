@@ -76,6 +76,7 @@ class UNetFamily:
     samplers: tuple[str, ...] = UNET_SAMPLERS
     guidance_label: str | None = None
     size_multiple: int = 8
+    stage_frozen: bool = False
 
     def variant(self, pipe: Any) -> str:
         return ""

@@ -3,7 +3,6 @@ the shared sampling settings, per-image seeded batched rendering, and grids."""
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
@@ -17,8 +16,6 @@ if TYPE_CHECKING:
     from sdlora.config import Config, GenerateConfig, ModelConfig
     from sdlora.families import Family
     from sdlora.lora.files import Lora
-
-log = logging.getLogger(__name__)
 
 # Our sampler names -> (diffusers scheduler class, extra config, A1111's sampler name).
 SCHEDULERS: dict[str, tuple[str, dict[str, Any], str]] = {
@@ -37,9 +34,7 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any], str]] = {
 
 
 def set_scheduler(pipe: Any, name: str) -> None:
-    """Swap the pipeline's sampler for `name`, keeping the model's noise schedule and prediction_type. A UNet
-    sampler asked of a flow-matching base (the config's default, e.g. in `sdlora eval`) becomes the family's
-    own; `generate` refuses an explicit one before rendering (check_sampler)."""
+    """Swap the pipeline's sampler for `name`, keeping the model's noise schedule and prediction_type."""
     import diffusers
 
     from sdlora import families
@@ -48,13 +43,30 @@ def set_scheduler(pipe: Any, name: str) -> None:
         raise UsageError(f"--scheduler {name!r}: choose one of {', '.join(SCHEDULERS)}")
     family = families.detect(pipe)
     if name not in family.samplers:
-        log.info("sampler %s is not for %s bases; using %s", name, family.label, family.samplers[0])
-        name = family.samplers[0]
+        raise UsageError(
+            f"--scheduler {name}: not a sampler for {family.label} bases; choose {', '.join(family.samplers)}"
+        )
     class_name, extra, _ = SCHEDULERS[name]
     cls = getattr(diffusers, class_name)
     # from_config carries over betas, timestep_spacing and prediction_type (epsilon vs v) from the model's own
     # scheduler; the extras only pick the solver variant.
     pipe.scheduler = cls.from_config(pipe.scheduler.config, **extra)
+
+
+def for_family(sampling: Sampling, family: Family, pipe: Any) -> Sampling:
+    """Settings made from a config that never saw the base (eval, identity scoring during training) with the
+    family's own sampler, and its guidance and steps where they are still the config's defaults; unchanged when
+    the sampler already suits the family."""
+    from sdlora.config import GenerateConfig
+
+    if sampling.scheduler in family.samplers:
+        return sampling
+    defaults, fields = family.generate_defaults(pipe), GenerateConfig.model_fields
+    changes: dict[str, Any] = {"scheduler": family.samplers[0]}
+    for key in ("cfg", "steps"):
+        if f"generate.{key}" in defaults and getattr(sampling, key) == fields[key].default:
+            changes[key] = defaults[f"generate.{key}"]
+    return sampling.but(**changes)
 
 
 def check_sampler(name: str, family: Family) -> None:
@@ -138,11 +150,12 @@ def render_images(
 
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
-    s = sampling
+    family = families.detect(pipe)
+    s = for_family(sampling, family, pipe)
     set_scheduler(pipe, s.scheduler)
     device = pipe._execution_device
     takes_size = "width" in inspect.signature(pipe.__call__).parameters  # img2img pipelines take the image's
-    tokens = families.detect(pipe).sequence_length(pipe, s.max_sequence_length)
+    tokens = family.sequence_length(pipe, s.max_sequence_length)
     images: list[Image.Image] = []
     for start in range(0, len(prompts), s.batch_size):
         chunk = slice(start, start + s.batch_size)

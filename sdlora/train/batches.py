@@ -25,7 +25,7 @@ class MicroBatch:
     noise: torch.Tensor  # same shape
     timesteps: torch.Tensor  # (B,): int64 DDPM timesteps, or fp32 sigmas of a flow-matching objective
     prompts: list[str]
-    cond: Conditioning | None  # cached text conditioning, None when the text encoder trains
+    cond: Conditioning | None  # cached text conditioning (of the frozen encoders), None when none is cached
     is_prior: torch.Tensor | None  # (B,) bool: class images of prior preservation
 
 
@@ -166,6 +166,11 @@ def build_text_cache(
         for i in range(0, len(unique), 16)
     ]
     return {"prompts": {p: i for i, p in enumerate(unique)}, "cond": concat(parts)}
+
+
+def merge_text_caches(parts: list[dict]) -> dict:
+    """One cache from caches of the same prompts, each holding some of the conditioning (one encoder each)."""
+    return {"prompts": parts[0]["prompts"], "cond": {k: v for part in parts for k, v in part["cond"].items()}}
 
 
 def select(cond: Conditioning, index: Any) -> Conditioning:
