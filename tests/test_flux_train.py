@@ -70,7 +70,12 @@ def test_files_keys_and_metadata(flux_run):
     assert "transformer.single_transformer_blocks.0.proj_mlp.lora_A.weight" in keys
     assert all(k.startswith("transformer.") for k in keys)
     assert read_header(diffusers_file)["sdlora.family"] == "flux"
-    assert adapter_metadata_of(diffusers_file)["transformer"]["lora_alpha"] == 8
+    # alpha as `.alpha` tensors (ComfyUI applies alpha / rank only with them), not as peft's adapter metadata
+    assert "lora_adapter_metadata" not in read_header(diffusers_file) and adapter_metadata_of(diffusers_file) == {}
+    alphas = {k: v for k, v in keys.items() if k.endswith(".alpha")}
+    assert len(alphas) == sum(k.endswith(".lora_A.weight") for k in keys) and all(
+        float(v) == 8.0 for v in alphas.values()
+    )
     state, metadata = read_kohya(out / "astro.safetensors")
     modules = {k.rsplit(".", 2)[0] if k.endswith("weight") else k.rsplit(".", 1)[0] for k in state}
     assert {

@@ -35,6 +35,7 @@ class Family(Protocol):
     guidance_label: str | None  # A1111/Forge's name of a distilled guidance value in PNG parameters, or None
     size_multiple: int  # training and image sides must be multiples of this (Flux: 16, for its 2x2 packing)
     stage_frozen: bool  # frozen text encoders and VAE stay in CPU RAM and visit the device only to be cached
+    comfyui_diffusers_file: bool  # diffusers file written for ComfyUI too (lora.peft.save_diffusers for_comfyui)
 
     def claims(self, pipe: Any) -> bool:
         """True when the loaded pipeline is of this family (read from its config, never its name)."""

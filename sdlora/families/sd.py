@@ -77,6 +77,7 @@ class UNetFamily:
     guidance_label: str | None = None
     size_multiple: int = 8
     stage_frozen: bool = False
+    comfyui_diffusers_file: bool = False  # ComfyUI reads no diffusers-format SD keys at all
 
     def variant(self, pipe: Any) -> str:
         return ""

@@ -29,7 +29,8 @@ def save_loras(run: Any, folder: Path, *, unwrap_for_good: bool) -> tuple[Path, 
         "sdlora.version": __version__,
     }
     diffusers_file = Path(folder) / layout.DIFFUSERS_LORA
-    peft.save_diffusers(diffusers_file, type(run.pipe), {run.family.denoiser: denoiser} | encoders, header)
+    models = {run.family.denoiser: denoiser} | encoders
+    peft.save_diffusers(diffusers_file, type(run.pipe), models, header, for_comfyui=run.family.comfyui_diffusers_file)
     lc, tc = run.config.lora, run.config.train
     metadata = kohya.build_metadata(
         run.info,
