@@ -76,7 +76,8 @@ class Family(Protocol):
         max_sequence_length: int | None = None,
     ) -> Conditioning:
         """Text conditioning of `prompts`, as the family's pipeline computes it (gradients flow when trained);
-        `max_sequence_length`: T5 tokens (families without T5 ignore it)."""
+        `max_sequence_length`: T5 tokens (families without T5 ignore it). Families with `stage_frozen` take None
+        for an encoder whose part is computed apart (one encoder on the device at a time) and leave it out."""
 
     def predict(
         self,
