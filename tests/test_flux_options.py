@@ -131,3 +131,21 @@ def test_frozen_parts_visit_the_device_one_at_a_time_and_leave_ram(tmp_path, mon
     assert result.exit_code == 0, result.output
     assert [v for v in visits if v][:2] == [["vae"], ["text_encoder_2"]]  # only T5 is cached
     assert released == []  # the sample grid at the last step renders with them
+
+
+def test_prior_preservation_min_snr_checkpointing_and_8bit_adamw_on_flux(tmp_path):
+    """Class images rendered by the staged pipeline (every part back on the device for it), then training with
+    the min-SNR-equivalent weights, gradient checkpointing and 8-bit AdamW."""
+    from sdlora import testing
+
+    base = testing.save_tiny_pipeline("flux", tmp_path / "flux")
+    data, out = subject_set(tmp_path / "data"), tmp_path / "out"
+    args = ["train", str(data), str(out), "--base", str(base), "--steps", "2", "--resolution", "64", "--rank", "4"]
+    args += ["--class-prompt", "a photo of a person", "--num-class-images", "2", "--sample-every", "0"]
+    args += ["--checkpoint-every", "0", "--gradient-checkpointing", "--optimizer", "adamw8bit"]
+    args += ["--set", "train.min_snr_gamma=5.0", "--set", "train.sample_steps=2", "--set", "train.log_every=1"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert len(list((out / "class_images").glob("*.png"))) == 2
+    assert "4 images + 2 class images" in result.output
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
