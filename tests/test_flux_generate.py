@@ -84,6 +84,7 @@ def test_save_steps_filmstrip_of_the_flow_x0(tiny_flux, tmp_path):
     assert max_diff(strip.crop((0, 0, 64, 48)), last) > 5
 
 
+@pytest.mark.slow
 def test_init_image_and_keep_face(tiny_flux, flux_lora, tmp_path):
     from skimage import data
 

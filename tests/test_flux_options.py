@@ -47,6 +47,7 @@ def test_nf4_flux_base_trains_and_saves_a_fp32_lora(tmp_path):
     assert (out / "samples" / "step-000003.png").is_file()
 
 
+@pytest.mark.slow
 def test_resolutions_cache_each_image_at_each_size_one_size_per_micro_batch(tiny_sd1, tmp_path):
     from diffusers import StableDiffusionPipeline
 
@@ -99,6 +100,7 @@ def test_guidance_reaches_the_embedding_only_on_dev(tmp_path):
     assert family.generate_defaults(schnell_pipe)["generate.steps"] == 4
 
 
+@pytest.mark.slow
 def test_frozen_parts_visit_the_device_one_at_a_time_and_leave_ram(tmp_path, monkeypatch):
     """T5, CLIP and the VAE are cached one at a time (the transformer joins the device after them); with no render
     to come (no samples, no scoring) the text encoders are dropped; with CLIP trained, T5's part stays cached."""

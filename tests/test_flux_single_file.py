@@ -44,6 +44,7 @@ def test_bfl_file_loads_the_same_transformer(flux_files, tmp_path):
     assert torch.equal(widened[key], theirs[key].to(torch.float8_e4m3fn).float())
 
 
+@pytest.mark.slow
 def test_train_and_generate_on_the_single_file(flux_files, tmp_path):
     folder, path = flux_files
     data = subject_set(tmp_path / "data")

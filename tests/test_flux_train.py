@@ -21,6 +21,7 @@ from sdlora.config import Config
 
 STEPS = 6
 SAMPLE_STEPS = 3
+pytestmark = pytest.mark.slow  # a 6-step run with checkpoints and a resume: the contract test covers the quick path
 
 
 @pytest.fixture(scope="session")
