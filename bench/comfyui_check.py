@@ -1,9 +1,9 @@
-"""Load our kohya-format LoRA with ComfyUI's own loader on the full SD 1.5 / SDXL architectures (random weights).
+"""Load our LoRA files with ComfyUI's own loader on the full SD 1.5 / SDXL architectures and on Flux.1's widths.
 
 ComfyUI is never a dependency of sdlora: check it out outside the repo and run this with a Python that can
 import both (e.g. a separate venv that adds ComfyUI's requirements on top of ours):
 
-    PYTHONPATH=$PWD:/tmp/comfyui /tmp/comfy-venv/bin/python bench/comfyui_check.py --family sd1 sdxl
+    PYTHONPATH=$PWD:/tmp/comfyui /tmp/comfy-venv/bin/python bench/comfyui_check.py --family sd1 sdxl flux
 
 For each family: the diffusers UNet and CLIP text encoder(s) are built from the published configs on the meta
 device (no weights, no download), LoRA is attached with peft (UNet attention + projection + feed-forward
@@ -12,6 +12,11 @@ own model objects from an original-format checkpoint state dict of the same arch
 broadcast zeros: no memory). `comfy.sd.load_lora_for_models` then patches them; we count the keys it used and
 skipped (it logs "lora key not loaded" for each skipped key) and compare each patched weight's change with
 up @ down * alpha / rank computed from our file.
+
+Flux (`--family flux`): FLUX.1-dev's widths (hidden 3072, 24 heads x 128) with 2 double and 2 single blocks on
+the meta device, LoRA on every target of `lora.targets = "all"` plus CLIP-L; both of our files, the kohya one
+(BFL names, fused q/k/v, `.alpha` keys, `lora_te1_`) and the diffusers one (`transformer.` keys), against
+ComfyUI's Flux model built from a BFL state dict of broadcast zeros, and its CLIP-L.
 """
 
 from __future__ import annotations
@@ -22,9 +27,11 @@ import logging
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from _models import CLIP_COMMON, CLIP_G, CLIP_L, SD15_UNET, SDXL_UNET
+from flux_models import flux_transformer
 
 RANK, ALPHA = 8, 4.0
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
@@ -101,26 +108,38 @@ class Collect(logging.Handler):
         self.messages.append(record.getMessage())
 
 
-def check_deltas(patcher, lora: dict) -> tuple[int, float]:
-    """(patched weights, largest relative error) of ComfyUI's weight change against up @ down * alpha / rank."""
+def check_deltas(patcher, lora: dict, peft_scale: float | None = None) -> tuple[int, float]:
+    """(patched weights, largest relative error) of ComfyUI's weight change against up @ down * alpha / rank
+    (kohya keys), or B @ A * `peft_scale` (peft's alpha / r, for files with lora_A/lora_B keys)."""
     import comfy.lora
     import comfy.utils
 
     worst = 0.0
     # Each ComfyUI LoRA adapter holds our tensors themselves: find the module name by identity.
-    names = {id(t): k.removesuffix(".lora_up.weight") for k, t in lora.items() if k.endswith(".lora_up.weight")}
+    ups = (".lora_up.weight", ".lora_B.weight")
+    names = {id(t): k for k, t in lora.items() if k.endswith(ups)}
     for key, patches in patcher.patches.items():
         weight = comfy.utils.get_attr(patcher.model, key).detach().float()
-        changed = comfy.lora.calculate_weight(patches, weight.clone(), key)
-        (_, adapter, _, offset, _) = patches[0]
-        name = names[id(adapter.weights[0])]
-        up, down = lora[f"{name}.lora_up.weight"].float(), lora[f"{name}.lora_down.weight"].float()
-        expected = (up.flatten(1) @ down.flatten(1)) * lora[f"{name}.alpha"].item() / down.shape[0]
-        delta = changed - weight
-        if offset is not None:
-            delta = delta.narrow(*offset)
-        error = (delta - expected.reshape(delta.shape)).abs().max() / expected.abs().max()
-        worst = max(worst, error.item())
+        delta = comfy.lora.calculate_weight(patches, weight.clone(), key) - weight
+        covered = torch.zeros_like(delta, dtype=torch.bool)
+        # Several patches on one weight: Flux's diffusers q, k and v, each a slice (offset) of the fused qkv.
+        for _, adapter, _, offset, _ in patches:
+            up_key = names[id(adapter.weights[0])]
+            up = lora[up_key].float()
+            if up_key.endswith(".lora_B.weight"):
+                down = lora[up_key.replace(".lora_B.", ".lora_A.")].float()
+                scale = peft_scale if peft_scale is not None else 1.0
+            else:
+                name = up_key.removesuffix(".lora_up.weight")
+                down = lora[f"{name}.lora_down.weight"].float()
+                scale = lora[f"{name}.alpha"].item() / down.shape[0]
+            expected = (up.flatten(1) @ down.flatten(1)) * scale
+            part, seen = (delta, covered) if offset is None else (delta.narrow(*offset), covered.narrow(*offset))
+            seen.fill_(True)
+            error = (part - expected.reshape(part.shape)).abs().max() / expected.abs().max()
+            worst = max(worst, error.item())
+        if not covered.all():  # rows no patch of ours should change must be unchanged
+            worst = max(worst, float(delta[~covered].abs().max() > 0))
     return len(patcher.patches), worst
 
 
@@ -178,22 +197,147 @@ def check(family: str, workdir: Path) -> dict:
     }
 
 
+def build_flux():
+    """Flux transformer (real widths, 2 + 2 blocks) and CLIP-L on the meta device, LoRA with random weights."""
+    import peft
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from sdlora import families
+
+    flux = families.get("flux")
+    transformer = flux_transformer(double=2, single=2)
+    with torch.device("meta"):
+        encoder = CLIPTextModel(CLIPTextConfig(**CLIP_L, **CLIP_COMMON))
+        transformer.add_adapter(peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=flux.denoiser_targets("all")))
+        encoder.add_adapter(peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=TE_TARGETS))
+    generator = torch.Generator().manual_seed(0)
+    for model in (transformer, encoder):
+        for module in model.modules():
+            for name in ("lora_A", "lora_B"):
+                for layer in getattr(module, name, {}).values():
+                    shape = layer.weight.shape
+                    layer.weight = torch.nn.Parameter(torch.randn(shape, generator=generator) / shape[1] ** 0.5)
+    return transformer, encoder
+
+
+def load_in_comfy(state: dict, load) -> tuple[Any, Any, list[str]]:
+    """ComfyUI's loader `load(lora_state)` on a LoRA state dict, with the warnings it logged."""
+    collect = Collect()
+    logging.getLogger().addHandler(collect)
+    try:
+        patched = load(state)
+    finally:
+        logging.getLogger().removeHandler(collect)
+    return patched, collect.messages
+
+
+def check_flux(workdir: Path) -> dict:
+    import comfy.sd
+    import comfy.utils
+
+    from sdlora.families.flux_keys import to_bfl
+    from sdlora.lora import kohya
+    from sdlora.lora.peft import save_diffusers
+
+    started = time.time()
+    transformer, encoder = build_flux()
+    state = kohya.kohya_state_dict(transformer, [encoder], "flux")
+    path = workdir / "check-flux.safetensors"
+    kohya.save_kohya(path, state, {"ss_base_model_version": "flux1", "modelspec.architecture": "flux-1-dev/lora"})
+    from diffusers import FluxPipeline
+    from safetensors.torch import load_file
+
+    diffusers_path = workdir / "pytorch_lora_weights.safetensors"
+    models = {"transformer": transformer, "text_encoder": encoder}
+    save_diffusers(diffusers_path, FluxPipeline, models, {"sdlora.family": "flux"}, for_comfyui=True)
+    diffusers_state = load_file(str(diffusers_path))
+    peft_modules = {
+        "transformer": len(list(kohya.lora_layers(transformer))),
+        "clip_l": len(list(kohya.lora_layers(encoder))),
+    }
+    base = {k.replace(".base_layer.", "."): v for k, v in transformer.state_dict().items() if "lora_" not in k}
+    checkpoint = zeros_like_meta(to_bfl(base))
+    clip_sd = zeros_like_meta(
+        {
+            kohya.text_encoder_path(k.replace(".base_layer.", ".")): v
+            for k, v in encoder.state_dict().items()
+            if "lora_" not in k
+        }
+    )
+    del transformer, encoder
+    model = comfy.sd.load_diffusion_model_state_dict(checkpoint, model_options={"dtype": torch.float16})
+    clip = comfy.sd.load_text_encoder_state_dicts([clip_sd], model_options={"dtype": torch.float16})
+    del checkpoint
+    results = {"family": "flux", "comfyui_model": type(model.model).__name__, "peft_modules": peft_modules}
+    lora = comfy.utils.load_torch_file(str(path), safe_load=True)
+    (new_model, new_clip), messages = load_in_comfy(
+        lora, lambda sd: comfy.sd.load_lora_for_models(model, clip, sd, 1.0, 1.0)
+    )
+    skipped = [m for m in messages if m.startswith(("lora key not loaded", "NOT LOADED"))]
+    unet_patched, unet_error = check_deltas(new_model, lora)
+    clip_patched, clip_error = check_deltas(new_clip.patcher, lora)
+    results |= {
+        "kohya_keys_in_file": len(lora), "kohya_keys_skipped": len(skipped), "skipped_examples": skipped[:5],
+        "kohya_transformer_weights_patched": unet_patched, "kohya_clip_weights_patched": clip_patched,
+        "kohya_max_relative_delta_error": max(unet_error, clip_error),
+    }  # fmt: skip
+    (new_model, new_clip), messages = load_in_comfy(
+        diffusers_state, lambda sd: comfy.sd.load_lora_for_models(model, clip, sd, 1.0, 1.0)
+    )
+    skipped = [m for m in messages if m.startswith(("lora key not loaded", "NOT LOADED"))]
+    patched, error = check_deltas(new_model, diffusers_state, peft_scale=ALPHA / RANK)
+    clip_patched, clip_error = check_deltas(new_clip.patcher, diffusers_state, peft_scale=ALPHA / RANK)
+    results |= {
+        "diffusers_keys_in_file": len(diffusers_state), "diffusers_keys_skipped": len(skipped),
+        "diffusers_skipped_examples": skipped[:5], "diffusers_transformer_weights_patched": patched,
+        "diffusers_clip_weights_patched": clip_patched,
+        "diffusers_max_relative_delta_error": max(error, clip_error),
+        "seconds": round(time.time() - started, 1),
+    }  # fmt: skip
+    return results
+
+
+def import_comfy() -> None:
+    """Import ComfyUI's loader. ComfyUI imports torchvision at module level for models this check never builds;
+    without it (our stack has none), a stand-in module is there only while comfy.sd imports, after transformers,
+    peft and diffusers have seen that torchvision is absent."""
+    import importlib.util
+    import sys
+    import types
+
+    import diffusers  # noqa: F401
+    import peft  # noqa: F401
+    import transformers  # noqa: F401
+
+    stub = importlib.util.find_spec("torchvision") is None
+    if stub:
+        for name in ("torchvision", "torchvision.models", "torchvision.transforms"):
+            sys.modules[name] = types.ModuleType(name)
+    try:
+        import comfy.sd  # noqa: F401
+    finally:
+        if stub:
+            for name in ("torchvision", "torchvision.models", "torchvision.transforms"):
+                sys.modules.pop(name, None)
+
+
 def main() -> None:
     from comfy.cli_args import args as comfy_args
 
     comfy_args.cpu = True  # before comfy.model_management is imported: no CUDA here
+    import_comfy()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--family", nargs="+", choices=["sd1", "sdxl"], default=["sd1"])
+    parser.add_argument("--family", nargs="+", choices=["sd1", "sdxl", "flux"], default=["sd1"])
     parser.add_argument("--json", type=Path, help="also write the results here")
     options = parser.parse_args()
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for family in options.family:
-            result = check(family, Path(tmp))
+            result = check_flux(Path(tmp)) if family == "flux" else check(family, Path(tmp))
             results.append(result)
             print(json.dumps(result, indent=2))
     print(f"{'family':6} {'keys':>5} {'skipped':>7} {'peft modules':>13} {'patched':>8} {'max rel err':>11}")
-    for r in results:
+    for r in (r for r in results if r["family"] != "flux"):
         peft_total = sum(r["peft_modules"].values())
         patched = r["unet_weights_patched"] + r["text_encoder_weights_patched"]
         error = max(r["max_relative_delta_error_unet"], r["max_relative_delta_error_text_encoders"])

@@ -2,7 +2,8 @@
 # Everything that needs a GPU, in one run of at most 8 minutes; prints a short table last.
 #
 #   bash bench/gpu.sh              (from the repo root; results under $OUT or /tmp/sdlora-gpu)
-#   bash bench/gpu.sh matmul b32   (only the parts named: matmul b1 b8 sdxl b32; b32 is not in the default run)
+#   bash bench/gpu.sh matmul b32   (only the parts named: matmul b1 b8 sdxl b32 flux; b32 and flux are not in the
+#                                   default run)
 #
 # No network is needed: models are built from configs with random weights. Packages missing on the machine
 # (diffusers, bitsandbytes, peft...) can come as wheels in .whl/ (see docs/benchmarks.md); they are installed
@@ -13,8 +14,15 @@ cd "$(dirname "$0")/.."
 PARTS=${*:-matmul b1 b8 sdxl}
 for part in $PARTS; do
   case $part in
-  matmul | b1 | b8 | sdxl | b32) ;;
-  *) echo "bench/gpu.sh: unknown part '$part'; choose from matmul b1 b8 sdxl b32" >&2; exit 2 ;;
+  matmul | b1 | b8 | sdxl | b32 | flux) ;;
+  *) echo "bench/gpu.sh: unknown part '$part'; choose from matmul b1 b8 sdxl b32 flux" >&2; exit 2 ;;
+  # Flux.1-dev's architecture (19 + 38 blocks, random weights) at 1024 px, rank 16, batch 1, cached embeddings:
+  # bf16, then NF4 + gradient checkpointing + 8-bit AdamW (targets: bf16 <= 30 GB, NF4 <= 12 GB).
+  flux) run 200 env PYTHONPATH="$PYTHONPATH:$PWD/bench" $PY bench/flux_step.py --device cuda --precision bf16 \
+      --resolution 1024 --rank 16 --warmup 2 --steps 3 --json "$RESULTS/flux-bf16.json"
+    run 240 env PYTHONPATH="$PYTHONPATH:$PWD/bench" $PY bench/flux_step.py --device cuda --precision bf16 \
+      --resolution 1024 --rank 16 --quantize nf4 --gradient-checkpointing --optimizer adamw8bit --warmup 2 --steps 3 \
+      --json "$RESULTS/flux-nf4.json" ;;
   esac
 done
 PY=${PYTHON:-python3}
@@ -76,4 +84,9 @@ for name in ("sd15-b1.json", "sd15-b8.json", "sd15-b32.json", "sdxl-unet.json"):
         tf = f"{tflops:8.1f}" if tflops else f"{'-':>8}"
         print(f"{name[:-5]:14} {r['variant']:20} {r['median_s']:8.3f} {r['samples_per_s']:9.2f} "
               f"{ref / r['median_s']:6.2f}x {tf} {share} {r['step_peak_gb']:8.2f} {r['step_seconds'][0]:10.1f}")
+for name in ("flux-bf16.json", "flux-nf4.json"):
+    data = load(name)
+    if data is not None:
+        print(f"{name[:-5]:14} {'sdlora':20} {data['median_s']:8.3f} {data['samples_per_s']:9.2f} {'':7} {'':8} {'':9} "
+              f"{data['peak_gb']:8.2f} {data['step_seconds'][0]:10.1f}")
 PYEOF

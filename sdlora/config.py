@@ -102,6 +102,18 @@ class ModelConfig(Section):
     allow_pickle: bool = Field(
         False, description="Allow .ckpt/.pt/.bin files, which are pickles that can run code when loaded."
     )
+    max_sequence_length: int | None = Field(
+        None,
+        gt=0,
+        le=512,
+        description="T5 tokens per prompt on bases with a T5 text encoder (Flux.1); unset: 512 for FLUX.1-dev, "
+        "256 for FLUX.1-schnell.",
+    )
+    quantize: Literal["none", "nf4", "int8"] = Field(
+        "none",
+        description="Load the frozen denoiser quantized with bitsandbytes (QLoRA: the LoRA stays fp32): nf4 "
+        "(4-bit), int8, or none.",
+    )
 
 
 class LoraConfig(Section):
@@ -179,8 +191,38 @@ class TrainConfig(Section):
         "each checkpoint of a prep dataset; 0 disables.",
     )
     offload: bool = Field(False, description="Move text encoders and VAE to the CPU once their outputs are cached.")
+    guidance: float = Field(
+        1.0,
+        ge=0,
+        description="Distilled-guidance value fed to a guidance-distilled base's guidance embedding while training "
+        "(FLUX.1-dev; 1.0 as kohya, FluxGym and ai-toolkit train); ignored by other bases.",
+    )
+    timestep_sampling: Literal["auto", "uniform", "sigmoid", "logit_normal", "shift"] = Field(
+        "auto",
+        description="How a flow-matching base's training sigmas are drawn: uniform U(0,1); sigmoid of N(0,1); "
+        "logit_normal (the same, on diffusers' 1000-step grid); shift (sigmoid, then the flow shift "
+        "train.timestep_shift); auto: shift for Flux.1, uniform DDPM timesteps for SD/SDXL (which take only "
+        "uniform).",
+    )
+    timestep_shift: float = Field(
+        3.1582, gt=0, description="Discrete flow shift of timestep_sampling='shift' (kohya's recommended 3.1582)."
+    )
+    resolutions: list[int] = Field(
+        default_factory=list,
+        description="Train at several sizes in one run (e.g. [512, 768, 1024]): each image is cached at each size "
+        "and each micro-batch is of one size; empty: train.resolution only.",
+    )
 
     _check_resolution = field_validator("resolution")(_multiple_of_8)
+
+    @field_validator("resolutions")
+    @classmethod
+    def _check_resolutions(cls, values: list[int]) -> list[int]:
+        for value in values:
+            if value < 64:
+                raise ValueError(f"each resolution must be at least 64 (got {value})")
+            _multiple_of_8(value)
+        return values
 
     @model_validator(mode="after")
     def _one_prior_source(self) -> TrainConfig:
@@ -198,10 +240,14 @@ class GenerateConfig(Section):
     n: int = Field(4, gt=0, le=MAX_IMAGES, description="Images per prompt.")
     batch_size: int = Field(4, gt=0, le=1024, description="Images per pipeline call.")
     seed: int = Field(42, ge=0, le=MAX_SEED, description="Image i uses seed + i, so one image can be remade alone.")
-    steps: int = Field(30, gt=0, le=1000, description="Denoising steps (at most the 1000 training timesteps).")
-    cfg: float = Field(7.0, ge=0, description="Classifier-free guidance scale.")
-    scheduler: Literal["dpmpp_2m_karras", "euler_a", "euler", "ddim", "unipc"] = Field(
-        "dpmpp_2m_karras", description="Sampler."
+    steps: int = Field(
+        30, gt=0, le=1000, description="Denoising steps (at most 1000; Flux.1 bases: 28 for dev, 4 for schnell)."
+    )
+    cfg: float = Field(
+        7.0, ge=0, description="Classifier-free guidance scale (FLUX.1-dev: its distilled guidance, default 3.5)."
+    )
+    scheduler: Literal["dpmpp_2m_karras", "euler_a", "euler", "ddim", "unipc", "flow_euler"] = Field(
+        "dpmpp_2m_karras", description="Sampler (flow_euler: flow-matching Euler, the default on Flux.1 bases)."
     )
     size: str = Field("512x512", description="WIDTHxHEIGHT, each divisible by 8.")
     fuse: bool = Field(False, description="Fuse LoRAs into the weights (same speed as the base model).")

@@ -25,8 +25,9 @@ class ModelInfo:
     """What training and generation need to know about a base model."""
 
     family: str  # a name in sdlora.families.REGISTRY
-    prediction_type: str  # "epsilon" or "v_prediction"
+    prediction_type: str  # "epsilon", "v_prediction" or "flow"
     vae_scale_factor: int  # pixels per latent pixel (8 for every real SD model)
+    variant: str = ""  # within the family: "dev" / "schnell" for Flux.1
 
     @property
     def spec(self) -> Family:
@@ -38,21 +39,23 @@ class ModelInfo:
     @property
     def kohya_base_version(self) -> str:
         """kohya's `ss_base_model_version` value."""
-        return self.spec.kohya_base_version(self.prediction_type)
+        return self.spec.kohya_base_version(self.prediction_type, self.variant)
 
     @property
     def modelspec_architecture(self) -> str:
         """The `modelspec.architecture` value of a LoRA for this base."""
-        return self.spec.modelspec_architecture(self.prediction_type)
+        return self.spec.modelspec_architecture(self.prediction_type, self.variant)
 
 
 def model_info(pipe: Any) -> ModelInfo:
     from sdlora import families
 
+    family = families.detect(pipe)
     return ModelInfo(
-        family=families.detect(pipe).name,
-        prediction_type=pipe.scheduler.config.get("prediction_type", "epsilon"),
+        family=family.name,
+        prediction_type=family.prediction_type(pipe),
         vae_scale_factor=2 ** (len(pipe.vae.config.block_out_channels) - 1),
+        variant=family.variant(pipe),
     )
 
 
@@ -88,6 +91,38 @@ def load_base(model: ModelConfig, torch_dtype: Any = None) -> Any:
         torch_dtype=torch_dtype,
         vae=model.vae,
         single_file_config=model.single_file_config,
+        quantize=model.quantize,
+    )
+
+
+# bitsandbytes through diffusers' PipelineQuantizationConfig: the denoiser only (QLoRA); the LoRA stays fp32.
+QUANTIZE_BACKENDS = {
+    "nf4": ("bitsandbytes_4bit", {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}),
+    "int8": ("bitsandbytes_8bit", {"load_in_8bit": True}),
+}
+
+
+def check_quantize(quantize: str) -> None:
+    """diffusers' bitsandbytes quantizer refuses to run without a CUDA GPU: say so before anything loads."""
+    if quantize != "none" and not device_facts()[0]:
+        raise UsageError(
+            f"--quantize {quantize}: bitsandbytes quantization in diffusers needs a CUDA GPU and none is visible; "
+            "use --quantize none on this machine"
+        )
+
+
+def quantization_config(quantize: str, torch_dtype: Any) -> Any:
+    """The quantization config of `from_pretrained` for the denoiser ("transformer" or "unet"), or None."""
+    if quantize == "none":
+        return None
+    import torch
+    from diffusers import PipelineQuantizationConfig
+
+    backend, kwargs = QUANTIZE_BACKENDS[quantize]
+    if quantize == "nf4":
+        kwargs = {**kwargs, "bnb_4bit_compute_dtype": torch_dtype or torch.bfloat16}
+    return PipelineQuantizationConfig(
+        quant_backend=backend, quant_kwargs=kwargs, components_to_quantize=["transformer", "unet"]
     )
 
 
@@ -199,21 +234,27 @@ def load_pipeline(
     torch_dtype: Any = None,
     vae: str | None = None,
     single_file_config: str | None = None,
+    quantize: str = "none",
 ) -> Any:
     """The diffusers pipeline of `base`: a hub id, a local diffusers folder, or a single-file checkpoint.
 
     `single_file_config` (a diffusers folder or hub id of the same architecture) lets a single file load
-    offline; without it diffusers fetches the architecture's configs from the hub.
+    offline; without it diffusers fetches the architecture's configs from the hub. `quantize`: none, nf4 or
+    int8 (the denoiser, with bitsandbytes).
     """
     from diffusers import DiffusionPipeline
     from diffusers.utils import logging as diffusers_logging
     from huggingface_hub.utils import are_progress_bars_disabled
 
     check_base(base, allow_pickle, single_file_config)
+    check_quantize(quantize)
     if are_progress_bars_disabled():  # diffusers' "Loading pipeline components" bar follows the hub's setting
         diffusers_logging.disable_progress_bar()
     path = Path(base).expanduser()
     kwargs: dict[str, Any] = {"dtype": torch_dtype} if torch_dtype is not None else {}  # diffusers 0.42: `dtype`
+    quantized = quantization_config(quantize, torch_dtype)
+    if quantized is not None:
+        kwargs["quantization_config"] = quantized
     hint = _load_hint(path, single_file_config)
     try:
         if path.is_file():
@@ -251,7 +292,11 @@ def _from_single_file(path: Path, config: str | None, kwargs: dict[str, Any]) ->
     import diffusers
     from diffusers.loaders.single_file_utils import SingleFileComponentError
 
-    cls = getattr(diffusers, _checkpoint_family(path).single_file_pipeline)
+    family = _checkpoint_family(path)
+    own = family.load_single_file(path, config, kwargs)  # families whose files diffusers can't read as a whole
+    if own is not None:
+        return own
+    cls = getattr(diffusers, family.single_file_pipeline)
     try:
         return cls.from_single_file(str(path), **kwargs, **({"config": config} if config else {}))
     except SingleFileComponentError as exc:  # e.g. a LoRA or VAE file given as the base

@@ -1,7 +1,7 @@
 """Pure tensor math of the denoising objectives: timesteps, forward noising, targets, SNR weights, loss.
 
 The functions take tensors and return tensors; `DDPM` bundles them with one noise schedule as the objective object
-that UNet families hand the training loop (flow matching joins with the DiT families).
+that UNet families hand the training loop, `FlowMatching` the rectified-flow objective of DiT families (Flux.1).
 """
 
 from __future__ import annotations
@@ -127,3 +127,81 @@ class DDPM:
         if not min_snr_gamma:
             return None
         return min_snr_weights(timesteps, self.alphas_cumprod, min_snr_gamma, self.prediction_type)
+
+
+# Flow matching (rectified flow, Flux.1): x_t = (1 - sigma) x_0 + sigma eps with sigma in (0, 1], and the model
+# predicts the velocity eps - x_0. "timesteps" of these objectives are the sigmas themselves, (B,) fp32.
+TIMESTEP_SAMPLING = ("uniform", "sigmoid", "logit_normal", "shift")
+FLOW_TRAIN_STEPS = 1000  # the discrete grid of diffusers' FlowMatchEulerDiscreteScheduler (logit_normal)
+
+
+def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
+    """The discrete flow shift s * t / (1 + (s - 1) * t): s > 1 moves samples towards the noisy end."""
+    return shift * sigmas / (1 + (shift - 1) * sigmas)
+
+
+def sample_sigmas(batch: int, generator: torch.Generator, scheme: str, shift: float = 1.0) -> torch.Tensor:
+    """Training sigmas (B,) fp32 in (0, 1), drawn as the anchors draw them:
+    - uniform: U(0, 1) (kohya `uniform`);
+    - sigmoid: sigmoid(N(0, 1)) (kohya `sigmoid`, ai-toolkit), continuous;
+    - logit_normal: the same density on diffusers' grid of 1000 training sigmas (1/1000 ... 1), as
+      train_dreambooth_lora_flux.py's `--weighting_scheme logit_normal` draws it;
+    - shift: sigmoid(N(0, 1)) then the discrete flow shift (kohya's `shift` with `discrete_flow_shift`)."""
+    if scheme == "uniform":
+        return torch.rand(batch, generator=generator)
+    if scheme not in TIMESTEP_SAMPLING:
+        raise ValueError(f"unknown timestep sampling {scheme!r}; expected one of {TIMESTEP_SAMPLING}")
+    sigmas = torch.sigmoid(torch.randn(batch, generator=generator))
+    if scheme == "logit_normal":
+        index = (sigmas * FLOW_TRAIN_STEPS).long().clamp(max=FLOW_TRAIN_STEPS - 1)
+        return (FLOW_TRAIN_STEPS - index).float() / FLOW_TRAIN_STEPS
+    return shift_sigmas(sigmas, shift) if scheme == "shift" else sigmas
+
+
+def _per_sample_sigma(sigmas: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return sigmas.to(like.device, like.dtype).view(-1, *([1] * (like.ndim - 1)))
+
+
+def flow_noisy(latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    """The straight path between data and noise: x_t = (1 - sigma) x_0 + sigma eps."""
+    s = _per_sample_sigma(sigmas, latents)
+    return (1 - s) * latents + s * noise
+
+
+def flow_target(latents: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """The velocity along that path, d x_t / d sigma = eps - x_0."""
+    return noise - latents
+
+
+def flow_x0(noisy: torch.Tensor, velocity: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    """The clean-image estimate of a velocity prediction: x_0 = x_t - sigma v."""
+    return noisy - _per_sample_sigma(sigmas, noisy) * velocity
+
+
+def flow_min_snr_weights(sigmas: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma for velocity targets: the velocity error is the x_0 error / sigma, so weighting the velocity
+    loss by min(SNR, gamma) * sigma^2, with SNR = ((1 - sigma) / sigma)^2, weights the x_0 loss by
+    min(SNR, gamma), as min-SNR does for DDPM. (B,)"""
+    s = sigmas.float()
+    return torch.minimum((1 - s) ** 2, gamma * s**2)
+
+
+@dataclass(frozen=True)
+class FlowMatching:
+    """Rectified-flow training (Flux.1): sigmas from `sampling`, x_t = (1 - sigma) x_0 + sigma eps, the velocity
+    target eps - x_0, optional min-SNR-equivalent weights."""
+
+    sampling: str = "shift"  # one of TIMESTEP_SAMPLING
+    shift: float = 3.1582  # discrete flow shift of the "shift" scheme (kohya's recommended value for Flux.1)
+
+    def sample_timesteps(self, batch: int, generator: torch.Generator) -> torch.Tensor:
+        return sample_sigmas(batch, generator, self.sampling, self.shift)
+
+    def noisy(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        return flow_noisy(latents, noise, timesteps)
+
+    def target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        return flow_target(latents, noise)
+
+    def weights(self, timesteps: torch.Tensor, min_snr_gamma: float | None) -> torch.Tensor | None:
+        return flow_min_snr_weights(timesteps, min_snr_gamma) if min_snr_gamma else None

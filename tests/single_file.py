@@ -6,7 +6,9 @@ The layout is what A1111, ComfyUI and civitai files use, and what diffusers' `fr
 - SD 1.x text encoder: `cond_stage_model.transformer.<transformers-4 CLIP path>`;
 - SD 2.x text encoder (OpenCLIP-H): `cond_stage_model.model.<OpenCLIP path>`;
 - SDXL: `conditioner.embedders.0.transformer.<CLIP path>` and `conditioner.embedders.1.model.<OpenCLIP path>`
-  (one fused `in_proj` per attention, `text_projection` stored transposed).
+  (one fused `in_proj` per attention, `text_projection` stored transposed);
+- Flux.1: the transformer alone under Black Forest Labs' names (`double_blocks.0.img_attn.qkv.weight`), as
+  `flux1-dev.safetensors` ships (sdlora.families.flux_keys).
 """
 
 from __future__ import annotations
@@ -45,6 +47,11 @@ def write_single_file(folder: Path, path: Path) -> Path:
     from safetensors.torch import save_file
 
     pipe = DiffusionPipeline.from_pretrained(str(folder))
+    if hasattr(pipe, "transformer"):  # Flux.1: BFL's own transformer-only file (flux1-dev.safetensors)
+        from sdlora.families.flux_keys import to_bfl
+
+        save_file({k: v.contiguous() for k, v in to_bfl(pipe.transformer.state_dict()).items()}, str(path))
+        return path
     sdxl = hasattr(pipe, "text_encoder_2")
     state = {UNET_PREFIX + unet_key(k, pipe.unet.config): v for k, v in pipe.unet.state_dict().items()}
     state |= vae_state(pipe.vae)

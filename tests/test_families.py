@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 
 from sdlora import families
 from sdlora.cli import app
+from sdlora.config import Config
 
 NAMES = list(families.REGISTRY)
 STEPS, SAMPLE_STEPS = 2, 3
@@ -82,9 +83,12 @@ def test_trained_files_say_their_family_and_reload_pixel_identically(trained):
             assert families.detect_lora(handle.metadata()) == family.name
     pipe = load(base)
     pipe.load_lora_weights(str(out))
-    images = render_images(
-        pipe, ["a photo of sks person"], [42], Sampling(SAMPLE_STEPS, 7.0, "dpmpp_2m_karras", 64, 64)
-    )
+    # The sample grid's settings as the run resolved them (a family may have its own sampler and guidance).
+    config = Config.model_validate_json((out / "config.json").read_text())
+    sampling = Sampling.for_training(families.with_defaults(config, family, pipe))
+    assert (sampling.steps, sampling.width, sampling.height) == (SAMPLE_STEPS, 64, 64)
+    assert sampling.scheduler in family.samplers
+    images = render_images(pipe, ["a photo of sks person"], [42], sampling)
     sample = np.asarray(Image.open(out / "samples" / f"step-{STEPS:06d}.png").convert("RGB"))
     assert sample.std() > 0
     assert np.array_equal(np.asarray(make_grid(images, cols=1)), sample)

@@ -23,7 +23,7 @@ def test_tiny_pipeline_reloads_offline_and_runs(tiny_models, family):
     assert (folder / "model_index.json").is_file()
     assert list(folder.rglob("*.safetensors")), "weights must be saved as safetensors"
     pipe = DiffusionPipeline.from_pretrained(folder, local_files_only=True)
-    expected = "StableDiffusionXLPipeline" if family == "sdxl" else "StableDiffusionPipeline"
+    expected = {"sdxl": "StableDiffusionXLPipeline", "flux": "FluxPipeline"}.get(family, "StableDiffusionPipeline")
     assert type(pipe).__name__ == expected
     assert pipe.tokenizer.model_max_length == 77
     if family == "sd2":

@@ -1,4 +1,4 @@
-"""Model families: everything that differs between SD 1.x, SD 2.x and SDXL (and later DiT families) behind one
+"""Model families: everything that differs between SD 1.x, SD 2.x, SDXL and Flux.1 behind one
 Protocol, and the registry that tells a family from a loaded pipeline, a checkpoint file's keys or a LoRA file.
 
 The training loop, the render path, the LoRA writers and the loaders ask the family object and never name a
@@ -18,11 +18,12 @@ Conditioning = dict[str, Any]
 class Family(Protocol):
     """What the rest of sdlora needs to know about one model family."""
 
-    name: str  # "sd1" | "sd2" | "sdxl": LoRA metadata (`sdlora.family`), messages, tests
+    name: str  # "sd1" | "sd2" | "sdxl" | "flux": LoRA metadata (`sdlora.family`), messages, tests
     label: str  # for people: "SD 1.x"
     denoiser: str  # pipeline attribute of the trained network ("unet"); also its key in checkpoints and LoRA files
     denoiser_label: str  # for people: "UNet"
     text_encoders: tuple[str, ...]  # pipeline attributes; tokenizer of "text_encoder_2" is "tokenizer_2"
+    trainable_text_encoders: tuple[str, ...]  # those that get LoRA with lora.train_text_encoder (Flux: not T5)
     text_width: int  # width of the real models' text features (cross-attention input): LoRA shape checks
     single_file_pipeline: str  # diffusers pipeline class that reads this family's original-format checkpoints
     supports_refiner: bool  # an SDXL-style img2img refiner pass
@@ -30,6 +31,11 @@ class Family(Protocol):
     kohya_implementation: str  # kohya's `modelspec.implementation`
     kohya_versions: tuple[str, ...]  # prefixes of `ss_base_model_version` values of this family's LoRA files
     modelspec_prefix: str  # prefix of `modelspec.architecture` values of this family's LoRA files
+    samplers: tuple[str, ...]  # names in sdlora.generate.render.SCHEDULERS that can sample this family
+    guidance_label: str | None  # A1111/Forge's name of a distilled guidance value in PNG parameters, or None
+    size_multiple: int  # training and image sides must be multiples of this (Flux: 16, for its 2x2 packing)
+    stage_frozen: bool  # frozen text encoders and VAE stay in CPU RAM and visit the device only to be cached
+    comfyui_diffusers_file: bool  # diffusers file written for ComfyUI too (lora.peft.save_diffusers for_comfyui)
 
     def claims(self, pipe: Any) -> bool:
         """True when the loaded pipeline is of this family (read from its config, never its name)."""
@@ -43,24 +49,56 @@ class Family(Protocol):
     def cross_attention_widths(self, pipe: Any) -> set[int]:
         """Widths of the text features the loaded denoiser's cross-attention takes (LoRA shape checks)."""
 
-    def kohya_base_version(self, prediction_type: str) -> str:
+    def variant(self, pipe: Any) -> str:
+        """The loaded base's variant within the family ("dev"/"schnell" for Flux.1), or ""."""
+
+    def prediction_type(self, pipe: Any) -> str:
+        """What the denoiser predicts: "epsilon", "v_prediction" (read from the scheduler) or "flow"."""
+
+    def kohya_base_version(self, prediction_type: str, variant: str = "") -> str:
         """kohya's `ss_base_model_version`."""
 
-    def modelspec_architecture(self, prediction_type: str) -> str:
+    def modelspec_architecture(self, prediction_type: str, variant: str = "") -> str:
         """The SAI model spec's `modelspec.architecture` of a LoRA for this family."""
 
-    def encode_prompts(self, tokenizers: Sequence[Any], encoders: Sequence[Any], prompts: list[str]) -> Conditioning:
-        """Text conditioning of `prompts`, as the family's pipeline computes it (gradients flow when trained)."""
+    def sequence_length(self, pipe: Any, configured: int | None) -> int | None:
+        """T5 tokens per prompt (`model.max_sequence_length`, else the family's default); None without T5."""
 
-    def predict(self, model: Any, noisy: Any, timesteps: Any, cond: Conditioning, micro_conditioning: Any) -> Any:
-        """The denoiser's prediction for `noisy` latents at `timesteps`; `micro_conditioning` (B, 6) holds SDXL's
-        original size, crop and target size of each image (families that don't use it ignore it)."""
+    def generate_defaults(self, pipe: Any) -> dict[str, Any]:
+        """Dotted settings ("generate.steps": 28) that replace the config's defaults for this base when the user
+        set nothing else; {} keeps the config's."""
 
-    def objective(self, scheduler: Any, device: Any) -> Any:
-        """The training objective (an object of sdlora.objectives) for a pipeline with this scheduler."""
+    def encode_prompts(
+        self,
+        tokenizers: Sequence[Any],
+        encoders: Sequence[Any],
+        prompts: list[str],
+        max_sequence_length: int | None = None,
+    ) -> Conditioning:
+        """Text conditioning of `prompts`, as the family's pipeline computes it (gradients flow when trained);
+        `max_sequence_length`: T5 tokens (families without T5 ignore it). Families with `stage_frozen` take None
+        for an encoder whose part is computed apart (one encoder on the device at a time) and leave it out."""
 
-    def denoiser_targets(self, targets: str) -> list[str]:
-        """LoRA target module names of the denoiser for `lora.targets` ('attention' or 'all')."""
+    def predict(
+        self,
+        model: Any,
+        noisy: Any,
+        timesteps: Any,
+        cond: Conditioning,
+        micro_conditioning: Any,
+        guidance: float | None = None,
+    ) -> Any:
+        """The denoiser's prediction for `noisy` latents (B, C, H, W) at `timesteps`; `micro_conditioning` (B, 6)
+        holds SDXL's original size, crop and target size of each image, `guidance` the distilled-guidance value
+        of a guidance-distilled model (families that don't use them ignore them)."""
+
+    def objective(self, scheduler: Any, device: Any, sampling: str = "auto", shift: float | None = None) -> Any:
+        """The training objective (an object of sdlora.objectives) for a pipeline with this scheduler;
+        `sampling`/`shift`: train.timestep_sampling and train.timestep_shift ("auto"/None: the family's)."""
+
+    def denoiser_targets(self, targets: str) -> list[str] | str:
+        """LoRA target modules of the denoiser for `lora.targets` ('attention' or 'all'): peft's module-name
+        suffixes, or one regular expression matched against whole module paths."""
 
     def text_encoder_targets(self) -> list[str]:
         """LoRA target module names of the text encoders."""
@@ -72,15 +110,25 @@ class Family(Protocol):
     def kohya_encoder_prefixes(self, encoders: Sequence[Any]) -> list[str]:
         """The kohya key prefix of each text encoder given (`lora_te_`, or `lora_te1_`/`lora_te2_`)."""
 
+    def preview_latents(self, pipe: Any, latents: Any, width: int, height: int) -> Any:
+        """A pipeline call's latents (Flux: packed) of a (width, height) image -> the input of `pipe.vae.decode`."""
+
+    def x0_prediction(self, scheduler: Any, model_output: Any, timestep: Any, sample: Any, out: Any) -> Any:
+        """The x0 prediction of the scheduler step that just gave `out` from `model_output` at `sample`, or None."""
+
+    def load_single_file(self, path: Any, config: str | None, kwargs: dict[str, Any]) -> Any:
+        """The pipeline of an original-format single file whose pipeline diffusers can't build from the file
+        (`config`: model.single_file_config; `kwargs`: from_pretrained's), or None: diffusers' from_single_file."""
+
     def tiny_pipeline(self, seed: int) -> Any:
         """A tiny randomly initialised pipeline of this family, built from configs (tests and the demo)."""
 
 
 def _registry() -> dict[str, Family]:
-    from sdlora.families import sd, sdxl
+    from sdlora.families import flux, sd, sdxl
 
     # Order matters for detection: the most specific family first, SD 1.x last.
-    families: list[Family] = [sdxl.SDXL, sd.SD2, sd.SD1]
+    families: list[Family] = [flux.FLUX, sdxl.SDXL, sd.SD2, sd.SD1]
     return {family.name: family for family in families}
 
 
@@ -123,6 +171,23 @@ def detect_lora(metadata: Mapping[str, str]) -> str | None:
         found = (f.name for f in REGISTRY.values() if architecture.startswith(f.modelspec_prefix))
         return next(found, architecture.split("/")[0])
     return None
+
+
+def with_defaults(config: Any, family: Family, pipe: Any) -> Any:
+    """`config` (sdlora.config.Config) with the family's own defaults for the loaded base (Flux: 28 steps, guidance
+    3.5, flow-matching Euler) in the settings still at the config's defaults (also in a run's saved config, which
+    lists every setting; so a value given that equals the config's default counts as not given); the same object
+    when there are none."""
+    changes: dict[str, dict[str, Any]] = {}
+    for dotted, value in family.generate_defaults(pipe).items():
+        section, _, key = dotted.partition(".")
+        settings = getattr(config, section)
+        if getattr(settings, key) == type(settings).model_fields[key].default:
+            changes.setdefault(section, {})[key] = value
+    if not changes:
+        return config
+    update = {name: getattr(config, name).model_copy(update=values) for name, values in changes.items()}
+    return config.model_copy(update=update)
 
 
 def tokenizers(pipe: Any, family: Family) -> list[Any]:

@@ -7,12 +7,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from sdlora.errors import UsageError
 from sdlora.families import Conditioning
 
 UNET_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
 # Feed-forward and the transformer blocks' input/output projections (Conv2d 1x1 on SD 1.x, Linear on SD 2.x).
 UNET_EXTRA = ["ff.net.0.proj", "ff.net.2", "proj_in", "proj_out"]
 TEXT_ENCODER_ATTENTION = ["q_proj", "k_proj", "v_proj", "out_proj"]
+# Our names of the samplers for UNet bases (sdlora.generate.render.SCHEDULERS).
+UNET_SAMPLERS = ("dpmpp_2m_karras", "euler_a", "euler", "ddim", "unipc")
 
 
 def token_ids(tokenizer: Any, prompts: list[str], encoder: Any) -> Any:
@@ -23,12 +26,18 @@ def token_ids(tokenizer: Any, prompts: list[str], encoder: Any) -> Any:
     ).input_ids.to(device)
 
 
-def unet_objective(scheduler: Any, device: Any) -> Any:
-    """DDPM with the scheduler's noise schedule, kept before sampling swaps the pipeline's scheduler."""
+def unet_objective(scheduler: Any, device: Any, sampling: str = "auto") -> Any:
+    """DDPM with the scheduler's noise schedule, kept before sampling swaps the pipeline's scheduler; integer
+    timesteps are drawn uniformly (the other train.timestep_sampling schemes are for flow-matching bases)."""
     import torch
 
     from sdlora.objectives import DDPM
 
+    if sampling not in ("auto", "uniform"):
+        raise UsageError(
+            f"train.timestep_sampling {sampling!r} is for flow-matching bases (Flux.1); "
+            "SD and SDXL bases train with 'uniform' (or 'auto')"
+        )
     alphas_cumprod = scheduler.alphas_cumprod.to(device, torch.float32)
     return DDPM(alphas_cumprod, scheduler.config.get("prediction_type", "epsilon"))
 
@@ -48,6 +57,50 @@ def inpainting_kind(pipe: Any) -> str | None:
     return "9-channel UNet" if pipe.unet.config.in_channels == 9 else None
 
 
+def scheduler_x0(scheduler: Any, out: Any) -> Any:
+    """The x0 prediction of a scheduler step: Euler, Euler a and DDIM return it (pred_original_sample);
+    DPM-Solver++ and UniPC keep it as their latest model output."""
+    if isinstance(out, tuple):
+        if len(out) > 1:
+            return out[1]
+    elif getattr(out, "pred_original_sample", None) is not None:
+        return out.pred_original_sample
+    outputs = getattr(scheduler, "model_outputs", None)  # DPM-Solver++ / UniPC: x0 predictions, newest last
+    return outputs[-1] if outputs and outputs[-1] is not None else None
+
+
+class UNetFamily:
+    """What SD 1.x/2.x and SDXL share beyond the functions above (a mixin of methods, no state)."""
+
+    trainable_text_encoders: tuple[str, ...]
+    samplers: tuple[str, ...] = UNET_SAMPLERS
+    guidance_label: str | None = None
+    size_multiple: int = 8
+    stage_frozen: bool = False
+    comfyui_diffusers_file: bool = False  # ComfyUI reads no diffusers-format SD keys at all
+
+    def variant(self, pipe: Any) -> str:
+        return ""
+
+    def prediction_type(self, pipe: Any) -> str:
+        return pipe.scheduler.config.get("prediction_type", "epsilon")
+
+    def sequence_length(self, pipe: Any, configured: int | None) -> int | None:
+        return None
+
+    def generate_defaults(self, pipe: Any) -> dict[str, Any]:
+        return {}
+
+    def preview_latents(self, pipe: Any, latents: Any, width: int, height: int) -> Any:
+        return latents.to(pipe.vae.dtype) / pipe.vae.config.scaling_factor
+
+    def x0_prediction(self, scheduler: Any, model_output: Any, timestep: Any, sample: Any, out: Any) -> Any:
+        return scheduler_x0(scheduler, out)
+
+    def load_single_file(self, path: Any, config: str | None, kwargs: dict[str, Any]) -> Any:
+        return None  # diffusers' from_single_file reads LDM/SGM checkpoints whole
+
+
 def one_prefix_each(prefixes: list[str], family: str) -> list[str]:
     if len(set(prefixes)) != len(prefixes):
         raise ValueError(f"{family}: text encoders {prefixes} would share a key prefix; pass each encoder once")
@@ -55,7 +108,7 @@ def one_prefix_each(prefixes: list[str], family: str) -> list[str]:
 
 
 @dataclass(frozen=True)
-class StableDiffusion:
+class StableDiffusion(UNetFamily):
     """SD 1.x (`v2=False`) or SD 2.x: SD 2.x's transformers use linear projections and OpenCLIP-H text."""
 
     name: str
@@ -66,6 +119,7 @@ class StableDiffusion:
     denoiser: str = "unet"
     denoiser_label: str = "UNet"
     text_encoders: tuple[str, ...] = ("text_encoder",)
+    trainable_text_encoders: tuple[str, ...] = ("text_encoder",)
     single_file_pipeline: str = "StableDiffusionPipeline"
     supports_refiner: bool = False
     vae_fp32: bool = False
@@ -93,25 +147,39 @@ class StableDiffusion:
     def inpainting_kind(self, pipe: Any) -> str | None:
         return inpainting_kind(pipe)
 
-    def kohya_base_version(self, prediction_type: str) -> str:
+    def kohya_base_version(self, prediction_type: str, variant: str = "") -> str:
         if not self.v2:
             return "sd_v1"
         return "sd_v2_v" if prediction_type == "v_prediction" else "sd_v2"
 
-    def modelspec_architecture(self, prediction_type: str) -> str:
+    def modelspec_architecture(self, prediction_type: str, variant: str = "") -> str:
         if not self.v2:
             return "stable-diffusion-v1/lora"
         v = prediction_type == "v_prediction"
         return "stable-diffusion-v2-768-v/lora" if v else "stable-diffusion-v2-512/lora"
 
-    def encode_prompts(self, tokenizers: Sequence[Any], encoders: Sequence[Any], prompts: list[str]) -> Conditioning:
+    def encode_prompts(
+        self,
+        tokenizers: Sequence[Any],
+        encoders: Sequence[Any],
+        prompts: list[str],
+        max_sequence_length: int | None = None,
+    ) -> Conditioning:
         return {"encoder_hidden_states": encoders[0](token_ids(tokenizers[0], prompts, encoders[0]))[0]}
 
-    def predict(self, model: Any, noisy: Any, timesteps: Any, cond: Conditioning, micro_conditioning: Any) -> Any:
+    def predict(
+        self,
+        model: Any,
+        noisy: Any,
+        timesteps: Any,
+        cond: Conditioning,
+        micro_conditioning: Any,
+        guidance: float | None = None,
+    ) -> Any:
         return model(noisy, timesteps, encoder_hidden_states=cond["encoder_hidden_states"]).sample
 
-    def objective(self, scheduler: Any, device: Any) -> Any:
-        return unet_objective(scheduler, device)
+    def objective(self, scheduler: Any, device: Any, sampling: str = "auto", shift: float | None = None) -> Any:
+        return unet_objective(scheduler, device, sampling)
 
     def denoiser_targets(self, targets: str) -> list[str]:
         return unet_targets(targets)

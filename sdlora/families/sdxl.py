@@ -10,6 +10,7 @@ from typing import Any
 from sdlora.families import Conditioning
 from sdlora.families.sd import (
     TEXT_ENCODER_ATTENTION,
+    UNetFamily,
     cross_attention_widths,
     inpainting_kind,
     one_prefix_each,
@@ -20,12 +21,13 @@ from sdlora.families.sd import (
 
 
 @dataclass(frozen=True)
-class StableDiffusionXL:
+class StableDiffusionXL(UNetFamily):
     name: str = "sdxl"
     label: str = "SDXL"
     denoiser: str = "unet"
     denoiser_label: str = "UNet"
     text_encoders: tuple[str, ...] = ("text_encoder", "text_encoder_2")
+    trainable_text_encoders: tuple[str, ...] = ("text_encoder", "text_encoder_2")
     text_width: int = 2048  # both encoders' hidden states, concatenated
     single_file_pipeline: str = "StableDiffusionXLPipeline"
     supports_refiner: bool = True
@@ -49,13 +51,19 @@ class StableDiffusionXL:
     def inpainting_kind(self, pipe: Any) -> str | None:
         return inpainting_kind(pipe)
 
-    def kohya_base_version(self, prediction_type: str) -> str:
+    def kohya_base_version(self, prediction_type: str, variant: str = "") -> str:
         return "sdxl_base_v1-0"
 
-    def modelspec_architecture(self, prediction_type: str) -> str:
+    def modelspec_architecture(self, prediction_type: str, variant: str = "") -> str:
         return "stable-diffusion-xl-v1-base/lora"
 
-    def encode_prompts(self, tokenizers: Sequence[Any], encoders: Sequence[Any], prompts: list[str]) -> Conditioning:
+    def encode_prompts(
+        self,
+        tokenizers: Sequence[Any],
+        encoders: Sequence[Any],
+        prompts: list[str],
+        max_sequence_length: int | None = None,
+    ) -> Conditioning:
         """As StableDiffusionXLPipeline.encode_prompt computes it: both encoders' penultimate hidden states side by
         side, (B, 77, D1 + D2), and the second encoder's pooled, projected embedding, (B, P)."""
         import torch
@@ -66,14 +74,22 @@ class StableDiffusionXL:
             hidden.append(output.hidden_states[-2])
         return {"encoder_hidden_states": torch.cat(hidden, dim=-1), "text_embeds": output.text_embeds}
 
-    def predict(self, model: Any, noisy: Any, timesteps: Any, cond: Conditioning, micro_conditioning: Any) -> Any:
+    def predict(
+        self,
+        model: Any,
+        noisy: Any,
+        timesteps: Any,
+        cond: Conditioning,
+        micro_conditioning: Any,
+        guidance: float | None = None,
+    ) -> Any:
         added = {"text_embeds": cond["text_embeds"], "time_ids": micro_conditioning}
         return model(
             noisy, timesteps, encoder_hidden_states=cond["encoder_hidden_states"], added_cond_kwargs=added
         ).sample
 
-    def objective(self, scheduler: Any, device: Any) -> Any:
-        return unet_objective(scheduler, device)
+    def objective(self, scheduler: Any, device: Any, sampling: str = "auto", shift: float | None = None) -> Any:
+        return unet_objective(scheduler, device, sampling)
 
     def denoiser_targets(self, targets: str) -> list[str]:
         return unet_targets(targets)

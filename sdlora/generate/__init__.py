@@ -19,7 +19,14 @@ from sdlora.config import Config, GenerateConfig
 from sdlora.config import save as save_config
 from sdlora.errors import Interrupted, SdloraError, UsageError
 from sdlora.generate import keepface, pngmeta
-from sdlora.generate.render import Sampling, a1111_sampler_name, load_for_rendering, make_grid, render_images
+from sdlora.generate.render import (
+    Sampling,
+    a1111_sampler_name,
+    check_sampler,
+    load_for_rendering,
+    make_grid,
+    render_images,
+)
 from sdlora.lora import files as lora_files
 from sdlora.lora.files import Lora, parse_lora
 
@@ -149,6 +156,10 @@ def _generate(config: Config, jobs: list[Job], loras: list[Lora], source: Source
     """Load the base and LoRAs, render (the base model first with --compare), stream the images, then the sheets."""
     g = config.generate
     pipe, family, adapters = load_for_rendering(config.model, loras)
+    config = families.with_defaults(config, family, pipe)  # Flux: 28 steps, guidance 3.5, flow-matching Euler
+    g = config.generate
+    writer.config, writer.guidance_label = config, family.guidance_label
+    check_sampler(g.scheduler, family)
     inpainting = family.inpainting_kind(pipe)
     if inpainting and g.keep_face is None:
         raise UsageError(f"{config.model.base} is an inpainting model ({inpainting}): use it with --keep-face PHOTO")
@@ -164,11 +175,13 @@ def _generate(config: Config, jobs: list[Job], loras: list[Lora], source: Source
     base_images = None
     if g.compare:
         runner.disable_lora()  # the same weights with the adapters off: no second copy of the model
-        base_images = _finish(_render(runner, jobs, g, call, "base model")[0], refiner, jobs, g, source)
+        base_images = _finish(
+            _render(runner, jobs, g, call, "base model", config.model.max_sequence_length)[0], refiner, jobs, g, source
+        )
         runner.enable_lora()
     if g.fuse and adapters:
         runner.fuse_lora(adapter_names=adapters, lora_scale=1.0)  # keeps the scales set_adapters gave
-    images = _stream(runner, jobs, g, call, refiner, source, writer)
+    images = _stream(runner, jobs, g, call, refiner, source, writer, config.model.max_sequence_length)
     writer.sheets(images, base_images)
     return writer.written
 
@@ -181,6 +194,7 @@ def _stream(
     refiner: Any,
     source: Source | None,
     writer: Writer,
+    max_sequence_length: int | None = None,
 ) -> list[Image.Image]:
     """Render batch by batch (the same batches, so the same pixels, as one call over every job) and write each
     finished image at once."""
@@ -196,7 +210,7 @@ def _stream(
                 key: value[start : start + len(batch)] if isinstance(value, list) else value
                 for key, value in call.items()
             }
-            rendered, strips = _render(runner, batch, g, part, "images", quiet=True)
+            rendered, strips = _render(runner, batch, g, part, "images", max_sequence_length, quiet=True)
             rendered = _finish(rendered, refiner, batch, g, source)
             for job, image in zip(batch, rendered, strict=True):
                 writer.image(job, image, strips.get(job.index))
@@ -211,6 +225,7 @@ class Writer:
 
     def __init__(self, out_dir: Path, config: Config, loras: list[Lora]) -> None:
         self.out_dir, self.config, self.loras = out_dir, config, loras
+        self.guidance_label: str | None = None  # the family's name of a distilled guidance value (Forge)
         self.hashes = [(lora.name, lora_files.addnet_hash(lora.path)) for lora in loras]
         self.written: list[Path] = []
 
@@ -225,7 +240,7 @@ class Writer:
 
     def image(self, job: Job, image: Image.Image, strip: list[Image.Image] | None) -> None:
         stem = f"{job.index:04d}-{job.seed}"
-        record = image_record(self.config, job, self.loras, self.hashes, image.size)
+        record = image_record(self.config, job, self.loras, self.hashes, image.size, self.guidance_label)
         pngmeta.save_png(self.out_dir / f"{stem}.png", image, record["parameters"])
         pngmeta.save_json(self.out_dir / f"{stem}.json", record)
         self.written.append(self.out_dir / f"{stem}.png")
@@ -328,7 +343,13 @@ def _refiner(name: str, allow_pickle: bool, family: Any) -> Any:
 
 
 def _render(
-    pipe: Any, jobs: list[Job], g: GenerateConfig, call: dict[str, Any], label: str, quiet: bool = False
+    pipe: Any,
+    jobs: list[Job],
+    g: GenerateConfig,
+    call: dict[str, Any],
+    label: str,
+    max_sequence_length: int | None = None,
+    quiet: bool = False,
 ) -> tuple[list[Image.Image], dict[int, list[Image.Image]]]:
     """render_images over the jobs with a progress bar per batch (none when `quiet`); returns the images and the
     filmstrips by job index."""
@@ -347,7 +368,7 @@ def _render(
             pipe,
             [job.prompt for job in jobs],
             [job.seed for job in jobs],
-            Sampling.of(g),
+            Sampling.of(g).but(max_sequence_length=max_sequence_length),
             on_batch=lambda done, _total: progress.update(task, completed=done),
             preview_every=g.save_steps,
             on_previews=keep_strips,
@@ -357,7 +378,12 @@ def _render(
 
 
 def image_record(
-    config: Config, job: Job, loras: list[Lora], hashes: list[tuple[str, str]], size: tuple[int, int]
+    config: Config,
+    job: Job,
+    loras: list[Lora],
+    hashes: list[tuple[str, str]],
+    size: tuple[int, int],
+    guidance_label: str | None = None,
 ) -> dict[str, Any]:
     """Everything needed to remake one image, plus A1111's `parameters` text built from it. A LoRA given as a
     train OUT_DIR is named and hashed by its kohya file, which is what A1111, Forge and civitai know."""
@@ -381,6 +407,10 @@ def image_record(
         "Lora hashes": pngmeta.lora_hashes(hashes),
         "Version": f"sdlora {__version__}",
     }
+    if guidance_label:  # Forge: real CFG off (1), then the guidance embedding's value under its own name
+        pairs = [(k, 1 if k == "CFG scale" else v) for k, v in settings.items()]
+        at = [k for k, _ in pairs].index("CFG scale") + 1
+        settings = dict(pairs[:at] + [(guidance_label, g.cfg)] + pairs[at:])
     return {
         "prompt": job.prompt,
         "negative_prompt": g.negative,

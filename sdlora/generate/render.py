@@ -28,6 +28,8 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any], str]] = {
     "euler": ("EulerDiscreteScheduler", {"use_karras_sigmas": False}, "Euler"),
     "ddim": ("DDIMScheduler", {}, "DDIM"),
     "unipc": ("UniPCMultistepScheduler", {"use_karras_sigmas": False}, "UniPC"),
+    # Flow-matching bases (Flux.1): Euler on the model's own (size-dependent, shifted) sigmas.
+    "flow_euler": ("FlowMatchEulerDiscreteScheduler", {}, "Euler"),
 }
 
 
@@ -35,13 +37,44 @@ def set_scheduler(pipe: Any, name: str) -> None:
     """Swap the pipeline's sampler for `name`, keeping the model's noise schedule and prediction_type."""
     import diffusers
 
+    from sdlora import families
+
     if name not in SCHEDULERS:
         raise UsageError(f"--scheduler {name!r}: choose one of {', '.join(SCHEDULERS)}")
+    family = families.detect(pipe)
+    if name not in family.samplers:
+        raise UsageError(
+            f"--scheduler {name}: not a sampler for {family.label} bases; choose {', '.join(family.samplers)}"
+        )
     class_name, extra, _ = SCHEDULERS[name]
     cls = getattr(diffusers, class_name)
     # from_config carries over betas, timestep_spacing and prediction_type (epsilon vs v) from the model's own
     # scheduler; the extras only pick the solver variant.
     pipe.scheduler = cls.from_config(pipe.scheduler.config, **extra)
+
+
+def for_family(sampling: Sampling, family: Family, pipe: Any) -> Sampling:
+    """Settings made from a config that never saw the base (eval, identity scoring during training) with the
+    family's own sampler, and its guidance and steps where they are still the config's defaults; unchanged when
+    the sampler already suits the family."""
+    from sdlora.config import GenerateConfig
+
+    if sampling.scheduler in family.samplers:
+        return sampling
+    defaults, fields = family.generate_defaults(pipe), GenerateConfig.model_fields
+    changes: dict[str, Any] = {"scheduler": family.samplers[0]}
+    for key in ("cfg", "steps"):
+        if f"generate.{key}" in defaults and getattr(sampling, key) == fields[key].default:
+            changes[key] = defaults[f"generate.{key}"]
+    return sampling.but(**changes)
+
+
+def check_sampler(name: str, family: Family) -> None:
+    """An explicitly chosen sampler must suit the base's family."""
+    if name not in family.samplers:
+        raise UsageError(
+            f"--scheduler {name}: not a sampler for {family.label} bases; choose {', '.join(family.samplers)}"
+        )
 
 
 def a1111_sampler_name(name: str) -> str:
@@ -59,6 +92,7 @@ class Sampling:
     height: int
     negative: str = ""
     batch_size: int = 4
+    max_sequence_length: int | None = None  # T5 tokens (Flux); None: the family's default for the base
 
     @classmethod
     def of(cls, g: GenerateConfig) -> Sampling:
@@ -71,7 +105,16 @@ class Sampling:
         """Renders during training (sample grids, identity scoring, class images): the generate settings at the
         training resolution with `train.sample_steps`."""
         g, tc = config.generate, config.train
-        return cls(tc.sample_steps, g.cfg, g.scheduler, tc.resolution, tc.resolution, g.negative, g.batch_size)
+        return cls(
+            tc.sample_steps,
+            g.cfg,
+            g.scheduler,
+            tc.resolution,
+            tc.resolution,
+            g.negative,
+            g.batch_size,
+            config.model.max_sequence_length,
+        )
 
     def but(self, **changes: Any) -> Sampling:
         return replace(self, **changes)
@@ -103,23 +146,29 @@ def render_images(
 
     import torch
 
+    from sdlora import families
+
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
-    s = sampling
+    family = families.detect(pipe)
+    s = for_family(sampling, family, pipe)
     set_scheduler(pipe, s.scheduler)
     device = pipe._execution_device
     takes_size = "width" in inspect.signature(pipe.__call__).parameters  # img2img pipelines take the image's
+    tokens = family.sequence_length(pipe, s.max_sequence_length)
     images: list[Image.Image] = []
     for start in range(0, len(prompts), s.batch_size):
         chunk = slice(start, start + s.batch_size)
         kwargs: dict[str, Any] = dict(call_kwargs or {})
+        if tokens is not None:
+            kwargs["max_sequence_length"] = tokens
         if takes_size:
             kwargs.update(width=s.width, height=s.height)
         if init_images is not None:
             kwargs["image"] = list(init_images[chunk])
         if mask_images is not None:
             kwargs["mask_image"] = list(mask_images[chunk])
-        previews = Previews(pipe, preview_every) if preview_every and on_previews else None
+        previews = Previews(pipe, preview_every, s.width, s.height) if preview_every and on_previews else None
         if previews is not None:
             kwargs.update(callback_on_step_end=previews, callback_on_step_end_tensor_inputs=["latents"])
         batch_prompts = prompts[chunk]

@@ -157,6 +157,27 @@ def text_encoder_path(path: str) -> str:
     return f"text_model.{path}"
 
 
+_MODELSPEC_PREDICTION = {"v_prediction": "v", "flow": "flow"}
+
+
+def flow_metadata(info: ModelInfo, train: Any, max_sequence_length: int | None) -> dict[str, str]:
+    """kohya's Flux training settings (`ss_guidance_scale`, `ss_timestep_sampling`, ...) for a flow-matching base,
+    so that readers and people see how the LoRA was trained; {} for other bases."""
+    if info.prediction_type != "flow":
+        return {}
+    sampling = "shift" if train.timestep_sampling == "auto" else train.timestep_sampling
+    return {
+        "ss_guidance_scale": str(float(train.guidance)),
+        "ss_timestep_sampling": sampling,
+        "ss_discrete_flow_shift": str(float(train.timestep_shift)),
+        "ss_model_prediction_type": "raw",
+        "ss_weighting_scheme": "none" if train.min_snr_gamma is None else f"min_snr_{train.min_snr_gamma:g}",
+        "ss_apply_t5_attn_mask": "False",
+        "ss_t5xxl_max_token_length": str(max_sequence_length or ""),
+        "modelspec.flux_variant": info.variant,
+    }
+
+
 def build_metadata(
     info: ModelInfo,
     *,
@@ -199,7 +220,7 @@ def build_metadata(
         "modelspec.title": name,
         "modelspec.date": datetime.datetime.fromtimestamp(int(finished_at), tz=datetime.timezone.utc).isoformat(),
         "modelspec.resolution": f"{resolution}x{resolution}",
-        "modelspec.prediction_type": "v" if info.prediction_type == "v_prediction" else "epsilon",
+        "modelspec.prediction_type": _MODELSPEC_PREDICTION.get(info.prediction_type, "epsilon"),
         "modelspec.trigger_phrase": trigger_phrase,
         # Our own keys (readers ignore unknown ones): kohya has no plain "text encoder trained" field.
         "sdlora.text_encoder_trained": str(bool(text_encoder_trained)),

@@ -42,19 +42,38 @@ def peft_state(model: Any) -> dict[str, Any]:
     return get_peft_model_state_dict(model)
 
 
-def save_diffusers(path: Path, pipeline_cls: Any, models: dict[str, Any], header: dict[str, str]) -> None:
+def save_diffusers(
+    path: Path, pipeline_cls: Any, models: dict[str, Any], header: dict[str, str], for_comfyui: bool = False
+) -> None:
     """Write `path` with diffusers' save_lora_weights (+ adapter metadata), then add our `header` keys to the
     safetensors metadata beside diffusers' own; atomic. `models`: the adapted models by pipeline attribute
-    (denoiser first: "unet" or "transformer", then "text_encoder", ...), which name save_lora_weights' arguments."""
+    (denoiser first: "unet" or "transformer", then "text_encoder", ...), which name save_lora_weights' arguments.
+
+    `for_comfyui`: also readable by ComfyUI, which reads Flux's diffusers keys: each layer's alpha as a `.alpha`
+    tensor instead of the adapter metadata (ComfyUI scales by alpha / rank only with them, by 1 otherwise;
+    diffusers takes one or the other and reads both to the same model), and text-encoder keys under the
+    transformers-4 CLIP path (`text_encoder.text_model.encoder...`: ComfyUI knows only that one, diffusers both)."""
+    import torch
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
+
+    from sdlora.lora.kohya import text_encoder_path
 
     # peft's own key names (lora_A/lora_B), not convert_state_dict_to_diffusers: that renames only the attention
     # layers to the old `lora.down` style and the resulting mix reloads without them.
     kwargs: dict[str, Any] = {}
+    alphas: dict[str, Any] = {}
     for name, model in models.items():
         kwargs[f"{name}_lora_layers"] = peft_state(model)
-        kwargs[f"{name}_lora_adapter_metadata"] = adapter_metadata(model)
+        if for_comfyui and name.startswith("text_encoder"):
+            kwargs[f"{name}_lora_layers"] = {text_encoder_path(k): v for k, v in kwargs[f"{name}_lora_layers"].items()}
+        if for_comfyui:
+            alpha = float(adapter_metadata(model)["lora_alpha"])
+            for key in kwargs[f"{name}_lora_layers"]:
+                if key.endswith(".lora_A.weight"):
+                    alphas[f"{name}.{key.removesuffix('.lora_A.weight')}.alpha"] = torch.tensor(alpha)
+        else:
+            kwargs[f"{name}_lora_adapter_metadata"] = adapter_metadata(model)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".lora-") as tmp:
@@ -62,7 +81,7 @@ def save_diffusers(path: Path, pipeline_cls: Any, models: dict[str, Any], header
         written = Path(tmp) / DIFFUSERS_FILE
         with safe_open(str(written), framework="pt") as handle:
             metadata = dict(handle.metadata() or {})
-        tensors = load_file(str(written))
+        tensors = load_file(str(written)) | alphas
     metadata.update(header)
     with atomic_path(path) as tmp_path:
         save_file(tensors, str(tmp_path), metadata=metadata)

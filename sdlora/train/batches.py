@@ -20,22 +20,27 @@ from sdlora.train.data import DataOrder, Example, load_example, stream_seed
 
 @dataclass
 class MicroBatch:
-    latents: torch.Tensor  # (B, 4, H/8, W/8), fp32 on the device; one (H, W) per micro-batch
+    latents: torch.Tensor  # (B, C, H/8, W/8), fp32 on the device; one (H, W) per micro-batch
     time_ids: torch.Tensor  # (B, 6) fp32: SDXL's original size, crop top-left, target size, each (height, width)
     noise: torch.Tensor  # same shape
-    timesteps: torch.Tensor  # (B,) int64
+    timesteps: torch.Tensor  # (B,): int64 DDPM timesteps, or fp32 sigmas of a flow-matching objective
     prompts: list[str]
-    cond: Conditioning | None  # cached text conditioning, None when the text encoder trains
+    cond: Conditioning | None  # cached text conditioning (of the frozen encoders), None when none is cached
     is_prior: torch.Tensor | None  # (B,) bool: class images of prior preservation
 
 
 class ImageSet:
     """The images of one set (instance or class) as latents, each at its bucket's size: encoded once and cached
-    (both flips when flipping), or encoded each step when caching is off."""
+    (both flips when flipping), or encoded each step when caching is off. With several `resolutions`, each image
+    is in the set once per resolution (micro-batches hold one size: DataOrder groups by bucket)."""
 
-    def __init__(self, examples: list[Example], resolution: int, flip: bool, vae: Any, cache: bool) -> None:
-        self.examples, self.flip, self.vae = examples, flip, vae
-        loaded = [load_example(e, resolution) for e in examples]
+    def __init__(
+        self, examples: list[Example], resolutions: int | list[int], flip: bool, vae: Any, cache: bool
+    ) -> None:
+        sizes = [resolutions] if isinstance(resolutions, int) else list(resolutions)
+        self.examples = [e for _ in sizes for e in examples]
+        self.flip, self.vae = flip, vae
+        loaded = [load_example(e, size) for size in sizes for e in examples]
         self.pixels = [pixels for pixels, _ in loaded]  # (3, H, W) each, in [-1, 1]
         self.geometry = [geometry for _, geometry in loaded]
         self.cached = self._encode() if cache else None  # (F, 4, H/8, W/8) each
@@ -147,11 +152,25 @@ class Batches:
 
 
 @torch.no_grad()
-def build_text_cache(family: Any, tokenizers: list[Any], text_encoders: list[Any], prompts: list[str]) -> dict:
-    """Encode each distinct prompt once (frozen text encoder): rows of one conditioning table on the device."""
+def build_text_cache(
+    family: Any,
+    tokenizers: list[Any],
+    text_encoders: list[Any],
+    prompts: list[str],
+    max_sequence_length: int | None = None,
+) -> dict:
+    """Encode each distinct prompt once (frozen text encoders): rows of one conditioning table on the device."""
     unique = list(dict.fromkeys(prompts))
-    parts = [family.encode_prompts(tokenizers, text_encoders, unique[i : i + 16]) for i in range(0, len(unique), 16)]
+    parts = [
+        family.encode_prompts(tokenizers, text_encoders, unique[i : i + 16], max_sequence_length)
+        for i in range(0, len(unique), 16)
+    ]
     return {"prompts": {p: i for i, p in enumerate(unique)}, "cond": concat(parts)}
+
+
+def merge_text_caches(parts: list[dict]) -> dict:
+    """One cache from caches of the same prompts, each holding some of the conditioning (one encoder each)."""
+    return {"prompts": parts[0]["prompts"], "cond": {k: v for part in parts for k, v in part["cond"].items()}}
 
 
 def select(cond: Conditioning, index: Any) -> Conditioning:

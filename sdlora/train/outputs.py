@@ -29,7 +29,8 @@ def save_loras(run: Any, folder: Path, *, unwrap_for_good: bool) -> tuple[Path, 
         "sdlora.version": __version__,
     }
     diffusers_file = Path(folder) / layout.DIFFUSERS_LORA
-    peft.save_diffusers(diffusers_file, type(run.pipe), {run.family.denoiser: denoiser} | encoders, header)
+    models = {run.family.denoiser: denoiser} | encoders
+    peft.save_diffusers(diffusers_file, type(run.pipe), models, header, for_comfyui=run.family.comfyui_diffusers_file)
     lc, tc = run.config.lora, run.config.train
     metadata = kohya.build_metadata(
         run.info,
@@ -44,6 +45,9 @@ def save_loras(run: Any, folder: Path, *, unwrap_for_good: bool) -> tuple[Path, 
         started_at=run.started_at,
         finished_at=time.time(),
         text_encoder_trained=bool(encoders),
+        extra=kohya.flow_metadata(
+            run.info, tc, run.family.sequence_length(run.pipe, run.config.model.max_sequence_length)
+        ),
     )
     kohya_file = Path(folder) / layout.kohya_file(run.plan.name)
     # fp32, not the UIs' usual fp16: the file then reproduces the trained model (fp16 weights missed 1e-4).

@@ -88,11 +88,18 @@ def optimisation_step(run: Run, step: int) -> Any:
         encoders = list(run.text_encoders.values())
         with accelerator.accumulate(run.denoiser, *encoders):
             cond = batch.cond
-            if cond is None:  # the text encoders train: encode with gradients
-                cond = family.encode_prompts(families.tokenizers(run.pipe, family), encoders, batch.prompts)
+            if run.text_encoders:  # they train: encode with gradients; a frozen one's part may be cached (T5)
+                cached, trained = cond or {}, run.text_encoders
+                every = [
+                    trained[n] if n in trained else None if cached else getattr(run.pipe, n)
+                    for n in family.text_encoders
+                ]
+                tokens = family.sequence_length(run.pipe, run.config.model.max_sequence_length)
+                fresh = family.encode_prompts(families.tokenizers(run.pipe, family), every, batch.prompts, tokens)
+                cond = {**cached, **fresh}
             # Add noise to the latents according to the noise magnitude at each timestep (forward diffusion).
             noisy = objective.noisy(batch.latents, batch.noise, batch.timesteps)
-            pred = family.predict(run.denoiser, noisy, batch.timesteps, cond, batch.time_ids)
+            pred = family.predict(run.denoiser, noisy, batch.timesteps, cond, batch.time_ids, tc.guidance)
             goal = objective.target(batch.latents, batch.noise, batch.timesteps)
             loss = objectives.denoising_loss(
                 pred,

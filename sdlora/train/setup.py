@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from sdlora import layout
 from sdlora.config import Config
-from sdlora.train import Plan
+from sdlora.train import Plan, staging
 
 
 @dataclass
@@ -60,17 +61,31 @@ def setup(config: Config, plan: Plan, accelerator: Any) -> Run:
 
 def setup_pipeline(config: Config, plan: Plan, accelerator: Any, pipe: Any, info: Any) -> Run:
     """setup() after the base is loaded (frozen, on the device): also what bench/train_step.py times."""
+    from sdlora import families
     from sdlora.lora import peft
     from sdlora.train import checkpoint
     from sdlora.train.optim import build_optimizer, build_scheduler
 
-    tc, family = config.train, info.spec
+    family = info.spec
+    given = config  # what the run files store, so that a resume compares like with like
+    config = families.with_defaults(config, family, pipe)  # e.g. Flux's sampler for the sample grids
+    tc = config.train
     # The training objective (noise schedule), kept before sampling swaps the pipeline's scheduler.
-    objective = family.objective(pipe.scheduler, accelerator.device)
-    classes = class_images(config, plan, pipe, accelerator)
+    objective = family.objective(pipe.scheduler, accelerator.device, tc.timestep_sampling, tc.timestep_shift)
+    staged = staging.staged_parts(config, family)  # in CPU RAM, on the device only to be cached
+    late = [family.denoiser] if staged else []  # the denoiser joins the device once they have left it
+    with staging.visiting(pipe, staged + late if makes_class_images(config) else [], accelerator.device):
+        classes = class_images(config, plan, pipe, accelerator)
     attach_adapters(config, pipe, family, seed=tc.seed)
-    batches = build_batches(config, plan, pipe, family, classes, accelerator, objective)
-    offloaded = offload_frozen(config, pipe, family)
+    check_sizes(config, family)
+    batches = build_batches(config, plan, pipe, family, classes, accelerator, objective, staged)
+    for name in late:
+        getattr(pipe, name).to(accelerator.device)
+    offloaded = staged if staged else offload_frozen(config, pipe, family)
+    if staged and not staging.renders_later(config):
+        encoders_done = [name for name in staged if name in family.text_encoders]
+        staging.release(pipe, encoders_done)  # T5 and CLIP leave RAM too: no sample or score needs them
+        offloaded = [name for name in staged if name not in encoders_done]
     encoders = trained_text_encoders(config, pipe, family)
     denoiser = getattr(pipe, family.denoiser)
     groups = [{"params": peft.trainable_parameters(denoiser), "lr": tc.learning_rate}]
@@ -86,7 +101,7 @@ def setup_pipeline(config: Config, plan: Plan, accelerator: Any, pipe: Any, info
     start_step = 0
     if plan.resume_from is not None:
         start_step = resume_state(accelerator, plan.resume_from, optimizer, lr_scheduler, [g["lr"] for g in groups])
-    write_run_files(config, plan, accelerator)
+    write_run_files(given, plan, accelerator)
     return Run(
         config=config,
         plan=plan,
@@ -130,13 +145,15 @@ def load_base(config: Config, accelerator: Any, weight_dtype: Any) -> tuple[Any,
 
     pipe = models.load_base(config.model, weight_dtype)
     info = models.model_info(pipe)
-    place_base(pipe, info, accelerator, own_vae=config.model.vae is not None)
+    staged = staging.staged_parts(config, info.spec)
+    cpu = [*staged, info.spec.denoiser] if staged else []  # setup_pipeline moves them when their turn comes
+    place_base(pipe, info, accelerator, own_vae=config.model.vae is not None, keep_on_cpu=cpu)
     return pipe, info
 
 
-def place_base(pipe: Any, info: Any, accelerator: Any, own_vae: bool = False) -> None:
+def place_base(pipe: Any, info: Any, accelerator: Any, own_vae: bool = False, keep_on_cpu: Sequence[str] = ()) -> None:
     """Freeze every base weight and move the pipeline to the training device (a VAE that overflows in half
-    precision, SDXL's own, in fp32)."""
+    precision, SDXL's own, in fp32), but for the parts in `keep_on_cpu`."""
     import torch
 
     for module in pipe.components.values():
@@ -145,8 +162,17 @@ def place_base(pipe: Any, info: Any, accelerator: Any, own_vae: bool = False) ->
     if info.spec.vae_fp32 and not own_vae and pipe.vae.dtype != torch.float32:
         # SDXL's own VAE overflows in fp16 (NaN latents, black images); fp32 costs once per image with caching.
         pipe.vae.to(dtype=torch.float32)
-    pipe.to(accelerator.device)
+    if keep_on_cpu:
+        for name, module in pipe.components.items():
+            if name not in keep_on_cpu and hasattr(module, "to"):
+                module.to(accelerator.device)
+    else:
+        pipe.to(accelerator.device)
     pipe.set_progress_bar_config(disable=True)
+
+
+def makes_class_images(config: Config) -> bool:
+    return config.train.class_dir is None and bool(config.train.class_prompt)
 
 
 def class_images(config: Config, plan: Plan, pipe: Any, accelerator: Any) -> list[Any] | None:
@@ -199,7 +225,7 @@ def trained_text_encoders(config: Config, pipe: Any, family: Any) -> dict[str, A
     """The text encoders that get LoRA, by pipeline attribute (all of the family's), or {}."""
     if not config.lora.train_text_encoder:
         return {}
-    return {name: getattr(pipe, name) for name in family.text_encoders}
+    return {name: getattr(pipe, name) for name in family.trainable_text_encoders}
 
 
 def text_encoder_lr(tc: Any, name: str) -> float:
@@ -213,29 +239,68 @@ def offload_frozen(config: Config, pipe: Any, family: Any) -> list[str]:
     VAE to the CPU; sampling brings them back for a moment. Returns the moved pipeline attributes."""
     if not config.train.offload:
         return []
-    names = [] if config.lora.train_text_encoder else list(family.text_encoders)
+    trained = trained_text_encoders(config, pipe, family)
+    names = [name for name in family.text_encoders if name not in trained]
     names += ["vae"] if config.train.cache_latents else []
     for name in names:
         getattr(pipe, name).to("cpu")
     return names
 
 
-def build_batches(
-    config: Config, plan: Plan, pipe: Any, family: Any, classes: list[Any] | None, accelerator: Any, objective: Any
-) -> Any:
-    """Cache the latents (VAE once per image and flip) and, with a frozen text encoder, the text conditioning."""
-    from sdlora import families
-    from sdlora.train.batches import Batches, ImageSet, build_text_cache
+def check_sizes(config: Config, family: Any) -> None:
+    """Training sizes the family can take (Flux packs 2x2 latent patches: multiples of 16)."""
+    from sdlora.errors import UsageError
 
-    tc = config.train
-    instances = ImageSet(plan.examples, tc.resolution, tc.flip, pipe.vae, tc.cache_latents)
-    class_set = ImageSet(classes, tc.resolution, tc.flip, pipe.vae, tc.cache_latents) if classes else None
+    tc, multiple = config.train, family.size_multiple
+    for size in tc.resolutions or [tc.resolution]:
+        if size % multiple:
+            raise UsageError(
+                f"--resolution {size}: {family.label} trains on sizes that are multiples of {multiple}; "
+                f"try {max(multiple, size // multiple * multiple)}"
+            )
+
+
+def build_batches(
+    config: Config,
+    plan: Plan,
+    pipe: Any,
+    family: Any,
+    classes: list[Any] | None,
+    accelerator: Any,
+    objective: Any,
+    staged: Sequence[str] = (),
+) -> Any:
+    """Cache the latents (VAE once per image and flip) and, with a frozen text encoder, the text conditioning;
+    `staged` parts come from CPU RAM to the device for it, one at a time."""
+    from sdlora import families
+    from sdlora.train.batches import Batches, ImageSet, build_text_cache, merge_text_caches
+
+    tc, device = config.train, accelerator.device
+    sizes = tc.resolutions or [tc.resolution]
+    with staging.visiting(pipe, [n for n in staged if n == "vae"], device):
+        instances = ImageSet(plan.examples, sizes, tc.flip, pipe.vae, tc.cache_latents)
+        class_set = ImageSet(classes, sizes, tc.flip, pipe.vae, tc.cache_latents) if classes else None
     class_prompt = classes[0].caption if classes else ""
     text_cache = None
-    if not config.lora.train_text_encoder:
+    trained = trained_text_encoders(config, pipe, family)
+    frozen = [name for name in family.text_encoders if name not in trained]
+    # Frozen encoders' outputs are cached: all of them, or (staged families) those beside a trained one (T5).
+    if frozen and (not trained or staged):
         prompts = [e.caption for e in plan.examples] + [class_prompt, ""]
         encoders = families.encoders(pipe, family)
-        text_cache = build_text_cache(family, families.tokenizers(pipe, family), encoders, prompts)
+        tokenizers = families.tokenizers(pipe, family)
+        tokens = family.sequence_length(pipe, config.model.max_sequence_length)
+        if staged:  # each frozen encoder alone on the device
+            parts = []
+            for i, name in enumerate(family.text_encoders):
+                if name not in frozen:
+                    continue
+                alone = [encoder if j == i else None for j, encoder in enumerate(encoders)]
+                with staging.visiting(pipe, [name], device):
+                    parts.append(build_text_cache(family, tokenizers, alone, prompts, tokens))
+            text_cache = merge_text_caches(parts)
+        else:
+            text_cache = build_text_cache(family, tokenizers, encoders, prompts, tokens)
     accelerator.print(
         f"{len(plan.examples)} images{f' + {len(classes)} class images' if classes else ''}; effective batch "
         f"{tc.batch_size} x {tc.grad_accum} accumulation x {accelerator.num_processes} processes = "

@@ -1,0 +1,70 @@
+"""A Flux.1 base given as one BFL-format file (as flux1-dev.safetensors ships, also float8_e4m3fn) with
+model.single_file_config: detected by its keys, loaded to the same transformer, trained and rendered through the
+CLI like the folder; without a config, one clear error before anything loads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from generate_helpers import max_diff
+from safetensors.torch import load_file, save_file
+from single_file import write_single_file
+from train_utils import subject_set
+from typer.testing import CliRunner
+
+from sdlora import families, models
+from sdlora.cli import app
+
+
+@pytest.fixture(scope="module")
+def flux_files(tmp_path_factory) -> tuple[Path, Path]:
+    from sdlora import testing
+
+    root = tmp_path_factory.mktemp("flux-single")
+    folder = testing.save_tiny_pipeline("flux", root / "folder")
+    return folder, write_single_file(folder, root / "flux1-tiny.safetensors")
+
+
+def test_bfl_file_loads_the_same_transformer(flux_files, tmp_path):
+    folder, path = flux_files
+    keys = set(load_file(str(path)))
+    assert "double_blocks.0.img_attn.qkv.weight" in keys and "single_blocks.0.linear1.weight" in keys
+    assert families.detect_checkpoint(keys) is families.get("flux")
+    ours = models.load_pipeline(str(path), single_file_config=str(folder)).transformer.state_dict()
+    theirs = models.load_pipeline(str(folder)).transformer.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    # float8_e4m3fn, as the low-memory community files are: widened while read, equal up to fp8 rounding.
+    fp8 = tmp_path / "flux1-tiny-fp8.safetensors"
+    save_file({k: v.to(torch.float8_e4m3fn) for k, v in load_file(str(path)).items()}, str(fp8))
+    widened = models.load_pipeline(str(fp8), single_file_config=str(folder)).transformer.state_dict()
+    key = "transformer_blocks.0.attn.to_q.weight"
+    assert widened[key].dtype == torch.float32
+    assert torch.equal(widened[key], theirs[key].to(torch.float8_e4m3fn).float())
+
+
+@pytest.mark.slow
+def test_train_and_generate_on_the_single_file(flux_files, tmp_path):
+    folder, path = flux_files
+    data = subject_set(tmp_path / "data")
+    runner = CliRunner()
+    config = ["--set", f"model.single_file_config='{folder}'"]
+    args = ["--steps", "2", "--resolution", "64", "--rank", "4", "--sample-every", "0", "--checkpoint-every", "0"]
+    result = runner.invoke(app, ["train", str(data), str(tmp_path / "out"), "--base", str(path), *args, *config])
+    assert result.exit_code == 0, result.output
+    gen = ["generate", "--prompt", "a photo of sks person", "--n", "1", "--size", "64x64", "--steps", "3"]
+    gen += ["--lora", str(tmp_path / "out")]
+    result = runner.invoke(app, [*gen, "--base", str(path), *config, "--out", str(tmp_path / "single")])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, [*gen, "--base", str(folder), "--out", str(tmp_path / "folder")])
+    assert result.exit_code == 0, result.output
+    assert max_diff(tmp_path / "single" / "0000-42.png", tmp_path / "folder" / "0000-42.png") == 0
+
+
+def test_single_file_without_config_is_one_clear_error(flux_files, tmp_path):
+    _, path = flux_files
+    result = CliRunner().invoke(app, ["generate", "--base", str(path), "--prompt", "x", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2
+    assert "holds the transformer" in result.output and "model.single_file_config" in result.output
+    assert not (tmp_path / "out").exists()
