@@ -95,10 +95,22 @@ def test_half_precision_paths(dataset, tiny_sd1, tmp_path, precision):
     assert len(losses) == 2 and all(np.isfinite(losses))
 
 
-def test_nan_loss_stops_with_step_and_keeps_checkpoint(dataset, tiny_sd1, tmp_path):
+def test_nan_loss_stops_with_step_and_keeps_checkpoint(dataset, tiny_sd1, tmp_path, monkeypatch):
+    # A diverging run: from the third micro-batch on the loss overflows (the config refuses a learning rate as
+    # absurd as the 1e30 this test once used, so the overflow is injected).
+    from sdlora import objectives
+
+    real, calls = objectives.denoising_loss, []
+
+    def overflowing(*args, **kwargs):
+        calls.append(1)
+        loss = real(*args, **kwargs)
+        return loss * float("inf") if len(calls) >= 3 else loss
+
+    monkeypatch.setattr(objectives, "denoising_loss", overflowing)
     out = tmp_path / "nan"
     result = run(
-        dataset, out, "--base", tiny_sd1, *COMMON, "--steps", "6", "--lr", "1e30", "--checkpoint-every", "1",
+        dataset, out, "--base", tiny_sd1, *COMMON, "--steps", "6", "--lr", "1e-3", "--checkpoint-every", "1",
         "--sample-every", "0", "--set", "train.log_every=1", "--set", "train.max_grad_norm=0",
     )  # fmt: skip
     assert result.exit_code == 1, result.output
