@@ -138,6 +138,7 @@ def test_lora_end_to_end_on_tiny_model_without_faces(dataset, tiny_sd1, tmp_path
     assert len(list((tmp_path / "r" / "images").glob("*.png"))) == 10
 
 
+@pytest.mark.slow
 def test_lora_prompts_file_and_trigger_fallback(dataset, tiny_sd1, tmp_path):
     lora = _tiny_lora(tiny_sd1, tmp_path / "run", trigger=None)
     prompts = tmp_path / "prompts.txt"

@@ -38,6 +38,7 @@ def _centre_cfg(**prep):
     return config.load(None, values | {f"prep.{k}": v for k, v in prep.items()})
 
 
+@pytest.mark.slow
 def test_a_huge_non_image_is_refused_after_reading_its_header(tmp_path):
     video = tmp_path / "clip.mp4"
     with open(video, "wb") as handle:  # sparse: 200 MB on paper, nothing on disk

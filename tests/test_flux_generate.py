@@ -58,6 +58,7 @@ def gen(*args: str):
     return runner.invoke(app, ["generate", "--size", "64x64", "--n", "1", *args])
 
 
+@pytest.mark.slow
 def test_flux_defaults_and_forge_parameters(tiny_flux, flux_lora, tmp_path):
     result = gen("--base", str(tiny_flux), "--prompt", "a photo of sks person", "--lora", str(flux_lora),
                  "--compare", "--out", str(tmp_path))  # fmt: skip
@@ -73,6 +74,7 @@ def test_flux_defaults_and_forge_parameters(tiny_flux, flux_lora, tmp_path):
     assert max_diff(compare.crop((0, 0, 64, 64)), tmp_path / "0000-42.png") > 0  # the LoRA changes the image
 
 
+@pytest.mark.slow
 def test_save_steps_filmstrip_of_the_flow_x0(tiny_flux, tmp_path):
     result = gen("--base", str(tiny_flux), "--prompt", "a cat", "--steps", "5", "--save-steps", "2",
                  "--size", "64x48", "--out", str(tmp_path))  # fmt: skip

@@ -135,6 +135,7 @@ def test_frozen_parts_visit_the_device_one_at_a_time_and_leave_ram(tmp_path, mon
     assert released == []  # the sample grid at the last step renders with them
 
 
+@pytest.mark.slow
 def test_prior_preservation_min_snr_checkpointing_and_8bit_adamw_on_flux(tmp_path):
     """Class images rendered by the staged pipeline (every part back on the device for it), then training with
     the min-SNR-equivalent weights, gradient checkpointing and 8-bit AdamW."""

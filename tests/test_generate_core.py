@@ -14,6 +14,7 @@ def _pixels(image: Image.Image) -> np.ndarray:
     return np.asarray(image, dtype=np.int16)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
 def test_render_images_is_per_image_seeded_and_batched(tiny_models, family):
     pipe = models.load_pipeline(str(tiny_models[family]))

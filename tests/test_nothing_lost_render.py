@@ -12,6 +12,8 @@ from typer.testing import CliRunner
 
 from sdlora.cli import app
 
+pytestmark = pytest.mark.slow  # each test renders with the tiny model through the CLI
+
 runner = CliRunner()
 FAST = ["--steps", "2", "--size", "64x64", "--set", "generate.scheduler='ddim'"]
 
