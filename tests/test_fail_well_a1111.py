@@ -1,7 +1,7 @@
 """Issue 17, A1111/civitai interop: with `--lora` a train OUT_DIR, the PNG's `<lora:NAME:w>` tag names the kohya
 file the user copies into A1111/Forge (its stem, not the folder's name) and `Lora hashes` holds that file's A1111
 hash (SHA-256 of the bytes after the safetensors header, first 12 hex digits). Read back with sd-parsers, a real
-PNG-metadata reader, where it is installed."""
+PNG-metadata reader."""
 
 from __future__ import annotations
 
@@ -45,7 +45,8 @@ def test_lora_tag_and_hash_name_the_kohya_file(tiny_sd1, tmp_path):
     assert settings["Lora hashes"] == f'"anna_v1: {a1111_hash(kohya)}"'
     assert a1111_hash(kohya) != a1111_hash(out / "pytorch_lora_weights.safetensors")
 
-    sd_parsers = pytest.importorskip("sd_parsers")  # the test-only check with a real reader, when installed
+    import sd_parsers  # a real PNG-metadata reader (the test extra installs it)
+
     info = sd_parsers.ParserManager().parse(Image.open(images / "0000-42.png"))
     assert info.generator.value == "AUTOMATIC1111"
     assert info.full_prompt == "a photo of sks person <lora:anna_v1:0.7>"
