@@ -12,8 +12,7 @@ from typer.testing import CliRunner
 
 from sdlora.cli import app
 
-pytestmark = pytest.mark.slow  # each test renders with the tiny model through the CLI
-
+pytestmark = pytest.mark.slow  # each loads and renders with the tiny model (~10-20 s)
 runner = CliRunner()
 FAST = ["--steps", "2", "--size", "64x64", "--set", "generate.scheduler='ddim'"]
 
