@@ -109,7 +109,8 @@ def test_demo_runs_every_stage(tmp_path):
     """The demo with no --base: prep on the real photos, then the toy person through train (identity scored by the
     toy face model, best/ kept), generate (base and LoRA at the same seeds, compare.png) and eval."""
     out = tmp_path / "demo"
-    result = runner.invoke(app, ["demo", str(out), "--steps", "40"])
+    small = ["--set", "generate.n=8", "--set", "generate.batch_size=8", "--set", "eval.n=1"]  # the default: 32, 2
+    result = runner.invoke(app, ["demo", str(out), "--steps", "40", *small])
     assert result.exit_code == 0, result.output
     for stage in ("[1/5]", "[2/5]", "[3/5]", "[4/5]", "[5/5]"):
         assert stage in result.output
@@ -131,9 +132,9 @@ def test_demo_runs_every_stage(tmp_path):
     assert best["step"] in (14, 28, 40) and (lora / "best" / "pytorch_lora_weights.safetensors").is_file()
 
     assert Image.open(out / "compare.png").size[0] > Image.open(out / "compare.png").size[1]
-    assert len(list((out / "images-base").glob("0*.png"))) == len(list((out / "images").glob("0*.png"))) == 32
+    assert len(list((out / "images-base").glob("0*.png"))) == len(list((out / "images").glob("0*.png"))) == 8
     summary = json.loads((out / "eval.json").read_text())
-    assert summary["face_model"] == "toy" and summary["summary"]["images"] == 32
+    assert summary["face_model"] == "toy" and summary["summary"]["images"] == 8
     assert (out / "eval-report" / "index.html").is_file()
 
 
