@@ -456,13 +456,13 @@ def demo(
     out_dir: Annotated[Path, typer.Argument(help="Empty folder for everything the demo makes.", file_okay=False)],
     base: Annotated[
         str | None,
-        typer.Option("--base", help="A real base model (hub id, folder, .safetensors); default: a tiny random one."),
+        typer.Option("--base", help="A real base model (hub id, folder, .safetensors); default: the built-in toy one."),
     ] = None,
-    steps: Annotated[int | None, typer.Option(help="Training steps (default 40 tiny, 400 with --base).")] = None,
+    steps: Annotated[int | None, typer.Option(help="Training steps (default 300 toy, 400 with --base).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Reuse a non-empty OUT_DIR.")] = False,
     sets: SetOpt = None,
 ) -> None:
-    """Run prep -> train -> generate -> eval end to end on built-in photos of one person (CPU, offline, minutes)."""
+    """Run prep on built-in photos, then train -> generate -> eval on a toy person it learns (CPU, offline, ~3 min)."""
     from sdlora.demo import demo as run_demo
 
     result = run_demo(out_dir, base=base, steps=steps, overwrite=overwrite, sets=sets, say=typer.echo)

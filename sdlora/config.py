@@ -278,7 +278,7 @@ class GenerateConfig(Section):
 class EvalConfig(Section):
     """`sdlora eval` and identity scoring during training."""
 
-    face_model: Literal["dlib", "insightface"] = Field(
+    face_model: Literal["dlib", "insightface", "toy"] = Field(
         "dlib",
         description="Face-embedding backend: dlib (offline default) or insightface (ArcFace; its pretrained "
         "weights are for non-commercial use only, and must already be on disk).",

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import random
-from pathlib import Path
 
 import numpy
 import pytest
 from PIL import Image
 
-from bench.identity import world
+from sdlora.demo import world
+from sdlora.demo.base import PACKAGED
 
 
 def test_decoder_reads_clean_renders_exactly():
@@ -75,7 +75,7 @@ def torch_equal(a, b) -> bool:
     return torch.equal(a.detach(), b.detach())
 
 
-FIXTURE = Path(__file__).parent / "data" / "identity-base.safetensors"
+FIXTURE = PACKAGED  # the benchmark's base, shipped in the package for `sdlora demo` (sdlora/demo/base.py)
 # The smoke test's pass margin: three standard errors of the gain in soft agreement at 64 seeds,
 # 3 * sqrt((sd_base**2 + sd_lora**2) / 64) = 3 * sqrt((0.1605**2 + 0.1775**2) / 64) = 0.0898, from the per-image
 # spreads the benchmark measured on subject 0 (docs/identity-benchmark/results.json at 74fddb3: the base row, and
@@ -112,7 +112,7 @@ def test_fixture_export_restore_round_trip(tmp_path):
 @pytest.mark.slow
 def test_lora_moves_decoded_attributes_toward_the_subject(tmp_path):
     """The benchmark's code path end to end (renders as photos -> `prep` -> `train` -> `generate` -> decoder) on its
-    base (the fixture): after 100 steps the images of "a photo of sks person" agree with the subject on more of the
+    base (the packaged one): after 100 steps the images of "a photo of sks person" agree with the subject on more of the
     six attributes than the base's images do. The margin is three standard errors of that difference at this
     test's 64 seeds, from the per-image spread the benchmark measured for the same setting and step
     (SMOKE_MARGIN)."""

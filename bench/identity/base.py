@@ -2,8 +2,8 @@
 
 The base learns "a photo of a person" (any identity) and attribute phrases ("with glasses", "with red hair", ...)
 from renders of every identity except the benchmark's held-out subjects. `ensure_base` caches it under
-~/.cache/sdlora/identity-base-<hash of this file and world.py>, so it is rebuilt only when missing or when the
-training code or the world changes.
+~/.cache/sdlora/identity-base-<hash of this file and the world's renderer>, so it is rebuilt only when missing or
+when the training code or the world changes.
 
 The budgets are step counts, not seconds, so the same spec gives the same base on any device: the default one
 was built once on a GPU (`python -m bench.identity.base --out DIR`: about 2 minutes on an H100) and takes
@@ -22,14 +22,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.identity import world
-
-CLASS_PROMPT = "a photo of a person"
-# The benchmark's subjects: never shown to the base. Neither wears glasses, so "with glasses" tests fidelity.
-SUBJECTS = (
-    world.Identity("tan", "red", "long", "green", False, "mint"),
-    world.Identity("dark", "blonde", "tall", "blue", False, "lilac"),
-)
+from sdlora.demo import world
+from sdlora.demo.base import CLASS_PROMPT, SUBJECTS  # the benchmark's subjects: never shown to the base
 
 
 @dataclass(frozen=True)

@@ -1,16 +1,11 @@
-"""The identity benchmark's base as one small file, so that CI can run the smoke test on a base that draws faces.
+"""Export the identity benchmark's base as the one small file that `sdlora demo` and the tests restore.
 
 The base is built on a GPU (`python -m bench.identity.base`), which CI does not have, and no CPU-sized base was
-strong enough for a LoRA to show anything (docs/identity-benchmark.md). So its weights travel in the repo, in
-`tests/data/identity-base.safetensors` (about 4 MB):
+strong enough for a LoRA to show anything (docs/identity-benchmark.md). So its weights travel in the package, as
+`sdlora/demo/identity-base.safetensors` (about 4 MB; what the file holds and how it is restored:
+`sdlora/demo/base.py`):
 
-- UNet, VAE and text encoder in fp16 (restored to fp32);
-- of the text encoder's 49,408 token embeddings only the rows the base was trained on (the tokens of every
-  caption it saw, plus the special tokens). The others never received a gradient: they are random vectors of the
-  same scale in the base, and are drawn afresh (seeded) on restore, as any unseen word such as "sks" is;
-- the folder's configs and `identity_base.json` as the file's metadata; the tokenizer is rebuilt offline.
-
-    python -m bench.identity.fixture BASE_DIR tests/data/identity-base.safetensors    (export)
+    python -m bench.identity.fixture BASE_DIR sdlora/demo/identity-base.safetensors    (export)
 """
 
 from __future__ import annotations
@@ -18,28 +13,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from bench.identity import base, world
+from sdlora.demo import world
+from sdlora.demo.base import CLASS_PROMPT, CONFIGS, EMBEDDING, FILES, restore
 
-EMBEDDING = "text_encoder.embeddings.token_embedding.weight"
-CONFIGS = {
-    "model_index": "model_index.json",
-    "unet": "unet/config.json",
-    "vae": "vae/config.json",
-    "text_encoder": "text_encoder/config.json",
-    "scheduler": "scheduler/scheduler_config.json",
-    "record": "identity_base.json",
-}
-FILES = {
-    "unet": "unet/diffusion_pytorch_model.safetensors",
-    "vae": "vae/diffusion_pytorch_model.safetensors",
-    "text_encoder": "text_encoder/model.safetensors",
-}
+__all__ = ["export", "restore", "trained_token_ids"]
 
 
 def trained_token_ids(tokenizer) -> list[int]:
     """Every token of every caption the base trained on (the class prompt and its attribute phrases), the empty
     caption's, and the special tokens."""
-    texts = {base.CLASS_PROMPT, ""}
+    texts = {CLASS_PROMPT, ""}
     for identity in world.all_identities():
         texts.update(identity.caption_words())
     ids = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
@@ -71,37 +54,8 @@ def export(base_dir: Path, file: Path) -> None:
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(file), metadata=metadata)
 
 
-def restore(file: Path, folder: Path) -> Path:
-    """Write the base stored in `file` as a diffusers folder (fp32) at `folder`; returns `folder`."""
-    import torch
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    from sdlora.testing import clip_tokenizer
-
-    with safe_open(str(file), "pt") as handle:  # one read: tensors and metadata
-        metadata = handle.metadata()
-        tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118 (safe_open is no dict)
-    tensors = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
-    rows, ids = tensors.pop(EMBEDDING + ".rows"), tensors.pop(EMBEDDING + ".ids")
-    generator = torch.Generator().manual_seed(0)
-    table = torch.randn(int(metadata["vocab_size"]), rows.shape[1], generator=generator)
-    table *= float(metadata["untrained_row_std"])
-    table[ids] = rows
-    tensors[EMBEDDING] = table
-    for key, path in CONFIGS.items():
-        (folder / path).parent.mkdir(parents=True, exist_ok=True)
-        (folder / path).write_text(metadata[key])
-    for part, name in FILES.items():
-        prefix = part + "."
-        state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-        save_file(state, str(folder / name), metadata={"format": "pt"})
-    clip_tokenizer(folder / "tokenizer").save_pretrained(folder / "tokenizer")
-    return folder
-
-
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Export the identity benchmark's base as the tests' fixture.")
+    parser = argparse.ArgumentParser(description="Export the identity benchmark's base as the packaged demo base.")
     parser.add_argument("base_dir", type=Path)
     parser.add_argument("file", type=Path)
     args = parser.parse_args(argv)

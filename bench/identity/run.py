@@ -17,7 +17,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.identity import base, world
+from bench.identity import base
+from sdlora.demo import world
 
 TRIGGER = "sks person"
 PROMPTS = {

@@ -1,59 +1,66 @@
-"""`sdlora demo`: prep -> train -> generate -> eval end to end on a built-in photo set, through the library functions.
+"""`sdlora demo`: prep -> train -> generate -> eval end to end, through the library functions, offline.
 
-With no `--base` it builds a tiny randomly initialised SD 1.x model, so it runs in a few minutes on a CPU with no
-network: every stage is real, but a random model draws noise. With `--base` pointing at a real model (on a GPU)
-it is the real thing at 512 px.
+With no `--base` it runs on the CPU in a few minutes and shows a person being learned: `prep` runs on the built-in
+real photos (face crops, a reason for every photo dropped), and training, generation and scoring run in the toy
+world on its packaged base (sdlora/demo/toy.py): a held-out toy person rendered as "photos", scored by the world's
+exact decoder behind the face-model interface (eval.face_model = "toy"), so the identity curve, `best/` and the
+base-vs-LoRA comparison are real numbers. With `--base` pointing at a real model (on a GPU) it is the real thing
+at 512 px on the built-in photos.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from sdlora.config import Config, load
 from sdlora.errors import UsageError
 
-TINY_RESOLUTION = 64
 DEMO_PROMPTS = ["a photo of {trigger}", "a photo of {trigger} on the moon, cinematic lighting"]
+# The built-in photos' faces are ~93 px wide: 256 px crops of them need no more than prep's 2x enlargement.
+PHOTO_RESOLUTION = 256
 
 
 @dataclass(frozen=True)
 class DemoResult:
     photos: Path
     base: Path | str
-    dataset: Path
+    dataset: Path  # what was trained on: the toy person's prep output, or the photos' with --base
     lora: Path
     images: Path
     eval_json: Path
     eval_report: Path
-    tiny: bool
-    prep_summary: str
+    toy: bool
+    prep_summary: str  # prep of the built-in photos
+    compare: Path | None = None  # toy: base | LoRA at the same seeds
+    base_share: object = None  # toy: sdlora.demo.toy.Share of the base's images, then of the LoRA's
+    lora_share: object = None
 
 
 def demo_config(
-    base: str, tiny: bool, steps: int | None, lora: Path, overwrite: bool = False, sets: list[str] | None = None
+    base: str, steps: int | None, lora: Path, overwrite: bool = False, sets: list[str] | None = None
 ) -> Config:
-    """The demo's settings for every stage: small and quick on the tiny model, sensible defaults on a real one."""
-    resolution = TINY_RESOLUTION if tiny else 512
-    steps = steps or (40 if tiny else 400)
+    """The demo's settings for every stage on a real base model (`--base`): 512 px, sensible defaults."""
+    steps = steps or 400
     options = {
         "model.base": base,
         "prep.overwrite": overwrite,
         "train.overwrite": overwrite,
         "generate.loras": [str(lora)],
-        "prep.resolution": resolution,
-        "train.resolution": resolution,
+        "prep.resolution": 512,
+        "train.resolution": 512,
         "train.steps": steps,
         "train.checkpoint_every": steps,
         "train.sample_every": steps,
-        "train.sample_steps": 4 if tiny else 25,
-        "train.learning_rate": 1e-3 if tiny else 1e-4,
+        "train.sample_steps": 25,
+        "train.learning_rate": 1e-4,
         "generate.prompts": DEMO_PROMPTS,
         "generate.n": 2,
         "generate.batch_size": 2,
-        "generate.steps": 4 if tiny else 30,
-        "generate.size": f"{resolution}x{resolution}",
+        "generate.steps": 30,
+        "generate.size": "512x512",
         "eval.n": 1,
     }
     return load(None, options, sets or [])
@@ -68,48 +75,110 @@ def demo(
     sets: list[str] | None = None,
     say: Callable[[str], None] = print,
 ) -> DemoResult:
-    """Run the whole pipeline into `out_dir`: photos/, base-model/ (tiny), dataset/, lora/, images/, eval/."""
+    """Run the whole pipeline into `out_dir`: photos/ and their prep, then the toy person (no `base`) or the
+    photos themselves (`base`) through train, generate and eval."""
     from sdlora.demo.photos import write_demo_photos
-    from sdlora.evaluation.run import evaluate
-    from sdlora.generate import generate
-    from sdlora.prep.run import prep
-    from sdlora.train import train
 
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise UsageError(f"{out_dir}: not empty; choose a new folder or pass --overwrite")
     out_dir.mkdir(parents=True, exist_ok=True)
-    tiny = base is None
     photos = out_dir / "photos"
     write_demo_photos(photos)
     say(
         f"[1/5] photo set: {len(list(photos.iterdir()))} photos of one person (with a duplicate, a blurry shot "
         f"and one without a face) in {photos}"
     )
-    if tiny:
-        from sdlora.families.sd import SD1
-        from sdlora.testing import save_tiny_pipeline
+    if base is None:
+        return _toy_demo(out_dir, photos, steps, overwrite, sets or [], say)
+    return _real_demo(out_dir, photos, base, steps, overwrite, sets or [], say)
 
-        base = str(save_tiny_pipeline(SD1.name, out_dir / "base-model"))
-        say(f"      base model: a tiny randomly initialised SD 1.x in {base} (its images are noise)")
+
+def _real_demo(
+    out_dir: Path, photos: Path, base: str, steps: int | None, overwrite: bool, sets: list[str], say
+) -> DemoResult:
+    from sdlora.evaluation.run import evaluate
+    from sdlora.generate import generate
+    from sdlora.prep.run import prep
+    from sdlora.train import train
+
     dataset, lora, images = out_dir / "dataset", out_dir / "lora", out_dir / "images"
-    cfg = demo_config(base, tiny, steps, lora, overwrite, sets)
-
+    cfg = demo_config(base, steps, lora, overwrite, sets)
     report = prep(photos, dataset, cfg)
     say(f"[2/5] prep: {report.summary().splitlines()[0]} -> {dataset} (see contact_sheet.jpg, report.json)")
-
     result = train(cfg, dataset, lora)
     say(f"[3/5] train: {result.steps} steps -> {result.lora_file} and {result.kohya_file}")
-
     paths = generate(cfg, images)
     say(f"[4/5] generate: {len(paths)} images -> {images}")
-
     eval_json, eval_report = out_dir / "eval.json", out_dir / "eval-report"
     evaluate(cfg, reference=dataset, images=images, json_path=eval_json, report_dir=eval_report)
     say(f"[5/5] eval: identity scores -> {eval_json}, {eval_report / 'index.html'}")
-    if tiny:
-        say(
-            "note: the tiny model has random weights, so its images are noise and no face is found in them; "
-            "the demo proves the pipeline. Run `sdlora demo OUT --base MODEL` on a GPU for the real thing."
-        )
-    return DemoResult(photos, base, dataset, lora, images, eval_json, eval_report, tiny, report.summary())
+    return DemoResult(photos, base, dataset, lora, images, eval_json, eval_report, False, report.summary())
+
+
+def _toy_demo(out_dir: Path, photos: Path, steps: int | None, overwrite: bool, sets: list[str], say) -> DemoResult:
+    from sdlora.demo import toy
+    from sdlora.demo.base import restore_packaged
+    from sdlora.evaluation.run import evaluate
+    from sdlora.prep.run import prep
+    from sdlora.train import train
+
+    photo_prep = out_dir / "prep"
+    report = prep(
+        photos, photo_prep, load(None, {"prep.overwrite": overwrite, "prep.resolution": PHOTO_RESOLUTION}, sets)
+    )
+    say(f"[2/5] prep: {report.summary().splitlines()[0]} -> {photo_prep} (see contact_sheet.jpg, report.json)")
+    base = _restore(out_dir / "toy-base", restore_packaged)
+    dataset, lora, images = out_dir / "dataset", out_dir / "lora", out_dir / "images"
+    cfg = toy.toy_config(base, steps, lora, overwrite, sets)
+    renders = toy.write_subject_photos(out_dir / "toy-photos")
+    prep(renders, dataset, cfg, progress=False)
+    say(
+        f"      the person to learn: {toy.PHOTOS} renders of a toy person the toy base never saw "
+        f"({toy.describe(toy.SUBJECT)}) in {renders}, prepped (--crop center) -> {dataset}"
+    )
+    say(f"      base model: the toy world's base (1.5M parameters, shipped in the package) in {base}")
+    with _one_thread():
+        result = train(cfg, dataset, lora)
+        say(f"[3/5] train: {result.steps} steps -> {result.lora_file}; identity curve {lora / 'identity.png'}")
+        pair = toy.base_and_lora(cfg, out_dir / "images-base", images)
+    compare = out_dir / "compare.png"
+    toy.save_compare(pair, compare)
+    say(f"[4/5] generate: {len(pair.lora)} seeds, base and LoRA -> {out_dir / 'images-base'}, {images}, {compare}")
+    eval_json, eval_report = out_dir / "eval.json", out_dir / "eval-report"
+    evaluate(cfg, reference=dataset, images=images, json_path=eval_json, report_dir=eval_report)
+    shares = toy.exact_share(pair.base), toy.exact_share(pair.lora)
+    say(
+        f"[5/5] eval: images of {pair.prompt!r} that are exactly the toy person (the decoder): base {shares[0]} "
+        f"-> LoRA {shares[1]}; attributes right: {shares[0].attributes} -> {shares[1].attributes}. "
+        f"Scores: {eval_json}, {eval_report / 'index.html'}"
+    )
+    say(
+        "note: training ran in a toy world so that a CPU learns a person in minutes; "
+        "run `sdlora demo OUT --base MODEL` on a GPU to train on the photos themselves."
+    )
+    result_args = (photos, base, dataset, lora, images, eval_json, eval_report, True, report.summary())
+    return DemoResult(*result_args, compare=compare, base_share=shares[0], lora_share=shares[1])
+
+
+def _restore(folder: Path, restore: Callable[[Path], Path]) -> Path:
+    """The packaged base as a diffusers folder at `folder` (replaced whole, never half-written)."""
+    from sdlora.fsutil import atomic_dir
+
+    with atomic_dir(folder) as tmp:
+        restore(tmp)
+    return folder
+
+
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """One torch thread while the toy model runs: it is launch-bound, and on a busy 2-core machine a second thread
+    waits more than it computes (40 training steps: 12 s of CPU on one thread, 100 s on two)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

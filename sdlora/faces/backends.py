@@ -1,4 +1,5 @@
-"""Face-embedding backends behind one small interface: dlib (offline default) or ArcFace via insightface."""
+"""Face-embedding backends behind one small interface: dlib (offline default), ArcFace via insightface, or the
+demo's toy world (its rule-based decoder, for the toy people that `sdlora demo` trains on)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from PIL import Image
 
 from sdlora.errors import UsageError
 
-FACE_MODELS = ("dlib", "insightface")
+FACE_MODELS = ("dlib", "insightface", "toy")
 INSIGHTFACE_PACK = "buffalo_l"
 
 
@@ -101,10 +102,37 @@ class InsightFaceBackend:
         return float(1.0 - numpy.dot(a, b) / (numpy.linalg.norm(a) * numpy.linalg.norm(b)))
 
 
+class ToyBackend:
+    """The toy world's decoder (sdlora/demo/world.py) as a face model, for `sdlora demo`'s toy people: a face is a
+    valid person of that world, its embedding the six attributes it reads, and the distance between two faces the
+    share of attributes on which they differ. Only the exact same person is under the threshold, so
+    `recognised_rate` is the decoder's exact-identity share; similarity is 1 for the exact person and 0.5 one
+    attribute off."""
+
+    name = "toy"
+    threshold = 1 / 6  # one attribute of six differs: not the same person (distance < threshold)
+
+    def faces(self, image: Image.Image) -> list[FoundFace]:
+        from sdlora.demo import world
+
+        reading = world.read(image)
+        if not reading.valid:
+            return []
+        sx, sy = image.width / world.SIZE, image.height / world.SIZE  # the decoder reads a 64 px copy
+        left, top, right, bottom = reading.box
+        box = (round(left * sx), round(top * sy), round(right * sx), round(bottom * sy))
+        return [FoundFace(box=box, embedding=world.attribute_codes(reading.identity))]
+
+    def distance(self, a: numpy.ndarray, b: numpy.ndarray) -> float:
+        return float(numpy.count_nonzero(numpy.asarray(a) != numpy.asarray(b))) / len(a)
+
+
 def face_backend(name: str) -> FaceBackend:
     """The backend called `name` (`--face-model`)."""
     if name == "dlib":
         return DlibBackend()
     if name == "insightface":
         return InsightFaceBackend()
+    if name == "toy":
+        return ToyBackend()
     raise UsageError(f"--face-model {name!r}: choose one of {', '.join(FACE_MODELS)}")

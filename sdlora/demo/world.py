@@ -1,5 +1,8 @@
 """The toy world: procedural people drawn from six discrete attributes, and the rule-based decoder that reads them back.
 
+It is where `sdlora demo` (on its built-in toy base) and the identity benchmark (`bench/identity`) both live: the
+decoder is exact on clean renders, so whether a LoRA learned a person is a count, not an opinion.
+
 An identity is one value per attribute (4 x 4 x 3 x 3 x 2 x 4 = 1,152 identities). `render` draws one at 64 px
 with random jitter of position, scale and brightness, so no two renders are identical. `decode` reads the
 attributes back from an image, or says it is not a valid person (None); `read` always guesses (nearest
@@ -9,6 +12,7 @@ prototypes, no validity checks) for weak models whose samples are blurry.
 from __future__ import annotations
 
 import itertools
+import math
 import random
 from dataclasses import asdict, dataclass
 
@@ -116,6 +120,7 @@ class Reading:
 
     identity: Identity
     problem: str | None  # None: a valid person
+    box: tuple[int, int, int, int] = (0, 0, SIZE, SIZE)  # the head as found (left, top, right, bottom), 64 px frame
 
     @property
     def valid(self) -> bool:
@@ -193,13 +198,21 @@ def read(image: Image.Image) -> Reading:
     if 0.2 < dark < 0.5:
         problems.append("glasses unclear")
     identity = Identity(skin, hair, style, eyes, bool(glasses), background)
-    return Reading(identity, problems[0] if problems else None)
+    box = (int(cx - r), int(cy - 1.2 * r), int(math.ceil(cx + r)), int(math.ceil(cy + 1.2 * r)))
+    return Reading(identity, problems[0] if problems else None, box)
 
 
 def decode(image: Image.Image) -> Identity | None:
     """The identity in `image`, or None when it is not a valid person of this world."""
     reading = read(image)
     return reading.identity if reading.valid else None
+
+
+def attribute_codes(identity: Identity) -> numpy.ndarray:
+    """(6,) int: the index of each attribute's value in its table (ATTRIBUTES order), the toy face embedding."""
+    tables = (list(SKIN), list(HAIR), list(STYLES), list(EYES), [False, True], list(BACKGROUND))
+    values = [getattr(identity, a) for a in ATTRIBUTES]
+    return numpy.array([table.index(v) for table, v in zip(tables, values, strict=True)], numpy.int64)
 
 
 def agreement(found: Identity, subject: Identity) -> float:

@@ -1,0 +1,76 @@
+"""The toy world's base model, shipped in the package as one small file: what `sdlora demo` trains on.
+
+The identity benchmark (`bench/identity/base.py`) trained it from scratch on renders of every identity of the
+toy world except the held-out SUBJECTS (on a GPU: no CPU-sized base was strong enough for a LoRA to show
+anything). Its weights travel as `sdlora/demo/identity-base.safetensors` (about 4 MB):
+
+- UNet, VAE and text encoder in fp16 (restored to fp32);
+- of the text encoder's 49,408 token embeddings only the rows the base was trained on (the tokens of every
+  caption it saw, plus the special tokens). The others never received a gradient: they are random vectors of the
+  same scale in the base, and are drawn afresh (seeded) on restore, as any unseen word such as "sks" is;
+- the folder's configs and `identity_base.json` as the file's metadata; the tokenizer is rebuilt offline.
+
+`restore` writes it back as a diffusers folder; `bench/identity/fixture.py` exports a new one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sdlora.demo import world
+
+PACKAGED = Path(__file__).with_name("identity-base.safetensors")
+CLASS_PROMPT = "a photo of a person"
+# The held-out subjects: never shown to the base. Neither wears glasses, so "with glasses" tests fidelity.
+SUBJECTS = (
+    world.Identity("tan", "red", "long", "green", False, "mint"),
+    world.Identity("dark", "blonde", "tall", "blue", False, "lilac"),
+)
+EMBEDDING = "text_encoder.embeddings.token_embedding.weight"
+CONFIGS = {
+    "model_index": "model_index.json",
+    "unet": "unet/config.json",
+    "vae": "vae/config.json",
+    "text_encoder": "text_encoder/config.json",
+    "scheduler": "scheduler/scheduler_config.json",
+    "record": "identity_base.json",
+}
+FILES = {
+    "unet": "unet/diffusion_pytorch_model.safetensors",
+    "vae": "vae/diffusion_pytorch_model.safetensors",
+    "text_encoder": "text_encoder/model.safetensors",
+}
+
+
+def restore(file: Path, folder: Path) -> Path:
+    """Write the base stored in `file` as a diffusers folder (fp32) at `folder`; returns `folder`."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from sdlora.testing import clip_tokenizer
+
+    with safe_open(str(file), "pt") as handle:  # one read: tensors and metadata
+        metadata = handle.metadata()
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118 (safe_open is no dict)
+    tensors = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
+    rows, ids = tensors.pop(EMBEDDING + ".rows"), tensors.pop(EMBEDDING + ".ids")
+    generator = torch.Generator().manual_seed(0)
+    table = torch.randn(int(metadata["vocab_size"]), rows.shape[1], generator=generator)
+    table *= float(metadata["untrained_row_std"])
+    table[ids] = rows
+    tensors[EMBEDDING] = table
+    for key, path in CONFIGS.items():
+        (folder / path).parent.mkdir(parents=True, exist_ok=True)
+        (folder / path).write_text(metadata[key])
+    for part, name in FILES.items():
+        prefix = part + "."
+        state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        save_file(state, str(folder / name), metadata={"format": "pt"})
+    clip_tokenizer(folder / "tokenizer").save_pretrained(folder / "tokenizer")
+    return folder
+
+
+def restore_packaged(folder: Path) -> Path:
+    """The packaged base as a diffusers folder at `folder`."""
+    return restore(PACKAGED, Path(folder))
