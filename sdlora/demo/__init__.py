@@ -14,9 +14,13 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sdlora.config import Config, load
 from sdlora.errors import UsageError
+
+if TYPE_CHECKING:
+    from sdlora.demo.toy import Share
 
 DEMO_PROMPTS = ["a photo of {trigger}", "a photo of {trigger} on the moon, cinematic lighting"]
 # The built-in photos' faces are ~93 px wide: 256 px crops of them need no more than prep's 2x enlargement.
@@ -35,8 +39,8 @@ class DemoResult:
     toy: bool
     prep_summary: str  # prep of the built-in photos
     compare: Path | None = None  # toy: base | LoRA at the same seeds
-    base_share: object = None  # toy: sdlora.demo.toy.Share of the base's images, then of the LoRA's
-    lora_share: object = None
+    base_share: Share | None = None  # toy: what the decoder reads in the base's images, and in the LoRA's
+    lora_share: Share | None = None
 
 
 def demo_config(
