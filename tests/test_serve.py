@@ -255,8 +255,9 @@ def test_upload_prep_train_stop_resume_generate_eval(tmp_path, tiny_sd1):
         progress=lambda fraction, text: seen.append(fraction),
     )
     assert len(view.kept) == 3 and all(caption == "a photo of sks person" for _, caption, _ in view.kept)
+    # IMG_0008 is the quality-70 re-encode of IMG_0001: prep keeps the original (issue 17's duplicate rule)
     assert {(file, reason) for _, file, reason, _ in view.dropped} == {
-        ("IMG_0001.jpg", "near-duplicate"),
+        ("IMG_0008.jpg", "near-duplicate"),
         ("IMG_0010.jpg", "no face found"),
     }
     assert all(photo is not None and photo.is_file() for photo, *_ in view.dropped)
