@@ -104,20 +104,7 @@ def judged(
     if BUG in ran.stderr:
         problems.append("an unexpected exception")
     changed = modified(before, after) if before is not None else 0
-    if changed:
-        problems.append(f"{changed} user file(s) modified")
-    return Case(
-        group=GROUP,
-        name=name,
-        expected=expected,
-        ok=not problems and not ran.traceback,
-        exit_code=ran.code,
-        traceback=ran.traceback or BUG in ran.stderr,
-        hung=ran.code is None,
-        user_files_modified=changed,
-        seconds=round(ran.seconds, 2),
-        detail="; ".join(problems) or line,
-    )
+    return _case(name, expected, ran, problems, changed, line)
 
 
 def succeeded(name: str, expected: str, ran: Ran, problem: str | None, before=None, after=None) -> Case:
@@ -126,6 +113,11 @@ def succeeded(name: str, expected: str, ran: Ran, problem: str | None, before=No
     problems = [p for p in (problem, "hung" if ran.code is None else None) if p]
     if ran.code not in (0, None):
         problems.append(f"exit {ran.code}: {ran.error_line or ran.stderr[-300:]}")
+    return _case(name, expected, ran, problems, changed, "ok")
+
+
+def _case(name: str, expected: str, ran: Ran, problems: list[str], changed: int, fine: str) -> Case:
+    """The record of one case: its problems (plus modified user files), or `fine` as the detail when none."""
     if changed:
         problems.append(f"{changed} user file(s) modified")
     return Case(
@@ -138,7 +130,7 @@ def succeeded(name: str, expected: str, ran: Ran, problem: str | None, before=No
         hung=ran.code is None,
         user_files_modified=changed,
         seconds=round(ran.seconds, 2),
-        detail="; ".join(problems) or "ok",
+        detail="; ".join(problems) or fine,
     )
 
 
