@@ -189,6 +189,7 @@ TRAIN_OPTIONS = {
     "num_class_images": "train.num_class_images",
     "prior_loss_weight": "train.prior_loss_weight",
     "class_dir": "train.class_dir",
+    "preservation": "train.preservation",
     "sample_every": "train.sample_every",
     "eval_every": "train.eval_every",
     "seed": "train.seed",
@@ -383,6 +384,13 @@ def train(
     num_class_images: Annotated[int | None, typer.Option(help="Class images to use [100].")] = None,
     prior_loss_weight: Annotated[float | None, typer.Option(help="Weight of the prior loss [1.0].")] = None,
     class_dir: Annotated[Path | None, typer.Option(help="Prior preservation: ready class images.")] = None,
+    preservation: Annotated[
+        str | None,
+        typer.Option(
+            help="none | class_images (--class-prompt/--class-dir) | output (base's prediction on the caption "
+            "without the trigger, no class images) [none].",
+        ),
+    ] = None,
     sample_every: Annotated[int | None, typer.Option(help="Sample grids every N steps; 0 disables [200].")] = None,
     eval_every: Annotated[
         int | None,

@@ -212,6 +212,39 @@ class TrainConfig(Section):
         description="Train at several sizes in one run (e.g. [512, 768, 1024]): each image is cached at each size "
         "and each micro-batch is of one size; empty: train.resolution only.",
     )
+    preservation: Literal["none", "class_images", "output"] = Field(
+        "none",
+        description="Keep the LoRA from turning every person into the subject (bleed): none; class_images "
+        "(DreamBooth prior preservation on class images, train.class_prompt/class_dir; giving either implies it); "
+        "output (differential output preservation: on the subject's own noisy latent, the LoRA's prediction for "
+        "the caption without the trigger token is pulled to the base model's, adapters off; no class images).",
+    )
+    preservation_weight: float = Field(
+        1.0, ge=0, description="Weight of the output-preservation loss (preservation = 'output')."
+    )
+    masked_loss: bool = Field(
+        False,
+        description="Weight the per-pixel loss by prep's face-and-hair masks (masks/NNNN.png in the manifest), "
+        "at latent resolution, floored at train.mask_floor and divided by the weight map's mean.",
+    )
+    mask_floor: float = Field(
+        0.1, ge=0, le=1, description="Smallest loss weight of the masked loss (the background still trains a little)."
+    )
+    mask_prior_weight: float = Field(
+        0.0,
+        ge=0,
+        description="Masked prior: outside the mask, pull the LoRA's prediction to the adapter-disabled one with "
+        "this weight; 0 disables. Needs masked_loss.",
+    )
+    timestep_bias: Literal["none", "high", "low"] = Field(
+        "none",
+        description="Skew the training timesteps: high (towards noise, where identity is set) or low (towards "
+        "detail): a uniform draw u becomes u^(1/(1+s)) (or its mirror), i.e. Beta(1+s, 1), s = "
+        "timestep_bias_strength; on flow-matching bases applied to the timestep_sampling scheme's sigmas.",
+    )
+    timestep_bias_strength: float = Field(
+        1.0, ge=0, le=100, description="s of timestep_bias: 0 no skew, 1 density 2u (mean 2/3 with 'high')."
+    )
 
     _check_resolution = field_validator("resolution")(_multiple_of_8)
 
@@ -228,6 +261,24 @@ class TrainConfig(Section):
     def _one_prior_source(self) -> TrainConfig:
         if self.class_prompt and self.class_dir:
             raise ValueError("can't give both class_prompt and class_dir; choose one")
+        return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _class_options_imply_class_images(cls, data: Any) -> Any:
+        """--class-prompt/--class-dir (as before there was train.preservation) mean preservation = class_images;
+        with preservation = output they are a usage error."""
+        if not isinstance(data, dict) or not (data.get("class_prompt") or data.get("class_dir")):
+            return data
+        if data.get("preservation") == "output":
+            given = "class_prompt" if data.get("class_prompt") else "class_dir"
+            raise ValueError(f"preservation = 'output' needs no class images; remove {given} or choose class_images")
+        return {**data, "preservation": "class_images"}
+
+    @model_validator(mode="after")
+    def _mask_prior_needs_masks(self) -> TrainConfig:
+        if self.mask_prior_weight and not self.masked_loss:
+            raise ValueError("mask_prior_weight needs masked_loss = true (it uses the same masks)")
         return self
 
 
@@ -305,6 +356,16 @@ class Config(Section):
     train: TrainConfig = TrainConfig()
     generate: GenerateConfig = GenerateConfig()
     eval: EvalConfig = EvalConfig()
+
+    @model_validator(mode="after")
+    def _class_images_prompt(self) -> Config:
+        """preservation = class_images with neither class_prompt nor class_dir: generate class images of the class
+        word (what --class-prompt would have been)."""
+        tc = self.train
+        if tc.preservation != "class_images" or tc.class_prompt or tc.class_dir:
+            return self
+        train = tc.model_copy(update={"class_prompt": f"a photo of {self.prep.class_word}"})
+        return self.model_copy(update={"train": train})
 
 
 def parse_size(value: str) -> tuple[int, int]:

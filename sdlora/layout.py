@@ -15,6 +15,7 @@ MANIFEST = "manifest.jsonl"
 REPORT = "report.json"
 CONTACT_SHEET = "contact_sheet.jpg"
 DATASET_IMAGES = "images"
+DATASET_MASKS = "masks"  # soft face-and-hair masks, masks/NNNN.png beside images/NNNN.png (train.masked_loss)
 
 # `sdlora train` OUT_DIR.
 DIFFUSERS_LORA = "pytorch_lora_weights.safetensors"  # also what diffusers' own scripts write

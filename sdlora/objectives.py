@@ -6,7 +6,8 @@ that UNet families hand the training loop, `FlowMatching` the rectified-flow obj
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,44 @@ def sample_noise(shape: torch.Size | tuple[int, ...], generator: torch.Generator
 def sample_timesteps(batch: int, num_train_timesteps: int, generator: torch.Generator) -> torch.Tensor:
     """Uniform integer timesteps in [0, T), one per sample: (B,) int64."""
     return torch.randint(0, num_train_timesteps, (batch,), generator=generator)
+
+
+TIMESTEP_BIAS = ("none", "high", "low")
+
+
+def biased_unit(values: torch.Tensor, bias: str, strength: float) -> torch.Tensor:
+    """Values in [0, 1) warped towards 1 ("high": the noisy end) or 0 ("low"): u -> u^(1 / (1 + strength)), or
+    its mirror 1 - (1 - u)^(1 / (1 + strength)). On uniform u that is Beta(1 + strength, 1) (density
+    (1 + s) u^s, mean (1 + s) / (2 + s)) or Beta(1, 1 + strength); strength 0 changes nothing; "none" returns
+    `values` itself."""
+    if bias == "none":
+        return values
+    exponent = 1.0 / (1.0 + strength)
+    if bias == "high":
+        return values.pow(exponent)
+    if bias == "low":
+        return 1 - (1 - values).pow(exponent)
+    raise ValueError(f"unknown timestep bias {bias!r}; expected one of {TIMESTEP_BIAS}")
+
+
+def sample_biased_timesteps(
+    batch: int, num_train_timesteps: int, generator: torch.Generator, bias: str, strength: float
+) -> torch.Tensor:
+    """Integer timesteps in [0, T) skewed by `biased_unit`: (B,) int64; "none": exactly `sample_timesteps`."""
+    if bias == "none":
+        return sample_timesteps(batch, num_train_timesteps, generator)
+    unit = biased_unit(torch.rand(batch, generator=generator, dtype=torch.float64), bias, strength)
+    return (unit * num_train_timesteps).long().clamp(max=num_train_timesteps - 1)
+
+
+def with_bias(objective: Any, bias: str, strength: float) -> Any:
+    """`objective` (DDPM or FlowMatching) drawing its timesteps with train.timestep_bias; the same object for
+    "none"."""
+    if bias == "none":
+        return objective
+    if not hasattr(objective, "timestep_bias"):
+        raise ValueError(f"{type(objective).__name__} objectives take no timestep bias")
+    return replace(objective, timestep_bias=bias, timestep_bias_strength=strength)
 
 
 def _per_sample(values: torch.Tensor, timesteps: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -74,9 +113,33 @@ def min_snr_weights(
     return clipped / (s + 1) if prediction_type == "v_prediction" else clipped / s
 
 
-def per_sample_loss(prediction: torch.Tensor, goal: torch.Tensor) -> torch.Tensor:
-    """Mean squared error per sample, in fp32: (B,)."""
-    return F.mse_loss(prediction.float(), goal.float(), reduction="none").mean(dim=tuple(range(1, prediction.ndim)))
+def per_sample_loss(
+    prediction: torch.Tensor, goal: torch.Tensor, pixel_weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean squared error per sample, in fp32: (B,); `pixel_weights` (B, 1, H, W) weight each latent pixel."""
+    errors = F.mse_loss(prediction.float(), goal.float(), reduction="none")
+    if pixel_weights is not None:
+        errors = errors * pixel_weights.to(errors.device, errors.dtype)
+    return errors.mean(dim=tuple(range(1, prediction.ndim)))
+
+
+def mask_weights(masks: torch.Tensor, size: tuple[int, int], floor: float) -> torch.Tensor:
+    """Per-pixel loss weights of the face-weighted loss: soft masks (B, 1, H, W) in [0, 1] (1 = face and hair)
+    averaged down to the latents' (h, w), raised to at least `floor` (the background still trains a little), then
+    divided by each map's mean, so that every sample's weights average 1 and the loss keeps its scale. (B, 1, h, w)
+    fp32; an all-ones mask gives all-ones weights (exactly the plain loss)."""
+    small = F.interpolate(masks.float(), size=size, mode="area") if masks.shape[-2:] != size else masks.float()
+    weights = small.clamp(min=floor, max=1.0)
+    return weights / weights.mean(dim=(1, 2, 3), keepdim=True)
+
+
+def masked_prior_loss(prediction: torch.Tensor, base: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Scalar loss of the masked prior: the squared distance of the LoRA-on prediction from the adapter-disabled
+    one, weighted by `weights` (B, 1, h, w: 1 - the mask, so the region outside the face), averaged over the
+    weights (pooled over the batch): outside the face the LoRA is held to what the base predicts."""
+    errors = F.mse_loss(prediction.float(), base.float(), reduction="none").mean(dim=1, keepdim=True)
+    weights = weights.to(errors.device, errors.dtype)
+    return (errors * weights).sum() / weights.sum().clamp(min=1e-6)
 
 
 def denoising_loss(
@@ -86,10 +149,12 @@ def denoising_loss(
     weights: torch.Tensor | None = None,
     is_prior: torch.Tensor | None = None,
     prior_loss_weight: float = 1.0,
+    pixel_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Scalar loss: per-sample MSE times `weights` (min-SNR); with DreamBooth prior preservation the class
-    samples (`is_prior`, bool (B,)) are averaged apart and added with `prior_loss_weight`."""
-    losses = per_sample_loss(prediction, goal)
+    samples (`is_prior`, bool (B,)) are averaged apart and added with `prior_loss_weight`; `pixel_weights`
+    (B, 1, H, W, from `mask_weights`) weight each latent pixel of the face-weighted loss."""
+    losses = per_sample_loss(prediction, goal, pixel_weights)
     if weights is not None:
         losses = losses * weights.to(losses.device)
     if is_prior is None:
@@ -108,13 +173,17 @@ class DDPM:
 
     alphas_cumprod: torch.Tensor  # (T,) fp32, on the training device
     prediction_type: str  # "epsilon" | "v_prediction"
+    timestep_bias: str = "none"  # one of TIMESTEP_BIAS (train.timestep_bias)
+    timestep_bias_strength: float = 1.0
 
     @property
     def num_train_timesteps(self) -> int:
         return int(self.alphas_cumprod.shape[0])
 
     def sample_timesteps(self, batch: int, generator: torch.Generator) -> torch.Tensor:
-        return sample_timesteps(batch, self.num_train_timesteps, generator)
+        return sample_biased_timesteps(
+            batch, self.num_train_timesteps, generator, self.timestep_bias, self.timestep_bias_strength
+        )
 
     def noisy(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         return add_noise(latents, noise, timesteps, self.alphas_cumprod)
@@ -193,9 +262,14 @@ class FlowMatching:
 
     sampling: str = "shift"  # one of TIMESTEP_SAMPLING
     shift: float = 3.1582  # discrete flow shift of the "shift" scheme (kohya's recommended value for Flux.1)
+    # train.timestep_bias: applied to the scheme's sigmas after they are drawn (biased_unit), so "high" pulls
+    # any scheme's draws towards the noisy end (on "uniform": Beta(1 + strength, 1)).
+    timestep_bias: str = "none"
+    timestep_bias_strength: float = 1.0
 
     def sample_timesteps(self, batch: int, generator: torch.Generator) -> torch.Tensor:
-        return sample_sigmas(batch, generator, self.sampling, self.shift)
+        sigmas = sample_sigmas(batch, generator, self.sampling, self.shift)
+        return biased_unit(sigmas, self.timestep_bias, self.timestep_bias_strength)
 
     def noisy(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         return flow_noisy(latents, noise, timesteps)

@@ -133,6 +133,10 @@ def prep_subject(subject: world.Identity, work: Path, config: Any, scale: Scale,
 
     photos = write_renders([subject] * scale.photos, work / "photos", seed)
     prep(photos, work / "dataset", config, progress=False)
+    if config.train.masked_loss:  # renders have no dlib face: masks from the renderer's known face and hair
+        from bench.identity.masks import write_masks
+
+        write_masks(work / "dataset", subject)
     return work / "dataset"
 
 

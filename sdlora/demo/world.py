@@ -218,3 +218,19 @@ def attribute_codes(identity: Identity) -> numpy.ndarray:
 def agreement(found: Identity, subject: Identity) -> float:
     """Share of the six attributes on which `found` matches `subject`."""
     return sum(getattr(found, a) == getattr(subject, a) for a in ATTRIBUTES) / len(ATTRIBUTES)
+
+
+def face_shapes(identity: Identity, box: tuple[int, int, int, int]) -> tuple[list, list]:
+    """Where `render` drew the face and hair of `identity` whose head the decoder found at `box` (Reading.box):
+    (polygons [[(x, y), ...]], ellipses [(left, top, right, bottom)]) in the image's 64 px frame, as the
+    face-weighted loss's masks want them (the benchmark softens them with sdlora.prep.masks.soften)."""
+    r = (box[2] - box[0]) / 2
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    ellipses = [(cx - r, cy - 1.2 * r, cx + r, cy + 1.2 * r)]  # the head, with the hair cap every style has
+    polygons = []
+    if identity.style == "long":  # the curtains beside the face
+        top, bottom, half = cy - 0.9 * r, cy + 1.45 * r, 1.3 * r
+        polygons.append([(cx - half, top), (cx + half, top), (cx + half, bottom), (cx - half, bottom)])
+    if identity.style == "tall":  # the puff above the head
+        ellipses.append((cx - 0.95 * r, cy - 1.9 * r, cx + 0.95 * r, cy - 0.6 * r))
+    return polygons, ellipses

@@ -14,7 +14,7 @@ from PIL import Image
 
 from sdlora.errors import printable
 from sdlora.faces.dlib import DlibFaces
-from sdlora.prep import crops, images
+from sdlora.prep import crops, images, masks
 
 # Faces are detected on a copy whose longer side is at most this: HOG with one 2x upsampling then finds faces
 # down to ~40 px (a face that small would be face_too_small anyway) in ~0.3 s, whatever the camera's resolution.
@@ -54,6 +54,7 @@ class Photo:
     phash: str = ""
     embedding: numpy.ndarray | None = None  # (128,) identity descriptor
     png: bytes = b""  # the output crop, PNG-encoded
+    mask: bytes = b""  # its soft face-and-hair mask (prep.masks), PNG-encoded; b"" when no face was found
     thumb: Image.Image | None = None
     # What tells the original among near-duplicates (prep.run._duplicates): re-encodes are more compressed,
     # edited copies noisier or smaller.
@@ -102,12 +103,13 @@ def _candidate(
         )
     out_size = crops.nearest_bucket(size, settings.resolution) if settings.buckets else (settings.resolution,) * 2
     aspect = out_size[0] / out_size[1]
-    face_box, embedding = None, None
+    face_box, embedding, landmarks = None, None, None
     if settings.crop == "face":
-        face_box, embedding = _the_face(working, size[0] / working.width)
+        face_box, embedding, landmarks = _the_face(working, size[0] / working.width)
         crop = crops.face_crop(size, face_box, settings.face_share, aspect)
     else:
         crop = crops.center_crop(size, aspect)
+        landmarks = _any_face(working, size[0] / working.width)  # for the mask only; none is fine
     needed = crops.upscale_needed(crop, out_size[0])
     if needed > settings.max_upscale:
         limit = f"enlarging {needed:.1f}x (limit {settings.max_upscale:g}x)"
@@ -127,6 +129,9 @@ def _candidate(
         phash=images.perceptual_hash(working),
         embedding=embedding,
         png=_png(out),
+        mask=b""
+        if landmarks is None
+        else masks.png(masks.face_mask(masks.to_crop(landmarks, crop, out_size), out_size)),
         thumb=_thumbnail(out),
         noise=round(images.noise_level(working), 4),
         quantization=first.quantization,
@@ -134,8 +139,9 @@ def _candidate(
     )
 
 
-def _the_face(working: Image.Image, scale: float) -> tuple[crops.Box, numpy.ndarray]:
-    """The one face of the photo in full-size pixels, and its identity descriptor; Skip otherwise."""
+def _the_face(working: Image.Image, scale: float) -> tuple[crops.Box, numpy.ndarray, numpy.ndarray]:
+    """The one face of the photo in full-size pixels, its identity descriptor and its 68 landmarks (68, 2) in
+    full-size pixels; Skip otherwise."""
     faces = detector().detect(working)
     if not faces:
         raise images.Skip("no_face", "No face was found (the detector needs a roughly frontal face).")
@@ -148,7 +154,13 @@ def _the_face(working: Image.Image, scale: float) -> tuple[crops.Box, numpy.ndar
         )
     face = faces[0]
     box = tuple(round(value * scale) for value in face.landmark_box)
-    return box, detector().embed(working, face)  # type: ignore[return-value]
+    return box, detector().embed(working, face), face.landmarks * scale  # type: ignore[return-value]
+
+
+def _any_face(working: Image.Image, scale: float) -> numpy.ndarray | None:
+    """The largest face's 68 landmarks in full-size pixels (crop=center: only its mask uses them), or None."""
+    faces = detector().detect(working)
+    return faces[0].landmarks * scale if faces else None
 
 
 def _render(

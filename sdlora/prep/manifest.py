@@ -29,14 +29,19 @@ class ManifestEntry(BaseModel):
     sharpness: float
     width: int = Field(gt=0, le=MAX_SIDE)
     height: int = Field(gt=0, le=MAX_SIDE)
+    mask: str | None = Field(
+        None, description="Soft face-and-hair mask of the image (masks/NNNN.png, same size); None without a face."
+    )
 
-    @field_validator("image")
+    @field_validator("image", "mask")
     @classmethod
-    def _inside_dataset(cls, value: str) -> str:
+    def _inside_dataset(cls, value: str | None) -> str | None:
         """A relative path inside the dataset folder (a damaged or hand-edited manifest can say anything)."""
+        if value is None:
+            return value
         parts = PurePosixPath(value.replace("\\", "/")).parts
         if not value or "\x00" in value or value.startswith(("/", "\\")) or ".." in parts or ":" in value:
-            raise ValueError(f"image {value!r} must be a relative path inside the dataset folder")
+            raise ValueError(f"{value!r} must be a relative path inside the dataset folder")
         return value
 
     @field_validator("source_size")

@@ -108,6 +108,7 @@ def _report(photos: list[Photo], files: list[Path], cfg: PrepConfig, caption: st
             sharpness=photo.sharpness,
             width=photo.out_size[0],
             height=photo.out_size[1],
+            mask=f"{layout.DATASET_MASKS}/{len(report.kept):04d}.png" if photo.mask else None,
         )
         report.kept.append(entry)
         report.files.append({"file": photo.name, "status": "kept", "image": entry.image})
@@ -338,6 +339,9 @@ def _write(out_dir: Path, report: Report, photos: list[Photo], config: Config) -
         for entry, photo in zip(report.kept, kept_photos, strict=True):
             (tmp / entry.image).write_bytes(photo.png)
             (tmp / entry.image).with_suffix(".txt").write_text(entry.caption + "\n", encoding="utf-8")
+            if entry.mask:
+                (tmp / layout.DATASET_MASKS).mkdir(exist_ok=True)
+                (tmp / entry.mask).write_bytes(photo.mask)
         write_manifest(tmp / MANIFEST, report.kept)
         (tmp / layout.REPORT).write_text(report.to_json(), encoding="utf-8")
         skipped = [(f"{p.reason}: {p.name}", p.thumb) for p in photos if p.reason is not None]

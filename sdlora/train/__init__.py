@@ -79,7 +79,7 @@ def preflight(config: Config, dataset_dir: Path, out_dir: Path) -> Plan:
     from sdlora.models import check_base, device_facts
     from sdlora.preflight import check_output_dir
     from sdlora.prep.images import check_images
-    from sdlora.train import checkpoint, data, prior
+    from sdlora.train import checkpoint, data, preservation, prior
     from sdlora.train.optim import check_optimizer
 
     check_base(config.model.base, config.model.allow_pickle, config.model.single_file_config)
@@ -88,6 +88,7 @@ def preflight(config: Config, dataset_dir: Path, out_dir: Path) -> Plan:
     examples = data.load_examples(dataset_dir, default_caption=caption)
     check_images([e.image for e in examples])  # headers only: a damaged image fails now, not after the model loads
     prior.check_class_dir(config.train.class_dir)
+    preservation.check(config, examples, dataset_dir)  # train.masked_loss needs prep's masks
     bucketed = any(e.size and e.size[0] != e.size[1] for e in examples)
     if bucketed and (config.train.class_dir or config.train.class_prompt):
         raise UsageError(f"{dataset_dir}: prior preservation needs square images; run `sdlora prep` without --buckets")

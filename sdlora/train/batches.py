@@ -27,6 +27,8 @@ class MicroBatch:
     prompts: list[str]
     cond: Conditioning | None  # cached text conditioning (of the frozen encoders), None when none is cached
     is_prior: torch.Tensor | None  # (B,) bool: class images of prior preservation
+    masks: torch.Tensor | None = None  # (B, 1, h, w) soft face masks at latent size (train.masked_loss), else None
+    pixel_weights: torch.Tensor | None = None  # (B, 1, h, w) loss weights from the masks (objectives.mask_weights)
 
 
 class ImageSet:
@@ -40,6 +42,8 @@ class ImageSet:
         sizes = [resolutions] if isinstance(resolutions, int) else list(resolutions)
         self.examples = [e for _ in sizes for e in examples]
         self.flip, self.vae = flip, vae
+        self.sizes = [size for size in sizes for _ in examples]  # the resolution of each entry of self.examples
+        self.masks: list[torch.Tensor] | None = None  # (1, H, W) each in [0, 1], after load_masks()
         loaded = [load_example(e, size) for size in sizes for e in examples]
         self.pixels = [pixels for pixels, _ in loaded]  # (3, H, W) each, in [-1, 1]
         self.geometry = [geometry for _, geometry in loaded]
@@ -72,6 +76,17 @@ class ImageSet:
         pixels = torch.stack([torch.flip(self.pixels[i], dims=[-1]) if f else self.pixels[i] for i, f in slots])
         with torch.no_grad():
             return encode_latents(self.vae, pixels.to(self.vae.device))
+
+    def load_masks(self) -> None:
+        """Each image's face mask, cut like the image (ones for an image without one): train.masked_loss."""
+        from sdlora.train.data import load_mask
+
+        self.masks = [load_mask(e, size) for e, size in zip(self.examples, self.sizes, strict=True)]
+
+    def mask_batch(self, slots: list[tuple[int, int]]) -> torch.Tensor:
+        """(B, 1, H, W) masks of `slots`, flipped with their images."""
+        assert self.masks is not None
+        return torch.stack([torch.flip(self.masks[i], dims=[-1]) if f else self.masks[i] for i, f in slots])
 
     def time_ids(self, slots: list[tuple[int, int]]) -> torch.Tensor:
         return torch.tensor([self.geometry[i].time_ids(bool(f)) for i, f in slots], dtype=torch.float32)
@@ -107,6 +122,8 @@ class Batches:
         self.text_cache = text_cache  # {"prompts": {prompt: row}, "cond": Conditioning} or None
         self.seed, self.b, self.nproc, self.rank = seed, batch_size, num_processes, rank
         self.objective, self.noise_offset, self.caption_dropout = objective, noise_offset, caption_dropout
+        self.mask_floor = 0.1  # train.mask_floor, set with the masks (sdlora.train.preservation.attach)
+        self.preserve: Any = None  # output preservation's class prompts (sdlora.train.preservation.Preserver)
         group = batch_size * num_processes  # the global micro-batch, of which this process takes a slice
         self.order = DataOrder(instances.buckets, seed, instances.flip, group)
         self.class_order = DataOrder(classes.buckets, seed + 1, classes.flip, group) if classes else None
@@ -119,6 +136,7 @@ class Batches:
         time_ids = self.instances.time_ids(slots)
         dropped = (torch.rand(self.b * self.nproc, generator=generator) < self.caption_dropout)[mine]
         prompts = ["" if drop else prompt for prompt, drop in zip(prompts, dropped.tolist(), strict=True)]
+        masks = self.instances.mask_batch(slots) if self.instances.masks is not None else None
         is_prior = None
         if self.classes is not None and self.class_order is not None:
             class_slots = self.class_order.batch(k)[mine]
@@ -127,10 +145,17 @@ class Batches:
             latents, noise = torch.cat([latents, extra[0]]), torch.cat([noise, extra[1]])
             timesteps, prompts = torch.cat([timesteps, extra[2]]), prompts + extra[3]
             is_prior = torch.arange(len(prompts)) >= self.b
+            if masks is not None:  # class images train unweighted
+                masks = torch.cat([masks, torch.ones(len(class_slots), *masks.shape[1:])])
         cond = None
         if self.text_cache is not None:
             rows = torch.tensor([self.text_cache["prompts"][p] for p in prompts])
             cond = select(self.text_cache["cond"], rows.to(device))
+        weights = None
+        if masks is not None:
+            masks = torch.nn.functional.interpolate(masks, size=latents.shape[-2:], mode="area")
+            weights = objectives.mask_weights(masks, latents.shape[-2:], self.mask_floor).to(device)
+            masks = masks.to(device)
         return MicroBatch(
             latents=latents.to(device),
             time_ids=time_ids.to(device),
@@ -139,6 +164,8 @@ class Batches:
             prompts=prompts,
             cond=cond,
             is_prior=None if is_prior is None else is_prior.to(device),
+            masks=masks,
+            pixel_weights=weights,
         )
 
     def _draw(self, images: ImageSet, slots: list[tuple[int, int]], generator: torch.Generator, mine: slice):

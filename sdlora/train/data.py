@@ -22,6 +22,7 @@ class Example:
     size: tuple[int, int] | None = None  # (width, height) of the image file, from the manifest
     original_size: tuple[int, int] | None = None  # (height, width) of the source, scaled like the crop
     crop_top_left: tuple[int, int] | None = None  # (top, left) of the crop in that scaled source
+    mask: Path | None = None  # prep's soft face-and-hair mask of the image (same size), for train.masked_loss
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,14 @@ def load_examples(dataset_dir: Path, default_caption: str) -> list[Example]:
         raise UsageError(f"{dataset_dir}: dataset folder not found; run `sdlora prep PHOTOS {dataset_dir}` first")
     if (dataset_dir / MANIFEST).is_file():
         examples = [
-            Example(confined(dataset_dir, e.image), e.caption, (e.width, e.height), e.original_size, e.crop_top_left)
+            Example(
+                confined(dataset_dir, e.image),
+                e.caption,
+                (e.width, e.height),
+                e.original_size,
+                e.crop_top_left,
+                confined(dataset_dir, e.mask) if e.mask else None,
+            )
             for e in read_manifest(dataset_dir)
         ]
     else:
@@ -144,6 +152,23 @@ def load_example(example: Example, resolution: int):
         crop_top_left=(round(crop[0] * scale) + top, round(crop[1] * scale) + left),
     )
     return _to_tensor(ImageOps.fit(image, size, method=Image.Resampling.LANCZOS)), geometry
+
+
+def load_mask(example: Example, resolution: int):
+    """(1, H, W) float tensor in [0, 1]: the example's mask cut exactly as `load_example` cuts its image (scaled
+    to cover the training size, centre-cropped); all ones when the example has no mask."""
+    import numpy as np
+    import torch
+    from PIL import Image, ImageOps
+
+    from sdlora.prep.images import read_image
+
+    width, height = train_size(example, resolution)
+    if example.mask is None:
+        return torch.ones(1, height, width)
+    mask = read_image(example.mask, "mask").convert("L")
+    fitted = ImageOps.fit(mask, (width, height), method=Image.Resampling.BILINEAR)
+    return torch.from_numpy(np.asarray(fitted, dtype=np.float32) / 255.0)[None]
 
 
 def load_pixels(path: Path, resolution: int):

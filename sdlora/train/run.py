@@ -80,6 +80,7 @@ def _catch_up_samples(run: Run) -> None:
 def optimisation_step(run: Run, step: int) -> Any:
     """grad_accum micro-batches, one optimizer and LR-schedule step; returns the mean loss (on the device)."""
     from sdlora import families, objectives
+    from sdlora.train import preservation
 
     tc, accelerator, family, objective = run.config.train, run.accelerator, run.family, run.objective
     total = None
@@ -107,7 +108,9 @@ def optimisation_step(run: Run, step: int) -> Any:
                 weights=objective.weights(batch.timesteps, tc.min_snr_gamma),
                 is_prior=batch.is_prior,
                 prior_loss_weight=tc.prior_loss_weight,
+                pixel_weights=batch.pixel_weights,  # train.masked_loss; None: every pixel alike
             )
+            loss = loss + preservation.extra_loss(run, batch, noisy, pred)  # output preservation, masked prior
             accelerator.backward(loss)
             if accelerator.sync_gradients and tc.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(run.params, tc.max_grad_norm)

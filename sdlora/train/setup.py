@@ -61,9 +61,9 @@ def setup(config: Config, plan: Plan, accelerator: Any) -> Run:
 
 def setup_pipeline(config: Config, plan: Plan, accelerator: Any, pipe: Any, info: Any) -> Run:
     """setup() after the base is loaded (frozen, on the device): also what bench/train_step.py times."""
-    from sdlora import families
+    from sdlora import families, objectives
     from sdlora.lora import peft
-    from sdlora.train import checkpoint
+    from sdlora.train import checkpoint, preservation
     from sdlora.train.optim import build_optimizer, build_scheduler
 
     family = info.spec
@@ -72,6 +72,7 @@ def setup_pipeline(config: Config, plan: Plan, accelerator: Any, pipe: Any, info
     tc = config.train
     # The training objective (noise schedule), kept before sampling swaps the pipeline's scheduler.
     objective = family.objective(pipe.scheduler, accelerator.device, tc.timestep_sampling, tc.timestep_shift)
+    objective = objectives.with_bias(objective, tc.timestep_bias, tc.timestep_bias_strength)
     staged = staging.staged_parts(config, family)  # in CPU RAM, on the device only to be cached
     late = [family.denoiser] if staged else []  # the denoiser joins the device once they have left it
     with staging.visiting(pipe, staged + late if makes_class_images(config) else [], accelerator.device):
@@ -79,6 +80,7 @@ def setup_pipeline(config: Config, plan: Plan, accelerator: Any, pipe: Any, info
     attach_adapters(config, pipe, family, seed=tc.seed)
     check_sizes(config, family)
     batches = build_batches(config, plan, pipe, family, classes, accelerator, objective, staged)
+    preservation.attach(config, plan, pipe, family, batches, accelerator, staged)  # masks, output preservation
     for name in late:
         getattr(pipe, name).to(accelerator.device)
     offloaded = staged if staged else offload_frozen(config, pipe, family)
