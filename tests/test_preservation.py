@@ -111,7 +111,8 @@ def _with_lora(pipe, family, seed: int = 0) -> None:
                 parameter.requires_grad_(True)
 
 
-@pytest.mark.parametrize("family_name", ["sd1", "sdxl"])
+@pytest.mark.slow  # three tiny pipelines, loaded twice each
+@pytest.mark.parametrize("family_name", ["sd1", "sdxl", "flux"])
 def test_target_is_the_base_pipelines_prediction_bit_for_bit(family_name, tiny_models):
     """What output preservation trains towards: the LoRA pipeline's prediction for the class prompt with every
     adapter off (the text encoder's too) equals a fresh base pipeline's, bit for bit; the adapters are on again
@@ -123,7 +124,7 @@ def test_target_is_the_base_pipelines_prediction_bit_for_bit(family_name, tiny_m
     base, pipe = _pipeline(family_name, tiny_models[family_name]), _pipeline(family_name, tiny_models[family_name])
     _with_lora(pipe, family)
     generator = torch.Generator().manual_seed(3)
-    noisy = torch.randn((2, 4, 8, 8), generator=generator)
+    noisy = torch.randn((2, base.vae.config.latent_channels, 8, 8), generator=generator)
     timesteps, time_ids = torch.tensor([999, 250]), torch.tensor([[64, 64, 0, 0, 64, 64]] * 2, dtype=torch.float32)
     prompts = [class_prompt("a photo of sks person", "sks"), class_prompt("sks person, smiling", "sks")]
     with torch.no_grad():
@@ -153,6 +154,7 @@ def test_target_is_the_base_pipelines_prediction_bit_for_bit(family_name, tiny_m
     assert not any(p.requires_grad for n, p in denoiser.named_parameters() if "lora_" not in n)
 
 
+@pytest.mark.slow
 def test_adapters_off_restores_a_disabled_adapter_as_disabled(tiny_sd1):
     from sdlora import families
 

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from sdlora.cli import app
 from sdlora.prep.manifest import ManifestEntry, write_manifest
 
-pytestmark = pytest.mark.slow  # several 3-step runs; the units are in test_preservation.py and test_masked_loss.py
+pytestmark = pytest.mark.slow  # several 2-step runs; the units are in test_preservation.py and test_masked_loss.py
 
 EVERYTHING = [
     "--preservation",
@@ -60,7 +60,7 @@ def masked_set(folder: Path) -> Path:
 
 
 def train(data: Path, out: Path, base: Path, *extra: str) -> dict:
-    args = ["train", str(data), str(out), "--base", str(base), "--steps", "3", "--resolution", "64", "--rank", "4"]
+    args = ["train", str(data), str(out), "--base", str(base), "--steps", "2", "--resolution", "64", "--rank", "4"]
     args += ["--lr", "1e-3", "--checkpoint-every", "0", "--sample-every", "0", "--eval-every", "0", *extra]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output

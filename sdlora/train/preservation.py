@@ -62,7 +62,8 @@ def attach(config: Any, plan: Any, pipe: Any, family: Any, batches: Any, acceler
     prompts = {caption: class_prompt(caption, token) for caption in captions}
     cache = text_cache(config, pipe, family, list(dict.fromkeys(prompts.values())), staged, accelerator.device)
     batches.preserve = Preserver(prompts, cache, tc.preservation_weight)
-    accelerator.print(f"output preservation: {sorted(set(prompts.values()))[:3]} ... (weight {tc.preservation_weight})")
+    example = prompts[plan.examples[0].caption]
+    accelerator.print(f"output preservation: class prompts like {example!r} (weight {tc.preservation_weight:g})")
 
 
 def text_cache(
