@@ -204,7 +204,7 @@ def check_out_dir(out_dir: Path, config: dict[str, Any], resume: str | None, ove
         saved = run_settings(json.loads(saved_file.read_text(encoding="utf-8")))
     except (OSError, ValueError) as exc:
         raise UsageError(f"{saved_file}: unreadable ({exc}); pass --overwrite to start the run again") from None
-    differences = _differences(saved, run_settings(config))
+    differences = _differences(saved, run_settings(config), _defaults())
     if resume and differences:
         shown = ", ".join(differences[:3]) + (", ..." if len(differences) > 3 else "")
         raise UsageError(
@@ -218,15 +218,29 @@ def check_out_dir(out_dir: Path, config: dict[str, Any], resume: str | None, ove
         raise UsageError(f"{out_dir} already holds {what}; pass --resume latest to continue it{later} or --overwrite")
 
 
-def _differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+def _differences(a: dict[str, Any], b: dict[str, Any], defaults: dict[str, Any] | None = None) -> list[str]:
+    """The settings that differ between two runs' settings. A setting one side lacks (its run was made by an
+    earlier version, before the setting existed) counts as that version's behaviour: the default."""
+    defaults = defaults or {}
     keys = []
     for section in sorted(set(a) | set(b)):
         left, right = a.get(section, {}), b.get(section, {})
         if not isinstance(left, dict) or not isinstance(right, dict):
             keys += [section] if left != right else []
             continue
-        keys += [f"{section}.{k}" for k in sorted(set(left) | set(right)) if left.get(k) != right.get(k)]
+        fallback = defaults.get(section, {})
+        for key in sorted(set(left) | set(right)):
+            missing = object()
+            mine, theirs = left.get(key, fallback.get(key, missing)), right.get(key, fallback.get(key, missing))
+            keys += [f"{section}.{key}"] if mine != theirs else []
     return keys
+
+
+def _defaults() -> dict[str, Any]:
+    """Every setting's default, as a run's settings."""
+    from sdlora.config import Config
+
+    return run_settings(Config().model_dump(mode="json"))
 
 
 def mark_run(out_dir: Path, fresh: bool) -> None:
