@@ -49,8 +49,10 @@ def check(config: Any, examples: list[Any], word: str) -> None:
         )
 
 
-def start(config: Any, plan: Any, pipe: Any, family: Any) -> Pivotal | None:
-    """Install the new tokens (each row starting as the class word's embedding) and make their rows trainable."""
+def start(config: Any, plan: Any, pipe: Any, family: Any, accelerator: Any = None) -> Pivotal | None:
+    """Install the new tokens (each row starting as the class word's embedding) and make their rows trainable;
+    with several processes their gradients are averaged over the processes (the text encoders are not wrapped
+    for distributed training as the denoiser is)."""
     from sdlora.train import data
 
     tc = config.train
@@ -67,15 +69,27 @@ def start(config: Any, plan: Any, pipe: Any, family: Any) -> Pivotal | None:
     vectors = embeddings.class_vectors(pipe, family, class_word, len(tokens))
     installed = embeddings.install(pipe, family, embeddings.Embeddings(vectors, word, tokens))
     for rows in installed.values():
-        rows.rows.requires_grad_(True)
+        if accelerator is not None and accelerator.num_processes > 1:
+            rows.rows.register_post_accumulate_grad_hook(_averaged_over_processes(accelerator))
     until = max(1, int(tc.pivotal_fraction * tc.steps))
     return Pivotal(installed=installed, family=family, word=word, tokens=tokens, until=until)
 
 
+def _averaged_over_processes(accelerator: Any) -> Any:
+    def hook(param: Any) -> None:
+        # The mean of a sum of micro-batch gradients: averaging after each micro-batch gives the same result.
+        param.grad.copy_(accelerator.reduce(param.grad, reduction="mean"))
+
+    return hook
+
+
 def param_group(pivotal: Pivotal | None, config: Any) -> list[dict[str, Any]]:
-    """The optimizer group of the new rows (empty without pivotal tuning)."""
+    """The optimizer group of the new rows, which become trainable now: after the text-encoder LoRA groups are
+    made, so that those (all trainable parameters of an encoder) leave them out; [] without pivotal tuning."""
     if pivotal is None:
         return []
+    for param in pivotal.params:
+        param.requires_grad_(True)
     return [{"params": pivotal.params, "lr": config.train.pivotal_learning_rate}]
 
 

@@ -79,7 +79,7 @@ def setup_pipeline(config: Config, plan: Plan, accelerator: Any, pipe: Any, info
         classes = class_images(config, plan, pipe, accelerator)
     attach_adapters(config, pipe, family, seed=tc.seed)
     check_sizes(config, family)
-    pivotal_run = pivotal.start(config, plan, pipe, family)  # new trigger tokens, before any text is cached
+    pivotal_run = pivotal.start(config, plan, pipe, family, accelerator)  # new trigger tokens, before text caching
     batches = build_batches(config, plan, pipe, family, classes, accelerator, objective, staged)
     for name in late:
         getattr(pipe, name).to(accelerator.device)
@@ -245,6 +245,7 @@ def offload_frozen(config: Config, pipe: Any, family: Any) -> list[str]:
     if not config.train.offload:
         return []
     trained = trained_text_encoders(config, pipe, family)
+    trained |= dict(family.embedding_keys) if config.train.pivotal else {}  # they encode afresh while rows train
     names = [name for name in family.text_encoders if name not in trained]
     names += ["vae"] if config.train.cache_latents else []
     for name in names:
