@@ -194,6 +194,7 @@ TRAIN_OPTIONS = {
     "eval_every": "train.eval_every",
     "seed": "train.seed",
     "overwrite": "train.overwrite",
+    "pivotal": "train.pivotal",
 }
 
 EVAL_OPTIONS = {
@@ -402,6 +403,9 @@ def train(
     seed: Annotated[int | None, typer.Option(help="Seed of data order, noise and LoRA init [0].")] = None,
     allow_pickle: Annotated[bool | None, typer.Option("--allow-pickle", help="Allow .ckpt/.pt/.bin bases.")] = None,
     overwrite: Annotated[bool | None, typer.Option("--overwrite", help="Replace a run already in OUT_DIR.")] = None,
+    pivotal: Annotated[
+        bool | None, typer.Option("--pivotal", help="Pivotal tuning: new trigger tokens train too.")
+    ] = None,
     quantize: QuantizeOpt = None,
     sets: SetOpt = None,
 ) -> None:

@@ -245,6 +245,20 @@ class TrainConfig(Section):
     timestep_bias_strength: float = Field(
         1.0, ge=0, le=100, description="s of timestep_bias: 0 no skew, 1 density 2u (mean 2/3 with 'high')."
     )
+    pivotal: bool = Field(
+        False,
+        description="Pivotal tuning: new tokens stand for the trigger word in the CLIP text encoders, and only their "
+        "embedding rows train (beside the LoRA) for the first train.pivotal_fraction of the steps; written as "
+        "NAME_emb.safetensors (A1111/ComfyUI: write NAME_emb / embedding:NAME_emb in prompts) and inside the "
+        "diffusers file.",
+    )
+    pivotal_tokens: int = Field(
+        2, ge=1, le=16, description="New tokens for the trigger word (<s0><s1>...), each starting as the class word."
+    )
+    pivotal_learning_rate: float = Field(3e-4, gt=0, le=10, description="Learning rate of the new tokens' rows.")
+    pivotal_fraction: float = Field(
+        0.5, gt=0, le=1, description="Share of the steps in which the new tokens train; then they are frozen."
+    )
 
     _check_resolution = field_validator("resolution")(_multiple_of_8)
 

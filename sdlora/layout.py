@@ -48,5 +48,10 @@ def kohya_file(name: str) -> str:
     return f"{name}.safetensors"
 
 
+def embedding_file(name: str) -> str:
+    """Pivotal tuning's embedding file of a run called `name` (A1111/ComfyUI load it as the embedding `NAME_emb`)."""
+    return f"{name}_emb.safetensors"
+
+
 def sample_grid(step: int) -> str:
     return f"step-{step:06d}.png"

@@ -36,6 +36,9 @@ class Family(Protocol):
     size_multiple: int  # training and image sides must be multiples of this (Flux: 16, for its 2x2 packing)
     stage_frozen: bool  # frozen text encoders and VAE stay in CPU RAM and visit the device only to be cached
     comfyui_diffusers_file: bool  # diffusers file written for ComfyUI too (lora.peft.save_diffusers for_comfyui)
+    # Pivotal tuning: (text encoder attribute, key of its vectors in an embedding file as A1111/ComfyUI read it) for
+    # each CLIP encoder that gets the new trigger tokens ("clip_l", "clip_g", SD 2.x's "clip_h"); () for none.
+    embedding_keys: tuple[tuple[str, str], ...]
 
     def claims(self, pipe: Any) -> bool:
         """True when the loaded pipeline is of this family (read from its config, never its name)."""

@@ -76,6 +76,9 @@ class Flux:
     kohya_implementation: str = "https://github.com/black-forest-labs/flux"
     kohya_versions: tuple[str, ...] = ("flux1", "flux")
     modelspec_prefix: str = "flux-1"
+    # No pivotal tuning (train.pivotal refuses Flux.1): only CLIP-L could take new tokens (T5 is never trained), and
+    # it gives the transformer just one pooled vector while the prompt's words reach it through T5.
+    embedding_keys: tuple[tuple[str, str], ...] = ()
     samplers: tuple[str, ...] = ("flow_euler",)
     guidance_label: str | None = "Distilled CFG Scale"  # Forge's name for the guidance embedding's value
     size_multiple: int = 16  # 8x VAE, then 2x2 patches

@@ -124,6 +124,7 @@ class StableDiffusion(UNetFamily):
     supports_refiner: bool = False
     vae_fp32: bool = False
     kohya_implementation: str = "diffusers"
+    embedding_keys: tuple[tuple[str, str], ...] = (("text_encoder", "clip_l"),)
 
     @property
     def kohya_versions(self) -> tuple[str, ...]:
@@ -200,4 +201,11 @@ class StableDiffusion(UNetFamily):
 
 
 SD1 = StableDiffusion(name="sd1", label="SD 1.x", v2=False, text_width=768, modelspec_prefix="stable-diffusion-v1")
-SD2 = StableDiffusion(name="sd2", label="SD 2.x", v2=True, text_width=1024, modelspec_prefix="stable-diffusion-v2")
+SD2 = StableDiffusion(
+    name="sd2",
+    label="SD 2.x",
+    v2=True,
+    text_width=1024,
+    modelspec_prefix="stable-diffusion-v2",
+    embedding_keys=(("text_encoder", "clip_h"),),  # OpenCLIP ViT-H: ComfyUI's SD 2.x key
+)

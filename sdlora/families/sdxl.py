@@ -36,6 +36,7 @@ class StableDiffusionXL(UNetFamily):
     kohya_implementation: str = "https://github.com/Stability-AI/generative-models"
     kohya_versions: tuple[str, ...] = ("sdxl",)
     modelspec_prefix: str = "stable-diffusion-xl"
+    embedding_keys: tuple[tuple[str, str], ...] = (("text_encoder", "clip_l"), ("text_encoder_2", "clip_g"))
 
     def claims(self, pipe: Any) -> bool:
         config = getattr(getattr(pipe, "unet", None), "config", None)

@@ -154,6 +154,8 @@ def generate(config: Config, out_dir: Path) -> list[Path]:
 
 def _generate(config: Config, jobs: list[Job], loras: list[Lora], source: Source | None, writer: Writer) -> list[Path]:
     """Load the base and LoRAs, render (the base model first with --compare), stream the images, then the sheets."""
+    from sdlora.lora import embeddings
+
     g = config.generate
     pipe, family, adapters = load_for_rendering(config.model, loras)
     config = families.with_defaults(config, family, pipe)  # Flux: 28 steps, guidance 3.5, flow-matching Euler
@@ -175,9 +177,11 @@ def _generate(config: Config, jobs: list[Job], loras: list[Lora], source: Source
     base_images = None
     if g.compare:
         runner.disable_lora()  # the same weights with the adapters off: no second copy of the model
+        embeddings.set_enabled(pipe, family, False)  # and the trigger word a plain word (pivotal tuning's tokens)
         base_images = _finish(
             _render(runner, jobs, g, call, "base model", config.model.max_sequence_length)[0], refiner, jobs, g, source
         )
+        embeddings.set_enabled(pipe, family, True)
         runner.enable_lora()
     if g.fuse and adapters:
         runner.fuse_lora(adapter_names=adapters, lora_scale=1.0)  # keeps the scales set_adapters gave

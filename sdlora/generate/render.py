@@ -209,6 +209,7 @@ def load_for_rendering(model: ModelConfig, loras: Sequence[Lora]) -> tuple[Any, 
     """The base pipeline on the device in the one inference precision, with every LoRA checked against its family
     and loaded as an adapter: what `generate` and `eval` render with. Returns (pipe, family, adapter names)."""
     from sdlora import families, models
+    from sdlora.lora import embeddings
     from sdlora.lora.files import check_family, load_loras
 
     pipe = models.load_base(model, models.inference_dtype())
@@ -217,5 +218,6 @@ def load_for_rendering(model: ModelConfig, loras: Sequence[Lora]) -> tuple[Any, 
         check_family(lora, family, pipe)
     pipe.to(models.device())
     adapters = load_loras(pipe, list(loras))
+    embeddings.load_for_loras(pipe, family, list(loras))  # pivotal tuning's trigger tokens, found with the LoRA
     pipe.set_progress_bar_config(disable=True)
     return pipe, family, adapters

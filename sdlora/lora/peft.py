@@ -43,7 +43,12 @@ def peft_state(model: Any) -> dict[str, Any]:
 
 
 def save_diffusers(
-    path: Path, pipeline_cls: Any, models: dict[str, Any], header: dict[str, str], for_comfyui: bool = False
+    path: Path,
+    pipeline_cls: Any,
+    models: dict[str, Any],
+    header: dict[str, str],
+    for_comfyui: bool = False,
+    extra: dict[str, Any] | None = None,
 ) -> None:
     """Write `path` with diffusers' save_lora_weights (+ adapter metadata), then add our `header` keys to the
     safetensors metadata beside diffusers' own; atomic. `models`: the adapted models by pipeline attribute
@@ -52,7 +57,8 @@ def save_diffusers(
     `for_comfyui`: also readable by ComfyUI, which reads Flux's diffusers keys: each layer's alpha as a `.alpha`
     tensor instead of the adapter metadata (ComfyUI scales by alpha / rank only with them, by 1 otherwise;
     diffusers takes one or the other and reads both to the same model), and text-encoder keys under the
-    transformers-4 CLIP path (`text_encoder.text_model.encoder...`: ComfyUI knows only that one, diffusers both)."""
+    transformers-4 CLIP path (`text_encoder.text_model.encoder...`: ComfyUI knows only that one, diffusers both).
+    `extra`: more tensors for the file (pivotal tuning's embeddings, under keys diffusers' loader skips)."""
     import torch
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
@@ -81,7 +87,7 @@ def save_diffusers(
         written = Path(tmp) / DIFFUSERS_FILE
         with safe_open(str(written), framework="pt") as handle:
             metadata = dict(handle.metadata() or {})
-        tensors = load_file(str(written)) | alphas
+        tensors = load_file(str(written)) | alphas | (extra or {})
     metadata.update(header)
     with atomic_path(path) as tmp_path:
         save_file(tensors, str(tmp_path), metadata=metadata)

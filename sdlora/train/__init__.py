@@ -79,13 +79,14 @@ def preflight(config: Config, dataset_dir: Path, out_dir: Path) -> Plan:
     from sdlora.models import check_base, device_facts
     from sdlora.preflight import check_output_dir
     from sdlora.prep.images import check_images
-    from sdlora.train import checkpoint, data, preservation, prior
+    from sdlora.train import checkpoint, data, pivotal, preservation, prior
     from sdlora.train.optim import check_optimizer
 
     check_base(config.model.base, config.model.allow_pickle, config.model.single_file_config)
     token, class_word = data.trigger_parts(dataset_dir, config.prep.token, config.prep.class_word)
     caption = config.prep.caption_template.format(token=token, class_word=class_word)
     examples = data.load_examples(dataset_dir, default_caption=caption)
+    pivotal.check(config, examples, token)  # the captions name the trigger word its new tokens stand for
     check_images([e.image for e in examples])  # headers only: a damaged image fails now, not after the model loads
     prior.check_class_dir(config.train.class_dir)
     preservation.check(config, examples, dataset_dir)  # train.masked_loss needs prep's masks

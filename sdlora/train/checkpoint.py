@@ -34,6 +34,7 @@ RESUMABLE_KEYS = {
     "learning_rate",
     "text_encoder_learning_rate",
     "text_encoder_2_learning_rate",
+    "pivotal_learning_rate",
     "compile",  # speed only
 }
 RESUMABLE_SECTIONS = {"generate", "eval"}  # sampling settings of sample grids and identity scoring; scoring

@@ -17,6 +17,7 @@ def save_loras(run: Any, folder: Path, *, unwrap_for_good: bool) -> tuple[Path, 
     import torch
 
     from sdlora.lora import kohya, peft
+    from sdlora.train import pivotal
 
     unwrap = run.accelerator.unwrap_model
     denoiser = unwrap(run.denoiser, keep_fp32_wrapper=not unwrap_for_good)
@@ -30,7 +31,9 @@ def save_loras(run: Any, folder: Path, *, unwrap_for_good: bool) -> tuple[Path, 
     }
     diffusers_file = Path(folder) / layout.DIFFUSERS_LORA
     models = {run.family.denoiser: denoiser} | encoders
-    peft.save_diffusers(diffusers_file, type(run.pipe), models, header, for_comfyui=run.family.comfyui_diffusers_file)
+    extra, more = pivotal.save(getattr(run, "pivotal", None), folder, run.plan.name, header)  # NAME_emb.safetensors
+    comfyui = run.family.comfyui_diffusers_file
+    peft.save_diffusers(diffusers_file, type(run.pipe), models, header | more, for_comfyui=comfyui, extra=extra)
     lc, tc = run.config.lora, run.config.train
     metadata = kohya.build_metadata(
         run.info,

@@ -80,17 +80,19 @@ def _catch_up_samples(run: Run) -> None:
 def optimisation_step(run: Run, step: int) -> Any:
     """grad_accum micro-batches, one optimizer and LR-schedule step; returns the mean loss (on the device)."""
     from sdlora import families, objectives
-    from sdlora.train import preservation
+    from sdlora.train import pivotal, preservation
 
     tc, accelerator, family, objective = run.config.train, run.accelerator, run.family, run.objective
+    pivotal.before_step(run, step)
     total = None
     for micro in range(tc.grad_accum):
         batch = run.batches.micro_batch(step * tc.grad_accum + micro, accelerator.device)
         encoders = list(run.text_encoders.values())
         with accelerator.accumulate(run.denoiser, *encoders):
             cond = batch.cond
-            if run.text_encoders:  # they train: encode with gradients; a frozen one's part may be cached (T5)
-                cached, trained = cond or {}, run.text_encoders
+            trained = pivotal.training_encoders(run, step) | run.text_encoders  # + those whose new tokens train
+            if trained:  # they train: encode with gradients; a frozen one's part may be cached (T5)
+                cached = cond or {}
                 every = [
                     trained[n] if n in trained else None if cached else getattr(run.pipe, n)
                     for n in family.text_encoders

@@ -32,6 +32,7 @@ class Run:
     objective: Any  # sdlora.objectives: timesteps, noising, targets and loss weights of the family
     start_step: int
     offloaded: list[str] = field(default_factory=list)  # frozen pipeline parts moved to the CPU after caching
+    pivotal: Any = None  # sdlora.train.pivotal.Pivotal with train.pivotal, else None
     started_at: float = field(default_factory=time.time)
 
 
@@ -63,7 +64,7 @@ def setup_pipeline(config: Config, plan: Plan, accelerator: Any, pipe: Any, info
     """setup() after the base is loaded (frozen, on the device): also what bench/train_step.py times."""
     from sdlora import families, objectives
     from sdlora.lora import peft
-    from sdlora.train import checkpoint, preservation
+    from sdlora.train import checkpoint, pivotal, preservation
     from sdlora.train.optim import build_optimizer, build_scheduler
 
     family = info.spec
@@ -79,6 +80,7 @@ def setup_pipeline(config: Config, plan: Plan, accelerator: Any, pipe: Any, info
         classes = class_images(config, plan, pipe, accelerator)
     attach_adapters(config, pipe, family, seed=tc.seed)
     check_sizes(config, family)
+    pivotal_run = pivotal.start(config, plan, pipe, family, accelerator)  # new trigger tokens, before text caching
     batches = build_batches(config, plan, pipe, family, classes, accelerator, objective, staged)
     preservation.attach(config, plan, pipe, family, batches, accelerator, staged)  # masks, output preservation
     for name in late:
@@ -93,6 +95,7 @@ def setup_pipeline(config: Config, plan: Plan, accelerator: Any, pipe: Any, info
     groups = [{"params": peft.trainable_parameters(denoiser), "lr": tc.learning_rate}]
     for name, encoder in encoders.items():
         groups.append({"params": peft.trainable_parameters(encoder), "lr": text_encoder_lr(tc, name)})
+    groups += pivotal.param_group(pivotal_run, config)
     params = [p for g in groups for p in g["params"]]
     optimizer = build_optimizer(groups, tc.optimizer, tc.weight_decay, fused=accelerator.device.type == "cuda")
     lr_scheduler = build_scheduler(optimizer, tc.steps, tc.warmup_steps, tc.lr_scheduler)
@@ -103,6 +106,7 @@ def setup_pipeline(config: Config, plan: Plan, accelerator: Any, pipe: Any, info
     start_step = 0
     if plan.resume_from is not None:
         start_step = resume_state(accelerator, plan.resume_from, optimizer, lr_scheduler, [g["lr"] for g in groups])
+        pivotal.resume(pivotal_run, plan.resume_from, plan.name)
     write_run_files(given, plan, accelerator)
     return Run(
         config=config,
@@ -120,6 +124,7 @@ def setup_pipeline(config: Config, plan: Plan, accelerator: Any, pipe: Any, info
         objective=objective,
         start_step=start_step,
         offloaded=offloaded,
+        pivotal=pivotal_run,
     )
 
 
@@ -242,6 +247,7 @@ def offload_frozen(config: Config, pipe: Any, family: Any) -> list[str]:
     if not config.train.offload:
         return []
     trained = trained_text_encoders(config, pipe, family)
+    trained |= dict(family.embedding_keys) if config.train.pivotal else {}  # they encode afresh while rows train
     names = [name for name in family.text_encoders if name not in trained]
     names += ["vae"] if config.train.cache_latents else []
     for name in names:
