@@ -36,9 +36,13 @@ class Setting:
     text_encoder: bool  # LoRA on the text encoder too
     rank: int = 8
     lr: float = 3e-3
+    options: tuple[tuple[str, Any], ...] = ()  # more sdlora settings ("train.masked_loss", True), ...
+    label: str = ""  # the cell's name in tables and plots (default: its prior/te/rank/lr)
 
     @property
     def name(self) -> str:
+        if self.label:
+            return self.label
         on = {True: "on", False: "off"}
         return f"prior={on[self.prior]} te={on[self.text_encoder]} r{self.rank} lr{self.lr:g}"
 
@@ -61,7 +65,29 @@ REDUCED = [Setting(p, t) for p in (False, True) for t in (False, True)]
 # to real models, ranks and on/off choices may); `full` adds the second learning rate.
 DEFAULT = [Setting(p, t, r) for p in (False, True) for t in (False, True) for r in (4, 16)]
 FULL = [Setting(p, t, r, lr) for p in (False, True) for t in (False, True) for r in (4, 16) for lr in (1e-3, 3e-3)]
-GRIDS = {"reduced": REDUCED, "default": DEFAULT, "full": FULL}
+
+
+def _method(label: str, prior: bool = False, text_encoder: bool = False, **options: Any) -> Setting:
+    """A cell of the methods grid: the plain LoRA (the smoke test's rank 16, lr 3e-3) plus one method's settings
+    (keyword names: section__key, e.g. train__masked_loss=True)."""
+    pairs = tuple((k.replace("__", "."), v) for k, v in options.items())
+    return Setting(prior, text_encoder, rank=16, lr=3e-3, options=pairs, label=label)
+
+
+# Every likeness method alone against the plain LoRA (issue 18); lr and strengths at the toy world's scale.
+METHODS = [
+    _method("plain"),
+    _method("class_images", prior=True),
+    _method("output", train__preservation="output"),
+    _method("masked", train__masked_loss=True),
+    _method("masked+prior", train__masked_loss=True, train__mask_prior_weight=1.0),
+    _method("pivotal", train__pivotal=True, train__pivotal_learning_rate=3e-3),
+    _method("timestep_high", train__timestep_bias="high"),
+    _method("flip", train__flip=True),
+    _method("caption_dropout", train__caption_dropout=0.1),
+    _method("text_encoder", text_encoder=True),
+]
+GRIDS = {"reduced": REDUCED, "default": DEFAULT, "full": FULL, "methods": METHODS}
 
 
 # ----------------------------------------------------------------------------------------------- inputs
@@ -122,6 +148,7 @@ def make_config(base_dir: Path, setting: Setting, scale: Scale, class_dir: Path 
         "generate.size": f"{world.SIZE}x{world.SIZE}",
         "generate.seed": 1000,
     }
+    options.update(dict(setting.options))
     return load(None, options)
 
 
@@ -219,7 +246,9 @@ def run_subject(base_dir: Path, subject: world.Identity, setting: Setting, scale
         if step not in scale.checkpoints:
             continue
         metrics = score(render_prompts(config, lora, work / f"images-{step}"), subject)
-        rows.append({"setting": setting.name, **asdict(setting), "step": step, "train_s": round(train_s), **metrics})
+        row = {"setting": setting.name, **asdict(setting), "step": step, "train_s": round(train_s), **metrics}
+        row["options"] = dict(setting.options)
+        rows.append(row)
     return rows
 
 
@@ -353,9 +382,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: fastest on a shared 2-core box)")
     parser.add_argument("--rank", type=int, help="only the grid's settings of this rank")
     parser.add_argument("--lr", type=float, help="only the grid's settings of this learning rate")
+    parser.add_argument("--only", nargs="+", help="only the grid's settings of these names (e.g. plain masked)")
     args = parser.parse_args(argv)
     settings = [
-        s for s in GRIDS[args.grid] if args.rank in (None, s.rank) and (args.lr is None or math.isclose(s.lr, args.lr))
+        s
+        for s in GRIDS[args.grid]
+        if args.rank in (None, s.rank)
+        and (args.lr is None or math.isclose(s.lr, args.lr))
+        and (not args.only or s.name in args.only)
     ]
     if not settings:
         parser.error(f"no setting of the {args.grid} grid has rank {args.rank} and lr {args.lr}")
