@@ -7,7 +7,8 @@ the parent alternates them step by step (baseline, sdlora, baseline, sdlora, ...
 machine hits both. Variants:
 
 - `sdlora`: `sdlora.train.setup.setup_pipeline` + `run.optimisation_step` exactly as `sdlora train` runs them (cached
-  latents and text embeddings, no per-step host sync).
+  latents and text embeddings, no per-step host sync), on the model built in memory; with `--anchor-script`, on
+  the saved folder the script loads, through `setup.load_base` as `sdlora train --base FOLDER` loads it.
 - `baseline`: per step what diffusers' examples/dreambooth/train_dreambooth_lora.py does: load and transform the
   batch's images, tokenize, VAE-encode (posterior sample), text-encoder forward, UNet forward/backward on fp32
   LoRA (targets to_q/k/v/out.0), clip, AdamW, LR scheduler, `loss.item()`.
@@ -91,8 +92,9 @@ def sdlora_worker(opts: argparse.Namespace, levers: list[str], work: Path, timin
 
     precision = accelerate_precision(opts.precision)
     flux = anchor.is_flux(opts.model)
+    base = str(opts.anchor_model) if opts.anchor_model else f"bench:{opts.model}"
     config = Config(
-        model={"base": f"bench:{opts.model}"} | ({"max_sequence_length": opts.tokens} if flux else {}),
+        model={"base": base} | ({"max_sequence_length": opts.tokens} if flux else {}),
         lora={"rank": opts.rank, "alpha": opts.rank, "targets": "attention"},
         train={
             # Flux: the diffusers script's settings (its default weighting "none" draws uniform timesteps).
@@ -120,11 +122,14 @@ def sdlora_worker(opts: argparse.Namespace, levers: list[str], work: Path, timin
         name="bench",
     )
     accelerator = setup.make_accelerator(config, precision)
-    pipe = build_pipeline(opts.model, device=opts.device)
-    if opts.precision != "fp32":
-        pipe.to(dtype=weight_dtype(opts.precision))  # what load_base's torch_dtype does
-    info = model_info(pipe)
-    setup.place_base(pipe, info, accelerator)
+    if opts.anchor_model:  # the folder the script loads, as `sdlora train --base FOLDER` loads it
+        pipe, info = setup.load_base(config, accelerator, weight_dtype(opts.precision))
+    else:
+        pipe = build_pipeline(opts.model, device=opts.device)
+        if opts.precision != "fp32":
+            pipe.to(dtype=weight_dtype(opts.precision))  # what load_base's torch_dtype does
+        info = model_info(pipe)
+        setup.place_base(pipe, info, accelerator)
     started = time.perf_counter()
     state = setup.setup_pipeline(config, plan, accelerator, pipe, info)
     timings["setup_pipeline_s"] = time.perf_counter() - started
