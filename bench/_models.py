@@ -1,5 +1,6 @@
-"""The real SD 1.5 / SDXL architectures from their published configs with random weights (no download), and the
-tiny test model: what the benchmark scripts run on. Speed and memory do not depend on the weights' values."""
+"""The real SD 1.5 / SDXL architectures from their published configs with random weights (no download), a
+reduced-depth Flux.1 with the real widths, and the tiny test models: what the benchmark scripts run on. Speed and
+memory do not depend on the weights' values."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-MODELS = ("tiny", "tiny-sdxl", "sd15", "sdxl")
+MODELS = ("tiny", "tiny-sdxl", "tiny-flux", "sd15", "sdxl", "flux")
 
 # Published configs (stable-diffusion-v1-5 and stabilityai/stable-diffusion-xl-base-1.0), typed in.
 SD15_UNET = dict(
@@ -45,19 +46,49 @@ VAE = dict(
     layers_per_block=2,
     latent_channels=4,
 )
+# Flux.1's autoencoder (FLUX.1-dev vae/config.json): 16 latent channels, no quant convs, shift and scale.
+FLUX_VAE = dict(
+    block_out_channels=(128, 256, 512, 512),
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    layers_per_block=2,
+    latent_channels=16,
+    sample_size=1024,
+    shift_factor=0.1159,
+    scaling_factor=0.3611,
+    use_quant_conv=False,
+    use_post_quant_conv=False,
+)
+# T5-XXL v1.1 (FLUX.1-dev text_encoder_2/config.json) at FLUX_DEPTH's T5 depth: the real widths and vocabulary.
+T5_XXL = dict(
+    vocab_size=32128,
+    d_model=4096,
+    d_kv=64,
+    d_ff=10240,
+    num_heads=64,
+    feed_forward_proj="gated-gelu",
+    decoder_start_token_id=0,
+    pad_token_id=0,
+    eos_token_id=1,
+)
+FLUX_DEPTH = {"double": 1, "single": 2, "t5": 2}  # the `flux` model: reduced depth (FLUX.1-dev: 19, 38, 24)
 SCHEDULER = dict(
     beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000, steps_offset=1
 )
 
 
 def native_resolution(model: str) -> int:
-    return {"tiny": 64, "tiny-sdxl": 64, "sd15": 512, "sdxl": 1024}[model]
+    return {"tiny": 64, "tiny-sdxl": 64, "tiny-flux": 64, "sd15": 512, "sdxl": 1024, "flux": 1024}[model]
 
 
 def build_pipeline(model: str, seed: int = 0, device: str = "cpu") -> Any:
     """A diffusers pipeline of `model` with random weights, built in fp32 directly on `device`."""
     import torch
 
+    if model == "tiny-flux":
+        from sdlora.testing import tiny_flux_pipeline
+
+        return tiny_flux_pipeline(seed=seed)
     if model.startswith("tiny"):
         from sdlora.testing import build_tiny_pipeline
 
@@ -66,7 +97,7 @@ def build_pipeline(model: str, seed: int = 0, device: str = "cpu") -> Any:
         raise SystemExit(f"--model {model!r}: choose one of {', '.join(MODELS)}")
     torch.manual_seed(seed)
     with torch.device(device):  # random init on the GPU is seconds instead of minutes for SDXL
-        return _build_sdxl() if model == "sdxl" else _build_sd15()
+        return {"sdxl": _build_sdxl, "flux": lambda: _build_flux(device)}.get(model, _build_sd15)()
 
 
 def _tokenizer(pad_token: str = "<|endoftext|>") -> Any:
@@ -105,6 +136,26 @@ def _build_sdxl() -> Any:
         tokenizer_2=_tokenizer(pad_token="!"),
         unet=UNet2DConditionModel(**SDXL_UNET),
         scheduler=EulerDiscreteScheduler(**SCHEDULER, timestep_spacing="leading"),
+    )
+
+
+def _build_flux(device: str) -> Any:
+    """FLUX.1-dev's widths at FLUX_DEPTH: transformer (hidden 3072 = 24 heads x 128), CLIP-L, T5-XXL, the real AE;
+    the tokenizers are the real CLIP BPE and sdlora.testing's small offline T5 vocabulary (ids within T5's)."""
+    from diffusers import AutoencoderKL, FluxPipeline
+    from flux_models import flux_transformer
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from sdlora.testing import flux_scheduler, t5_tokenizer
+
+    return FluxPipeline(
+        scheduler=flux_scheduler(),
+        vae=AutoencoderKL(**FLUX_VAE),
+        text_encoder=CLIPTextModel(CLIPTextConfig(**CLIP_L, **CLIP_COMMON)),
+        tokenizer=_tokenizer(),
+        text_encoder_2=T5EncoderModel(T5Config(**T5_XXL, num_layers=FLUX_DEPTH["t5"])),
+        tokenizer_2=t5_tokenizer(),
+        transformer=flux_transformer(FLUX_DEPTH["double"], FLUX_DEPTH["single"], device=device),
     )
 
 

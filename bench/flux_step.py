@@ -7,8 +7,8 @@ cached text embeddings and latents, as `sdlora train` steps after its set-up.
     ... --quantize nf4 --gradient-checkpointing --optimizer adamw8bit                                   (QLoRA)
 
 Peak memory: `torch.cuda.max_memory_allocated` on a GPU (model, LoRA, optimizer and activations), the process's
-peak RSS on the CPU. No figure here compares with diffusers' train_dreambooth_lora_flux.py: that script needs
-torchvision, which our CPU stack does not have.
+peak RSS on the CPU. The comparison with diffusers' train_dreambooth_lora_flux.py (sdlora's whole trainer against
+the real script, alternated) is `bench/train_step.py --model flux --anchor-script PATH`.
 """
 
 from __future__ import annotations

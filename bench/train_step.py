@@ -7,7 +7,8 @@ the parent alternates them step by step (baseline, sdlora, baseline, sdlora, ...
 machine hits both. Variants:
 
 - `sdlora`: `sdlora.train.setup.setup_pipeline` + `run.optimisation_step` exactly as `sdlora train` runs them (cached
-  latents and text embeddings, no per-step host sync).
+  latents and text embeddings, no per-step host sync), on the model built in memory; with `--anchor-script`, on
+  the saved folder the script loads, through `setup.load_base` as `sdlora train --base FOLDER` loads it.
 - `baseline`: per step what diffusers' examples/dreambooth/train_dreambooth_lora.py does: load and transform the
   batch's images, tokenize, VAE-encode (posterior sample), text-encoder forward, UNet forward/backward on fp32
   LoRA (targets to_q/k/v/out.0), clip, AdamW, LR scheduler, `loss.item()`.
@@ -16,8 +17,8 @@ machine hits both. Variants:
   model, SDXL included, whose text conditioning sdlora's trainer does not build yet): the memory row of gpu.sh.
 
 `--anchor-script PATH` replaces the baseline by the real diffusers script (a checkout of
-examples/dreambooth/train_dreambooth_lora.py; it needs torchvision): it runs twice, with W+1 and W+1+N steps,
-and the step time is the difference over N.
+examples/dreambooth/train_dreambooth_lora.py, or train_dreambooth_lora_flux.py with `--model flux`; it needs
+torchvision), run unchanged in a worker of its own and alternated step by step like the others (bench/anchor.py).
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _models import build_pipeline, native_resolution, write_dataset  # noqa: E402
+import anchor  # noqa: E402
+from _models import MODELS, build_pipeline, native_resolution, write_dataset  # noqa: E402
 
 TAG = "@@bench "  # the worker's answers to the parent, among whatever libraries print
 CAPTION = "a photo of sks person"
@@ -80,18 +82,23 @@ def reset_peak(device: str) -> None:
         Path("/proc/self/clear_refs").write_text("5")  # "5" resets the RSS high-water mark (Linux)
 
 
-def sdlora_worker(opts: argparse.Namespace, levers: list[str], work: Path):
-    """Set up sdlora's trainer on an in-memory pipeline; returns step(k)."""
+def sdlora_worker(opts: argparse.Namespace, levers: list[str], work: Path, timings: dict[str, float]):
+    """Set up sdlora's trainer on an in-memory pipeline; returns step(k). `timings` gets setup_pipeline's seconds
+    (LoRA, latent and text caches, optimizer: the set-up after the base is in memory)."""
     from sdlora.config import Config
     from sdlora.models import model_info
     from sdlora.train import Plan, run, setup
     from sdlora.train.data import load_examples
 
     precision = accelerate_precision(opts.precision)
+    flux = anchor.is_flux(opts.model)
+    base = str(opts.anchor_model) if opts.anchor_model else f"bench:{opts.model}"
     config = Config(
-        model={"base": f"bench:{opts.model}"},
+        model={"base": base} | ({"max_sequence_length": opts.tokens} if flux else {}),
         lora={"rank": opts.rank, "alpha": opts.rank, "targets": "attention"},
         train={
+            # Flux: the diffusers script's settings (its default weighting "none" draws uniform timesteps).
+            **({"guidance": 1.0, "timestep_sampling": "uniform"} if flux else {}),
             "resolution": opts.resolution,
             "batch_size": opts.batch,
             "mixed_precision": precision,
@@ -115,12 +122,17 @@ def sdlora_worker(opts: argparse.Namespace, levers: list[str], work: Path):
         name="bench",
     )
     accelerator = setup.make_accelerator(config, precision)
-    pipe = build_pipeline(opts.model, device=opts.device)
-    if opts.precision != "fp32":
-        pipe.to(dtype=weight_dtype(opts.precision))  # what load_base's torch_dtype does
-    info = model_info(pipe)
-    setup.place_base(pipe, info, accelerator)
+    if opts.anchor_model:  # the folder the script loads, as `sdlora train --base FOLDER` loads it
+        pipe, info = setup.load_base(config, accelerator, weight_dtype(opts.precision))
+    else:
+        pipe = build_pipeline(opts.model, device=opts.device)
+        if opts.precision != "fp32":
+            pipe.to(dtype=weight_dtype(opts.precision))  # what load_base's torch_dtype does
+        info = model_info(pipe)
+        setup.place_base(pipe, info, accelerator)
+    started = time.perf_counter()
     state = setup.setup_pipeline(config, plan, accelerator, pipe, info)
+    timings["setup_pipeline_s"] = time.perf_counter() - started
     apply_levers(state, levers)
 
     def step(k: int) -> None:
@@ -304,9 +316,13 @@ def worker_main(opts: argparse.Namespace) -> None:
     torch.manual_seed(0)
     started = time.perf_counter()
     name, _, lever_text = opts.worker.partition(":")
+    levers, timings = [x for x in lever_text.split("+") if x], {}
+    if name == "anchor":  # the script's own loop drives; the answers come from its hooks
+        anchor.run_worker(opts, levers, Path(tempfile.mkdtemp(prefix="bench-anchor-")), CAPTION, sys.modules[__name__])
+        return
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         if name == "sdlora":
-            step = sdlora_worker(opts, [x for x in lever_text.split("+") if x], Path(tmp))
+            step = sdlora_worker(opts, levers, Path(tmp), timings)
         elif name == "baseline":
             step = baseline_worker(opts, Path(tmp))
         elif name == "unet":
@@ -315,18 +331,16 @@ def worker_main(opts: argparse.Namespace) -> None:
             raise SystemExit(f"unknown variant {opts.worker!r}")
         setup_peak = memory(opts.device)
         reset_peak(opts.device)
-        answer({"ready": True, "setup_s": time.perf_counter() - started, "setup_peak_gb": setup_peak})
-        for line in sys.stdin:
-            command = line.split()
-            if command[0] == "step":
-                wall, cpu = timed(step, int(command[1]), opts.device)
-                answer({"seconds": wall, "cpu_seconds": cpu})
-            elif command[0] == "stats":
-                step_peak = memory(opts.device)
-                whole = max(process_peak(opts.device), setup_peak, step_peak)  # two counters, take the larger
-                answer({"step_peak_gb": step_peak, "process_peak_gb": whole})
-            else:
-                break
+        answer({"ready": True, "setup_s": time.perf_counter() - started, "setup_peak_gb": setup_peak} | timings)
+
+        def stats() -> dict:
+            step_peak = memory(opts.device)
+            whole = max(process_peak(opts.device), setup_peak, step_peak)  # two counters, take the larger
+            return {"step_peak_gb": step_peak, "process_peak_gb": whole}
+
+        for k in anchor.commands(stats, answer):
+            wall, cpu = timed(step, k, opts.device)
+            answer({"seconds": wall, "cpu_seconds": cpu})
 
 
 def timed(step, k: int, device: str) -> tuple[float, float]:
@@ -418,6 +432,8 @@ def summarise(variant: str, ready: dict, steps: list[dict], stats: dict, opts: a
         "step_peak_gb": round(stats["step_peak_gb"], 3),
         "process_peak_gb": round(stats["process_peak_gb"], 3),
     }
+    if "setup_pipeline_s" in ready:  # sdlora: LoRA, caches and optimizer, without building the model
+        row["setup_pipeline_s"] = round(ready["setup_pipeline_s"], 2)
     if opts.model == "sd15":
         # The UNet's work only (what any trainer must do); the baseline's VAE/text-encoder work is not counted.
         tflop = 2 * SD15_FORWARD_TFLOP * (opts.resolution / 512) ** 2 * opts.batch
@@ -447,64 +463,27 @@ def measure_workers(opts: argparse.Namespace, argv: list[str], variants: list[st
             worker.close()
 
 
-def anchor_row(opts: argparse.Namespace, script: Path) -> dict:
-    """Run the real diffusers script twice (W+1 and W+1+N steps); the step time is the difference over N."""
-    import resource
-
-    with tempfile.TemporaryDirectory(prefix="bench-anchor-") as tmp:
-        model_dir = Path(tmp) / "model"
-        build_pipeline(opts.model).save_pretrained(model_dir, safe_serialization=True)
-        data = write_dataset(Path(tmp) / "data", max(2, opts.batch), opts.resolution, CAPTION)
-        for caption in data.glob("*.txt"):  # the script opens every file of its folder as an image
-            caption.unlink()
-        walls = []
-        for steps in (opts.warmup + 1, opts.warmup + 1 + opts.steps):
-            command = [sys.executable, str(script), f"--pretrained_model_name_or_path={model_dir}"]
-            command += [f"--instance_data_dir={data}", f"--instance_prompt={CAPTION}", f"--output_dir={tmp}/out"]
-            command += [f"--resolution={opts.resolution}", f"--train_batch_size={opts.batch}", f"--rank={opts.rank}"]
-            command += [f"--max_train_steps={steps}", "--learning_rate=1e-4", "--lr_scheduler=constant"]
-            precision = accelerate_precision(opts.precision)
-            command += ["--checkpointing_steps=1000000", "--seed=0", f"--mixed_precision={precision}"]
-            command += ["--gradient_checkpointing"] if opts.gradient_checkpointing else []
-            command += ["--use_8bit_adam"] if opts.optimizer == "adamw8bit" else []
-            start = time.perf_counter()
-            subprocess.run(command, check=True, env=os.environ | {"HF_HUB_OFFLINE": "1"})
-            walls.append(time.perf_counter() - start)
-    median = (walls[1] - walls[0]) / opts.steps
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024 / 1e9
-    return {
-        "variant": f"anchor:{script.name}",
-        "setup_s": round(walls[0], 2),
-        "step_seconds": [],
-        "median_s": median,
-        "samples_per_s": opts.batch / median,
-        "setup_peak_gb": None,
-        "step_peak_gb": None,
-        "process_peak_gb": round(peak, 3) if opts.device == "cpu" else None,
-        "wall_s": walls,
-    }
-
-
 def table(rows: list[dict], reference: str) -> str:
     ref = next((r for r in rows if r["variant"] == reference), rows[0])
     lines = [
         f"{'variant':34} {'s/step':>8} {'CPU-s':>7} {'samples/s':>9} {'speedup':>7} {'step peak GB':>12} "
-        f"{'proc peak GB':>12}"
+        f"{'proc peak GB':>12} {'setup s':>8}"
     ]
     for r in rows:
         step_peak = "-" if r["step_peak_gb"] is None else f"{r['step_peak_gb']:.2f}"
         proc_peak = "-" if r["process_peak_gb"] is None else f"{r['process_peak_gb']:.2f}"
         lines.append(
             f"{r['variant']:34} {r['median_s']:8.3f} {r.get('median_cpu_s') or 0:7.1f} {r['samples_per_s']:9.3f} "
-            f"{ref['median_s'] / r['median_s']:6.2f}x {step_peak:>12} {proc_peak:>12}"
+            f"{ref['median_s'] / r['median_s']:6.2f}x {step_peak:>12} {proc_peak:>12} {r['setup_s']:8.1f}"
         )
     return "\n".join(lines)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=["tiny", "tiny-sdxl", "sd15", "sdxl"], default="tiny")
+    parser.add_argument("--model", choices=MODELS, default="tiny")
     parser.add_argument("--resolution", type=int, help="default: the model's native size (64 tiny, 512, 1024)")
+    parser.add_argument("--tokens", type=int, default=512, help="Flux: T5 tokens per prompt (max_sequence_length)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--rank", type=int, default=4)
     parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
@@ -515,18 +494,27 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=3, help="measured steps per variant (after the warm-up)")
     parser.add_argument("--warmup", type=int, default=1, help="steps per variant not counted")
     parser.add_argument("--variants", default="baseline,sdlora", help="comma-separated; the first is the reference")
-    parser.add_argument("--anchor-script", type=Path, help="the real train_dreambooth_lora.py instead of baseline")
+    parser.add_argument(
+        "--anchor-script", type=Path, help="diffusers' real train_dreambooth_lora[_flux].py instead of baseline"
+    )
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--anchor-model", type=Path, help=argparse.SUPPRESS)  # the saved model the script loads
+    parser.add_argument("--save-model", type=Path, help=argparse.SUPPRESS)  # write it there and exit
     opts = parser.parse_args(argv)
     opts.resolution = opts.resolution or native_resolution(opts.model)
     for variant in opts.variants.split(","):
         name, _, levers = variant.partition(":")
-        if name not in ("baseline", "sdlora", "unet"):
-            parser.error(f"--variants: unknown variant {name!r}; choose baseline, sdlora[:LEVER+...] or unet")
-        unknown = [lever for lever in levers.split("+") if lever and lever not in LEVERS]
+        if name not in ("baseline", "sdlora", "unet", "anchor"):
+            parser.error(f"--variants: unknown variant {name!r}; choose baseline, sdlora[:LEVER+...], unet or anchor")
+        known = anchor.FLAGS if name == "anchor" else LEVERS
+        unknown = [lever for lever in levers.split("+") if lever and lever not in known]
         if unknown:
-            parser.error(f"--variants: unknown lever {unknown[0]!r}; choose from {', '.join(LEVERS)}")
+            parser.error(f"--variants: unknown lever {unknown[0]!r}; choose from {', '.join(known)}")
+        if name == "anchor" and opts.anchor_script is None:
+            parser.error("--variants: anchor needs --anchor-script PATH (diffusers' training script)")
+        if name == "baseline" and anchor.is_flux(opts.model) and opts.anchor_script is None:
+            parser.error("--variants: baseline is SD's DreamBooth loop; for Flux use --anchor-script PATH")
     if opts.device == "cpu" and opts.precision == "fp16":
         parser.error("--precision fp16 needs --device cuda")
     return opts
@@ -538,14 +526,21 @@ def main(argv: list[str] | None = None) -> None:
     if opts.worker:
         worker_main(opts)
         return
+    if opts.save_model:
+        build_pipeline(opts.model).save_pretrained(opts.save_model, safe_serialization=True)
+        return
     variants = [v for v in opts.variants.split(",") if v]
-    if opts.anchor_script is not None:
-        variants = [v for v in variants if v != "baseline"]
+    if opts.anchor_script is not None:  # the real script takes the baseline's place
+        variants = [("anchor" if v == "baseline" else v) for v in variants]
     load_before = load_average()
     started = time.time()
-    rows = measure_workers(opts, argv, variants)
-    if opts.anchor_script is not None:
-        rows.insert(0, anchor_row(opts, opts.anchor_script))
+    with tempfile.TemporaryDirectory(prefix="bench-model-") as tmp:
+        if any(v.startswith("anchor") for v in variants):
+            # The script loads a saved model: written by a process of its own, so it is in no worker's peak.
+            model_dir = Path(tmp) / "model"
+            subprocess.run([sys.executable, __file__, *argv, "--save-model", str(model_dir)], check=True)
+            argv = [*argv, "--anchor-model", str(model_dir)]
+        rows = measure_workers(opts, argv, variants)
     result = {
         "model": opts.model,
         "resolution": opts.resolution,
@@ -558,6 +553,8 @@ def main(argv: list[str] | None = None) -> None:
         "device_name": device_name(opts.device),
         "warmup": opts.warmup,
         "steps": opts.steps,
+        **({"tokens": opts.tokens} if anchor.is_flux(opts.model) else {}),
+        **({"anchor_script": str(opts.anchor_script)} if opts.anchor_script else {}),
         "load_average_before": load_before,
         "load_average_after": load_average(),
         "wall_s": round(time.time() - started, 1),

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -95,3 +97,70 @@ def test_train_step_sdxl_memory_settings_tiny(tmp_path):
     assert data["model"] == "tiny-sdxl" and data["optimizer"] == "adamw8bit" and data["gradient_checkpointing"]
     assert [row["variant"] for row in data["variants"]] == ["sdlora", "unet"]
     assert all(positive(row["median_s"]) and positive(row["step_peak_gb"]) for row in data["variants"])
+
+
+# A stand-in for diffusers' training script, with the two calls bench/anchor.py hooks: init_trackers at the end of
+# the set-up, then one optimizer step per iteration. It records the command line it was given.
+FAKE_SCRIPT = """
+import json, os, sys
+import torch
+from accelerate import Accelerator
+
+steps = int(next(a for a in sys.argv if a.startswith("--max_train_steps=")).split("=")[1])
+with open(os.environ["FAKE_SCRIPT_ARGV"], "w") as handle:
+    json.dump(sys.argv[1:], handle)
+accelerator = Accelerator()
+weight = torch.nn.Parameter(torch.ones(64, 64))
+optimizer = accelerator.prepare(torch.optim.AdamW([weight], lr=1e-4))
+accelerator.init_trackers("fake")
+for step in range(steps):
+    (weight @ torch.randn(64, 64)).square().mean().backward()
+    optimizer.step()
+    optimizer.zero_grad()
+raise SystemExit("the benchmark should have stopped the script before its loop ended")
+"""
+
+
+@pytest.mark.slow
+def test_train_step_anchor_script_is_alternated_through_its_hooks(tmp_path, monkeypatch):
+    """--anchor-script: the script runs unchanged in a worker; its steps are timed between the hooks, its peaks
+    measured as sdlora's are, the saved model and a caption-free copy of the data are what it is given."""
+    script, argv_file, out = tmp_path / "fake_train.py", tmp_path / "argv.json", tmp_path / "anchor.json"
+    script.write_text(FAKE_SCRIPT)
+    monkeypatch.setenv("FAKE_SCRIPT_ARGV", str(argv_file))
+    run_script(
+        "train_step.py", "--model", "tiny", "--variants", "baseline", "--anchor-script", str(script),
+        "--warmup", "1", "--steps", "2", "--json", str(out),
+    )  # fmt: skip
+    data = json.loads(out.read_text())
+    (row,) = data["variants"]
+    assert row["variant"] == "anchor" and data["anchor_script"] == str(script)
+    assert len(row["step_seconds"]) == 3 and all(positive(s) for s in row["step_seconds"] + row["step_cpu_seconds"])
+    assert math.isclose(row["median_s"], statistics.median(row["step_seconds"][1:]), abs_tol=1e-3)
+    for key in ("setup_s", "setup_peak_gb", "step_peak_gb", "process_peak_gb"):
+        assert positive(row[key]), key
+    given = dict(a.split("=", 1) for a in json.loads(argv_file.read_text()))
+    assert given["--max_train_steps"] == "4" and given["--mixed_precision"] == "no" and given["--rank"] == "4"
+    assert (Path(given["--pretrained_model_name_or_path"]) / "model_index.json").name == "model_index.json"
+
+
+def test_anchor_flux_arguments_match_sdloras_settings(tmp_path, monkeypatch):
+    """The Flux script is given sdlora's LoRA targets module by module (not its default feed-forward and single
+    blocks), alpha = rank, the T5 length, guidance 1.0 and uniform timesteps."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import anchor
+
+    (tmp_path / "transformer").mkdir()
+    (tmp_path / "transformer" / "config.json").write_text(json.dumps({"num_layers": 2, "num_single_layers": 3}))
+    opts = argparse.Namespace(
+        model="flux", precision="fp32", resolution=256, batch=1, rank=16, warmup=1, steps=3, tokens=128,
+        gradient_checkpointing=False, optimizer="adamw",
+    )  # fmt: skip
+    args = anchor.script_arguments(opts, tmp_path, tmp_path / "data", tmp_path / "out", ["cache_latents"], "a b")
+    given = dict(a.split("=", 1) if "=" in a else (a, "") for a in args)
+    layers = given["--lora_layers"].split(",")
+    assert len(layers) == 16 and "transformer_blocks.1.attn.to_add_out" in layers
+    assert not any("single" in name or ".ff" in name for name in layers)
+    assert given["--lora_alpha"] == "16" and given["--max_sequence_length"] == "128"
+    assert given["--guidance_scale"] == "1.0" and given["--weighting_scheme"] == "none"
+    assert given["--max_train_steps"] == "5" and "--cache_latents" in given and "--validation_prompt" not in given

@@ -152,3 +152,21 @@ def test_prior_preservation_min_snr_checkpointing_and_8bit_adamw_on_flux(tmp_pat
     assert len(list((out / "class_images").glob("*.png"))) == 2
     assert "4 images + 2 class images" in result.output
     assert (out / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_text_encoders_stay_in_ram_only_for_a_render_to_come(tmp_path):
+    """Flux's staged T5 and CLIP are kept after caching only when something renders later: sample grids, or identity
+    scoring where it is on (by default only on a prep dataset, one with a manifest), not on a plain folder."""
+    from sdlora.config import Config
+    from sdlora.layout import MANIFEST
+    from sdlora.train.staging import renders_later
+
+    plain, prepped = tmp_path / "plain", tmp_path / "prepped"
+    plain.mkdir(), prepped.mkdir()
+    (prepped / MANIFEST).write_text("")
+    quiet = Config(train={"sample_every": 0})
+    assert not renders_later(quiet, plain)
+    assert renders_later(quiet, prepped)
+    assert not renders_later(Config(train={"sample_every": 0, "eval_every": 0}), prepped)
+    assert renders_later(Config(train={"sample_every": 0, "eval_every": 5}), plain)
+    assert renders_later(Config(train={"sample_every": 100, "eval_every": 0}), plain)

@@ -86,7 +86,7 @@ def setup_pipeline(config: Config, plan: Plan, accelerator: Any, pipe: Any, info
     for name in late:
         getattr(pipe, name).to(accelerator.device)
     offloaded = staged if staged else offload_frozen(config, pipe, family)
-    if staged and not staging.renders_later(config):
+    if staged and not staging.renders_later(config, plan.dataset_dir):
         encoders_done = [name for name in staged if name in family.text_encoders]
         staging.release(pipe, encoders_done)  # T5 and CLIP leave RAM too: no sample or score needs them
         offloaded = [name for name in staged if name not in encoders_done]

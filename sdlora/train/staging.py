@@ -43,7 +43,9 @@ def release(pipe: Any, names: Sequence[str]) -> None:
     gc.collect()
 
 
-def renders_later(config: Any) -> bool:
-    """Whether training renders (sample grids, identity scoring) and so needs the text encoders again."""
-    tc = config.train
-    return bool(tc.sample_every) or tc.eval_every != 0
+def renders_later(config: Any, dataset_dir: Any) -> bool:
+    """Whether training renders (sample grids, identity scoring) and so needs the text encoders again. Scoring is
+    on where identity.cadence puts it (by default only on a prep dataset), not wherever eval_every is unset."""
+    from sdlora.train import identity
+
+    return bool(config.train.sample_every) or identity.cadence(config, dataset_dir)[0] is not None
