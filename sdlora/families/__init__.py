@@ -175,14 +175,12 @@ def detect_lora(metadata: Mapping[str, str]) -> str | None:
 
 def with_defaults(config: Any, family: Family, pipe: Any) -> Any:
     """`config` (sdlora.config.Config) with the family's own defaults for the loaded base (Flux: 28 steps, guidance
-    3.5, flow-matching Euler) in the settings still at the config's defaults (also in a run's saved config, which
-    lists every setting; so a value given that equals the config's default counts as not given); the same object
-    when there are none."""
+    3.5, flow-matching Euler) in the settings nobody set (pydantic's `model_fields_set`: a TOML file, an option or
+    --set sets one, even to the config's default value, and then it wins); the same object when there are none."""
     changes: dict[str, dict[str, Any]] = {}
     for dotted, value in family.generate_defaults(pipe).items():
         section, _, key = dotted.partition(".")
-        settings = getattr(config, section)
-        if getattr(settings, key) == type(settings).model_fields[key].default:
+        if key not in getattr(config, section).model_fields_set:
             changes.setdefault(section, {})[key] = value
     if not changes:
         return config

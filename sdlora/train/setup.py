@@ -74,18 +74,15 @@ def setup_pipeline(config: Config, plan: Plan, accelerator: Any, pipe: Any, info
     objective = family.objective(pipe.scheduler, accelerator.device, tc.timestep_sampling, tc.timestep_shift)
     staged = staging.staged_parts(config, family)  # in CPU RAM, on the device only to be cached
     late = [family.denoiser] if staged else []  # the denoiser joins the device once they have left it
+    text_cache = staging.encode_apart(config, plan, pipe, family, accelerator)  # {} unless a staged family
     with staging.visiting(pipe, staged + late if makes_class_images(config) else [], accelerator.device):
         classes = class_images(config, plan, pipe, accelerator)
     attach_adapters(config, pipe, family, seed=tc.seed)
     check_sizes(config, family)
-    batches = build_batches(config, plan, pipe, family, classes, accelerator, objective, staged)
+    batches = build_batches(config, plan, pipe, family, classes, accelerator, objective, staged, text_cache or None)
     for name in late:
         getattr(pipe, name).to(accelerator.device)
     offloaded = staged if staged else offload_frozen(config, pipe, family)
-    if staged and not staging.renders_later(config):
-        encoders_done = [name for name in staged if name in family.text_encoders]
-        staging.release(pipe, encoders_done)  # T5 and CLIP leave RAM too: no sample or score needs them
-        offloaded = [name for name in staged if name not in encoders_done]
     encoders = trained_text_encoders(config, pipe, family)
     denoiser = getattr(pipe, family.denoiser)
     groups = [{"params": peft.trainable_parameters(denoiser), "lr": tc.learning_rate}]
@@ -143,7 +140,7 @@ def load_base(config: Config, accelerator: Any, weight_dtype: Any) -> tuple[Any,
     """The base pipeline with frozen weights in the training's half type (SDXL's VAE: fp32), on the device."""
     from sdlora import models
 
-    pipe = models.load_base(config.model, weight_dtype)
+    pipe = staging.load_base(config, weight_dtype)  # a staged family's frozen text encoders load later, alone
     info = models.model_info(pipe)
     staged = staging.staged_parts(config, info.spec)
     cpu = [*staged, info.spec.denoiser] if staged else []  # setup_pipeline moves them when their turn comes
@@ -240,7 +237,7 @@ def offload_frozen(config: Config, pipe: Any, family: Any) -> list[str]:
     if not config.train.offload:
         return []
     trained = trained_text_encoders(config, pipe, family)
-    names = [name for name in family.text_encoders if name not in trained]
+    names = [name for name in family.text_encoders if name not in trained and getattr(pipe, name) is not None]
     names += ["vae"] if config.train.cache_latents else []
     for name in names:
         getattr(pipe, name).to("cpu")
@@ -269,11 +266,13 @@ def build_batches(
     accelerator: Any,
     objective: Any,
     staged: Sequence[str] = (),
+    text_cache: dict[str, Any] | None = None,
 ) -> Any:
-    """Cache the latents (VAE once per image and flip) and, with a frozen text encoder, the text conditioning;
-    `staged` parts come from CPU RAM to the device for it, one at a time."""
+    """Cache the latents (VAE once per image and flip) and, with a frozen text encoder, the text conditioning
+    (`text_cache`: already cached, by staging.encode_apart); `staged` parts come from CPU RAM to the device for it,
+    one at a time."""
     from sdlora import families
-    from sdlora.train.batches import Batches, ImageSet, build_text_cache, merge_text_caches
+    from sdlora.train.batches import Batches, ImageSet, build_text_cache
 
     tc, device = config.train, accelerator.device
     sizes = tc.resolutions or [tc.resolution]
@@ -281,26 +280,14 @@ def build_batches(
         instances = ImageSet(plan.examples, sizes, tc.flip, pipe.vae, tc.cache_latents)
         class_set = ImageSet(classes, sizes, tc.flip, pipe.vae, tc.cache_latents) if classes else None
     class_prompt = classes[0].caption if classes else ""
-    text_cache = None
     trained = trained_text_encoders(config, pipe, family)
     frozen = [name for name in family.text_encoders if name not in trained]
     # Frozen encoders' outputs are cached: all of them, or (staged families) those beside a trained one (T5).
-    if frozen and (not trained or staged):
+    if text_cache is None and frozen and not trained:  # (staged families' were cached apart: encode_apart)
         prompts = [e.caption for e in plan.examples] + [class_prompt, ""]
-        encoders = families.encoders(pipe, family)
-        tokenizers = families.tokenizers(pipe, family)
         tokens = family.sequence_length(pipe, config.model.max_sequence_length)
-        if staged:  # each frozen encoder alone on the device
-            parts = []
-            for i, name in enumerate(family.text_encoders):
-                if name not in frozen:
-                    continue
-                alone = [encoder if j == i else None for j, encoder in enumerate(encoders)]
-                with staging.visiting(pipe, [name], device):
-                    parts.append(build_text_cache(family, tokenizers, alone, prompts, tokens))
-            text_cache = merge_text_caches(parts)
-        else:
-            text_cache = build_text_cache(family, tokenizers, encoders, prompts, tokens)
+        encoders, tokenizers = families.encoders(pipe, family), families.tokenizers(pipe, family)
+        text_cache = build_text_cache(family, tokenizers, encoders, prompts, tokens)
     accelerator.print(
         f"{len(plan.examples)} images{f' + {len(classes)} class images' if classes else ''}; effective batch "
         f"{tc.batch_size} x {tc.grad_accum} accumulation x {accelerator.num_processes} processes = "
@@ -333,5 +320,6 @@ def write_run_files(config: Config, plan: Plan, accelerator: Any) -> None:
         checkpoint.clear_run(plan.out_dir)
     # Never store --resume/--overwrite: passing config.toml back must not wipe the run it resumes.
     stored = config.model_copy(update={"train": config.train.model_copy(update={"resume": None, "overwrite": False})})
-    save(stored, plan.out_dir / layout.CONFIG_JSON)
-    atomic_write_text(plan.out_dir / layout.CONFIG_TOML, to_toml(stored))
+    # The sampling settings as given: a family's own defaults (Flux: 28 steps, guidance 3.5) apply again at a resume.
+    save(stored, plan.out_dir / layout.CONFIG_JSON, given_only=["generate"])
+    atomic_write_text(plan.out_dir / layout.CONFIG_TOML, to_toml(stored, given_only=["generate"]))

@@ -1,6 +1,8 @@
-"""Big frozen parts in CPU RAM, on the device only while their outputs are cached: for families whose text encoders
-and VAE would not fit beside the denoiser (Flux.1's T5-XXL is 9.5 GB in bf16). Each visits the device alone, so
-the device's peak is the largest part, not their sum; text encoders no render needs later leave RAM too."""
+"""Big frozen parts kept out of the way, for families whose text encoders and VAE would not fit beside the denoiser
+(Flux.1's T5-XXL is 9.5 GB in bf16): the pipeline loads without its frozen text encoders; each is then loaded
+alone, encodes every caption and every prompt training will render (sample grids, identity scoring, class images),
+and is freed before the next one loads, so neither the device nor system RAM ever holds two of them. Renders then
+read the cached conditioning. The VAE stays in CPU RAM and visits the device only to be cached."""
 
 from __future__ import annotations
 
@@ -10,14 +12,26 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 
-def staged_parts(config: Any, family: Any) -> list[str]:
-    """Pipeline attributes that stay on the CPU: the family's frozen text encoders and, with cached latents, the
-    VAE; [] for families that keep everything on the device (SD, SDXL: train.offload moves parts afterwards)."""
+def frozen_encoders(config: Any, family: Any) -> list[str]:
+    """The text encoders a staged family loads apart, one at a time (all but a trained CLIP-L); [] otherwise."""
     if not family.stage_frozen:
         return []
     trained = family.trainable_text_encoders if config.lora.train_text_encoder else ()
-    names = [name for name in family.text_encoders if name not in trained]
-    return names + (["vae"] if config.train.cache_latents else [])
+    return [name for name in family.text_encoders if name not in trained]
+
+
+def staged_parts(config: Any, family: Any) -> list[str]:
+    """Pipeline attributes that stay on the CPU: with cached latents, the VAE of a staged family; [] for families
+    that keep everything on the device (SD, SDXL: train.offload moves parts afterwards)."""
+    return ["vae"] if family.stage_frozen and config.train.cache_latents else []
+
+
+def load_base(config: Any, torch_dtype: Any) -> Any:
+    """The base pipeline, without the text encoders a staged family loads apart (peeked before any weight loads)."""
+    from sdlora import models
+
+    without = frozen_encoders(config, models.peek_family(config.model))
+    return models.load_base(config.model, torch_dtype, without=without)
 
 
 @contextlib.contextmanager
@@ -43,7 +57,60 @@ def release(pipe: Any, names: Sequence[str]) -> None:
     gc.collect()
 
 
-def renders_later(config: Any) -> bool:
-    """Whether training renders (sample grids, identity scoring) and so needs the text encoders again."""
+def render_batches(config: Any, trigger: str) -> list[list[str]]:
+    """The prompt batches training will render, each as render_images will batch it (so that each prompt's cached
+    conditioning is bit for bit what the pipeline would compute): the sample grids, the class images of prior
+    preservation, identity scoring's prompt set."""
+    from sdlora.evaluation.prompts import STANDARD_PROMPTS, expand
+
+    tc, size = config.train, config.generate.batch_size
+    lists = [[p.replace("{trigger}", trigger) for p in tc.sample_prompts]] if tc.sample_every else []
+    if tc.class_dir is None and tc.class_prompt:
+        lists.append([tc.class_prompt] * size)
+    if tc.eval_every != 0:
+        lists.append(expand(list(STANDARD_PROMPTS), config.eval.n, config.eval.seed, trigger)[1])
+    return [prompts[i : i + size] for prompts in lists for i in range(0, len(prompts), size)]
+
+
+def encode_apart(config: Any, plan: Any, pipe: Any, family: Any, accelerator: Any) -> dict[str, Any]:
+    """Load each frozen text encoder alone, cache the captions' conditioning (sdlora.train.batches' text cache, of
+    the captions, the class prompt and "") and the renders' (render_batches), free it, load the next. The pipeline
+    then renders from the cache (family.render_from_cache). Returns the captions' cache."""
+    import torch
+
+    from sdlora import families, models
+    from sdlora.train.batches import build_text_cache, merge_text_caches
+
+    names = frozen_encoders(config, family)
+    if not names:
+        return {}
+    device, dtype = accelerator.device, pipe.vae.dtype  # the frozen weights' dtype
     tc = config.train
-    return bool(tc.sample_every) or tc.eval_every != 0
+    class_prompt = (tc.class_prompt or f"a photo of {config.prep.class_word}") if _prior(config) else ""
+    prompts = [e.caption for e in plan.examples] + [class_prompt, ""]
+    batches = render_batches(config, plan.trigger)
+    tokenizers = families.tokenizers(pipe, family)
+    tokens = family.sequence_length(pipe, config.model.max_sequence_length)
+    parts, rows = [], {}
+    for name in names:
+        encoder = getattr(pipe, name) or models.load_text_encoder(config.model, name, dtype)
+        release(pipe, [name])  # the pipeline never holds it: the local name is its only reference
+        encoder.requires_grad_(False).to(device)
+        alone = [encoder if other == name else None for other in family.text_encoders]
+        parts.append(build_text_cache(family, tokenizers, alone, prompts, tokens))
+        with torch.no_grad(), accelerator.autocast():  # as the renders run: under the accelerator's autocast
+            for batch in batches:
+                cond = family.encode_prompts(tokenizers, alone, batch, tokens)
+                for i, prompt in enumerate(batch):
+                    # in the encoder's dtype, as FluxPipeline casts its outputs
+                    rows.setdefault(prompt, {}).setdefault(name, {k: v[i].to(encoder.dtype) for k, v in cond.items()})
+        del encoder, alone
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    family.render_from_cache(pipe, {p: {k: v for part in r.values() for k, v in part.items()} for p, r in rows.items()})
+    return merge_text_caches(parts)
+
+
+def _prior(config: Any) -> bool:
+    return config.train.class_dir is not None or bool(config.train.class_prompt)
