@@ -112,29 +112,45 @@ def components_root(model: ModelConfig) -> str:
     return str(Path(base).expanduser()) if Path(base).expanduser().is_dir() else base
 
 
-def load_text_encoder(model: ModelConfig, name: str, torch_dtype: Any = None) -> Any:
-    """One text encoder of the base (pipeline attribute `name`), frozen and in eval mode, loaded alone from its
+def load_component(model: ModelConfig, name: str, torch_dtype: Any = None) -> Any:
+    """One component of the base (pipeline attribute `name`: a text encoder, a tokenizer), loaded alone from its
     subfolder with the class model_index.json names: what `from_pretrained` of the whole pipeline would load."""
+    root = components_root(model)
+    try:
+        kwargs: dict[str, Any] = {"dtype": torch_dtype} if torch_dtype is not None else {}
+        return _component_class(root, name).from_pretrained(root, subfolder=name, **kwargs)
+    except (OSError, ValueError, KeyError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise SdloraError(f"could not load {name} of {root!r}: {first} (copy or download the model again)") from exc
+
+
+def load_text_encoder(model: ModelConfig, name: str, torch_dtype: Any = None) -> Any:
+    """One text encoder of the base, alone (load_component), frozen and in eval mode."""
+    return load_component(model, name, torch_dtype).requires_grad_(False).eval()
+
+
+def component_config(model: ModelConfig, name: str) -> Any:
+    """The config of the base's component `name` (e.g. "transformer") as attributes, without its weights."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(
+        **_component_class(components_root(model), name).load_config(components_root(model), subfolder=name)
+    )
+
+
+def _component_class(root: str, name: str) -> Any:
+    """The class model_index.json of `root` names for component `name`."""
     import importlib
 
     from diffusers import DiffusionPipeline
 
-    root = components_root(model)
-    try:
-        library, class_name = DiffusionPipeline.load_config(root)[name]
-        cls = getattr(importlib.import_module(library), class_name)
-        kwargs: dict[str, Any] = {"dtype": torch_dtype} if torch_dtype is not None else {}
-        encoder = cls.from_pretrained(root, subfolder=name, **kwargs)
-    except (OSError, ValueError, KeyError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise SdloraError(f"could not load {name} of {root!r}: {first} (copy or download the model again)") from exc
-    return encoder.requires_grad_(False).eval()
+    library, class_name = DiffusionPipeline.load_config(root)[name]
+    return getattr(importlib.import_module(library), class_name)
 
 
 def peek_family(model: ModelConfig) -> Family:
     """The family of the config's base without loading any weights: a single file's tensor keys, else the
     denoiser built on the meta device from the folder's (or hub id's) config and asked by each family's `claims`."""
-    import importlib
     from types import SimpleNamespace
 
     import torch
@@ -146,14 +162,13 @@ def peek_family(model: ModelConfig) -> Family:
     path = Path(base).expanduser()
     if path.is_file():
         return _checkpoint_family(path)
+    root = str(path) if path.is_dir() else base
     try:
-        index = DiffusionPipeline.load_config(str(path) if path.is_dir() else base)
         denoisers = {}
-        for name in sorted({family.denoiser for family in families.REGISTRY.values()} & set(index)):
-            library, class_name = index[name]
-            cls = getattr(importlib.import_module(library), class_name)
+        for name in sorted({f.denoiser for f in families.REGISTRY.values()} & set(DiffusionPipeline.load_config(root))):
+            cls = _component_class(root, name)
             with torch.device("meta"):
-                denoisers[name] = cls.from_config(cls.load_config(str(path) if path.is_dir() else base, subfolder=name))
+                denoisers[name] = cls.from_config(cls.load_config(root, subfolder=name))
         return families.detect(SimpleNamespace(**denoisers))
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]

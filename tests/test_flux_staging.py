@@ -37,8 +37,12 @@ def watch_encoders(monkeypatch) -> tuple[list[str], list[weakref.ref], list[tupl
         return encoder
 
     def load_base(model, torch_dtype=None, without=()):
+        gc.collect()
+        resident = [ref() for ref in alive if ref() is not None]
+        assert not resident, f"the denoiser loads while {type(resident[0]).__name__} is still in memory"
         without_names = tuple(without)
         bases.append(without_names)
+        loads.append("base")
         pipe = original_base(model, torch_dtype, without=without_names)
         assert all(getattr(pipe, name) is None for name in without_names)
         return pipe
@@ -72,7 +76,8 @@ def test_encoders_load_one_at_a_time_and_the_grid_is_the_pipelines_own(tiny_mode
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert without == [("text_encoder", "text_encoder_2")]  # the pipeline loaded without both
-    assert loads == ["text_encoder", "text_encoder_2"]  # each once: the sample grid did not bring them back
+    # each once, before the transformer (never beside it), and the sample grid did not bring them back
+    assert loads == ["text_encoder", "text_encoder_2", "base"]
     assert at_render == [[False, False]]  # and neither is in memory while the grid renders
     # The grid equals a render by a fresh pipeline with every encoder, encoding the prompts itself.
     pipe = FluxPipeline.from_pretrained(str(base), local_files_only=True)
@@ -96,12 +101,15 @@ def test_with_clip_trained_only_t5_loads_apart_and_clip_encodes_live(tiny_models
     loads, _, without = watch_encoders(monkeypatch)
     sets = ["lora.train_text_encoder=true", "train.eval_every=0", "train.sample_prompts=['a photo of {trigger}']"]
     config = load(options={"model.base": str(tiny_models["flux"])}, sets=sets)
+    example = Example(tmp_path / "a.png", "a photo of sks person")
+    plan = Plan(tmp_path, tmp_path, [example], "sks person", "no", None, "x")
+    cached = staging.encode_first(config, plan, Accelerator(cpu=True), torch.float32)
     pipe = staging.load_base(config, torch.float32)
-    assert without == [("text_encoder_2",)] and pipe.text_encoder is not None and pipe.text_encoder_2 is None
-    plan = Plan(tmp_path, tmp_path, [Example(tmp_path / "a.png", "a photo of sks person")], "sks person", "no", None, "x")
-    cache = staging.encode_apart(config, plan, pipe, families.get("flux"), Accelerator(cpu=True))
-    assert loads == ["text_encoder_2"] and pipe.text_encoder_2 is None
-    assert set(cache["cond"]) == {"encoder_hidden_states"} and set(cache["prompts"]) == {"a photo of sks person", ""}
+    assert loads == ["text_encoder_2", "base"] and without == [("text_encoder_2",)]
+    assert pipe.text_encoder is not None and pipe.text_encoder_2 is None
+    captions = staging.use(pipe, families.get("flux"), cached)
+    assert set(captions["cond"]) == {"encoder_hidden_states"}
+    assert set(captions["prompts"]) == {"a photo of sks person", ""}
     full = FluxPipeline.from_pretrained(str(tiny_models["flux"]), local_files_only=True)
     with torch.no_grad():
         ours = pipe.encode_prompt(prompt=["a photo of sks person"], device=torch.device("cpu"))

@@ -55,12 +55,16 @@ def setup(config: Config, plan: Plan, accelerator: Any) -> Run:
     import torch
 
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(plan.precision, torch.float32)
+    cached = staging.encode_first(config, plan, accelerator, weight_dtype)  # Flux: T5, CLIP before the transformer
     pipe, info = load_base(config, accelerator, weight_dtype)
-    return setup_pipeline(config, plan, accelerator, pipe, info)
+    return setup_pipeline(config, plan, accelerator, pipe, info, cached)
 
 
-def setup_pipeline(config: Config, plan: Plan, accelerator: Any, pipe: Any, info: Any) -> Run:
-    """setup() after the base is loaded (frozen, on the device): also what bench/train_step.py times."""
+def setup_pipeline(
+    config: Config, plan: Plan, accelerator: Any, pipe: Any, info: Any, cached: staging.Cached | None = None
+) -> Run:
+    """setup() after the base is loaded (frozen, on the device): also what bench/train_step.py times. `cached`:
+    what staging.encode_first cached (a staged family's text encoders are then not in `pipe`)."""
     from sdlora import families
     from sdlora.lora import peft
     from sdlora.train import checkpoint
@@ -74,12 +78,13 @@ def setup_pipeline(config: Config, plan: Plan, accelerator: Any, pipe: Any, info
     objective = family.objective(pipe.scheduler, accelerator.device, tc.timestep_sampling, tc.timestep_shift)
     staged = staging.staged_parts(config, family)  # in CPU RAM, on the device only to be cached
     late = [family.denoiser] if staged else []  # the denoiser joins the device once they have left it
-    text_cache = staging.encode_apart(config, plan, pipe, family, accelerator)  # {} unless a staged family
+    cached = cached or staging.encode_apart(config, plan, pipe, family, accelerator, pipe.vae.dtype)
+    text_cache = staging.use(pipe, family, cached)  # renders read the cache; None unless a staged family
     with staging.visiting(pipe, staged + late if makes_class_images(config) else [], accelerator.device):
         classes = class_images(config, plan, pipe, accelerator)
     attach_adapters(config, pipe, family, seed=tc.seed)
     check_sizes(config, family)
-    batches = build_batches(config, plan, pipe, family, classes, accelerator, objective, staged, text_cache or None)
+    batches = build_batches(config, plan, pipe, family, classes, accelerator, objective, staged, text_cache)
     for name in late:
         getattr(pipe, name).to(accelerator.device)
     offloaded = staged if staged else offload_frozen(config, pipe, family)

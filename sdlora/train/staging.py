@@ -1,14 +1,16 @@
 """Big frozen parts kept out of the way, for families whose text encoders and VAE would not fit beside the denoiser
-(Flux.1's T5-XXL is 9.5 GB in bf16): the pipeline loads without its frozen text encoders; each is then loaded
-alone, encodes every caption and every prompt training will render (sample grids, identity scoring, class images),
-and is freed before the next one loads, so neither the device nor system RAM ever holds two of them. Renders then
-read the cached conditioning. The VAE stays in CPU RAM and visits the device only to be cached."""
+(Flux.1's T5-XXL is 9.5 GB in bf16, its transformer 24 GB): before the denoiser loads, each frozen text encoder
+loads alone, encodes every caption and every prompt training will render (sample grids, identity scoring, class
+images) and is freed before the next one loads; then the pipeline loads without them. So neither the device nor
+system RAM ever holds two of them, or one beside the denoiser. Renders read the cached conditioning. The VAE stays
+in CPU RAM and visits the device only to be cached."""
 
 from __future__ import annotations
 
 import contextlib
 import gc
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -72,10 +74,46 @@ def render_batches(config: Any, trigger: str) -> list[list[str]]:
     return [prompts[i : i + size] for prompts in lists for i in range(0, len(prompts), size)]
 
 
-def encode_apart(config: Any, plan: Any, pipe: Any, family: Any, accelerator: Any) -> dict[str, Any]:
-    """Load each frozen text encoder alone, cache the captions' conditioning (sdlora.train.batches' text cache, of
-    the captions, the class prompt and "") and the renders' (render_batches), free it, load the next. The pipeline
-    then renders from the cache (family.render_from_cache). Returns the captions' cache."""
+@dataclass(frozen=True)
+class Cached:
+    """What the frozen text encoders left behind: the captions' table (sdlora.train.batches' text cache: captions,
+    class prompt, "") and each render prompt's rows ({prompt: {"encoder_hidden_states": ..., ...}})."""
+
+    captions: dict[str, Any]
+    rows: dict[str, Any]
+
+
+def encode_first(config: Any, plan: Any, accelerator: Any, torch_dtype: Any) -> Cached | None:
+    """For a staged family, before the denoiser loads (so that RAM holds the larger of T5 and the transformer, not
+    both): each frozen text encoder alone (encode_apart), with the tokenizers and the denoiser's config only.
+    None for families that keep their encoders."""
+    from types import SimpleNamespace
+
+    from sdlora import models
+
+    family = models.peek_family(config.model)
+    if not frozen_encoders(config, family):
+        return None
+    tokenizers = [name.replace("text_encoder", "tokenizer") for name in family.text_encoders]
+    light = SimpleNamespace(**{name: models.load_component(config.model, name) for name in tokenizers})
+    setattr(light, family.denoiser, SimpleNamespace(config=models.component_config(config.model, family.denoiser)))
+    return encode_apart(config, plan, light, family, accelerator, torch_dtype)
+
+
+def use(pipe: Any, family: Any, cached: Cached | None) -> dict[str, Any] | None:
+    """Make `pipe` render from the cached rows; the captions' table for the batches (None without a cache)."""
+    if cached is None:
+        return None
+    family.render_from_cache(pipe, cached.rows)
+    return cached.captions
+
+
+def encode_apart(
+    config: Any, plan: Any, pipe: Any, family: Any, accelerator: Any, torch_dtype: Any = None
+) -> Cached | None:
+    """Load each frozen text encoder alone (or take it from `pipe`, dropping it there), cache the captions'
+    conditioning and the renders' (render_batches) on the device, free it, load the next. None when the family
+    loads none apart."""
     import torch
 
     from sdlora import families, models
@@ -83,9 +121,8 @@ def encode_apart(config: Any, plan: Any, pipe: Any, family: Any, accelerator: An
 
     names = frozen_encoders(config, family)
     if not names:
-        return {}
-    device, dtype = accelerator.device, pipe.vae.dtype  # the frozen weights' dtype
-    tc = config.train
+        return None
+    device, tc = accelerator.device, config.train
     class_prompt = (tc.class_prompt or f"a photo of {config.prep.class_word}") if _prior(config) else ""
     prompts = [e.caption for e in plan.examples] + [class_prompt, ""]
     batches = render_batches(config, plan.trigger)
@@ -93,7 +130,7 @@ def encode_apart(config: Any, plan: Any, pipe: Any, family: Any, accelerator: An
     tokens = family.sequence_length(pipe, config.model.max_sequence_length)
     parts, rows = [], {}
     for name in names:
-        encoder = getattr(pipe, name) or models.load_text_encoder(config.model, name, dtype)
+        encoder = getattr(pipe, name, None) or models.load_text_encoder(config.model, name, torch_dtype)
         release(pipe, [name])  # the pipeline never holds it: the local name is its only reference
         encoder.requires_grad_(False).to(device)
         alone = [encoder if other == name else None for other in family.text_encoders]
@@ -103,13 +140,14 @@ def encode_apart(config: Any, plan: Any, pipe: Any, family: Any, accelerator: An
                 cond = family.encode_prompts(tokenizers, alone, batch, tokens)
                 for i, prompt in enumerate(batch):
                     # in the encoder's dtype, as FluxPipeline casts its outputs
-                    rows.setdefault(prompt, {}).setdefault(name, {k: v[i].to(encoder.dtype) for k, v in cond.items()})
+                    row = {k: v[i].to(encoder.dtype) for k, v in cond.items()}
+                    rows.setdefault(prompt, {}).setdefault(name, row)
         del encoder, alone
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    family.render_from_cache(pipe, {p: {k: v for part in r.values() for k, v in part.items()} for p, r in rows.items()})
-    return merge_text_caches(parts)
+    merged = {prompt: {k: v for part in by_name.values() for k, v in part.items()} for prompt, by_name in rows.items()}
+    return Cached(merge_text_caches(parts), merged)
 
 
 def _prior(config: Any) -> bool:
