@@ -1,0 +1,124 @@
+"""Peak system RAM of `sdlora train` preparing a Flux.1 run: one step on a base with FLUX.1-dev's widths (hidden
+3072, T5 4096, CLIP-L 768) and reduced depth, random weights saved as a diffusers folder. Each run is its own
+process (`os.wait4` gives its peak RSS); `--code DIR` runs another checkout's sdlora (e.g. the commit before the
+text encoders were staged) on the same base, alternating, so that both see the same machine.
+
+    PYTHONPATH=$PWD python bench/flux_ram.py --code /tmp/sdlora-old --code $PWD --repeats 2
+
+What it shows: before, T5, CLIP-L and the transformer were in RAM at once; now each text encoder loads alone and
+is freed before the transformer loads, so the peak is the larger of them, not the sum.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from flux_models import CLIP_L_WIDTH, T5_XXL_WIDTH, flux_transformer  # noqa: E402
+
+
+def build_base(folder: Path, double: int, single: int, t5_layers: int) -> dict[str, int]:
+    """A FluxPipeline folder with the real widths (fp32, random weights); returns each part's parameter count."""
+    import torch
+    from diffusers import AutoencoderKL, FluxPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from sdlora import testing
+
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = testing.clip_tokenizer(Path(tmp) / "tok")
+    tokenizer_2 = testing.t5_tokenizer(512)
+    clip = CLIPTextModel(
+        CLIPTextConfig(
+            hidden_size=CLIP_L_WIDTH, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+            hidden_act="quick_gelu", vocab_size=49408, max_position_embeddings=77, bos_token_id=49406,
+            eos_token_id=49407, pad_token_id=49407,
+        )
+    )  # fmt: skip
+    t5 = T5EncoderModel(
+        T5Config(
+            vocab_size=32128, d_model=T5_XXL_WIDTH, d_kv=64, d_ff=10240, num_layers=t5_layers, num_heads=64,
+            feed_forward_proj="gated-gelu", decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+        )
+    )  # fmt: skip
+    transformer = flux_transformer(double, single, device="cpu")
+    vae = AutoencoderKL(
+        down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+        block_out_channels=[32, 32, 32, 32], norm_num_groups=32, latent_channels=16, layers_per_block=1,
+        scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False,
+    )  # fmt: skip
+    parts = {"transformer": transformer, "text_encoder": clip, "text_encoder_2": t5, "vae": vae}
+    FluxPipeline(
+        scheduler=testing.flux_scheduler(), tokenizer=tokenizer, tokenizer_2=tokenizer_2, **parts
+    ).save_pretrained(folder, safe_serialization=True)
+    return {name: sum(p.numel() for p in module.parameters()) for name, module in parts.items()}
+
+
+def train_once(code: Path, base: Path, data: Path, out: Path, tokens: int) -> dict[str, Any]:
+    """One `sdlora train` step in a fresh process with `code` first on its path: its peak RSS and wall time."""
+    args = ["train", str(data), str(out), "--base", str(base), "--steps", "1", "--resolution", "64", "--rank", "4"]
+    args += ["--sample-every", "0", "--checkpoint-every", "0", "--set", "train.eval_every=0"]
+    args += ["--set", f"model.max_sequence_length={tokens}"]
+    env = {**os.environ, "PYTHONPATH": str(code), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    started = time.perf_counter()
+    process = subprocess.Popen(
+        [sys.executable, "-c", "from sdlora.cli import app; app()", *args],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    output = process.stdout.read().decode(errors="replace") if process.stdout else ""
+    _, status, usage = os.wait4(process.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{code}: sdlora train failed:\n{output[-3000:]}")
+    # ru_maxrss is in KiB on Linux
+    return {
+        "code": str(code),
+        "peak_rss_gb": round(usage.ru_maxrss / 2**20, 2),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--code", type=Path, action="append", help="a checkout whose sdlora to run (repeatable)")
+    parser.add_argument("--double", type=int, default=1)
+    parser.add_argument("--single", type=int, default=1)
+    parser.add_argument("--t5-layers", type=int, default=2)
+    parser.add_argument("--tokens", type=int, default=64, help="T5 tokens per prompt (model.max_sequence_length)")
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--workdir", type=Path, default=None, help="keep the base here (default: a temporary folder)")
+    parser.add_argument("--json", type=Path, default=None)
+    options = parser.parse_args()
+    codes = options.code or [Path(__file__).resolve().parents[1]]
+    with tempfile.TemporaryDirectory() as tmp:
+        root = options.workdir or Path(tmp)
+        base, data = root / "base", root / "data"
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+        from train_utils import subject_set
+
+        params = build_base(base, options.double, options.single, options.t5_layers) if not base.exists() else {}
+        if not data.exists():
+            subject_set(data)
+        runs = []
+        for repeat in range(options.repeats):
+            for i, code in enumerate(codes):
+                run = train_once(code, base, data, root / f"out-{repeat}-{i}", options.tokens)
+                runs.append(run)
+                print(json.dumps(run), flush=True)
+    result = {"params": params, "settings": {k: str(v) for k, v in vars(options).items()}, "runs": runs}
+    if options.json:
+        options.json.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
