@@ -1,6 +1,7 @@
 """Peak system RAM of `sdlora train` preparing a Flux.1 run: one step on a base with FLUX.1-dev's widths (hidden
 3072, T5 4096, CLIP-L 768) and reduced depth, random weights saved as a diffusers folder. Each run is its own
-process (`os.wait4` gives its peak RSS); `--code DIR` runs another checkout's sdlora (e.g. the commit before the
+process (GNU time's %M gives its peak RSS; the base is built in another one, since a child's peak starts at its
+parent's); `--code DIR` runs another checkout's sdlora (e.g. the commit before the
 text encoders were staged) on the same base, alternating, so that both see the same machine.
 
     PYTHONPATH=$PWD python bench/flux_ram.py --code /tmp/sdlora-old --code $PWD --repeats 2
@@ -26,8 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from flux_models import CLIP_L_WIDTH, T5_XXL_WIDTH, flux_transformer  # noqa: E402
 
 
-def build_base(folder: Path, double: int, single: int, t5_layers: int) -> dict[str, int]:
-    """A FluxPipeline folder with the real widths (fp32, random weights); returns each part's parameter count."""
+def build_base(folder: Path, double: int, single: int, t5_layers: int, dtype: str = "fp32") -> dict[str, int]:
+    """A FluxPipeline folder with the real widths (random weights, saved in `dtype`: bf16 as the hub's files are, so
+    that the fp32 CPU run copies every weight instead of mapping the file); returns each part's parameter count."""
     import torch
     from diffusers import AutoencoderKL, FluxPipeline
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
@@ -58,33 +60,27 @@ def build_base(folder: Path, double: int, single: int, t5_layers: int) -> dict[s
         scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False,
     )  # fmt: skip
     parts = {"transformer": transformer, "text_encoder": clip, "text_encoder_2": t5, "vae": vae}
-    FluxPipeline(
-        scheduler=testing.flux_scheduler(), tokenizer=tokenizer, tokenizer_2=tokenizer_2, **parts
-    ).save_pretrained(folder, safe_serialization=True)
+    pipe = FluxPipeline(scheduler=testing.flux_scheduler(), tokenizer=tokenizer, tokenizer_2=tokenizer_2, **parts)
+    pipe.to({"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]).save_pretrained(folder, safe_serialization=True)
     return {name: sum(p.numel() for p in module.parameters()) for name, module in parts.items()}
 
 
-def train_once(code: Path, base: Path, data: Path, out: Path, tokens: int) -> dict[str, Any]:
-    """One `sdlora train` step in a fresh process with `code` first on its path: its peak RSS and wall time."""
+def train_once(code: Path, base: Path, data: Path, out: Path, tokens: int, samples: bool) -> dict[str, Any]:
+    """One `sdlora train` step in a fresh process with `code` first on its path (`samples`: and a 1-step sample
+    grid after it): its peak RSS and wall time."""
     args = ["train", str(data), str(out), "--base", str(base), "--steps", "1", "--resolution", "64", "--rank", "4"]
-    args += ["--sample-every", "0", "--checkpoint-every", "0", "--set", "train.eval_every=0"]
+    args += ["--sample-every", "1" if samples else "0", "--set", "train.sample_steps=1"]
+    args += ["--checkpoint-every", "0", "--set", "train.eval_every=0"]
     args += ["--set", f"model.max_sequence_length={tokens}"]
     env = {**os.environ, "PYTHONPATH": str(code), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     started = time.perf_counter()
-    process = subprocess.Popen(
-        [sys.executable, "-c", "from sdlora.cli import app; app()", *args],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    output = process.stdout.read().decode(errors="replace") if process.stdout else ""
-    _, status, usage = os.wait4(process.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{code}: sdlora train failed:\n{output[-3000:]}")
-    # ru_maxrss is in KiB on Linux
-    return {
-        "code": str(code),
-        "peak_rss_gb": round(usage.ru_maxrss / 2**20, 2),
-        "seconds": round(time.perf_counter() - started, 1),
-    }
+    # GNU time's %M: the peak RSS of the command itself, in KiB (kernel's ru_maxrss of the waited child).
+    command = ["/usr/bin/time", "-f", "maxrss_kib=%M", sys.executable, "-c", "from sdlora.cli import app; app()"]
+    done = subprocess.run([*command, *args], env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{code}: sdlora train failed:\n{(done.stdout + done.stderr)[-3000:]}")
+    kib = int(done.stderr.rsplit("maxrss_kib=", 1)[1].split()[0])
+    return {"code": str(code), "peak_rss_gb": round(kib / 2**20, 2), "seconds": round(time.perf_counter() - started, 1)}
 
 
 def main() -> None:
@@ -95,8 +91,11 @@ def main() -> None:
     parser.add_argument("--t5-layers", type=int, default=2)
     parser.add_argument("--tokens", type=int, default=64, help="T5 tokens per prompt (model.max_sequence_length)")
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--samples", action="store_true", help="render a sample grid after the step")
+    parser.add_argument("--save-dtype", choices=["fp32", "bf16"], default="bf16", help="the base's weights on disk")
     parser.add_argument("--workdir", type=Path, default=None, help="keep the base here (default: a temporary folder)")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--build-only", action="store_true", help="only save the base into --workdir")
     options = parser.parse_args()
     codes = options.code or [Path(__file__).resolve().parents[1]]
     with tempfile.TemporaryDirectory() as tmp:
@@ -105,13 +104,26 @@ def main() -> None:
         sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
         from train_utils import subject_set
 
-        params = build_base(base, options.double, options.single, options.t5_layers) if not base.exists() else {}
+        if options.build_only:
+            params = build_base(base, options.double, options.single, options.t5_layers, options.save_dtype)
+            print(json.dumps(params))
+            return
+        if not base.exists():
+            # In a child process: a forked child's peak RSS (ru_maxrss) starts at its parent's, so the parent must
+            # stay small.
+            build = [sys.executable, __file__, "--build-only", "--workdir", str(root), "--double", str(options.double)]
+            build += ["--single", str(options.single), "--t5-layers", str(options.t5_layers)]
+            build += ["--save-dtype", options.save_dtype]
+            built = subprocess.run(build, check=True, capture_output=True, text=True).stdout
+            params = json.loads(built.strip().splitlines()[-1])
+        else:
+            params = {}
         if not data.exists():
             subject_set(data)
         runs = []
-        for repeat in range(options.repeats):
-            for i, code in enumerate(codes):
-                run = train_once(code, base, data, root / f"out-{repeat}-{i}", options.tokens)
+        for _ in range(options.repeats):
+            for code in codes:
+                run = train_once(code, base, data, root / f"out-{time.time_ns()}", options.tokens, options.samples)
                 runs.append(run)
                 print(json.dumps(run), flush=True)
     result = {"params": params, "settings": {k: str(v) for k, v in vars(options).items()}, "runs": runs}

@@ -34,7 +34,9 @@ class Family(Protocol):
     samplers: tuple[str, ...]  # names in sdlora.generate.render.SCHEDULERS that can sample this family
     guidance_label: str | None  # A1111/Forge's name of a distilled guidance value in PNG parameters, or None
     size_multiple: int  # training and image sides must be multiples of this (Flux: 16, for its 2x2 packing)
-    stage_frozen: bool  # frozen text encoders and VAE stay in CPU RAM and visit the device only to be cached
+    # Frozen text encoders load one at a time, only to be cached, and the VAE stays in CPU RAM (sdlora.train.staging);
+    # such a family also has render_from_cache(pipe, rows): its pipeline then renders from the cached conditioning.
+    stage_frozen: bool
     comfyui_diffusers_file: bool  # diffusers file written for ComfyUI too (lora.peft.save_diffusers for_comfyui)
 
     def claims(self, pipe: Any) -> bool:
