@@ -75,12 +75,19 @@ def train_once(code: Path, base: Path, data: Path, out: Path, tokens: int, sampl
     env = {**os.environ, "PYTHONPATH": str(code), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     started = time.perf_counter()
     # GNU time's %M: the peak RSS of the command itself, in KiB (kernel's ru_maxrss of the waited child).
-    command = ["/usr/bin/time", "-f", "maxrss_kib=%M", sys.executable, "-c", "from sdlora.cli import app; app()"]
-    done = subprocess.run([*command, *args], env=env, capture_output=True, text=True)
+    script = "import sys, sdlora; print('sdlora_from=' + sdlora.__file__, file=sys.stderr); "
+    script += "from sdlora.cli import app; app()"
+    command = ["/usr/bin/time", "-f", "maxrss_kib=%M", sys.executable, "-c", script]
+    # Not in the repository's folder: `python -c` puts the working folder first on the path.
+    done = subprocess.run([*command, *args], env=env, capture_output=True, text=True, cwd=out.parent)
     if done.returncode != 0:
         raise SystemExit(f"{code}: sdlora train failed:\n{(done.stdout + done.stderr)[-3000:]}")
     kib = int(done.stderr.rsplit("maxrss_kib=", 1)[1].split()[0])
-    return {"code": str(code), "peak_rss_gb": round(kib / 2**20, 2), "seconds": round(time.perf_counter() - started, 1)}
+    used = done.stderr.split("sdlora_from=", 1)[1].split()[0]
+    if not Path(used).resolve().is_relative_to(code.resolve()):
+        raise SystemExit(f"{code}: ran the sdlora of {used} instead")
+    seconds = round(time.perf_counter() - started, 1)
+    return {"code": str(code), "peak_rss_gb": round(kib / 2**20, 2), "seconds": seconds}
 
 
 def main() -> None:
