@@ -441,13 +441,22 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid TOML ({exc})") from None
 
 
-def save(config: Config, path: Path) -> None:
-    """Write the resolved config as JSON, atomically."""
-    atomic_write_text(Path(path), json.dumps(config.model_dump(mode="json"), indent=2) + "\n")
+def save(config: Config, path: Path, given_only: Iterable[str] = ()) -> None:
+    """Write the resolved config as JSON, atomically; sections in `given_only` hold only the settings given."""
+    atomic_write_text(Path(path), json.dumps(_dump(config, given_only), indent=2) + "\n")
 
 
-def to_toml(config: Config) -> str:
-    """The config as TOML (unset optional settings are left out: TOML has no null)."""
+def _dump(config: Config, given_only: Iterable[str]) -> dict[str, Any]:
+    """The config as JSON data; the sections in `given_only` without the settings nobody set (a model family's
+    own defaults then still apply when the file is read back: sdlora.families.with_defaults)."""
+    data = config.model_dump(mode="json")
+    for section in given_only:
+        data[section] = getattr(config, section).model_dump(mode="json", exclude_unset=True)
+    return data
+
+
+def to_toml(config: Config, given_only: Iterable[str] = ()) -> str:
+    """The config as TOML (unset optional settings are left out: TOML has no null); see `_dump` for `given_only`."""
     import tomli_w
 
     def drop_none(value: Any) -> Any:
@@ -455,7 +464,7 @@ def to_toml(config: Config) -> str:
             return {k: drop_none(v) for k, v in value.items() if v is not None}
         return value
 
-    data = config.model_dump(mode="json")
+    data = _dump(config, given_only)
     data["model"]["allow_pickle"] = False  # a config file may not allow pickles (see _no_pickle_from)
     return tomli_w.dumps(drop_none(data))
 

@@ -6,6 +6,7 @@ The family is read from the model itself (sdlora.families: its config, or a chec
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -83,8 +84,10 @@ def inference_dtype() -> Any:
     return torch.bfloat16 if bf16 else torch.float16
 
 
-def load_base(model: ModelConfig, torch_dtype: Any = None) -> Any:
-    """The pipeline of the config's base model (with its VAE and single-file settings), for every command."""
+def load_base(model: ModelConfig, torch_dtype: Any = None, without: Sequence[str] = ()) -> Any:
+    """The pipeline of the config's base model (with its VAE and single-file settings), for every command;
+    `without`: components left out (None in the pipeline; training loads frozen text encoders one at a time with
+    `load_text_encoder`)."""
     return load_pipeline(
         model.base or "",
         allow_pickle=model.allow_pickle,
@@ -92,7 +95,102 @@ def load_base(model: ModelConfig, torch_dtype: Any = None) -> Any:
         vae=model.vae,
         single_file_config=model.single_file_config,
         quantize=model.quantize,
+        without=without,
     )
+
+
+def components_root(model: ModelConfig) -> str:
+    """Where the base's components live as a diffusers pipeline: the folder or hub id, or for a single file
+    model.single_file_config (the file's own text encoders, if any, are not read: sdlora.families.flux_single_file)."""
+    base = model.base or ""
+    if Path(base).expanduser().is_file():
+        if not model.single_file_config:
+            raise UsageError(
+                f"{base}: name the diffusers folder of its text encoders: --set model.single_file_config=DIR"
+            )
+        return model.single_file_config
+    return str(Path(base).expanduser()) if Path(base).expanduser().is_dir() else base
+
+
+def load_component(model: ModelConfig, name: str, torch_dtype: Any = None) -> Any:
+    """One component of the base (pipeline attribute `name`: a text encoder, a tokenizer), loaded alone from its
+    subfolder with the class model_index.json names: what `from_pretrained` of the whole pipeline would load."""
+    root = components_root(model)
+    try:
+        kwargs: dict[str, Any] = {"dtype": torch_dtype} if torch_dtype is not None else {}
+        return _component_class(root, name).from_pretrained(root, subfolder=name, **kwargs)
+    except (OSError, ValueError, KeyError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise SdloraError(f"could not load {name} of {root!r}: {first} (copy or download the model again)") from exc
+
+
+def load_text_encoder(model: ModelConfig, name: str, torch_dtype: Any = None) -> Any:
+    """One text encoder of the base, alone (load_component), frozen and in eval mode."""
+    return load_component(model, name, torch_dtype).requires_grad_(False).eval()
+
+
+def component_config(model: ModelConfig, name: str) -> Any:
+    """The config of the base's component `name` (e.g. "transformer") as attributes, without its weights."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(
+        **_component_class(components_root(model), name).load_config(components_root(model), subfolder=name)
+    )
+
+
+def _component_class(root: str, name: str) -> Any:
+    """The class model_index.json of `root` names for component `name`."""
+    import importlib
+
+    from diffusers import DiffusionPipeline
+
+    library, class_name = DiffusionPipeline.load_config(root)[name]
+    return getattr(importlib.import_module(library), class_name)
+
+
+def peek_family(model: ModelConfig) -> Family:
+    """The family of the config's base without loading any weights: a single file's tensor keys, else the
+    denoiser built on the meta device from the folder's (or hub id's) config and asked by each family's `claims`."""
+    from types import SimpleNamespace
+
+    import torch
+    from diffusers import DiffusionPipeline
+
+    from sdlora import families
+
+    base = model.base or ""
+    path = Path(base).expanduser()
+    if path.is_file():
+        return _checkpoint_family(path)
+    root = str(path) if path.is_dir() else base
+    try:
+        denoisers = {}
+        for name in sorted({f.denoiser for f in families.REGISTRY.values()} & set(DiffusionPipeline.load_config(root))):
+            cls = _component_class(root, name)
+            with torch.device("meta"):
+                denoisers[name] = cls.from_config(cls.load_config(root, subfolder=name))
+        return families.detect(SimpleNamespace(**denoisers))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise SdloraError(f"could not read base model {base!r}: {first} ({_load_hint(path, None)})") from exc
+
+
+def check_sizes(model: ModelConfig, sizes: Sequence[tuple[str, int]]) -> None:
+    """Pre-flight, before any weights load: every (option, side) is a multiple of the base family's
+    `size_multiple` (Flux: 16, for its 2x2 patches of 8x latents). Sides that suit every family need no look."""
+    from sdlora import families
+
+    largest = max(family.size_multiple for family in families.REGISTRY.values())
+    if all(side % largest == 0 for _, side in sizes):
+        return
+    family = peek_family(model)
+    for option, side in sizes:
+        if side % family.size_multiple:
+            multiple = family.size_multiple
+            raise UsageError(
+                f"{option}: {family.label} takes sizes that are multiples of {multiple} ({side} is not); "
+                f"try {max(multiple, side // multiple * multiple)}"
+            )
 
 
 # bitsandbytes through diffusers' PipelineQuantizationConfig: the denoiser only (QLoRA); the LoRA stays fp32.
@@ -235,12 +333,13 @@ def load_pipeline(
     vae: str | None = None,
     single_file_config: str | None = None,
     quantize: str = "none",
+    without: Sequence[str] = (),
 ) -> Any:
     """The diffusers pipeline of `base`: a hub id, a local diffusers folder, or a single-file checkpoint.
 
     `single_file_config` (a diffusers folder or hub id of the same architecture) lets a single file load
     offline; without it diffusers fetches the architecture's configs from the hub. `quantize`: none, nf4 or
-    int8 (the denoiser, with bitsandbytes).
+    int8 (the denoiser, with bitsandbytes). `without`: components not loaded (None in the pipeline).
     """
     from diffusers import DiffusionPipeline
     from diffusers.utils import logging as diffusers_logging
@@ -255,6 +354,7 @@ def load_pipeline(
     quantized = quantization_config(quantize, torch_dtype)
     if quantized is not None:
         kwargs["quantization_config"] = quantized
+    kwargs.update({name: None for name in without})  # diffusers leaves a component given as None unloaded
     hint = _load_hint(path, single_file_config)
     try:
         if path.is_file():

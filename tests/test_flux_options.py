@@ -101,41 +101,6 @@ def test_guidance_reaches_the_embedding_only_on_dev(tmp_path):
 
 
 @pytest.mark.slow
-def test_frozen_parts_visit_the_device_one_at_a_time_and_leave_ram(tmp_path, monkeypatch):
-    """T5, CLIP and the VAE are cached one at a time (the transformer joins the device after them); with no render
-    to come (no samples, no scoring) the text encoders are dropped; with CLIP trained, T5's part stays cached."""
-    from sdlora import testing
-    from sdlora.train import staging
-
-    visits, released = [], []
-    original_visiting, original_release = staging.visiting, staging.release
-
-    def visiting(pipe, names, device):
-        visits.append(list(names))
-        return original_visiting(pipe, names, device)
-
-    def release(pipe, names):
-        released.append(list(names))
-        original_release(pipe, names)
-
-    monkeypatch.setattr(staging, "visiting", visiting)
-    monkeypatch.setattr(staging, "release", release)
-    base = testing.save_tiny_pipeline("flux", tmp_path / "flux")
-    data = subject_set(tmp_path / "data")
-    args = ["train", str(data), "OUT", "--base", str(base), "--steps", "1", "--resolution", "64", "--rank", "4"]
-    args += ["--checkpoint-every", "0", "--set", "train.eval_every=0"]
-    result = runner.invoke(app, [a.replace("OUT", str(tmp_path / "a")) for a in args] + ["--sample-every", "0"])
-    assert result.exit_code == 0, result.output
-    assert [v for v in visits if v] == [["vae"], ["text_encoder"], ["text_encoder_2"]]
-    assert released == [["text_encoder", "text_encoder_2"]]
-    visits.clear(), released.clear()
-    result = runner.invoke(app, [a.replace("OUT", str(tmp_path / "b")) for a in args] + ["--train-text-encoder"])
-    assert result.exit_code == 0, result.output
-    assert [v for v in visits if v][:2] == [["vae"], ["text_encoder_2"]]  # only T5 is cached
-    assert released == []  # the sample grid at the last step renders with them
-
-
-@pytest.mark.slow
 def test_prior_preservation_min_snr_checkpointing_and_8bit_adamw_on_flux(tmp_path):
     """Class images rendered by the staged pipeline (every part back on the device for it), then training with
     the min-SNR-equivalent weights, gradient checkpointing and 8-bit AdamW."""
@@ -152,21 +117,3 @@ def test_prior_preservation_min_snr_checkpointing_and_8bit_adamw_on_flux(tmp_pat
     assert len(list((out / "class_images").glob("*.png"))) == 2
     assert "4 images + 2 class images" in result.output
     assert (out / "pytorch_lora_weights.safetensors").is_file()
-
-
-def test_text_encoders_stay_in_ram_only_for_a_render_to_come(tmp_path):
-    """Flux's staged T5 and CLIP are kept after caching only when something renders later: sample grids, or identity
-    scoring where it is on (by default only on a prep dataset, one with a manifest), not on a plain folder."""
-    from sdlora.config import Config
-    from sdlora.layout import MANIFEST
-    from sdlora.train.staging import renders_later
-
-    plain, prepped = tmp_path / "plain", tmp_path / "prepped"
-    plain.mkdir(), prepped.mkdir()
-    (prepped / MANIFEST).write_text("")
-    quiet = Config(train={"sample_every": 0})
-    assert not renders_later(quiet, plain)
-    assert renders_later(quiet, prepped)
-    assert not renders_later(Config(train={"sample_every": 0, "eval_every": 0}), prepped)
-    assert renders_later(Config(train={"sample_every": 0, "eval_every": 5}), plain)
-    assert renders_later(Config(train={"sample_every": 100, "eval_every": 0}), plain)

@@ -68,3 +68,44 @@ def test_single_file_without_config_is_one_clear_error(flux_files, tmp_path):
     assert result.exit_code == 2
     assert "holds the transformer" in result.output and "model.single_file_config" in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_quantize_a_single_file_goes_through_diffusers_from_single_file(flux_files, monkeypatch):
+    """--quantize with a BFL file: our BFL->diffusers state dict to diffusers' from_single_file with a
+    BitsAndBytesConfig (bitsandbytes quantizes only on CUDA: here the quantizing call is checked, then made without
+    it, which must give the folder's transformer)."""
+    from diffusers import BitsAndBytesConfig, FluxTransformer2DModel
+
+    from sdlora.families import flux_single_file
+
+    folder, path = flux_files
+    calls = []
+    original = FluxTransformer2DModel.from_single_file.__func__
+
+    def from_single_file(cls, state, **kwargs):
+        calls.append(kwargs)
+        kwargs = {k: v for k, v in kwargs.items() if k != "quantization_config"}
+        return original(cls, state, **kwargs)
+
+    monkeypatch.setattr(FluxTransformer2DModel, "from_single_file", classmethod(from_single_file))
+    quantization = models.quantization_config("nf4", torch.float32)
+    pipe = flux_single_file.load_pipeline(path, str(folder), {"quantization_config": quantization})
+    [call] = calls
+    bnb = call["quantization_config"]
+    assert isinstance(bnb, BitsAndBytesConfig) and bnb.load_in_4bit and bnb.bnb_4bit_quant_type == "nf4"
+    assert (call["config"], call["subfolder"]) == (str(folder), "transformer")
+    theirs = models.load_pipeline(str(folder)).transformer.state_dict()
+    ours = pipe.transformer.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+@pytest.mark.cuda
+def test_nf4_single_file_trains(flux_files, tmp_path):
+    folder, path = flux_files
+    data, out = subject_set(tmp_path / "data"), tmp_path / "out"
+    args = ["train", str(data), str(out), "--base", str(path), "--set", f"model.single_file_config='{folder}'"]
+    args += ["--steps", "2", "--resolution", "64", "--rank", "4", "--quantize", "nf4", "--checkpoint-every", "0"]
+    result = CliRunner().invoke(app, [*args, "--sample-every", "2", "--set", "train.sample_steps=2"])
+    assert result.exit_code == 0, result.output
+    state = load_file(str(out / "pytorch_lora_weights.safetensors"))
+    assert state and all(v.dtype == torch.float32 for v in state.values())

@@ -34,7 +34,9 @@ class Family(Protocol):
     samplers: tuple[str, ...]  # names in sdlora.generate.render.SCHEDULERS that can sample this family
     guidance_label: str | None  # A1111/Forge's name of a distilled guidance value in PNG parameters, or None
     size_multiple: int  # training and image sides must be multiples of this (Flux: 16, for its 2x2 packing)
-    stage_frozen: bool  # frozen text encoders and VAE stay in CPU RAM and visit the device only to be cached
+    # Frozen text encoders load one at a time, only to be cached, and the VAE stays in CPU RAM (sdlora.train.staging);
+    # such a family also has render_from_cache(pipe, rows): its pipeline then renders from the cached conditioning.
+    stage_frozen: bool
     comfyui_diffusers_file: bool  # diffusers file written for ComfyUI too (lora.peft.save_diffusers for_comfyui)
     # Pivotal tuning: (text encoder attribute, key of its vectors in an embedding file as A1111/ComfyUI read it) for
     # each CLIP encoder that gets the new trigger tokens ("clip_l", "clip_g", SD 2.x's "clip_h"); () for none.
@@ -178,14 +180,12 @@ def detect_lora(metadata: Mapping[str, str]) -> str | None:
 
 def with_defaults(config: Any, family: Family, pipe: Any) -> Any:
     """`config` (sdlora.config.Config) with the family's own defaults for the loaded base (Flux: 28 steps, guidance
-    3.5, flow-matching Euler) in the settings still at the config's defaults (also in a run's saved config, which
-    lists every setting; so a value given that equals the config's default counts as not given); the same object
-    when there are none."""
+    3.5, flow-matching Euler) in the settings nobody set (pydantic's `model_fields_set`: a TOML file, an option or
+    --set sets one, even to the config's default value, and then it wins); the same object when there are none."""
     changes: dict[str, dict[str, Any]] = {}
     for dotted, value in family.generate_defaults(pipe).items():
         section, _, key = dotted.partition(".")
-        settings = getattr(config, section)
-        if getattr(settings, key) == type(settings).model_fields[key].default:
+        if key not in getattr(config, section).model_fields_set:
             changes.setdefault(section, {})[key] = value
     if not changes:
         return config

@@ -142,6 +142,12 @@ class Flux:
             cond[key] = output.pooler_output if key == "pooled_projections" else output[0]
         return cond
 
+    def render_from_cache(self, pipe: Any, rows: dict[str, Conditioning]) -> None:
+        """Make `pipe` render from cached conditioning (staged training: the frozen text encoders are gone): its
+        encode_prompt looks each prompt's rows up in `rows` ({prompt: {"encoder_hidden_states": (L, 4096),
+        "pooled_projections": (768,)}}); a CLIP-L that trains (no pooled rows) still encodes its part live."""
+        pipe.encode_prompt = CachedPrompts(pipe, rows)
+
     def predict(
         self,
         model: Any,
@@ -225,6 +231,52 @@ class Flux:
         from sdlora.testing import tiny_flux_pipeline
 
         return tiny_flux_pipeline(seed=seed)
+
+
+@dataclass(frozen=True)
+class CachedPrompts:
+    """FluxPipeline.encode_prompt from cached rows: what the pipeline computes, without its frozen text encoders."""
+
+    pipe: Any
+    rows: dict[str, Conditioning]
+
+    def __call__(
+        self,
+        prompt: str | list[str],
+        prompt_2: Any = None,
+        device: Any = None,
+        num_images_per_prompt: int = 1,
+        prompt_embeds: Any = None,
+        pooled_prompt_embeds: Any = None,
+        max_sequence_length: int = 512,
+        lora_scale: float | None = None,
+    ) -> tuple[Any, Any, Any]:
+        import torch
+
+        from sdlora.errors import SdloraError
+
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        missing = [p for p in prompts if p not in self.rows]
+        if missing:
+            raise SdloraError(f"prompt {missing[0]!r} was not cached before its text encoders were freed")
+        device = device or self.pipe._execution_device
+
+        def stacked(key: str) -> Any:
+            rows = torch.stack([self.rows[p][key] for p in prompts]).to(device)
+            return rows.repeat_interleave(num_images_per_prompt, dim=0)  # as the pipeline repeats each prompt
+
+        if prompt_embeds is None:
+            prompt_embeds = stacked("encoder_hidden_states")
+            if "pooled_projections" in self.rows[prompts[0]]:
+                pooled_prompt_embeds = stacked("pooled_projections")
+            else:  # CLIP-L trains: its pooled output is computed live, as the pipeline does
+                pooled_prompt_embeds = self.pipe._get_clip_prompt_embeds(
+                    prompt=prompts, device=device, num_images_per_prompt=num_images_per_prompt
+                )
+        encoder = self.pipe.text_encoder
+        dtype = encoder.dtype if encoder is not None else prompt_embeds.dtype  # the frozen CLIP-L's, as cached
+        text_ids = torch.zeros(prompt_embeds.shape[1], 3).to(device=device, dtype=dtype)
+        return prompt_embeds, pooled_prompt_embeds, text_ids
 
 
 FLUX = Flux()

@@ -48,11 +48,8 @@ def load_pipeline(path: Path, config: str | None, kwargs: dict[str, Any]) -> Any
             "ComfyUI's names); name a diffusers Flux folder or hub id for the rest and the configs: "
             "--set model.single_file_config=black-forest-labs/FLUX.1-dev"
         )
-    if kwargs.get("quantization_config") is not None:
-        raise UsageError(
-            f"{path}: --quantize is for diffusers-folder bases; quantize a Flux single file by "
-            "saving it as a folder first, or use --quantize none"
-        )
+    kwargs = dict(kwargs)
+    quantization = kwargs.pop("quantization_config", None)
     dtype = kwargs.get("dtype") or torch.float32
     transformer_config = FluxTransformer2DModel.load_config(config, subfolder="transformer")
     with torch.device("meta"):
@@ -64,9 +61,24 @@ def load_pipeline(path: Path, config: str | None, kwargs: dict[str, Any]) -> Any
     missing = sorted(set(transformer.state_dict()) - set(state))
     if missing:
         raise SdloraError(f"{path}: lacks {missing[0]} (and {len(missing) - 1} more) of {config}'s transformer")
+    if quantization is not None:
+        transformer = quantized_transformer(state, config, quantization, dtype)
+        return FluxPipeline.from_pretrained(config, transformer=transformer.eval(), **kwargs)
     try:
         transformer.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[-1]
         raise SdloraError(f"{path}: its transformer does not fit {config}'s config ({first})") from None
     return FluxPipeline.from_pretrained(config, transformer=transformer.eval(), **kwargs)
+
+
+def quantized_transformer(state: dict[str, Any], config: str, quantization: Any, dtype: Any) -> Any:
+    """The transformer of diffusers-named tensors `state`, quantized as it loads (--quantize nf4/int8): diffusers'
+    from_single_file takes a state dict, and one already in its own names is loaded as it is, at any width.
+    `quantization`: the pipeline's PipelineQuantizationConfig (sdlora.models.quantization_config)."""
+    from diffusers import BitsAndBytesConfig, FluxTransformer2DModel
+
+    bnb = BitsAndBytesConfig(**quantization.quant_kwargs)
+    return FluxTransformer2DModel.from_single_file(
+        state, config=config, subfolder="transformer", quantization_config=bnb, dtype=dtype
+    )

@@ -136,6 +136,7 @@ def generate(config: Config, out_dir: Path) -> list[Path]:
     for lora in loras:
         lora_files.check_finite(lora)
     width, height = g.width_height
+    models.check_sizes(config.model, [("--size", width), ("--size", height)])  # the family's multiple, before loading
     source = _load_source(g, width, height)  # before the base model loads: a bad photo fails fast
     prompts = expand_triggers(g.prompts, loras)
     jobs = [Job(i, prompt, g.seed + i) for i, prompt in enumerate(p for p in prompts for _ in range(g.n))]

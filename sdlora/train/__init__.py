@@ -76,13 +76,15 @@ def _lock(out_dir: Path) -> Any:
 
 def preflight(config: Config, dataset_dir: Path, out_dir: Path) -> Plan:
     """Every check that needs no model, each failing with a one-line UsageError."""
-    from sdlora.models import check_base, device_facts
+    from sdlora.models import check_base, check_sizes, device_facts
     from sdlora.preflight import check_output_dir
     from sdlora.prep.images import check_images
     from sdlora.train import checkpoint, data, pivotal, preservation, prior
     from sdlora.train.optim import check_optimizer
 
     check_base(config.model.base, config.model.allow_pickle, config.model.single_file_config)
+    sizes = [("train.resolutions", s) for s in config.train.resolutions] or [("--resolution", config.train.resolution)]
+    check_sizes(config.model, sizes)  # the family's multiple (Flux: 16), before any model loads
     token, class_word = data.trigger_parts(dataset_dir, config.prep.token, config.prep.class_word)
     caption = config.prep.caption_template.format(token=token, class_word=class_word)
     examples = data.load_examples(dataset_dir, default_caption=caption)

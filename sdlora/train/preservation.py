@@ -46,51 +46,54 @@ class Preserver:
     weight: float
 
 
-def attach(config: Any, plan: Any, pipe: Any, family: Any, batches: Any, accelerator: Any, staged: Sequence[str]):
-    """Set-up, after the batches are built (and before staged text encoders leave RAM): the masks into the
-    instance set, and output preservation's class prompts and their text cache into `batches.preserve`."""
-    from sdlora.train import data
-
+def attach(config: Any, plan: Any, pipe: Any, family: Any, batches: Any, accelerator: Any) -> None:
+    """Set-up, after the batches are built: the masks into the instance set, and output preservation's class
+    prompts and their text cache into `batches.preserve`."""
     tc = config.train
     if tc.masked_loss:
         batches.instances.load_masks()
         batches.mask_floor = tc.mask_floor
     if tc.preservation != "output":
         return
-    token, _ = data.trigger_parts(plan.dataset_dir, config.prep.token, config.prep.class_word)
-    captions = [e.caption for e in plan.examples] + [""]
-    prompts = {caption: class_prompt(caption, token) for caption in captions}
-    cache = text_cache(config, pipe, family, list(dict.fromkeys(prompts.values())), staged, accelerator.device)
+    prompts = _class_prompts(config, plan)
+    cache = text_cache(config, pipe, family, list(dict.fromkeys(prompts.values())), batches)
     batches.preserve = Preserver(prompts, cache, tc.preservation_weight)
     example = prompts[plan.examples[0].caption]
     accelerator.print(f"output preservation: class prompts like {example!r} (weight {tc.preservation_weight:g})")
 
 
-def text_cache(
-    config: Any, pipe: Any, family: Any, prompts: list[str], staged: Sequence[str], device: Any
-) -> dict | None:
+def _class_prompts(config: Any, plan: Any) -> dict[str, str]:
+    """{caption: its class prompt} for every caption of the run (and the empty one of caption dropout)."""
+    from sdlora.train import data
+
+    token, _ = data.trigger_parts(plan.dataset_dir, config.prep.token, config.prep.class_word)
+    captions = [e.caption for e in plan.examples] + [""]
+    return {caption: class_prompt(caption, token) for caption in captions}
+
+
+def class_prompts(config: Any, plan: Any) -> list[str]:
+    """Output preservation's class prompts (none without it): what a staged family's text encoders, loaded apart
+    before the denoiser (sdlora.train.staging), also cache."""
+    return list(dict.fromkeys(_class_prompts(config, plan).values())) if config.train.preservation == "output" else []
+
+
+def text_cache(config: Any, pipe: Any, family: Any, prompts: list[str], batches: Any) -> dict | None:
     """The frozen text encoders' conditioning of `prompts`, as setup.build_batches caches the captions': all of
-    them when none trains, those beside a trained one on staged families (T5); None when nothing is cached."""
+    them when none trains; on staged families (Flux) the captions' own cache, whose encoders, loaded apart before
+    the denoiser, cached the class prompts too (T5's part beside a trained CLIP-L); None when nothing is cached."""
     from sdlora import families
     from sdlora.train import staging
-    from sdlora.train.batches import build_text_cache, merge_text_caches
+    from sdlora.train.batches import build_text_cache
     from sdlora.train.setup import trained_text_encoders
 
+    if staging.frozen_encoders(config, family):
+        return batches.text_cache
     trained = trained_text_encoders(config, pipe, family)
-    frozen = [name for name in family.text_encoders if name not in trained]
-    if not frozen or (trained and not staged):
+    if trained:  # they encode afresh each step
         return None
     encoders, tokenizers = families.encoders(pipe, family), families.tokenizers(pipe, family)
     tokens = family.sequence_length(pipe, config.model.max_sequence_length)
-    if not staged:
-        return build_text_cache(family, tokenizers, encoders, prompts, tokens)
-    parts = []
-    for i, name in enumerate(family.text_encoders):
-        if name in frozen:
-            alone = [encoder if j == i else None for j, encoder in enumerate(encoders)]
-            with staging.visiting(pipe, [name], device):
-                parts.append(build_text_cache(family, tokenizers, alone, prompts, tokens))
-    return merge_text_caches(parts)
+    return build_text_cache(family, tokenizers, encoders, prompts, tokens)
 
 
 @contextlib.contextmanager

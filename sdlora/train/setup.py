@@ -56,12 +56,16 @@ def setup(config: Config, plan: Plan, accelerator: Any) -> Run:
     import torch
 
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(plan.precision, torch.float32)
+    cached = staging.encode_first(config, plan, accelerator, weight_dtype)  # Flux: T5, CLIP before the transformer
     pipe, info = load_base(config, accelerator, weight_dtype)
-    return setup_pipeline(config, plan, accelerator, pipe, info)
+    return setup_pipeline(config, plan, accelerator, pipe, info, cached)
 
 
-def setup_pipeline(config: Config, plan: Plan, accelerator: Any, pipe: Any, info: Any) -> Run:
-    """setup() after the base is loaded (frozen, on the device): also what bench/train_step.py times."""
+def setup_pipeline(
+    config: Config, plan: Plan, accelerator: Any, pipe: Any, info: Any, cached: staging.Cached | None = None
+) -> Run:
+    """setup() after the base is loaded (frozen, on the device): also what bench/train_step.py times. `cached`:
+    what staging.encode_first cached (a staged family's text encoders are then not in `pipe`)."""
     from sdlora import families, objectives
     from sdlora.lora import peft
     from sdlora.train import checkpoint, pivotal, preservation
@@ -76,20 +80,18 @@ def setup_pipeline(config: Config, plan: Plan, accelerator: Any, pipe: Any, info
     objective = objectives.with_bias(objective, tc.timestep_bias, tc.timestep_bias_strength)
     staged = staging.staged_parts(config, family)  # in CPU RAM, on the device only to be cached
     late = [family.denoiser] if staged else []  # the denoiser joins the device once they have left it
+    cached = cached or staging.encode_apart(config, plan, pipe, family, accelerator, pipe.vae.dtype)
+    text_cache = staging.use(pipe, family, cached)  # renders read the cache; None unless a staged family
     with staging.visiting(pipe, staged + late if makes_class_images(config) else [], accelerator.device):
         classes = class_images(config, plan, pipe, accelerator)
     attach_adapters(config, pipe, family, seed=tc.seed)
     check_sizes(config, family)
     pivotal_run = pivotal.start(config, plan, pipe, family, accelerator)  # new trigger tokens, before text caching
-    batches = build_batches(config, plan, pipe, family, classes, accelerator, objective, staged)
-    preservation.attach(config, plan, pipe, family, batches, accelerator, staged)  # masks, output preservation
+    batches = build_batches(config, plan, pipe, family, classes, accelerator, objective, staged, text_cache)
+    preservation.attach(config, plan, pipe, family, batches, accelerator)  # masks, output preservation
     for name in late:
         getattr(pipe, name).to(accelerator.device)
     offloaded = staged if staged else offload_frozen(config, pipe, family)
-    if staged and not staging.renders_later(config, plan.dataset_dir):
-        encoders_done = [name for name in staged if name in family.text_encoders]
-        staging.release(pipe, encoders_done)  # T5 and CLIP leave RAM too: no sample or score needs them
-        offloaded = [name for name in staged if name not in encoders_done]
     encoders = trained_text_encoders(config, pipe, family)
     denoiser = getattr(pipe, family.denoiser)
     groups = [{"params": peft.trainable_parameters(denoiser), "lr": tc.learning_rate}]
@@ -150,7 +152,7 @@ def load_base(config: Config, accelerator: Any, weight_dtype: Any) -> tuple[Any,
     """The base pipeline with frozen weights in the training's half type (SDXL's VAE: fp32), on the device."""
     from sdlora import models
 
-    pipe = models.load_base(config.model, weight_dtype)
+    pipe = staging.load_base(config, weight_dtype)  # a staged family's frozen text encoders load later, alone
     info = models.model_info(pipe)
     staged = staging.staged_parts(config, info.spec)
     cpu = [*staged, info.spec.denoiser] if staged else []  # setup_pipeline moves them when their turn comes
@@ -248,7 +250,7 @@ def offload_frozen(config: Config, pipe: Any, family: Any) -> list[str]:
         return []
     trained = trained_text_encoders(config, pipe, family)
     trained |= dict(family.embedding_keys) if config.train.pivotal else {}  # they encode afresh while rows train
-    names = [name for name in family.text_encoders if name not in trained]
+    names = [name for name in family.text_encoders if name not in trained and getattr(pipe, name) is not None]
     names += ["vae"] if config.train.cache_latents else []
     for name in names:
         getattr(pipe, name).to("cpu")
@@ -277,11 +279,13 @@ def build_batches(
     accelerator: Any,
     objective: Any,
     staged: Sequence[str] = (),
+    text_cache: dict[str, Any] | None = None,
 ) -> Any:
-    """Cache the latents (VAE once per image and flip) and, with a frozen text encoder, the text conditioning;
-    `staged` parts come from CPU RAM to the device for it, one at a time."""
+    """Cache the latents (VAE once per image and flip) and, with a frozen text encoder, the text conditioning
+    (`text_cache`: already cached, by staging.encode_apart); `staged` parts come from CPU RAM to the device for it,
+    one at a time."""
     from sdlora import families
-    from sdlora.train.batches import Batches, ImageSet, build_text_cache, merge_text_caches
+    from sdlora.train.batches import Batches, ImageSet, build_text_cache
 
     tc, device = config.train, accelerator.device
     sizes = tc.resolutions or [tc.resolution]
@@ -289,26 +293,14 @@ def build_batches(
         instances = ImageSet(plan.examples, sizes, tc.flip, pipe.vae, tc.cache_latents)
         class_set = ImageSet(classes, sizes, tc.flip, pipe.vae, tc.cache_latents) if classes else None
     class_prompt = classes[0].caption if classes else ""
-    text_cache = None
     trained = trained_text_encoders(config, pipe, family)
     frozen = [name for name in family.text_encoders if name not in trained]
     # Frozen encoders' outputs are cached: all of them, or (staged families) those beside a trained one (T5).
-    if frozen and (not trained or staged):
+    if text_cache is None and frozen and not trained:  # (staged families' were cached apart: encode_apart)
         prompts = [e.caption for e in plan.examples] + [class_prompt, ""]
-        encoders = families.encoders(pipe, family)
-        tokenizers = families.tokenizers(pipe, family)
         tokens = family.sequence_length(pipe, config.model.max_sequence_length)
-        if staged:  # each frozen encoder alone on the device
-            parts = []
-            for i, name in enumerate(family.text_encoders):
-                if name not in frozen:
-                    continue
-                alone = [encoder if j == i else None for j, encoder in enumerate(encoders)]
-                with staging.visiting(pipe, [name], device):
-                    parts.append(build_text_cache(family, tokenizers, alone, prompts, tokens))
-            text_cache = merge_text_caches(parts)
-        else:
-            text_cache = build_text_cache(family, tokenizers, encoders, prompts, tokens)
+        encoders, tokenizers = families.encoders(pipe, family), families.tokenizers(pipe, family)
+        text_cache = build_text_cache(family, tokenizers, encoders, prompts, tokens)
     accelerator.print(
         f"{len(plan.examples)} images{f' + {len(classes)} class images' if classes else ''}; effective batch "
         f"{tc.batch_size} x {tc.grad_accum} accumulation x {accelerator.num_processes} processes = "
@@ -341,5 +333,6 @@ def write_run_files(config: Config, plan: Plan, accelerator: Any) -> None:
         checkpoint.clear_run(plan.out_dir)
     # Never store --resume/--overwrite: passing config.toml back must not wipe the run it resumes.
     stored = config.model_copy(update={"train": config.train.model_copy(update={"resume": None, "overwrite": False})})
-    save(stored, plan.out_dir / layout.CONFIG_JSON)
-    atomic_write_text(plan.out_dir / layout.CONFIG_TOML, to_toml(stored))
+    # The sampling settings as given: a family's own defaults (Flux: 28 steps, guidance 3.5) apply again at a resume.
+    save(stored, plan.out_dir / layout.CONFIG_JSON, given_only=["generate"])
+    atomic_write_text(plan.out_dir / layout.CONFIG_TOML, to_toml(stored, given_only=["generate"]))

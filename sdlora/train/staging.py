@@ -1,23 +1,39 @@
-"""Big frozen parts in CPU RAM, on the device only while their outputs are cached: for families whose text encoders
-and VAE would not fit beside the denoiser (Flux.1's T5-XXL is 9.5 GB in bf16). Each visits the device alone, so
-the device's peak is the largest part, not their sum; text encoders no render needs later leave RAM too."""
+"""Big frozen parts kept out of the way, for families whose text encoders and VAE would not fit beside the denoiser
+(Flux.1's T5-XXL is 9.5 GB in bf16, its transformer 24 GB): before the denoiser loads, each frozen text encoder
+loads alone, encodes every caption and every prompt training will render (sample grids, identity scoring, class
+images) and is freed before the next one loads; then the pipeline loads without them. So neither the device nor
+system RAM ever holds two of them, or one beside the denoiser. Renders read the cached conditioning. The VAE stays
+in CPU RAM and visits the device only to be cached."""
 
 from __future__ import annotations
 
 import contextlib
 import gc
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 
-def staged_parts(config: Any, family: Any) -> list[str]:
-    """Pipeline attributes that stay on the CPU: the family's frozen text encoders and, with cached latents, the
-    VAE; [] for families that keep everything on the device (SD, SDXL: train.offload moves parts afterwards)."""
+def frozen_encoders(config: Any, family: Any) -> list[str]:
+    """The text encoders a staged family loads apart, one at a time (all but a trained CLIP-L); [] otherwise."""
     if not family.stage_frozen:
         return []
     trained = family.trainable_text_encoders if config.lora.train_text_encoder else ()
-    names = [name for name in family.text_encoders if name not in trained]
-    return names + (["vae"] if config.train.cache_latents else [])
+    return [name for name in family.text_encoders if name not in trained]
+
+
+def staged_parts(config: Any, family: Any) -> list[str]:
+    """Pipeline attributes that stay on the CPU: with cached latents, the VAE of a staged family; [] for families
+    that keep everything on the device (SD, SDXL: train.offload moves parts afterwards)."""
+    return ["vae"] if family.stage_frozen and config.train.cache_latents else []
+
+
+def load_base(config: Any, torch_dtype: Any) -> Any:
+    """The base pipeline, without the text encoders a staged family loads apart (peeked before any weight loads)."""
+    from sdlora import models
+
+    without = frozen_encoders(config, models.peek_family(config.model))
+    return models.load_base(config.model, torch_dtype, without=without)
 
 
 @contextlib.contextmanager
@@ -43,9 +59,97 @@ def release(pipe: Any, names: Sequence[str]) -> None:
     gc.collect()
 
 
-def renders_later(config: Any, dataset_dir: Any) -> bool:
-    """Whether training renders (sample grids, identity scoring) and so needs the text encoders again. Scoring is
-    on where identity.cadence puts it (by default only on a prep dataset), not wherever eval_every is unset."""
-    from sdlora.train import identity
+def render_batches(config: Any, trigger: str) -> list[list[str]]:
+    """The prompt batches training will render, each as render_images will batch it (so that each prompt's cached
+    conditioning is bit for bit what the pipeline would compute): the sample grids, the class images of prior
+    preservation, identity scoring's prompt set."""
+    from sdlora.evaluation.prompts import STANDARD_PROMPTS, expand
 
-    return bool(config.train.sample_every) or identity.cadence(config, dataset_dir)[0] is not None
+    tc, size = config.train, config.generate.batch_size
+    lists = [[p.replace("{trigger}", trigger) for p in tc.sample_prompts]] if tc.sample_every else []
+    if tc.class_dir is None and tc.class_prompt:
+        lists.append([tc.class_prompt] * size)
+    if tc.eval_every != 0:
+        lists.append(expand(list(STANDARD_PROMPTS), config.eval.n, config.eval.seed, trigger)[1])
+    return [prompts[i : i + size] for prompts in lists for i in range(0, len(prompts), size)]
+
+
+@dataclass(frozen=True)
+class Cached:
+    """What the frozen text encoders left behind: the captions' table (sdlora.train.batches' text cache: captions,
+    class prompt, "") and each render prompt's rows ({prompt: {"encoder_hidden_states": ..., ...}})."""
+
+    captions: dict[str, Any]
+    rows: dict[str, Any]
+
+
+def encode_first(config: Any, plan: Any, accelerator: Any, torch_dtype: Any) -> Cached | None:
+    """For a staged family, before the denoiser loads (so that RAM holds the larger of T5 and the transformer, not
+    both): each frozen text encoder alone (encode_apart), with the tokenizers and the denoiser's config only.
+    None for families that keep their encoders."""
+    from types import SimpleNamespace
+
+    from sdlora import models
+
+    family = models.peek_family(config.model)
+    if not frozen_encoders(config, family):
+        return None
+    tokenizers = [name.replace("text_encoder", "tokenizer") for name in family.text_encoders]
+    light = SimpleNamespace(**{name: models.load_component(config.model, name) for name in tokenizers})
+    setattr(light, family.denoiser, SimpleNamespace(config=models.component_config(config.model, family.denoiser)))
+    return encode_apart(config, plan, light, family, accelerator, torch_dtype)
+
+
+def use(pipe: Any, family: Any, cached: Cached | None) -> dict[str, Any] | None:
+    """Make `pipe` render from the cached rows; the captions' table for the batches (None without a cache)."""
+    if cached is None:
+        return None
+    family.render_from_cache(pipe, cached.rows)
+    return cached.captions
+
+
+def encode_apart(
+    config: Any, plan: Any, pipe: Any, family: Any, accelerator: Any, torch_dtype: Any = None
+) -> Cached | None:
+    """Load each frozen text encoder alone (or take it from `pipe`, dropping it there), cache the captions'
+    conditioning and the renders' (render_batches) on the device, free it, load the next. None when the family
+    loads none apart."""
+    import torch
+
+    from sdlora import families, models
+    from sdlora.train import preservation
+    from sdlora.train.batches import build_text_cache, merge_text_caches
+
+    names = frozen_encoders(config, family)
+    if not names:
+        return None
+    device, tc = accelerator.device, config.train
+    class_prompt = (tc.class_prompt or f"a photo of {config.prep.class_word}") if _prior(config) else ""
+    prompts = [e.caption for e in plan.examples] + [class_prompt, ""] + preservation.class_prompts(config, plan)
+    batches = render_batches(config, plan.trigger)
+    tokenizers = families.tokenizers(pipe, family)
+    tokens = family.sequence_length(pipe, config.model.max_sequence_length)
+    parts, rows = [], {}
+    for name in names:
+        encoder = getattr(pipe, name, None) or models.load_text_encoder(config.model, name, torch_dtype)
+        release(pipe, [name])  # the pipeline never holds it: the local name is its only reference
+        encoder.requires_grad_(False).to(device)
+        alone = [encoder if other == name else None for other in family.text_encoders]
+        parts.append(build_text_cache(family, tokenizers, alone, prompts, tokens))
+        with torch.no_grad(), accelerator.autocast():  # as the renders run: under the accelerator's autocast
+            for batch in batches:
+                cond = family.encode_prompts(tokenizers, alone, batch, tokens)
+                for i, prompt in enumerate(batch):
+                    # in the encoder's dtype, as FluxPipeline casts its outputs
+                    row = {k: v[i].to(encoder.dtype) for k, v in cond.items()}
+                    rows.setdefault(prompt, {}).setdefault(name, row)
+        del encoder, alone
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    merged = {prompt: {k: v for part in by_name.values() for k, v in part.items()} for prompt, by_name in rows.items()}
+    return Cached(merge_text_caches(parts), merged)
+
+
+def _prior(config: Any) -> bool:
+    return config.train.class_dir is not None or bool(config.train.class_prompt)
