@@ -74,6 +74,7 @@ def setup_pipeline(config: Config, plan: Plan, accelerator: Any, pipe: Any, info
     objective = family.objective(pipe.scheduler, accelerator.device, tc.timestep_sampling, tc.timestep_shift)
     staged = staging.staged_parts(config, family)  # in CPU RAM, on the device only to be cached
     late = [family.denoiser] if staged else []  # the denoiser joins the device once they have left it
+    peft.check_exportable(config.lora, getattr(pipe, family.denoiser), family)  # before class images
     with staging.visiting(pipe, staged + late if makes_class_images(config) else [], accelerator.device):
         classes = class_images(config, plan, pipe, accelerator)
     attach_adapters(config, pipe, family, seed=tc.seed)
@@ -207,10 +208,10 @@ def attach_adapters(config: Config, pipe: Any, family: Any, seed: int) -> None:
     lc, tc = config.lora, config.train
     denoiser = getattr(pipe, family.denoiser)
     torch.manual_seed(seed)  # the LoRA init is part of the run: same seed, same adapter
-    peft.attach(denoiser, lc.rank, lc.alpha, lc.dropout, family.denoiser_targets(lc.targets))
+    peft.attach(denoiser, lc.rank, lc.alpha, lc.dropout, family.denoiser_targets(lc.targets), lc.kind)
     trained = [denoiser]
     for encoder in trained_text_encoders(config, pipe, family).values():
-        peft.attach(encoder, lc.rank, lc.alpha, lc.dropout, family.text_encoder_targets())
+        peft.attach(encoder, lc.rank, lc.alpha, lc.dropout, family.text_encoder_targets(), lc.kind)
         trained.append(encoder)
         if tc.gradient_checkpointing:
             encoder.gradient_checkpointing_enable()
