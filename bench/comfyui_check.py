@@ -22,7 +22,6 @@ ComfyUI's Flux model built from a BFL state dict of broadcast zeros, and its CLI
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import logging
 import tempfile
@@ -39,7 +38,7 @@ UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.n
 TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 
-def build_models(family: str, kind: str = "lora", sdxl_depth: int = 10):
+def build_models(family: str, kind: str = "lora"):
     """Diffusers UNet and text encoder(s) on the meta device, with peft LoRA layers holding real random weights
     (`kind` dora or lokr: the adapters only, their tensors set by comfyui_adapters.randomise)."""
     import peft
@@ -49,8 +48,7 @@ def build_models(family: str, kind: str = "lora", sdxl_depth: int = 10):
 
     common = CLIP_COMMON
     with torch.device("meta"):
-        sdxl = {**SDXL_UNET, "transformer_layers_per_block": (1, 2, sdxl_depth)}
-        unet = UNet2DConditionModel(**(sdxl if family == "sdxl" else SD15_UNET))
+        unet = UNet2DConditionModel(**(SDXL_UNET if family == "sdxl" else SD15_UNET))
         encoders = [CLIPTextModel(CLIPTextConfig(**CLIP_L, **common))]
         if family == "sdxl":
             config = CLIPTextConfig(**CLIP_G, **common, projection_dim=1280, pad_token_id=0)
@@ -338,9 +336,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--family", nargs="+", choices=["sd1", "sdxl", "flux"], default=["sd1"])
     parser.add_argument("--adapter", choices=["lora", "dora", "lokr"], default="lora", help="lora.kind to check")
-    parser.add_argument(
-        "--sdxl-depth", type=int, default=10, help="transformer blocks in SDXL's last down block (10: the real one)"
-    )
     parser.add_argument("--json", type=Path, help="also write the results here")
     options = parser.parse_args()
     if options.adapter != "lora":
@@ -380,8 +375,7 @@ def adapter_main(options) -> None:
                 except UsageError as exc:
                     results.append({"family": family, "adapter": options.adapter, "refused": str(exc)})
             else:
-                build = functools.partial(build_models, sdxl_depth=options.sdxl_depth)
-                args = (build, original_checkpoint, Collect)
+                args = (build_models, original_checkpoint, Collect)
                 results.append(check_adapter(family, options.adapter, Path(tmp), *args))
             print(json.dumps(results[-1], indent=2))
     head = f"{'family':6} {'adapter':7} {'keys':>5} {'skipped':>7} {'patched':>8}"
