@@ -38,9 +38,11 @@ UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.n
 TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 
-def build_models(family: str):
-    """Diffusers UNet and text encoder(s) on the meta device, with peft LoRA layers holding real random weights."""
+def build_models(family: str, kind: str = "lora"):
+    """Diffusers UNet and text encoder(s) on the meta device, with peft LoRA layers holding real random weights
+    (`kind` dora or lokr: the adapters only, their tensors set by comfyui_adapters.randomise)."""
     import peft
+    from comfyui_adapters import peft_config
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -51,6 +53,11 @@ def build_models(family: str):
         if family == "sdxl":
             config = CLIPTextConfig(**CLIP_G, **common, projection_dim=1280, pad_token_id=0)
             encoders.append(CLIPTextModelWithProjection(config))
+        if kind != "lora":
+            unet.add_adapter(peft_config(kind, RANK, ALPHA, UNET_TARGETS))
+            for encoder in encoders:
+                encoder.add_adapter(peft_config(kind, RANK, ALPHA, TE_TARGETS))
+            return unet, encoders
         unet.add_adapter(peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=UNET_TARGETS))
         for encoder in encoders:
             encoder.add_adapter(peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=TE_TARGETS))
@@ -77,7 +84,7 @@ def original_checkpoint(family: str, unet, encoders) -> dict:
 
     from sdlora.lora.kohya import text_encoder_path
 
-    unet_sd = zeros_like_meta({k: v for k, v in unet.state_dict().items() if "lora_" not in k})
+    unet_sd = zeros_like_meta({k: v for k, v in unet.state_dict().items() if "lora_" not in k and "lokr_" not in k})
     unet_sd = {k.replace(".base_layer.", "."): v for k, v in unet_sd.items()}
     to_original = comfy.utils.unet_to_diffusers(comfy.model_detection.unet_config_from_diffusers_unet(unet_sd))
     missing = sorted(set(unet_sd) - set(to_original))
@@ -86,7 +93,7 @@ def original_checkpoint(family: str, unet, encoders) -> dict:
     checkpoint = {f"model.diffusion_model.{to_original[k]}": v for k, v in unet_sd.items()}
     te_sds = []
     for encoder in encoders:
-        sd = zeros_like_meta({k: v for k, v in encoder.state_dict().items() if "lora_" not in k})
+        sd = zeros_like_meta({k: v for k, v in encoder.state_dict().items() if "lora_" not in k and "lokr_" not in k})
         te_sds.append({text_encoder_path(k.replace(".base_layer.", ".")): v for k, v in sd.items()})
     if family == "sdxl":
         checkpoint |= {f"conditioner.embedders.0.transformer.{k}": v for k, v in te_sds[0].items()}
@@ -328,8 +335,11 @@ def main() -> None:
     import_comfy()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--family", nargs="+", choices=["sd1", "sdxl", "flux"], default=["sd1"])
+    parser.add_argument("--adapter", choices=["lora", "dora", "lokr"], default="lora", help="lora.kind to check")
     parser.add_argument("--json", type=Path, help="also write the results here")
     options = parser.parse_args()
+    if options.adapter != "lora":
+        return adapter_main(options)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for family in options.family:
@@ -342,6 +352,42 @@ def main() -> None:
         patched = r["unet_weights_patched"] + r["text_encoder_weights_patched"]
         error = max(r["max_relative_delta_error_unet"], r["max_relative_delta_error_text_encoders"])
         print(f"{r['family']:6} {r['keys_in_file']:5} {r['keys_skipped']:7} {peft_total:13} {patched:8} {error:11.2e}")
+    if options.json:
+        options.json.write_text(json.dumps(results, indent=2))
+
+
+def adapter_main(options) -> None:
+    """--adapter dora|lokr: comfyui_adapters.check_adapter per family; Flux shows sdlora's refusal instead."""
+    from comfyui_adapters import check_adapter
+
+    from sdlora import config, families
+    from sdlora.errors import UsageError
+    from sdlora.lora import peft
+
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for family in options.family:
+            if family == "flux":
+                transformer = flux_transformer(double=1, single=1)
+                try:
+                    lora = config.LoraConfig(kind=options.adapter)
+                    peft.check_exportable(lora, transformer, families.get("flux"))
+                except UsageError as exc:
+                    results.append({"family": family, "adapter": options.adapter, "refused": str(exc)})
+            else:
+                args = (build_models, original_checkpoint, Collect)
+                results.append(check_adapter(family, options.adapter, Path(tmp), *args))
+            print(json.dumps(results[-1], indent=2))
+    head = f"{'family':6} {'adapter':7} {'keys':>5} {'skipped':>7} {'patched':>8}"
+    print(f"{head} {'err vs trained':>14} {'vs formula':>10}")
+    for r in (r for r in results if "keys_in_file" in r):
+        patched = r["unet"]["weights_patched"] + r["text_encoders"]["weights_patched"]
+        error = max(r["unet"]["max_relative_error_vs_trained"], r["text_encoders"]["max_relative_error_vs_trained"])
+        formula = max(
+            r[m].get("max_relative_error_vs_comfyui_formula", float("nan")) for m in ("unet", "text_encoders")
+        )
+        print(f"{r['family']:6} {r['adapter']:7} {r['keys_in_file']:5} {r['keys_skipped']:7} {patched:8} "
+              f"{error:14.2e} {formula:10.2e}")  # fmt: skip
     if options.json:
         options.json.write_text(json.dumps(results, indent=2))
 

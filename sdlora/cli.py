@@ -171,6 +171,7 @@ TRAIN_OPTIONS = {
     "rank": "lora.rank",
     "alpha": "lora.alpha",
     "train_text_encoder": "lora.train_text_encoder",
+    "adapter": "lora.kind",
     "name": "train.name",
     "steps": "train.steps",
     "resolution": "train.resolution",
@@ -365,6 +366,7 @@ def train(
     train_text_encoder: Annotated[
         bool | None, typer.Option("--train-text-encoder/--no-train-text-encoder", help="Also train the text encoder.")
     ] = None,
+    adapter: Annotated[str | None, typer.Option(help="Adapter type: lora|dora|lokr [lora].")] = None,
     mixed_precision: Annotated[str | None, typer.Option(help="auto|no|fp16|bf16 [auto].")] = None,
     optimizer: Annotated[str | None, typer.Option(help="adamw|adamw8bit|prodigy [adamw].")] = None,
     gradient_checkpointing: Annotated[

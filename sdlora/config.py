@@ -127,6 +127,18 @@ class LoraConfig(Section):
         description="attention: to_q/to_k/to_v/to_out.0; all: also feed-forward and transformer projections.",
     )
     train_text_encoder: bool = Field(False, description="Also train LoRA on the text encoder(s).")
+    kind: Literal["lora", "dora", "lokr"] = Field(
+        "lora",
+        description="Adapter type (peft): lora, plain low-rank; dora, LoRA plus a learned magnitude per output "
+        "channel (DoRA); lokr, a Kronecker product of two small factors (LoKr, rank = the factorised part's rank). "
+        "A family whose kohya format can't hold a kind refuses it before training.",
+    )
+
+    @model_validator(mode="after")
+    def _check_kind(self) -> LoraConfig:
+        if self.kind == "lokr" and self.dropout:
+            raise ValueError("kind 'lokr' has no input dropout (peft's LoKr drops ranks or modules); set dropout = 0")
+        return self
 
 
 class TrainConfig(Section):

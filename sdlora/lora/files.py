@@ -166,14 +166,19 @@ def _shape_facts(path: Path) -> tuple[set[int], bool]:
 
     in_features: set[int] = set()
     sgm_te = False
+    lokr_inputs: dict[str, dict[int, int]] = {}  # LoKr module -> {factor: its in-features}: in = in1 * in2
     with safe_open(str(path), framework="pt") as handle:
         for key in handle.keys():  # noqa: SIM118 (safe_open is not a dict)
             sgm_te = sgm_te or key.startswith(("lora_te1_", "lora_te2_"))
+            module, _, part = key.rpartition(".lokr_")
+            if "attn2" in module and "to_k" in module and part in ("w1", "w1_b", "w2", "w2_b"):
+                lokr_inputs.setdefault(module, {})[int(part[1])] = int(handle.get_slice(key).get_shape()[1])
             down = any(part in key for part in ("lora_A.", "lora_down.", "lora.down.", "to_k_lora.down."))
             if "attn2" in key and "to_k" in key and down and key.endswith("weight"):
                 shape = handle.get_slice(key).get_shape()
                 if len(shape) >= 2:
                     in_features.add(int(shape[1]))
+    in_features |= {factors[1] * factors[2] for factors in lokr_inputs.values() if len(factors) == 2}
     return in_features, sgm_te
 
 
@@ -189,17 +194,37 @@ def addnet_hash(path: Path) -> str:
 
 
 def load_loras(pipe: Any, loras: list[Lora]) -> list[str]:
-    """Load each LoRA as its own adapter (diffusers reads diffusers and kohya formats) and set their scales."""
+    """Load each LoRA as its own adapter and set their scales: plain LoRA files (diffusers and kohya formats) with
+    diffusers' load_lora_weights, DoRA and LoKr files (ours, both formats) through peft (load_adapter_file)."""
     names = [f"lora{i}" for i in range(len(loras))]
     for name, lora in zip(names, loras, strict=True):
         try:
-            pipe.load_lora_weights(str(lora.path), adapter_name=name)
-        except (ValueError, KeyError, RuntimeError, OSError) as exc:
+            if not load_adapter_file(pipe, lora.path, name):
+                pipe.load_lora_weights(str(lora.path), adapter_name=name)
+        except (ValueError, KeyError, RuntimeError, OSError, SdloraError) as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise SdloraError(f"--lora {lora.path}: could not load it into the base model: {first}") from exc
     if names:
         pipe.set_adapters(names, adapter_weights=[lora.scale for lora in loras])
     return names
+
+
+def load_adapter_file(pipe: Any, path: Path, adapter_name: str) -> bool:
+    """Load a DoRA or LoKr file (kohya/LyCORIS keys or our peft-format diffusers file) as adapter `adapter_name`;
+    False for a plain LoRA file, which is left to diffusers."""
+    from safetensors import safe_open
+
+    from sdlora.lora import kohya, lycoris, peft
+
+    with safe_open(str(path), framework="pt") as handle:
+        keys = list(handle.keys())  # noqa: SIM118 (safe_open is not a dict)
+    if lycoris.file_kind(keys) == "lora":
+        return False
+    if kohya.is_kohya_state_dict(keys):
+        lycoris.load_kohya(pipe, families.detect(pipe), path, adapter_name)
+    else:
+        peft.load_file_adapters(pipe, path, adapter_name)
+    return True
 
 
 def check_finite(lora: Lora) -> None:

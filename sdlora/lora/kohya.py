@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from sdlora.errors import SdloraError, UsageError
 from sdlora.fsutil import atomic_path
+from sdlora.lora.lycoris import LOKR_PARTS
 
 if TYPE_CHECKING:
     import torch
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
 Namer = Callable[[str], tuple[str, int, int]]
 UNET_PREFIX = "lora_unet_"
 KEY_PREFIXES = (UNET_PREFIX, "lora_te_", "lora_te1_", "lora_te2_")
-KEY_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
+KEY_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha", ".dora_scale", *(f".{p}" for p in LOKR_PARTS))
 
 
 def kohya_state_dict(
@@ -42,7 +43,8 @@ def kohya_state_dict(
     adapter: str = "default",
     dtype: torch.dtype | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Kohya-format tensors of the peft LoRA layers named `adapter` in `denoiser` and `text_encoders`.
+    """Kohya-format tensors of the peft LoRA, DoRA or LoKr layers named `adapter` in `denoiser` and
+    `text_encoders` (DoRA and LoKr in LyCORIS keys: sdlora.lora.lycoris).
 
     `text_encoders`: [] (denoiser only), or the family's encoders that carry LoRA (on SDXL either one alone is
     named right: the one with a text projection is te2); encoders without LoRA layers add nothing. The family names
@@ -69,11 +71,19 @@ def kohya_state_dict(
 def _add_modules(state: dict, model: Any, prefix: str, namer: Namer, adapter: str, dtype: torch.dtype) -> None:
     import torch
 
+    from sdlora.lora import lycoris
+
     fused: dict[str, dict[int, Part]] = {}
     parts_of: dict[str, int] = {}
-    for path, layer in lora_layers(model, adapter):
+    for path, layer, kind in adapter_layers(model, adapter):
         module, part, parts = namer(_unwrapped(path))
         name = prefix + module.replace(".", "_")
+        if kind != "lora":  # DoRA and LoKr: LyCORIS keys, one layer per module
+            if parts > 1:
+                raise SdloraError(fused_message(kind, name, parts))
+            for suffix, tensor in lycoris.module_tensors(layer, adapter, kind).items():
+                state[f"{name}.{suffix}"] = tensor if suffix == "alpha" else tensor.to(dtype).contiguous()
+            continue
         # Copies: the state must not change when training goes on after a checkpoint.
         down = layer.lora_A[adapter].weight.detach().to("cpu", copy=True)  # (rank, in) or (rank, in, kh, kw)
         up = layer.lora_B[adapter].weight.detach().to("cpu", copy=True)  # (out, rank) or (out, rank, 1, 1)
@@ -130,20 +140,96 @@ def _unwrapped(path: str) -> str:
     return path
 
 
+def fused_message(kind: str, name: str, parts: int) -> str:
+    return (
+        f"{name}: kohya's format fuses {parts} layers into this module, and {kind} adapters of several layers don't "
+        'combine into one module\'s keys; use lora.kind = "lora" for this family'
+    )
+
+
+def refuse_fused(kind: str, model: Any, namer: Namer, config: Any, family_label: str) -> None:
+    """Before training: a DoRA or LoKr adapter on layers that the family's kohya format fuses into one module
+    (Flux's q, k, v -> qkv) can't be written; one-line UsageError naming the combination."""
+    if kind == "lora":
+        return
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    for path, _ in model.named_modules():
+        if not path or not check_target_module_exists(config, path):
+            continue
+        try:
+            module, _, parts = namer(_unwrapped(path))
+        except (KeyError, SdloraError):
+            continue
+        if parts > 1:
+            raise UsageError(
+                f"--adapter {kind}: {family_label}'s kohya format fuses {parts} layers into {module} (e.g. q, k and v "
+                f"-> qkv), and {kind} adapters of several layers don't combine into one module; use --adapter lora"
+            )
+
+
+def adapter_layers(model: Any, adapter: str = "default") -> Iterator[tuple[str, Any, str]]:
+    """(module path, peft layer, 'lora' | 'dora' | 'lokr') of every layer of `model` that holds `adapter`."""
+    from sdlora.lora.lycoris import layer_kind
+
+    for path, module in model.named_modules():
+        kind = layer_kind(module, adapter)
+        if kind is None:
+            continue
+        if kind != "lokr" and module.lora_bias.get(adapter):
+            raise SdloraError(f"{path}: LoRA biases have no kohya-format equivalent here")
+        yield path, module, kind
+    # Embedding LoRAs live in other attributes; kohya's format has no place for them.
+    for path, module in model.named_modules():
+        if adapter in getattr(module, "lora_embedding_A", {}):
+            raise SdloraError(f"{path}: embedding LoRA layers have no kohya-format equivalent")
+
+
 def lora_layers(model: Any, adapter: str = "default") -> Iterator[tuple[str, Any]]:
-    """(module path, peft LoRA layer) of every layer of `model` that holds `adapter`."""
+    """(module path, peft LoRA layer) of every plain LoRA layer of `model` that holds `adapter`; a DoRA layer is
+    an error here (its kohya keys need more than up @ down: adapter_layers gives every kind)."""
     from peft.tuners.lora import LoraLayer
 
     for path, module in model.named_modules():
         if not isinstance(module, LoraLayer) or adapter not in module.lora_A:
             continue
         if module.use_dora.get(adapter) or module.lora_bias.get(adapter):
-            raise SdloraError(f"{path}: DoRA and LoRA biases have no kohya-format equivalent here")
+            raise SdloraError(f"{path}: DoRA and LoRA biases need more than up @ down; read them with adapter_layers")
         yield path, module
     # Embedding LoRAs live in other attributes; kohya's format has no place for them.
     for path, module in model.named_modules():
         if isinstance(module, LoraLayer) and adapter in getattr(module, "lora_embedding_A", {}):
             raise SdloraError(f"{path}: embedding LoRA layers have no kohya-format equivalent")
+
+
+def named_models(pipe: Any, family: Family) -> Iterator[tuple[str, Any, dict[str, str]]]:
+    """(pipeline attribute, model, {kohya module name: module path}) of the denoiser and each trainable text
+    encoder of a loaded pipeline: every linear and conv layer named as kohya_state_dict names it (fused layers
+    left out)."""
+    denoiser = getattr(pipe, family.denoiser)
+    yield family.denoiser, denoiser, _kohya_names(denoiser, UNET_PREFIX, family.kohya_namer(denoiser))
+    attrs = [name for name in family.trainable_text_encoders if getattr(pipe, name, None) is not None]
+    encoders = [getattr(pipe, name) for name in attrs]
+    for attr, encoder, prefix in zip(attrs, encoders, family.kohya_encoder_prefixes(encoders), strict=True):
+        yield attr, encoder, _kohya_names(encoder, prefix, lambda path: (text_encoder_path(path), 0, 1))
+
+
+def _kohya_names(model: Any, prefix: str, namer: Namer) -> dict[str, str]:
+    import torch
+
+    names: dict[str, str] = {}
+    for path, module in model.named_modules():
+        # Skip adapters' own layers (lora_A.default ...); a layer already wrapped by an adapter is its base_layer.
+        if not isinstance(module, torch.nn.Linear | torch.nn.Conv2d) or ".lora_" in path or ".lokr_" in path:
+            continue
+        path = _unwrapped(path.removesuffix(".base_layer"))
+        try:
+            module_path, _, parts = namer(path)
+        except (KeyError, ValueError, IndexError, SdloraError):
+            continue  # a layer kohya's naming has no name for never carries an adapter of ours
+        if parts == 1:
+            names[prefix + module_path.replace(".", "_")] = path
+    return names
 
 
 def text_encoder_path(path: str) -> str:
@@ -230,6 +316,25 @@ def build_metadata(
             raise TypeError(f"metadata value of {key!r} must be a string, not {type(value).__name__}")
         metadata[key] = value
     return metadata
+
+
+def adapter_metadata(kind: str, configs: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
+    """LyCORIS's network keys for a DoRA or LoKr file (`ss_network_module = lycoris.kohya`, `ss_network_args`) and
+    our `sdlora.adapter`/`sdlora.adapter_config` (each model's peft config: how sdlora reads a LoKr file back);
+    {} for plain LoRA, whose metadata stays kohya's."""
+    import json
+
+    from sdlora.lora.lycoris import jsonable
+
+    if kind == "lora":
+        return {}
+    args = {"algo": "lokr"} if kind == "lokr" else {"algo": "lora", "dora_wd": "True", "wd_on_output": "True"}
+    return {
+        "ss_network_module": "lycoris.kohya",
+        "ss_network_args": json.dumps(args),
+        "sdlora.adapter": kind,
+        "sdlora.adapter_config": json.dumps({name: jsonable(c) for name, c in configs.items()}, sort_keys=True),
+    }
 
 
 def save_kohya(path: Path, state: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:

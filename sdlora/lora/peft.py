@@ -8,23 +8,38 @@ from pathlib import Path
 from typing import Any
 
 from sdlora import layout
+from sdlora.errors import SdloraError
 from sdlora.fsutil import atomic_path
 
 DIFFUSERS_FILE = layout.DIFFUSERS_LORA
 
 
-def lora_config(rank: int, alpha: float, dropout: float, targets: list[str]):
-    from peft import LoraConfig
+def lora_config(rank: int, alpha: float, dropout: float, targets: list[str] | str, kind: str = "lora"):
+    """peft's config of one adapter of `kind` (sdlora.config.LoraConfig.kind): lora and dora a LoraConfig (dora
+    with use_dora), lokr a LoKrConfig whose r is the rank of its factorised part."""
+    from peft import LoKrConfig, LoraConfig
 
+    if kind == "lokr":
+        # peft's default init: lokr_w1 zero, so the adapter starts as a no-op like LoRA's zero B.
+        return LoKrConfig(r=rank, alpha=alpha, target_modules=targets)
     # Gaussian init of A (B starts at zero), as diffusers' LoRA scripts do: the adapter starts as a no-op.
+    extra = {"use_dora": True} if kind == "dora" else {}
     return LoraConfig(
-        r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights="gaussian", target_modules=targets
+        r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights="gaussian", target_modules=targets, **extra
     )
 
 
-def attach(model: Any, rank: int, alpha: float, dropout: float, targets: list[str]) -> None:
-    """Add the 'default' LoRA adapter to `model` (a diffusers UNet or a transformers text encoder), in place."""
-    model.add_adapter(lora_config(rank, alpha, dropout, targets))
+def attach(model: Any, rank: int, alpha: float, dropout: float, targets: list[str] | str, kind: str = "lora") -> None:
+    """Add the 'default' adapter of `kind` to `model` (a diffusers UNet or a transformers text encoder), in place."""
+    model.add_adapter(lora_config(rank, alpha, dropout, targets, kind))
+
+
+def adapter_kind(model: Any, adapter: str = "default") -> str:
+    """'lora', 'dora' or 'lokr': the kind of `model`'s adapter."""
+    config = model.peft_config[adapter]
+    if str(getattr(config.peft_type, "value", config.peft_type)) == "LOKR":
+        return "lokr"
+    return "dora" if getattr(config, "use_dora", False) else "lora"
 
 
 def trainable_parameters(model: Any) -> list[Any]:
@@ -33,7 +48,11 @@ def trainable_parameters(model: Any) -> list[Any]:
 
 def adapter_metadata(model: Any) -> dict[str, Any]:
     """peft's config of the adapter (rank, alpha, targets): without it alpha != rank reloads at the wrong scale."""
-    return model.peft_config["default"].to_dict()
+    from sdlora.lora.lycoris import jsonable
+
+    config = model.peft_config["default"].to_dict()
+    # A LoKr config holds an enum and a set that json can't write; a LoRA config stays as diffusers expects it.
+    return jsonable(config) if adapter_kind(model) == "lokr" else config
 
 
 def peft_state(model: Any) -> dict[str, Any]:
@@ -80,6 +99,9 @@ def save_diffusers(
                     alphas[f"{name}.{key.removesuffix('.lora_A.weight')}.alpha"] = torch.tensor(alpha)
         else:
             kwargs[f"{name}_lora_adapter_metadata"] = adapter_metadata(model)
+    kind = adapter_kind(next(iter(models.values())))
+    if kind != "lora":  # DoRA and LoKr files are read back through peft (load_file_adapters)
+        header = {**header, "sdlora.adapter": kind}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".lora-") as tmp:
@@ -136,3 +158,49 @@ def load_state(path: Path, models: dict[str, Any]) -> None:
         unexpected = getattr(result, "unexpected_keys", [])
         if unexpected:
             raise RuntimeError(f"{path}: unexpected LoRA keys for {name}: {unexpected[:3]}")
+
+
+def load_file_adapters(pipe: Any, path: Path, adapter_name: str) -> None:
+    """A DoRA or LoKr file written by save_diffusers (peft keys under `unet.`, `text_encoder.`, ... and each model's
+    adapter config in the metadata) -> adapters called `adapter_name` on the pipeline's models, through peft.
+    (diffusers' load_lora_weights reads no LoKr keys, and transformers 5.23 drops DoRA magnitudes of text encoders.)"""
+    from peft import PeftConfig
+    from safetensors.torch import load_file
+
+    configs = adapter_metadata_of(path)
+    by_model: dict[str, dict[str, Any]] = {}
+    for key, tensor in load_file(str(path)).items():
+        name, _, rest = key.partition(".")
+        by_model.setdefault(name, {})[rest] = tensor
+    for name, state in by_model.items():
+        model = getattr(pipe, name, None)
+        if model is None or name not in configs:
+            raise SdloraError(f"{path}: keys of {name!r}, which the base has no adapter config or model for")
+        add_loaded_adapter(model, PeftConfig.from_peft_type(**configs[name]), state, adapter_name)
+
+
+def add_loaded_adapter(model: Any, config: Any, state: dict[str, Any], adapter_name: str) -> None:
+    """Add an adapter from `config` to `model` and set its tensors from `state` (peft's saved key names); every
+    adapter tensor must be in `state` and every key of `state` must land."""
+    model.add_adapter(config, adapter_name=adapter_name)
+    set_loaded_state(model, state, adapter_name)
+
+
+def set_loaded_state(model: Any, state: dict[str, Any], adapter_name: str) -> None:
+    """Set the tensors of `model`'s adapter `adapter_name` from `state`, all of them, each key landing."""
+    from peft.utils import set_peft_model_state_dict
+
+    result = set_peft_model_state_dict(model, state, adapter_name=adapter_name)
+    missing = [key for key in getattr(result, "missing_keys", []) if f".{adapter_name}" in key]
+    unexpected = getattr(result, "unexpected_keys", [])
+    if missing or unexpected:
+        raise SdloraError(f"adapter tensors don't match the model: missing {missing[:2]}, unexpected {unexpected[:2]}")
+
+
+def check_exportable(lora: Any, denoiser: Any, family: Any) -> None:
+    """Before training: refuse an adapter kind (`lora`: sdlora.config.LoraConfig) that the family's kohya format
+    can't hold on the denoiser's targets, in one line (sdlora.lora.kohya.refuse_fused)."""
+    from sdlora.lora.kohya import refuse_fused
+
+    config = lora_config(lora.rank, lora.alpha, lora.dropout, family.denoiser_targets(lora.targets), lora.kind)
+    refuse_fused(lora.kind, denoiser, family.kohya_namer(denoiser), config, family.label)

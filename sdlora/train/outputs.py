@@ -50,7 +50,8 @@ def save_loras(run: Any, folder: Path, *, unwrap_for_good: bool) -> tuple[Path, 
         text_encoder_trained=bool(encoders),
         extra=kohya.flow_metadata(
             run.info, tc, run.family.sequence_length(run.pipe, run.config.model.max_sequence_length)
-        ),
+        )
+        | kohya.adapter_metadata(peft.adapter_kind(denoiser), {n: peft.adapter_metadata(m) for n, m in models.items()}),
     )
     kohya_file = Path(folder) / layout.kohya_file(run.plan.name)
     # fp32, not the UIs' usual fp16: the file then reproduces the trained model (fp16 weights missed 1e-4).

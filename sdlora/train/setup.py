@@ -80,6 +80,7 @@ def setup_pipeline(
     objective = objectives.with_bias(objective, tc.timestep_bias, tc.timestep_bias_strength)
     staged = staging.staged_parts(config, family)  # in CPU RAM, on the device only to be cached
     late = [family.denoiser] if staged else []  # the denoiser joins the device once they have left it
+    peft.check_exportable(config.lora, getattr(pipe, family.denoiser), family)  # before class images
     cached = cached or staging.encode_apart(config, plan, pipe, family, accelerator, pipe.vae.dtype)
     text_cache = staging.use(pipe, family, cached)  # renders read the cache; None unless a staged family
     with staging.visiting(pipe, staged + late if makes_class_images(config) else [], accelerator.device):
@@ -216,10 +217,10 @@ def attach_adapters(config: Config, pipe: Any, family: Any, seed: int) -> None:
     lc, tc = config.lora, config.train
     denoiser = getattr(pipe, family.denoiser)
     torch.manual_seed(seed)  # the LoRA init is part of the run: same seed, same adapter
-    peft.attach(denoiser, lc.rank, lc.alpha, lc.dropout, family.denoiser_targets(lc.targets))
+    peft.attach(denoiser, lc.rank, lc.alpha, lc.dropout, family.denoiser_targets(lc.targets), lc.kind)
     trained = [denoiser]
     for encoder in trained_text_encoders(config, pipe, family).values():
-        peft.attach(encoder, lc.rank, lc.alpha, lc.dropout, family.text_encoder_targets())
+        peft.attach(encoder, lc.rank, lc.alpha, lc.dropout, family.text_encoder_targets(), lc.kind)
         trained.append(encoder)
         if tc.gradient_checkpointing:
             encoder.gradient_checkpointing_enable()
