@@ -82,6 +82,8 @@ METHODS = [
     _method("masked", train__masked_loss=True),
     _method("masked+prior", train__masked_loss=True, train__mask_prior_weight=1.0),
     _method("pivotal", train__pivotal=True, train__pivotal_learning_rate=3e-3),
+    _method("dora", lora__kind="dora"),
+    _method("lokr", lora__kind="lokr"),
     _method("timestep_high", train__timestep_bias="high"),
     _method("flip", train__flip=True),
     _method("caption_dropout", train__caption_dropout=0.1),
