@@ -10,11 +10,12 @@ import numpy
 import pytest
 import torch
 from PIL import Image, ImageDraw
+from train_utils import square_entry
 from typer.testing import CliRunner
 
 from sdlora import objectives
 from sdlora.cli import app
-from sdlora.prep.manifest import ManifestEntry, write_manifest
+from sdlora.prep.manifest import write_manifest
 
 
 def test_mask_weights_floor_and_mean():
@@ -90,17 +91,7 @@ def test_masked_loss_without_masks_stops_before_any_model_loads(tmp_path):
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {data}: train.masked_loss needs the face masks"), lines
     # A manifest without mask paths (prep from before masks) is the same error.
-    entry = ManifestEntry(
-        image="img0.png",
-        caption="a photo of sks person",
-        source="/photos/a.png",
-        source_sha256="0" * 64,
-        source_size=(64, 64),
-        crop_box=(0, 0, 64, 64),
-        sharpness=1.0,
-        width=64,
-        height=64,
-    )
+    entry = square_entry("img0.png", "/photos/a.png")
     line = json.loads(entry.model_dump_json())
     del line["mask"]  # as prep wrote manifests before masks
     (data / "manifest.jsonl").write_text(json.dumps(line) + "\n")
@@ -160,19 +151,7 @@ def test_benchmark_writes_masks_from_the_renderers_face(tmp_path):
     entries = []
     for i in range(2):
         world.render(subject, rng).save(tmp_path / f"{i:04d}.png")
-        entries.append(
-            ManifestEntry(
-                image=f"{i:04d}.png",
-                caption="a photo of sks person",
-                source=f"/photos/{i}.png",
-                source_sha256="0" * 64,
-                source_size=(64, 64),
-                crop_box=(0, 0, 64, 64),
-                sharpness=1.0,
-                width=64,
-                height=64,
-            )
-        )
+        entries.append(square_entry(f"{i:04d}.png", f"/photos/{i}.png"))
     write_manifest(tmp_path / "manifest.jsonl", entries)
     assert write_masks(tmp_path, subject) == 2
     for entry in read_manifest(tmp_path):

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file
-from train_utils import subject_set
+from train_utils import square_entry, subject_set
 from typer.testing import CliRunner
 
 from sdlora.cli import app
-from sdlora.prep.manifest import ManifestEntry, write_manifest
+from sdlora.prep.manifest import write_manifest
 
 pytestmark = pytest.mark.slow  # several 2-step runs; the units are in test_preservation.py and test_masked_loss.py
 
@@ -41,20 +41,7 @@ def masked_set(folder: Path) -> Path:
         mask = Image.new("L", (64, 64), 0)
         ImageDraw.Draw(mask).ellipse((14 + i, 6, 50 + i, 54), fill=255)
         mask.save(folder / "masks" / f"img{i}.png")
-        entries.append(
-            ManifestEntry(
-                image=f"img{i}.png",
-                caption="a photo of sks person",
-                source=f"/photos/{i}.png",
-                source_sha256="0" * 64,
-                source_size=(64, 64),
-                crop_box=(0, 0, 64, 64),
-                sharpness=1.0,
-                width=64,
-                height=64,
-                mask=f"masks/img{i}.png",
-            )
-        )
+        entries.append(square_entry(f"img{i}.png", f"/photos/{i}.png", mask=f"masks/img{i}.png"))
     write_manifest(folder / "manifest.jsonl", entries)
     return folder
 

@@ -58,3 +58,21 @@ def bucketed_set(folder: Path, token: str = "sks", class_word: str = "person") -
     write_manifest(folder / "manifest.jsonl", entries)
     (folder / "config.json").write_text(json.dumps({"prep": {"token": token, "class_word": class_word}}))
     return folder
+
+
+def square_entry(image: str, source: str, mask: str | None = None):
+    """A manifest entry of a 64 px square crop captioned "a photo of sks person" (optionally with a mask path)."""
+    from sdlora.prep.manifest import ManifestEntry
+
+    return ManifestEntry(
+        image=image,
+        caption="a photo of sks person",
+        source=source,
+        source_sha256="0" * 64,
+        source_size=(64, 64),
+        crop_box=(0, 0, 64, 64),
+        sharpness=1.0,
+        width=64,
+        height=64,
+        mask=mask,
+    )
