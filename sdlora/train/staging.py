@@ -59,17 +59,19 @@ def release(pipe: Any, names: Sequence[str]) -> None:
     gc.collect()
 
 
-def render_batches(config: Any, trigger: str) -> list[list[str]]:
+def render_batches(config: Any, plan: Any) -> list[list[str]]:
     """The prompt batches training will render, each as render_images will batch it (so that each prompt's cached
     conditioning is bit for bit what the pipeline would compute): the sample grids, the class images of prior
-    preservation, identity scoring's prompt set."""
+    preservation, identity scoring's prompt set where scoring is on (identity.cadence: by default only on a prep
+    dataset)."""
     from sdlora.evaluation.prompts import STANDARD_PROMPTS, expand
+    from sdlora.train import identity
 
-    tc, size = config.train, config.generate.batch_size
+    tc, size, trigger = config.train, config.generate.batch_size, plan.trigger
     lists = [[p.replace("{trigger}", trigger) for p in tc.sample_prompts]] if tc.sample_every else []
     if tc.class_dir is None and tc.class_prompt:
         lists.append([tc.class_prompt] * size)
-    if tc.eval_every != 0:
+    if identity.cadence(config, plan.dataset_dir)[0] is not None:
         lists.append(expand(list(STANDARD_PROMPTS), config.eval.n, config.eval.seed, trigger)[1])
     return [prompts[i : i + size] for prompts in lists for i in range(0, len(prompts), size)]
 
@@ -126,7 +128,7 @@ def encode_apart(
     device, tc = accelerator.device, config.train
     class_prompt = (tc.class_prompt or f"a photo of {config.prep.class_word}") if _prior(config) else ""
     prompts = [e.caption for e in plan.examples] + [class_prompt, ""] + preservation.class_prompts(config, plan)
-    batches = render_batches(config, plan.trigger)
+    batches = render_batches(config, plan)
     tokenizers = families.tokenizers(pipe, family)
     tokens = family.sequence_length(pipe, config.model.max_sequence_length)
     parts, rows = [], {}
