@@ -60,6 +60,16 @@ def test_base_builds_by_step_budgets_and_continues(tmp_path):
     assert pipe.vae.config.scaling_factor == record["vae_scale"]
     cut = base.ensure_base(spec, tmp_path / "cut", log=lambda _: None, max_seconds=1e-9)
     assert json.loads((cut / "identity_base.json").read_text())["unet_steps_done"] == 1
+    # The cut build saved its state beside the folder; the same call continues it, to the uninterrupted weights.
+    assert (tmp_path / "cut.progress" / "denoiser.safetensors").is_file()
+    base.ensure_base(spec, tmp_path / "cut", log=lambda _: None)
+    assert json.loads((cut / "identity_base.json").read_text())["unet_steps_done"] == 3
+    assert not (tmp_path / "cut.progress").exists()
+    resumed = StableDiffusionPipeline.from_pretrained(cut)
+    for part in ("unet", "text_encoder", "vae"):
+        pairs = zip(getattr(pipe, part).parameters(), getattr(resumed, part).parameters(), strict=True)
+        assert all(torch_equal(a, b) for a, b in pairs), part
+    assert base.held_out_subjects(folder) == base.SUBJECTS[:3]
     base.continue_base(folder, tmp_path / "more", steps=2, lr=1e-4, batch=2, log=lambda _: None)
     more = json.loads((tmp_path / "more" / "identity_base.json").read_text())
     assert [c["steps_done"] for c in more["continued"]] == [2] and more["spec"] == record["spec"]

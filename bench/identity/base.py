@@ -5,9 +5,15 @@ from renders of every identity except the benchmark's held-out subjects. `ensure
 ~/.cache/sdlora/identity-base-<hash of this file and the world's renderer>, so it is rebuilt only when missing or
 when the training code or the world changes.
 
-The budgets are step counts, not seconds, so the same spec gives the same base on any device: the default one
-was built once on a GPU (`python -m bench.identity.base --out DIR`: about 2 minutes on an H100) and takes
-hours on a 2-core CPU; the tests' TINY spec builds in about a minute on the CPU.
+The budgets are step counts, not seconds, so the same spec gives the same base on any device (minutes on a GPU,
+hours on a 2-core CPU; the tests' TINY spec builds in about a minute on the CPU). A build saves its state beside
+the output every 10 minutes (`progress.py`): one cut short by --max-seconds, a kill or a crash continues where it
+stopped when the same command runs again.
+
+Two specs exist. LEGACY (the base behind the published results and the packaged fixture: two held-out subjects,
+attention at the UNet's 16x16 and 8x8 levels, batch 128) is what a record without the newer fields describes. The
+default holds out three subjects and carries attention at the 8x8 and 4x4 levels instead: about twice as fast a
+step on a CPU (0.62 vs 1.29 s at batch 64, 2 threads) for a slightly larger model (1.69 M vs 1.49 M parameters).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.identity import progress
 from sdlora.demo import world
 from sdlora.demo.base import CLASS_PROMPT, SUBJECTS  # the benchmark's subjects: never shown to the base
 
@@ -32,7 +39,7 @@ class BaseSpec:
 
     vae_steps: int = 3000
     unet_steps: int = 10000
-    batch: int = 128
+    batch: int = 64
     vae_batch: int = 32
     pool: int = 20000  # renders drawn once; the VAE trains on them, the UNet on their latents
     vae_channels: tuple[int, ...] = (16, 32, 32)
@@ -42,6 +49,25 @@ class BaseSpec:
     lr: float = 1e-3
     ema: float = 0.999  # the saved UNet and text encoder are exponential moving averages of the trained ones
     seed: int = 0
+    held_out: int = 3  # the first this many of SUBJECTS are never shown to the base
+    attention_at: tuple[int, ...] = (8, 4)  # the latent sizes of the UNet levels with (cross-)attention
+
+
+# What a record written before `held_out` and `attention_at` existed was built with.
+LEGACY = {"held_out": 2, "attention_at": (16, 8)}
+
+
+def spec_of(record: dict) -> BaseSpec:
+    """The spec an identity_base.json record was built with (fields it predates: their LEGACY values)."""
+    fields = {**LEGACY, **record["spec"]}
+    return BaseSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+
+
+def held_out_subjects(base_dir: Path) -> tuple[world.Identity, ...]:
+    """The subjects the base in `base_dir` never saw (a folder without a record: the legacy two)."""
+    path = Path(base_dir) / "identity_base.json"
+    count = spec_of(json.loads(path.read_text())).held_out if path.is_file() else LEGACY["held_out"]
+    return SUBJECTS[:count]
 
 
 TINY = BaseSpec(
@@ -59,19 +85,28 @@ def cache_dir(spec: BaseSpec) -> Path:
     digest.update(repr((world.SIZE, world.SKIN, world.HAIR, world.STYLES, world.EYES, world.BACKGROUND)).encode())
     digest.update(repr((world.FRAME, world.MOUTH)).encode())
     digest.update(json.dumps(asdict(spec), sort_keys=True).encode())
+    digest.update(repr(SUBJECTS[: spec.held_out]).encode())
+    digest.update(ast.dump(ast.parse(Path(progress.__file__).read_text(encoding="utf-8"))).encode())
     return Path.home() / ".cache" / "sdlora" / f"identity-base-{digest.hexdigest()[:12]}"
 
 
-def ensure_base(spec: BaseSpec = BaseSpec(), folder: Path | None = None, log=print, max_seconds: float = 0) -> Path:
-    """The base model folder for `spec`: the cached one, or a freshly trained one (written atomically)."""
+def ensure_base(
+    spec: BaseSpec = BaseSpec(), folder: Path | None = None, log=print, max_seconds: float = 0, threads: int = 1
+) -> Path:
+    """The base model folder for `spec`: the cached one, or a freshly trained one (written atomically). A build
+    that was cut short (its state saved beside the folder) continues, and its folder is replaced when it ends."""
     from sdlora.fsutil import atomic_dir
 
     folder = Path(folder) if folder else cache_dir(spec)
-    if (folder / "model_index.json").is_file():
+    saved = progress.folder_for(folder)
+    if (folder / "model_index.json").is_file() and not saved.is_dir():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
+    state = progress.Progress(saved, asdict(spec), log)
     with atomic_dir(folder) as tmp:
-        train_base(spec, tmp, log, max_seconds=max_seconds)
+        finished = train_base(spec, tmp, log, max_seconds=max_seconds, state=state, threads=threads)
+    if finished:
+        state.clear()
     return folder
 
 
@@ -87,15 +122,15 @@ def caption(identity: world.Identity, rng: random.Random) -> str:
     return f"{CLASS_PROMPT} " + " and ".join(chosen)
 
 
-def training_identities() -> list[world.Identity]:
-    return [i for i in world.all_identities() if i not in SUBJECTS]
+def training_identities(spec: BaseSpec) -> list[world.Identity]:
+    return [i for i in world.all_identities() if i not in SUBJECTS[: spec.held_out]]
 
 
 def _pool(spec: BaseSpec, rng: random.Random, device: str):
     """The renders the base learns from, drawn once from the spec's seed: (identities, uint8 pixels on `device`)."""
     import torch
 
-    pool = rng.choices(training_identities(), k=spec.pool)
+    pool = rng.choices(training_identities(spec), k=spec.pool)
     pixels = torch.cat([_renders(pool[i : i + 1000], rng) for i in range(0, spec.pool, 1000)]).to(device)
     return pool, pixels
 
@@ -162,12 +197,15 @@ def train_vae(spec: BaseSpec, pixels, log) -> Any:
 def build_unet(spec: BaseSpec):
     from diffusers import UNet2DConditionModel
 
+    attend, plain = ("CrossAttnDownBlock2D", "CrossAttnUpBlock2D"), ("DownBlock2D", "UpBlock2D")
+    # The down blocks work at 16x16, 8x8 and 4x4 latents, the up blocks back; the 4x4 middle block always attends.
+    levels = [attend if size in spec.attention_at else plain for size in (16, 8, 4)]
     return UNet2DConditionModel(
         sample_size=world.SIZE // 4,
         block_out_channels=spec.unet_channels,
         layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        down_block_types=tuple(level[0] for level in levels),
+        up_block_types=tuple(level[1] for level in reversed(levels)),
         cross_attention_dim=spec.text_width,
         attention_head_dim=8,
         norm_num_groups=8,
@@ -199,9 +237,18 @@ def scheduler():
     return sd_scheduler()
 
 
-def train_base(spec: BaseSpec, out: Path, log=print, device: str | None = None, max_seconds: float = 0) -> None:
+def train_base(
+    spec: BaseSpec,
+    out: Path,
+    log=print,
+    device: str | None = None,
+    max_seconds: float = 0,
+    state: progress.Progress | None = None,
+    threads: int = 1,
+) -> bool:
     """Train VAE, then UNet + text encoder on cached latents; save a StableDiffusionPipeline folder to `out`.
-    `max_seconds` (0: none) cuts the UNet's training short; identity_base.json records the steps done."""
+    `max_seconds` (0: none) cuts the UNet's training short; identity_base.json records the steps done. `state`
+    saves (and restores) the build's progress. True when every step of the spec is done."""
     import tempfile
 
     import torch
@@ -215,12 +262,16 @@ def train_base(spec: BaseSpec, out: Path, log=print, device: str | None = None, 
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if device == "cpu":
-        # One thread: on a shared 2-core machine two threads oversubscribe and run slower (2-30 s vs 2 s/step).
-        torch.set_num_threads(1)
+        # Default one thread: on a shared 2-core machine two threads oversubscribe (2-30 s vs 2 s/step).
+        torch.set_num_threads(threads)
+    state = state or progress.Progress(None, asdict(spec), log)
     started = time.time()
     rng = random.Random(spec.seed)
     pool, pixels = _pool(spec, rng, device)
-    vae = train_vae(spec, pixels, log)
+    vae = state.load_vae()
+    if vae is None:
+        vae = train_vae(spec, pixels, log)
+        state.save_vae(vae)
     means = _latents(vae, pixels)
     scale = float(1 / means.std())
     vae.register_to_config(scaling_factor=scale)  # latents reach the UNet at unit variance, as in SD
@@ -231,7 +282,7 @@ def train_base(spec: BaseSpec, out: Path, log=print, device: str | None = None, 
     sched = scheduler()
     deadline = started + max_seconds if max_seconds else float("inf")
     unet, text_encoder, steps = train_denoiser(
-        spec, unet, text_encoder, tokenizer, sched, latents, pool, rng, log, deadline
+        spec, unet, text_encoder, tokenizer, sched, latents, pool, rng, log, deadline, state
     )
     pipe = StableDiffusionPipeline(
         vae=vae,
@@ -245,8 +296,9 @@ def train_base(spec: BaseSpec, out: Path, log=print, device: str | None = None, 
     )
     pipe.to("cpu", torch.float32).save_pretrained(out, safe_serialization=True)
     record = {"spec": asdict(spec), "vae_scale": scale, "unet_steps_done": steps, "device": _device_name(device)}
-    record["build_seconds"] = round(time.time() - started, 1)
+    record["build_seconds"] = round(time.time() - started, 1)  # this call's (a continued build: since it resumed)
     (out / "identity_base.json").write_text(json.dumps(record, indent=2) + "\n")
+    return steps == spec.unet_steps
 
 
 def continue_base(src: Path, out: Path, steps: int, lr: float, batch: int, log=print, max_seconds: float = 0) -> None:
@@ -260,7 +312,7 @@ def continue_base(src: Path, out: Path, steps: int, lr: float, batch: int, log=p
 
     started = time.time()
     record = json.loads((src / "identity_base.json").read_text())
-    spec = BaseSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in record["spec"].items()})
+    spec = spec_of(record)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     pipe = StableDiffusionPipeline.from_pretrained(src).to(device)
     torch.manual_seed(spec.seed + len(record.get("continued", [])) + 1)
@@ -282,9 +334,12 @@ def continue_base(src: Path, out: Path, steps: int, lr: float, batch: int, log=p
     (out / "identity_base.json").write_text(json.dumps(record, indent=2) + "\n")
 
 
-def train_denoiser(spec, unet, text_encoder, tokenizer, sched, latents, pool, rng, log, deadline=float("inf")):
+def train_denoiser(
+    spec, unet, text_encoder, tokenizer, sched, latents, pool, rng, log, deadline=float("inf"), state=None
+):
     """Epsilon-prediction DDPM training of UNet and text encoder together (10% empty captions, for CFG).
-    Returns the two models holding their moving averages (spec.ema; 0 keeps the last weights) and the steps done."""
+    Returns the two models holding their moving averages (spec.ema; 0 keeps the last weights) and the steps done.
+    `state` (a progress.Progress) restores a saved state first, then saves every few minutes and when cut short."""
     import functools
 
     import torch
@@ -305,8 +360,10 @@ def train_denoiser(spec, unet, text_encoder, tokenizer, sched, latents, pool, rn
 
         averaged = AveragedModel(modules, multi_avg_fn=get_ema_multi_avg_fn(spec.ema), use_buffers=True)
     alphas = sched.alphas_cumprod.to(device)
-    started = time.time()
-    for step in range(spec.unet_steps):
+    start = state.load_denoiser(modules, averaged, optimizer, rng) if state else 0
+    meter = _Meter(log, start, spec.unet_steps)
+    step = start - 1
+    for step in range(start, spec.unet_steps):
         _cosine(optimizer, spec.lr, step / spec.unet_steps)
         index = torch.randint(len(pool), (spec.batch,))
         x0 = latents[index.to(device)]
@@ -324,9 +381,11 @@ def train_denoiser(spec, unet, text_encoder, tokenizer, sched, latents, pool, rn
         optimizer.step()
         if averaged is not None:
             averaged.update_parameters(modules)
-        if step % 1000 == 0 or step == spec.unet_steps - 1:
-            log(f"unet step {step}: loss {loss.item():.4f} ({time.time() - started:.0f} s)")
-        if time.time() > deadline:
+        meter.add(step, loss.item())
+        cut = time.time() > deadline
+        if state and step + 1 < spec.unet_steps:
+            state.save_denoiser(step + 1, modules, averaged, optimizer, rng, force=cut)
+        if cut:
             log(f"unet: stopped by the time limit after {step + 1} of {spec.unet_steps} steps")
             break
     if averaged is not None:
@@ -334,13 +393,35 @@ def train_denoiser(spec, unet, text_encoder, tokenizer, sched, latents, pool, rn
     return modules[0], modules[1], step + 1
 
 
-def _cosine(optimizer, peak: float, progress: float) -> None:
-    """Linear warm-up over the first 2%, then cosine decay (progress 0 -> 1)."""
+class _Meter:
+    """Progress lines for a long run: step, mean loss since the last line, steps/s and time left."""
+
+    def __init__(self, log, start: int, total: int):
+        self.log, self.start, self.total, self.losses = log, start, total, []
+        self.every = max(1, min(100, total // 20))
+        self.began = time.time()
+
+    def add(self, step: int, loss: float) -> None:
+        self.losses.append(loss)
+        if (step + 1) % self.every and step + 1 != self.total and step != self.start:
+            return
+        rate = (step + 1 - self.start) / max(time.time() - self.began, 1e-9)
+        left = (self.total - step - 1) / rate
+        mean = sum(self.losses) / len(self.losses)
+        self.log(
+            f"unet step {step + 1}/{self.total}: loss {mean:.4f}, {rate:.2f} steps/s, "
+            f"{time.time() - self.began:.0f} s, about {left / 60:.0f} min left"
+        )
+        self.losses = []
+
+
+def _cosine(optimizer, peak: float, done: float) -> None:
+    """Linear warm-up over the first 2%, then cosine decay (`done`: the share of steps done, 0 -> 1)."""
     import math
 
     for group in optimizer.param_groups:
-        warm = min(1.0, progress / 0.02)
-        group["lr"] = peak * warm * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        warm = min(1.0, done / 0.02)
+        group["lr"] = peak * warm * 0.5 * (1 + math.cos(math.pi * min(done, 1.0)))
 
 
 def _device_name(device: str) -> str:
@@ -360,6 +441,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=1000, help="--continue-from: steps")
     parser.add_argument("--lr", type=float, default=3e-4, help="--continue-from: peak learning rate")
     parser.add_argument("--batch", type=int, default=64, help="--continue-from: batch size")
+    parser.add_argument("--threads", type=int, default=1, help="CPU: torch threads (1 on a shared 2-core machine)")
     args = parser.parse_args(argv)
     if args.continue_from:
         if not args.out:
@@ -370,7 +452,8 @@ def main(argv: list[str] | None = None) -> None:
             continue_base(args.continue_from, tmp, args.steps, args.lr, args.batch, max_seconds=args.max_seconds)
         print(args.out)
         return
-    print(ensure_base(TINY if args.tiny else BaseSpec(), args.out, max_seconds=args.max_seconds))
+    spec = TINY if args.tiny else BaseSpec()
+    print(ensure_base(spec, args.out, max_seconds=args.max_seconds, threads=args.threads))
 
 
 if __name__ == "__main__":

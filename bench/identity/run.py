@@ -376,7 +376,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path.home() / ".cache" / "sdlora" / "identity-bench")
     parser.add_argument("--grid", choices=tuple(GRIDS), default="default")
     parser.add_argument("--jobs", type=int, default=2, help="runs in parallel, one thread each (2 cores: 2)")
-    parser.add_argument("--subjects", type=int, default=len(base.SUBJECTS))
+    parser.add_argument("--subjects", type=int, help="the first N held-out subjects (default: all the base's)")
     parser.add_argument("--only-subject", type=int, help="run this subject (0-based) alone")
     parser.add_argument("--steps", type=int, nargs="+", default=list(Scale.checkpoints))
     parser.add_argument("--seeds", type=int, default=Scale.seeds)
@@ -399,9 +399,12 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.set_num_threads(args.threads)
     scale = Scale(checkpoints=tuple(args.steps), seeds=args.seeds)
-    numbers = range(args.subjects) if args.only_subject is None else [args.only_subject]
-    subjects = {k: base.SUBJECTS[k] for k in numbers}  # keyed by the subject's own number, also with --only-subject
     base_dir = args.base or base.ensure_base()
+    unseen = base.held_out_subjects(base_dir)
+    numbers = range(args.subjects or len(unseen)) if args.only_subject is None else [args.only_subject]
+    if max(numbers) >= len(unseen):
+        parser.error(f"{base_dir} holds out {len(unseen)} subjects (0 to {len(unseen) - 1}): choose among them")
+    subjects = {k: unseen[k] for k in numbers}  # keyed by the subject's own number, also with --only-subject
     args.out.mkdir(parents=True, exist_ok=True)
     checks = vae_check(base_dir)
     rows = base_rows(base_dir, subjects, scale, args.out / "work")
