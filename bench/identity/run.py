@@ -92,6 +92,26 @@ METHODS = [
 GRIDS = {"reduced": REDUCED, "default": DEFAULT, "full": FULL, "methods": METHODS}
 
 
+def combine(label: str) -> Setting:
+    """The methods named in `label` ("class_images+timestep_high") at once: the union of their switches and
+    settings (a setting two of them give differently is refused)."""
+    by_name = {m.name: m for m in METHODS}
+    parts, words = [], label.split("+")
+    while words:  # the longest name first: a method's own name may hold a "+" ("masked+prior")
+        size = next((n for n in range(len(words), 0, -1) if "+".join(words[:n]) in by_name), 0)
+        if not size:
+            raise ValueError(f"unknown method {words[0]!r}; choose from {', '.join(by_name)}")
+        parts.append(by_name["+".join(words[:size])])
+        words = words[size:]
+    options: dict[str, Any] = {}
+    for part in parts:
+        for key, value in part.options:
+            if options.setdefault(key, value) != value:
+                raise ValueError(f"{label}: the methods set {key} differently")
+    prior, text_encoder = any(p.prior for p in parts), any(p.text_encoder for p in parts)
+    return Setting(prior, text_encoder, rank=16, lr=3e-3, options=tuple(options.items()), label=label)
+
+
 # ----------------------------------------------------------------------------------------------- inputs
 
 
@@ -385,6 +405,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rank", type=int, help="only the grid's settings of this rank")
     parser.add_argument("--lr", type=float, help="only the grid's settings of this learning rate")
     parser.add_argument("--only", nargs="+", help="only the grid's settings of these names (e.g. plain masked)")
+    parser.add_argument(
+        "--combine", nargs="+", default=[], help="also these combinations of methods (e.g. class_images+output)"
+    )
     args = parser.parse_args(argv)
     settings = [
         s
@@ -393,6 +416,10 @@ def main(argv: list[str] | None = None) -> None:
         and (args.lr is None or math.isclose(s.lr, args.lr))
         and (not args.only or s.name in args.only)
     ]
+    try:
+        settings += [combine(label) for label in args.combine]
+    except ValueError as error:
+        parser.error(f"--combine: {error}")
     if not settings:
         parser.error(f"no setting of the {args.grid} grid has rank {args.rank} and lr {args.lr}")
     import torch
