@@ -405,6 +405,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rank", type=int, help="only the grid's settings of this rank")
     parser.add_argument("--lr", type=float, help="only the grid's settings of this learning rate")
     parser.add_argument("--only", nargs="+", help="only the grid's settings of these names (e.g. plain masked)")
+    parser.add_argument("--base-only", action="store_true", help="measure the base alone (VAE, validity), no LoRA")
     parser.add_argument(
         "--combine", nargs="+", default=[], help="also these combinations of methods (e.g. class_images+output)"
     )
@@ -441,7 +442,8 @@ def main(argv: list[str] | None = None) -> None:
         checks["base_record"] = json.loads((base_dir / "identity_base.json").read_text())
     print(f"base {base_dir}: {checks}", flush=True)
     # Subjects outer: a run cut short still has every setting for the first subject.
-    cells = [(i, s, setting) for i, s in subjects.items() for setting in settings]
+    cells = [] if args.base_only else [(i, s, setting) for i, s in subjects.items() for setting in settings]
+    write_results(args.out, scale, checks, rows)
     with _pool(args.jobs, args.threads) as pool:
         futures = [
             pool.submit(run_subject, base_dir, s, setting, scale, args.out / "work" / f"{_slug(setting)}-s{i}")
