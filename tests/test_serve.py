@@ -243,7 +243,7 @@ def test_a_failed_run_shows_its_error_line_and_a_second_start_queues(ws):
 
 
 @pytest.mark.slow
-def test_upload_prep_train_stop_resume_generate_eval(tmp_path, tiny_sd1):
+def test_upload_prep_train_stop_resume_eval(tmp_path, tiny_sd1):
     ws = Workspace.open(make_workspace(tmp_path / "ws", tiny_sd1))
     jobs = Jobs(ws)
     seen: list[float | None] = []
