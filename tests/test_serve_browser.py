@@ -19,6 +19,9 @@ from pathlib import Path
 import pytest
 from serve_utils import make_workspace, photo_files, wait_for
 
+from sdlora.serve import studio
+from sdlora.serve.workspace import Workspace
+
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
 SHOTS = ROOT / "docs" / "ui"
@@ -170,6 +173,7 @@ def test_a_login_is_required_with_auth(tmp_path):
 @pytest.mark.slow
 def test_click_through_the_workflow(page, served, tmp_path):
     """Photos -> Train -> Runs -> Generate -> Evaluate in the page, a screenshot of each in docs/ui/."""
+    workspace = served[0]
     SHOTS.mkdir(parents=True, exist_ok=True)
     page.locator("#upload input[type=file]").set_input_files([str(p) for p in photo_files(tmp_path / "camera")])
     fill(page, "prep-resolution", "64")
@@ -222,6 +226,13 @@ def test_click_through_the_workflow(page, served, tmp_path):
     wait_for(lambda: status_of(page, "gen-status").startswith(("wrote", "error")), 120, "generate", every=0.5)
     assert status_of(page, "gen-status").startswith("wrote 2 image(s) to images/")
     assert page.locator("#gen-gallery img").count() == 2
+    # The page's defaults (seed 42, cfg 7, compare on) with n=2, steps=4: studio.generate's folder, as
+    # test_serve.py's end-to-end test checked it when it rendered the same call itself.
+    folder = workspace / status_of(page, "gen-status").removeprefix("wrote 2 image(s) to ")
+    images = studio.images_of(Workspace.open(workspace), folder)
+    assert [p.name for p, _ in images.images] == ["0000-42.png", "0001-43.png"]
+    assert "prompt: a photo of sks person, seed: 42" in images.images[0][1]
+    assert images.compare is not None and images.grid is not None
     page.screenshot(path=str(SHOTS / "4-generate.png"), full_page=True)
 
     page.get_by_role("tab", name="Evaluate").click()

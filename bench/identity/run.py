@@ -198,26 +198,32 @@ def train_lora(config: Any, dataset: Path, out: Path) -> dict[int, Path]:
     return {checkpoint.read_step(c): c / DIFFUSERS_FILE for c in checkpoint.list_checkpoints(out)}
 
 
-def render_prompts(config: Any, lora: Path | None, out: Path) -> dict[str, list[Path]]:
-    """`sdlora generate` of every benchmark prompt at the config's fixed seeds; {prompt key: image paths}."""
+def render_prompts(
+    config: Any, lora: Path | None, out: Path, keys: tuple[str, ...] = tuple(PROMPTS)
+) -> dict[str, list[Path]]:
+    """`sdlora generate` of the benchmark prompts `keys` (default: all) at the config's fixed seeds; {prompt key:
+    image paths}. Prompt-major with seeds from generate.seed on: the first prompt's images do not depend on the
+    others being rendered after them."""
     from sdlora.generate import generate
 
-    g = config.generate.model_copy(update={"prompts": list(PROMPTS.values()), "loras": [str(lora)] if lora else []})
+    prompts = [PROMPTS[key] for key in keys]
+    g = config.generate.model_copy(update={"prompts": prompts, "loras": [str(lora)] if lora else []})
     paths = generate(config.model_copy(update={"generate": g}), out)
     pngs = sorted(p for p in paths if p.suffix == ".png" and p.stem[:4].isdigit())
     n = config.generate.n
-    return {key: pngs[i * n : (i + 1) * n] for i, key in enumerate(PROMPTS)}
+    return {key: pngs[i * n : (i + 1) * n] for i, key in enumerate(keys)}
 
 
 # ----------------------------------------------------------------------------------------------- scoring
 
 
 def score(images: dict[str, list[Any]], subject: world.Identity) -> dict[str, Any]:
-    """Decoder metrics of one image set ({prompt key: PIL images or paths}); see docs/identity-benchmark.md."""
+    """Decoder metrics of one image set ({prompt key: PIL images or paths}); see docs/identity-benchmark.md. The
+    metrics of a prompt key missing from `images` are None (the identity prompt's images are always needed)."""
     from PIL import Image
 
     def readings(key: str) -> list[world.Reading]:
-        return [world.read(Image.open(i) if isinstance(i, str | Path) else i) for i in images[key]]
+        return [world.read(Image.open(i) if isinstance(i, str | Path) else i) for i in images.get(key, [])]
 
     ident, cls, glasses = readings("identity"), readings("class"), readings("glasses")
     valid = [r.identity for r in ident if r.valid]
@@ -234,7 +240,7 @@ def score(images: dict[str, list[Any]], subject: world.Identity) -> dict[str, An
         "soft_agreement": sum(world.agreement(r.identity, subject) for r in ident) / len(ident),
         "soft_agreement_sd": _sd([world.agreement(r.identity, subject) for r in ident]),
         "bleed": _share(cls, lambda r: r.valid and r.identity == subject),
-        "class_soft_agreement": sum(world.agreement(r.identity, subject) for r in cls) / len(cls),
+        "class_soft_agreement": sum(world.agreement(r.identity, subject) for r in cls) / len(cls) if cls else None,
         "class_validity": _share(cls, lambda r: r.valid),
         "fidelity": _share(glasses, lambda r: r.valid and r.identity == with_glasses),
         "glasses_rate": _share(glasses, lambda r: r.valid and r.identity.glasses),
@@ -243,8 +249,8 @@ def score(images: dict[str, list[Any]], subject: world.Identity) -> dict[str, An
     return result
 
 
-def _share(readings: list[world.Reading], test) -> float:
-    return sum(1 for r in readings if test(r)) / len(readings)
+def _share(readings: list[world.Reading], test) -> float | None:
+    return sum(1 for r in readings if test(r)) / len(readings) if readings else None
 
 
 def _sd(values: list[float]) -> float:
@@ -255,8 +261,15 @@ def _sd(values: list[float]) -> float:
 # ----------------------------------------------------------------------------------------------- the grid
 
 
-def run_subject(base_dir: Path, subject: world.Identity, setting: Setting, scale: Scale, work: Path) -> list[dict]:
-    """Prep, train and score one (subject, setting): one row per checkpoint."""
+def run_subject(
+    base_dir: Path,
+    subject: world.Identity,
+    setting: Setting,
+    scale: Scale,
+    work: Path,
+    keys: tuple[str, ...] = tuple(PROMPTS),
+) -> list[dict]:
+    """Prep, train and score one (subject, setting) on the prompts `keys`: one row per checkpoint."""
     classes = class_renders(subject, scale.class_images, work / "class", seed=7) if setting.prior else None
     config = make_config(base_dir, setting, scale, classes)
     dataset = prep_subject(subject, work, config, scale, seed=11)
@@ -267,18 +280,24 @@ def run_subject(base_dir: Path, subject: world.Identity, setting: Setting, scale
     for step, lora in sorted(files.items()):
         if step not in scale.checkpoints:
             continue
-        metrics = score(render_prompts(config, lora, work / f"images-{step}"), subject)
+        metrics = score(render_prompts(config, lora, work / f"images-{step}", keys), subject)
         row = {"setting": setting.name, **asdict(setting), "step": step, "train_s": round(train_s), **metrics}
         row["options"] = dict(setting.options)
         rows.append(row)
     return rows
 
 
-def base_rows(base_dir: Path, subjects: dict[int, world.Identity], scale: Scale, work: Path) -> list[dict]:
+def base_rows(
+    base_dir: Path,
+    subjects: dict[int, world.Identity],
+    scale: Scale,
+    work: Path,
+    keys: tuple[str, ...] = tuple(PROMPTS),
+) -> list[dict]:
     """Step 0: the base model alone, scored against each subject ({subject number: identity}; same seeds and
     prompts)."""
     config = make_config(base_dir, REDUCED[0], scale, None)
-    paths = render_prompts(config, None, work / "base-images")
+    paths = render_prompts(config, None, work / "base-images", keys)
     return [{"subject": i, "setting": "base", "step": 0, **score(paths, s)} for i, s in subjects.items()]
 
 
@@ -287,16 +306,20 @@ SMOKE = Setting(prior=False, text_encoder=False, rank=16, lr=3e-3)
 SMOKE_STEP = 100
 
 
-def smoke(base_dir: Path, work: Path, lr: float = SMOKE.lr, seeds: int = 64) -> tuple[dict, dict]:
-    """Subject 0's base row and its LoRA's row after SMOKE_STEP steps of the SMOKE setting (at `lr`).
+def smoke(
+    base_dir: Path, work: Path, lr: float = SMOKE.lr, seeds: int = 64, keys: tuple[str, ...] = ("identity",)
+) -> tuple[dict, dict]:
+    """Subject 0's base row and its LoRA's row after SMOKE_STEP steps of the SMOKE setting (at `lr`), on the
+    prompts `keys`: by default the identity prompt alone (the smoke test reads its soft agreement; the images are
+    the ones a full row renders first); keys=tuple(PROMPTS) for every metric.
 
     python -c "from bench.identity import run; print(run.smoke(BASE, WORK, lr=1e-7))"   (a LoRA that learns nothing)
     """
     scale = Scale(seeds=seeds, checkpoints=(SMOKE_STEP,))
     subject = base.SUBJECTS[0]
-    (before,) = base_rows(base_dir, {0: subject}, scale, work / "base-run")
+    (before,) = base_rows(base_dir, {0: subject}, scale, work / "base-run", keys)
     setting = Setting(SMOKE.prior, SMOKE.text_encoder, SMOKE.rank, lr)
-    (after,) = run_subject(base_dir, subject, setting, scale, work / "lora-run")
+    (after,) = run_subject(base_dir, subject, setting, scale, work / "lora-run", keys)
     return before, after
 
 
