@@ -1,20 +1,24 @@
 """lora.kind = "dora" | "lokr" (`--adapter`): trained through `sdlora train`, both files reload (through what
-`generate` and `eval` load with) to the trained model's images; their LyCORIS keys; kinds a family can't export."""
+`generate` and `eval` load with) to the trained model's images; their LyCORIS keys; a resumed run equals the
+uninterrupted one; kinds a family can't export."""
 
 from __future__ import annotations
 
 import functools
 import json
+import shutil
 
 import numpy as np
 import pytest
 from safetensors import safe_open
+from safetensors.torch import load_file
 from train_utils import subject_set
 from typer.testing import CliRunner
 
 from sdlora import config as sdconfig
 from sdlora import families
 from sdlora.cli import app
+from sdlora.layout import LORA_STATE
 from sdlora.lora import lycoris
 
 STEPS = 2
@@ -27,24 +31,40 @@ def train_args(data, out, base, kind: str, text_encoder: bool) -> list[str]:
     return [
         "train", str(data), str(out), "--base", str(base), "--adapter", kind, "--steps", str(STEPS),
         "--resolution", "64", "--rank", "4", "--alpha", "8",  # alpha != rank: a wrong scale on reload shows
-        "--lr", "3e-2", "--text-encoder-lr", "3e-2", "--checkpoint-every", "0", "--sample-every", str(STEPS),
+        "--lr", "3e-2", "--text-encoder-lr", "3e-2", "--checkpoint-every", "1", "--sample-every", str(STEPS),
         "--eval-every", "0", "--name", "me", "--set", f"train.sample_steps={SAMPLE_STEPS}",
         "--set", f"train.sample_prompts=['{PROMPT}']", "--set", "lora.targets='all'",
         *(["--train-text-encoder"] if text_encoder else []),
     ]  # fmt: skip
 
 
+_RUNS: dict[tuple[str, str], dict] = {}
+
+
+def trained(family: str, kind: str, tiny_models, tmp_path_factory) -> dict:
+    """One training run per (family, kind) for the whole session, whichever test asks first."""
+    if (family, kind) not in _RUNS:
+        root = tmp_path_factory.mktemp(f"adapter-{family}-{kind}")
+        out = root / "out"
+        # Text-encoder adapters on SD 1.x; SDXL on the UNet only (time: its te1/te2 naming is LoRA's, test_kohya).
+        text_encoder = family == "sd1"
+        args = train_args(subject_set(root / "data"), out, tiny_models[family], kind, text_encoder)
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, result.output
+        _RUNS[family, kind] = {
+            "family": family,
+            "kind": kind,
+            "out": out,
+            "base": tiny_models[family],
+            "text_encoder": text_encoder,
+            "args": args,
+        }
+    return _RUNS[family, kind]
+
+
 @pytest.fixture(scope="module", params=CASES, ids=[f"{f}-{k}" for f, k in CASES])
 def run(request, tiny_models, tmp_path_factory):
-    family, kind = request.param
-    root = tmp_path_factory.mktemp(f"adapter-{family}-{kind}")
-    out = root / "out"
-    # Text-encoder adapters on SD 1.x; SDXL on the UNet only (time: its te1/te2 naming is LoRA's, test_kohya).
-    text_encoder = family == "sd1"
-    args = train_args(subject_set(root / "data"), out, tiny_models[family], kind, text_encoder)
-    result = CliRunner().invoke(app, args)
-    assert result.exit_code == 0, result.output
-    return {"family": family, "kind": kind, "out": out, "base": tiny_models[family], "text_encoder": text_encoder}
+    return trained(*request.param, tiny_models, tmp_path_factory)
 
 
 def render(base, lora_specs: list[str]) -> list[np.ndarray]:
@@ -112,6 +132,30 @@ def test_lycoris_keys_and_metadata(run):
         assert lycoris.file_kind(handle.keys()) == run["kind"]
     assert diffusers_meta["sdlora.adapter"] == run["kind"]
     assert json.loads(diffusers_meta["lora_adapter_metadata"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["dora", "lokr"])
+def test_resume_from_step_1_equals_the_straight_run(kind, tiny_models, tmp_path_factory, tmp_path):
+    """The adapter's own tensors (DoRA's magnitudes, LoKr's factors, on the UNet and the text encoder) and their
+    optimizer state come back from a checkpoint: resumed after step 1, step 2 and both files equal the straight run.
+    SD 1.x only: SDXL's adapters differ in naming, which the tests above check."""
+    run = trained("sd1", kind, tiny_models, tmp_path_factory)
+    straight, resumed = run["out"], tmp_path / "resumed"
+    shutil.copytree(straight, resumed)
+    shutil.rmtree(resumed / "checkpoints" / f"step-{STEPS:06d}")
+    for name in ("pytorch_lora_weights.safetensors", "me.safetensors"):
+        (resumed / name).unlink()
+    args = [str(resumed) if a == str(straight) else a for a in run["args"]]
+    result = CliRunner().invoke(app, [*args, "--resume", "latest"])
+    assert result.exit_code == 0, result.output
+    state = f"checkpoints/step-{STEPS:06d}/{LORA_STATE}"
+    for name in (state, "pytorch_lora_weights.safetensors", "me.safetensors"):
+        a, b = load_file(str(straight / name)), load_file(str(resumed / name))
+        assert a.keys() == b.keys(), name
+        assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6, name
+    own = "magnitude" if run["kind"] == "dora" else "lokr"  # the kind's own tensors are among those compared
+    assert any(own in key for key in load_file(str(straight / state))), sorted(load_file(str(straight / state)))[:4]
 
 
 @pytest.mark.parametrize("kind", ["dora", "lokr"])
