@@ -178,7 +178,7 @@ def train_vae(spec: BaseSpec, pixels, log) -> Any:
 
     vae = build_vae(spec).to(pixels.device)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=spec.lr)
-    started = time.time()
+    meter = _Meter(log, 0, spec.vae_steps, "vae")
     for step in range(spec.vae_steps):
         _cosine(optimizer, spec.lr, step / spec.vae_steps)
         images = _to_float(pixels[torch.randint(len(pixels), (spec.vae_batch,), device=pixels.device)])
@@ -189,8 +189,7 @@ def train_vae(spec: BaseSpec, pixels, log) -> Any:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        if step % 500 == 0 or step == spec.vae_steps - 1:
-            log(f"vae step {step}: loss {loss.item():.4f} ({time.time() - started:.0f} s)")
+        meter.add(step, loss.item())
     return vae.eval().requires_grad_(False)
 
 
@@ -361,7 +360,7 @@ def train_denoiser(
         averaged = AveragedModel(modules, multi_avg_fn=get_ema_multi_avg_fn(spec.ema), use_buffers=True)
     alphas = sched.alphas_cumprod.to(device)
     start = state.load_denoiser(modules, averaged, optimizer, rng) if state else 0
-    meter = _Meter(log, start, spec.unet_steps)
+    meter = _Meter(log, start, spec.unet_steps, "unet")
     step = start - 1
     for step in range(start, spec.unet_steps):
         _cosine(optimizer, spec.lr, step / spec.unet_steps)
@@ -396,8 +395,8 @@ def train_denoiser(
 class _Meter:
     """Progress lines for a long run: step, mean loss since the last line, steps/s and time left."""
 
-    def __init__(self, log, start: int, total: int):
-        self.log, self.start, self.total, self.losses = log, start, total, []
+    def __init__(self, log, start: int, total: int, name: str):
+        self.log, self.start, self.total, self.name, self.losses = log, start, total, name, []
         self.every = max(1, min(100, total // 20))
         self.began = time.time()
 
@@ -409,7 +408,7 @@ class _Meter:
         left = (self.total - step - 1) / rate
         mean = sum(self.losses) / len(self.losses)
         self.log(
-            f"unet step {step + 1}/{self.total}: loss {mean:.4f}, {rate:.2f} steps/s, "
+            f"{self.name} step {step + 1}/{self.total}: loss {mean:.4f}, {rate:.2f} steps/s, "
             f"{time.time() - self.began:.0f} s, about {left / 60:.0f} min left"
         )
         self.losses = []
