@@ -13,7 +13,7 @@ import json
 import math
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -109,7 +109,8 @@ def combine(label: str) -> Setting:
             if options.setdefault(key, value) != value:
                 raise ValueError(f"{label}: the methods set {key} differently")
     prior, text_encoder = any(p.prior for p in parts), any(p.text_encoder for p in parts)
-    return Setting(prior, text_encoder, rank=16, lr=3e-3, options=tuple(options.items()), label=label)
+    # Every method cell has the plain LoRA's rank and lr (_method), so the first part's stand for all.
+    return replace(parts[0], prior=prior, text_encoder=text_encoder, options=tuple(options.items()), label=label)
 
 
 # ----------------------------------------------------------------------------------------------- inputs
