@@ -39,13 +39,13 @@ class Progress:
 
     def load_vae(self):
         """The VAE a cut build trained (and the torch RNG as it was then), or None."""
-        import torch
-        from diffusers import AutoencoderKL
-
         if self.folder is None or not (self.folder / "vae.json").is_file():
             return None
         record = json.loads((self.folder / "vae.json").read_text())
         self._check_spec(record["spec"], self.folder)
+        import torch
+        from diffusers import AutoencoderKL
+
         torch.set_rng_state(torch.tensor(record["torch_rng"], dtype=torch.uint8))
         self.log(f"vae: the one trained before, from {self.folder}")
         return AutoencoderKL.from_pretrained(self.folder / "vae").eval().requires_grad_(False)
