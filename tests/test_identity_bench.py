@@ -155,3 +155,10 @@ def test_benchmark_main_filters_the_grid_and_keeps_the_subject_number(tmp_path):
     assert (out / "curves.png").stat().st_size > 0
     with pytest.raises(SystemExit):
         run.main([*argv[:6], "--rank", "5"])
+    # --base-only: the base's checks and step-0 rows, no LoRA trained
+    alone = tmp_path / "alone"
+    run.main(["--base", str(folder), "--out", str(alone), "--base-only", "--seeds", "2"])
+    results = json.loads((alone / "results.json").read_text())
+    assert {r["setting"] for r in results["rows"]} == {"base"} and len(results["rows"]) == 2  # the fixture's two
+    assert 0 <= results["base"]["class_validity"] <= 1 and results["base"]["reconstruction_exact"] > 0.9
+    assert sorted(p.name for p in (alone / "work").iterdir()) == ["base-images"]

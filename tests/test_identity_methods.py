@@ -1,4 +1,5 @@
-"""The identity benchmark's methods grid: combinations of methods (`--combine`) merge their switches and settings."""
+"""The identity benchmark's plumbing: combinations of methods (`--combine`), the held-out subjects a base's record
+gives, a saved build of another spec."""
 
 from __future__ import annotations
 
@@ -32,3 +33,36 @@ def test_combine_refuses_unknown_and_conflicting_methods(monkeypatch):
         run.combine("timestep_high+timestep_low")
     with pytest.raises(SystemExit):  # the command line says it in one line (argparse's error), before any work
         run.main(["--grid", "methods", "--combine", "plain+nope", "--base", "/nonexistent"])
+
+
+def test_subjects_come_from_the_bases_record_and_a_seen_one_is_refused(tmp_path, capsys):
+    """A record that predates `held_out` (the packaged base) holds out the first two subjects, today's spec three;
+    asking for a subject the base saw is refused in one line before any model loads."""
+    import json
+
+    from bench.identity import base
+
+    legacy, today = tmp_path / "legacy", tmp_path / "today"
+    for folder, spec in ((legacy, {"batch": 128}), (today, {"held_out": 3})):
+        folder.mkdir()
+        (folder / "identity_base.json").write_text(json.dumps({"spec": spec}))
+    assert base.held_out_subjects(legacy) == base.SUBJECTS[:2]
+    assert base.held_out_subjects(today) == base.SUBJECTS[:3]
+    assert base.spec_of({"spec": {}}).attention_at == (16, 8)  # the legacy UNet layout
+    with pytest.raises(SystemExit):
+        run.main(["--base", str(legacy), "--only-subject", "2", "--out", str(tmp_path / "out")])
+    assert "holds out 2 subjects (0 to 1)" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_saved_build_of_another_spec_is_refused(tmp_path):
+    import json
+
+    from bench.identity import progress
+
+    saved = tmp_path / "base.progress"
+    saved.mkdir()
+    (saved / "vae.json").write_text(json.dumps({"spec": {"vae_steps": 1}, "torch_rng": []}))
+    state = progress.Progress(saved, {"vae_steps": 2}, log=lambda _: None)
+    with pytest.raises(SystemExit, match="saved by a build of another spec; remove it or choose another --out"):
+        state.load_vae()
