@@ -1,0 +1,217 @@
+"""The identity benchmark's report over subjects: means with standard errors, the goal's check, curves per method.
+
+    python -m bench.identity.report RESULTS.json [RESULTS.json ...] --out DIR
+
+reads the rows of one or more `results.json` (a methods grid and a run of combinations, say: the base rows must
+agree) and writes `DIR/report.md` (the averaged table with standard errors, the per-subject table, the goal's
+check) and `DIR/methods.png` (one panel per setting: exact identity, bleed and class validity against steps).
+
+Standard errors: every share is a count out of the run's seeds (64 images per prompt and subject), so a subject's
+share p has the binomial error sqrt(p (1 - p) / n); the mean of k subjects' shares has sqrt(sum p_i (1 - p_i) / n) / k.
+It is the error of the images drawn, not of the choice of subjects (which the per-subject table shows).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+# Issue 18's goal, averaged over the subjects: exact identity >= 40%, bleed <= 5%, class-prompt validity no more
+# than 5 points under the base's.
+GOAL_EXACT, GOAL_BLEED, GOAL_CLASS_DROP = 0.40, 0.05, 0.05
+SHARES = ("exact", "validity", "bleed", "class_validity", "fidelity")
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One (setting, step) averaged over its subjects."""
+
+    setting: str
+    step: int
+    subjects: tuple[int, ...]
+    mean: dict[str, float]  # share or accuracy -> mean over subjects
+    se: dict[str, float]  # share -> standard error of that mean
+    class_drop: float  # the base's class validity minus this cell's (positive: fewer valid "a photo of a person")
+
+    def meets(self) -> bool:
+        return (
+            self.mean["exact"] >= GOAL_EXACT and self.mean["bleed"] <= GOAL_BLEED and self.class_drop <= GOAL_CLASS_DROP
+        )
+
+
+def load_rows(files: list[Path]) -> tuple[list[dict], int]:
+    """Every row of `files` (base rows once per subject; two files' base rows must agree) and the seeds per prompt."""
+    rows, base, seeds = [], {}, set()
+    for file in files:
+        results = json.loads(Path(file).read_text())
+        seeds.add(results["scale"]["seeds"])
+        for row in results["rows"]:
+            if row["setting"] != "base":
+                rows.append(row)
+            elif base.setdefault(row["subject"], row)["exact"] != row["exact"]:
+                raise ValueError(f"{file}: its base rows differ from the other files' (another base or scale)")
+    if len(seeds) != 1:
+        raise ValueError(f"the files were run at different seed counts: {sorted(seeds)}")
+    return list(base.values()) + rows, seeds.pop()
+
+
+def cells(rows: list[dict], seeds: int) -> list[Cell]:
+    """Every (setting, step) of `rows` averaged over the subjects it has, the base first; rows of a setting are
+    kept only at the steps every one of its subjects reached."""
+    base = {r["subject"]: r for r in rows if r["setting"] == "base"}
+    out = []
+    for setting in dict.fromkeys(r["setting"] for r in rows):
+        mine = [r for r in rows if r["setting"] == setting]
+        subjects = tuple(sorted({r["subject"] for r in mine}))
+        for step in sorted({r["step"] for r in mine}):
+            members = [r for r in mine if r["step"] == step]
+            if len(members) != len(subjects):
+                continue
+            mean = {k: _mean([m[k] for m in members]) for k in (*SHARES, "attribute_accuracy", "soft_agreement")}
+            se = {k: math.sqrt(sum(m[k] * (1 - m[k]) for m in members) / seeds) / len(members) for k in SHARES}
+            base_class = _mean([base[m["subject"]]["class_validity"] for m in members])
+            out.append(Cell(setting, step, subjects, mean, se, base_class - mean["class_validity"]))
+    return out
+
+
+def _mean(values: list[float | None]) -> float:
+    kept = [v for v in values if v is not None]
+    return sum(kept) / len(kept) if kept else float("nan")
+
+
+def _pct(value: float, se: float | None = None) -> str:
+    return f"{100 * value:.0f}%" if se is None else f"{100 * value:.0f} ± {100 * se:.0f}%"
+
+
+def averaged_table(all_cells: list[Cell]) -> str:
+    head = "| setting | step | exact | attributes | validity | bleed | class validity (vs base) | fidelity | goal |"
+    lines = [head, "|" + "---|" * 9]
+    for c in all_cells:
+        drop = f"{_pct(c.mean['class_validity'], c.se['class_validity'])} ({100 * -c.class_drop:+.0f})"
+        lines.append(
+            f"| {c.setting} | {c.step} | {_pct(c.mean['exact'], c.se['exact'])} | {_pct(c.mean['attribute_accuracy'])}"
+            f" | {_pct(c.mean['validity'], c.se['validity'])} | {_pct(c.mean['bleed'], c.se['bleed'])} | {drop}"
+            f" | {_pct(c.mean['fidelity'], c.se['fidelity'])} | {'yes' if c.meets() else ''} |"
+        )
+    return "\n".join(lines)
+
+
+def subject_table(rows: list[dict]) -> str:
+    """Exact identity, bleed and class validity of every (setting, step), one column group per subject."""
+    subjects = sorted({r["subject"] for r in rows})
+    cols = [f"{k} s{s}" for k in ("exact", "bleed", "class validity") for s in subjects]
+    lines = ["| setting | step | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 2)]
+    found = {(r["setting"], r["step"], r["subject"]): r for r in rows}
+    for setting, step in dict.fromkeys((r["setting"], r["step"]) for r in rows):
+        values = []
+        for key in ("exact", "bleed", "class_validity"):
+            for s in subjects:
+                row = found.get((setting, step, s))
+                values.append(_pct(row[key]) if row else "-")
+        lines.append(f"| {setting} | {step} | " + " | ".join(values) + " |")
+    return "\n".join(lines)
+
+
+def goal(all_cells: list[Cell]) -> str:
+    """Which cells reach the goal; if none, which constraint binds and by how much."""
+    trained = [c for c in all_cells if c.setting != "base"]
+    hits = [c for c in trained if c.meets()]
+    if hits:
+        best = max(hits, key=lambda c: (c.mean["exact"], -c.step))
+        names = ", ".join(f"{c.setting} at {c.step}" for c in hits)
+        return f"Reached by {len(hits)} cell(s): {names}. Most exact: {_describe(best)}."
+    clean = [c for c in trained if c.mean["bleed"] <= GOAL_BLEED and c.class_drop <= GOAL_CLASS_DROP]
+    strong = [c for c in trained if c.mean["exact"] >= GOAL_EXACT]
+    lines = ["No cell reaches the goal."]
+    if clean:
+        best = max(clean, key=lambda c: c.mean["exact"])
+        short = 100 * (GOAL_EXACT - best.mean["exact"])
+        lines.append(f"Within the bleed and class-validity bounds the most exact is {_describe(best)}: ")
+        lines[-1] += f"{short:.0f} points short."
+    if strong:  # the one nearest to both bounds: the smaller of its two overshoots
+        best = min(strong, key=lambda c: max(c.mean["bleed"] - GOAL_BLEED, c.class_drop - GOAL_CLASS_DROP))
+        lines.append(
+            f"Among cells with exact >= 40% the nearest is {_describe(best)}: bleed "
+            f"{100 * (best.mean['bleed'] - GOAL_BLEED):+.0f} points from its bound, class validity "
+            f"{100 * (best.class_drop - GOAL_CLASS_DROP):+.0f} points from its bound."
+        )
+    return " ".join(lines)
+
+
+def _describe(c: Cell) -> str:
+    return (
+        f"{c.setting} at step {c.step} (exact {_pct(c.mean['exact'], c.se['exact'])}, bleed "
+        f"{_pct(c.mean['bleed'], c.se['bleed'])}, class validity {100 * -c.class_drop:+.0f} points)"
+    )
+
+
+def plot(all_cells: list[Cell], path: Path) -> None:
+    """One panel per setting: exact identity, bleed and class validity (means, ±1 SE) against steps, from the
+    base's values at step 0."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    base = next(c for c in all_cells if c.setting == "base")
+    settings = list(dict.fromkeys(c.setting for c in all_cells if c.setting != "base"))
+    columns = 4
+    rows = -(-len(settings) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(3.3 * columns, 2.6 * rows), squeeze=False, sharey=True)
+    for ax, setting in zip(axes.flat, settings, strict=False):
+        mine = [base] + [c for c in all_cells if c.setting == setting]
+        steps = [c.step for c in mine]
+        curves = (("exact", "exact", "C0"), ("bleed", "bleed", "C3"), ("class_validity", "class valid", "C2"))
+        for key, label, colour in curves:
+            ys = [c.mean[key] for c in mine]
+            ax.errorbar(steps, ys, yerr=[c.se[key] for c in mine], marker="o", ms=3, color=colour, label=label)
+        ax.axhline(GOAL_EXACT, color="C0", lw=0.6, ls=":")
+        ax.axhline(GOAL_BLEED, color="C3", lw=0.6, ls=":")
+        ax.set_title(setting, fontsize=9)
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+    for ax in axes.flat[len(settings) :]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    subjects = ", ".join(map(str, base.subjects))
+    fig.suptitle(f"mean over subjects {subjects}; dotted: the goal's 40% exact and 5% bleed", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def report(files: list[Path], out: Path) -> str:
+    rows, seeds = load_rows(files)
+    all_cells = cells(rows, seeds)
+    text = "\n\n".join(
+        [
+            f"Mean over subjects ± standard error ({seeds} images per prompt and subject; class validity's change from "
+            "the base's in points)",
+            averaged_table(all_cells),
+            "Per subject",
+            subject_table(rows),
+            "Goal (exact >= 40%, bleed <= 5%, class validity at most 5 points under the base's): " + goal(all_cells),
+        ]
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.md").write_text(text + "\n")
+    plot(all_cells, out / "methods.png")
+    return text
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("results", type=Path, nargs="+", help="results.json files of bench.identity runs")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    try:
+        print(report(args.results, args.out))
+    except (ValueError, OSError, KeyError) as error:
+        parser.error(str(error))
+
+
+if __name__ == "__main__":
+    main()
