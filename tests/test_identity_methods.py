@@ -36,8 +36,8 @@ def test_combine_refuses_unknown_and_conflicting_methods(monkeypatch):
 
 
 def test_subjects_come_from_the_bases_record_and_a_seen_one_is_refused(tmp_path, capsys):
-    """A record that predates `held_out` (the packaged base) holds out the first two subjects, today's spec three;
-    asking for a subject the base saw is refused in one line before any model loads."""
+    """A record that predates `held_out` (the first published base) holds out the first two subjects, today's spec
+    three; asking for a subject the base saw is refused in one line before any model loads."""
     import json
 
     from bench.identity import base

@@ -1,8 +1,9 @@
 """The toy world's base model, shipped in the package as one small file: what `sdlora demo` trains on.
 
 The identity benchmark (`bench/identity/base.py`) trained it from scratch on renders of every identity of the
-toy world except the held-out SUBJECTS (on a GPU: no CPU-sized base was strong enough for a LoRA to show
-anything). Its weights travel as `sdlora/demo/identity-base.safetensors` (about 4 MB):
+toy world except the held-out SUBJECTS (10,000 UNet steps planned; the packaged one was cut at 5,652 on a 2-core
+CPU, where it draws a valid person in about half of its samples: docs/identity-benchmark.md). Its weights travel
+as `sdlora/demo/identity-base.safetensors` (about 4 MB):
 
 - UNet, VAE and text encoder in fp16 (restored to fp32);
 - of the text encoder's 49,408 token embeddings only the rows the base was trained on (the tokens of every
@@ -21,9 +22,10 @@ from sdlora.demo import world
 
 PACKAGED = Path(__file__).with_name("identity-base.safetensors")
 CLASS_PROMPT = "a photo of a person"
-# The held-out subjects: never shown to the base (the packaged one, built earlier, holds out the first two; its
-# record says so). None wears glasses, so "with glasses" tests fidelity; between them every skin tone but one,
-# every hair colour but one, each hair style, eye colour and three of the four backgrounds.
+# The held-out subjects: never shown to the base (the packaged one holds out all three; the first published base,
+# LEGACY in bench/identity/base.py, the first two: its record says so). None wears glasses, so "with glasses" tests
+# fidelity; between them every skin tone but one, every hair colour but one, each hair style, eye colour and three
+# of the four backgrounds.
 SUBJECTS = (
     world.Identity("tan", "red", "long", "green", False, "mint"),
     world.Identity("dark", "blonde", "tall", "blue", False, "lilac"),
