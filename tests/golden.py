@@ -1,7 +1,10 @@
 """Golden outputs of fixed-seed runs through the CLI: sha256s of LoRA tensors and of rendered pixels.
 
 Recorded once on the code before a refactor (`python tests/golden.py --record`), then checked by
-tests/test_golden.py after every move: a refactor must not change a single bit of what a user gets. The hashes
+tests/test_golden.py after every move: a refactor must not change a single bit of what a user gets. Each scenario
+runs in a fresh process with CPU-independent kernels (PINNED_ENV): the first recording, made in-process, followed
+the CPU, and failed on the same code once the machines changed (AVX-512 without AMX -> AMX). Re-recorded under
+PINNED_ENV on 2026-12-02 from the code of 18f6c43. The hashes
 cover tensor values, dtypes and shapes (not the files, whose headers hold timestamps) and decoded RGB pixels.
 """
 
@@ -181,25 +184,51 @@ SCENARIOS = {
 }
 
 
-def record(root: Path) -> dict[str, dict[str, str]]:
+# The same bits on every x86-64 CPU (the recording machine's and CI's differ: AVX2, AVX-512, AMX): torch's own
+# kernels without CPU-specific vectorisation, MKL's conditional numerical reproducibility, one thread (a reduction
+# split over threads rounds differently), and no oneDNN (whose kernels and blocking follow the CPU; with it off,
+# convolutions go through MKL's GEMM). Each scenario runs in a fresh process, as these are read when torch loads.
+PINNED_ENV = {
+    "ATEN_CPU_CAPABILITY": "default",
+    "MKL_CBWR": "COMPATIBLE",
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+}
+
+
+def run_pinned(name: str) -> dict[str, str]:
+    """One scenario's hashes, computed in a fresh process under PINNED_ENV."""
+    import subprocess
+
+    env = {**os.environ, **PINNED_ENV, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), *sys.path])}
+    done = subprocess.run(
+        [sys.executable, __file__, "--scenario", name], env=env, capture_output=True, text=True, timeout=900
+    )
+    if done.returncode != 0:
+        raise AssertionError(f"golden scenario {name} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _scenario(name: str) -> dict[str, str]:
+    import tempfile
+
+    import torch
+
+    torch.backends.mkldnn.enabled = False
+    torch.set_num_threads(1)
     from sdlora import testing
 
-    built: dict[str, Path] = {}
-
-    def models(family: str) -> Path:
-        if family not in built:
-            built[family] = testing.save_tiny_pipeline(family, root / "models" / family)
-        return built[family]
-
-    return {name: run(root / name, models) for name, run in SCENARIOS.items()}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        return SCENARIOS[name](root / name, lambda family: testing.save_tiny_pipeline(family, root / "models" / family))
 
 
 if __name__ == "__main__":
-    import tempfile
-
     sys.path.insert(0, str(Path(__file__).parent))
-    with tempfile.TemporaryDirectory() as tmp:
-        result = record(Path(tmp))
+    if "--scenario" in sys.argv:
+        print(json.dumps(_scenario(sys.argv[sys.argv.index("--scenario") + 1]), sort_keys=True))
+        sys.exit(0)
+    result = {name: run_pinned(name) for name in SCENARIOS}
     if "--record" in sys.argv:
         GOLDEN_FILE.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         print(f"wrote {GOLDEN_FILE}")

@@ -10,15 +10,15 @@ from __future__ import annotations
 import json
 
 import pytest
-from golden import GOLDEN_FILE, SCENARIOS
+from golden import GOLDEN_FILE, SCENARIOS, run_pinned
 
 RECORDED = json.loads(GOLDEN_FILE.read_text(encoding="utf-8"))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(SCENARIOS))
-def test_outputs_match_the_recorded_hashes(name, tmp_path, tiny_models):
-    hashes = SCENARIOS[name](tmp_path, tiny_models.__getitem__)
+def test_outputs_match_the_recorded_hashes(name):
+    hashes = run_pinned(name)  # in a fresh process with CPU-independent kernels (golden.PINNED_ENV)
     expected = RECORDED[name]
     assert sorted(hashes) == sorted(expected), "a different set of outputs was written"
     changed = [key for key in expected if hashes[key] != expected[key]]
