@@ -109,6 +109,8 @@ def sdlora_worker(opts: argparse.Namespace, levers: list[str], work: Path, timin
             "sample_every": 0,
             "checkpoint_every": 0,
             "steps": 10**6,
+            "pivotal": False,  # the anchor scripts' plain LoRA
+            "preservation": "none",
         },
     )
     dataset = write_dataset(work / "data", max(2, opts.batch), opts.resolution, CAPTION)

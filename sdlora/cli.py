@@ -391,7 +391,7 @@ def train(
         str | None,
         typer.Option(
             help="none | class_images (--class-prompt/--class-dir) | output (base's prediction on the caption "
-            "without the trigger, no class images) [none].",
+            "without the trigger, no class images) | auto: class_images with pivotal tuning, else output [auto].",
         ),
     ] = None,
     sample_every: Annotated[int | None, typer.Option(help="Sample grids every N steps; 0 disables [200].")] = None,
@@ -406,7 +406,11 @@ def train(
     allow_pickle: Annotated[bool | None, typer.Option("--allow-pickle", help="Allow .ckpt/.pt/.bin bases.")] = None,
     overwrite: Annotated[bool | None, typer.Option("--overwrite", help="Replace a run already in OUT_DIR.")] = None,
     pivotal: Annotated[
-        bool | None, typer.Option("--pivotal", help="Pivotal tuning: new trigger tokens train too.")
+        bool | None,
+        typer.Option(
+            "--pivotal/--no-pivotal",
+            help="Pivotal tuning: new trigger tokens train too [on for SD 1.x/2.x/SDXL, off for Flux.1].",
+        ),
     ] = None,
     quantize: QuantizeOpt = None,
     sets: SetOpt = None,

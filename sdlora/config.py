@@ -224,12 +224,13 @@ class TrainConfig(Section):
         description="Train at several sizes in one run (e.g. [512, 768, 1024]): each image is cached at each size "
         "and each micro-batch is of one size; empty: train.resolution only.",
     )
-    preservation: Literal["none", "class_images", "output"] = Field(
-        "none",
+    preservation: Literal["auto", "none", "class_images", "output"] = Field(
+        "auto",
         description="Keep the LoRA from turning every person into the subject (bleed): none; class_images "
         "(DreamBooth prior preservation on class images, train.class_prompt/class_dir; giving either implies it); "
         "output (differential output preservation: on the subject's own noisy latent, the LoRA's prediction for "
-        "the caption without the trigger token is pulled to the base model's, adapters off; no class images).",
+        "the caption without the trigger token is pulled to the base model's, adapters off; no class images); "
+        "auto (the identity benchmark's recommendation): class_images with pivotal tuning, else output.",
     )
     preservation_weight: float = Field(
         1.0, ge=0, description="Weight of the output-preservation loss (preservation = 'output')."
@@ -257,12 +258,13 @@ class TrainConfig(Section):
     timestep_bias_strength: float = Field(
         1.0, ge=0, le=100, description="s of timestep_bias: 0 no skew, 1 density 2u (mean 2/3 with 'high')."
     )
-    pivotal: bool = Field(
-        False,
+    pivotal: bool | None = Field(
+        None,
         description="Pivotal tuning: new tokens stand for the trigger word in the CLIP text encoders, and only their "
         "embedding rows train (beside the LoRA) for the first train.pivotal_fraction of the steps; written as "
         "NAME_emb.safetensors (A1111/ComfyUI: write NAME_emb / embedding:NAME_emb in prompts) and inside the "
-        "diffusers file.",
+        "diffusers file. Unset (the identity benchmark's recommendation): on where the base's text encoders take "
+        "new tokens (SD 1.x, 2.x, SDXL) and a caption names the trigger word; off for Flux.1.",
     )
     pivotal_tokens: int = Field(
         2, ge=1, le=16, description="New tokens for the trigger word (<s0><s1>...), each starting as the class word."

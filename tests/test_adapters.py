@@ -34,7 +34,7 @@ def train_args(data, out, base, kind: str, text_encoder: bool) -> list[str]:
         "--lr", "3e-2", "--text-encoder-lr", "3e-2", "--checkpoint-every", "1", "--sample-every", str(STEPS),
         "--eval-every", "0", "--name", "me", "--set", f"train.sample_steps={SAMPLE_STEPS}",
         "--set", f"train.sample_prompts=['{PROMPT}']", "--set", "lora.targets='all'",
-        *(["--train-text-encoder"] if text_encoder else []),
+        *(["--train-text-encoder"] if text_encoder else []), "--no-pivotal", "--preservation", "none",
     ]  # fmt: skip
 
 

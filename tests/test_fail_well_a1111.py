@@ -11,7 +11,7 @@ import struct
 import pytest
 from generate_helpers import parse_parameters
 from PIL import Image
-from train_utils import subject_set
+from train_utils import plain, subject_set
 from typer.testing import CliRunner
 
 from sdlora.cli import app
@@ -30,7 +30,7 @@ def test_lora_tag_and_hash_name_the_kohya_file(tiny_sd1, tmp_path):
     train = ["train", str(data), str(out), "--base", str(tiny_sd1), "--steps", "2", "--resolution", "64",
              "--rank", "4", "--name", "anna_v1", "--sample-every", "0", "--checkpoint-every", "0",
              "--eval-every", "0"]  # fmt: skip
-    result = CliRunner().invoke(app, train)
+    result = CliRunner().invoke(app, plain(train))
     assert result.exit_code == 0, result.output
     kohya = out / "anna_v1.safetensors"
     assert kohya.is_file()

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 from single_file import write_single_file
-from train_utils import subject_set
+from train_utils import plain, subject_set
 from typer.testing import CliRunner
 
 from sdlora import families
@@ -42,6 +42,7 @@ def trained(request, tiny_models, tmp_path_factory):
     args += ["--resolution", "64", "--rank", "4", "--alpha", "8", "--lr", "1e-3", "--train-text-encoder"]
     args += ["--sample-every", str(STEPS), "--checkpoint-every", "0", "--name", "person"]
     args += ["--set", f"train.sample_steps={SAMPLE_STEPS}", "--set", "train.sample_prompts=['a photo of {trigger}']"]
+    args = plain(args)
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     return families.get(name), tiny_models[name], out

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from train_utils import subject_set
+from train_utils import plain, subject_set
 from typer.testing import CliRunner
 
 from sdlora import families
@@ -40,7 +40,7 @@ def test_nf4_flux_base_trains_and_saves_a_fp32_lora(tmp_path):
     out = tmp_path / "out"
     args = ["train", str(data), str(out), "--base", str(base), "--steps", "3", "--resolution", "64", "--rank", "4"]
     args += ["--quantize", "nf4", "--sample-every", "3", "--checkpoint-every", "0", "--gradient-checkpointing"]
-    result = runner.invoke(app, [*args, "--set", "train.sample_steps=2"])
+    result = runner.invoke(app, plain([*args, "--set", "train.sample_steps=2"]))
     assert result.exit_code == 0, result.output
     state = load_file(str(out / "pytorch_lora_weights.safetensors"))
     assert state and all(v.dtype == torch.float32 for v in state.values())
@@ -65,7 +65,7 @@ def test_resolutions_cache_each_image_at_each_size_one_size_per_micro_batch(tiny
     data = subject_set(tmp_path / "data2")
     args = ["train", str(data), str(tmp_path / "out"), "--base", str(tiny_sd1), "--steps", "2", "--rank", "4"]
     args += ["--sample-every", "0", "--checkpoint-every", "0", "--set", "train.resolutions=[64, 96]"]
-    result = runner.invoke(app, args)
+    result = runner.invoke(app, plain(args))
     assert result.exit_code == 0, result.output
     assert "8 images" not in result.output and "4 images" in result.output  # people count photos, not copies
 

@@ -36,7 +36,8 @@ def tiny_flux(tmp_path_factory) -> Path:
 
 
 def common(base: Path) -> list[str]:
-    return ["--base", str(base), "--resolution", "64", "--rank", "4", "--sample-every", "0", "--seed", "1"]
+    plain = ["--no-pivotal", "--preservation", "none"]  # the plain LoRA (the resume's command line leaves it out)
+    return ["--base", str(base), "--resolution", "64", "--rank", "4", "--sample-every", "0", "--seed", "1", *plain]
 
 
 def test_sigterm_checkpoints_prints_resume_command_and_resumes(dataset, tiny_flux, tmp_path):

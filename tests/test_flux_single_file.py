@@ -11,7 +11,7 @@ import torch
 from generate_helpers import max_diff
 from safetensors.torch import load_file, save_file
 from single_file import write_single_file
-from train_utils import subject_set
+from train_utils import plain, subject_set
 from typer.testing import CliRunner
 
 from sdlora import families, models
@@ -51,7 +51,7 @@ def test_train_and_generate_on_the_single_file(flux_files, tmp_path):
     runner = CliRunner()
     config = ["--set", f"model.single_file_config='{folder}'"]
     args = ["--steps", "2", "--resolution", "64", "--rank", "4", "--sample-every", "0", "--checkpoint-every", "0"]
-    result = runner.invoke(app, ["train", str(data), str(tmp_path / "out"), "--base", str(path), *args, *config])
+    result = runner.invoke(app, ["train", *plain([data, tmp_path / "out", "--base", path, *args, *config])])
     assert result.exit_code == 0, result.output
     gen = ["generate", "--prompt", "a photo of sks person", "--n", "1", "--size", "64x64", "--steps", "3"]
     gen += ["--lora", str(tmp_path / "out")]
@@ -105,7 +105,7 @@ def test_nf4_single_file_trains(flux_files, tmp_path):
     data, out = subject_set(tmp_path / "data"), tmp_path / "out"
     args = ["train", str(data), str(out), "--base", str(path), "--set", f"model.single_file_config='{folder}'"]
     args += ["--steps", "2", "--resolution", "64", "--rank", "4", "--quantize", "nf4", "--checkpoint-every", "0"]
-    result = CliRunner().invoke(app, [*args, "--sample-every", "2", "--set", "train.sample_steps=2"])
+    result = CliRunner().invoke(app, plain([*args, "--sample-every", "2", "--set", "train.sample_steps=2"]))
     assert result.exit_code == 0, result.output
     state = load_file(str(out / "pytorch_lora_weights.safetensors"))
     assert state and all(v.dtype == torch.float32 for v in state.values())

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from train_utils import subject_set
+from train_utils import plain, subject_set
 from typer.testing import CliRunner
 
 from sdlora import families, models
@@ -73,7 +73,7 @@ def test_encoders_load_one_at_a_time_and_the_grid_is_the_pipelines_own(tiny_mode
     args = ["train", str(data), str(out), "--base", str(base), "--steps", "2", "--resolution", "64", "--rank", "4"]
     args += ["--lr", "1e-3", "--checkpoint-every", "0", "--sample-every", "2", "--set", "train.sample_steps=3"]
     args += ["--set", "train.eval_every=0", "--set", "train.sample_prompts=['a photo of {trigger}', 'a cat']"]
-    result = runner.invoke(app, args)
+    result = runner.invoke(app, plain(args))
     assert result.exit_code == 0, result.output
     assert without == [("text_encoder", "text_encoder_2")]  # the pipeline loaded without both
     # each once, before the transformer (never beside it), and the sample grid did not bring them back

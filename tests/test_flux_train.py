@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_utils import subject_set
+from train_utils import plain, subject_set
 from typer.testing import CliRunner
 
 from sdlora.cli import app
@@ -35,7 +35,7 @@ def train_args(data: Path, out: Path, base: Path, *extra: str) -> list[str]:
     args = ["train", str(data), str(out), "--base", str(base), "--steps", str(STEPS), "--resolution", "64"]
     args += ["--rank", "4", "--alpha", "8", "--lr", "1e-3", "--checkpoint-every", "3", "--keep-checkpoints", "2"]
     args += ["--sample-every", str(STEPS), "--name", "astro", "--set", "train.log_every=1"]
-    args += ["--set", f"train.sample_steps={SAMPLE_STEPS}", "--set", "lora.targets='all'"]
+    args += ["--set", f"train.sample_steps={SAMPLE_STEPS}", "--set", "lora.targets='all'", *plain([])]
     args += ["--set", "train.sample_prompts=['a photo of {trigger}']"]
     return args + list(extra)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
-from train_utils import subject_set
+from train_utils import plain, subject_set
 from typer.testing import CliRunner
 
 from sdlora.cli import app
@@ -25,7 +25,7 @@ runner = CliRunner()
 def train_args(data: Path, out: Path, base: Path, *extra: str) -> list[str]:
     args = ["train", str(data), str(out), "--base", str(base), "--steps", str(STEPS), "--resolution", "64"]
     args += ["--rank", "4", "--lr", "1e-3", "--checkpoint-every", "1", "--keep-checkpoints", "4"]
-    return [*args, "--sample-every", "0", "--set", "train.log_every=1", "--name", "astro", *extra]
+    return plain([*args, "--sample-every", "0", "--set", "train.log_every=1", "--name", "astro", *extra])
 
 
 def same_lora(a: Path, b: Path) -> bool:

@@ -34,7 +34,8 @@ def test_class_options_imply_class_images_and_conflict_with_output():
     assert load(None, {"train.class_dir": "/tmp/x", "train.preservation": "none"}).train.preservation == "class_images"
     implied = load(None, {"train.preservation": "class_images", "prep.class_word": "woman"}).train
     assert implied.class_prompt == "a photo of woman"  # what the class images show, stored with the run
-    assert load(None, {}).train.preservation == "none" and load(None, {}).train.class_prompt is None
+    unset = load(None, {}).train  # the recommended person settings, settled in train's pre-flight
+    assert unset.preservation == "auto" and unset.pivotal is None and unset.class_prompt is None
     with pytest.raises(ConfigError, match="preservation = 'output' needs no class images"):
         load(None, {"train.class_dir": "/tmp/x", "train.preservation": "output"})
     with pytest.raises(ConfigError, match="mask_prior_weight needs masked_loss"):

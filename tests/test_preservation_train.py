@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file
+from train_utils import plain as plain_lora
 from train_utils import square_entry, subject_set
 from typer.testing import CliRunner
 
@@ -49,7 +50,7 @@ def masked_set(folder: Path) -> Path:
 def train(data: Path, out: Path, base: Path, *extra: str) -> dict:
     args = ["train", str(data), str(out), "--base", str(base), "--steps", "2", "--resolution", "64", "--rank", "4"]
     args += ["--lr", "1e-3", "--checkpoint-every", "0", "--sample-every", "0", "--eval-every", "0", *extra]
-    result = CliRunner().invoke(app, args)
+    result = CliRunner().invoke(app, plain_lora(args))
     assert result.exit_code == 0, result.output
     return load_file(out / "pytorch_lora_weights.safetensors")
 

@@ -1,5 +1,6 @@
-"""A resume compares the run's settings with the saved ones; a setting an earlier version did not write is its
-default (that version's behaviour), so adding a setting never locks old runs out of --resume."""
+"""A resume compares the run's settings with the saved ones; a setting an earlier version did not write is what
+that version did (its default, or for the recommended person settings the plain LoRA), so adding a setting never
+locks old runs out of --resume, and an old run resumed today trains on as it began."""
 
 import json
 
@@ -10,30 +11,50 @@ from sdlora.errors import UsageError
 from sdlora.train import checkpoint
 
 
-def _saved_run(tmp_path, drop: str | None = None):
-    stored = Config().model_dump(mode="json")
+def _settled(**train) -> dict:
+    """A run's settings as the pre-flight settles them (sdlora.train.recommended)."""
+    config = Config().model_dump(mode="json")
+    config["train"].update({"pivotal": True, "preservation": "class_images", "class_prompt": "a photo of person"})
+    config["train"].update(train)
+    return config
+
+
+def _saved_run(tmp_path, drop: str | None = None, **train):
+    stored = _settled(**train)
     if drop:
         stored["train"].pop(drop)
+    tmp_path.mkdir(parents=True, exist_ok=True)
     (tmp_path / "config.json").write_text(json.dumps(stored))
     return tmp_path
 
 
 def test_a_setting_missing_from_an_older_run_counts_as_its_default(tmp_path):
-    out = _saved_run(tmp_path, drop="preservation")
-    checkpoint.check_out_dir(out, Config().model_dump(mode="json"), resume="latest", overwrite=False)
+    out = _saved_run(tmp_path, drop="timestep_bias")
+    checkpoint.check_out_dir(out, _settled(), resume="latest", overwrite=False)
+    with pytest.raises(UsageError, match=r"train\.timestep_bias"):
+        checkpoint.check_out_dir(out, _settled(timestep_bias="high"), resume="latest", overwrite=False)
+
+
+def test_a_recommended_setting_missing_from_an_older_run_counts_as_the_plain_lora(tmp_path):
+    """Runs saved before pivotal tuning and preservation existed trained without them, whatever today's defaults."""
+    for key, earlier, today in (("pivotal", False, True), ("preservation", "none", "class_images")):
+        out = _saved_run(tmp_path / key, drop=key, **{"pivotal": False, "preservation": "none", "class_prompt": None})
+        plain = _settled(pivotal=False, preservation="none", class_prompt=None)
+        checkpoint.check_out_dir(out, plain, resume="latest", overwrite=False)
+        with pytest.raises(UsageError, match=rf"train\.{key}"):
+            checkpoint.check_out_dir(out, {**plain, "train": {**plain["train"], key: today}}, "latest", False)
+        assert earlier != today
 
 
 def test_a_setting_missing_from_an_older_run_still_differs_from_a_non_default(tmp_path):
     out = _saved_run(tmp_path, drop="preservation")
-    config = Config().model_dump(mode="json")
-    config["train"]["preservation"] = "output"
     with pytest.raises(UsageError, match=r"train\.preservation"):
-        checkpoint.check_out_dir(out, config, resume="latest", overwrite=False)
+        checkpoint.check_out_dir(out, _settled(preservation="output"), resume="latest", overwrite=False)
 
 
 def test_a_changed_setting_is_refused(tmp_path):
     out = _saved_run(tmp_path)
-    config = Config().model_dump(mode="json")
+    config = _settled()
     config["lora"]["rank"] = 4
     with pytest.raises(UsageError, match=r"lora\.rank"):
         checkpoint.check_out_dir(out, config, resume="latest", overwrite=False)

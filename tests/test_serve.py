@@ -141,6 +141,10 @@ def test_the_train_form_is_generated_from_the_config_fields():
     assert settings["train.sample_prompts"].kind == "lines"
     assert settings["train.min_snr_gamma"].optional and settings["train.min_snr_gamma"].kind == "float"
     assert [s.key for s in form.settings()[: len(form.MAIN)]] == list(form.MAIN)
+    # An optional switch is a choice with "unset" (blank): a checkbox would turn the base's default into false.
+    pivotal = settings["train.pivotal"]
+    assert pivotal.kind == "choice" and pivotal.choices == ("", "true", "false") and pivotal.default == ""
+    assert settings["train.preservation"].default == "auto"
 
 
 def test_the_shown_toml_is_the_config_that_runs(ws):
@@ -153,6 +157,10 @@ def test_the_shown_toml_is_the_config_that_runs(ws):
     assert loaded.train.steps == 7 and loaded.lora.rank == 8 and loaded.train.sample_prompts == ["a", "b {trigger}"]
     assert loaded.model.base == str(ws.root / "models" / "m")
     assert loaded.train.resume is None and not loaded.train.overwrite
+    assert loaded.train.pivotal is None and loaded.train.preservation == "auto"  # left to train's pre-flight
+    for shown, value in (("true", True), ("false", False)):
+        path.write_text(training.preview(ws, None, "models/m", values | {"train.pivotal": shown}))
+        assert config.load(path).train.pivotal is value
     with pytest.raises(UsageError, match="train.steps"):
         training.preview(ws, None, "models/m", values | {"train.steps": -1})
     with pytest.raises(UsageError, match="refused"):
@@ -165,6 +173,8 @@ def test_presets_fill_the_form():
     values = form.values_of(presets["person_sd15.toml"])
     expected = config.load(presets["person_sd15.toml"])
     assert values["train.steps"] == expected.train.steps and values["lora.rank"] == expected.lora.rank
+    assert values["train.pivotal"] == "true" and expected.train.pivotal is True  # the preset's recommended switch
+    assert values["train.preservation"] == "class_images"
 
 
 # ------------------------------------------------------------------------------------------------ runs from disk
@@ -294,7 +304,8 @@ def test_upload_prep_train_stop_resume_eval(tmp_path, tiny_sd1):
     assert [r["step"] for r in tail.losses] == [1, 2, 3, 4]  # progress moved, the resume continued the run
     assert tail.evals and tail.samples[-1] == "step-000004.png"
     offered = [p.name for p in runs.downloads(ws, folder)]
-    assert offered == ["pytorch_lora_weights.safetensors", "lora.safetensors", "lora-best.zip"]
+    # The defaults train with pivotal tuning: its embeddings file goes with the kohya file to A1111/ComfyUI.
+    assert offered == ["pytorch_lora_weights.safetensors", "lora.safetensors", "lora_emb.safetensors", "lora-best.zip"]
     assert runs.summary(folder)["best_step"] == runs.best_step(tail, folder)
 
     assert studio.lora_choices(ws)[0] == "runs/lora"

@@ -214,7 +214,9 @@ def test_click_through_the_workflow(page, served, tmp_path):
     wait_for(lambda: page.locator("#samples img").count() == 2, 30, "the sample grids")
     offered = ("pytorch_lora_weights", "me-lora-best")  # the diffusers LoRA, best/ zipped (and the kohya file)
     wait_for(lambda: all(name in page.locator("#files").inner_text() for name in offered), 30, "the downloads")
-    assert page.locator("#files").inner_text().count(".safetensors") == 2
+    # The kohya file and, as the defaults train with pivotal tuning, its embeddings for A1111/ComfyUI.
+    assert page.locator("#files").inner_text().count(".safetensors") == 3
+    assert "me-lora_emb" in page.locator("#files").inner_text()
     assert "loss" in status_of(page, "run-speed")
     page.screenshot(path=str(SHOTS / "3-runs.png"), full_page=True)
 

@@ -114,6 +114,7 @@ def trained(single_files, tmp_path_factory):
     data = subject_set(root / "data")
     common = ["--steps", "2", "--resolution", "64", "--rank", "4", "--sample-every", "0", "--checkpoint-every", "0"]
     common += ["--lr", "1e-3", "--set", "train.eval_every=0", "--set", "train.log_every=1"]
+    common += ["--no-pivotal", "--preservation", "none"]  # the plain LoRA
     outs = {"file": root / "file", "folder": root / "folder"}
     cli("train", data, outs["file"], "--base", path, *common, "--set", f"model.single_file_config='{folder}'")
     cli("train", data, outs["folder"], "--base", folder, *common)

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from safetensors.torch import load_file
-from train_utils import subject_set
+from train_utils import plain, subject_set
 from typer.testing import CliRunner
 
 from sdlora.cli import app
@@ -19,7 +19,7 @@ SAMPLE_STEPS = 4
 
 
 def run_cli(*args: str):
-    return CliRunner().invoke(app, ["train", *args])
+    return CliRunner().invoke(app, ["train", *plain(args)])
 
 
 def train_args(data: Path, out: Path, base: Path, *extra: str) -> list[str]:

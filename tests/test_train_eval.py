@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
+from train_utils import plain
 from typer.testing import CliRunner
 
 from sdlora.cli import app
@@ -57,7 +58,7 @@ def train(data: Path, out: Path, base: Path, steps: int, *extra: str):
     args += ["--lr", "1e-3", "--sample-every", "0", "--name", "astro", "--set", "train.sample_steps=2"]
     # cfg 1 renders without classifier-free guidance: half the UNet work of the 10 validation images
     args += ["--set", "eval.n=1", "--set", "generate.batch_size=10", "--set", "generate.cfg=1", *extra]
-    return CliRunner().invoke(app, ["train", *args])
+    return CliRunner().invoke(app, ["train", *plain(args)])
 
 
 def eval_records(out: Path) -> list[dict]:
@@ -225,7 +226,7 @@ def test_two_processes_only_rank_0_evaluates(dataset, tiny_sd1, tmp_path):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541"]
     env = {**os.environ, "PYTHONPATH": str(root), "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "true"}
     done = subprocess.run(
-        [*torchrun, "-m", "sdlora", "train", *args], env=env, capture_output=True, text=True, timeout=400
+        [*torchrun, "-m", "sdlora", "train", *plain(args)], env=env, capture_output=True, text=True, timeout=400
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert [r["step"] for r in eval_records(out)] == [1, 2]  # one row per step: rank 1 did not score

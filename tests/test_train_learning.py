@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_utils import subject_set
+from train_utils import plain, subject_set
 from typer.testing import CliRunner
 
 from sdlora.cli import app
@@ -49,7 +49,7 @@ def test_training_lowers_the_subject_loss_and_files_keep_it(tmp_path, tiny_sd1):
         app,
         ["train", str(data), str(out), "--base", str(tiny_sd1), "--steps", str(STEPS), "--resolution", "64"]
         + ["--rank", "8", "--alpha", "8", "--lr", "3e-2", "--batch-size", "2", "--sample-every", "0"]
-        + ["--checkpoint-every", "0", "--set", "lora.targets='all'", "--set", "train.log_every=20"],
+        + ["--checkpoint-every", "0", "--set", "lora.targets='all'", "--set", "train.log_every=20", *plain([])],
     )
     assert result.exit_code == 0, result.output
 

@@ -30,6 +30,7 @@ SETTINGS = {
     "train.sample_prompts": ["a photo of {trigger}"],
     "train.name": "astro",
     "train.pivotal": True,
+    "train.preservation": "none",  # pivotal tuning alone (the recommended setting adds class images)
     "train.pivotal_learning_rate": 0.05,
     "train.pivotal_tokens": 2,
 }

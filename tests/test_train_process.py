@@ -27,7 +27,8 @@ def dataset(tmp_path_factory):
 
 
 def common(base: Path) -> list[str]:
-    return ["--base", str(base), "--resolution", "64", "--rank", "4", "--sample-every", "0", "--seed", "1"]
+    plain = ["--no-pivotal", "--preservation", "none"]  # the plain LoRA (the resume's command line leaves it out)
+    return ["--base", str(base), "--resolution", "64", "--rank", "4", "--sample-every", "0", "--seed", "1", *plain]
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_utils import bucketed_set, subject_set
+from train_utils import bucketed_set, plain, subject_set
 from typer.testing import CliRunner
 
 from sdlora.cli import app
@@ -20,7 +20,7 @@ PROMPTS = ["a photo of sks person", "a portrait of sks person, oil painting"]  #
 
 
 def run_cli(*args):
-    return CliRunner().invoke(app, ["train", *map(str, args)])
+    return CliRunner().invoke(app, ["train", *plain(args)])
 
 
 def common(base: Path, steps: int) -> list[str]:
@@ -182,6 +182,7 @@ def setup_run(data: Path, base: Path, out: Path, **settings):
     from sdlora.train import preflight, setup
 
     options = {"model.base": str(base), "train.resolution": 64, "train.steps": 1, "train.sample_every": 0}
+    options |= {"train.pivotal": False, "train.preservation": "none"}  # the plain LoRA
     config = load(None, options | {f"train.{k}": v for k, v in settings.items()})
     plan = preflight(config, data, out)
     return setup.setup(config, plan, setup.make_accelerator(config, plan.precision))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from train_utils import subject_set
+from train_utils import plain, subject_set
 from typer.testing import CliRunner
 
 from sdlora import layout
@@ -63,7 +63,7 @@ def dataset(tmp_path_factory):
 
 
 def run(*args):
-    return CliRunner().invoke(app, ["train", *map(str, args)])
+    return CliRunner().invoke(app, ["train", *plain(args)])
 
 
 @pytest.mark.parametrize(

@@ -8,14 +8,14 @@ import json
 import numpy as np
 import pytest
 from safetensors.torch import load_file
-from train_utils import subject_set
+from train_utils import plain, subject_set
 from typer.testing import CliRunner
 
 from sdlora.cli import app
 
 
 def run(*args):
-    return CliRunner().invoke(app, ["train", *map(str, args)])
+    return CliRunner().invoke(app, ["train", *plain(args)])
 
 
 @pytest.fixture(scope="module")

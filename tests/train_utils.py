@@ -76,3 +76,15 @@ def square_entry(image: str, source: str, mask: str | None = None):
         height=64,
         mask=mask,
     )
+
+
+def plain(args) -> list[str]:
+    """`sdlora train` arguments for the plain LoRA these tests were written for: --no-pivotal unless they choose
+    pivotal tuning, --preservation none unless they choose a preservation (or class images). The recommended
+    settings that an unset pivotal and preservation become have their own tests (test_recommended.py)."""
+    args = [str(a) for a in args]
+    said = " ".join(a for a in args if a.startswith("--") or "=" in a)  # options and --set values, not paths
+    extra = [] if "pivotal" in said else ["--no-pivotal"]
+    chosen = ("--preservation", "train.preservation", "--class-prompt", "--class-dir", "class_prompt", "class_dir")
+    extra += [] if any(option in said for option in chosen) else ["--preservation", "none"]
+    return [*args, *extra]

@@ -161,6 +161,8 @@ def make_config(base_dir: Path, setting: Setting, scale: Scale, class_dir: Path 
         "train.learning_rate": setting.lr,
         "train.text_encoder_learning_rate": setting.lr / 3,
         "train.seed": seed,
+        "train.pivotal": False,  # each setting on top of the plain LoRA (a method's own options turn it on)
+        "train.preservation": "none",
         "train.class_dir": str(class_dir) if setting.prior else None,
         "train.num_class_images": scale.class_images,
         "generate.n": scale.seeds,

@@ -271,7 +271,7 @@ def _runs_tab(ws: Workspace, jobs: Jobs) -> dict[str, Any]:
     with gr.Row():
         summary = gr.JSON(label="summary.json", elem_id="summary")
         files = gr.File(
-            label="downloads: diffusers LoRA, kohya LoRA, best/",
+            label="downloads: diffusers LoRA, kohya LoRA, pivotal embeddings (NAME_emb), best/",
             file_count="multiple",
             interactive=False,
             elem_id="files",

@@ -94,6 +94,8 @@ def _kind(annotation: Any) -> tuple[str, tuple[str, ...], bool]:
         return "choice", tuple(str(arg) for arg in args), optional
     if origin is list:
         return "lines", (), optional
+    if annotation is bool and optional:  # a checkbox can't say "unset" (train.pivotal: the base decides)
+        return "choice", ("", "true", "false"), optional
     if annotation is bool:
         return "bool", (), optional
     if annotation is int:
@@ -109,6 +111,8 @@ def _shown(value: Any, kind: str) -> Any:
         return None if kind in ("int", "float") else ""
     if kind == "lines":
         return "\n".join(str(item) for item in value)
+    if isinstance(value, bool) and kind == "choice":
+        return "true" if value else "false"
     if isinstance(value, Path):
         return str(value)
     return value

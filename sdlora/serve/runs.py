@@ -206,7 +206,8 @@ def summary(folder: Path) -> dict[str, Any] | None:
 
 
 def downloads(workspace: Workspace, folder: Path) -> list[Path]:
-    """Both LoRA files (diffusers and kohya format) and best/ as a zip, when they exist."""
+    """Both LoRA files (diffusers and kohya format), pivotal tuning's NAME_emb.safetensors and best/ as a zip,
+    when they exist."""
     files = [folder / DIFFUSERS_FILE] if (folder / DIFFUSERS_FILE).is_file() else []
     files += sorted(p for p in folder.glob("*.safetensors") if p.name != DIFFUSERS_FILE)
     best = folder / layout.BEST

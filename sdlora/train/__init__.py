@@ -41,6 +41,10 @@ class Plan:
     precision: str  # "no" | "fp16" | "bf16"
     resume_from: Path | None
     name: str
+    config: Config | None = (
+        None  # the settings the run trains with: the recommended ones settled (sdlora.train.recommended)
+    )
+    settled: str | None = None  # what the unset recommended settings became, for the log
 
 
 def train(config: Config, dataset_dir: Path, out_dir: Path) -> TrainResult:
@@ -50,6 +54,7 @@ def train(config: Config, dataset_dir: Path, out_dir: Path) -> TrainResult:
     dataset_dir, out_dir = Path(dataset_dir), Path(out_dir)
     checkpoint.check_owner(out_dir, dataset_dir)  # before anything is written into OUT_DIR
     plan = preflight(config, dataset_dir, out_dir)
+    config = plan.config
     accelerator = setup.make_accelerator(config, plan.precision)
     held = _lock(out_dir) if accelerator.is_main_process else None  # one writer: this run's main process
     with held or contextlib.nullcontext():
@@ -79,7 +84,7 @@ def preflight(config: Config, dataset_dir: Path, out_dir: Path) -> Plan:
     from sdlora.models import check_base, check_sizes, device_facts
     from sdlora.preflight import check_output_dir
     from sdlora.prep.images import check_images
-    from sdlora.train import checkpoint, data, pivotal, preservation, prior
+    from sdlora.train import checkpoint, data, pivotal, preservation, prior, recommended
     from sdlora.train.optim import check_optimizer
 
     check_base(config.model.base, config.model.allow_pickle, config.model.single_file_config)
@@ -88,17 +93,19 @@ def preflight(config: Config, dataset_dir: Path, out_dir: Path) -> Plan:
     token, class_word = data.trigger_parts(dataset_dir, config.prep.token, config.prep.class_word)
     caption = config.prep.caption_template.format(token=token, class_word=class_word)
     examples = data.load_examples(dataset_dir, default_caption=caption)
-    pivotal.check(config, examples, token)  # the captions name the trigger word its new tokens stand for
     check_images([e.image for e in examples])  # headers only: a damaged image fails now, not after the model loads
     prior.check_class_dir(config.train.class_dir)
     preservation.check(config, examples, dataset_dir)  # train.masked_loss needs prep's masks
-    bucketed = any(e.size and e.size[0] != e.size[1] for e in examples)
-    if bucketed and (config.train.class_dir or config.train.class_prompt):
-        raise UsageError(f"{dataset_dir}: prior preservation needs square images; run `sdlora prep` without --buckets")
     precision = resolve_precision(config.train.mixed_precision, *device_facts())
     check_optimizer(config.train.optimizer)
     name = run_name(config.train.name, out_dir)
     check_output_dir(out_dir, "OUT_DIR")
+    bucketed = any(e.size and e.size[0] != e.size[1] for e in examples)
+    # Unset pivotal tuning and preservation: the benchmark's recommendation (an unset pivotal reads the base's family).
+    config, settled = recommended.settle(config, examples, token, not bucketed, out_dir)
+    pivotal.check(config, examples, token)  # the captions name the trigger word its new tokens stand for
+    if bucketed and (config.train.class_dir or config.train.class_prompt):
+        raise UsageError(f"{dataset_dir}: prior preservation needs square images; run `sdlora prep` without --buckets")
     settings = config.model_dump(mode="json")
     checkpoint.check_out_dir(out_dir, settings, config.train.resume, config.train.overwrite)
     resume_from = checkpoint.resolve_resume(out_dir, config.train.resume)
@@ -110,6 +117,8 @@ def preflight(config: Config, dataset_dir: Path, out_dir: Path) -> Plan:
         precision=precision,
         resume_from=resume_from,
         name=name,
+        config=config,
+        settled=settled,
     )
 
 

@@ -237,11 +237,17 @@ def _differences(a: dict[str, Any], b: dict[str, Any], defaults: dict[str, Any] 
     return keys
 
 
+# What a setting a run's saved settings lack meant in the versions before it existed, where that is not today's
+# default: the recommended person settings (sdlora.train.recommended) came after pivotal tuning and preservation.
+EARLIER = {"train": {"pivotal": False, "preservation": "none"}}
+
+
 def _defaults() -> dict[str, Any]:
-    """Every setting's default, as a run's settings."""
+    """Every setting's meaning in a run that was saved without it: its default, or what it was before (EARLIER)."""
     from sdlora.config import Config
 
-    return run_settings(Config().model_dump(mode="json"))
+    defaults = run_settings(Config().model_dump(mode="json"))
+    return {section: {**values, **EARLIER.get(section, {})} for section, values in defaults.items()}
 
 
 def mark_run(out_dir: Path, fresh: bool) -> None:

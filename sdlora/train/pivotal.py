@@ -39,14 +39,17 @@ class Pivotal:
 
 def check(config: Any, examples: list[Any], word: str) -> None:
     """Before any model loads: the captions must name the trigger word, or the new tokens would never train."""
-    if not config.train.pivotal:
-        return
-    rule = embeddings.rewrite_rule(word, embeddings.token_names(1))[0]
-    if not any(rule.search(e.caption) for e in examples):
+    if config.train.pivotal and not names_trigger(examples, word):
         raise UsageError(
             f"--pivotal: no caption names the trigger word {word!r}, so its new tokens would never train; put "
-            f"{word!r} in the captions (prep.token) or drop --pivotal"
+            f"{word!r} in the captions (prep.token) or pass --no-pivotal"
         )
+
+
+def names_trigger(examples: list[Any], word: str) -> bool:
+    """Whether a caption names the trigger word (which its new tokens then stand for)."""
+    rule = embeddings.rewrite_rule(word, embeddings.token_names(1))[0]
+    return any(rule.search(e.caption) for e in examples)
 
 
 def start(config: Any, plan: Any, pipe: Any, family: Any, accelerator: Any = None) -> Pivotal | None:
@@ -62,7 +65,7 @@ def start(config: Any, plan: Any, pipe: Any, family: Any, accelerator: Any = Non
         raise UsageError(
             f"--pivotal: not available for {family.label} bases (only its CLIP-L could take new tokens, and that "
             "gives the model one pooled vector; the prompt's words reach it through T5, which never trains); "
-            "drop --pivotal"
+            "pass --no-pivotal"
         )
     word, class_word = data.trigger_parts(plan.dataset_dir, config.prep.token, config.prep.class_word)
     tokens = embeddings.token_names(tc.pivotal_tokens)

@@ -72,6 +72,8 @@ def setup_pipeline(
     from sdlora.train.optim import build_optimizer, build_scheduler
 
     family = info.spec
+    if plan.settled:
+        accelerator.print(plan.settled)  # what the unset recommended settings became, once the base has loaded
     given = config  # what the run files store, so that a resume compares like with like
     config = families.with_defaults(config, family, pipe)  # e.g. Flux's sampler for the sample grids
     tc = config.train
