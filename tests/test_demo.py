@@ -110,6 +110,7 @@ def test_demo_runs_every_stage(tmp_path):
     toy face model, best/ kept), generate (base and LoRA at the same seeds, compare.png) and eval."""
     out = tmp_path / "demo"
     small = ["--set", "generate.n=8", "--set", "generate.batch_size=8", "--set", "eval.n=1"]  # the default: 32, 2
+    small += ["--set", "train.num_class_images=8"]  # the default: 100
     result = runner.invoke(app, ["demo", str(out), "--steps", "40", *small])
     assert result.exit_code == 0, result.output
     for stage in ("[1/5]", "[2/5]", "[3/5]", "[4/5]", "[5/5]"):
@@ -125,6 +126,11 @@ def test_demo_runs_every_stage(tmp_path):
 
     lora = out / "lora"
     assert (lora / "pytorch_lora_weights.safetensors").is_file() and (lora / "lora.safetensors").is_file()
+    # The demo trains with `sdlora train`'s defaults, the recommended person settings: pivotal tuning with class images.
+    saved = json.loads((lora / "config.json").read_text())["train"]
+    assert saved["pivotal"] is True and saved["preservation"] == "class_images"
+    assert (lora / "lora_emb.safetensors").is_file() and len(list((lora / "class_images").glob("*.png"))) == 8
+    assert "recommended person settings: pivotal tuning on, class-image preservation" in result.output
     rows = [json.loads(line)["eval"] for line in (lora / "metrics.jsonl").read_text().splitlines() if "eval" in line]
     assert len(rows) == 3 and all(row["face_rate"] > 0 for row in rows)  # the toy face model finds faces
     assert (lora / "identity.png").stat().st_size > 0

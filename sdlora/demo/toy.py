@@ -89,10 +89,9 @@ def toy_config(base_dir: Path, steps: int | None, lora: Path, overwrite: bool, s
         "train.batch_size": 4,
         "train.learning_rate": 3e-3,  # the toy's learning rate (the benchmark's); real models train at ~1e-4
         "train.seed": 0,
-        # The plain LoRA: the recommended pivotal tuning with class images would first render 100 class images,
-        # more than the demo's CPU budget allows.
-        "train.pivotal": False,
-        "train.preservation": "none",
+        # train.pivotal and train.preservation unset: the recommended person settings, as `sdlora train` (pivotal
+        # tuning with 100 class images rendered from the base); the new tokens at the toy's rate, as the benchmark.
+        "train.pivotal_learning_rate": 3e-3,
         "eval.face_model": "toy",
         "eval.n": 2,
         "generate.loras": [str(lora)],
