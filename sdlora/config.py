@@ -392,8 +392,13 @@ class Config(Section):
         tc = self.train
         if tc.preservation != "class_images" or tc.class_prompt or tc.class_dir:
             return self
-        train = tc.model_copy(update={"class_prompt": f"a photo of {self.prep.class_word}"})
+        train = tc.model_copy(update={"class_prompt": class_prompt_of(self)})
         return self.model_copy(update={"train": train})
+
+
+def class_prompt_of(config: Config) -> str:
+    """The prompt of prior preservation's class images: train.class_prompt, else "a photo of CLASS_WORD"."""
+    return config.train.class_prompt or f"a photo of {config.prep.class_word}"
 
 
 def parse_size(value: str) -> tuple[int, int]:

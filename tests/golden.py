@@ -204,7 +204,7 @@ def run_pinned(name: str) -> dict[str, str]:
     """One scenario's hashes, computed in a fresh process under PINNED_ENV."""
     import subprocess
 
-    env = {**os.environ, **PINNED_ENV, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), *sys.path])}
+    env = {**os.environ, **PINNED_ENV, "PYTHONPATH": str(Path(__file__).parents[1])}  # this checkout's sdlora
     done = subprocess.run(
         [sys.executable, __file__, "--scenario", name], env=env, capture_output=True, text=True, timeout=900
     )

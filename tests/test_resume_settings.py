@@ -58,3 +58,9 @@ def test_a_changed_setting_is_refused(tmp_path):
     config["lora"]["rank"] = 4
     with pytest.raises(UsageError, match=r"lora\.rank"):
         checkpoint.check_out_dir(out, config, resume="latest", overwrite=False)
+
+
+def test_a_saved_config_that_is_not_a_table_is_one_usage_error(tmp_path):
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(UsageError, match=r"config\.json: unreadable \(not a table of settings\); pass --overwrite"):
+        checkpoint.check_out_dir(tmp_path, _settled(), resume="latest", overwrite=False)

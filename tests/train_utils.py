@@ -83,8 +83,10 @@ def plain(args) -> list[str]:
     pivotal tuning, --preservation none unless they choose a preservation (or class images). The recommended
     settings that an unset pivotal and preservation become have their own tests (test_recommended.py)."""
     args = [str(a) for a in args]
-    said = " ".join(a for a in args if a.startswith("--") or "=" in a)  # options and --set values, not paths
-    extra = [] if "pivotal" in said else ["--no-pivotal"]
-    chosen = ("--preservation", "train.preservation", "--class-prompt", "--class-dir", "class_prompt", "class_dir")
-    extra += [] if any(option in said for option in chosen) else ["--preservation", "none"]
+
+    def chooses(*keys: str) -> bool:  # an option (--key) or a --set value (train.key=...)
+        return any(a == f"--{k.replace('_', '-')}" or a.startswith(f"train.{k}=") for a in args for k in keys)
+
+    extra = [] if chooses("pivotal", "no_pivotal") else ["--no-pivotal"]
+    extra += [] if chooses("preservation", "class_prompt", "class_dir") else ["--preservation", "none"]
     return [*args, *extra]

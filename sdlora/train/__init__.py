@@ -41,9 +41,8 @@ class Plan:
     precision: str  # "no" | "fp16" | "bf16"
     resume_from: Path | None
     name: str
-    config: Config | None = (
-        None  # the settings the run trains with: the recommended ones settled (sdlora.train.recommended)
-    )
+    # The settings the run trains with, the recommended ones settled (sdlora.train.recommended).
+    config: Config | None = None
     settled: str | None = None  # what the unset recommended settings became, for the log
 
 

@@ -196,15 +196,26 @@ def check_owner(out_dir: Path, dataset_dir: Path) -> None:
         )
 
 
-def check_out_dir(out_dir: Path, config: dict[str, Any], resume: str | None, overwrite: bool) -> None:
-    """Refuse an OUT_DIR that holds another run, unless resuming it (same run settings) or overwriting it."""
+def saved_config(out_dir: Path) -> dict[str, Any] | None:
+    """The settings the run in OUT_DIR saved (its config.json), None when there is none."""
     saved_file = Path(out_dir) / layout.CONFIG_JSON
-    if overwrite or not saved_file.is_file():
-        return
+    if not saved_file.is_file():
+        return None
     try:
-        saved = run_settings(json.loads(saved_file.read_text(encoding="utf-8")))
+        saved = json.loads(saved_file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise UsageError(f"{saved_file}: unreadable ({exc}); pass --overwrite to start the run again") from None
+    if not isinstance(saved, dict):
+        raise UsageError(f"{saved_file}: unreadable (not a table of settings); pass --overwrite to start the run again")
+    return saved
+
+
+def check_out_dir(out_dir: Path, config: dict[str, Any], resume: str | None, overwrite: bool) -> None:
+    """Refuse an OUT_DIR that holds another run, unless resuming it (same run settings) or overwriting it."""
+    stored = None if overwrite else saved_config(out_dir)
+    if stored is None:
+        return
+    saved = run_settings(stored)
     differences = _differences(saved, run_settings(config), _defaults())
     if resume and differences:
         shown = ", ".join(differences[:3]) + (", ..." if len(differences) > 3 else "")

@@ -33,6 +33,7 @@ def settle(config: Any, examples: list[Any], token: str, square: bool, out_dir: 
     """The config with train.pivotal and train.preservation settled, and a line saying what "unset" became (None
     when both were given). A resume keeps its run's own (`out_dir`'s saved settings; a run of an earlier version
     trained plain). Only an unset train.pivotal of a new run needs the base's family (read from its config files)."""
+    from sdlora.config import class_prompt_of
     from sdlora.train import pivotal as pivotal_tuning
 
     config = _as_saved(config, out_dir)
@@ -49,7 +50,7 @@ def settle(config: Any, examples: list[Any], token: str, square: bool, out_dir: 
     pivotal, preservation = choose(tc.pivotal, tc.preservation, takes_tokens, names_trigger, square)
     update: dict[str, Any] = {"pivotal": pivotal, "preservation": preservation}
     if preservation == "class_images" and not (tc.class_prompt or tc.class_dir):
-        update["class_prompt"] = f"a photo of {config.prep.class_word}"
+        update["class_prompt"] = class_prompt_of(config)
     settled = config.model_copy(update={"train": tc.model_copy(update=update)})
     return settled, _line(tc, settled.train, takes_tokens, names_trigger, square, label)
 
@@ -76,22 +77,13 @@ def _line(given: Any, tc: Any, takes_tokens: bool, names_trigger: bool, square: 
 
 def _as_saved(config: Any, out_dir: Any) -> Any:
     """At --resume, the unset recommended settings as the run in `out_dir` saved them (before they existed: plain)."""
-    import json
-    from pathlib import Path
-
-    from sdlora import layout
-    from sdlora.train.checkpoint import EARLIER
+    from sdlora.train.checkpoint import EARLIER, saved_config
 
     tc = config.train
-    saved_file = Path(out_dir) / layout.CONFIG_JSON if out_dir is not None else None
-    if not tc.resume or tc.overwrite or saved_file is None or not saved_file.is_file():
+    stored = saved_config(out_dir) if tc.resume and not tc.overwrite and out_dir is not None else None
+    if stored is None:
         return config
-    if tc.pivotal is not None and tc.preservation != "auto":
-        return config
-    try:
-        saved = {**EARLIER["train"], **json.loads(saved_file.read_text(encoding="utf-8")).get("train", {})}
-    except (OSError, ValueError, AttributeError):
-        return config  # the settings check that follows names the unreadable file
+    saved = {**EARLIER["train"], **(stored.get("train") if isinstance(stored.get("train"), dict) else {})}
     update: dict[str, Any] = {}
     if tc.pivotal is None and isinstance(saved.get("pivotal"), bool):
         update["pivotal"] = saved["pivotal"]

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from sdlora import layout
-from sdlora.config import Config
+from sdlora.config import Config, class_prompt_of
 from sdlora.train import Plan, staging
 
 
@@ -194,7 +194,7 @@ def class_images(config: Config, plan: Plan, pipe: Any, accelerator: Any) -> lis
     tc = config.train
     if tc.class_dir is None and not tc.class_prompt:
         return None
-    prompt = tc.class_prompt or f"a photo of {config.prep.class_word}"
+    prompt = class_prompt_of(config)
     folder = Path(tc.class_dir) if tc.class_dir else plan.out_dir / prior.CLASS_IMAGES
     if tc.class_dir is None:
         if accelerator.is_main_process:

@@ -119,14 +119,15 @@ def encode_apart(
     import torch
 
     from sdlora import families, models
+    from sdlora.config import class_prompt_of
     from sdlora.train import preservation
     from sdlora.train.batches import build_text_cache, merge_text_caches
 
     names = frozen_encoders(config, family)
     if not names:
         return None
-    device, tc = accelerator.device, config.train
-    class_prompt = (tc.class_prompt or f"a photo of {config.prep.class_word}") if _prior(config) else ""
+    device = accelerator.device
+    class_prompt = class_prompt_of(config) if _prior(config) else ""
     prompts = [e.caption for e in plan.examples] + [class_prompt, ""] + preservation.class_prompts(config, plan)
     batches = render_batches(config, plan)
     tokenizers = families.tokenizers(pipe, family)
