@@ -15,7 +15,7 @@ from PIL import Image, ImageOps
 from typer.testing import CliRunner
 
 from sdlora.cli import app
-from sdlora.demo import world
+from sdlora.faces import toyworld as world
 from sdlora.demo.base import PACKAGED, SUBJECTS
 from sdlora.demo.photos import demo_photos
 

@@ -9,7 +9,7 @@ import numpy
 import pytest
 from PIL import Image
 
-from sdlora.demo import world
+from sdlora.faces import toyworld as world
 from sdlora.demo.base import PACKAGED
 
 

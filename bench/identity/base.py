@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.identity import progress
-from sdlora.demo import world
+from sdlora.faces import toyworld as world
 from sdlora.demo.base import CLASS_PROMPT, SUBJECTS  # the benchmark's subjects: never shown to the base
 
 

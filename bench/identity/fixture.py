@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from sdlora.demo import world
+from sdlora.faces import toyworld as world
 from sdlora.demo.base import CLASS_PROMPT, CONFIGS, EMBEDDING, FILES, restore
 
 __all__ = ["export", "restore", "trained_token_ids"]

@@ -15,7 +15,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 
 from sdlora.config import Config, load
-from sdlora.demo import world
+from sdlora.faces import toyworld as world
 from sdlora.demo.base import SUBJECTS
 
 SUBJECT = SUBJECTS[0]
