@@ -16,6 +16,7 @@ import typer
 
 from sdlora import __version__
 from sdlora.errors import BUG, Interrupted, SdloraError, describe, printable
+from sdlora.options import EVAL_OPTIONS, GENERATE_OPTIONS, PREP_OPTIONS, TRAIN_OPTIONS, settings_of
 
 app = typer.Typer(
     name="sdlora",
@@ -128,91 +129,6 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", module="diffusers.*")
 
 
-# Which config setting each command-line option sets (None: not given, the config file or default stands).
-PREP_OPTIONS = {
-    "token": "prep.token",
-    "class_word": "prep.class_word",
-    "resolution": "prep.resolution",
-    "crop": "prep.crop",
-    "overwrite": "prep.overwrite",
-    "buckets": "prep.buckets",
-    "min_images": "prep.min_images",
-    "caption_template": "prep.caption_template",
-    "workers": "prep.workers",
-}
-
-GENERATE_OPTIONS = {
-    "base": "model.base",
-    "allow_pickle": "model.allow_pickle",
-    "quantize": "model.quantize",
-    "lora": "generate.loras",
-    "prompt_list": "generate.prompts",
-    "negative": "generate.negative",
-    "n": "generate.n",
-    "batch_size": "generate.batch_size",
-    "seed": "generate.seed",
-    "steps": "generate.steps",
-    "cfg": "generate.cfg",
-    "scheduler": "generate.scheduler",
-    "size": "generate.size",
-    "fuse": "generate.fuse",
-    "compare": "generate.compare",
-    "keep_face": "generate.keep_face",
-    "init_image": "generate.init_image",
-    "strength": "generate.strength",
-    "save_steps": "generate.save_steps",
-    "refiner": "generate.refiner",
-}
-
-TRAIN_OPTIONS = {
-    "base": "model.base",
-    "allow_pickle": "model.allow_pickle",
-    "quantize": "model.quantize",
-    "rank": "lora.rank",
-    "alpha": "lora.alpha",
-    "train_text_encoder": "lora.train_text_encoder",
-    "adapter": "lora.kind",
-    "name": "train.name",
-    "steps": "train.steps",
-    "resolution": "train.resolution",
-    "batch_size": "train.batch_size",
-    "grad_accum": "train.grad_accum",
-    "lr": "train.learning_rate",
-    "text_encoder_lr": "train.text_encoder_learning_rate",
-    "mixed_precision": "train.mixed_precision",
-    "optimizer": "train.optimizer",
-    "gradient_checkpointing": "train.gradient_checkpointing",
-    "compile": "train.compile",
-    "checkpoint_every": "train.checkpoint_every",
-    "keep_checkpoints": "train.keep_checkpoints",
-    "resume": "train.resume",
-    "class_prompt": "train.class_prompt",
-    "num_class_images": "train.num_class_images",
-    "prior_loss_weight": "train.prior_loss_weight",
-    "class_dir": "train.class_dir",
-    "preservation": "train.preservation",
-    "sample_every": "train.sample_every",
-    "eval_every": "train.eval_every",
-    "seed": "train.seed",
-    "overwrite": "train.overwrite",
-    "pivotal": "train.pivotal",
-}
-
-EVAL_OPTIONS = {
-    "base": "model.base",
-    "n": "eval.n",
-    "seed": "eval.seed",
-    "face_model": "eval.face_model",
-    "threshold": "eval.threshold",
-    "clip": "eval.clip",
-}
-
-
-def _options(values: dict[str, Any], table: dict[str, str]) -> dict[str, Any]:
-    """{config key: value} of the options in `table` (parameter name -> config key); empty lists count as unset."""
-    return {key: values[name] if values[name] != [] else None for name, key in table.items()}
-
-
 def load_config(config_file: Path | None, options: dict[str, Any], sets: list[str] | None):
     from sdlora import config
 
@@ -266,7 +182,7 @@ def prep(
     """Turn a folder of photos into a clean, face-centred training set, explaining every photo it drops."""
     from sdlora.prep.run import prep as run_prep
 
-    options = _options(locals(), PREP_OPTIONS)
+    options = settings_of(locals(), PREP_OPTIONS)
     report = run_prep(photos_dir, out_dir, load_config(config_file, options, sets))
     typer.echo(report.summary())
     typer.echo(f"wrote {out_dir}/manifest.jsonl, report.json and contact_sheet.jpg")
@@ -341,7 +257,7 @@ def generate(
     if prompt is not None and prompts is not None:
         raise UsageError("can't give both --prompt and --prompts; choose one")
     prompt_list = [prompt] if prompt is not None else read_prompts(prompts) if prompts is not None else None
-    options = _options(locals(), GENERATE_OPTIONS)
+    options = settings_of(locals(), GENERATE_OPTIONS)
     paths = run_generate(load_config(config_file, options, sets), out)
     typer.echo(f"wrote {len(paths)} image(s) to {out}")
 
@@ -418,7 +334,7 @@ def train(
     """Train a LoRA of the person in DATASET_DIR on the base model; resumable, loadable in diffusers and UIs."""
     from sdlora.train import train as run_training
 
-    options = _options(locals(), TRAIN_OPTIONS)
+    options = settings_of(locals(), TRAIN_OPTIONS)
     result = run_training(load_config(config_file, options, sets), dataset_dir, out_dir)
     typer.echo(f"done: {result.lora_file} and {result.kohya_file} ({result.steps} steps)")
 
@@ -460,7 +376,7 @@ def eval_command(
     """Measure whether the person was learned: face rate, identity, diversity, bleed and prompt fidelity."""
     from sdlora.evaluation.run import evaluate
 
-    options = _options(locals(), EVAL_OPTIONS)
+    options = settings_of(locals(), EVAL_OPTIONS)
     cfg = load_config(config_file, options, sets)
     evaluate(
         cfg, reference=reference, images=images, lora=lora, prompts_file=prompts, json_path=json_out, report_dir=report
