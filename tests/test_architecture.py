@@ -24,10 +24,10 @@ FLOORS: list[set[str]] = [
     # Model knowledge. `models` loads a base by asking the family registry (detection, single-file loading) and
     # lora's readers use its file checks, so it lives with families and lora, not at the ground.
     {"families", "lora", "faces", "models"},
-    # The ground: no sdlora import above it. `settings` is the config's sections (config.py puts them together),
-    # `preflight` checks output folders and free disk space, `env` collects versions for bug reports; neither
-    # knows any model.
-    {"config", "settings", "objectives", "fsutil", "errors", "layout", "preflight", "env", "sdlora"},
+    # The ground: no sdlora import above it. `settings` is the config's sections (config.py puts them together);
+    # `preflight` checks output folders and free disk space, `env` collects versions for bug reports, `quiet`
+    # turns the libraries' logging down: none of them knows a model.
+    {"config", "settings", "objectives", "fsutil", "errors", "layout", "preflight", "env", "quiet", "sdlora"},
 ]
 FLOOR = {package: len(FLOORS) - index for index, floor in enumerate(FLOORS) for package in floor}
 
