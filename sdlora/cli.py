@@ -16,14 +16,20 @@ import typer
 
 from sdlora import __version__
 from sdlora.errors import BUG, Interrupted, SdloraError, describe, printable
+from sdlora.options import EVAL_OPTIONS, GENERATE_OPTIONS, PREP_OPTIONS, TRAIN_OPTIONS, settings_of
+from sdlora.quiet import quiet_libraries
 
 app = typer.Typer(
     name="sdlora",
     help="Teach Stable Diffusion one person's face from a handful of photos, and measure whether it learned it.",
     no_args_is_help=True,
+    # Plain help: the texts show defaults and choices in square brackets ([default: 800], "sdlora[ui]"), which
+    # rich markup (Typer's default where rich is installed) would take for style tags and drop.
+    rich_markup_mode=None,
     pretty_exceptions_enable=False,
     add_completion=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
+    # The terminal's width up to 160 columns (click's own cap is 80, which wraps nearly every option's help).
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 160},
 )
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -37,7 +43,7 @@ QuantizeOpt = Annotated[
     typer.Option(
         "--quantize",
         help="none|nf4|int8: load the frozen UNet/transformer quantized with bitsandbytes (QLoRA; needs a CUDA GPU) "
-        "[none].",
+        "[default: none].",
     ),
 ]
 SetOpt = Annotated[
@@ -73,7 +79,7 @@ def handles_errors(command: F) -> F:
     def wrapper(ctx: typer.Context, *args: Any, **kwargs: Any) -> Any:
         debug = bool((ctx.obj or {}).get("debug"))
         if not debug:
-            _quiet_libraries()
+            quiet_libraries()
         try:
             return command(ctx, *args, **kwargs)
         except (typer.Exit, typer.Abort, SystemExit):
@@ -104,113 +110,6 @@ def _message(exc: Exception) -> tuple[str, int]:
         return known
     first = (str(exc).strip().splitlines() or [""])[0]
     return f"unexpected {type(exc).__name__}: {printable(first)[:300]}; {BUG}", 1
-
-
-def _quiet_libraries() -> None:
-    """Keep the terminal for our progress and messages: the libraries' warnings, loading bars and multi-line
-    LoRA-loading reports show with --debug. Environment variables act when the libraries are imported later
-    (inside the commands); a library already imported is told directly."""
-    import logging
-    import os
-    import warnings
-
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # "Failed to load CPU gemm_4bit_forward" on CPUs
-    for name in ("diffusers", "transformers", "peft", "accelerate", "huggingface_hub"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    for name in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY"):
-        os.environ.setdefault(name, "error")
-    # models.load_pipeline turns diffusers' own bars ("Loading pipeline components") off with the hub's.
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", message=".*requires torchvision.*")
-    # peft's "Loading adapter weights ... led to unexpected keys" and diffusers' key dumps are UserWarnings.
-    warnings.filterwarnings("ignore", module="peft.*")
-    warnings.filterwarnings("ignore", module="diffusers.*")
-
-
-# Which config setting each command-line option sets (None: not given, the config file or default stands).
-PREP_OPTIONS = {
-    "token": "prep.token",
-    "class_word": "prep.class_word",
-    "resolution": "prep.resolution",
-    "crop": "prep.crop",
-    "overwrite": "prep.overwrite",
-    "buckets": "prep.buckets",
-    "min_images": "prep.min_images",
-    "caption_template": "prep.caption_template",
-    "workers": "prep.workers",
-}
-
-GENERATE_OPTIONS = {
-    "base": "model.base",
-    "allow_pickle": "model.allow_pickle",
-    "quantize": "model.quantize",
-    "lora": "generate.loras",
-    "prompt_list": "generate.prompts",
-    "negative": "generate.negative",
-    "n": "generate.n",
-    "batch_size": "generate.batch_size",
-    "seed": "generate.seed",
-    "steps": "generate.steps",
-    "cfg": "generate.cfg",
-    "scheduler": "generate.scheduler",
-    "size": "generate.size",
-    "fuse": "generate.fuse",
-    "compare": "generate.compare",
-    "keep_face": "generate.keep_face",
-    "init_image": "generate.init_image",
-    "strength": "generate.strength",
-    "save_steps": "generate.save_steps",
-    "refiner": "generate.refiner",
-}
-
-TRAIN_OPTIONS = {
-    "base": "model.base",
-    "allow_pickle": "model.allow_pickle",
-    "quantize": "model.quantize",
-    "rank": "lora.rank",
-    "alpha": "lora.alpha",
-    "train_text_encoder": "lora.train_text_encoder",
-    "adapter": "lora.kind",
-    "name": "train.name",
-    "steps": "train.steps",
-    "resolution": "train.resolution",
-    "batch_size": "train.batch_size",
-    "grad_accum": "train.grad_accum",
-    "lr": "train.learning_rate",
-    "text_encoder_lr": "train.text_encoder_learning_rate",
-    "mixed_precision": "train.mixed_precision",
-    "optimizer": "train.optimizer",
-    "gradient_checkpointing": "train.gradient_checkpointing",
-    "compile": "train.compile",
-    "checkpoint_every": "train.checkpoint_every",
-    "keep_checkpoints": "train.keep_checkpoints",
-    "resume": "train.resume",
-    "class_prompt": "train.class_prompt",
-    "num_class_images": "train.num_class_images",
-    "prior_loss_weight": "train.prior_loss_weight",
-    "class_dir": "train.class_dir",
-    "preservation": "train.preservation",
-    "sample_every": "train.sample_every",
-    "eval_every": "train.eval_every",
-    "seed": "train.seed",
-    "overwrite": "train.overwrite",
-    "pivotal": "train.pivotal",
-}
-
-EVAL_OPTIONS = {
-    "base": "model.base",
-    "n": "eval.n",
-    "seed": "eval.seed",
-    "face_model": "eval.face_model",
-    "threshold": "eval.threshold",
-    "clip": "eval.clip",
-}
-
-
-def _options(values: dict[str, Any], table: dict[str, str]) -> dict[str, Any]:
-    """{config key: value} of the options in `table` (parameter name -> config key); empty lists count as unset."""
-    return {key: values[name] if values[name] != [] else None for name, key in table.items()}
 
 
 def load_config(config_file: Path | None, options: dict[str, Any], sets: list[str] | None):
@@ -244,29 +143,33 @@ def prep(
     ctx: typer.Context,
     photos_dir: Annotated[Path, typer.Argument(help="Folder of photos of one person (read only, never changed).")],
     out_dir: Annotated[Path, typer.Argument(help="Where the training set goes; must be empty unless --overwrite.")],
-    token: Annotated[str | None, typer.Option(help="Rare token that names the person, e.g. sks.")] = None,
-    class_word: Annotated[str | None, typer.Option(help="Class noun after the token: person, man, woman, ...")] = None,
-    resolution: Annotated[int | None, typer.Option(help="Side of the square crops in px (default 512).")] = None,
+    token: Annotated[str | None, typer.Option(help="Rare token that names the person [default: sks].")] = None,
+    class_word: Annotated[
+        str | None, typer.Option(help="Class noun after the token: person, man, woman, ... [default: person].")
+    ] = None,
+    resolution: Annotated[int | None, typer.Option(help="Side of the square crops in px [default: 512].")] = None,
     crop: Annotated[
-        str | None, typer.Option(help="face (default): centred on the face; center: centre square.")
+        str | None, typer.Option(help="face: centred on the face; center: centre square [default: face].")
     ] = None,
     overwrite: Annotated[bool | None, typer.Option("--overwrite", help="Replace a non-empty OUT_DIR.")] = None,
     buckets: Annotated[
         bool | None, typer.Option("--buckets", help="SDXL aspect-ratio buckets instead of square crops.")
     ] = None,
-    min_images: Annotated[int | None, typer.Option(help="Fail (exit 1) when fewer photos survive (default 3).")] = None,
+    min_images: Annotated[
+        int | None, typer.Option(help="Fail (exit 1) when fewer photos survive [default: 3].")
+    ] = None,
     caption_template: Annotated[
         str | None,
-        typer.Option(help="Caption of photos without a .txt sidecar (default 'a photo of {token} {class_word}')."),
+        typer.Option(help="Caption of photos without a .txt sidecar [default: a photo of {token} {class_word}]."),
     ] = None,
-    workers: Annotated[int | None, typer.Option(help="Worker processes; 0 = one per CPU core.")] = None,
+    workers: Annotated[int | None, typer.Option(help="Worker processes; 0 = one per CPU core [default: 0].")] = None,
     config_file: ConfigOpt = None,
     sets: SetOpt = None,
 ) -> None:
     """Turn a folder of photos into a clean, face-centred training set, explaining every photo it drops."""
     from sdlora.prep.run import prep as run_prep
 
-    options = _options(locals(), PREP_OPTIONS)
+    options = settings_of(locals(), PREP_OPTIONS)
     report = run_prep(photos_dir, out_dir, load_config(config_file, options, sets))
     typer.echo(report.summary())
     typer.echo(f"wrote {out_dir}/manifest.jsonl, report.json and contact_sheet.jpg")
@@ -307,13 +210,20 @@ def generate(
     scheduler: Annotated[
         str | None,
         typer.Option(
-            "--scheduler", help="dpmpp_2m_karras | euler_a | euler | ddim | unipc; flow_euler (Flux.1, its default)."
+            "--scheduler",
+            help="dpmpp_2m_karras | euler_a | euler | ddim | unipc; flow_euler (Flux.1) "
+            "[default: dpmpp_2m_karras; Flux.1: flow_euler].",
         ),
     ] = None,
     size: Annotated[str | None, typer.Option("--size", help="WIDTHxHEIGHT [default: 512x512].")] = None,
-    fuse: Annotated[bool | None, typer.Option("--fuse/--no-fuse", help="Fuse the LoRAs into the weights.")] = None,
+    fuse: Annotated[
+        bool | None, typer.Option("--fuse/--no-fuse", help="Fuse the LoRAs into the weights [default: no-fuse].")
+    ] = None,
     compare: Annotated[
-        bool | None, typer.Option("--compare/--no-compare", help="Also render the base model: DIR/compare.png.")
+        bool | None,
+        typer.Option(
+            "--compare/--no-compare", help="Also render the base model: DIR/compare.png [default: no-compare]."
+        ),
     ] = None,
     keep_face: Annotated[
         Path | None, typer.Option("--keep-face", help="Keep this photo's face, repaint the rest.", dir_okay=False)
@@ -323,7 +233,8 @@ def generate(
     ] = None,
     strength: Annotated[float | None, typer.Option("--strength", help="img2img strength [default: 0.6].")] = None,
     save_steps: Annotated[
-        int | None, typer.Option("--save-steps", help="Filmstrip of the x0 prediction every K steps.")
+        int | None,
+        typer.Option("--save-steps", help="Filmstrip of the x0 prediction every K steps; 0 disables [default: 0]."),
     ] = None,
     refiner: Annotated[str | None, typer.Option("--refiner", help="SDXL refiner model for an img2img pass.")] = None,
     allow_pickle: Annotated[
@@ -341,7 +252,7 @@ def generate(
     if prompt is not None and prompts is not None:
         raise UsageError("can't give both --prompt and --prompts; choose one")
     prompt_list = [prompt] if prompt is not None else read_prompts(prompts) if prompts is not None else None
-    options = _options(locals(), GENERATE_OPTIONS)
+    options = settings_of(locals(), GENERATE_OPTIONS)
     paths = run_generate(load_config(config_file, options, sets), out)
     typer.echo(f"wrote {len(paths)} image(s) to {out}")
 
@@ -354,62 +265,77 @@ def train(
     out_dir: Annotated[Path, typer.Argument(help="Output folder: LoRA files, checkpoints, samples, metrics.")],
     base: Annotated[str | None, typer.Option("--base", help="Base model: hub id, diffusers folder or file.")] = None,
     config_file: ConfigOpt = None,
-    name: Annotated[str | None, typer.Option(help="Name of the kohya file (default: OUT_DIR's name).")] = None,
-    steps: Annotated[int | None, typer.Option(help="Optimisation steps [800].")] = None,
-    resolution: Annotated[int | None, typer.Option(help="Training resolution, divisible by 8 [512].")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Images per device per micro-batch [1].")] = None,
-    grad_accum: Annotated[int | None, typer.Option(help="Micro-batches per optimisation step [1].")] = None,
-    lr: Annotated[float | None, typer.Option("--lr", help="UNet LoRA learning rate [1e-4].")] = None,
-    text_encoder_lr: Annotated[float | None, typer.Option(help="Text-encoder LoRA learning rate [5e-5].")] = None,
-    rank: Annotated[int | None, typer.Option(help="LoRA rank [16].")] = None,
-    alpha: Annotated[float | None, typer.Option(help="LoRA alpha [16].")] = None,
-    train_text_encoder: Annotated[
-        bool | None, typer.Option("--train-text-encoder/--no-train-text-encoder", help="Also train the text encoder.")
+    name: Annotated[str | None, typer.Option(help="Name of the kohya file [default: OUT_DIR's name].")] = None,
+    steps: Annotated[int | None, typer.Option(help="Optimisation steps [default: 800].")] = None,
+    resolution: Annotated[int | None, typer.Option(help="Training resolution, divisible by 8 [default: 512].")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Images per device per micro-batch [default: 1].")] = None,
+    grad_accum: Annotated[int | None, typer.Option(help="Micro-batches per optimisation step [default: 1].")] = None,
+    lr: Annotated[float | None, typer.Option("--lr", help="UNet LoRA learning rate [default: 1e-4].")] = None,
+    text_encoder_lr: Annotated[
+        float | None, typer.Option(help="Text-encoder LoRA learning rate [default: 5e-5].")
     ] = None,
-    adapter: Annotated[str | None, typer.Option(help="Adapter type: lora|dora|lokr [lora].")] = None,
-    mixed_precision: Annotated[str | None, typer.Option(help="auto|no|fp16|bf16 [auto].")] = None,
-    optimizer: Annotated[str | None, typer.Option(help="adamw|adamw8bit|prodigy [adamw].")] = None,
+    rank: Annotated[int | None, typer.Option(help="LoRA rank [default: 16].")] = None,
+    alpha: Annotated[float | None, typer.Option(help="LoRA alpha [default: 16].")] = None,
+    train_text_encoder: Annotated[
+        bool | None,
+        typer.Option(
+            "--train-text-encoder/--no-train-text-encoder",
+            help="Also train the text encoder [default: no-train-text-encoder].",
+        ),
+    ] = None,
+    adapter: Annotated[str | None, typer.Option(help="Adapter type: lora|dora|lokr [default: lora].")] = None,
+    mixed_precision: Annotated[str | None, typer.Option(help="auto|no|fp16|bf16 [default: auto].")] = None,
+    optimizer: Annotated[str | None, typer.Option(help="adamw|adamw8bit|prodigy [default: adamw].")] = None,
     gradient_checkpointing: Annotated[
-        bool | None, typer.Option("--gradient-checkpointing/--no-gradient-checkpointing", help="Save memory.")
+        bool | None,
+        typer.Option(
+            "--gradient-checkpointing/--no-gradient-checkpointing",
+            help="Save memory [default: no-gradient-checkpointing].",
+        ),
     ] = None,
     compile: Annotated[
         bool | None,
         typer.Option(
             "--compile/--no-compile",
             help="torch.compile the UNet: minutes of compiling in the first step (reported), then faster steps on "
-            "a GPU (docs/benchmarks.md) [off].",
+            "a GPU (docs/benchmarks.md) [default: no-compile].",
         ),
     ] = None,
-    checkpoint_every: Annotated[int | None, typer.Option(help="Checkpoint every N steps; 0 disables [200].")] = None,
-    keep_checkpoints: Annotated[int | None, typer.Option(help="Keep the newest N checkpoints [3].")] = None,
+    checkpoint_every: Annotated[
+        int | None, typer.Option(help="Checkpoint every N steps; 0 disables [default: 200].")
+    ] = None,
+    keep_checkpoints: Annotated[int | None, typer.Option(help="Keep the newest N checkpoints [default: 3].")] = None,
     resume: Annotated[str | None, typer.Option(help="'latest' or a checkpoint folder.")] = None,
     class_prompt: Annotated[str | None, typer.Option(help="Prior preservation: generate class images.")] = None,
-    num_class_images: Annotated[int | None, typer.Option(help="Class images to use [100].")] = None,
-    prior_loss_weight: Annotated[float | None, typer.Option(help="Weight of the prior loss [1.0].")] = None,
+    num_class_images: Annotated[int | None, typer.Option(help="Class images to use [default: 100].")] = None,
+    prior_loss_weight: Annotated[float | None, typer.Option(help="Weight of the prior loss [default: 1.0].")] = None,
     class_dir: Annotated[Path | None, typer.Option(help="Prior preservation: ready class images.")] = None,
     preservation: Annotated[
         str | None,
         typer.Option(
             help="none | class_images (--class-prompt/--class-dir) | output (base's prediction on the caption "
-            "without the trigger, no class images) | auto: class_images with pivotal tuning, else output [auto].",
+            "without the trigger, no class images) | auto: class_images with pivotal tuning, else output "
+            "[default: auto].",
         ),
     ] = None,
-    sample_every: Annotated[int | None, typer.Option(help="Sample grids every N steps; 0 disables [200].")] = None,
+    sample_every: Annotated[
+        int | None, typer.Option(help="Sample grids every N steps; 0 disables [default: 200].")
+    ] = None,
     eval_every: Annotated[
         int | None,
         typer.Option(
             help="Score identity every N steps and keep the best step's LoRA in OUT_DIR/best; 0 disables "
-            "[at each checkpoint for a prep dataset].",
+            "[default: at each checkpoint for a prep dataset].",
         ),
     ] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed of data order, noise and LoRA init [0].")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of data order, noise and LoRA init [default: 0].")] = None,
     allow_pickle: Annotated[bool | None, typer.Option("--allow-pickle", help="Allow .ckpt/.pt/.bin bases.")] = None,
     overwrite: Annotated[bool | None, typer.Option("--overwrite", help="Replace a run already in OUT_DIR.")] = None,
     pivotal: Annotated[
         bool | None,
         typer.Option(
             "--pivotal/--no-pivotal",
-            help="Pivotal tuning: new trigger tokens train too [on for SD 1.x/2.x/SDXL, off for Flux.1].",
+            help="Pivotal tuning: new trigger tokens train too [default: on for SD 1.x/2.x/SDXL, off for Flux.1].",
         ),
     ] = None,
     quantize: QuantizeOpt = None,
@@ -418,7 +344,7 @@ def train(
     """Train a LoRA of the person in DATASET_DIR on the base model; resumable, loadable in diffusers and UIs."""
     from sdlora.train import train as run_training
 
-    options = _options(locals(), TRAIN_OPTIONS)
+    options = settings_of(locals(), TRAIN_OPTIONS)
     result = run_training(load_config(config_file, options, sets), dataset_dir, out_dir)
     typer.echo(f"done: {result.lora_file} and {result.kohya_file} ({result.steps} steps)")
 
@@ -438,17 +364,22 @@ def eval_command(
     prompts: Annotated[
         Path | None, typer.Option("--prompts", help="Prompt file ({trigger} per line) instead of the standard set.")
     ] = None,
-    n: Annotated[int | None, typer.Option("--n", help="Images per prompt (default 4).")] = None,
-    seed: Annotated[int | None, typer.Option("--seed", help="First seed; image i uses seed + i (default 0).")] = None,
+    n: Annotated[int | None, typer.Option("--n", help="Images per prompt [default: 4].")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="First seed; image i uses seed + i [default: 0].")] = None,
     face_model: Annotated[
         str | None,
         typer.Option(
             "--face-model",
-            help="dlib (default, offline) or insightface (ArcFace; only when the package and its buffalo_l "
-            "weights are already on disk). insightface's pretrained models are for non-commercial use only.",
+            help="dlib (offline) or insightface (ArcFace; only when the package and its buffalo_l weights are "
+            "already on disk). insightface's pretrained models are for non-commercial use only [default: dlib].",
         ),
     ] = None,
-    threshold: Annotated[float | None, typer.Option("--threshold", help="Same-person face distance.")] = None,
+    threshold: Annotated[
+        float | None,
+        typer.Option(
+            "--threshold", help="Same-person face distance [default: the face model's own, 0.6 for dlib and ArcFace]."
+        ),
+    ] = None,
     clip: Annotated[
         str | None, typer.Option("--clip", help="CLIP model (hub id or folder) for prompt fidelity; off if unset.")
     ] = None,
@@ -460,7 +391,7 @@ def eval_command(
     """Measure whether the person was learned: face rate, identity, diversity, bleed and prompt fidelity."""
     from sdlora.evaluation.run import evaluate
 
-    options = _options(locals(), EVAL_OPTIONS)
+    options = settings_of(locals(), EVAL_OPTIONS)
     cfg = load_config(config_file, options, sets)
     evaluate(
         cfg, reference=reference, images=images, lora=lora, prompts_file=prompts, json_path=json_out, report_dir=report
@@ -474,9 +405,11 @@ def demo(
     out_dir: Annotated[Path, typer.Argument(help="Empty folder for everything the demo makes.", file_okay=False)],
     base: Annotated[
         str | None,
-        typer.Option("--base", help="A real base model (hub id, folder, .safetensors); default: the built-in toy one."),
+        typer.Option(
+            "--base", help="A real base model (hub id, folder, .safetensors) [default: the built-in toy one]."
+        ),
     ] = None,
-    steps: Annotated[int | None, typer.Option(help="Training steps (default 300 toy, 400 with --base).")] = None,
+    steps: Annotated[int | None, typer.Option(help="Training steps [default: 300 toy, 400 with --base].")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Reuse a non-empty OUT_DIR.")] = False,
     sets: SetOpt = None,
 ) -> None:

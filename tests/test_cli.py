@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 import subprocess
 import sys
 
@@ -10,7 +12,9 @@ import tomllib
 from typer.testing import CliRunner
 
 from sdlora import __version__
+from sdlora import options as option_tables
 from sdlora.cli import app
+from sdlora.config import Config
 
 runner = CliRunner()
 
@@ -102,3 +106,132 @@ def test_missing_config_file_and_debug_traceback(tmp_path):
 def test_module_entry_point():
     out = subprocess.run([sys.executable, "-m", "sdlora", "--version"], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == f"sdlora {__version__}"
+
+
+# --help, as a user's terminal shows it: every help text whole (square brackets included: rich markup once took
+# `[lora]` and `"sdlora[ui]"` for style tags and dropped them), and every option's default.
+
+TABLES = {
+    "prep": option_tables.PREP_OPTIONS,
+    "generate": option_tables.GENERATE_OPTIONS,
+    "train": option_tables.TRAIN_OPTIONS,
+    "eval": option_tables.EVAL_OPTIONS,
+}
+# Options whose setting is unset by default but whose help says what happens then, as [default: ...].
+DESCRIBED = {
+    ("train", "name"),
+    ("train", "eval_every"),
+    ("train", "pivotal"),
+    ("eval", "threshold"),
+    ("demo", "base"),
+    ("demo", "steps"),
+}
+
+
+def _help_output(*command: str) -> str:
+    """The real program's --help on a wide terminal (no wrapping)."""
+    env = {**os.environ, "COLUMNS": "400", "TERM": "xterm-256color"}
+    out = subprocess.run(
+        [sys.executable, "-m", "sdlora", *command, "--help"], capture_output=True, text=True, env=env, check=True
+    )
+    return out.stdout
+
+
+def _words(text: str) -> str:
+    """`text` without whitespace: the help wraps at the terminal's width, after a space or a hyphen."""
+    return "".join(text.split())
+
+
+def _entries(output: str) -> dict[str, str]:
+    """{option name: its whole entry} of the Options section, each name of an entry (-c, --config) a key."""
+    entries: dict[str, str] = {}
+    current: list[str] = []
+    for line in output.split("Options:", 1)[-1].splitlines():
+        if re.match(r"^\s{1,4}-", line):
+            current = [line]
+            names = re.split(r"\s{2,}", line.strip())[0]
+            for name in re.findall(r"(?<![\w-])--?[\w-]+", names):
+                entries[name] = line
+        elif current and line.strip():
+            entries.update({k: v + "\n" + line for k, v in entries.items() if v.startswith(current[0])})
+    return {name: _words(entry) for name, entry in entries.items()}
+
+
+def _config_default(key: str):
+    section, field = key.split(".")
+    return getattr(getattr(Config(), section), field)
+
+
+def _shown_default(entry: str) -> str | None:
+    """The first value of the entry's [default: ...] ('30' of '[default: 30; Flux.1: 28 dev, 4 schnell]')."""
+    found = re.search(r"\[default:([^\];]*)", entry)
+    return found.group(1).strip() if found else None
+
+
+def _check_default(command: str, param, entry: str) -> str | None:
+    """What is wrong with `param`'s default in `entry`, or None."""
+    import click
+
+    key = TABLES.get(command, {}).get(param.name)
+    default = _config_default(key) if key else param.default
+    shown = _shown_default(entry)
+    if (command, param.name) in DESCRIBED:
+        return None if shown else "says no [default: ...]"
+    if default is None or default in ("", []) or (param.is_flag and not param.secondary_opts and not default):
+        return None  # nothing set: nothing to show (a plain flag is off)
+    if shown is None:
+        return f"hides its default {default!r}"
+    if isinstance(default, bool):
+        name = (param.opts if default else param.secondary_opts)[0].lstrip("-")
+        return None if shown == name else f"shows {shown!r}, the default is {name!r}"
+    if isinstance(default, int | float):
+        return None if float(shown) == default else f"shows {shown!r}, the default is {default!r}"
+    assert not isinstance(default, click.Parameter)
+    return None if shown == _words(str(default)) else f"shows {shown!r}, the default is {default!r}"
+
+
+def _commands():
+    import typer.main
+
+    return typer.main.get_command(app).commands
+
+
+@pytest.mark.parametrize("command", ["env", "config", "prep", "generate", "train", "eval", "demo", "serve"])
+def test_help_shows_every_text_whole_and_every_default(command):
+    cmd = _commands()[command]
+    output = _help_output(command)
+    words = _words(output)
+    assert _words(cmd.help) in words, f"{command}'s description is cut:\n{output}"
+    entries = _entries(output)
+    problems = []
+    for param in cmd.params:
+        if param.param_type_name == "argument":
+            if _words(param.help) not in words:
+                problems.append(f"{param.name}: help text cut")
+            continue
+        entry = entries.get(param.opts[0])
+        if param.help and _words(param.help) not in (entry or words):
+            problems.append(f"{param.opts[0]}: help text cut to {entry or words!r}")
+        if entry is None:
+            problems.append(f"{param.opts[0]}: not listed under Options:")
+            continue
+        problem = _check_default(command, param, entry)
+        if problem:
+            problems.append(f"{param.opts[0]}: {problem}: {entry!r}")
+    assert not problems, f"sdlora {command} --help:\n" + "\n".join(problems)
+
+
+def test_top_level_help_shows_each_command_whole():
+    words = _words(_help_output())
+    assert _words('pip install "sdlora[ui]"') in words
+    for name, cmd in _commands().items():
+        assert _words(cmd.get_short_help_str(limit=1000)) in words, name
+
+
+def test_help_check_catches_a_lost_default():
+    """The checker itself: an entry without its [default: ...] or with a wrong one is reported."""
+    train = {p.name: p for p in _commands()["train"].params}
+    assert _check_default("train", train["adapter"], "--adapter <str> Adapter type: lora|dora|lokr .")
+    assert _check_default("train", train["steps"], "--steps <int> Optimisation steps [default: 80].")
+    assert _check_default("train", train["compile"], "--compile / --no-compile x [default: compile]")
+    assert _check_default("train", train["lr"], "--lr <float> UNet LoRA learning rate [default: 1e-4].") is None

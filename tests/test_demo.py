@@ -15,9 +15,9 @@ from PIL import Image, ImageOps
 from typer.testing import CliRunner
 
 from sdlora.cli import app
-from sdlora.demo import world
 from sdlora.demo.base import PACKAGED, SUBJECTS
 from sdlora.demo.photos import demo_photos
+from sdlora.faces import toyworld as world
 
 if sys.version_info >= (3, 11):
     import tomllib

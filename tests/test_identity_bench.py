@@ -9,8 +9,8 @@ import numpy
 import pytest
 from PIL import Image
 
-from sdlora.demo import world
 from sdlora.demo.base import PACKAGED
+from sdlora.faces import toyworld as world
 
 
 def test_decoder_reads_clean_renders_exactly():

@@ -143,7 +143,7 @@ def test_prep_masks_line_up_with_the_crops(tmp_path):
 def test_benchmark_writes_masks_from_the_renderers_face(tmp_path):
     """bench/identity: masks for a prepped set of toy renders, from where the renderer drew the head and hair."""
     from bench.identity.masks import write_masks
-    from sdlora.demo import world
+    from sdlora.faces import toyworld as world
     from sdlora.prep.manifest import read_manifest
 
     subject = world.Identity("tan", "red", "tall", "green", True, "mint")

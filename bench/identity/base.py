@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.identity import progress
-from sdlora.demo import world
 from sdlora.demo.base import CLASS_PROMPT, SUBJECTS  # the benchmark's subjects: never shown to the base
+from sdlora.faces import toyworld as world
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ TINY = BaseSpec(
 def cache_dir(spec: BaseSpec) -> Path:
     """~/.cache/sdlora/identity-base-<hash>: the hash covers this file, the world's renderer and the spec."""
     digest = hashlib.sha256()
-    # The syntax tree, not the bytes: reformatting or editing comments does not retrain the base. Of world.py
+    # The syntax tree, not the bytes: reformatting or editing comments does not retrain the base. Of toyworld.py
     # only what draws the training images counts (the decoder can change without a retrain).
     digest.update(ast.dump(ast.parse(Path(__file__).read_text(encoding="utf-8"))).encode())
     digest.update(ast.dump(ast.parse(inspect.getsource(world.render))).encode())

@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from sdlora.demo import world
 from sdlora.demo.base import CLASS_PROMPT, CONFIGS, EMBEDDING, FILES, restore
+from sdlora.faces import toyworld as world
 
 __all__ = ["export", "restore", "trained_token_ids"]
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from sdlora import layout
-from sdlora.demo import world
+from sdlora.faces import toyworld as world
 
 
 def write_masks(dataset: Path, subject: world.Identity) -> int:

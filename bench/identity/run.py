@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.identity import base
-from sdlora.demo import world
+from sdlora.faces import toyworld as world
 
 TRIGGER = "sks person"
 PROMPTS = {

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sdlora.demo import world
+from sdlora.faces import toyworld as world
 
 PACKAGED = Path(__file__).with_name("identity-base.safetensors")
 CLASS_PROMPT = "a photo of a person"

@@ -15,8 +15,8 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 
 from sdlora.config import Config, load
-from sdlora.demo import world
 from sdlora.demo.base import SUBJECTS
+from sdlora.faces import toyworld as world
 
 SUBJECT = SUBJECTS[0]
 PHOTOS = 12

@@ -178,8 +178,7 @@ def reference_set(folder: Path, backend: FaceBackend, loaded: tuple[list, list[s
 
 def load_reference(folder: Path) -> tuple[list[Image.Image], list[str]]:
     """The reference photos: a prep dataset's manifest entries, or every image in a plain folder."""
-    from sdlora.prep.manifest import MANIFEST, read_manifest
-    from sdlora.train.data import confined
+    from sdlora.prep.manifest import MANIFEST, confined, read_manifest
 
     folder = Path(folder)
     if (folder / MANIFEST).is_file():

@@ -1,5 +1,5 @@
 """Face-embedding backends behind one small interface: dlib (offline default), ArcFace via insightface, or the
-demo's toy world (its rule-based decoder, for the toy people that `sdlora demo` trains on)."""
+toy world (toyworld.py: its rule-based decoder, for the toy people that `sdlora demo` trains on)."""
 
 from __future__ import annotations
 
@@ -103,7 +103,7 @@ class InsightFaceBackend:
 
 
 class ToyBackend:
-    """The toy world's decoder (sdlora/demo/world.py) as a face model, for `sdlora demo`'s toy people: a face is a
+    """The toy world's decoder (sdlora/faces/toyworld.py) as a face model, for `sdlora demo`'s toy people: a face is a
     valid person of that world, its embedding the six attributes it reads, and the distance between two faces the
     share of attributes on which they differ. Only the exact same person is under the threshold, so
     `recognised_rate` is the decoder's exact-identity share; similarity is 1 for the exact person and 0.5 one
@@ -113,15 +113,15 @@ class ToyBackend:
     threshold = 1 / 6  # one attribute of six differs: not the same person (distance < threshold)
 
     def faces(self, image: Image.Image) -> list[FoundFace]:
-        from sdlora.demo import world
+        from sdlora.faces import toyworld
 
-        reading = world.read(image)
+        reading = toyworld.read(image)
         if not reading.valid:
             return []
-        sx, sy = image.width / world.SIZE, image.height / world.SIZE  # the decoder reads a 64 px copy
+        sx, sy = image.width / toyworld.SIZE, image.height / toyworld.SIZE  # the decoder reads a 64 px copy
         left, top, right, bottom = reading.box
         box = (round(left * sx), round(top * sy), round(right * sx), round(bottom * sy))
-        return [FoundFace(box=box, embedding=world.attribute_codes(reading.identity))]
+        return [FoundFace(box=box, embedding=toyworld.attribute_codes(reading.identity))]
 
     def distance(self, a: numpy.ndarray, b: numpy.ndarray) -> float:
         return float(numpy.count_nonzero(numpy.asarray(a) != numpy.asarray(b))) / len(a)

@@ -1,4 +1,5 @@
-"""manifest.jsonl: one JSON object per kept image, the contract between `prep` and `train`."""
+"""manifest.jsonl: one JSON object per kept image, the contract between `prep` and `train`; and the rule that a
+dataset's paths (the manifest's entries, a plain folder's images and captions) stay inside its folder."""
 
 from __future__ import annotations
 
@@ -102,3 +103,22 @@ def read_manifest(path: Path) -> list[ManifestEntry]:
                 reason = printable((str(exc).splitlines() or [type(exc).__name__])[0])[:200]
             raise UsageError(f"{where}:{number}: not a valid manifest entry ({reason}); re-run `sdlora prep`") from None
     return entries
+
+
+def confined(dataset_dir: Path, entry: str) -> Path:
+    """`dataset_dir / entry`, refused unless it stays inside the dataset folder: no absolute path, no '..', no
+    symlink that leads out (symlinks within the folder are fine). A dataset is data and must not read the rest of
+    the machine."""
+    dataset_dir = Path(dataset_dir)
+    relative = Path(entry)
+    where = f"{dataset_dir / MANIFEST}: entry {entry!r}" if (dataset_dir / MANIFEST).is_file() else None
+    where = where or f"{dataset_dir / entry}"
+    if relative.is_absolute() or ".." in relative.parts:
+        raise UsageError(f"{where}: must be a path inside the dataset folder (no absolute path or '..'); re-run prep")
+    path = dataset_dir / relative
+    root = dataset_dir.resolve()
+    if root not in path.resolve().parents:
+        raise UsageError(
+            f"{where}: leads outside the dataset folder (to {path.resolve()}); copy the image into {dataset_dir}"
+        )
+    return path

@@ -11,6 +11,7 @@ from typing import Any
 
 from sdlora import layout
 from sdlora.errors import UsageError
+from sdlora.prep.manifest import confined
 
 
 @dataclass(frozen=True)
@@ -71,25 +72,6 @@ def load_examples(dataset_dir: Path, default_caption: str) -> list[Example]:
     if missing:
         raise UsageError(f"{missing[0]}: image listed in the manifest is missing; re-run `sdlora prep`")
     return examples
-
-
-def confined(dataset_dir: Path, entry: str) -> Path:
-    """`dataset_dir / entry`, refused unless it stays inside the dataset folder: no absolute path, no '..', no
-    symlink that leads out (symlinks within the folder are fine). A dataset is data and must not read the rest of
-    the machine."""
-    dataset_dir = Path(dataset_dir)
-    relative = Path(entry)
-    where = f"{dataset_dir / layout.MANIFEST}: entry {entry!r}" if (dataset_dir / layout.MANIFEST).is_file() else None
-    where = where or f"{dataset_dir / entry}"
-    if relative.is_absolute() or ".." in relative.parts:
-        raise UsageError(f"{where}: must be a path inside the dataset folder (no absolute path or '..'); re-run prep")
-    path = dataset_dir / relative
-    root = dataset_dir.resolve()
-    if root not in path.resolve().parents:
-        raise UsageError(
-            f"{where}: leads outside the dataset folder (to {path.resolve()}); copy the image into {dataset_dir}"
-        )
-    return path
 
 
 def list_images(folder: Path) -> list[Path]:

@@ -1,7 +1,8 @@
 """The toy world: procedural people drawn from six discrete attributes, and the rule-based decoder that reads them back.
 
 It is where `sdlora demo` (on its built-in toy base) and the identity benchmark (`bench/identity`) both live: the
-decoder is exact on clean renders, so whether a LoRA learned a person is a count, not an opinion.
+decoder is exact on clean renders, so whether a LoRA learned a person is a count, not an opinion. It lives among
+the face models because its decoder is one (`--face-model toy`, faces/backends.py); it needs nothing of sdlora.
 
 An identity is one value per attribute (4 x 4 x 3 x 3 x 2 x 4 = 1,152 identities). `render` draws one at 64 px
 with random jitter of position, scale and brightness, so no two renders are identical. `decode` reads the
