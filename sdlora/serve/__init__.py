@@ -14,6 +14,7 @@ import threading
 from pathlib import Path
 
 from sdlora.errors import SdloraError, UsageError
+from sdlora.serve.boundary import check_auth_file, check_port
 
 INSTALL_HINT = 'the web app needs the ui extra: pip install "sdlora[ui]"'
 
@@ -40,6 +41,7 @@ def credentials(host: str, auth: str | None, auth_file: Path | None) -> list[tup
             lines = Path(auth_file).read_text(encoding="utf-8").splitlines()
         except OSError as exc:
             raise UsageError(f"--auth-file {auth_file}: can't read it ({exc.strerror})") from None
+        check_auth_file(Path(auth_file))
         accounts += [_account(line, f"--auth-file {auth_file}") for line in lines if line.strip() and line[0] != "#"]
         if not accounts:
             raise UsageError(f"--auth-file {auth_file}: no USER:PASSWORD line in it")
@@ -65,10 +67,11 @@ def serve(
     auth: str | None = None,
     auth_file: Path | None = None,
 ) -> None:
-    """Check the host and login, open the workspace, then serve until interrupted."""
+    """Check the host, port and login, open the workspace, then serve until interrupted."""
     accounts = credentials(host, auth, auth_file)
     if importlib.util.find_spec("gradio") is None:
         raise SdloraError(INSTALL_HINT)
+    check_port(host, port)
     from sdlora.serve.jobs import Jobs
     from sdlora.serve.workspace import Workspace
 
