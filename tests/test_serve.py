@@ -52,6 +52,7 @@ def test_auth_settings():
 def test_auth_file(tmp_path):
     path = tmp_path / ".auth"
     path.write_text("# who may log in\nann:one\nbob:two\n")
+    path.chmod(0o600)  # readable by others is refused (test_serve_boundary.py)
     assert credentials("10.0.0.5", None, path) == [("ann", "one"), ("bob", "two")]
     with pytest.raises(UsageError, match="both"):
         credentials("0.0.0.0", "a:b", path)

@@ -76,7 +76,8 @@ def status(workspace: Workspace, jobs: Jobs, name: str) -> RunStatus:
         if code in STOPPED_CODES and has_checkpoints:
             return make("stopped", "resumable from its last checkpoint")
         if code in STOPPED_CODES:
-            return make("failed", "stopped before its first checkpoint; start it again")
+            again = "Resume starts it again from step 0" if folder.is_dir() else "nothing was written: Start it again"
+            return make("stopped", f"before its first checkpoint; {again}")
         return make("failed", error_line(jobs.log_path(job)))
     if (folder / DIFFUSERS_FILE).is_file():
         return make("finished")
@@ -84,7 +85,7 @@ def status(workspace: Workspace, jobs: Jobs, name: str) -> RunStatus:
         return make("stopped", "resumable from its last checkpoint")
     if code == 0:
         return make("failed", "ended without writing its LoRA")
-    return make("stopped", "no checkpoint yet")
+    return make("stopped", "no checkpoint yet; Resume starts it again from step 0")
 
 
 def lock_alive(folder: Path) -> bool:
