@@ -34,6 +34,10 @@ QUICK = {
 }
 
 
+# Seconds a command may go without visible progress (see `activity`) before a test counts it as hung.
+STALL = 300
+
+
 def photo_files(folder: Path) -> list[Path]:
     from sdlora.demo.photos import write_demo_photos
 

@@ -11,6 +11,7 @@ import os
 import signal
 import socket
 import sys
+import time
 import zipfile
 
 import pytest
@@ -232,9 +233,13 @@ class Sleeping(Jobs):
 
 
 def _trainer_pid(jobs: Jobs, run: str) -> int:
-    job = jobs.latest_for(run)
-    wait_for(lambda: jobs._trainer(job) is not None, 30, "the runner to record its child")
-    return jobs._trainer(job)[0]
+    """The pid of a job's training process (the runner's child), once it runs."""
+    import psutil
+
+    runner = psutil.Process(jobs.latest_for(run).pid)
+    wait_for(lambda: bool(runner.children()), 30, "the runner to start its command")
+    time.sleep(0.5)  # the runner records its child right after starting it
+    return runner.children()[0].pid
 
 
 def test_the_queue_holds_while_a_training_whose_runner_died_still_runs(ws):

@@ -14,13 +14,12 @@ import re
 from pathlib import Path
 
 import pytest
-from serve_utils import activity, make_workspace, photo_files, start_server, stop_server, wait_for
+from serve_utils import STALL, activity, make_workspace, photo_files, start_server, stop_server, wait_for
 
 from sdlora.serve import studio
 from sdlora.serve.workspace import Workspace
 
 CHROMIUM = Path("/usr/bin/chromium")
-STALL = 300  # seconds a command may go without visible progress before it counts as hung
 # Flags that keep chromium off the network (no updates, sync or QUIC probes).
 FLAGS = [
     "--headless",
