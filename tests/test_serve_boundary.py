@@ -20,7 +20,15 @@ from serve_utils import wait_for
 from sdlora import fsutil
 from sdlora.errors import SdloraError, UsageError
 from sdlora.serve import credentials, datasets, form, runs, studio, training
-from sdlora.serve.boundary import LoginThrottle, Throttle, UploadLimit, check_port
+from sdlora.serve.boundary import (
+    CACHE_AGE_S,
+    CACHE_CLEAN_S,
+    LoginThrottle,
+    Throttle,
+    UploadLimit,
+    check_port,
+    clean_cache,
+)
 from sdlora.serve.jobs import Jobs
 from sdlora.serve.workspace import Workspace
 
@@ -207,6 +215,21 @@ def test_uploads_are_refused_when_the_cache_is_full(tmp_path):
     status, _, body = _asgi(limited, "/gradio_api/upload", [(b"content-length", b"500")])
     assert status == 413 and b"the upload cache is full" in body
     assert _asgi(limited, "/gradio_api/upload")[0] == 411  # a size it does not say can't be bounded
+
+
+def test_the_upload_cache_is_bounded_and_cleaned(tmp_path):
+    from sdlora.serve.app import build
+
+    cache = tmp_path / "cache"
+    (cache / "abc").mkdir(parents=True)
+    (cache / "abc" / "old.jpg").write_bytes(b"x" * 100)
+    os.utime(cache / "abc" / "old.jpg", (time.time() - 7200,) * 2)
+    (cache / "new").mkdir()
+    (cache / "new" / "new.jpg").write_bytes(b"y")
+    assert clean_cache(cache, age=3600) == 100  # an earlier server's leftovers
+    assert sorted(p.relative_to(cache).as_posix() for p in cache.rglob("*")) == ["new", "new/new.jpg"]
+    ws = Workspace.open(tmp_path / "ws")
+    assert build(ws, Jobs(ws)).delete_cache == (CACHE_CLEAN_S, CACHE_AGE_S)  # gradio cleans its own files
 
 
 def test_a_port_in_use_or_out_of_range_is_one_line():

@@ -1,8 +1,10 @@
 """`sdlora serve WORKSPACE`: the whole workflow as a local Gradio web app (optional extra `sdlora[ui]`).
 
 Binds 127.0.0.1 unless told otherwise, and refuses any other host without a password; never makes a public share
-link. prep, train, generate and eval run as `sdlora` child processes, so a crash never takes the server down and
-closing the page or restarting the server never stops a training run. Importing this package imports no gradio.
+link. It speaks plain HTTP: off localhost, put TLS in front (a reverse proxy, see the README); failed logins lock
+the client out for longer each time (`boundary`). prep, train, generate and eval run as `sdlora` child processes,
+so a crash never takes the server down and closing the page or restarting the server never stops a training run.
+Importing this package imports no gradio.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import threading
 from pathlib import Path
 
 from sdlora.errors import SdloraError, UsageError
-from sdlora.serve.boundary import check_auth_file, check_port
+from sdlora.serve.boundary import check_auth_file, check_port, clean_cache
 
 INSTALL_HINT = 'the web app needs the ui extra: pip install "sdlora[ui]"'
 
@@ -78,6 +80,7 @@ def serve(
     ws = Workspace.open(workspace)
     # Before gradio is imported (it reads these at import): its upload cache inside the workspace, no telemetry.
     os.environ["GRADIO_TEMP_DIR"] = str(ws.state / "cache")
+    clean_cache(ws.state / "cache")
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
     from sdlora.serve.app import build, launch
 

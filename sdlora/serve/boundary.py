@@ -140,6 +140,28 @@ def folder_bytes(folder: Path) -> int:
     return total
 
 
+def clean_cache(folder: Path, age: float = CACHE_AGE_S) -> int:
+    """Remove what an earlier server left in the upload cache `folder` (files older than `age` seconds, then the
+    folders they leave empty); gradio cleans only what its own process made. Returns the bytes freed."""
+    freed, old = 0, time.time() - age
+    for top, folders, names in os.walk(folder, topdown=False):
+        for name in names:
+            path = os.path.join(top, name)
+            try:
+                info = os.lstat(path)
+                if info.st_mtime < old:
+                    os.unlink(path)
+                    freed += info.st_size
+            except OSError:
+                continue
+        for name in folders:
+            try:
+                os.rmdir(os.path.join(top, name))  # only if empty
+            except OSError:
+                continue
+    return freed
+
+
 class UploadLimit:
     """ASGI middleware: an upload (POST .../upload) must say its size, and is refused (413) when it would take the
     upload cache `folder` over `limit` bytes. gradio's max_file_size bounds each file; this bounds them all."""
