@@ -43,13 +43,15 @@ def check_port(host: str, port: int) -> None:
             sock.bind(address)
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
-            raise SdloraError(
-                f"--port {port}: already in use on {host} (another sdlora serve?); stop it or choose another port "
-                "with --port N"
-            ) from None
+            raise SdloraError(port_in_use(host, port)) from None
         if exc.errno == errno.EACCES:
             raise UsageError(f"--port {port}: needs root on this machine; choose a port above 1023") from None
         raise UsageError(f"--host {host} --port {port}: can't listen there ({exc.strerror}); check both") from None
+
+
+def port_in_use(host: str, port: int) -> str:
+    what = "stop it or choose another port with --port N"
+    return f"--port {port}: already in use on {host} (another sdlora serve?); {what}"
 
 
 def check_auth_file(path: Path) -> None:

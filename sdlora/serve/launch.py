@@ -10,7 +10,7 @@ from fastapi import Request  # module level: FastAPI resolves the route's annota
 from starlette.middleware import Middleware
 
 from sdlora.errors import SdloraError
-from sdlora.serve.boundary import LoginThrottle, UploadLimit
+from sdlora.serve.boundary import LoginThrottle, UploadLimit, port_in_use
 from sdlora.serve.workspace import MAX_UPLOAD_BYTES, Workspace
 
 REPORT_ROUTE = "/sdlora/report/"
@@ -68,22 +68,27 @@ def launch(
     theme = gr.themes.Default(
         font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"]
     )
-    demo.queue(default_concurrency_limit=4).launch(
-        server_name=host,
-        server_port=port,
-        share=False,
-        auth=accounts,
-        allowed_paths=[str(p) for p in serveable],
-        blocked_paths=[str(p) for p in blocked],
-        max_file_size=MAX_UPLOAD_BYTES,
-        show_error=False,
-        footer_links=[],
-        ssr_mode=False,
-        mcp_server=False,
-        pwa=False,
-        theme=theme,
-        app_kwargs={
-            "routes": [report_route(ws)],
-            "middleware": [Middleware(LoginThrottle), Middleware(UploadLimit, folder=ws.state / "cache")],
-        },
-    )
+    try:
+        demo.queue(default_concurrency_limit=4).launch(
+            server_name=host,
+            server_port=port,
+            share=False,
+            auth=accounts,
+            allowed_paths=[str(p) for p in serveable],
+            blocked_paths=[str(p) for p in blocked],
+            max_file_size=MAX_UPLOAD_BYTES,
+            show_error=False,
+            footer_links=[],
+            ssr_mode=False,
+            mcp_server=False,
+            pwa=False,
+            theme=theme,
+            app_kwargs={
+                "routes": [report_route(ws)],
+                "middleware": [Middleware(LoginThrottle), Middleware(UploadLimit, folder=ws.state / "cache")],
+            },
+        )
+    except OSError as exc:  # taken since check_port looked (another server started in between)
+        if "Cannot find empty port" not in str(exc):
+            raise
+        raise SdloraError(port_in_use(host, port)) from None
