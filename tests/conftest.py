@@ -59,3 +59,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--screenshots",
+        default=None,
+        metavar="DIR",
+        help="save the web app's screenshots here (docs/ui/screenshots.sh passes docs/ui); default: a temporary folder",
+    )

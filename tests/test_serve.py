@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from serve_utils import QUICK, make_workspace, photo_files, wait_for
+from serve_utils import QUICK, STALL, activity, make_workspace, photo_files, wait_for
 from typer.testing import CliRunner
 
 from sdlora import config
@@ -52,6 +52,7 @@ def test_auth_settings():
 def test_auth_file(tmp_path):
     path = tmp_path / ".auth"
     path.write_text("# who may log in\nann:one\nbob:two\n")
+    path.chmod(0o600)  # readable by others is refused (test_serve_boundary.py)
     assert credentials("10.0.0.5", None, path) == [("ann", "one"), ("bob", "two")]
     with pytest.raises(UsageError, match="both"):
         credentials("0.0.0.0", "a:b", path)
@@ -239,12 +240,19 @@ def test_a_failed_run_shows_its_error_line_and_a_second_start_queues(ws):
     training.start(ws, jobs, "d", "second", None, "models/m", values)
     assert runs.status(ws, jobs, "second").state == "queued"
     assert "second" in runs.run_names(ws, jobs)
-    wait_for(lambda: runs.status(ws, jobs, "bad").state == "failed", 120, "the bad run to fail")
+    wait_for(
+        lambda: runs.status(ws, jobs, "bad").state == "failed", STALL, "the bad run to fail", progress=activity(ws.root)
+    )
     failed = runs.status(ws, jobs, "bad")
     assert failed.detail.startswith("error: ") and "Traceback" not in failed.detail
     jobs.tick()  # the queue moves on without the page
     assert runs.status(ws, jobs, "second").state in ("running", "failed")
-    wait_for(lambda: runs.status(ws, jobs, "second").state == "failed", 120, "the second run to fail")
+    wait_for(
+        lambda: runs.status(ws, jobs, "second").state == "failed",
+        STALL,
+        "the second run to fail",
+        progress=activity(ws.root),
+    )
     # A new server process (fresh Jobs) knows the same runs from disk.
     assert runs.status(ws, Jobs(ws), "bad").line() == failed.line()
 
@@ -283,10 +291,14 @@ def test_upload_prep_train_stop_resume_eval(tmp_path, tiny_sd1):
     assert runs.run_names(ws, jobs) == ["lora"]
     folder = ws.root / "runs" / "lora"
     tail = runs.Tail()
-    wait_for(lambda: tail.update(folder) or bool(tail.losses), 180, "the first metrics line")
+    wait_for(
+        lambda: tail.update(folder) or bool(tail.losses), STALL, "the first metrics line", progress=activity(ws.root)
+    )
     assert runs.status(ws, jobs, "lora").state == "running"
     assert training.stop(ws, jobs, "lora").endswith("checkpoint is written)")
-    wait_for(lambda: runs.status(ws, jobs, "lora").state != "running", 120, "the run to stop")
+    wait_for(
+        lambda: runs.status(ws, jobs, "lora").state != "running", STALL, "the run to stop", progress=activity(ws.root)
+    )
     stopped = runs.status(ws, jobs, "lora")
     assert stopped.state == "stopped" and stopped.step < 4, stopped
     assert runs.checkpoints(folder) and not (folder / runs.DIFFUSERS_FILE).exists()
@@ -297,8 +309,13 @@ def test_upload_prep_train_stop_resume_eval(tmp_path, tiny_sd1):
         tail.update(folder)
         return tail.losses[-1]["step"] == 4
 
-    wait_for(at_last_step, 180, "the resumed run's last step")
-    wait_for(lambda: runs.status(ws, jobs, "lora").state != "running", 120, "the resumed run to end")
+    wait_for(at_last_step, STALL, "the resumed run's last step", progress=activity(ws.root))
+    wait_for(
+        lambda: runs.status(ws, jobs, "lora").state != "running",
+        STALL,
+        "the resumed run to end",
+        progress=activity(ws.root),
+    )
     assert runs.status(ws, jobs, "lora").line() == "lora: finished step 4/4"
     tail.update(folder)  # the last identity score and sample came after the last loss line
     assert [r["step"] for r in tail.losses] == [1, 2, 3, 4]  # progress moved, the resume continued the run
@@ -337,11 +354,13 @@ def test_a_run_survives_the_server_and_stop_reaches_it(tmp_path, tiny_sd1):
     assert server.returncode == 0, server.stderr
     jobs = Jobs(ws)  # "the restarted server"
     folder = ws.root / "runs" / "long"
-    wait_for(lambda: (runs.last_step(folder) or 0) >= 2, 180, "training to run")
+    wait_for(lambda: (runs.last_step(folder) or 0) >= 2, STALL, "training to run", progress=activity(ws.root))
     assert runs.status(ws, jobs, "long").state == "running"
     job = jobs.latest_for("runs/long")
     assert os.getpgid(job.pid) == job.pid  # its own session and process group
     jobs.stop("runs/long")
-    wait_for(lambda: runs.status(ws, jobs, "long").state != "running", 120, "the run to stop")
+    wait_for(
+        lambda: runs.status(ws, jobs, "long").state != "running", STALL, "the run to stop", progress=activity(ws.root)
+    )
     assert jobs.returncode(jobs.latest_for("runs/long")) == 128 + signal.SIGTERM
     assert runs.status(ws, jobs, "long").state == "stopped" and runs.checkpoints(folder)

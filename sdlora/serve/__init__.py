@@ -1,8 +1,10 @@
 """`sdlora serve WORKSPACE`: the whole workflow as a local Gradio web app (optional extra `sdlora[ui]`).
 
 Binds 127.0.0.1 unless told otherwise, and refuses any other host without a password; never makes a public share
-link. prep, train, generate and eval run as `sdlora` child processes, so a crash never takes the server down and
-closing the page or restarting the server never stops a training run. Importing this package imports no gradio.
+link. It speaks plain HTTP: off localhost, put TLS in front (a reverse proxy, see the README); failed logins lock
+the client out for longer each time (`boundary`). prep, train, generate and eval run as `sdlora` child processes,
+so a crash never takes the server down and closing the page or restarting the server never stops a training run.
+Importing this package imports no gradio.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import threading
 from pathlib import Path
 
 from sdlora.errors import SdloraError, UsageError
+from sdlora.serve.boundary import check_auth_file, check_port, clean_cache
 
 INSTALL_HINT = 'the web app needs the ui extra: pip install "sdlora[ui]"'
 
@@ -40,6 +43,7 @@ def credentials(host: str, auth: str | None, auth_file: Path | None) -> list[tup
             lines = Path(auth_file).read_text(encoding="utf-8").splitlines()
         except OSError as exc:
             raise UsageError(f"--auth-file {auth_file}: can't read it ({exc.strerror})") from None
+        check_auth_file(Path(auth_file))
         accounts += [_account(line, f"--auth-file {auth_file}") for line in lines if line.strip() and line[0] != "#"]
         if not accounts:
             raise UsageError(f"--auth-file {auth_file}: no USER:PASSWORD line in it")
@@ -65,16 +69,18 @@ def serve(
     auth: str | None = None,
     auth_file: Path | None = None,
 ) -> None:
-    """Check the host and login, open the workspace, then serve until interrupted."""
+    """Check the host, port and login, open the workspace, then serve until interrupted."""
     accounts = credentials(host, auth, auth_file)
     if importlib.util.find_spec("gradio") is None:
         raise SdloraError(INSTALL_HINT)
+    check_port(host, port)
     from sdlora.serve.jobs import Jobs
     from sdlora.serve.workspace import Workspace
 
     ws = Workspace.open(workspace)
     # Before gradio is imported (it reads these at import): its upload cache inside the workspace, no telemetry.
     os.environ["GRADIO_TEMP_DIR"] = str(ws.state / "cache")
+    clean_cache(ws.state / "cache")
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
     from sdlora.serve.app import build, launch
 

@@ -14,17 +14,18 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from rich.ansi import AnsiDecoder
+
 from sdlora.errors import SdloraError
 from sdlora.serve.runs import error_line
 from sdlora.serve.workspace import Workspace
 
 Progress = Callable[[float | None, str], None]  # (fraction done or None, what is happening)
-_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 _COUNT = re.compile(r"(\d+)/(\d+)")
 
 
-def run_sdlora(workspace: Workspace, args: list[str], label: str, progress: Progress | None = None) -> str:
-    """Run `sdlora ARGS` to the end; returns its output. Raises SdloraError with its error line on failure."""
+def run_sdlora(workspace: Workspace, args: list[str], label: str, progress: Progress | None = None) -> None:
+    """Run `sdlora ARGS` to the end. Raises SdloraError with its error line on failure."""
     logs = workspace.state / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     log = logs / f"{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**6:06d}-{args[0]}.log"
@@ -46,10 +47,8 @@ def run_sdlora(workspace: Workspace, args: list[str], label: str, progress: Prog
             if progress is not None:
                 done = bar_fraction(log)
                 progress(done, f"{label}: {time.monotonic() - started:.0f} s")
-    text = log.read_text(encoding="utf-8", errors="replace")
     if child.returncode != 0:
         raise SdloraError(f"{label} failed: {error_line(log).removeprefix('error: ')}")
-    return _ANSI.sub("", text)
 
 
 def bar_fraction(log: Path) -> float | None:
@@ -57,7 +56,8 @@ def bar_fraction(log: Path) -> float | None:
     try:
         with log.open("rb") as handle:
             handle.seek(max(0, log.stat().st_size - 2048))
-            tail = _ANSI.sub("", handle.read().decode("utf-8", errors="replace"))
+            text = handle.read().decode("utf-8", errors="replace")
+        tail = "\n".join(line.plain for line in AnsiDecoder().decode(text))
     except OSError:
         return None
     matches = _COUNT.findall(tail)

@@ -75,6 +75,14 @@ def prepare(
     source = workspace.path(photos, "photos")
     if not source.is_dir():
         raise UsageError(f"photos/{photos}: no such folder")
+    for entry in sorted(source.iterdir()):  # prep reads what the links point at: none may lead out
+        try:
+            workspace.inside(entry, "photos")
+        except UsageError:
+            raise UsageError(
+                f"photos/{source.name}/{entry.name}: a link to outside photos/ in the workspace; copy the photo in "
+                "instead of linking it"
+            ) from None
     target = workspace.new_folder("datasets", dataset)
     args = ["prep", str(source), str(target), "--token", sanitise_name(token, "sks"), "--class-word", class_word]
     args += ["--resolution", str(int(resolution)), *(extra or [])]
@@ -90,13 +98,13 @@ def view(workspace: Workspace, name: str) -> DatasetView:
     for entry in entries:
         result.kept.append((workspace.inside(folder / entry["image"], "datasets"), entry["caption"], entry["image"]))
     photos = _photo_folder(workspace, entries)
-    report = _read_json(folder / layout.REPORT).get("files", [])
+    report = _read_json(workspace, folder / layout.REPORT).get("files", [])
     for item in report:
         if item.get("status") != "skipped":
             continue
         photo = None
         if photos is not None and (photos / item["file"]).is_file():
-            photo = workspace.inside(photos / item["file"])
+            photo = next(iter(workspace.within([photos / item["file"]], "photos")), None)
         reason = REASONS.get(item.get("reason", ""), item.get("reason", ""))
         result.dropped.append((photo, item["file"], reason, item.get("message", "")))
     if (folder / layout.CONTACT_SHEET).is_file():
@@ -132,8 +140,9 @@ def save_edits(
         lines = "".join(json.dumps(entry, ensure_ascii=False) + "\n" for entry in kept)
         (tmp / layout.MANIFEST).write_text(lines, encoding="utf-8")
         for extra in (layout.CONFIG_JSON, layout.REPORT):
-            if (source / extra).is_file():
-                shutil.copyfile(source / extra, tmp / extra)
+            found = workspace.within([source / extra], "datasets")
+            if found and found[0].is_file():
+                shutil.copyfile(found[0], tmp / extra)
         note = {"edited_from": f"datasets/{source.name}", "excluded": sorted(exclude), "captions_changed": captions}
         (tmp / "edits.json").write_text(json.dumps(note, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return view(workspace, target.name)
@@ -143,7 +152,12 @@ def read_manifest(folder: Path) -> list[dict]:
     path = folder / layout.MANIFEST
     if not path.is_file():
         raise UsageError(f"datasets/{folder.name}: no manifest.jsonl (not made by prep)")
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if path.resolve().parent != folder.resolve():
+        raise UsageError(f"datasets/{folder.name}/{layout.MANIFEST}: a link to elsewhere; refused")
+    try:
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except ValueError as exc:
+        raise UsageError(f"datasets/{folder.name}/{layout.MANIFEST}: damaged ({exc}); prepare it again") from None
 
 
 def _photo_folder(workspace: Workspace, entries: list[dict]) -> Path | None:
@@ -156,8 +170,10 @@ def _photo_folder(workspace: Workspace, entries: list[dict]) -> Path | None:
     return None
 
 
-def _read_json(path: Path) -> dict:
+def _read_json(workspace: Workspace, path: Path) -> dict:
+    """A JSON table of a dataset, or {} (missing, damaged, or a link out of datasets/)."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        found = json.loads(workspace.inside(path, "datasets").read_text(encoding="utf-8"))
+    except (OSError, ValueError, UsageError):
         return {}
+    return found if isinstance(found, dict) else {}

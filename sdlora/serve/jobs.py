@@ -1,8 +1,11 @@
 """Training jobs the web app started: records on disk, one run at a time, the rest queued behind it.
 
-Each job is WORKSPACE/.sdlora-serve/jobs/ID.json (the command, the run, pid, times) beside ID.log (the command's
-output) and ID.rc (its exit code, written by `sdlora.serve.runner`). Everything is read back from these files, so
-a restarted server knows its running, finished and queued jobs; the processes themselves never depend on it.
+Each job is WORKSPACE/.sdlora-serve/jobs/ID.json (the command, the run, the runner's pid and start time) beside
+ID.log (the command's output), ID.pid (the training process's pid and start time) and ID.rc (its exit code), the
+last two written by `sdlora.serve.runner`. Everything is read back from these files, so a restarted server knows
+its running, finished and queued jobs; the processes themselves never depend on it. A job runs while either of
+its processes lives (each known by pid and start time, as the folder locks are): a training whose runner died
+still holds the queue, and Stop still reaches it.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from sdlora.errors import UsageError
-from sdlora.fsutil import atomic_write_text
+from sdlora.fsutil import _process_start, atomic_write_text
 from sdlora.serve.workspace import Workspace
 
 
@@ -34,14 +37,19 @@ class Job:
     created: float = field(default_factory=time.time)
     started: float | None = None
     pid: int | None = None  # of the runner process
+    started_at: float | None = None  # time.time() just after the runner started (tells it from a reused pid)
     ended: float | None = None
     returncode: int | None = None
     cancelled: bool = False
 
 
-def process_alive(pid: int | None, marker: str | None = None) -> bool:
-    """True while `pid` runs (not a zombie); with `marker`, only if its command line contains it (pid reuse)."""
+def process_alive(pid: int | None, marker: str | None = None, started: float | None = None) -> bool:
+    """True while `pid` runs (not a zombie); with `marker`, only if its command line contains it, and with
+    `started`, only if it began by then (not a later process given the same pid)."""
     if not pid:
+        return False
+    began = _process_start(pid)
+    if started is not None and began is not None and began > started + 10.0:  # 10 s: /proc's coarse boot time
         return False
     try:
         os.kill(pid, 0)
@@ -78,6 +86,23 @@ class Jobs:
     def _rc_path(self, job: Job) -> Path:
         return self.folder / f"{job.id}.rc"
 
+    def _trainer(self, job: Job) -> tuple[int, float] | None:
+        """The pid and start time of the job's training process (the runner's child), if recorded."""
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            record = json.loads((self.folder / f"{job.id}.pid").read_text(encoding="utf-8"))
+            return int(record["pid"]), float(record["started_at"])
+        return None
+
+    def _live_process(self, job: Job) -> int | None:
+        """The pid to signal for a running job: its runner (which passes signals on and records the exit code),
+        else its training process when the runner died; None when neither lives."""
+        if process_alive(job.pid, str(self._rc_path(job)), job.started_at):
+            return job.pid
+        trainer = self._trainer(job)
+        if trainer is not None and process_alive(trainer[0], None, trainer[1]):
+            return trainer[0]
+        return None
+
     def _save(self, job: Job) -> None:
         atomic_write_text(self.folder / f"{job.id}.json", json.dumps(asdict(job), indent=2) + "\n")
 
@@ -96,7 +121,7 @@ class Jobs:
         """queued, running or ended."""
         if job.started is None:
             return "queued"
-        if job.ended is None and process_alive(job.pid, str(self._rc_path(job))):
+        if job.ended is None and self._live_process(job) is not None:
             return "running"
         return "ended"
 
@@ -109,11 +134,15 @@ class Jobs:
 
     # ------------------------------------------------------------------------------------------- actions
 
-    def submit(self, run: str, dataset: str, argv: list[str]) -> Job:
-        """Queue a job; it starts at once when nothing else runs."""
+    def refuse_active(self, run: str) -> None:
+        """An error when `run` has a queued or running job."""
         active = self.latest_for(run)
         if active is not None and self.state(active) != "ended":
             raise UsageError(f"{run} is already {self.state(active)}; stop it first")
+
+    def submit(self, run: str, dataset: str, argv: list[str]) -> Job:
+        """Queue a job; it starts at once when nothing else runs."""
+        self.refuse_active(run)
         stamp = time.strftime("%Y%m%d-%H%M%S")
         job = Job(id=f"{stamp}-{time.time_ns() % 10**6:06d}-{Path(run).name}", run=run, dataset=dataset, argv=argv)
         self._save(job)
@@ -129,7 +158,9 @@ class Jobs:
             job.cancelled = True
             self._save(job)
             return f"{run}: taken out of the queue"
-        os.kill(job.pid, signal.SIGTERM)
+        pid = self._live_process(job)
+        with contextlib.suppress(ProcessLookupError, TypeError):  # it ended meanwhile
+            os.kill(pid, signal.SIGTERM)  # type: ignore[arg-type]
         return f"{run}: stopping (the current step finishes, then a checkpoint is written)"
 
     def tick(self) -> None:
@@ -151,10 +182,13 @@ class Jobs:
             if queued and not running:
                 self._start(queued[0])
 
+    def command(self, job: Job) -> list[str]:
+        """The process the job runs under the runner: `python -m sdlora ARGV`."""
+        return [sys.executable, "-m", "sdlora", *job.argv]
+
     def _start(self, job: Job) -> None:
         log, rc = self.log_path(job), self._rc_path(job)
-        command = [sys.executable, "-m", "sdlora.serve.runner", str(log), str(rc), "--"]
-        command += [sys.executable, "-m", "sdlora", *job.argv]
+        command = [sys.executable, "-m", "sdlora.serve.runner", str(log), str(rc), "--", *self.command(job)]
         log.write_text(f"$ sdlora {' '.join(job.argv)}\n", encoding="utf-8")
         child = subprocess.Popen(
             command,
@@ -166,7 +200,7 @@ class Jobs:
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
         self._children[child.pid] = child
-        job.started, job.pid = time.time(), child.pid
+        job.started, job.pid, job.started_at = time.time(), child.pid, time.time()
         self._save(job)
 
     def _load(self, job_id: str) -> Job:

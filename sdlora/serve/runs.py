@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rich.ansi import AnsiDecoder
+
 from sdlora import layout
 from sdlora.serve.jobs import Job, Jobs, process_alive
 from sdlora.serve.workspace import Workspace
@@ -74,7 +76,8 @@ def status(workspace: Workspace, jobs: Jobs, name: str) -> RunStatus:
         if code in STOPPED_CODES and has_checkpoints:
             return make("stopped", "resumable from its last checkpoint")
         if code in STOPPED_CODES:
-            return make("failed", "stopped before its first checkpoint; start it again")
+            again = "Resume starts it again from step 0" if folder.is_dir() else "nothing was written: Start it again"
+            return make("stopped", f"before its first checkpoint; {again}")
         return make("failed", error_line(jobs.log_path(job)))
     if (folder / DIFFUSERS_FILE).is_file():
         return make("finished")
@@ -82,7 +85,7 @@ def status(workspace: Workspace, jobs: Jobs, name: str) -> RunStatus:
         return make("stopped", "resumable from its last checkpoint")
     if code == 0:
         return make("failed", "ended without writing its LoRA")
-    return make("stopped", "no checkpoint yet")
+    return make("stopped", "no checkpoint yet; Resume starts it again from step 0")
 
 
 def lock_alive(folder: Path) -> bool:
@@ -97,20 +100,40 @@ def checkpoints(folder: Path) -> list[Path]:
 
 
 def error_line(log: Path) -> str:
-    """The last `error: ...` line of a log, else its last line (never a traceback)."""
+    """The last `error: ...` line of a log, else its last line (never a traceback). Lines are read as a terminal
+    shows them (rich's decoder: colour and cursor codes dropped, a carriage return overwrites), so an error line
+    drawn after a progress bar is still found."""
     try:
-        lines = [line.strip() for line in log.read_text(encoding="utf-8", errors="replace").splitlines()]
+        text = log.read_text(encoding="utf-8", errors="replace")
     except OSError:
         return "no log"
+    lines = [line.plain.strip() for line in AnsiDecoder().decode(text)]
     lines = [line for line in lines if line]
     errors = [line for line in lines if line.startswith("error:")]
     return (errors or lines or ["no output"])[-1][:500]
 
 
-def run_config(folder: Path) -> dict[str, Any]:
+def own(folder: Path, path: Path) -> Path | None:
+    """`path` resolved, if it lies inside the run `folder` (itself checked inside the workspace), else None: a
+    symlink in a run folder that leads anywhere else is never read, zipped, shown or served."""
+    try:
+        top, resolved = folder.resolve(), path.resolve()
+    except (OSError, RuntimeError):  # a link loop
+        return None
+    return resolved if top in resolved.parents else None
+
+
+def _read_json(folder: Path, name: str) -> Any:
+    """The JSON file `name` of a run folder, or None (missing, damaged, or a symlink out of the run)."""
+    path = own(folder, folder / name)
     with contextlib.suppress(OSError, ValueError):
-        return json.loads((folder / layout.CONFIG_JSON).read_text(encoding="utf-8"))
-    return {}
+        return json.loads(path.read_text(encoding="utf-8")) if path is not None else None
+    return None
+
+
+def run_config(folder: Path) -> dict[str, Any]:
+    found = _read_json(folder, layout.CONFIG_JSON)
+    return found if isinstance(found, dict) else {}
 
 
 def total_steps(folder: Path, job: Job | None = None) -> int | None:
@@ -124,8 +147,10 @@ def total_steps(folder: Path, job: Job | None = None) -> int | None:
 
 def last_step(folder: Path) -> int | None:
     """The step of the last record of metrics.jsonl, reading only the end of the file."""
-    path = folder / METRICS
+    path = own(folder, folder / METRICS)
     try:
+        if path is None:
+            return None
         with path.open("rb") as handle:
             handle.seek(max(0, path.stat().st_size - 4096))
             lines = handle.read().decode("utf-8", errors="replace").splitlines()
@@ -151,8 +176,8 @@ class Tail:
     def update(self, folder: Path) -> bool:
         """Read only the new lines of metrics.jsonl and the new sample files; True when something changed."""
         changed = False
-        path = folder / METRICS
-        size = path.stat().st_size if path.is_file() else 0
+        path = own(folder, folder / METRICS)
+        size = path.stat().st_size if path is not None and path.is_file() else 0
         if size < self.offset:  # a resume truncated the file: read it again
             self.offset, self.losses, self.evals, changed = 0, [], [], True
         if size > self.offset:
@@ -166,10 +191,11 @@ class Tail:
                     record = json.loads(line)
                     (self.evals if "eval" in record else self.losses).append(record)
                     changed = True
-        samples = folder / layout.SAMPLES
-        if samples.is_dir():
+        samples = own(folder, folder / layout.SAMPLES)
+        if samples is not None and samples.is_dir():
             with os.scandir(samples) as entries:
                 names = sorted(e.name for e in entries if e.name.endswith(".png") and not e.name.startswith("."))
+            names = [name for name in names if own(samples, samples / name) is not None]
             new = [name for name in names if name not in set(self.samples)]
             if new:
                 self.samples = sorted(set(self.samples) | set(new))
@@ -191,34 +217,42 @@ class Tail:
         return text
 
 
+def sample_files(folder: Path, names: list[str]) -> list[Path]:
+    """The sample grids `names` of a run, resolved; any that leads out of the run folder is left out."""
+    found = (own(folder, folder / layout.SAMPLES / name) for name in names)
+    return [path for path in found if path is not None]
+
+
 def best_step(tail: Tail, folder: Path) -> int | None:
     """The step best/ holds (best/best.json), else the highest identity seen."""
-    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-        return int(json.loads((folder / layout.BEST / layout.BEST_FILE).read_text(encoding="utf-8"))["step"])
+    with contextlib.suppress(KeyError, TypeError, ValueError):
+        return int(_read_json(folder, f"{layout.BEST}/{layout.BEST_FILE}")["step"])
     scored = [e for e in tail.evals if e["eval"].get("identity") is not None]
     return max(scored, key=lambda e: e["eval"]["identity"])["step"] if scored else None
 
 
 def summary(folder: Path) -> dict[str, Any] | None:
-    with contextlib.suppress(OSError, ValueError):
-        return json.loads((folder / layout.SUMMARY).read_text(encoding="utf-8"))
-    return None
+    found = _read_json(folder, layout.SUMMARY)
+    return found if isinstance(found, dict) else None
 
 
 def downloads(workspace: Workspace, folder: Path) -> list[Path]:
     """Both LoRA files (diffusers and kohya format), pivotal tuning's NAME_emb.safetensors and best/ as a zip,
-    when they exist."""
-    files = [folder / DIFFUSERS_FILE] if (folder / DIFFUSERS_FILE).is_file() else []
-    files += sorted(p for p in folder.glob("*.safetensors") if p.name != DIFFUSERS_FILE)
-    best = folder / layout.BEST
-    if best.is_dir():
-        files.append(zip_folder(best, workspace.state / "downloads" / f"{folder.name}-best.zip"))
-    return [workspace.inside(path, "runs") if "runs" in path.parts else path for path in files]
+    when they exist.
+    Anything that resolves outside the run folder (a symlinked file or best/) is left out."""
+    folder = workspace.inside(folder, "runs")
+    files = [folder / DIFFUSERS_FILE] + sorted(p for p in folder.glob("*.safetensors") if p.name != DIFFUSERS_FILE)
+    found = [path for path in (own(folder, p) for p in files) if path is not None and path.is_file()]
+    best = own(folder, folder / layout.BEST)
+    if best is not None and best.is_dir():
+        found.append(zip_folder(best, workspace.state / "downloads" / f"{folder.name}-best.zip"))
+    return found
 
 
 def zip_folder(folder: Path, target: Path) -> Path:
-    """`folder` as a zip (rebuilt when a file in it is newer), its symlinks left out."""
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
+    """`folder` as a zip (rebuilt when a file in it is newer); symlinks and anything resolving outside it are
+    left out."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.is_symlink() and own(folder, p) is not None)
     newest = max((p.stat().st_mtime for p in files), default=0)
     if target.is_file() and target.stat().st_mtime >= newest:
         return target

@@ -11,7 +11,7 @@ from typing import Any
 from sdlora import layout
 from sdlora.errors import UsageError
 from sdlora.serve.commands import Progress, run_sdlora
-from sdlora.serve.runs import DIFFUSERS_FILE, run_config
+from sdlora.serve.runs import DIFFUSERS_FILE, own, run_config
 from sdlora.serve.workspace import PHOTO_SUFFIXES, Workspace, sanitise_name
 
 
@@ -39,6 +39,8 @@ def lora_choices(workspace: Workspace) -> list[str]:
         if (run / DIFFUSERS_FILE).is_file():
             choices.append(f"runs/{name}")
         for path in sorted(run.glob("*.safetensors")) + sorted(run.glob("best/*.safetensors")):
+            if own(run, path) is None:  # a link out of the run is never offered
+                continue
             choices.append(f"runs/{name}/{path.relative_to(run).as_posix()}")
     return choices
 
@@ -103,7 +105,7 @@ def images_of(workspace: Workspace, folder: Path) -> Images:
     """The images of a generate folder with their parameters (from each NNNN-SEED.json)."""
     folder = workspace.inside(folder, "images")
     result = Images(workspace.relative(folder))
-    for png in sorted(folder.glob("[0-9][0-9][0-9][0-9]-*.png")):
+    for png in workspace.within(sorted(folder.glob("[0-9][0-9][0-9][0-9]-*.png")), "images"):
         if png.stem.endswith("-steps"):
             continue
         try:
@@ -112,8 +114,10 @@ def images_of(workspace: Workspace, folder: Path) -> Images:
             record = {}
         words = ", ".join(f"{key}: {record[key]}" for key in ("prompt", "seed", "steps", "cfg") if key in record)
         result.images.append((png, words or png.name))
-    result.grid = folder / layout.GRID if (folder / layout.GRID).is_file() else None
-    result.compare = folder / layout.COMPARE if (folder / layout.COMPARE).is_file() else None
+    result.grid, result.compare = (
+        next((p for p in workspace.within([folder / name], "images") if p.is_file()), None)
+        for name in (layout.GRID, layout.COMPARE)
+    )
     return result
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import sdlora
-from sdlora import layout
+from sdlora import fsutil, layout
 from sdlora.config import Config
 from sdlora.errors import UsageError
 from sdlora.fsutil import atomic_write_text
@@ -15,8 +15,12 @@ from sdlora.serve.jobs import Jobs
 from sdlora.serve.runs import checkpoints, status
 from sdlora.serve.workspace import Workspace, sanitise_name
 
-# Settings that name files: they must resolve inside the workspace like every other path the page takes.
-PATH_SETTINGS = ("train.class_dir", "model.vae", "model.single_file_config")
+# Every text setting of the form, by what it holds (a test checks each text setting is in exactly one, so a new
+# one can't slip through unchecked). Paths resolve inside the workspace like every other path the page takes
+# (True: a hub id owner/name is taken too); a file name must be a bare name; the rest is plain text.
+PATH_SETTINGS = {"train.class_dir": False, "model.vae": True, "model.single_file_config": True, "eval.clip": True}
+NAME_SETTINGS = ("train.name",)
+TEXT_SETTINGS = ("train.class_prompt", "train.sample_prompts", "train.resolutions", "generate.negative")
 
 
 def presets() -> dict[str, Path]:
@@ -37,10 +41,17 @@ def preset_path(name: str | None) -> Path | None:
 def build(workspace: Workspace, preset: str | None, base: str, values: dict[str, Any]) -> Config:
     """The config a Start would run: preset < form values, with workspace paths checked."""
     overrides = {}
-    for key in PATH_SETTINGS:
+    for key, hub in PATH_SETTINGS.items():
         raw = str(values.get(key) or "").strip()
-        if raw:
-            overrides[key] = workspace.model_ref(raw) if key.startswith("model.") else str(workspace.path(raw))
+        try:
+            if raw:
+                overrides[key] = workspace.model_ref(raw) if hub else str(workspace.path(raw))
+        except UsageError as exc:
+            raise UsageError(f"{key}: {exc}") from None
+    for key in NAME_SETTINGS:
+        raw = str(values.get(key) or "").strip()
+        if raw and sanitise_name(raw) != raw:
+            raise UsageError(f"{key}: {raw!r} is not a plain file name; use letters, digits, '.', '_' and '-'")
     return form.build_config(preset_path(preset), workspace.model_ref(base), values, overrides)
 
 
@@ -57,8 +68,10 @@ def start(
     if not (data / layout.MANIFEST).is_file() and not data.is_dir():
         raise UsageError(f"datasets/{dataset}: no such dataset; prepare one first")
     run = workspace.path(sanitise_name(name, "run"), "runs")
-    if run.exists() or jobs.latest_for(f"runs/{run.name}") is not None:
+    if run.exists():
         raise UsageError(f"runs/{run.name} already exists; choose another name (or Resume it)")
+    # A run stopped before train made its folder left nothing: its name is free again.
+    jobs.refuse_active(f"runs/{run.name}")
     text = preview(workspace, preset, base, values)
     config_file = jobs.folder / f"{run.name}.config.toml"
     atomic_write_text(config_file, text)
@@ -82,12 +95,19 @@ def resume(workspace: Workspace, jobs: Jobs, name: str, dataset: str | None = No
     current = status(workspace, jobs, run.name)
     if current.state in ("running", "queued"):
         raise UsageError(f"runs/{run.name} is {current.state}; nothing to resume")
-    if not checkpoints(run) or not (run / layout.CONFIG_TOML).is_file():
-        raise UsageError(f"runs/{run.name} has no checkpoint to resume from")
+    if not run.is_dir():
+        raise UsageError(f"runs/{run.name}: nothing was written yet; Start it again under this name")
+    # A run stopped before its first checkpoint (e.g. while its model loaded) resumes from step 0: train starts
+    # it again in its own folder. Its config is the one train stored, else the one the app wrote for Start.
+    config_file = run / layout.CONFIG_TOML
+    if not config_file.is_file():
+        config_file = jobs.folder / f"{run.name}.config.toml"
+    if not (checkpoints(run) or fsutil.owner(run) == "train") or not config_file.is_file():
+        raise UsageError(f"runs/{run.name} holds no run of sdlora train to resume; Start a new run instead")
     chosen = dataset or current.dataset
     if not chosen:
         raise UsageError(f"runs/{run.name} was started outside the app: choose its dataset to resume it")
     data = workspace.path(Path(chosen).name, "datasets")
-    args = ["train", str(data), str(run), "--config", str(run / layout.CONFIG_TOML), "--resume", "latest"]
+    args = ["train", str(data), str(run), "--config", str(config_file), "--resume", "latest"]
     job = jobs.submit(f"runs/{run.name}", f"datasets/{data.name}", args)
     return f"runs/{run.name}: resumed" if job.started else f"runs/{run.name}: resume queued behind the running run"

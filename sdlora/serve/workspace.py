@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import shutil
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,11 +74,25 @@ class Workspace:
     def inside(self, path: Path, under: str | None = None) -> Path:
         """`path` (absolute) with symlinks resolved, if it lies inside the workspace (or its folder `under`)."""
         top = (self.root / under).resolve() if under else self.root
-        resolved = Path(path).resolve()
+        try:
+            resolved = Path(path).resolve()
+        except (OSError, RuntimeError):  # a symlink loop
+            raise UsageError(f"{path}: can't be resolved (a link loop?); refused") from None
         if resolved != top and top not in resolved.parents:
             where = f"{under}/ in the workspace" if under else "the workspace"
             raise UsageError(f"{path}: leads outside {where}; refused")
         return resolved
+
+    def within(self, paths: Iterable[Path], under: str | None = None) -> list[Path]:
+        """The `paths` that resolve inside the workspace (or its folder `under`), resolved; the others (symlinks
+        that lead out) are left out. What the page shows or offers for download goes through here."""
+        kept = []
+        for path in paths:
+            try:
+                kept.append(self.inside(path, under))
+            except (UsageError, OSError, RuntimeError):  # RuntimeError: a symlink loop on older Pythons
+                continue
+        return kept
 
     def relative(self, path: Path) -> str:
         """The workspace-relative form of a path inside it (how the page names files)."""
