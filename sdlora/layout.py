@@ -73,5 +73,12 @@ def run_file(name: str, first: int | None) -> str:
     return f"{stem}-{first:04d}{dot}{suffix}"
 
 
+def is_sheet(name: str) -> bool:
+    """Whether a file of a generate folder is a sheet of its other images (grid.png, compare-0004.png, a filmstrip
+    NNNN-SEED-steps.png), not an image of its own."""
+    run_file, image = RUN_FILE.match(name), GENERATED.match(name)
+    return bool(run_file and run_file.group(1) != "config") or bool(image and image.group(2))
+
+
 def sample_grid(step: int) -> str:
     return f"step-{step:06d}.png"

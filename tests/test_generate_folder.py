@@ -78,6 +78,15 @@ def test_numbering_starts_after_every_number_in_use(tmp_path):
     assert first_free(tmp_path) == 10  # grid-0009.png: a deleted run's sheet keeps its number taken
 
 
+def test_later_runs_sheets_are_sheets_to_eval(tmp_path):
+    """eval --images over a folder of two runs scores the images, not grid-0002.png or compare-0002.png."""
+    from sdlora.evaluation.run import _read_images
+
+    for name in ("0000-42.png", "0001-43.png", "grid.png", "grid-0002.png", "compare-0002.png", "0002-7-steps.png"):
+        Image.new("RGB", (8, 8)).save(tmp_path / name)
+    assert [Path(p).name for p in _read_images(tmp_path)[1]] == ["0000-42.png", "0001-43.png"]
+
+
 def test_overwrite_replaces_only_what_generate_wrote(tmp_path):
     """generate(..., overwrite=True), the demo's rerun: the earlier runs' images, settings, configs and sheets go;
     a file of the user's in the folder stays, and numbering starts at 0 again."""
