@@ -310,7 +310,7 @@ def generate(
             "--scheduler", help="dpmpp_2m_karras | euler_a | euler | ddim | unipc; flow_euler (Flux.1, its default)."
         ),
     ] = None,
-    size: Annotated[str | None, typer.Option("--size", help="WIDTHxHEIGHT [default: 512x512].")] = None,
+    size: Annotated[str | None, typer.Option("--size", help="WIDTHxHEIGHT [default: the base's own size].")] = None,
     fuse: Annotated[bool | None, typer.Option("--fuse/--no-fuse", help="Fuse the LoRAs into the weights.")] = None,
     compare: Annotated[
         bool | None, typer.Option("--compare/--no-compare", help="Also render the base model: DIR/compare.png.")
@@ -477,7 +477,7 @@ def demo(
         typer.Option("--base", help="A real base model (hub id, folder, .safetensors); default: the built-in toy one."),
     ] = None,
     steps: Annotated[int | None, typer.Option(help="Training steps (default 300 toy, 400 with --base).")] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Reuse a non-empty OUT_DIR.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo an earlier demo's OUT_DIR.")] = False,
     sets: SetOpt = None,
 ) -> None:
     """Run prep on built-in photos, then train -> generate -> eval on a toy person it learns (CPU, offline, ~1 min)."""
