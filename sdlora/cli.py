@@ -215,7 +215,7 @@ def generate(
             "[default: dpmpp_2m_karras; Flux.1: flow_euler].",
         ),
     ] = None,
-    size: Annotated[str | None, typer.Option("--size", help="WIDTHxHEIGHT [default: 512x512].")] = None,
+    size: Annotated[str | None, typer.Option("--size", help="WIDTHxHEIGHT [default: the base's own size].")] = None,
     fuse: Annotated[
         bool | None, typer.Option("--fuse/--no-fuse", help="Fuse the LoRAs into the weights [default: no-fuse].")
     ] = None,
@@ -410,7 +410,7 @@ def demo(
         ),
     ] = None,
     steps: Annotated[int | None, typer.Option(help="Training steps [default: 300 toy, 400 with --base].")] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Reuse a non-empty OUT_DIR.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo an earlier demo's OUT_DIR.")] = False,
     sets: SetOpt = None,
 ) -> None:
     """Run prep on built-in photos, then train -> generate -> eval on a toy person it learns (CPU, offline, ~1 min)."""

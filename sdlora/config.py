@@ -18,6 +18,7 @@ from pydantic import BaseModel, ValidationError, model_validator
 from sdlora.errors import ConfigError
 from sdlora.fsutil import atomic_write_text
 from sdlora.settings import (
+    MAX_IMAGES,
     MAX_PIXELS,
     EvalConfig,
     GenerateConfig,
@@ -31,6 +32,7 @@ from sdlora.settings import (
 
 # The sections and the helpers callers have always imported from here.
 __all__ = [
+    "MAX_IMAGES",
     "MAX_PIXELS",
     "Config",
     "ConfigError",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import errno
 import json
 import os
 import re
@@ -49,8 +50,9 @@ def file_mode() -> int:
     return 0o666 & ~_umask()
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to a temporary file beside `path`, fsync it, then rename it over `path`."""
+def atomic_write_bytes(path: Path, data: bytes, *, replace: bool = True) -> None:
+    """Write `data` to a temporary file beside `path`, fsync it, then rename it over `path` (with `replace`
+    False: FileExistsError, and nothing written, when `path` exists)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -60,29 +62,45 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
+        _publish(Path(tmp), path, replace)
+    finally:
         Path(tmp).unlink(missing_ok=True)
-        raise
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
+def atomic_write_text(path: Path, text: str, *, replace: bool = True) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"), replace=replace)
 
 
 @contextlib.contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
+def atomic_path(path: Path, *, replace: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside `path` for a writer that wants a file name (e.g. safetensors, PIL);
-    rename it to `path` only if the block succeeds."""
+    rename it to `path` only if the block succeeds (with `replace` False: only if `path` does not exist, else
+    FileExistsError)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
     try:
         yield tmp
         os.chmod(tmp, file_mode())  # some writers (safetensors) make 0600 files
-        os.replace(tmp, path)
+        _publish(tmp, path, replace)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _publish(tmp: Path, path: Path, replace: bool) -> None:
+    """Rename the finished `tmp` to `path`; without `replace`, a hard link, which fails on an existing `path`
+    (the kernel checks, so no file appearing meanwhile is replaced), then the temporary name goes."""
+    if replace:
+        os.replace(tmp, path)
+        return
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise
+    except OSError:  # a file system without hard links (FAT, some network shares): check, then rename
+        if os.path.lexists(path):
+            raise FileExistsError(errno.EEXIST, "file exists", str(path)) from None
+        os.replace(tmp, path)
 
 
 # --- markers -----------------------------------------------------------------------------------------------------

@@ -5,6 +5,8 @@ These names are an interface: UIs, scripts and `--resume` rely on them, so they 
 
 from __future__ import annotations
 
+import re
+
 # Any command's output folder: the resolved settings it ran with.
 CONFIG_JSON = "config.json"
 MARKER = ".sdlora.json"  # which command made the folder: {"command", "run_id", "created", "version"}
@@ -38,6 +40,10 @@ CHECKPOINT_RECORD = "complete.json"  # written last: the checkpoint's files and 
 GRID = "grid.png"
 COMPARE = "compare.png"
 SHEETS = (GRID, COMPARE)
+# Its images, numbered through the folder: NNNN-SEED.png, its settings NNNN-SEED.json, a filmstrip NNNN-SEED-steps.png.
+GENERATED = re.compile(r"^(\d{4,})-\d+(-steps)?\.(png|json)$")
+# A run into a folder that already holds images names its config and sheets after its first image: grid-0004.png.
+RUN_FILE = re.compile(r"^(config|grid|compare)(-(\d{4,}))?\.(json|png)$")
 
 # The image files read as photos, datasets, references and generated images (prep reports every other file).
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".heic", ".heif"})
@@ -51,6 +57,27 @@ def kohya_file(name: str) -> str:
 def embedding_file(name: str) -> str:
     """Pivotal tuning's embedding file of a run called `name` (A1111/ComfyUI load it as the embedding `NAME_emb`)."""
     return f"{name}_emb.safetensors"
+
+
+def generated_stem(index: int, seed: int) -> str:
+    """Image `index` of a generate folder, made with `seed`: '0004-46' (.png, .json, -steps.png)."""
+    return f"{index:04d}-{seed}"
+
+
+def run_file(name: str, first: int | None) -> str:
+    """A generate run's config.json, grid.png or compare.png; `first` (the run's first image) for a run into a
+    folder that held earlier ones: 'grid-0004.png'."""
+    if first is None:
+        return name
+    stem, dot, suffix = name.partition(".")
+    return f"{stem}-{first:04d}{dot}{suffix}"
+
+
+def is_sheet(name: str) -> bool:
+    """Whether a file of a generate folder is a sheet of its other images (grid.png, compare-0004.png, a filmstrip
+    NNNN-SEED-steps.png), not an image of its own."""
+    run_file, image = RUN_FILE.match(name), GENERATED.match(name)
+    return bool(run_file and run_file.group(1) != "config") or bool(image and image.group(2))
 
 
 def sample_grid(step: int) -> str:

@@ -123,6 +123,7 @@ DESCRIBED = {
     ("train", "eval_every"),
     ("train", "pivotal"),
     ("eval", "threshold"),
+    ("generate", "size"),  # the base's own size unless set (generate.render.native_size)
     ("demo", "base"),
     ("demo", "steps"),
 }

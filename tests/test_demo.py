@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import random
+import shlex
 import sys
 from pathlib import Path
 
@@ -14,9 +15,13 @@ import pytest
 from PIL import Image, ImageOps
 from typer.testing import CliRunner
 
+from sdlora import fsutil
 from sdlora.cli import app
+from sdlora.demo import TOY_FOLDERS as DEMO_FOLDERS
+from sdlora.demo import check_out_dir
 from sdlora.demo.base import PACKAGED, SUBJECTS
 from sdlora.demo.photos import demo_photos
+from sdlora.errors import UsageError
 from sdlora.faces import toyworld as world
 
 if sys.version_info >= (3, 11):
@@ -142,6 +147,23 @@ def test_demo_runs_every_stage(tmp_path):
     summary = json.loads((out / "eval.json").read_text())
     assert summary["face_model"] == "toy" and summary["summary"]["images"] == 8
     assert (out / "eval-report" / "index.html").is_file()
+    assert len(list((lora / "samples").glob("step-*.png"))) == 3  # a sample grid at each checkpoint
+
+    # Every folder the demo wrote carries the marker of the command that wrote it (what --overwrite checks).
+    owners = {name: json.loads((out / name / ".sdlora.json").read_text())["command"] for name in DEMO_FOLDERS}
+    assert owners == DEMO_FOLDERS and json.loads((out / ".sdlora.json").read_text())["command"] == "demo"
+
+    # It ends with a `sdlora generate` command that works on what it trained: at the toy base's own 64 px, a grid.
+    lines = result.output.splitlines()
+    command = shlex.split(lines[lines.index(next(line for line in lines if line.startswith("next:"))) + 1])
+    assert command[:2] == ["sdlora", "generate"] and "--size" not in command
+    more = runner.invoke(app, command[1:])
+    assert more.exit_code == 0, more.output
+    images = sorted((out / "more-images").glob("0*.png"))
+    assert len(images) == 8 and Image.open(images[0]).size == (64, 64)
+    assert Image.open(out / "more-images" / "grid.png").size == (8 * 64, 64)
+    again = runner.invoke(app, command[1:])  # run again: eight more beside them, none replaced
+    assert again.exit_code == 0 and len(list((out / "more-images").glob("0*.png"))) == 16
 
 
 def test_demo_refuses_non_empty_folder(tmp_path):
@@ -150,3 +172,46 @@ def test_demo_refuses_non_empty_folder(tmp_path):
     assert result.exit_code == 2
     assert "not empty" in result.stderr
     assert (tmp_path / "keep.txt").read_text() == "mine"
+
+
+def test_demo_overwrite_replaces_only_what_sdlora_wrote(tmp_path, monkeypatch):
+    """`demo OUT --overwrite` once replaced the user's own photos in OUT/photos. It reuses only a folder an earlier
+    demo made, and in it only the folders their markers say sdlora wrote, holding only the demo's own files;
+    anything else is refused in one line before anything is written."""
+    monkeypatch.setattr("sdlora.prep.run.prep", lambda *a, **k: pytest.fail("the demo went on"))
+    mine = b"my own photo"
+
+    def refused(out: Path, *words: str) -> None:
+        before = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+        result = runner.invoke(app, ["demo", str(out), "--overwrite"])
+        assert result.exit_code == 2, result.output
+        assert all(word in result.stderr for word in words), result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.output
+        assert {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before
+
+    foreign = tmp_path / "foreign"  # a folder of the user's, with a photos/ folder in it
+    (foreign / "photos").mkdir(parents=True)
+    (foreign / "photos" / "IMG_0001.jpg").write_bytes(mine)
+    refused(foreign, str(foreign), "did not write")
+
+    earlier = tmp_path / "earlier"  # an earlier demo's folder, the user's photos put into its photos/ since
+    fsutil.write_marker(earlier, fsutil.new_marker("demo"))
+    from sdlora.demo.photos import write_demo_photos
+
+    write_demo_photos(earlier / "photos")
+    (earlier / "photos" / "me.jpg").write_bytes(mine)
+    refused(earlier, str(earlier / "photos"), "me.jpg")
+    (earlier / "photos" / "me.jpg").unlink()
+
+    fsutil.write_marker(earlier / "lora", fsutil.new_marker("prep"))  # another command's folder where lora/ goes
+    refused(earlier, str(earlier / "lora"), "sdlora prep")
+    (earlier / "lora" / ".sdlora.json").unlink()
+    (earlier / "lora" / "thesis.tex").write_text("mine")
+    refused(earlier, str(earlier / "lora"), "thesis.tex")
+    (earlier / "lora" / "thesis.tex").unlink()
+
+    check_out_dir(earlier, DEMO_FOLDERS, overwrite=True)  # only the demo's own now: reused
+    with pytest.raises(UsageError, match="not empty; choose a new folder or pass --overwrite"):
+        check_out_dir(earlier, DEMO_FOLDERS, overwrite=False)
+    photos = json.loads((earlier / "photos" / ".sdlora.json").read_text())
+    assert photos["command"] == "demo"

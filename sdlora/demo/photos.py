@@ -13,7 +13,8 @@ from pathlib import Path
 
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
-from sdlora.fsutil import atomic_write_bytes
+from sdlora import fsutil
+from sdlora.errors import UsageError
 
 EXIF_ORIENTATION = 0x0112
 
@@ -61,11 +62,16 @@ def demo_photos() -> dict[str, bytes]:
 
 
 def write_demo_photos(folder: Path) -> list[Path]:
-    """Write the demo photo set into `folder` (created) and return the paths."""
+    """Write the demo photo set as `folder` (new, empty or an earlier set's: replaced whole, never half-written,
+    marked as the demo's) and return the paths. A folder of anyone else's photos is refused."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for name, payload in demo_photos().items():
-        atomic_write_bytes(folder / name, payload)
-        paths.append(folder / name)
-    return paths
+    photos = demo_photos()
+    if fsutil.contents(folder) and (fsutil.owner(folder) != "demo" or set(fsutil.contents(folder)) - set(photos)):
+        raise UsageError(
+            f"{folder}: holds {fsutil.describe(folder)}; the demo writes its photos only into a new folder"
+        )
+    fsutil.claim(folder, "demo", lock_now=False)
+    with fsutil.atomic_dir(folder) as tmp:
+        for name, payload in photos.items():
+            (tmp / name).write_bytes(payload)
+    return [folder / name for name in photos]

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from sdlora import fsutil
 from sdlora.config import Config, load
 from sdlora.demo.base import SUBJECTS
 from sdlora.faces import toyworld as world
@@ -55,12 +56,18 @@ class Share:
         return f"{100 * self.agreement:.0f}%"
 
 
+def subject_photo_names() -> list[str]:
+    return [f"{i:04d}.png" for i in range(PHOTOS)]
+
+
 def write_subject_photos(folder: Path, seed: int = 11) -> Path:
-    """PHOTOS jittered renders of SUBJECT (no two alike) as a photo folder."""
+    """PHOTOS jittered renders of SUBJECT (no two alike) as a photo folder, replaced whole and marked as the
+    demo's (the demo checked that an earlier one was)."""
     rng = random.Random(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(PHOTOS):
-        world.render(SUBJECT, rng).save(folder / f"{i:04d}.png")
+    fsutil.claim(folder, "demo", lock_now=False)
+    with fsutil.atomic_dir(folder) as tmp:
+        for name in subject_photo_names():
+            world.render(SUBJECT, rng).save(tmp / name)
     return folder
 
 
@@ -84,7 +91,7 @@ def toy_config(base_dir: Path, steps: int | None, lora: Path, overwrite: bool, s
         "train.resolution": world.SIZE,
         "train.steps": steps,
         "train.checkpoint_every": every,
-        "train.sample_every": 0,
+        "train.sample_every": every,  # sample grids in lora/samples/ at each checkpoint
         "train.sample_steps": 20,  # the identity scoring's renders, as generate's
         "train.batch_size": 4,
         "train.learning_rate": 3e-3,  # the toy's learning rate (the benchmark's); real models train at ~1e-4
@@ -107,9 +114,15 @@ def toy_config(base_dir: Path, steps: int | None, lora: Path, overwrite: bool, s
     return load(None, options, sets)
 
 
-def base_and_lora(config: Config, base_dir: Path, lora_dir: Path) -> Pair:
+def generate_options(config: Config) -> list[str]:
+    """`sdlora generate`'s options for more images like the demo's (the toy base's own 64 px is the default size)."""
+    g = config.generate
+    return ["--n", "8", "--steps", str(g.steps), "--scheduler", g.scheduler, "--cfg", f"{g.cfg:g}"]
+
+
+def base_and_lora(config: Config, base_dir: Path, lora_dir: Path, overwrite: bool = False) -> Pair:
     """`sdlora generate` of PROMPT (the trigger written out) at SEEDS seeds: once with no LoRA into `base_dir`, once
-    with the config's LoRA into `lora_dir`."""
+    with the config's LoRA into `lora_dir` (with `overwrite`, an earlier demo's images there are replaced)."""
     from sdlora.generate import generate
     from sdlora.prep.captions import trigger_phrase
 
@@ -117,7 +130,8 @@ def base_and_lora(config: Config, base_dir: Path, lora_dir: Path) -> Pair:
     g = config.generate.model_copy(update={"prompts": [prompt]})
     runs = []
     for folder, loras in ((base_dir, []), (lora_dir, g.loras)):
-        paths = generate(config.model_copy(update={"generate": g.model_copy(update={"loras": loras})}), folder)
+        run = config.model_copy(update={"generate": g.model_copy(update={"loras": loras})})
+        paths = generate(run, folder, overwrite=overwrite)
         runs.append([p for p in paths if p.suffix == ".png"])
     return Pair(prompt, *runs)
 

@@ -202,8 +202,8 @@ def _open(path: Path) -> Image.Image:
 
 def _read_images(folder: Path) -> tuple[list[Image.Image], list[str], list[str | None], list[int | None]]:
     """Images of a folder with their prompt and seed, if recorded. `sdlora generate`'s grids and filmstrips
-    (grid.png, compare.png, *-steps.png) are sheets of other images, not samples: skipped."""
-    paths = [p for p in _image_files(folder) if p.name not in layout.SHEETS and not p.stem.endswith("-steps")]
+    (grid.png, compare-0004.png, *-steps.png) are sheets of other images, not samples: skipped."""
+    paths = [p for p in _image_files(folder) if not layout.is_sheet(p.name) and not p.stem.endswith("-steps")]
     if not paths:
         raise UsageError(f"--images {folder}: no images in it ({', '.join(sorted(layout.IMAGE_SUFFIXES))})")
     prompts, seeds = zip(*(_recorded_prompt(path) for path in paths), strict=True)

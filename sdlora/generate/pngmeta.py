@@ -49,14 +49,14 @@ def model_hash(path: Path) -> str | None:
     return digest.hexdigest()[:10]
 
 
-def save_png(path: Path, image: Image.Image, parameters: str | None = None) -> None:
-    """Write a PNG atomically, with a `parameters` tEXt chunk when given."""
+def save_png(path: Path, image: Image.Image, parameters: str | None = None, *, replace: bool = True) -> None:
+    """Write a PNG atomically, with a `parameters` tEXt chunk when given (`replace` False: never over a file)."""
     info = PngInfo()
     if parameters is not None:
         info.add_text("parameters", parameters)
-    with atomic_path(path) as tmp:
+    with atomic_path(path, replace=replace) as tmp:
         image.save(tmp, format="PNG", pnginfo=info)
 
 
-def save_json(path: Path, data: dict[str, Any]) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+def save_json(path: Path, data: dict[str, Any], *, replace: bool = True) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n", replace=replace)

@@ -221,3 +221,21 @@ def load_for_rendering(model: ModelConfig, loras: Sequence[Lora]) -> tuple[Any, 
     embeddings.load_for_loras(pipe, family, list(loras))  # pivotal tuning's trigger tokens, found with the LoRA
     pipe.set_progress_bar_config(disable=True)
     return pipe, family, adapters
+
+
+def native_size(pipe: Any) -> tuple[int, int] | None:
+    """(width, height) the base was made for, as diffusers' pipelines default to it: the pipeline's
+    `default_sample_size` (SDXL, Flux, SD3 and later) or else its denoiser's `sample_size` (SD 1.x/2.x), in latent
+    pixels (an int, or (height, width)), times `vae_scale_factor`; None where a pipeline has neither."""
+    sample = getattr(pipe, "default_sample_size", None)
+    for name in ("unet", "transformer"):
+        denoiser = getattr(pipe, name, None)
+        if sample is None and denoiser is not None:
+            sample = getattr(denoiser.config, "sample_size", None)
+    factor = getattr(pipe, "vae_scale_factor", None)
+    if isinstance(sample, int):
+        sample = (sample, sample)
+    if not isinstance(factor, int) or not isinstance(sample, (tuple, list)) or len(sample) != 2:
+        return None
+    height, width = (int(side) * factor for side in sample)
+    return width, height
