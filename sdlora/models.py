@@ -6,6 +6,8 @@ The family is read from the model itself (sdlora.families: its config, or a chec
 
 from __future__ import annotations
 
+import functools
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,8 +110,8 @@ def components_root(model: ModelConfig) -> str:
             raise UsageError(
                 f"{base}: name the diffusers folder of its text encoders: --set model.single_file_config=DIR"
             )
-        return model.single_file_config
-    return str(Path(base).expanduser()) if Path(base).expanduser().is_dir() else base
+        return resolve(model.single_file_config)
+    return resolve(base)
 
 
 def load_component(model: ModelConfig, name: str, torch_dtype: Any = None) -> Any:
@@ -151,6 +153,11 @@ def _component_class(root: str, name: str) -> Any:
 def peek_family(model: ModelConfig) -> Family:
     """The family of the config's base without loading any weights: a single file's tensor keys, else the
     denoiser built on the meta device from the folder's (or hub id's) config and asked by each family's `claims`."""
+    base = model.base or ""
+    path = Path(base).expanduser()
+    if path.is_file():
+        return _checkpoint_family(path)
+    root = resolve(base)  # before the heavy imports: a wrong --base fails in a second
     from types import SimpleNamespace
 
     import torch
@@ -158,11 +165,6 @@ def peek_family(model: ModelConfig) -> Family:
 
     from sdlora import families
 
-    base = model.base or ""
-    path = Path(base).expanduser()
-    if path.is_file():
-        return _checkpoint_family(path)
-    root = str(path) if path.is_dir() else base
     try:
         denoisers = {}
         for name in sorted({f.denoiser for f in families.REGISTRY.values()} & set(DiffusionPipeline.load_config(root))):
@@ -235,9 +237,8 @@ def check_base(base: str | None, allow_pickle: bool, single_file_config: str | N
             f"{base}: {path.suffix} files are pickles that can run code when loaded; "
             "convert it to .safetensors, or pass --allow-pickle if you trust its source"
         )
-    looks_local = path.suffix.lower() in SINGLE_FILE_SUFFIXES or base.startswith((".", "/", "~")) or path.exists()
-    if looks_local and not path.exists():
-        raise UsageError(f"{base}: no such file or folder")
+    if not path.exists():
+        resolve(base)  # a hub id: cached, or the hub has it; else the real reason, in a second
     if path.is_dir() and not any((path / name).is_file() for name in ("model_index.json", "config.json")):
         raise UsageError(f"{base}: not a diffusers folder (no model_index.json)")
     if path.is_dir():
@@ -248,6 +249,101 @@ def check_base(base: str | None, allow_pickle: bool, single_file_config: str | N
         raise UsageError(f"{base}: not a regular file or folder (a device, pipe or socket?); give a model file")
     if single_file_config and path.is_file():
         _check_single_file_config(single_file_config)
+
+
+HUB_TIMEOUT = 5.0  # s to wait for the hub's answer about a model before calling it unreachable
+DIFFUSERS_CONFIGS = ("model_index.json", "config.json")  # a pipeline's; a lone component's (a VAE)
+HUB_ID = re.compile(r"[\w.-]{1,96}/[\w.-]{1,96}")  # OWNER/NAME, as the hub spells its model ids
+
+
+def resolve(base: str) -> str:
+    """Where diffusers should load `base` from: a local path as it is; a hub id as itself when the hub answers
+    for it, else as its folder in the local Hugging Face cache. Anything else fails now, in one line with the
+    real reason (no such folder, not cached and offline, hub unreachable, no such model on the hub), instead
+    of after a minute of diffusers retrying."""
+    path = Path(base).expanduser()
+    if path.exists():
+        return str(path)
+    if _looks_local(base):
+        raise UsageError(f"{base}: no such file or folder")
+    if not HUB_ID.fullmatch(base) or ".." in base:
+        raise UsageError(f"{base}: no such file or folder, and not a hub id (those are OWNER/NAME); check the path")
+    where = f"could not load base model {base!r}"
+    cached = _cached_folder(base)
+    if cached is not None and _hub_offline():
+        return cached
+    if _hub_offline():
+        raise UsageError(
+            f"{where}: no such folder here, and not in the local Hugging Face cache ({_cache_dir()}), which is all "
+            "HF_HUB_OFFLINE=1 allows; give a local folder or .safetensors file, or download it with the hub online"
+        )
+    problem = _hub_problem(base)
+    if problem is None:
+        return base
+    if cached is not None and problem.startswith("the hub"):
+        return cached  # unreachable: the cached copy, without the retries
+    raise UsageError(f"{where}: no such folder here, and {problem}")
+
+
+def _looks_local(base: str) -> bool:
+    """A path by its shape: a model file's suffix, or starting like a path (never a hub id's shape)."""
+    return Path(base).suffix.lower() in SINGLE_FILE_SUFFIXES or base.startswith((".", "/", "~", "\\"))
+
+
+def _hub_offline() -> bool:
+    import os
+
+    from huggingface_hub import constants
+
+    # The constant is read when huggingface_hub is imported; the environment may have changed since (tests, serve).
+    return constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+
+
+def _cache_dir() -> str:
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_CACHE
+
+
+def _cached_folder(repo_id: str) -> str | None:
+    """The snapshot folder of `repo_id` in the local cache, if it holds a diffusers config."""
+    from huggingface_hub import try_to_load_from_cache
+
+    for name in DIFFUSERS_CONFIGS:
+        found = try_to_load_from_cache(repo_id, name)
+        if isinstance(found, str):
+            return str(Path(found).parent)
+    return None
+
+
+@functools.lru_cache(maxsize=16)
+def _hub_problem(repo_id: str) -> str | None:
+    """None when the hub has `repo_id` with a diffusers config in it; else what is wrong, as the end of a sentence.
+    One request with a short timeout and no retries; asked once per process (every loader of a run asks)."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+
+    try:
+        info = HfApi().model_info(repo_id, timeout=HUB_TIMEOUT)
+    except GatedRepoError:
+        return None  # gated: the download says whether this user has accepted its terms
+    except RepositoryNotFoundError:
+        return "the hub has no model of that name (or it is private: log in with `hf auth login`); check the id"
+    except HfHubHTTPError as exc:
+        status = exc.response.status_code if exc.response is not None else "?"
+        return f"the hub answered HTTP {status} about it and it is not cached; try again later"
+    except Exception as exc:  # noqa: BLE001 - no network, DNS, proxy, TLS, timeout: the transports raise many kinds
+        name = type(exc).__name__
+        return (
+            f"the hub can't be reached to download it ({name}) and it is not in the local cache ({_cache_dir()}); "
+            "connect to the network, or give a local diffusers folder or .safetensors file"
+        )
+    files = {sibling.rfilename for sibling in info.siblings or ()}
+    if files and not files & set(DIFFUSERS_CONFIGS):
+        singles = sorted(name for name in files if name.endswith(".safetensors") and "/" not in name)
+        also = f" (it has {singles[0]}: download that file and give its path)" if singles else ""
+        return f"the hub's {repo_id} is not a diffusers model: it has no model_index.json{also}"
+    return None
 
 
 # Weight files of a diffusers folder's components (unet/, vae/, text_encoder/, ...).
@@ -358,9 +454,9 @@ def load_pipeline(
     hint = _load_hint(path, single_file_config)
     try:
         if path.is_file():
-            pipe = _from_single_file(path, single_file_config, kwargs)
+            pipe = _from_single_file(path, single_file_config and resolve(single_file_config), kwargs)
         else:
-            pipe = DiffusionPipeline.from_pretrained(str(path) if path.is_dir() else base, **kwargs)
+            pipe = DiffusionPipeline.from_pretrained(resolve(base), **kwargs)
         if vae:
             pipe.vae = load_vae(vae, torch_dtype=torch_dtype, allow_pickle=allow_pickle)
     except (OSError, ValueError) as exc:
@@ -415,7 +511,7 @@ def load_vae(vae: str, *, torch_dtype: Any = None, allow_pickle: bool = False) -
     if path.is_file():
         return AutoencoderKL.from_single_file(str(path), **kwargs)
     subfolder = "vae" if (path / "vae" / "config.json").is_file() else None
-    return AutoencoderKL.from_pretrained(str(path) if path.is_dir() else vae, subfolder=subfolder, **kwargs)
+    return AutoencoderKL.from_pretrained(resolve(vae), subfolder=subfolder, **kwargs)
 
 
 def _checkpoint_family(path: Path) -> Family:
