@@ -157,7 +157,11 @@ def peek_family(model: ModelConfig) -> Family:
     path = Path(base).expanduser()
     if path.is_file():
         return _checkpoint_family(path)
-    root = resolve(base)  # before the heavy imports: a wrong --base fails in a second
+    return _folder_family(resolve(base), base)  # resolve before the heavy imports: a wrong --base fails in a second
+
+
+def _folder_family(root: str, base: str) -> Family:
+    """The family of a diffusers folder or hub id, from its denoiser's config built on the meta device."""
     from types import SimpleNamespace
 
     import torch
@@ -165,6 +169,7 @@ def peek_family(model: ModelConfig) -> Family:
 
     from sdlora import families
 
+    path = Path(base).expanduser()
     try:
         denoisers = {}
         for name in sorted({f.denoiser for f in families.REGISTRY.values()} & set(DiffusionPipeline.load_config(root))):
@@ -454,7 +459,7 @@ def load_pipeline(
     hint = _load_hint(path, single_file_config)
     try:
         if path.is_file():
-            pipe = _from_single_file(path, single_file_config and resolve(single_file_config), kwargs)
+            pipe = _single_file_pipeline(path, single_file_config, kwargs)
         else:
             pipe = DiffusionPipeline.from_pretrained(resolve(base), **kwargs)
         if vae:
@@ -483,12 +488,31 @@ def _load_hint(path: Path, single_file_config: str | None) -> str:
     return "offline? name a diffusers folder of the same architecture: --set model.single_file_config=DIR"
 
 
+def _single_file_pipeline(path: Path, config: str | None, kwargs: dict[str, Any]) -> Any:
+    """_from_single_file, with diffusers' failures to map this file onto `config` said in one line."""
+    from sdlora.errors import printable
+
+    if not config:
+        return _from_single_file(path, None, kwargs)
+    try:
+        return _from_single_file(path, resolve(config), kwargs)
+    except (TypeError, KeyError, RuntimeError, AttributeError, IndexError) as exc:
+        # diffusers maps the file's tensors onto the config's modules without checking that they match.
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise UsageError(
+            f"{printable(path)}: does not fit model.single_file_config {printable(config)} ({type(exc).__name__}: "
+            f"{first}); give a diffusers folder or hub id with the architecture of this file"
+        ) from exc
+
+
 def _from_single_file(path: Path, config: str | None, kwargs: dict[str, Any]) -> Any:
     """The pipeline of an original-format (LDM/SGM) checkpoint, with the configs and tokenizers of `config`."""
     import diffusers
     from diffusers.loaders.single_file_utils import SingleFileComponentError
 
     family = _checkpoint_family(path)
+    if config and _known_checkpoint_family(path) is not None:
+        _check_same_family(path, family, config)
     own = family.load_single_file(path, config, kwargs)  # families whose files diffusers can't read as a whole
     if own is not None:
         return own
@@ -500,6 +524,19 @@ def _from_single_file(path: Path, config: str | None, kwargs: dict[str, Any]) ->
         raise UsageError(
             f"{path}: not a full checkpoint (no {missing} weights in it; a LoRA or VAE file is not a base model)"
         ) from exc
+
+
+def _check_same_family(path: Path, family: Family, config: str) -> None:
+    """A single file's keys and its model.single_file_config must be one family: diffusers maps one onto the other
+    with no check and fails deep inside (an SD 1.x file with a Flux.1 config raised a TypeError)."""
+    from sdlora.errors import printable
+
+    other = _folder_family(config, config)
+    if other.name != family.name:
+        raise UsageError(
+            f"{printable(path)}: the checkpoint is {family.label}, but model.single_file_config {printable(config)} "
+            f"is {other.label}; give the diffusers folder or hub id of a {family.label} model"
+        )
 
 
 def load_vae(vae: str, *, torch_dtype: Any = None, allow_pickle: bool = False) -> Any:
@@ -517,13 +554,19 @@ def load_vae(vae: str, *, torch_dtype: Any = None, allow_pickle: bool = False) -
 def _checkpoint_family(path: Path) -> Family:
     """The family of an original-format checkpoint, from its tensor keys (a pickle's keys can't be read without
     unpickling it: those are SD 1.x/2.x, as SDXL ships as .safetensors)."""
+    from sdlora.families.sd import SD1
+
+    return _known_checkpoint_family(path) or SD1  # unknown keys: diffusers says what is missing
+
+
+def _known_checkpoint_family(path: Path) -> Family | None:
+    """The family a .safetensors checkpoint's keys show, or None (a pickle, or keys of no family)."""
     from safetensors import safe_open
 
     from sdlora import families
-    from sdlora.families.sd import SD1
 
     if path.suffix.lower() != ".safetensors":
-        return SD1
+        return None
     with safe_open(str(path), framework="pt") as handle:
         keys = set(handle.keys())
-    return families.detect_checkpoint(keys) or SD1  # unknown keys: diffusers says what is missing
+    return families.detect_checkpoint(keys)
