@@ -535,7 +535,7 @@ def _check_same_family(path: Path, family: Family, config: str) -> None:
     if other.name != family.name:
         raise UsageError(
             f"{printable(path)}: the checkpoint is {family.label}, but model.single_file_config {printable(config)} "
-            f"is {other.label}; give the diffusers folder or hub id of a {family.label} model"
+            f"is {other.label}; give a diffusers folder or hub id of the same family ({family.label})"
         )
 
 
