@@ -231,9 +231,10 @@ def quantization_config(quantize: str, torch_dtype: Any) -> Any:
     )
 
 
-def check_base(base: str | None, allow_pickle: bool, single_file_config: str | None = None) -> None:
-    """Cheap checks before anything heavy loads: given, exists if it looks local, not a pickle unless allowed;
-    for a single-file base, `single_file_config` (if it looks local) is a diffusers folder."""
+def check_base(base: str | None, allow_pickle: bool, single_file_config: str | None = None, hub: bool = True) -> None:
+    """Cheap checks before anything heavy loads: given, exists if it looks local, not a pickle unless allowed, a
+    hub id cached or on the hub (`hub=False`: not asked yet); for a single-file base, `single_file_config` (if it
+    looks local) is a diffusers folder."""
     if not base:
         raise UsageError("--base is required: a hub id, a local diffusers folder or a .safetensors file")
     path = Path(base).expanduser()
@@ -242,7 +243,7 @@ def check_base(base: str | None, allow_pickle: bool, single_file_config: str | N
             f"{base}: {path.suffix} files are pickles that can run code when loaded; "
             "convert it to .safetensors, or pass --allow-pickle if you trust its source"
         )
-    if not path.exists():
+    if not path.exists() and (hub or _looks_local(base)):
         resolve(base)  # a hub id: cached, or the hub has it; else the real reason, in a second
     if path.is_dir() and not any((path / name).is_file() for name in ("model_index.json", "config.json")):
         raise UsageError(f"{base}: not a diffusers folder (no model_index.json)")
