@@ -95,7 +95,7 @@ PER_PHOTO_TEXT = 8 << 10  # its caption file and its lines in manifest.jsonl and
 def dataset_bytes(photos: int, resolution: int, buckets: bool) -> int:
     """An upper bound on the bytes a dataset of `photos` input files takes: each kept as an uncompressed RGB crop
     (PNG is smaller) and mask, with its text, and the contact sheet at 1 byte a pixel (JPEG at quality 90
-    takes about a third of that). Refusing on this never refuses a set that would fit by much."""
+    takes about a third of that). It may exceed what prep writes (PNG and JPEG compress), never fall short."""
     pixels = max(w * h for w, h in crops.buckets(resolution)) if buckets else resolution**2
     crop = 4 * pixels + 4 * resolution + 1024  # RGB + L mask, PNG's filter byte a row and headers
     sheet = math.prod(contact.sheet_size(photos, 1))  # kept and skipped rows: at most one more than all kept
