@@ -6,6 +6,8 @@ The family is read from the model itself (sdlora.families: its config, or a chec
 
 from __future__ import annotations
 
+import functools
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,8 +110,8 @@ def components_root(model: ModelConfig) -> str:
             raise UsageError(
                 f"{base}: name the diffusers folder of its text encoders: --set model.single_file_config=DIR"
             )
-        return model.single_file_config
-    return str(Path(base).expanduser()) if Path(base).expanduser().is_dir() else base
+        return resolve(model.single_file_config)
+    return resolve(base)
 
 
 def load_component(model: ModelConfig, name: str, torch_dtype: Any = None) -> Any:
@@ -151,6 +153,15 @@ def _component_class(root: str, name: str) -> Any:
 def peek_family(model: ModelConfig) -> Family:
     """The family of the config's base without loading any weights: a single file's tensor keys, else the
     denoiser built on the meta device from the folder's (or hub id's) config and asked by each family's `claims`."""
+    base = model.base or ""
+    path = Path(base).expanduser()
+    if path.is_file():
+        return _checkpoint_family(path)
+    return _folder_family(resolve(base), base)  # resolve before the heavy imports: a wrong --base fails in a second
+
+
+def _folder_family(root: str, base: str) -> Family:
+    """The family of a diffusers folder or hub id, from its denoiser's config built on the meta device."""
     from types import SimpleNamespace
 
     import torch
@@ -158,11 +169,7 @@ def peek_family(model: ModelConfig) -> Family:
 
     from sdlora import families
 
-    base = model.base or ""
     path = Path(base).expanduser()
-    if path.is_file():
-        return _checkpoint_family(path)
-    root = str(path) if path.is_dir() else base
     try:
         denoisers = {}
         for name in sorted({f.denoiser for f in families.REGISTRY.values()} & set(DiffusionPipeline.load_config(root))):
@@ -224,9 +231,10 @@ def quantization_config(quantize: str, torch_dtype: Any) -> Any:
     )
 
 
-def check_base(base: str | None, allow_pickle: bool, single_file_config: str | None = None) -> None:
-    """Cheap checks before anything heavy loads: given, exists if it looks local, not a pickle unless allowed;
-    for a single-file base, `single_file_config` (if it looks local) is a diffusers folder."""
+def check_base(base: str | None, allow_pickle: bool, single_file_config: str | None = None, hub: bool = True) -> None:
+    """Cheap checks before anything heavy loads: given, exists if it looks local, not a pickle unless allowed, a
+    hub id cached or on the hub (`hub=False`: not asked yet); for a single-file base, `single_file_config` (if it
+    looks local) is a diffusers folder."""
     if not base:
         raise UsageError("--base is required: a hub id, a local diffusers folder or a .safetensors file")
     path = Path(base).expanduser()
@@ -235,9 +243,8 @@ def check_base(base: str | None, allow_pickle: bool, single_file_config: str | N
             f"{base}: {path.suffix} files are pickles that can run code when loaded; "
             "convert it to .safetensors, or pass --allow-pickle if you trust its source"
         )
-    looks_local = path.suffix.lower() in SINGLE_FILE_SUFFIXES or base.startswith((".", "/", "~")) or path.exists()
-    if looks_local and not path.exists():
-        raise UsageError(f"{base}: no such file or folder")
+    if not path.exists() and (hub or _looks_local(base)):
+        resolve(base)  # a hub id: cached, or the hub has it; else the real reason, in a second
     if path.is_dir() and not any((path / name).is_file() for name in ("model_index.json", "config.json")):
         raise UsageError(f"{base}: not a diffusers folder (no model_index.json)")
     if path.is_dir():
@@ -248,6 +255,101 @@ def check_base(base: str | None, allow_pickle: bool, single_file_config: str | N
         raise UsageError(f"{base}: not a regular file or folder (a device, pipe or socket?); give a model file")
     if single_file_config and path.is_file():
         _check_single_file_config(single_file_config)
+
+
+HUB_TIMEOUT = 5.0  # s to wait for the hub's answer about a model before calling it unreachable
+DIFFUSERS_CONFIGS = ("model_index.json", "config.json")  # a pipeline's; a lone component's (a VAE)
+HUB_ID = re.compile(r"[\w.-]{1,96}/[\w.-]{1,96}")  # OWNER/NAME, as the hub spells its model ids
+
+
+def resolve(base: str) -> str:
+    """Where diffusers should load `base` from: a local path as it is; a hub id as itself when the hub answers
+    for it, else as its folder in the local Hugging Face cache. Anything else fails now, in one line with the
+    real reason (no such folder, not cached and offline, hub unreachable, no such model on the hub), instead
+    of after a minute of diffusers retrying."""
+    path = Path(base).expanduser()
+    if path.exists():
+        return str(path)
+    if _looks_local(base):
+        raise UsageError(f"{base}: no such file or folder")
+    if not HUB_ID.fullmatch(base) or ".." in base:
+        raise UsageError(f"{base}: no such file or folder, and not a hub id (those are OWNER/NAME); check the path")
+    where = f"could not load base model {base!r}"
+    cached = _cached_folder(base)
+    if cached is not None and _hub_offline():
+        return cached
+    if _hub_offline():
+        raise UsageError(
+            f"{where}: no such folder here, and not in the local Hugging Face cache ({_cache_dir()}), which is all "
+            "HF_HUB_OFFLINE=1 allows; give a local folder or .safetensors file, or download it with the hub online"
+        )
+    problem = _hub_problem(base)
+    if problem is None:
+        return base
+    if cached is not None and problem.startswith("the hub"):
+        return cached  # unreachable: the cached copy, without the retries
+    raise UsageError(f"{where}: no such folder here, and {problem}")
+
+
+def _looks_local(base: str) -> bool:
+    """A path by its shape: a model file's suffix, or starting like a path (never a hub id's shape)."""
+    return Path(base).suffix.lower() in SINGLE_FILE_SUFFIXES or base.startswith((".", "/", "~", "\\"))
+
+
+def _hub_offline() -> bool:
+    import os
+
+    from huggingface_hub import constants
+
+    # The constant is read when huggingface_hub is imported; the environment may have changed since (tests, serve).
+    return constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+
+
+def _cache_dir() -> str:
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_CACHE
+
+
+def _cached_folder(repo_id: str) -> str | None:
+    """The snapshot folder of `repo_id` in the local cache, if it holds a diffusers config."""
+    from huggingface_hub import try_to_load_from_cache
+
+    for name in DIFFUSERS_CONFIGS:
+        found = try_to_load_from_cache(repo_id, name)
+        if isinstance(found, str):
+            return str(Path(found).parent)
+    return None
+
+
+@functools.lru_cache(maxsize=16)
+def _hub_problem(repo_id: str) -> str | None:
+    """None when the hub has `repo_id` with a diffusers config in it; else what is wrong, as the end of a sentence.
+    One request with a short timeout and no retries; asked once per process (every loader of a run asks)."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+
+    try:
+        info = HfApi().model_info(repo_id, timeout=HUB_TIMEOUT)
+    except GatedRepoError:
+        return None  # gated: the download says whether this user has accepted its terms
+    except RepositoryNotFoundError:
+        return "the hub has no model of that name (or it is private: log in with `hf auth login`); check the id"
+    except HfHubHTTPError as exc:
+        status = exc.response.status_code if exc.response is not None else "?"
+        return f"the hub answered HTTP {status} about it and it is not cached; try again later"
+    except Exception as exc:  # noqa: BLE001 - no network, DNS, proxy, TLS, timeout: the transports raise many kinds
+        name = type(exc).__name__
+        return (
+            f"the hub can't be reached to download it ({name}) and it is not in the local cache ({_cache_dir()}); "
+            "connect to the network, or give a local diffusers folder or .safetensors file"
+        )
+    files = {sibling.rfilename for sibling in info.siblings or ()}
+    if files and not files & set(DIFFUSERS_CONFIGS):
+        singles = sorted(name for name in files if name.endswith(".safetensors") and "/" not in name)
+        also = f" (it has {singles[0]}: download that file and give its path)" if singles else ""
+        return f"the hub's {repo_id} is not a diffusers model: it has no model_index.json{also}"
+    return None
 
 
 # Weight files of a diffusers folder's components (unet/, vae/, text_encoder/, ...).
@@ -358,9 +460,9 @@ def load_pipeline(
     hint = _load_hint(path, single_file_config)
     try:
         if path.is_file():
-            pipe = _from_single_file(path, single_file_config, kwargs)
+            pipe = _single_file_pipeline(path, single_file_config, kwargs)
         else:
-            pipe = DiffusionPipeline.from_pretrained(str(path) if path.is_dir() else base, **kwargs)
+            pipe = DiffusionPipeline.from_pretrained(resolve(base), **kwargs)
         if vae:
             pipe.vae = load_vae(vae, torch_dtype=torch_dtype, allow_pickle=allow_pickle)
     except (OSError, ValueError) as exc:
@@ -387,12 +489,31 @@ def _load_hint(path: Path, single_file_config: str | None) -> str:
     return "offline? name a diffusers folder of the same architecture: --set model.single_file_config=DIR"
 
 
+def _single_file_pipeline(path: Path, config: str | None, kwargs: dict[str, Any]) -> Any:
+    """_from_single_file, with diffusers' failures to map this file onto `config` said in one line."""
+    from sdlora.errors import printable
+
+    if not config:
+        return _from_single_file(path, None, kwargs)
+    try:
+        return _from_single_file(path, resolve(config), kwargs)
+    except (TypeError, KeyError, RuntimeError, AttributeError, IndexError) as exc:
+        # diffusers maps the file's tensors onto the config's modules without checking that they match.
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise UsageError(
+            f"{printable(path)}: does not fit model.single_file_config {printable(config)} ({type(exc).__name__}: "
+            f"{first}); give a diffusers folder or hub id with the architecture of this file"
+        ) from exc
+
+
 def _from_single_file(path: Path, config: str | None, kwargs: dict[str, Any]) -> Any:
     """The pipeline of an original-format (LDM/SGM) checkpoint, with the configs and tokenizers of `config`."""
     import diffusers
     from diffusers.loaders.single_file_utils import SingleFileComponentError
 
     family = _checkpoint_family(path)
+    if config and _known_checkpoint_family(path) is not None:
+        _check_same_family(path, family, config)
     own = family.load_single_file(path, config, kwargs)  # families whose files diffusers can't read as a whole
     if own is not None:
         return own
@@ -406,6 +527,19 @@ def _from_single_file(path: Path, config: str | None, kwargs: dict[str, Any]) ->
         ) from exc
 
 
+def _check_same_family(path: Path, family: Family, config: str) -> None:
+    """A single file's keys and its model.single_file_config must be one family: diffusers maps one onto the other
+    with no check and fails deep inside (an SD 1.x file with a Flux.1 config raised a TypeError)."""
+    from sdlora.errors import printable
+
+    other = _folder_family(config, config)
+    if other.name != family.name:
+        raise UsageError(
+            f"{printable(path)}: the checkpoint is {family.label}, but model.single_file_config {printable(config)} "
+            f"is {other.label}; give a diffusers folder or hub id of the same family ({family.label})"
+        )
+
+
 def load_vae(vae: str, *, torch_dtype: Any = None, allow_pickle: bool = False) -> Any:
     from diffusers import AutoencoderKL
 
@@ -415,19 +549,25 @@ def load_vae(vae: str, *, torch_dtype: Any = None, allow_pickle: bool = False) -
     if path.is_file():
         return AutoencoderKL.from_single_file(str(path), **kwargs)
     subfolder = "vae" if (path / "vae" / "config.json").is_file() else None
-    return AutoencoderKL.from_pretrained(str(path) if path.is_dir() else vae, subfolder=subfolder, **kwargs)
+    return AutoencoderKL.from_pretrained(resolve(vae), subfolder=subfolder, **kwargs)
 
 
 def _checkpoint_family(path: Path) -> Family:
     """The family of an original-format checkpoint, from its tensor keys (a pickle's keys can't be read without
     unpickling it: those are SD 1.x/2.x, as SDXL ships as .safetensors)."""
+    from sdlora.families.sd import SD1
+
+    return _known_checkpoint_family(path) or SD1  # unknown keys: diffusers says what is missing
+
+
+def _known_checkpoint_family(path: Path) -> Family | None:
+    """The family a .safetensors checkpoint's keys show, or None (a pickle, or keys of no family)."""
     from safetensors import safe_open
 
     from sdlora import families
-    from sdlora.families.sd import SD1
 
     if path.suffix.lower() != ".safetensors":
-        return SD1
+        return None
     with safe_open(str(path), framework="pt") as handle:
         keys = set(handle.keys())
-    return families.detect_checkpoint(keys) or SD1  # unknown keys: diffusers says what is missing
+    return families.detect_checkpoint(keys)

@@ -37,6 +37,14 @@ def check_output_dir(path: Path, what: str, need: int = MIN_FREE) -> None:
         raise UsageError(f"{where}: no permission to write in {printable(existing)}; choose another folder")
     if free < need:
         raise UsageError(
-            f"{where}: only {free / 1e6:.0f} MB free on its disk, and about {need / 1e6:.0f} MB are needed; "
+            f"{where}: only {_megabytes(free)} free on its disk, and up to {_megabytes(need)} are needed; "
             "free some space or choose a folder on another disk"
         )
+
+
+def _megabytes(size: int) -> str:
+    """'0 MB', '0.07 MB', '2.1 MB', '67 MB': enough digits that a small need doesn't read as 0 MB."""
+    value = size / 1e6
+    if value < 0.005 or value >= 10:
+        return f"{value:.0f} MB"
+    return f"{value:.2g} MB"

@@ -151,3 +151,25 @@ def _app():
     from sdlora.cli import app
 
     return app
+
+
+def test_single_file_with_a_config_of_another_family_is_one_line(tiny_models, tmp_path, monkeypatch):
+    """Issue 28: an SD 1.x file with a Flux.1 model.single_file_config ended in 'this is a bug in sdlora'."""
+    from single_file import write_single_file
+
+    from sdlora.cli import app
+
+    path = write_single_file(tiny_models["sd1"], tmp_path / "sd1.safetensors")
+    flux = tiny_models["flux"]
+    args = ["generate", "--base", str(path), "--set", f"model.single_file_config='{flux}'", "--prompt", "x"]
+    result = runner.invoke(app, [*args, "--out", str(tmp_path / "out"), "--size", "64x64", "--steps", "1"])
+    assert result.exit_code == 2, result.output
+    assert "bug in sdlora" not in result.output and result.stderr.count("\n") == 1, result.stderr
+    assert f"{path}: the checkpoint is SD 1.x, but model.single_file_config {flux} is Flux.1" in result.stderr
+
+    def mismatch(*args):  # what diffusers raises when a config's modules don't fit the file's tensors
+        raise TypeError("unsupported operand type(s) for -: 'set' and 'list'")
+
+    monkeypatch.setattr(models, "_from_single_file", mismatch)
+    with pytest.raises(UsageError, match=f"{path}: does not fit model.single_file_config .*TypeError"):
+        models.load_pipeline(str(path), single_file_config=str(tiny_models["sd1"]))

@@ -170,6 +170,32 @@ def test_out_dir_checked_before_the_slow_part(tmp_path, monkeypatch):
     assert result.exit_code == 2 and "free" in result.stderr and "Traceback" not in result.output
 
 
+def test_free_space_estimate_fits_the_set_not_a_fixed_64_mb(tmp_path, monkeypatch):
+    """Issue 28: six photos at 64 px asked for ~67 MB and refused a 20 MB volume. The estimate follows the photos'
+    count and the resolution, bounds what prep really writes (noise: PNG can't shrink it), and refuses below it."""
+    import shutil
+
+    from sdlora.prep.run import dataset_bytes
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for seed in range(6):
+        noise = numpy.random.default_rng(seed).integers(0, 256, (96, 96, 3)).astype(numpy.uint8)
+        Image.fromarray(noise).save(photos / f"{seed}.png")
+    need = dataset_bytes(6, 64, buckets=False)
+    assert need < 4e6 and dataset_bytes(12, 64, False) > need and dataset_bytes(6, 128, False) > need
+    assert dataset_bytes(6, 64, buckets=True) >= need
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=20_000_000))
+    report = prep(photos, tmp_path / "out", _centre_cfg(blur_ratio=0), progress=False)
+    assert len(report.kept) == 6
+    written = sum(p.stat().st_size for p in (tmp_path / "out").rglob("*") if p.is_file())
+    assert written <= need
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=need - 1))
+    result = CliRunner().invoke(app, ["prep", str(photos), str(tmp_path / "out2"), "--resolution", "64"])
+    assert result.exit_code == 2 and "MB free" in result.stderr and "Traceback" not in result.output
+
+
 def test_read_image_outside_prep_names_the_file(tmp_path):
     bad = tmp_path / "frame.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)

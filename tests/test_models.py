@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
 from sdlora import models
@@ -46,6 +48,64 @@ def test_bad_paths(tmp_path):
 def test_unknown_hub_id_offline_is_one_clear_error():
     with pytest.raises(SdloraError, match="could not load base model 'nobody/no-such-model'"):
         models.load_pipeline("nobody/no-such-model")
+
+
+@pytest.fixture
+def hub_unreachable(monkeypatch):
+    """Online mode with a hub that refuses connections (a closed local port): what a machine without network sees."""
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    models._hub_problem.cache_clear()
+    yield
+    models._hub_problem.cache_clear()
+
+
+def test_wrong_base_fails_fast_with_the_real_reason(hub_unreachable):
+    """Issue 28: an unreachable hub cost ~55 s of 'Retrying...' and then blamed a missing model_index.json."""
+    import time
+
+    for base, words in [
+        ("someone/no-such-model", "the hub can't be reached"),
+        ("models/sd15/unet", "no such file or folder, and not a hub id"),
+        ("./sd15", "no such file or folder"),
+    ]:
+        start = time.monotonic()
+        with pytest.raises(UsageError, match=words) as caught:
+            models.load_pipeline(base)
+        assert time.monotonic() - start < 5, base
+        assert "\n" not in str(caught.value) and "model_index.json" not in str(caught.value)
+        with pytest.raises(UsageError, match=words):
+            models.check_base(base, allow_pickle=False)  # the pre-flight of train and eval says it too
+
+
+def test_wrong_base_offline_says_offline(monkeypatch):
+    import time
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.monotonic()
+    with pytest.raises(UsageError, match="not in the local Hugging Face cache .* HF_HUB_OFFLINE=1"):
+        models.check_base("someone/no-such-model", allow_pickle=False)
+    assert time.monotonic() - start < 2
+
+
+def test_cached_base_loads_when_the_hub_is_unreachable(hub_unreachable, tiny_sd1, tmp_path, monkeypatch):
+    """Not over-refusing: a model in the local cache loads from it at once, without the hub."""
+    import time
+
+    from huggingface_hub import constants
+
+    snapshot = tmp_path / "hub" / "models--someone--tiny" / "snapshots" / ("0" * 40)
+    shutil.copytree(tiny_sd1, snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    start = time.monotonic()
+    assert models.resolve("someone/tiny") == str(snapshot)
+    assert time.monotonic() - start < 5
+    assert models.load_pipeline("someone/tiny").unet is not None
 
 
 def test_replacement_vae_from_folder(tiny_sd1, tmp_path):

@@ -91,6 +91,7 @@ def test_outputs_config_metrics_and_checkpoints(sd1_run):
     assert (out / "pytorch_lora_weights.safetensors").is_file()
     assert (out / "astro.safetensors").is_file()
     assert "effective batch 1 x 1 accumulation x 1 processes = 1" in sd1_run["output"]
+    assert "= 1; fp32 (no mixed precision)" in sd1_run["output"] and "precision no" not in sd1_run["output"]
     config = json.loads((out / "config.json").read_text())
     assert config["train"]["steps"] == STEPS and config["lora"]["alpha"] == 8.0
     assert config["train"]["resume"] is None and config["train"]["overwrite"] is False

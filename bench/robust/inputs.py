@@ -27,7 +27,8 @@ BUG = "this is a bug in sdlora"
 
 @dataclass(frozen=True)
 class Kind:
-    cls: str  # the issue's class: disk, models, names, images, reads, numbers, messages, duplicates, noise, fuzz
+    cls: str  # the issue's class: disk, models, names, images, reads, numbers, messages, duplicates, noise, fuzz,
+    # processes
     name: str
     quick: bool
     make: Callable[[Context], Case]
@@ -193,4 +194,4 @@ def interrupt_train(ctx: Context, dataset: Path, out: Path) -> Ran:
 
 
 # Importing the case modules registers their kinds (in this order).
-from bench.robust import _cases_disk_models, _cases_numbers_fuzz, _cases_text_images  # noqa: E402, F401
+from bench.robust import _cases_disk_models, _cases_issue28, _cases_numbers_fuzz, _cases_text_images  # noqa: E402, F401

@@ -52,8 +52,11 @@ def plot_identity(rows: Sequence[dict[str, Any]], path: Path) -> Path:
     matplotlib.use("Agg")  # no display: render to a file only
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(len(PLOTTED), 1, figsize=(7, 2.2 * len(PLOTTED)), sharex=True)
-    for ax, (key, label) in zip(axes, PLOTTED, strict=True):
+    # A metric never measured (bleed without group prompts) gets no panel rather than an empty one.
+    panels = [(key, label) for key, label in PLOTTED if any(row.get(key) is not None for row in rows)] or PLOTTED[:1]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(7, 2.2 * len(panels)), sharex=True, squeeze=False)
+    axes = axes[:, 0]
+    for ax, (key, label) in zip(axes, panels, strict=True):
         points = [(row["step"], row[key]) for row in rows if row.get(key) is not None]
         if points:
             xs, ys = zip(*points, strict=True)

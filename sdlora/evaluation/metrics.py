@@ -72,6 +72,59 @@ class Summary(BaseModel):
     prompt_fidelity: float | None = Field(description="Mean CLIP similarity; None when no CLIP model was given.")
 
 
+# Every summary number: what it means and what good looks like (the terminal table and the HTML report show
+# these; "{threshold}" is the face model's same-person distance). The one place these readings are written.
+READINGS: dict[str, tuple[str, str]] = {
+    "images": ("images scored", "20 or more give steady shares"),
+    "images_with_face": ("images in which the face model found a face", "all of them, for portrait prompts"),
+    "face_rate": (
+        "share of all images with a face (a face the model can't read counts too; it is never recognised)",
+        "1.0 for portrait prompts",
+    ),
+    "identity": (
+        "mean similarity of the subject's face to the reference photos, over the images with a face: "
+        "1 the same face, 0.5 exactly at the same-person distance {threshold}, 0 at twice that",
+        "above 0.5; well-learned real people score ~0.8 with dlib",
+    ),
+    "identity_distance": (
+        "mean face distance to the reference photos, over the images with a face (the face model's units)",
+        "under {threshold}, the same-person distance",
+    ),
+    "recognised_rate": (
+        "share of ALL images whose face is within {threshold} of the reference photos: the same person "
+        "(no face or an unreadable one counts as not recognised, so it can be low while identity is high)",
+        "high: 0.7 or more is a well-learned person",
+    ),
+    "diversity": (
+        "mean pairwise pHash distance between the images, as a share of the 64 bits",
+        "above 0.3 (varied pictures); under 0.1 the images are near-copies of each other",
+    ),
+    "face_spread": (
+        "mean pairwise face distance between the images' subject faces",
+        "under {threshold} (one person) yet above 0 (varied pose and expression)",
+    ),
+    "memorised_rate": (
+        "share of images that are near-copies (within 6 of 64 pHash bits) of a reference photo",
+        "0; above it the LoRA reproduces its training photos (train fewer steps or at a lower learning rate)",
+    ),
+    "bleed": (
+        "share of the other faces (group prompts) that look like the subject; - when no image had another face",
+        "about 0: the person does not leak into everyone",
+    ),
+    "other_faces": ("faces besides the subject's face, over all images", "only where prompts ask for other people"),
+    "prompt_fidelity": (
+        "mean CLIP similarity of image and prompt; - without --clip",
+        "close to the base model's on the same prompts; a drop means the LoRA overrides the prompts",
+    ),
+}
+
+
+def reading(key: str, threshold: float) -> tuple[str, str]:
+    """(what the number `key` means, what good looks like), with the face model's threshold filled in."""
+    meaning, good = READINGS[key]
+    return meaning.format(threshold=f"{threshold:.3g}"), good.format(threshold=f"{threshold:.3g}")
+
+
 @dataclass(frozen=True)
 class Reference:
     """The reference set, computed once: identity embeddings and perceptual hashes of the photos."""

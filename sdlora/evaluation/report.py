@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic_core import PydanticSerializationError
 
 from sdlora.errors import UsageError, printable
-from sdlora.evaluation.metrics import ImageScore, Summary
+from sdlora.evaluation.metrics import READINGS, ImageScore, Summary, reading
 from sdlora.fsutil import atomic_dir, atomic_write_text, read_marker
 
 SCHEMA = "sdlora.eval/1"
@@ -69,17 +69,24 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
-SUMMARY_ROWS = (
-    ("face_rate", "images with a detectable face"),
-    ("identity", "mean similarity to the reference (0.5 = threshold, higher is closer)"),
-    ("identity_distance", "mean face distance to the reference"),
-    ("recognised_rate", "images whose face is recognised as the subject"),
-    ("diversity", "mean pairwise pHash distance (<0.1 near-copies, ~0.5 unrelated)"),
-    ("face_spread", "mean pairwise distance between generated faces"),
-    ("memorised_rate", "images that near-copy a reference photo"),
-    ("bleed", "other faces that look like the subject (should be ~0)"),
-    ("prompt_fidelity", "CLIP image-prompt similarity"),
-)
+SUMMARY_ROWS = tuple(READINGS)  # every Summary number, in this order
+
+
+def summary_title(result: EvalResult) -> str:
+    return (
+        f"summary (face model {result.face_model}: two faces are the same person under distance {result.threshold:.3g})"
+    )
+
+
+def _value(result: EvalResult, key: str) -> str:
+    """The number, with its count where it is a share of images: '0.500 (3/6)'."""
+    data = result.summary
+    value = _fmt(getattr(data, key))
+    if key == "face_rate":
+        return f"{value} ({data.images_with_face}/{data.images})"
+    if key == "recognised_rate":
+        return f"{value} ({sum(s.recognised for s in result.images)}/{data.images})"
+    return value
 
 
 def print_table(result: EvalResult, console: Any = None) -> None:
@@ -104,13 +111,13 @@ def print_table(result: EvalResult, console: Any = None) -> None:
             f"{sum(r.recognised for r in rows)}/{len(rows)}",
         )
     console.print(per_prompt)
-    summary = Table(title=Text(f"summary ({result.face_model}, threshold {result.threshold:g})"))
+    summary = Table(title=Text(summary_title(result)))
     summary.add_column("metric")
     summary.add_column("value", justify="right")
-    summary.add_column("meaning")
-    data = result.summary.model_dump()
-    for key, meaning in SUMMARY_ROWS:
-        summary.add_row(key, _fmt(data[key]), meaning)
+    summary.add_column("what it means")
+    summary.add_column("good")
+    for key in SUMMARY_ROWS:
+        summary.add_row(key, _value(result, key), *reading(key, result.threshold))
     console.print(summary)
     for note in result.notes:
         console.print(Text(f"note: {printable(note)}"))
@@ -165,10 +172,13 @@ table.summary td, table.summary th { padding: 2px 10px; text-align: left; }
 
 def render_html(result: EvalResult, image_names: Sequence[str], ref_names: Sequence[str]) -> str:
     esc = _esc
-    data = result.summary.model_dump()
     rows = "".join(
-        f"<tr><th>{key}</th><td>{_fmt(data[key])}</td><td>{esc(meaning)}</td></tr>" for key, meaning in SUMMARY_ROWS
+        f"<tr><th>{key}</th><td>{esc(_value(result, key))}</td>"
+        + "".join(f"<td>{esc(text)}</td>" for text in reading(key, result.threshold))
+        + "</tr>"
+        for key in SUMMARY_ROWS
     )
+    head = "<tr><th>metric</th><th>value</th><th>what it means</th><th>good</th></tr>"
     cards = "".join(_card(score, name) for score, name in zip(result.images, image_names, strict=True))
     refs = "".join(f'<img src="{esc(name)}" alt="reference {i}">' for i, name in enumerate(ref_names))
     notes = "".join(f"<li>{esc(note)}</li>" for note in result.notes)
@@ -176,9 +186,9 @@ def render_html(result: EvalResult, image_names: Sequence[str], ref_names: Seque
     return (
         f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">{REPORT_MARKER}<title>{title}</title>'
         f"<style>{CSS}</style></head><body>\n<h1>{title}</h1>\n"
-        f"<p>face model <b>{esc(result.face_model)}</b>, same-person threshold {result.threshold:g}"
-        f"{', trigger <code>' + esc(result.trigger) + '</code>' if result.trigger else ''}.</p>\n"
-        f'<h2>Summary</h2>\n<table class="summary">{rows}</table>\n<ul>{notes}</ul>\n'
+        f"<p>face model <b>{esc(result.face_model)}</b>: two faces are the same person under distance "
+        f"{result.threshold:.3g}{', trigger <code>' + esc(result.trigger) + '</code>' if result.trigger else ''}.</p>\n"
+        f'<h2>Summary</h2>\n<table class="summary">{head}{rows}</table>\n<ul>{notes}</ul>\n'
         f'<h2>Images</h2>\n<div class="grid">{cards}</div>\n'
         f'<h2>Reference set</h2>\n<div class="refs">{refs}</div>\n</body></html>\n'
     )

@@ -62,9 +62,10 @@ def _lora_inputs(config: Config, lora: Path, prompts_file: Path | None) -> tuple
     from sdlora.generate import read_prompts
     from sdlora.lora.files import check_finite, parse_lora
 
-    check_base(config.model.base, config.model.allow_pickle, config.model.single_file_config)
+    check_base(config.model.base, config.model.allow_pickle, config.model.single_file_config, hub=False)
     adapter = parse_lora(str(lora))
     check_finite(adapter)
+    check_base(config.model.base, config.model.allow_pickle, config.model.single_file_config)  # asks the hub last
     return adapter, read_prompts(prompts_file) if prompts_file else list(STANDARD_PROMPTS)
 
 

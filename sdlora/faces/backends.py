@@ -107,7 +107,8 @@ class ToyBackend:
     valid person of that world, its embedding the six attributes it reads, and the distance between two faces the
     share of attributes on which they differ. Only the exact same person is under the threshold, so
     `recognised_rate` is the decoder's exact-identity share; similarity is 1 for the exact person and 0.5 one
-    attribute off."""
+    attribute off. A head the decoder can't read cleanly is still a face (face_rate counts it) at distance 1
+    from everyone (an earlier version called it no face: face_rate 0.5 where every image showed a face)."""
 
     name = "toy"
     threshold = 1 / 6  # one attribute of six differs: not the same person (distance < threshold)
@@ -116,12 +117,15 @@ class ToyBackend:
         from sdlora.faces import toyworld
 
         reading = toyworld.read(image)
-        if not reading.valid:
+        if reading.problem == "no face":
             return []
         sx, sy = image.width / toyworld.SIZE, image.height / toyworld.SIZE  # the decoder reads a 64 px copy
         left, top, right, bottom = reading.box
         box = (round(left * sx), round(top * sy), round(right * sx), round(bottom * sy))
-        return [FoundFace(box=box, embedding=toyworld.attribute_codes(reading.identity))]
+        codes = toyworld.attribute_codes(reading.identity)
+        if not reading.valid:  # a face it can't read cleanly (blurry eyes, unclear hair): a face, but nobody's
+            codes = numpy.full(codes.shape, numpy.nan)  # NaN differs from everything: distance 1, never recognised
+        return [FoundFace(box=box, embedding=codes)]
 
     def distance(self, a: numpy.ndarray, b: numpy.ndarray) -> float:
         return float(numpy.count_nonzero(numpy.asarray(a) != numpy.asarray(b))) / len(a)

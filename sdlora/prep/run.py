@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -16,10 +16,11 @@ from sdlora import layout
 from sdlora.errors import SdloraError, UsageError, printable
 from sdlora.faces.dlib import face_distance
 from sdlora.fsutil import atomic_dir
-from sdlora.preflight import MIN_FREE, check_output_dir
-from sdlora.prep import captions, contact, images
+from sdlora.preflight import check_output_dir
+from sdlora.prep import captions, contact, crops, images
 from sdlora.prep.examine import Photo, Settings, examine
 from sdlora.prep.manifest import MANIFEST, ManifestEntry, write_manifest
+from sdlora.prep.workers import pool as workers_pool
 
 if TYPE_CHECKING:
     from sdlora.config import Config, PrepConfig
@@ -69,8 +70,7 @@ def prep(photos_dir: Path, out_dir: Path, config: Config, *, fast: bool = True, 
     caption = captions.render_template(cfg.caption_template, cfg.token, cfg.class_word)
     files = list_inputs(photos_dir)
     # Before the slow part: a read-only, full or file-blocked OUT_DIR fails now, not after every photo.
-    # Each kept photo needs at most an uncompressed crop (PNG is smaller), plus the sheet and report.
-    check_output_dir(out_dir, "OUT_DIR", need=len(files) * 3 * cfg.resolution**2 + MIN_FREE)
+    check_output_dir(out_dir, "OUT_DIR", need=dataset_bytes(len(files), cfg.resolution, cfg.buckets))
     settings = Settings(
         cfg.crop, cfg.resolution, cfg.face_share, cfg.max_upscale, cfg.max_pixels, fast=fast, buckets=cfg.buckets
     )
@@ -85,6 +85,21 @@ def prep(photos_dir: Path, out_dir: Path, config: Config, *, fast: bool = True, 
         )
     _write(out_dir, report, photos, config)
     return report
+
+
+# Bytes beside the photos' own: config.json, the report's and manifest's fixed part, file-system slack.
+DATASET_FIXED = 1 << 20
+PER_PHOTO_TEXT = 8 << 10  # its caption file and its lines in manifest.jsonl and prep_report.json, long paths included
+
+
+def dataset_bytes(photos: int, resolution: int, buckets: bool) -> int:
+    """An upper bound on the bytes a dataset of `photos` input files takes: each kept as an uncompressed RGB crop
+    (PNG is smaller) and mask, with its text, and the contact sheet at 1 byte a pixel (JPEG at quality 90
+    takes about a third of that). It may exceed what prep writes (PNG and JPEG compress), never fall short."""
+    pixels = max(w * h for w, h in crops.buckets(resolution)) if buckets else resolution**2
+    crop = 4 * pixels + 4 * resolution + 1024  # RGB + L mask, PNG's filter byte a row and headers
+    sheet = math.prod(contact.sheet_size(photos, 1))  # kept and skipped rows: at most one more than all kept
+    return photos * (crop + PER_PHOTO_TEXT) + sheet + DATASET_FIXED
 
 
 def _report(photos: list[Photo], files: list[Path], cfg: PrepConfig, caption: str) -> Report:
@@ -184,16 +199,7 @@ def _examine_all(files: list[Path], settings: Settings, workers: int, progress: 
         with bar:
             task = bar.add_task("prep", total=len(files))
             return [_advanced(bar, task, examine(path, settings)) for path in files]
-    import multiprocessing
-
-    # Not fork: a parent that already ran dlib (workers=1 earlier, eval, tests) holds its threads' locks, and a
-    # forked child deadlocks on them. forkserver forks workers from a clean server that has only imported our
-    # modules (preloaded once), so they start fast without inheriting any state.
-    methods = multiprocessing.get_all_start_methods()
-    context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
-    if "forkserver" in methods:
-        context.set_forkserver_preload(["sdlora.prep.examine"])
-    with ProcessPoolExecutor(workers, mp_context=context) as pool:
+    with workers_pool(workers) as pool:
         futures = [pool.submit(examine, path, settings) for path in files]
         with bar:
             task = bar.add_task("prep", total=len(files))

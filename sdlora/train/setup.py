@@ -307,7 +307,8 @@ def build_batches(
     accelerator.print(
         f"{len(plan.examples)} images{f' + {len(classes)} class images' if classes else ''}; effective batch "
         f"{tc.batch_size} x {tc.grad_accum} accumulation x {accelerator.num_processes} processes = "
-        f"{tc.batch_size * tc.grad_accum * accelerator.num_processes}; precision {plan.precision}"
+        f"{tc.batch_size * tc.grad_accum * accelerator.num_processes}; "
+        f"{'fp32 (no mixed precision)' if plan.precision == 'no' else plan.precision + ' mixed precision'}"
     )
     return Batches(
         instances,
