@@ -10,11 +10,11 @@ import numpy
 import pytest
 from PIL import Image, ImageFilter
 
-from sdlora.demo import world
 from sdlora.demo.toy import SUBJECT
 from sdlora.evaluation.checkpoints import plot_identity
 from sdlora.evaluation.metrics import READINGS, ImageScore, Summary, build_reference, reading, score_images
 from sdlora.evaluation.report import EvalResult, print_table, render_html
+from sdlora.faces import toyworld as world
 from sdlora.faces.backends import face_backend
 
 
