@@ -6,8 +6,6 @@ The family is read from the model itself (sdlora.families: its config, or a chec
 
 from __future__ import annotations
 
-import functools
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +17,10 @@ if TYPE_CHECKING:
     from sdlora.config import ModelConfig
     from sdlora.families import Family
 
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
-SINGLE_FILE_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
+from sdlora.hub import looks_local, resolve
+from sdlora.weights import PICKLE_SUFFIXES, SINGLE_FILE_SUFFIXES, _check_folder_weights, check_safetensors
+
+__all__ = ["PICKLE_SUFFIXES", "SINGLE_FILE_SUFFIXES", "check_safetensors", "resolve"]  # imported from here too
 
 
 @dataclass(frozen=True)
@@ -243,7 +243,7 @@ def check_base(base: str | None, allow_pickle: bool, single_file_config: str | N
             f"{base}: {path.suffix} files are pickles that can run code when loaded; "
             "convert it to .safetensors, or pass --allow-pickle if you trust its source"
         )
-    if not path.exists() and (hub or _looks_local(base)):
+    if not path.exists() and (hub or looks_local(base)):
         resolve(base)  # a hub id: cached, or the hub has it; else the real reason, in a second
     if path.is_dir() and not any((path / name).is_file() for name in ("model_index.json", "config.json")):
         raise UsageError(f"{base}: not a diffusers folder (no model_index.json)")
@@ -255,164 +255,6 @@ def check_base(base: str | None, allow_pickle: bool, single_file_config: str | N
         raise UsageError(f"{base}: not a regular file or folder (a device, pipe or socket?); give a model file")
     if single_file_config and path.is_file():
         _check_single_file_config(single_file_config)
-
-
-HUB_TIMEOUT = 5.0  # s to wait for the hub's answer about a model before calling it unreachable
-DIFFUSERS_CONFIGS = ("model_index.json", "config.json")  # a pipeline's; a lone component's (a VAE)
-HUB_ID = re.compile(r"[\w.-]{1,96}/[\w.-]{1,96}")  # OWNER/NAME, as the hub spells its model ids
-
-
-def resolve(base: str) -> str:
-    """Where diffusers should load `base` from: a local path as it is; a hub id as itself when the hub answers
-    for it, else as its folder in the local Hugging Face cache. Anything else fails now, in one line with the
-    real reason (no such folder, not cached and offline, hub unreachable, no such model on the hub), instead
-    of after a minute of diffusers retrying."""
-    path = Path(base).expanduser()
-    if path.exists():
-        return str(path)
-    if _looks_local(base):
-        raise UsageError(f"{base}: no such file or folder")
-    if not HUB_ID.fullmatch(base) or ".." in base:
-        raise UsageError(f"{base}: no such file or folder, and not a hub id (those are OWNER/NAME); check the path")
-    where = f"could not load base model {base!r}"
-    cached = _cached_folder(base)
-    if cached is not None and _hub_offline():
-        return cached
-    if _hub_offline():
-        raise UsageError(
-            f"{where}: no such folder here, and not in the local Hugging Face cache ({_cache_dir()}), which is all "
-            "HF_HUB_OFFLINE=1 allows; give a local folder or .safetensors file, or download it with the hub online"
-        )
-    problem = _hub_problem(base)
-    if problem is None:
-        return base
-    if cached is not None and problem.startswith("the hub"):
-        return cached  # unreachable: the cached copy, without the retries
-    raise UsageError(f"{where}: no such folder here, and {problem}")
-
-
-def _looks_local(base: str) -> bool:
-    """A path by its shape: a model file's suffix, or starting like a path (never a hub id's shape)."""
-    return Path(base).suffix.lower() in SINGLE_FILE_SUFFIXES or base.startswith((".", "/", "~", "\\"))
-
-
-def _hub_offline() -> bool:
-    import os
-
-    from huggingface_hub import constants
-
-    # The constant is read when huggingface_hub is imported; the environment may have changed since (tests, serve).
-    return constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
-
-
-def _cache_dir() -> str:
-    from huggingface_hub import constants
-
-    return constants.HF_HUB_CACHE
-
-
-def _cached_folder(repo_id: str) -> str | None:
-    """The snapshot folder of `repo_id` in the local cache, if it holds a diffusers config."""
-    from huggingface_hub import try_to_load_from_cache
-
-    for name in DIFFUSERS_CONFIGS:
-        found = try_to_load_from_cache(repo_id, name)
-        if isinstance(found, str):
-            return str(Path(found).parent)
-    return None
-
-
-@functools.lru_cache(maxsize=16)
-def _hub_problem(repo_id: str) -> str | None:
-    """None when the hub has `repo_id` with a diffusers config in it; else what is wrong, as the end of a sentence.
-    One request with a short timeout and no retries; asked once per process (every loader of a run asks)."""
-    from huggingface_hub import HfApi
-    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
-
-    try:
-        info = HfApi().model_info(repo_id, timeout=HUB_TIMEOUT)
-    except GatedRepoError:
-        return None  # gated: the download says whether this user has accepted its terms
-    except RepositoryNotFoundError:
-        return "the hub has no model of that name (or it is private: log in with `hf auth login`); check the id"
-    except HfHubHTTPError as exc:
-        status = exc.response.status_code if exc.response is not None else "?"
-        return f"the hub answered HTTP {status} about it and it is not cached; try again later"
-    except Exception as exc:  # noqa: BLE001 - no network, DNS, proxy, TLS, timeout: the transports raise many kinds
-        name = type(exc).__name__
-        return (
-            f"the hub can't be reached to download it ({name}) and it is not in the local cache ({_cache_dir()}); "
-            "connect to the network, or give a local diffusers folder or .safetensors file"
-        )
-    files = {sibling.rfilename for sibling in info.siblings or ()}
-    if files and not files & set(DIFFUSERS_CONFIGS):
-        singles = sorted(name for name in files if name.endswith(".safetensors") and "/" not in name)
-        also = f" (it has {singles[0]}: download that file and give its path)" if singles else ""
-        return f"the hub's {repo_id} is not a diffusers model: it has no model_index.json{also}"
-    return None
-
-
-# Weight files of a diffusers folder's components (unet/, vae/, text_encoder/, ...).
-WEIGHT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
-# A .safetensors header larger than this is not a real one (real headers are a few MB at most).
-MAX_HEADER = 100 * 1024 * 1024
-PICKLE_MAGIC = (b"PK\x03\x04", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
-
-
-def check_safetensors(path: Path, what: str) -> dict[str, Any]:
-    """Read and check a .safetensors file's header without loading anything: not empty, not a pickle renamed,
-    the header whole and valid JSON, every tensor's bytes present (a partial download fails here, in
-    milliseconds, instead of deep inside the loader). Returns the header; `what` names the file in messages."""
-    import json
-
-    from sdlora.errors import printable
-
-    where = printable(what)
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as handle:
-            head = handle.read(8)
-            length = int.from_bytes(head, "little") if len(head) == 8 else 0
-            if size == 0:
-                raise UsageError(f"{where}: the file is empty (0 bytes); download or copy it again")
-            if head.startswith(PICKLE_MAGIC):
-                raise UsageError(
-                    f"{where}: a pickle (PyTorch .ckpt/.bin) renamed .safetensors, not a safetensors file; "
-                    "use the real .safetensors file, or convert this one"
-                )
-            if len(head) < 8 or length <= 1 or length > min(MAX_HEADER, size - 8):
-                raise UsageError(
-                    f"{where}: not a .safetensors file, or truncated ({size} bytes; its header claims {length}); "
-                    "download or copy it again"
-                )
-            header = json.loads(handle.read(length).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-        raise UsageError(f"{where}: not a .safetensors file (its header is not valid JSON)") from None
-    if not isinstance(header, dict):
-        raise UsageError(f"{where}: not a .safetensors file (its header is not a JSON object)")
-    ends = [v.get("data_offsets", [0, 0])[-1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
-    need = 8 + length + max((int(end) for end in ends if isinstance(end, int)), default=0)
-    if need > size:
-        raise UsageError(
-            f"{where}: truncated: {size} bytes, but its tensors need {need} (a partial download?); "
-            "download or copy it again"
-        )
-    return header
-
-
-def _check_folder_weights(folder: Path, base: str, allow_pickle: bool) -> None:
-    """A local diffusers folder: its components' .safetensors headers are whole, and a component whose only
-    weights are pickles is refused unless allowed (diffusers would fall back to them silently)."""
-    for component in sorted(p for p in folder.iterdir() if p.is_dir() and (p / "config.json").is_file()):
-        weights = [p for p in component.iterdir() if p.suffix.lower() in WEIGHT_SUFFIXES and p.is_file()]
-        safe = [p for p in weights if p.suffix.lower() == ".safetensors"]
-        for file in safe:
-            check_safetensors(file, str(file))
-        if weights and not safe and not allow_pickle:
-            raise UsageError(
-                f"{base}: {component.name}/ holds only pickle weights ({weights[0].name}), which can run code when "
-                "loaded; convert them to .safetensors, or pass --allow-pickle if you trust the source"
-            )
 
 
 def _check_single_file_config(value: str) -> None:

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from sdlora import models
+from sdlora import hub, models
 from sdlora.errors import SdloraError, UsageError
 
 
@@ -58,9 +58,9 @@ def hub_unreachable(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
-    models._hub_problem.cache_clear()
+    hub._hub_problem.cache_clear()
     yield
-    models._hub_problem.cache_clear()
+    hub._hub_problem.cache_clear()
 
 
 def test_wrong_base_fails_fast_with_the_real_reason(hub_unreachable):
@@ -103,7 +103,7 @@ def test_cached_base_loads_when_the_hub_is_unreachable(hub_unreachable, tiny_sd1
     (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     start = time.monotonic()
-    assert models.resolve("someone/tiny") == str(snapshot)
+    assert hub.resolve("someone/tiny") == str(snapshot)
     assert time.monotonic() - start < 5
     assert models.load_pipeline("someone/tiny").unet is not None
 
