@@ -12,13 +12,13 @@ import pytest
 import torch
 from PIL import Image
 from safetensors import safe_open
-from single_file import write_single_file
 from train_utils import plain, subject_set
 from typer.testing import CliRunner
 
 from sdlora import families
 from sdlora.cli import app
 from sdlora.config import Config
+from sdlora.testing import write_single_file
 
 NAMES = list(families.REGISTRY)
 STEPS, SAMPLE_STEPS = 2, 3

@@ -10,12 +10,12 @@ import pytest
 import torch
 from generate_helpers import max_diff
 from safetensors.torch import load_file, save_file
-from single_file import write_single_file
 from train_utils import plain, subject_set
 from typer.testing import CliRunner
 
 from sdlora import families, models
 from sdlora.cli import app
+from sdlora.testing import write_single_file
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +76,7 @@ def test_quantize_a_single_file_goes_through_diffusers_from_single_file(flux_fil
     it, which must give the folder's transformer)."""
     from diffusers import BitsAndBytesConfig, FluxTransformer2DModel
 
-    from sdlora.families import flux_single_file
+    from sdlora.families.flux import single_file as flux_single_file
 
     folder, path = flux_files
     calls = []

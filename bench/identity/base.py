@@ -230,7 +230,7 @@ def build_text_encoder(spec: BaseSpec):
 
 
 def scheduler():
-    from sdlora.testing import sd_scheduler
+    from sdlora.families.sd.tiny import sd_scheduler
 
     # Stable Diffusion's own noise schedule, so sdlora's training and sampling code sees the usual numbers.
     return sd_scheduler()
@@ -253,7 +253,7 @@ def train_base(
     import torch
     from diffusers import StableDiffusionPipeline
 
-    from sdlora.testing import clip_tokenizer
+    from sdlora.families.offline_text import clip_tokenizer
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(spec.seed)
