@@ -309,6 +309,8 @@ def continue_base(src: Path, out: Path, steps: int, lr: float, batch: int, log=p
     import torch
     from diffusers import StableDiffusionPipeline
 
+    from sdlora import families
+
     started = time.time()
     record = json.loads((src / "identity_base.json").read_text())
     spec = spec_of(record)
@@ -317,7 +319,7 @@ def continue_base(src: Path, out: Path, steps: int, lr: float, batch: int, log=p
     torch.manual_seed(spec.seed + len(record.get("continued", [])) + 1)
     rng = random.Random(spec.seed)
     pool, pixels = _pool(spec, rng, device)
-    latents = _latents(pipe.vae, pixels) * pipe.vae.config.scaling_factor
+    latents = families.get("sd1").normalize_latents(pipe.vae, _latents(pipe.vae, pixels))
     more = dataclasses.replace(spec, unet_steps=steps, lr=lr, batch=batch)
     deadline = started + max_seconds if max_seconds else float("inf")
     for module in (pipe.unet, pipe.text_encoder):

@@ -59,6 +59,8 @@ def load_pipeline(path: Path, config: str | None, kwargs: dict[str, Any]) -> Any
         state = from_bfl(read_transformer(path, dtype), transformer.config)
     except KeyError as exc:
         raise SdloraError(f"{path}: no {exc.args[0]} in it: not the Flux.1 transformer of {config}") from None
+    except ValueError as exc:  # a fused q/k/v (or linear1) of other widths
+        raise SdloraError(f"{path}: {exc}: not the Flux.1 transformer of {config}") from None
     missing = sorted(set(transformer.state_dict()) - set(state))
     if missing:
         raise SdloraError(f"{path}: lacks {missing[0]} (and {len(missing) - 1} more) of {config}'s transformer")
