@@ -1,5 +1,5 @@
 """Tokenizers and tiny text-encoder configs built offline, shared by the families' tiny pipelines, the demo and
-the tests (family-neutral: no family imports this module's users).
+the tests (family-neutral: it imports no family, so all of them import it without cycles).
 
 The CLIP tokenizer is the real CLIP BPE (49,408 tokens), built from the vocabulary file that the `open-clip-torch`
 package ships (install it with `pip install --no-deps open-clip-torch`: its dependencies pull torchvision and a
