@@ -261,3 +261,31 @@ def test_latents_normalised_for_the_denoiser_and_back(name, tiny_models):
     normalised = family.normalize_latents(pipe.vae, latents)
     assert normalised.shape == latents.shape and not torch.equal(normalised, latents)
     torch.testing.assert_close(family.denormalize_latents(pipe.vae, normalised), latents)
+
+
+def protocol_members() -> set[str]:
+    """Every attribute and method the Family protocol declares (its concern groups included)."""
+    members: set[str] = set()
+    for cls in families.Family.__mro__:
+        if cls.__module__ == families.__name__:
+            members |= {m for m in vars(cls) if not m.startswith("_")} | set(vars(cls).get("__annotations__", {}))
+    return members
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_family_object_has_every_member_of_the_protocol(name):
+    family = families.get(name)
+    assert not sorted(m for m in protocol_members() if not hasattr(family, m))
+
+
+def test_every_family_member_the_code_uses_is_declared():
+    """`family.<member>` anywhere in sdlora/ is declared by the protocol (a `family` that is a name string, or
+    `family.py` in a docstring, aside)."""
+    import re
+
+    root = Path(families.__file__).parents[1]
+    used = set()
+    for path in root.rglob("*.py"):
+        used |= set(re.findall(r"\bfamily\.([a-z_]+)\b", path.read_text(encoding="utf-8")))
+    used = {member for member in used if member != "py" and not hasattr(str, member)}
+    assert len(used) > 20 and used - protocol_members() == set()
