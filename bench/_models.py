@@ -86,7 +86,7 @@ def build_pipeline(model: str, seed: int = 0, device: str = "cpu") -> Any:
     import torch
 
     if model == "tiny-flux":
-        from sdlora.testing import tiny_flux_pipeline
+        from sdlora.families.flux.tiny import tiny_flux_pipeline
 
         return tiny_flux_pipeline(seed=seed)
     if model.startswith("tiny"):
@@ -101,7 +101,7 @@ def build_pipeline(model: str, seed: int = 0, device: str = "cpu") -> Any:
 
 
 def _tokenizer(pad_token: str = "<|endoftext|>") -> Any:
-    from sdlora.testing import clip_tokenizer
+    from sdlora.families.offline_text import clip_tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
         return clip_tokenizer(Path(tmp) / "tok", pad_token=pad_token)
@@ -146,7 +146,8 @@ def _build_flux(device: str) -> Any:
     from flux_models import flux_transformer
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-    from sdlora.testing import flux_scheduler, t5_tokenizer
+    from sdlora.families.flux.tiny import flux_scheduler
+    from sdlora.families.offline_text import t5_tokenizer
 
     return FluxPipeline(
         scheduler=flux_scheduler(),

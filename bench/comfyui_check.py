@@ -242,7 +242,7 @@ def check_flux(workdir: Path) -> dict:
     import comfy.sd
     import comfy.utils
 
-    from sdlora.families.flux_keys import to_bfl
+    from sdlora.families.flux.keys import to_bfl
     from sdlora.lora import kohya
     from sdlora.lora.peft import save_diffusers
 

@@ -38,7 +38,7 @@ def build(family_name: str, folder: Path):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from sdlora import families
-    from sdlora.testing import clip_tokenizer
+    from sdlora.families.offline_text import clip_tokenizer
 
     family = families.get(family_name)
     parts = {}

@@ -35,6 +35,7 @@ def build_base(folder: Path, double: int, single: int, t5_layers: int, dtype: st
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     from sdlora import testing
+    from sdlora.families.flux import tiny as flux_tiny
 
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -60,7 +61,7 @@ def build_base(folder: Path, double: int, single: int, t5_layers: int, dtype: st
         scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False,
     )  # fmt: skip
     parts = {"transformer": transformer, "text_encoder": clip, "text_encoder_2": t5, "vae": vae}
-    pipe = FluxPipeline(scheduler=testing.flux_scheduler(), tokenizer=tokenizer, tokenizer_2=tokenizer_2, **parts)
+    pipe = FluxPipeline(scheduler=flux_tiny.flux_scheduler(), tokenizer=tokenizer, tokenizer_2=tokenizer_2, **parts)
     pipe.to({"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]).save_pretrained(folder, safe_serialization=True)
     return {name: sum(p.numel() for p in module.parameters()) for name, module in parts.items()}
 

@@ -103,7 +103,7 @@ def load_base(model: ModelConfig, torch_dtype: Any = None, without: Sequence[str
 
 def components_root(model: ModelConfig) -> str:
     """Where the base's components live as a diffusers pipeline: the folder or hub id, or for a single file
-    model.single_file_config (the file's own text encoders, if any, are not read: sdlora.families.flux_single_file)."""
+    model.single_file_config (the file's own text encoders, if any, are not read: sdlora.families.flux.single_file)."""
     base = model.base or ""
     if Path(base).expanduser().is_file():
         if not model.single_file_config:

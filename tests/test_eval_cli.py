@@ -47,7 +47,8 @@ def tiny_clip(tmp_path_factory) -> Path:
     """A tiny random CLIP model + processor (real BPE tokenizer), saved as a folder: nothing downloaded."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    from sdlora.testing import _text_encoder_config, clip_tokenizer
+    from sdlora.testing import clip_text_config as _text_encoder_config
+    from sdlora.testing import clip_tokenizer
 
     folder = tmp_path_factory.mktemp("clip")
     vision = dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=37)

@@ -25,7 +25,7 @@ def flow_loss(pipe, dataset: Path) -> float:
     pixels = torch.stack([load_pixels(p, 64) for p in list_images(dataset)])
     generator = torch.Generator().manual_seed(1234)
     with torch.no_grad():
-        latents = encode_latents(pipe.vae, pixels)
+        latents = encode_latents(pipe.vae, pixels, family)
         tokenizers, encoders = families.tokenizers(pipe, family), families.encoders(pipe, family)
         cond = family.encode_prompts(tokenizers, encoders, ["a photo of sks person"])
         cond = {key: value.expand(len(latents), *value.shape[1:]) for key, value in cond.items()}

@@ -51,12 +51,13 @@ def test_nf4_flux_base_trains_and_saves_a_fp32_lora(tmp_path):
 def test_resolutions_cache_each_image_at_each_size_one_size_per_micro_batch(tiny_sd1, tmp_path):
     from diffusers import StableDiffusionPipeline
 
+    from sdlora import families
     from sdlora.train.batches import ImageSet
     from sdlora.train.data import DataOrder, load_examples
 
     examples = load_examples(subject_set(tmp_path / "data"), "a photo")
     vae = StableDiffusionPipeline.from_pretrained(str(tiny_sd1)).vae
-    images = ImageSet(examples, [64, 96], False, vae, cache=True)
+    images = ImageSet(examples, [64, 96], False, vae, cache=True, family=families.get("sd1"))
     assert len(images.examples) == 8 and sorted(set(images.buckets)) == [(64, 64), (96, 96)]
     assert {tuple(latents.shape[-2:]) for latents in images.cached} == {(8, 8), (12, 12)}
     order = DataOrder(images.buckets, seed=0, flip=False, group=2)
@@ -80,7 +81,7 @@ def test_timestep_sampling_is_for_flow_bases(tiny_sd1, tmp_path):
 
 
 def test_guidance_reaches_the_embedding_only_on_dev(tmp_path):
-    from sdlora.testing import tiny_flux_pipeline
+    from sdlora.families.flux.tiny import tiny_flux_pipeline
 
     family = families.get("flux")
     noisy = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))

@@ -10,12 +10,12 @@ import pytest
 import torch
 from generate_helpers import max_diff
 from safetensors.torch import load_file, save_file
-from single_file import write_single_file
 from train_utils import plain, subject_set
 from typer.testing import CliRunner
 
 from sdlora import families, models
 from sdlora.cli import app
+from sdlora.testing import write_single_file
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +76,7 @@ def test_quantize_a_single_file_goes_through_diffusers_from_single_file(flux_fil
     it, which must give the folder's transformer)."""
     from diffusers import BitsAndBytesConfig, FluxTransformer2DModel
 
-    from sdlora.families import flux_single_file
+    from sdlora.families.flux import single_file as flux_single_file
 
     folder, path = flux_files
     calls = []
@@ -109,3 +109,22 @@ def test_nf4_single_file_trains(flux_files, tmp_path):
     assert result.exit_code == 0, result.output
     state = load_file(str(out / "pytorch_lora_weights.safetensors"))
     assert state and all(v.dtype == torch.float32 for v in state.values())
+
+
+@pytest.mark.parametrize("key", ["double_blocks.0.img_attn.qkv.weight", "single_blocks.0.linear1.weight"])
+def test_fused_tensor_of_the_wrong_size_is_one_line_naming_the_file(flux_files, tmp_path, key):
+    """A fused qkv (or linear1) whose rows don't split at the config's widths: one `error:` line naming the file,
+    the tensor and the sizes, not the catch-all "this is a bug in sdlora" (issue 28)."""
+    folder, path = flux_files
+    state = load_file(str(path))
+    state[key] = state[key][:-8]  # 8 rows short of q + k + v (+ mlp)
+    bad = tmp_path / "flux1-cut.safetensors"
+    save_file(state, str(bad))
+    out = tmp_path / "out"
+    args = ["generate", "--base", str(bad), "--prompt", "x", "--out", str(out)]
+    result = CliRunner().invoke(app, [*args, "--set", f"model.single_file_config='{folder}'"])
+    assert result.exit_code != 0 and "bug in sdlora" not in result.output, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and str(bad) in lines[0], result.output
+    assert key.rsplit(".", 1)[0] in lines[0] and str(state[key].shape[0]) in lines[0], result.output
+    assert not out.exists()

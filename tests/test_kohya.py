@@ -8,8 +8,8 @@ from types import SimpleNamespace
 import pytest
 
 from sdlora.errors import SdloraError, UsageError
+from sdlora.families.sdxl.keys import sgm_namer
 from sdlora.lora import kohya
-from sdlora.lora.sgm import sgm_namer
 from sdlora.models import ModelInfo
 
 RANK, ALPHA = 4, 2.0  # alpha != rank: a wrong scale on reload shows up in the images

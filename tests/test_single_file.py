@@ -11,13 +11,14 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from single_file import save_sdxl_with_distinct_encoders, write_single_file
 from train_utils import subject_set
 from typer.testing import CliRunner
 
 from sdlora import models
 from sdlora.cli import app
 from sdlora.errors import SdloraError, UsageError
+from sdlora.families.sdxl.tiny import save_with_distinct_encoders as save_sdxl_with_distinct_encoders
+from sdlora.testing import write_single_file
 
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 

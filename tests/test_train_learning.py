@@ -17,7 +17,7 @@ STEPS = 40
 
 def denoising_loss(pipe, dataset: Path) -> float:
     """Mean epsilon MSE over the subject images x 4 fixed timesteps x 2 fixed noises, prompted with the trigger."""
-    from sdlora import objectives
+    from sdlora import families, objectives
     from sdlora.train.batches import encode_latents
     from sdlora.train.data import list_images, load_pixels
 
@@ -25,7 +25,7 @@ def denoising_loss(pipe, dataset: Path) -> float:
     alphas = pipe.scheduler.alphas_cumprod.float()
     generator = torch.Generator().manual_seed(1234)
     with torch.no_grad():
-        latents = encode_latents(pipe.vae, pixels)
+        latents = encode_latents(pipe.vae, pixels, families.get("sd1"))
         ids = pipe.tokenizer(["a photo of sks person"], padding="max_length", max_length=77, return_tensors="pt")
         text = pipe.text_encoder(ids.input_ids)[0].expand(len(latents), -1, -1)
         losses = []

@@ -230,7 +230,7 @@ def build_text_encoder(spec: BaseSpec):
 
 
 def scheduler():
-    from sdlora.testing import sd_scheduler
+    from sdlora.families.sd.tiny import sd_scheduler
 
     # Stable Diffusion's own noise schedule, so sdlora's training and sampling code sees the usual numbers.
     return sd_scheduler()
@@ -253,7 +253,7 @@ def train_base(
     import torch
     from diffusers import StableDiffusionPipeline
 
-    from sdlora.testing import clip_tokenizer
+    from sdlora.families.offline_text import clip_tokenizer
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(spec.seed)
@@ -309,6 +309,8 @@ def continue_base(src: Path, out: Path, steps: int, lr: float, batch: int, log=p
     import torch
     from diffusers import StableDiffusionPipeline
 
+    from sdlora import families
+
     started = time.time()
     record = json.loads((src / "identity_base.json").read_text())
     spec = spec_of(record)
@@ -317,7 +319,7 @@ def continue_base(src: Path, out: Path, steps: int, lr: float, batch: int, log=p
     torch.manual_seed(spec.seed + len(record.get("continued", [])) + 1)
     rng = random.Random(spec.seed)
     pool, pixels = _pool(spec, rng, device)
-    latents = _latents(pipe.vae, pixels) * pipe.vae.config.scaling_factor
+    latents = families.get("sd1").normalize_latents(pipe.vae, _latents(pipe.vae, pixels))
     more = dataclasses.replace(spec, unet_steps=steps, lr=lr, batch=batch)
     deadline = started + max_seconds if max_seconds else float("inf")
     for module in (pipe.unet, pipe.text_encoder):

@@ -53,7 +53,7 @@ def restore(file: Path, folder: Path) -> Path:
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from sdlora.testing import clip_tokenizer
+    from sdlora.families.offline_text import clip_tokenizer
 
     with safe_open(str(file), "pt") as handle:  # one read: tensors and metadata
         metadata = handle.metadata()

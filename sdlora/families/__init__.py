@@ -1,8 +1,11 @@
 """Model families: everything that differs between SD 1.x, SD 2.x, SDXL and Flux.1 behind one
-Protocol, and the registry that tells a family from a loaded pipeline, a checkpoint file's keys or a LoRA file.
+Protocol (grouped by concern), and the registry that tells a family from a loaded pipeline, a checkpoint file's
+keys or a LoRA file.
 
 The training loop, the render path, the LoRA writers and the loaders ask the family object and never name a
-family. A family is a plain object (no base class), found in REGISTRY by its `name`.
+family. A family is a plain object (no base class) in its own package, `sdlora/families/<name>/` (the family
+object, its key names, metadata, single files, latent space and tiny pipeline), found in REGISTRY by its `name`:
+a new family is one package and one line in `_registry`.
 """
 
 from __future__ import annotations
@@ -15,32 +18,11 @@ from typing import Any, Protocol
 Conditioning = dict[str, Any]
 
 
-class Family(Protocol):
-    """What the rest of sdlora needs to know about one model family."""
+class Detection(Protocol):
+    """Telling the family and its variant from a loaded pipeline, a checkpoint's keys or a LoRA file's metadata."""
 
-    name: str  # "sd1" | "sd2" | "sdxl" | "flux": LoRA metadata (`sdlora.family`), messages, tests
-    label: str  # for people: "SD 1.x"
-    denoiser: str  # pipeline attribute of the trained network ("unet"); also its key in checkpoints and LoRA files
-    denoiser_label: str  # for people: "UNet"
-    text_encoders: tuple[str, ...]  # pipeline attributes; tokenizer of "text_encoder_2" is "tokenizer_2"
-    trainable_text_encoders: tuple[str, ...]  # those that get LoRA with lora.train_text_encoder (Flux: not T5)
-    text_width: int  # width of the real models' text features (cross-attention input): LoRA shape checks
-    single_file_pipeline: str  # diffusers pipeline class that reads this family's original-format checkpoints
-    supports_refiner: bool  # an SDXL-style img2img refiner pass
-    vae_fp32: bool  # the stock VAE overflows in half precision and must run in fp32
-    kohya_implementation: str  # kohya's `modelspec.implementation`
     kohya_versions: tuple[str, ...]  # prefixes of `ss_base_model_version` values of this family's LoRA files
     modelspec_prefix: str  # prefix of `modelspec.architecture` values of this family's LoRA files
-    samplers: tuple[str, ...]  # names in sdlora.generate.render.SCHEDULERS that can sample this family
-    guidance_label: str | None  # A1111/Forge's name of a distilled guidance value in PNG parameters, or None
-    size_multiple: int  # training and image sides must be multiples of this (Flux: 16, for its 2x2 packing)
-    # Frozen text encoders load one at a time, only to be cached, and the VAE stays in CPU RAM (sdlora.train.staging);
-    # such a family also has render_from_cache(pipe, rows): its pipeline then renders from the cached conditioning.
-    stage_frozen: bool
-    comfyui_diffusers_file: bool  # diffusers file written for ComfyUI too (lora.peft.save_diffusers for_comfyui)
-    # Pivotal tuning: (text encoder attribute, key of its vectors in an embedding file as A1111/ComfyUI read it) for
-    # each CLIP encoder that gets the new trigger tokens ("clip_l", "clip_g", SD 2.x's "clip_h"); () for none.
-    embedding_keys: tuple[tuple[str, str], ...]
 
     def claims(self, pipe: Any) -> bool:
         """True when the loaded pipeline is of this family (read from its config, never its name)."""
@@ -48,30 +30,31 @@ class Family(Protocol):
     def claims_checkpoint(self, keys: set[str]) -> bool:
         """True when an original-format single-file checkpoint with these tensor keys is of this family."""
 
-    def inpainting_kind(self, pipe: Any) -> str | None:
-        """A few words naming what makes the loaded base an inpainting model ("9-channel UNet"), or None."""
-
-    def cross_attention_widths(self, pipe: Any) -> set[int]:
-        """Widths of the text features the loaded denoiser's cross-attention takes (LoRA shape checks)."""
-
     def variant(self, pipe: Any) -> str:
         """The loaded base's variant within the family ("dev"/"schnell" for Flux.1), or ""."""
 
     def prediction_type(self, pipe: Any) -> str:
         """What the denoiser predicts: "epsilon", "v_prediction" (read from the scheduler) or "flow"."""
 
-    def kohya_base_version(self, prediction_type: str, variant: str = "") -> str:
-        """kohya's `ss_base_model_version`."""
+    def inpainting_kind(self, pipe: Any) -> str | None:
+        """A few words naming what makes the loaded base an inpainting model ("9-channel UNet"), or None."""
 
-    def modelspec_architecture(self, prediction_type: str, variant: str = "") -> str:
-        """The SAI model spec's `modelspec.architecture` of a LoRA for this family."""
+    def cross_attention_widths(self, pipe: Any) -> set[int]:
+        """Widths of the text features the loaded denoiser's cross-attention takes (LoRA shape checks)."""
+
+
+class TextConditioning(Protocol):
+    """The text encoders: which there are, which train, how prompts become the denoiser's conditioning."""
+
+    text_encoders: tuple[str, ...]  # pipeline attributes; tokenizer of "text_encoder_2" is "tokenizer_2"
+    trainable_text_encoders: tuple[str, ...]  # those that get LoRA with lora.train_text_encoder (Flux: not T5)
+    text_width: int  # width of the real models' text features (cross-attention input): LoRA shape checks
+    # Pivotal tuning: (text encoder attribute, key of its vectors in an embedding file as A1111/ComfyUI read it) for
+    # each CLIP encoder that gets the new trigger tokens ("clip_l", "clip_g", SD 2.x's "clip_h"); () for none.
+    embedding_keys: tuple[tuple[str, str], ...]
 
     def sequence_length(self, pipe: Any, configured: int | None) -> int | None:
         """T5 tokens per prompt (`model.max_sequence_length`, else the family's default); None without T5."""
-
-    def generate_defaults(self, pipe: Any) -> dict[str, Any]:
-        """Dotted settings ("generate.steps": 28) that replace the config's defaults for this base when the user
-        set nothing else; {} keeps the config's."""
 
     def encode_prompts(
         self,
@@ -80,9 +63,22 @@ class Family(Protocol):
         prompts: list[str],
         max_sequence_length: int | None = None,
     ) -> Conditioning:
-        """Text conditioning of `prompts`, as the family's pipeline computes it (gradients flow when trained);
-        `max_sequence_length`: T5 tokens (families without T5 ignore it). Families with `stage_frozen` take None
-        for an encoder whose part is computed apart (one encoder on the device at a time) and leave it out."""
+        """The pipeline's own text conditioning of `prompts` (gradients flow; a None encoder of a staged family is
+        left out; `max_sequence_length`: T5 tokens)."""
+
+    def text_encoder_targets(self) -> list[str]:
+        """LoRA target module names of the text encoders."""
+
+
+class Denoising(Protocol):
+    """The trained network: its inputs, its objective, its LoRA targets and the latent space it works in."""
+
+    denoiser: str  # pipeline attribute of the trained network ("unet"); also its key in checkpoints and LoRA files
+    denoiser_label: str  # for people: "UNet"
+    size_multiple: int  # training and image sides must be multiples of this (Flux: 16, for its 2x2 packing)
+    # Frozen text encoders load one at a time, only to be cached, and the VAE stays in CPU RAM (sdlora.train.staging);
+    # such a family's pipeline renders from the cached conditioning (Rendering.render_from_cache).
+    stage_frozen: bool
 
     def predict(
         self,
@@ -93,27 +89,62 @@ class Family(Protocol):
         micro_conditioning: Any,
         guidance: float | None = None,
     ) -> Any:
-        """The denoiser's prediction for `noisy` latents (B, C, H, W) at `timesteps`; `micro_conditioning` (B, 6)
-        holds SDXL's original size, crop and target size of each image, `guidance` the distilled-guidance value
-        of a guidance-distilled model (families that don't use them ignore them)."""
+        """The denoiser's prediction for (B, C, H, W) `noisy` latents at `timesteps` (`micro_conditioning`: SDXL's
+        (B, 6) sizes and crops; `guidance`: a guidance-distilled model's value; others ignore them)."""
 
     def objective(self, scheduler: Any, device: Any, sampling: str = "auto", shift: float | None = None) -> Any:
-        """The training objective (an object of sdlora.objectives) for a pipeline with this scheduler;
-        `sampling`/`shift`: train.timestep_sampling and train.timestep_shift ("auto"/None: the family's)."""
+        """The training objective (sdlora.objectives) for this scheduler, train.timestep_sampling and _shift."""
 
     def denoiser_targets(self, targets: str) -> list[str] | str:
-        """LoRA target modules of the denoiser for `lora.targets` ('attention' or 'all'): peft's module-name
-        suffixes, or one regular expression matched against whole module paths."""
+        """LoRA targets for `lora.targets` ('attention'/'all'): peft's name suffixes, or one regex of whole paths."""
 
-    def text_encoder_targets(self) -> list[str]:
-        """LoRA target module names of the text encoders."""
+    def normalize_latents(self, vae: Any, latents: Any) -> Any:
+        """(B, C, h, w) VAE posterior latents -> the denoiser's latent space (SD: scaled; Flux: shifted, scaled)."""
+
+    def denormalize_latents(self, vae: Any, latents: Any) -> Any:
+        """The inverse of normalize_latents: the denoiser's latents -> what `vae.decode` takes."""
+
+
+class Files(Protocol):
+    """What the family's files say and hold: kohya names and metadata, ComfyUI's diffusers file, single files."""
+
+    single_file_pipeline: str  # diffusers pipeline class that reads this family's original-format checkpoints
+    kohya_implementation: str  # kohya's `modelspec.implementation`
+    comfyui_diffusers_file: bool  # diffusers file written for ComfyUI too (lora.peft.save_diffusers for_comfyui)
+
+    def kohya_base_version(self, prediction_type: str, variant: str = "") -> str:
+        """kohya's `ss_base_model_version`."""
+
+    def modelspec_architecture(self, prediction_type: str, variant: str = "") -> str:
+        """The SAI model spec's `modelspec.architecture` of a LoRA for this family."""
+
+    def kohya_metadata(self, info: Any, train: Any, max_sequence_length: int | None) -> dict[str, str]:
+        """The family's own kohya metadata of a LoRA trained on `info` (ModelInfo) with `train` (Flux: ss_*)."""
 
     def kohya_namer(self, denoiser: Any) -> Callable[[str], tuple[str, int, int]]:
-        """A function from a denoiser module path to (kohya module path, part, parts): parts > 1 means that
-        several layers are fused into one kohya module (their down weights stacked, up weights block-diagonal)."""
+        """Denoiser module path -> (kohya module path, part, parts); parts > 1: several layers fused in one module."""
 
     def kohya_encoder_prefixes(self, encoders: Sequence[Any]) -> list[str]:
         """The kohya key prefix of each text encoder given (`lora_te_`, or `lora_te1_`/`lora_te2_`)."""
+
+    def load_single_file(self, path: Any, config: str | None, kwargs: dict[str, Any]) -> Any:
+        """The pipeline of an original-format file diffusers can't build alone (`config`: model.single_file_config),
+        or None: diffusers' from_single_file reads it."""
+
+    def save_single_file(self, pipe: Any, path: Any) -> None:
+        """Write the loaded pipeline as one original-format checkpoint, as people download them (tests)."""
+
+
+class Rendering(Protocol):
+    """Making images: samplers, defaults, refiner, previews of the denoising, rendering from cached text."""
+
+    samplers: tuple[str, ...]  # names in sdlora.generate.render.SCHEDULERS that can sample this family
+    guidance_label: str | None  # A1111/Forge's name of a distilled guidance value in PNG parameters, or None
+    supports_refiner: bool  # an SDXL-style img2img refiner pass
+    vae_fp32: bool  # the stock VAE overflows in half precision and must run in fp32
+
+    def generate_defaults(self, pipe: Any) -> dict[str, Any]:
+        """Dotted settings ("generate.steps": 28) replacing the config's defaults for this base when unset."""
 
     def preview_latents(self, pipe: Any, latents: Any, width: int, height: int) -> Any:
         """A pipeline call's latents (Flux: packed) of a (width, height) image -> the input of `pipe.vae.decode`."""
@@ -121,19 +152,27 @@ class Family(Protocol):
     def x0_prediction(self, scheduler: Any, model_output: Any, timestep: Any, sample: Any, out: Any) -> Any:
         """The x0 prediction of the scheduler step that just gave `out` from `model_output` at `sample`, or None."""
 
-    def load_single_file(self, path: Any, config: str | None, kwargs: dict[str, Any]) -> Any:
-        """The pipeline of an original-format single file whose pipeline diffusers can't build from the file
-        (`config`: model.single_file_config; `kwargs`: from_pretrained's), or None: diffusers' from_single_file."""
+    def render_from_cache(self, pipe: Any, rows: dict[str, Conditioning]) -> None:
+        """Make a `stage_frozen` family's `pipe` encode prompts from cached conditioning rows ({prompt: cond})."""
+
+
+class Family(Detection, TextConditioning, Denoising, Files, Rendering, Protocol):
+    """What the rest of sdlora needs to know about one model family (one package in sdlora/families/)."""
+
+    name: str  # "sd1" | "sd2" | "sdxl" | "flux": LoRA metadata (`sdlora.family`), messages, tests
+    label: str  # for people: "SD 1.x"
 
     def tiny_pipeline(self, seed: int) -> Any:
         """A tiny randomly initialised pipeline of this family, built from configs (tests and the demo)."""
 
 
 def _registry() -> dict[str, Family]:
-    from sdlora.families import flux, sd, sdxl
+    from sdlora.families.flux import FLUX
+    from sdlora.families.sd import SD1, SD2
+    from sdlora.families.sdxl import SDXL
 
     # Order matters for detection: the most specific family first, SD 1.x last.
-    families: list[Family] = [flux.FLUX, sdxl.SDXL, sd.SD2, sd.SD1]
+    families: list[Family] = [FLUX, SDXL, SD2, SD1]
     return {family.name: family for family in families}
 
 

@@ -247,21 +247,11 @@ _MODELSPEC_PREDICTION = {"v_prediction": "v", "flow": "flow"}
 
 
 def flow_metadata(info: ModelInfo, train: Any, max_sequence_length: int | None) -> dict[str, str]:
-    """kohya's Flux training settings (`ss_guidance_scale`, `ss_timestep_sampling`, ...) for a flow-matching base,
-    so that readers and people see how the LoRA was trained; {} for other bases."""
-    if info.prediction_type != "flow":
-        return {}
-    sampling = "shift" if train.timestep_sampling == "auto" else train.timestep_sampling
-    return {
-        "ss_guidance_scale": str(float(train.guidance)),
-        "ss_timestep_sampling": sampling,
-        "ss_discrete_flow_shift": str(float(train.timestep_shift)),
-        "ss_model_prediction_type": "raw",
-        "ss_weighting_scheme": "none" if train.min_snr_gamma is None else f"min_snr_{train.min_snr_gamma:g}",
-        "ss_apply_t5_attn_mask": "False",
-        "ss_t5xxl_max_token_length": str(max_sequence_length or ""),
-        "modelspec.flux_variant": info.variant,
-    }
+    """The family's own kohya metadata (Flux.1: `ss_guidance_scale`, `ss_timestep_sampling`, ...), so that readers
+    and people see how the LoRA was trained; {} for families whose common keys say all."""
+    from sdlora import families
+
+    return families.get(info.family).kohya_metadata(info, train, max_sequence_length)
 
 
 def build_metadata(

@@ -37,11 +37,17 @@ class ImageSet:
     is in the set once per resolution (micro-batches hold one size: DataOrder groups by bucket)."""
 
     def __init__(
-        self, examples: list[Example], resolutions: int | list[int], flip: bool, vae: Any, cache: bool
+        self,
+        examples: list[Example],
+        resolutions: int | list[int],
+        flip: bool,
+        vae: Any,
+        cache: bool,
+        family: Any = None,
     ) -> None:
         sizes = [resolutions] if isinstance(resolutions, int) else list(resolutions)
         self.examples = [e for _ in sizes for e in examples]
-        self.flip, self.vae = flip, vae
+        self.flip, self.vae, self.family = flip, vae, family  # the family normalises the VAE's latents
         self.sizes = [size for size in sizes for _ in examples]  # the resolution of each entry of self.examples
         self.masks: list[torch.Tensor] | None = None  # (1, H, W) each in [0, 1], after load_masks()
         loaded = [load_example(e, size) for size in sizes for e in examples]
@@ -65,7 +71,7 @@ class ImageSet:
                 part = indices[start : start + chunk]
                 pixels = torch.stack([self.pixels[i] for i in part])
                 views = [pixels, torch.flip(pixels, dims=[-1])] if self.flip else [pixels]
-                encoded = torch.stack([encode_latents(self.vae, view) for view in views], dim=1)  # (n, F, 4, h, w)
+                encoded = torch.stack([encode_latents(self.vae, v, self.family) for v in views], 1)  # (n, F, 4, h, w)
                 for index, latents in zip(part, encoded, strict=True):
                     cached[index] = latents
         return cached
@@ -75,7 +81,7 @@ class ImageSet:
             return torch.stack([self.cached[i][f] for i, f in slots])
         pixels = torch.stack([torch.flip(self.pixels[i], dims=[-1]) if f else self.pixels[i] for i, f in slots])
         with torch.no_grad():
-            return encode_latents(self.vae, pixels.to(self.vae.device))
+            return encode_latents(self.vae, pixels.to(self.vae.device), self.family)
 
     def load_masks(self) -> None:
         """Each image's face mask, cut like the image (ones for an image without one): train.masked_loss."""
@@ -92,12 +98,11 @@ class ImageSet:
         return torch.tensor([self.geometry[i].time_ids(bool(f)) for i, f in slots], dtype=torch.float32)
 
 
-def encode_latents(vae: Any, pixels: torch.Tensor) -> torch.Tensor:
-    """VAE latents (mean of the posterior, scaled as the UNet expects), fp32 on the VAE's device."""
+def encode_latents(vae: Any, pixels: torch.Tensor, family: Any) -> torch.Tensor:
+    """VAE latents (mean of the posterior, normalised as the family's denoiser expects), fp32 on the VAE's device."""
     posterior = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
     latents = posterior.mean.float()
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    return (latents - shift) * vae.config.scaling_factor
+    return family.normalize_latents(vae, latents)
 
 
 class Batches:

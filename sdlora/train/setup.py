@@ -293,8 +293,8 @@ def build_batches(
     tc, device = config.train, accelerator.device
     sizes = tc.resolutions or [tc.resolution]
     with staging.visiting(pipe, [n for n in staged if n == "vae"], device):
-        instances = ImageSet(plan.examples, sizes, tc.flip, pipe.vae, tc.cache_latents)
-        class_set = ImageSet(classes, sizes, tc.flip, pipe.vae, tc.cache_latents) if classes else None
+        instances = ImageSet(plan.examples, sizes, tc.flip, pipe.vae, tc.cache_latents, family)
+        class_set = ImageSet(classes, sizes, tc.flip, pipe.vae, tc.cache_latents, family) if classes else None
     class_prompt = classes[0].caption if classes else ""
     trained = trained_text_encoders(config, pipe, family)
     frozen = [name for name in family.text_encoders if name not in trained]

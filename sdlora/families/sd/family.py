@@ -91,8 +91,21 @@ class UNetFamily:
     def generate_defaults(self, pipe: Any) -> dict[str, Any]:
         return {}
 
+    def normalize_latents(self, vae: Any, latents: Any) -> Any:
+        """Scaled by the VAE's scaling_factor (SD 1.x 0.18215, SDXL 0.13025): unit variance for the UNet."""
+        return latents * vae.config.scaling_factor
+
+    def denormalize_latents(self, vae: Any, latents: Any) -> Any:
+        return latents / vae.config.scaling_factor
+
     def preview_latents(self, pipe: Any, latents: Any, width: int, height: int) -> Any:
-        return latents.to(pipe.vae.dtype) / pipe.vae.config.scaling_factor
+        return self.denormalize_latents(pipe.vae, latents.to(pipe.vae.dtype))
+
+    def render_from_cache(self, pipe: Any, rows: dict[str, Conditioning]) -> None:
+        raise NotImplementedError("UNet families keep their text encoders (stage_frozen is False)")
+
+    def kohya_metadata(self, info: Any, train: Any, max_sequence_length: int | None) -> dict[str, str]:
+        return {}  # kohya's common keys (sdlora.lora.kohya.build_metadata) say all
 
     def x0_prediction(self, scheduler: Any, model_output: Any, timestep: Any, sample: Any, out: Any) -> Any:
         return scheduler_x0(scheduler, out)
@@ -194,8 +207,13 @@ class StableDiffusion(UNetFamily):
     def kohya_encoder_prefixes(self, encoders: Sequence[Any]) -> list[str]:
         return one_prefix_each(["lora_te_"] * len(encoders), self.name)
 
+    def save_single_file(self, pipe: Any, path: Any) -> None:
+        from sdlora.families.sd.single_file import write_single_file
+
+        write_single_file(pipe, path)
+
     def tiny_pipeline(self, seed: int) -> Any:
-        from sdlora.testing import tiny_sd_pipeline
+        from sdlora.families.sd.tiny import tiny_sd_pipeline
 
         return tiny_sd_pipeline(v2=self.v2, seed=seed)
 

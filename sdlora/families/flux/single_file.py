@@ -1,7 +1,8 @@
 """Flux.1 from one original-format file: Black Forest Labs' transformer-only `flux1-dev.safetensors` (bf16 or
 float8_e4m3fn) or a ComfyUI checkpoint (`model.diffusion_model.` + VAE + text encoders), with the other components
 and every config from `model.single_file_config`. diffusers' own reader splits fused layers at the real widths
-only and needs the hub for the rest; this one reads the widths from the config."""
+only and needs the hub for the rest; this one reads the widths from the config. Also the tests' writer of such a
+file (write_single_file)."""
 
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ def load_pipeline(path: Path, config: str | None, kwargs: dict[str, Any]) -> Any
     import torch
     from diffusers import FluxPipeline, FluxTransformer2DModel
 
-    from sdlora.families.flux_keys import from_bfl
+    from sdlora.families.flux.keys import from_bfl
 
     if config is None:
         raise UsageError(
@@ -58,6 +59,8 @@ def load_pipeline(path: Path, config: str | None, kwargs: dict[str, Any]) -> Any
         state = from_bfl(read_transformer(path, dtype), transformer.config)
     except KeyError as exc:
         raise SdloraError(f"{path}: no {exc.args[0]} in it: not the Flux.1 transformer of {config}") from None
+    except ValueError as exc:  # a fused q/k/v (or linear1) of other widths
+        raise SdloraError(f"{path}: {exc}: not the Flux.1 transformer of {config}") from None
     missing = sorted(set(transformer.state_dict()) - set(state))
     if missing:
         raise SdloraError(f"{path}: lacks {missing[0]} (and {len(missing) - 1} more) of {config}'s transformer")
@@ -82,3 +85,13 @@ def quantized_transformer(state: dict[str, Any], config: str, quantization: Any,
     return FluxTransformer2DModel.from_single_file(
         state, config=config, subfolder="transformer", quantization_config=bnb, dtype=dtype
     )
+
+
+def write_single_file(pipe: Any, path: Path) -> None:
+    """The loaded pipeline's transformer alone under BFL's names (`double_blocks.0.img_attn.qkv.weight`), fused
+    layers concatenated, as `flux1-dev.safetensors` ships."""
+    from safetensors.torch import save_file
+
+    from sdlora.families.flux.keys import to_bfl
+
+    save_file({k: v.contiguous() for k, v in to_bfl(pipe.transformer.state_dict()).items()}, str(path))

@@ -101,7 +101,8 @@ def to_bfl(state: dict[str, Any]) -> dict[str, Any]:
 
 def from_bfl(state: dict[str, Any], config: Any) -> dict[str, Any]:
     """BFL-named tensors (with or without ComfyUI's `model.diffusion_model.` prefix) -> diffusers names, the fused
-    layers split by the widths of `config` (a FluxTransformer2DModel config), not the real model's widths."""
+    layers split by the widths of `config` (a FluxTransformer2DModel config), not the real model's widths.
+    KeyError for a missing tensor, ValueError for a fused one whose rows don't split at those widths."""
     inner = config.num_attention_heads * config.attention_head_dim
     mlp = int(inner * getattr(config, "mlp_ratio", 4.0))
     state = {key.removeprefix("model.diffusion_model."): value for key, value in state.items()}
@@ -127,6 +128,12 @@ def from_bfl(state: dict[str, Any], config: Any) -> dict[str, Any]:
                 for param in ("weight", "bias"):
                     tensor = state[f"{name}.{param}"]
                     if parts > 1:
+                        if tensor.shape[0] != sum(sizes):
+                            widths = " + ".join(str(size) for size in sizes)
+                            raise ValueError(
+                                f"{name}.{param} has {tensor.shape[0]} rows where the config's widths give "
+                                f"{sum(sizes)} ({widths})"
+                            )
                         tensor = tensor.split(sizes, dim=0)[part]
                     out[f"{kind}.{i}.{rest}.{param}"] = tensor
     return out

@@ -1,4 +1,5 @@
-"""SDXL's UNet module names in the original (SGM) layout, which kohya-format SDXL LoRA files use.
+"""The UNet module names of the original (LDM/SGM) layout: the keys of SD 1.x/2.x and SDXL single-file checkpoints,
+and SDXL's kohya LoRA names (sdlora.families.sdxl.keys).
 
 SGM numbers every layer of the UNet in one sequence: `input_blocks.0` is conv_in, then each down block has
 `layers_per_block` (resnet, attention) pairs and a downsampler; each up block has one layer more. Inside a layer,
@@ -7,8 +8,7 @@ SGM numbers every layer of the UNet in one sequence: `input_blocks.0` is conv_in
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 from sdlora.errors import SdloraError
 
@@ -31,17 +31,6 @@ _SGM_TOP = {
     "conv_norm_out": "out.0",
     "conv_out": "out.2",
 }
-
-
-def sgm_namer(config: Any) -> Callable[[str], str]:
-    """A function from a diffusers UNet module path to its SGM path, for this UNet's block layout."""
-    per_block = config.layers_per_block
-    if not isinstance(per_block, int):
-        if len(set(per_block)) != 1:
-            raise SdloraError(f"SDXL UNet with uneven layers_per_block {per_block} has no SGM naming")
-        per_block = per_block[0]
-    up_has_attention = ["CrossAttn" in kind for kind in config.up_block_types]
-    return lambda path: sgm_path(path, per_block, up_has_attention)
 
 
 def sgm_path(path: str, layers_per_block: int, up_has_attention: Sequence[bool]) -> str:

@@ -1,7 +1,7 @@
 """Flux.1 (dev and schnell): a rectified-flow transformer (double blocks with separate image and text streams,
 then single blocks) on 2x2-packed latents, conditioned on CLIP-L's pooled output and T5's hidden states;
 FLUX.1-dev also takes its distilled guidance value through an embedding. Kohya names its modules by Black Forest
-Labs' original paths, with q, k and v fused (sdlora.families.flux_keys)."""
+Labs' original paths, with q, k and v fused (sdlora.families.flux.keys)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from typing import Any
 
 from sdlora.errors import UsageError
 from sdlora.families import Conditioning
-from sdlora.families.flux_keys import BFL_MARKER, bfl_module
-from sdlora.families.sd import TEXT_ENCODER_ATTENTION, one_prefix_each
+from sdlora.families.flux.keys import BFL_MARKER, bfl_module
+from sdlora.families.sd.family import TEXT_ENCODER_ATTENTION, one_prefix_each
 
 # peft matches a string target against the whole module path: the double blocks only (`single_transformer_blocks`
 # does not match from the start).
@@ -211,7 +211,15 @@ class Flux:
         vae = pipe.vae
         factor = pipe.vae_scale_factor * 2
         unpacked = unpack(latents, 2 * (height // factor), 2 * (width // factor))
-        return unpacked.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
+        return self.denormalize_latents(vae, unpacked.to(vae.dtype))
+
+    def normalize_latents(self, vae: Any, latents: Any) -> Any:
+        """Shifted, then scaled (Flux's AE: shift 0.1159, scale 0.3611), as diffusers' Flux training script does."""
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return (latents - shift) * vae.config.scaling_factor
+
+    def denormalize_latents(self, vae: Any, latents: Any) -> Any:
+        return latents / vae.config.scaling_factor + vae.config.shift_factor
 
     def x0_prediction(self, scheduler: Any, model_output: Any, timestep: Any, sample: Any, out: Any) -> Any:
         """x_0 = x_t - sigma v, with the sigma of the step just taken (`step` has advanced step_index past it)."""
@@ -223,12 +231,24 @@ class Flux:
     def load_single_file(self, path: Path, config: str | None, kwargs: dict[str, Any]) -> Any:
         """A BFL or ComfyUI single file (flux1-dev.safetensors, also float8_e4m3fn): its transformer, converted
         by our own BFL names at the widths of `config`'s transformer, and the rest of `config`'s pipeline."""
-        from sdlora.families.flux_single_file import load_pipeline
+        from sdlora.families.flux.single_file import load_pipeline
 
         return load_pipeline(path, config, kwargs)
 
+    def save_single_file(self, pipe: Any, path: Any) -> None:
+        """BFL's own transformer-only file, as `flux1-dev.safetensors` ships."""
+        from sdlora.families.flux.single_file import write_single_file
+
+        write_single_file(pipe, path)
+
+    def kohya_metadata(self, info: Any, train: Any, max_sequence_length: int | None) -> dict[str, str]:
+        """kohya's Flux training settings (`ss_guidance_scale`, `ss_timestep_sampling`, ...)."""
+        from sdlora.families.flux.metadata import training_metadata
+
+        return training_metadata(info, train, max_sequence_length)
+
     def tiny_pipeline(self, seed: int) -> Any:
-        from sdlora.testing import tiny_flux_pipeline
+        from sdlora.families.flux.tiny import tiny_flux_pipeline
 
         return tiny_flux_pipeline(seed=seed)
 

@@ -1,14 +1,13 @@
-"""Write a diffusers pipeline folder as ONE original-format (LDM / SGM, "A1111") `.safetensors` checkpoint.
+"""Write a loaded SD pipeline as ONE original-format (LDM, "A1111") `.safetensors` checkpoint: the tests' stand-in
+for the files people download (the inverse of diffusers' `from_single_file`, which loads them).
 
 The layout is what A1111, ComfyUI and civitai files use, and what diffusers' `from_single_file` reads:
-- UNet: `model.diffusion_model.<SGM path>` (`input_blocks.4.1...`), named by sdlora.lora.sgm.sgm_path;
+- UNet: `model.diffusion_model.<LDM path>` (`input_blocks.4.1...`), named by sdlora.families.sd.keys.sgm_path;
 - VAE: `first_stage_model.<LDM path>` (`encoder.down.0.block.1...`; its attention q/k/v/proj_out are 1x1 convs);
 - SD 1.x text encoder: `cond_stage_model.transformer.<transformers-4 CLIP path>`;
 - SD 2.x text encoder (OpenCLIP-H): `cond_stage_model.model.<OpenCLIP path>`;
-- SDXL: `conditioner.embedders.0.transformer.<CLIP path>` and `conditioner.embedders.1.model.<OpenCLIP path>`
-  (one fused `in_proj` per attention, `text_projection` stored transposed);
-- Flux.1: the transformer alone under Black Forest Labs' names (`double_blocks.0.img_attn.qkv.weight`), as
-  `flux1-dev.safetensors` ships (sdlora.families.flux_keys).
+- OpenCLIP: one fused `in_proj` per attention, `text_projection` stored transposed.
+SDXL's single files (sdlora.families.sdxl.single_file) are made of the same parts.
 """
 
 from __future__ import annotations
@@ -16,13 +15,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from sdlora.families.sd.keys import sgm_path
 from sdlora.lora.kohya import text_encoder_path
-from sdlora.lora.sgm import sgm_path
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
-CLIP_PREFIX = {"sd1": "cond_stage_model.transformer.", "sdxl": "conditioner.embedders.0.transformer."}
-OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."
+CLIP_PREFIX = "cond_stage_model.transformer."
 SD2_OPEN_CLIP_PREFIX = "cond_stage_model.model."
 
 # Inside a diffusers VAE ResnetBlock2D -> inside an LDM ResnetBlock (only the shortcut differs).
@@ -41,28 +39,20 @@ _OPEN_CLIP_LAYER = {
 }
 
 
-def write_single_file(folder: Path, path: Path) -> Path:
-    """Convert the diffusers pipeline in `folder` to one original-format checkpoint at `path`."""
-    from diffusers import DiffusionPipeline
+def write_single_file(pipe: Any, path: Path, text_state: dict[str, Any] | None = None) -> None:
+    """Write a loaded SD 1.x/2.x pipeline as one LDM checkpoint at `path`; `text_state`: the text encoders'
+    tensors under their single-file names when the caller (SDXL) lays them out itself."""
     from safetensors.torch import save_file
 
-    pipe = DiffusionPipeline.from_pretrained(str(folder))
-    if hasattr(pipe, "transformer"):  # Flux.1: BFL's own transformer-only file (flux1-dev.safetensors)
-        from sdlora.families.flux_keys import to_bfl
-
-        save_file({k: v.contiguous() for k, v in to_bfl(pipe.transformer.state_dict()).items()}, str(path))
-        return path
-    sdxl = hasattr(pipe, "text_encoder_2")
     state = {UNET_PREFIX + unet_key(k, pipe.unet.config): v for k, v in pipe.unet.state_dict().items()}
     state |= vae_state(pipe.vae)
-    if not sdxl and pipe.unet.config.use_linear_projection:  # SD 2.x: OpenCLIP-H, no projection
+    if text_state is not None:
+        state |= text_state
+    elif pipe.unet.config.use_linear_projection:  # SD 2.x: OpenCLIP-H, no projection
         state |= open_clip_state(pipe.text_encoder, SD2_OPEN_CLIP_PREFIX)
     else:
-        state |= clip_state(pipe.text_encoder, CLIP_PREFIX["sdxl" if sdxl else "sd1"])
-    if sdxl:
-        state |= open_clip_state(pipe.text_encoder_2, OPEN_CLIP_PREFIX)
+        state |= clip_state(pipe.text_encoder, CLIP_PREFIX)
     save_file({k: v.contiguous() for k, v in state.items()}, str(path))
-    return path
 
 
 def unet_key(key: str, config: Any) -> str:
@@ -142,26 +132,3 @@ def open_clip_state(encoder: Any, prefix: str) -> dict[str, Any]:
     if sd:
         raise ValueError(f"OpenCLIP layout has no place for {sorted(sd)[:3]}")
     return {prefix + k: v for k, v in state.items()}
-
-
-def save_sdxl_with_distinct_encoders(folder: Path, seed: int = 0) -> Path:
-    """The tiny SDXL pipeline with its second text encoder wider than the first (48 vs 32), as a diffusers folder.
-
-    diffusers' single-file loader tells SDXL's two text encoders apart by width (768 and 1280 in the real model):
-    with the equal widths of sdlora.testing's tiny SDXL it loads the first encoder's weights into the second.
-    """
-    import torch
-    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
-
-    from sdlora.testing import build_tiny_pipeline
-
-    pipe = build_tiny_pipeline("sdxl", seed=seed)
-    torch.manual_seed(seed + 1)
-    te2_config = CLIPTextConfig.from_dict({**pipe.text_encoder_2.config.to_dict(), "hidden_size": 48})
-    te2 = CLIPTextModelWithProjection(te2_config)
-    width = pipe.text_encoder.config.hidden_size + te2_config.hidden_size  # the UNet attends to both, concatenated
-    unet = UNet2DConditionModel.from_config({**pipe.unet.config, "cross_attention_dim": width})
-    wide = StableDiffusionXLPipeline(**{**pipe.components, "text_encoder_2": te2, "unet": unet})
-    wide.save_pretrained(folder, safe_serialization=True)
-    return Path(folder)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sdlora.families import Conditioning
-from sdlora.families.sd import (
+from sdlora.families.sd.family import (
     TEXT_ENCODER_ATTENTION,
     UNetFamily,
     cross_attention_widths,
@@ -99,7 +99,7 @@ class StableDiffusionXL(UNetFamily):
         return list(TEXT_ENCODER_ATTENTION)
 
     def kohya_namer(self, denoiser: Any) -> Callable[[str], tuple[str, int, int]]:
-        from sdlora.lora.sgm import sgm_namer
+        from sdlora.families.sdxl.keys import sgm_namer
 
         rename = sgm_namer(denoiser.config)
         return lambda path: (rename(path), 0, 1)
@@ -110,8 +110,13 @@ class StableDiffusionXL(UNetFamily):
         prefixes = ["lora_te2_" if hasattr(e, "text_projection") else "lora_te1_" for e in encoders]
         return one_prefix_each(prefixes, self.name)
 
+    def save_single_file(self, pipe: Any, path: Any) -> None:
+        from sdlora.families.sdxl.single_file import write_single_file
+
+        write_single_file(pipe, path)
+
     def tiny_pipeline(self, seed: int) -> Any:
-        from sdlora.testing import tiny_sdxl_pipeline
+        from sdlora.families.sdxl.tiny import tiny_sdxl_pipeline
 
         return tiny_sdxl_pipeline(seed=seed)
 
