@@ -28,7 +28,7 @@ BUG = "this is a bug in sdlora"
 @dataclass(frozen=True)
 class Kind:
     cls: str  # the issue's class: disk, models, names, images, reads, numbers, messages, duplicates, noise, fuzz,
-    # processes
+    # processes, outputs, serve
     name: str
     quick: bool
     make: Callable[[Context], Case]
@@ -152,12 +152,15 @@ def prep_args(photos: Path, out: Path, *extra: str) -> list[str]:
 GEN = ["--prompt", "x", "--n", "1", "--steps", "2", "--size", "64x64"]
 
 
-def cases(work: Path, quick: bool) -> list[Case]:
-    """One Case per kind (the quick subset with quick=True), each with its class in `extra`."""
+def cases(work: Path, quick: bool, only: str | None = None) -> list[Case]:
+    """One Case per kind (the quick subset with quick=True; with `only`, the kinds whose class or name holds it),
+    each with its class in `extra`."""
     ctx = Context(Path(work), quick)
     results = []
     for item in KINDS:
         if quick and not item.quick:
+            continue
+        if only is not None and only != item.cls and only.lower() not in item.name.lower():
             continue
         try:
             case = item.make(ctx)
@@ -194,4 +197,10 @@ def interrupt_train(ctx: Context, dataset: Path, out: Path) -> Ran:
 
 
 # Importing the case modules registers their kinds (in this order).
-from bench.robust import _cases_disk_models, _cases_issue28, _cases_numbers_fuzz, _cases_text_images  # noqa: E402, F401
+from bench.robust import (  # noqa: E402, F401
+    _cases_disk_models,
+    _cases_issue28,
+    _cases_issue28_outputs,
+    _cases_numbers_fuzz,
+    _cases_text_images,
+)
