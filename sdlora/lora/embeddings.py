@@ -26,6 +26,11 @@ from sdlora.errors import SdloraError
 # own load_lora_weights ignores them (kohya's `bundle_emb.` name would make it refuse the whole file).
 DIFFUSERS_PREFIX = "pivotal_lora_emb."
 WORD_KEY, TOKENS_KEY = "sdlora.pivotal_word", "sdlora.pivotal_tokens"  # safetensors metadata of both files
+# In a pivotal-tuned kohya file's metadata: the embedding file it needs beside it (NAME_emb.safetensors), without
+# which it would render without its trained tokens.
+NEEDS_KEY = "sdlora.embedding_file"
+# What token_names writes; a token read from a file must look so (a backslash would break the prompt rewrite).
+_TOKEN = re.compile(r"<s\d+>")
 
 
 @dataclass(frozen=True)
@@ -78,7 +83,7 @@ class _Rewriting:
         if rule is None or not self.sdlora_enabled or text is None:
             return text
         if isinstance(text, str):
-            return rule[0].sub(rule[1], text)
+            return rule[0].sub(lambda _: rule[1], text)  # the tokens as they are, never a replacement template
         return [self._rewritten(t) for t in text]
 
     def __call__(self, text: Any = None, *args: Any, **kwargs: Any) -> Any:
@@ -193,7 +198,9 @@ def diffusers_tensors(embeddings: Embeddings) -> dict[str, Any]:
 
 
 def read(path: Path) -> Embeddings | None:
-    """The embeddings in an emb file or a diffusers LoRA file of ours; None when it holds none."""
+    """The embeddings in an emb file or a diffusers LoRA file of ours; None when it holds none. Metadata that
+    could not have come from sdlora (a token other than <sN>, e.g. one with a backslash; an empty trigger word) is a
+    one-line SdloraError naming the file."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as handle:
@@ -208,22 +215,43 @@ def read(path: Path) -> Embeddings | None:
     tokens = tuple(t for t in metadata.get(TOKENS_KEY, "").split(",") if t)
     if not vectors or not tokens:
         return None
-    return Embeddings(vectors=vectors, word=metadata[WORD_KEY], tokens=tokens)
+    word = metadata[WORD_KEY]
+    bad = [t for t in tokens if not _TOKEN.fullmatch(t)]
+    if bad or not word.strip():
+        field, value = (TOKENS_KEY, bad[0]) if bad else (WORD_KEY, word)
+        raise SdloraError(
+            f"{path}: its pivotal-tuning metadata is damaged ({field} = {value!r}; sdlora writes tokens <s0>, "
+            "<s1>, ... and a trigger word); use the file as sdlora wrote it, or train again"
+        )
+    return Embeddings(vectors=vectors, word=word, tokens=tokens)
 
 
 def find(lora_path: Path, name: str) -> Embeddings | None:
-    """The embeddings of a LoRA: inside its file (our diffusers file), else `STEM_emb.safetensors` beside it, else
-    `NAME_emb.safetensors` in its folder (a train OUT_DIR, where NAME is the run's name)."""
+    """The embeddings of a LoRA: inside its file (our diffusers file), else the file its metadata names (a
+    pivotal-tuned kohya file: NEEDS_KEY) or `STEM_emb.safetensors` beside it, else `NAME_emb.safetensors` in its
+    folder (a train OUT_DIR, where NAME is the run's name). A kohya file that needs its embedding file and has
+    none beside it is a one-line SdloraError: it would render without its trained tokens."""
+    from safetensors import safe_open
+
     lora_path = Path(lora_path)
     found = read(lora_path)
     if found is not None:
         return found
-    for candidate in (layout.embedding_file(lora_path.stem), layout.embedding_file(name)):
+    with safe_open(str(lora_path), framework="pt") as handle:
+        needed = Path((handle.metadata() or {}).get(NEEDS_KEY, "")).name  # a file name, never a path
+    for candidate in dict.fromkeys(
+        [needed] * bool(needed) + [layout.embedding_file(lora_path.stem), layout.embedding_file(name)]
+    ):
         path = lora_path.parent / candidate
         if path.is_file():
             found = read(path)
             if found is not None:
                 return found
+    if needed:
+        raise SdloraError(
+            f"{lora_path}: pivotal-tuned, and its embedding file {needed} is not beside it (without it the trigger "
+            f"word renders without its trained tokens); put {needed} from the run's OUT_DIR into {lora_path.parent}"
+        )
     return None
 
 
