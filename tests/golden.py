@@ -5,7 +5,11 @@ tests/test_golden.py after every move: a refactor must not change a single bit o
 runs in a fresh process with CPU-independent kernels (PINNED_ENV): the first recording, made in-process, followed
 the CPU, and failed on the same code once the machines changed (AVX-512 without AMX -> AMX). Re-recorded under
 PINNED_ENV on 2026-12-02 from the code of 18f6c43 (before the recommended person defaults), whose hashes the
-code after that change gives bit for bit; the scenarios name the plain LoRA's settings. The hashes
+code after that change gives bit for bit; the scenarios name the plain LoRA's settings. Even pinned, training
+still followed the machine: on an AMD EPYC (AVX-512) CI machine the unchanged code of 1f5f202 gave other training
+tensors than the Intel recording (its render-only scenario, generate-kohya-euler_a, matched bit for bit), run after
+run the same. Re-recorded there on 2026-12-07 from 1f5f202, before the family-folder refactor; golden.json keeps
+the recording machine under "_recorded_on" so that a mismatch on a new kind of machine says so. The hashes
 cover tensor values, dtypes and shapes (not the files, whose headers hold timestamps) and decoded RGB pixels.
 """
 
@@ -200,6 +204,21 @@ PINNED_ENV = {
 }
 
 
+def machine() -> dict[str, str]:
+    """The CPU and torch build that a recording was made on (training tensors still follow the CPU's make)."""
+    import platform
+
+    import torch
+
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            cpu = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"cpu": cpu, "capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__}
+
+
 def run_pinned(name: str) -> dict[str, str]:
     """One scenario's hashes, computed in a fresh process under PINNED_ENV."""
     import subprocess
@@ -232,8 +251,9 @@ if __name__ == "__main__":
     if "--scenario" in sys.argv:
         print(json.dumps(_scenario(sys.argv[sys.argv.index("--scenario") + 1]), sort_keys=True))
         sys.exit(0)
-    result = {name: run_pinned(name) for name in SCENARIOS}
+    result: dict = {name: run_pinned(name) for name in SCENARIOS}
     if "--record" in sys.argv:
+        result["_recorded_on"] = machine()
         GOLDEN_FILE.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         print(f"wrote {GOLDEN_FILE}")
     else:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from golden import GOLDEN_FILE, SCENARIOS, run_pinned
+from golden import GOLDEN_FILE, SCENARIOS, machine, run_pinned
 
 RECORDED = json.loads(GOLDEN_FILE.read_text(encoding="utf-8"))
 
@@ -22,4 +22,5 @@ def test_outputs_match_the_recorded_hashes(name):
     expected = RECORDED[name]
     assert sorted(hashes) == sorted(expected), "a different set of outputs was written"
     changed = [key for key in expected if hashes[key] != expected[key]]
-    assert not changed, f"{name}: outputs differ from the recorded golden run: {changed}"
+    where = f"recorded on {RECORDED.get('_recorded_on')}, run on {machine()}"
+    assert not changed, f"{name}: outputs differ from the recorded golden run ({where}): {changed}"
