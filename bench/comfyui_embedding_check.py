@@ -65,7 +65,7 @@ def build(family_name: str, folder: Path):
 def trained_embeddings(pipe, family, folder: Path):
     """Install the tokens, train their rows a little, write NAME_emb.safetensors as training does."""
     from sdlora.lora import embeddings
-    from sdlora.train.pivotal import Pivotal, save
+    from sdlora.train.methods.pivotal import Pivotal, save
 
     tokens = embeddings.token_names(2)
     vectors = embeddings.class_vectors(pipe, family, "person", len(tokens))

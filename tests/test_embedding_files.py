@@ -46,7 +46,9 @@ def test_a_kohya_file_that_needs_its_embedding_file_refuses_without_it(tiny_sd1,
 
 def test_the_embedding_file_named_in_the_metadata_is_found_under_its_own_name(tmp_path):
     lora = tmp_path / "renamed.safetensors"
-    save_file({"lora_unet_x.alpha": torch.ones(())}, str(lora), metadata={embeddings.NEEDS_KEY: "alice_emb.safetensors"})
+    save_file(
+        {"lora_unet_x.alpha": torch.ones(())}, str(lora), metadata={embeddings.NEEDS_KEY: "alice_emb.safetensors"}
+    )
     _emb_file(tmp_path / "alice_emb.safetensors")
     found = embeddings.find(lora, "renamed")
     assert found is not None and found.tokens == ("<s0>", "<s1>") and found.word == "sks"
