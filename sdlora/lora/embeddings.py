@@ -15,12 +15,15 @@ import functools
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from sdlora import layout
 from sdlora.errors import SdloraError
+
+if TYPE_CHECKING:
+    from sdlora.families import Family
 
 # Keys inside the diffusers LoRA file: they contain "lora" and none of diffusers' model prefixes, so diffusers'
 # own load_lora_weights ignores them (kohya's `bundle_emb.` name would make it refuse the whole file).
@@ -103,7 +106,7 @@ def rewrite_rule(word: str, tokens: tuple[str, ...]) -> tuple[re.Pattern[str], s
     return re.compile(rf"(?<![\w<]){re.escape(word)}(?![\w>])", re.IGNORECASE), "".join(tokens)
 
 
-def encoder_keys(pipe: Any, family: Any) -> list[tuple[str, str, Any, Any]]:
+def encoder_keys(pipe: Any, family: Family) -> list[tuple[str, str, Any, Any]]:
     """(pipeline attribute, file key, tokenizer, encoder) of each text encoder that gets the new tokens."""
     return [
         (name, key, getattr(pipe, name.replace("text_encoder", "tokenizer")), getattr(pipe, name))
@@ -111,7 +114,7 @@ def encoder_keys(pipe: Any, family: Any) -> list[tuple[str, str, Any, Any]]:
     ]
 
 
-def class_vectors(pipe: Any, family: Any, class_word: str, count: int) -> dict[str, Any]:
+def class_vectors(pipe: Any, family: Family, class_word: str, count: int) -> dict[str, Any]:
     """Each new token's starting vector: the class word's embedding (the mean of its tokens' rows), per encoder."""
     vectors = {}
     for _, key, tokenizer, encoder in encoder_keys(pipe, family):
@@ -121,7 +124,7 @@ def class_vectors(pipe: Any, family: Any, class_word: str, count: int) -> dict[s
     return vectors
 
 
-def install(pipe: Any, family: Any, embeddings: Embeddings) -> dict[str, ExtraRows]:
+def install(pipe: Any, family: Family, embeddings: Embeddings) -> dict[str, ExtraRows]:
     """Add the new tokens to the family's CLIP tokenizers and their vectors to the text encoders, and switch the
     prompt rewrite on; returns the ExtraRows module of each encoder by pipeline attribute."""
     installed = {}
@@ -165,7 +168,7 @@ def _pool_at_first_eos(encoder: Any, tokenizer: Any) -> None:
         transformer.eos_token_id = tokenizer.eos_token_id
 
 
-def set_enabled(pipe: Any, family: Any, on: bool) -> None:
+def set_enabled(pipe: Any, family: Family, on: bool) -> None:
     """Switch the prompt rewrite of installed tokenizers on or off (off: the trigger word is an ordinary word, as
     for the plain base); nothing happens for tokenizers without new tokens."""
     for _, _, tokenizer, _ in encoder_keys(pipe, family):
@@ -173,7 +176,7 @@ def set_enabled(pipe: Any, family: Any, on: bool) -> None:
             tokenizer.sdlora_enabled = on
 
 
-def current(installed: dict[str, ExtraRows], family: Any, word: str, tokens: tuple[str, ...]) -> Embeddings:
+def current(installed: dict[str, ExtraRows], family: Family, word: str, tokens: tuple[str, ...]) -> Embeddings:
     """The vectors now in the installed modules, detached fp32 copies on the CPU."""
     keys = dict(family.embedding_keys)
     vectors = {keys[name]: rows.rows.detach().float().cpu().clone() for name, rows in installed.items()}
@@ -255,7 +258,7 @@ def find(lora_path: Path, name: str) -> Embeddings | None:
     return None
 
 
-def load_for_loras(pipe: Any, family: Any, loras: list[Any]) -> Embeddings | None:
+def load_for_loras(pipe: Any, family: Family, loras: list[Any]) -> Embeddings | None:
     """Install the embeddings of the LoRAs that have any (`generate` and `eval`); one run's at most."""
     found = [(lora, e) for lora in loras if (e := find(lora.path, lora.name)) is not None]
     if len(found) > 1:
