@@ -9,13 +9,16 @@ So a resumed run, or a run on N processes, trains on exactly the samples of one 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from sdlora import objectives
 from sdlora.families import Conditioning
 from sdlora.train.data import DataOrder, Example, load_example, stream_seed
+
+if TYPE_CHECKING:
+    from sdlora.families import Family
 
 
 @dataclass
@@ -180,7 +183,7 @@ class Batches:
 
 @torch.no_grad()
 def build_text_cache(
-    family: Any,
+    family: Family,
     tokenizers: list[Any],
     text_encoders: list[Any],
     prompts: list[str],

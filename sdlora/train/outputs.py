@@ -6,11 +6,12 @@ import contextlib
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sdlora import __version__, layout
 
 if TYPE_CHECKING:
+    from sdlora.train.methods import Files
     from sdlora.train.state import Run
 
 
@@ -20,7 +21,6 @@ def save_loras(run: Run, folder: Path, *, unwrap_for_good: bool) -> tuple[Path, 
     import torch
 
     from sdlora.lora import kohya, peft
-    from sdlora.train import methods
 
     unwrap = run.accelerator.unwrap_model
     denoiser = unwrap(run.denoiser, keep_fp32_wrapper=not unwrap_for_good)
@@ -34,18 +34,41 @@ def save_loras(run: Run, folder: Path, *, unwrap_for_good: bool) -> tuple[Path, 
     }
     diffusers_file = Path(folder) / layout.DIFFUSERS_LORA
     models = {run.family.denoiser: denoiser} | encoders
-    extra, more, kohya_more = {}, {}, {}
-    for method in methods.active(run.config.train):  # e.g. pivotal tuning: NAME_emb.safetensors
-        files = method.write_files(run.methods.get(method.name), folder, run.plan.name, header)
-        extra, more, kohya_more = (
-            extra | files.diffusers_tensors,
-            more | files.diffusers_metadata,
-            kohya_more | files.kohya_metadata,
-        )
+    files = method_files(run, folder, header)  # e.g. pivotal tuning: NAME_emb.safetensors
     comfyui = run.family.comfyui_diffusers_file
+    more, extra = files.diffusers_metadata, files.diffusers_tensors
     peft.save_diffusers(diffusers_file, type(run.pipe), models, header | more, for_comfyui=comfyui, extra=extra)
+    metadata = kohya_metadata(run, models, files.kohya_metadata)
+    kohya_file = Path(folder) / layout.kohya_file(run.plan.name)
+    # fp32, not the UIs' usual fp16: the file then reproduces the trained model (fp16 weights missed 1e-4).
+    state = kohya.kohya_state_dict(denoiser, list(encoders.values()), run.family, dtype=torch.float32)
+    kohya.save_kohya(kohya_file, state, metadata)
+    return diffusers_file, kohya_file
+
+
+def method_files(run: Run, folder: Path, header: dict[str, str]) -> Files:
+    """What the active likeness methods write beside the LoRA files and add to them."""
+    from sdlora.train import methods
+
+    found = methods.Files()
+    for method in methods.active(run.config.train):
+        files = method.write_files(run.methods.get(method.name), folder, run.plan.name, header)
+        found = methods.Files(
+            found.diffusers_tensors | files.diffusers_tensors,
+            found.diffusers_metadata | files.diffusers_metadata,
+            found.kohya_metadata | files.kohya_metadata,
+        )
+    return found
+
+
+def kohya_metadata(run: Run, models: dict[str, Any], more: dict[str, str]) -> dict[str, str]:
+    """kohya's ss_* and modelspec keys of the run, LyCORIS's for a DoRA or LoKr adapter, and `more` (the
+    methods'). `models`: the unwrapped adapted models by pipeline attribute, the denoiser first."""
+    from sdlora.lora import kohya, peft
+
     lc, tc = run.config.lora, run.config.train
-    metadata = kohya.build_metadata(
+    denoiser = models[run.family.denoiser]
+    return kohya.build_metadata(
         run.info,
         name=run.plan.name,
         rank=lc.rank,
@@ -57,18 +80,13 @@ def save_loras(run: Run, folder: Path, *, unwrap_for_good: bool) -> tuple[Path, 
         trigger_phrase=run.plan.trigger,
         started_at=run.started_at,
         finished_at=time.time(),
-        text_encoder_trained=bool(encoders),
+        text_encoder_trained=len(models) > 1,
         extra=kohya.flow_metadata(
             run.info, tc, run.family.sequence_length(run.pipe, run.config.model.max_sequence_length)
         )
         | kohya.adapter_metadata(peft.adapter_kind(denoiser), {n: peft.adapter_metadata(m) for n, m in models.items()})
-        | kohya_more,
+        | more,
     )
-    kohya_file = Path(folder) / layout.kohya_file(run.plan.name)
-    # fp32, not the UIs' usual fp16: the file then reproduces the trained model (fp16 weights missed 1e-4).
-    state = kohya.kohya_state_dict(denoiser, list(encoders.values()), run.family, dtype=torch.float32)
-    kohya.save_kohya(kohya_file, state, metadata)
-    return diffusers_file, kohya_file
 
 
 def render_samples(run: Run, step: int) -> None:

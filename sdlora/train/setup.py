@@ -86,7 +86,7 @@ def setup_pipeline(
     for name in late:
         getattr(pipe, name).to(accelerator.device)
     offloaded = staged if staged else offload_frozen(config, pipe, family, active)
-    return prepare_training(given, config, plan, accelerator, pipe, info, build, objective, offloaded, active)
+    return prepare_training(given, build, info, objective, offloaded, active)
 
 
 def build_objective(tc: TrainConfig, family: Family, pipe: Any, device: Any, active: Sequence[Method]) -> Any:
@@ -99,22 +99,13 @@ def build_objective(tc: TrainConfig, family: Family, pipe: Any, device: Any, act
 
 
 def prepare_training(
-    given: Config,
-    config: Config,
-    plan: Plan,
-    accelerator: Any,
-    pipe: Any,
-    info: ModelInfo,
-    build: Build,
-    objective: Any,
-    offloaded: list[str],
-    active: Sequence[Method],
+    given: Config, build: Build, info: ModelInfo, objective: Any, offloaded: list[str], active: Sequence[Method]
 ) -> Run:
     """The optimizer over the LoRA (and the methods' groups), Accelerate's wrappers, a resumed checkpoint's state,
-    the run files: the Run the loop takes."""
+    the run files (`given`: the settings as given): the Run the loop takes."""
     from sdlora.train import checkpoint
-    from sdlora.train.optim import build_optimizer, build_scheduler
 
+    config, plan, pipe, accelerator = build.config, build.plan, build.pipe, build.accelerator
     tc, family = config.train, info.spec
     encoders = build.trained
     denoiser = getattr(pipe, family.denoiser)
@@ -122,8 +113,7 @@ def prepare_training(
     for method in active:  # pivotal tuning's rows: after the LoRA groups, which then leave them out
         groups += method.param_groups(build.states.get(method.name), tc)
     params = [p for g in groups for p in g["params"]]
-    optimizer = build_optimizer(groups, tc.optimizer, tc.weight_decay, fused=accelerator.device.type == "cuda")
-    lr_scheduler = build_scheduler(optimizer, tc.steps, tc.warmup_steps, tc.lr_scheduler)
+    optimizer, lr_scheduler = build_optimization(groups, tc, cuda=accelerator.device.type == "cuda")
     models = {family.denoiser: denoiser} | encoders
     checkpoint.register_hooks(accelerator, models, accelerator.unwrap_model)
     prepared = accelerator.prepare(*models.values(), optimizer, lr_scheduler)
@@ -152,6 +142,14 @@ def prepare_training(
         offloaded=offloaded,
         methods=build.states,
     )
+
+
+def build_optimization(groups: list[dict[str, Any]], tc: TrainConfig, cuda: bool) -> tuple[Any, Any]:
+    """The optimizer over `groups` and its learning-rate schedule."""
+    from sdlora.train.optim import build_optimizer, build_scheduler
+
+    optimizer = build_optimizer(groups, tc.optimizer, tc.weight_decay, fused=cuda)
+    return optimizer, build_scheduler(optimizer, tc.steps, tc.warmup_steps, tc.lr_scheduler)
 
 
 def param_groups(tc: TrainConfig, denoiser: Any, encoders: dict[str, Any]) -> list[dict[str, Any]]:

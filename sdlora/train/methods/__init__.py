@@ -27,7 +27,7 @@ from sdlora.train.methods.base import Build, Files, Method
 if TYPE_CHECKING:
     from sdlora.config import TrainConfig
     from sdlora.train.batches import MicroBatch
-    from sdlora.train.setup import Run
+    from sdlora.train.state import Run
 
 __all__ = ["METHODS", "Build", "Files", "Method", "active", "before_step", "encoders", "extra_loss"]
 

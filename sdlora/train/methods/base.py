@@ -11,10 +11,9 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from sdlora.config import Config, TrainConfig
     from sdlora.families import Family
-    from sdlora.train import Plan
     from sdlora.train.batches import Batches, MicroBatch
     from sdlora.train.data import Example
-    from sdlora.train.setup import Run
+    from sdlora.train.state import Plan, Run
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from sdlora.train.methods.base import Build, Files, Method
 if TYPE_CHECKING:
     from sdlora.config import Config, TrainConfig
     from sdlora.families import Family
-    from sdlora.train.setup import Run
+    from sdlora.train.state import Run
 
 UNTIL_KEY = "sdlora.pivotal_until"  # emb file metadata in checkpoints: the first step with frozen rows
 
