@@ -70,10 +70,9 @@ def setup_pipeline(
     build = methods.Build(
         config, plan, pipe, family, accelerator, text_apart=bool(staging.frozen_encoders(config, family))
     )
+    away = staged + late  # in CPU RAM: on the device for a method that renders with the base
     for method in active:  # class images: rendered by the base, before any adapter
-        with staging.visiting(
-            pipe, staged + late if method.renders_with_base(config.train) else [], accelerator.device
-        ):
+        with staging.visiting(pipe, away if method.renders_with_base(config.train) else [], accelerator.device):
             method.before_adapters(build)
     attach_adapters(config, pipe, family, seed=config.train.seed)
     check_sizes(config, family)
