@@ -3,18 +3,20 @@ the final save run over without naming any of them. A new method is one file her
 
 The verbs, in the order a run meets them (every one a no-op in `Method`, which a method overrides where it acts):
 - `active(tc)`: whether the settings turn it on; only active methods are asked anything else.
-- `check(config, examples, dataset_dir)`: pre-flight, before any model loads; one-line UsageErrors.
+- `check(config, examples, dataset_dir, token)`: pre-flight, before any model loads; one-line UsageErrors.
 - `cached_prompts(config, plan)` / `rendered_prompts(config, plan)`: prompts whose frozen text conditioning a
   staged family (sdlora.train.staging) caches before the denoiser loads, beside the captions' and the renders'.
 - `shape_objective(objective, tc)`: the training objective it changes (timestep bias).
 - `before_adapters(build)`, `prepare(build)`, `with_batches(build)`: what it caches before step 1, at the three
-  points of set-up (the base alone; adapters attached; latents and text cached); its state goes in `build.states`.
+  points of set-up (the base alone, which `renders_with_base(tc)` brings to the device; adapters attached;
+  latents and text cached); its state goes in `build.states`, and the loop hands it back as `state`.
 - `encodes_afresh(tc, family)`, `param_groups(state, tc)`: encoders whose outputs it needs live, its optimizer group.
 - `before_step(run, state, step)`, `encoders(run, state, step)`, `loss_term(run, state, batch, noisy, pred)`: in
   the loop.
 - `resume(state, folder, name)`, `write_files(state, folder, name, header)`: what a checkpoint holds of it and
   what it adds to the LoRA files (sdlora.train.outputs).
-Dataclasses and a base with no-ops rather than a hook registry: the list is fixed and read top to bottom.
+A base class of no-ops (not a hook registry): the list is fixed, and each method file shows only the verbs it
+acts in.
 """
 
 from __future__ import annotations
