@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
+    from accelerate import Accelerator
+    from diffusers import DiffusionPipeline
 
     from sdlora.config import Config
     from sdlora.families import Family
@@ -47,15 +49,15 @@ class Run:
 
     config: Config
     plan: Plan
-    accelerator: Any  # accelerate.Accelerator
-    pipe: Any  # the family's diffusers pipeline
+    accelerator: Accelerator
+    pipe: DiffusionPipeline  # the family's pipeline, frozen, with the adapters attached
     info: ModelInfo
     family: Family
     denoiser: torch.nn.Module  # prepared (DDP/autocast-wrapped) UNet or transformer
     text_encoders: dict[str, torch.nn.Module]  # prepared text encoders by pipeline attribute, when they train; else {}
     params: list[torch.nn.Parameter]
     optimizer: torch.optim.Optimizer
-    lr_scheduler: Any  # torch LR scheduler (Accelerate-wrapped)
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler  # (Accelerate-wrapped)
     batches: Batches
     objective: Any  # sdlora.objectives: timesteps, noising, targets and loss weights of the family
     start_step: int
