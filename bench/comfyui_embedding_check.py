@@ -9,7 +9,7 @@ stack (ComfyUI's embedding code needs nothing more):
 For each family the real CLIP widths (CLIP-L 768; SDXL also OpenCLIP bigG 1280) with one transformer layer (only
 the token table matters) and the real CLIP vocabulary are built; `sdlora.lora.embeddings.install` adds the
 trigger tokens, their rows train a few AdamW steps through the encoder (so they are no copy of the class word's),
-and `sdlora.train.pivotal.save` writes NAME_emb.safetensors as training does. ComfyUI then reads it twice:
+and `sdlora.train.methods.pivotal.save` writes NAME_emb.safetensors as training does. ComfyUI then reads it twice:
 `comfy.sd1_clip.load_embed` with the family's embedding key, and its tokenizer (SD1Tokenizer / SDXLTokenizer)
 on the prompt "a photo of embedding:NAME_emb person", which splices the vectors into the token list. Every vector
 must equal ours bit for bit, in order.
@@ -65,7 +65,7 @@ def build(family_name: str, folder: Path):
 def trained_embeddings(pipe, family, folder: Path):
     """Install the tokens, train their rows a little, write NAME_emb.safetensors as training does."""
     from sdlora.lora import embeddings
-    from sdlora.train.pivotal import Pivotal, save
+    from sdlora.train.methods.pivotal import Pivotal, save
 
     tokens = embeddings.token_names(2)
     vectors = embeddings.class_vectors(pipe, family, "person", len(tokens))

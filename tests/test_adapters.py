@@ -19,7 +19,8 @@ from sdlora import config as sdconfig
 from sdlora import families
 from sdlora.cli import app
 from sdlora.layout import LORA_STATE
-from sdlora.lora import lycoris
+from sdlora.lora import kinds
+from sdlora.lora.kinds import dora, lokr
 
 STEPS = 2
 SAMPLE_STEPS = 1
@@ -111,7 +112,7 @@ def test_lycoris_keys_and_metadata(run):
         keys, metadata = list(handle.keys()), handle.metadata()  # noqa: SIM118
         shapes = {key: handle.get_slice(key).get_shape() for key in keys}
     modules = {key.split(".", 1)[0] for key in keys}
-    assert lycoris.file_kind(keys) == run["kind"]
+    assert kinds.file_kind(keys) == run["kind"]
     assert metadata["ss_network_module"] == "lycoris.kohya" and metadata["sdlora.adapter"] == run["kind"]
     text_prefixes = ("lora_te1_", "lora_te2_") if run["family"] == "sdxl" else ("lora_te_",)
     found = {m.split("_text_model")[0] + "_" for m in modules if m.startswith("lora_te")}
@@ -129,7 +130,7 @@ def test_lycoris_keys_and_metadata(run):
         assert any(m.startswith("lora_unet_input_blocks_") for m in modules)
     with safe_open(str(run["out"] / "pytorch_lora_weights.safetensors"), framework="pt") as handle:
         diffusers_meta = handle.metadata()
-        assert lycoris.file_kind(handle.keys()) == run["kind"]
+        assert kinds.file_kind(handle.keys()) == run["kind"]
     assert diffusers_meta["sdlora.adapter"] == run["kind"]
     assert json.loads(diffusers_meta["lora_adapter_metadata"])
 
@@ -209,20 +210,20 @@ def test_lokr_scale_round_trip_and_dora_orientation():
     model = torch.nn.Sequential(torch.nn.Linear(8, 12), torch.nn.Linear(64, 64))
     peft.inject_adapter_in_model(peft.LoKrConfig(r=2, alpha=3, target_modules=["0", "1"]), model)
     for _, layer, _ in kohya.adapter_layers(model):
-        for part in lycoris.LOKR_PARTS:
+        for part in lokr.PARTS:
             if "default" in getattr(layer, part):
                 torch.nn.init.normal_(getattr(layer, part)["default"])
-        tensors = lycoris.lokr_tensors(layer, "default")
+        tensors = lokr.module_tensors(layer, "default")
         w1 = tensors["lokr_w1"] if "lokr_w1" in tensors else tensors["lokr_w1_a"] @ tensors["lokr_w1_b"]
         w2 = tensors["lokr_w2"] if "lokr_w2" in tensors else tensors["lokr_w2_a"] @ tensors["lokr_w2_b"]
-        reader = torch.kron(w1, w2) * lycoris.reader_scale(tensors)
+        reader = torch.kron(w1, w2) * lokr.reader_scale(tensors)
         torch.testing.assert_close(reader, layer.get_delta_weight("default"))
-    kinds = {("lokr_w2_a" in lycoris.lokr_tensors(layer, "default")) for _, layer, _ in kohya.adapter_layers(model)}
+    kinds = {("lokr_w2_a" in lokr.module_tensors(layer, "default")) for _, layer, _ in kohya.adapter_layers(model)}
     assert kinds == {False, True}  # one layer with both factors whole (the folded case), one factorised
     conv = torch.nn.Sequential(torch.nn.Conv2d(4, 6, 1))
     peft.inject_adapter_in_model(peft.LoraConfig(r=2, target_modules=["0"], use_dora=True), conv)
     (_, layer, kind), *_ = kohya.adapter_layers(conv)
-    assert kind == "dora" and lycoris.dora_tensors(layer, "default")["dora_scale"].shape == (6, 1, 1, 1)
+    assert kind == "dora" and dora.module_tensors(layer, "default")["dora_scale"].shape == (6, 1, 1, 1)
 
 
 def test_family_of_a_lokr_file_from_its_shapes(tmp_path):

@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 from sdlora import objectives
 from sdlora.cli import app
 from sdlora.config import ConfigError, load
-from sdlora.train.preservation import adapters_off, base_prediction, class_prompt, encode
+from sdlora.train.methods.adapters_off import adapters_off, base_prediction, encode
+from sdlora.train.methods.output_preservation import class_prompt
 
 
 @pytest.mark.parametrize(

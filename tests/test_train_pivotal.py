@@ -104,7 +104,7 @@ def test_flux_refused_with_reason():
     from sdlora.config import Config
     from sdlora.errors import UsageError
     from sdlora.families import get
-    from sdlora.train import pivotal
+    from sdlora.train.methods import pivotal
 
     config = Config().model_copy(update={"train": Config().train.model_copy(update={"pivotal": True})})
     with pytest.raises(UsageError, match="--pivotal: not available for Flux.1 bases .*T5, which never trains"):
@@ -221,3 +221,26 @@ def test_sdxl_both_encoders_get_the_tokens_and_generate_reloads(tiny_sdxl, tmp_p
         assert (emb[key] - person).abs().amax(dim=1).min() > 1e-3, key  # trained, through both encoders
     image = generate(tiny_sdxl, out, tmp_path / "g")
     assert np.abs(image - sample(out, 2)).max() == 0
+
+
+@pytest.mark.slow
+def test_sd1_kohya_file_names_its_embedding_file_and_refuses_without_it(sd1_pivotal, tmp_path):
+    """The kohya file says which embedding file it needs; alone in a folder, generate refuses it in one line
+    (without the file it would render the trigger word without its trained tokens, silently)."""
+    from sdlora.lora.embeddings import NEEDS_KEY
+
+    out, base = sd1_pivotal["out"], sd1_pivotal["base"]
+    for folder in (out, out / "checkpoints" / "step-000006"):
+        with safe_open(str(folder / "astro.safetensors"), "pt") as handle:
+            assert handle.metadata()[NEEDS_KEY] == "astro_emb.safetensors"
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(out / "astro.safetensors", alone / "astro.safetensors")
+    args = ["generate", "--base", str(base), "--lora", str(alone / "astro.safetensors"), "--prompt", "sks"]
+    result = CliRunner().invoke(app, [*args, "--size", "64x64", "--steps", "2", "--out", str(tmp_path / "g")])
+    assert result.exit_code == 1, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "its embedding file astro_emb.safetensors is not beside it" in lines[0], result.output
+    # Beside its embedding file, it loads (and renders with the tokens: test_sd1_only_new_rows_change...).
+    shutil.copy(out / "astro_emb.safetensors", alone / "astro_emb.safetensors")
+    generate(base, alone / "astro.safetensors", tmp_path / "g2")

@@ -15,17 +15,25 @@ import functools
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from sdlora import layout
 from sdlora.errors import SdloraError
 
+if TYPE_CHECKING:
+    from sdlora.families import Family
+
 # Keys inside the diffusers LoRA file: they contain "lora" and none of diffusers' model prefixes, so diffusers'
 # own load_lora_weights ignores them (kohya's `bundle_emb.` name would make it refuse the whole file).
 DIFFUSERS_PREFIX = "pivotal_lora_emb."
 WORD_KEY, TOKENS_KEY = "sdlora.pivotal_word", "sdlora.pivotal_tokens"  # safetensors metadata of both files
+# In a pivotal-tuned kohya file's metadata: the embedding file it needs beside it (NAME_emb.safetensors), without
+# which it would render without its trained tokens.
+NEEDS_KEY = "sdlora.embedding_file"
+# What token_names writes; a token read from a file must look so (a backslash would break the prompt rewrite).
+_TOKEN = re.compile(r"<s\d+>")
 
 
 @dataclass(frozen=True)
@@ -78,7 +86,7 @@ class _Rewriting:
         if rule is None or not self.sdlora_enabled or text is None:
             return text
         if isinstance(text, str):
-            return rule[0].sub(rule[1], text)
+            return rule[0].sub(lambda _: rule[1], text)  # the tokens as they are, never a replacement template
         return [self._rewritten(t) for t in text]
 
     def __call__(self, text: Any = None, *args: Any, **kwargs: Any) -> Any:
@@ -98,7 +106,7 @@ def rewrite_rule(word: str, tokens: tuple[str, ...]) -> tuple[re.Pattern[str], s
     return re.compile(rf"(?<![\w<]){re.escape(word)}(?![\w>])", re.IGNORECASE), "".join(tokens)
 
 
-def encoder_keys(pipe: Any, family: Any) -> list[tuple[str, str, Any, Any]]:
+def encoder_keys(pipe: Any, family: Family) -> list[tuple[str, str, Any, Any]]:
     """(pipeline attribute, file key, tokenizer, encoder) of each text encoder that gets the new tokens."""
     return [
         (name, key, getattr(pipe, name.replace("text_encoder", "tokenizer")), getattr(pipe, name))
@@ -106,7 +114,7 @@ def encoder_keys(pipe: Any, family: Any) -> list[tuple[str, str, Any, Any]]:
     ]
 
 
-def class_vectors(pipe: Any, family: Any, class_word: str, count: int) -> dict[str, Any]:
+def class_vectors(pipe: Any, family: Family, class_word: str, count: int) -> dict[str, Any]:
     """Each new token's starting vector: the class word's embedding (the mean of its tokens' rows), per encoder."""
     vectors = {}
     for _, key, tokenizer, encoder in encoder_keys(pipe, family):
@@ -116,7 +124,7 @@ def class_vectors(pipe: Any, family: Any, class_word: str, count: int) -> dict[s
     return vectors
 
 
-def install(pipe: Any, family: Any, embeddings: Embeddings) -> dict[str, ExtraRows]:
+def install(pipe: Any, family: Family, embeddings: Embeddings) -> dict[str, ExtraRows]:
     """Add the new tokens to the family's CLIP tokenizers and their vectors to the text encoders, and switch the
     prompt rewrite on; returns the ExtraRows module of each encoder by pipeline attribute."""
     installed = {}
@@ -160,7 +168,7 @@ def _pool_at_first_eos(encoder: Any, tokenizer: Any) -> None:
         transformer.eos_token_id = tokenizer.eos_token_id
 
 
-def set_enabled(pipe: Any, family: Any, on: bool) -> None:
+def set_enabled(pipe: Any, family: Family, on: bool) -> None:
     """Switch the prompt rewrite of installed tokenizers on or off (off: the trigger word is an ordinary word, as
     for the plain base); nothing happens for tokenizers without new tokens."""
     for _, _, tokenizer, _ in encoder_keys(pipe, family):
@@ -168,7 +176,7 @@ def set_enabled(pipe: Any, family: Any, on: bool) -> None:
             tokenizer.sdlora_enabled = on
 
 
-def current(installed: dict[str, ExtraRows], family: Any, word: str, tokens: tuple[str, ...]) -> Embeddings:
+def current(installed: dict[str, ExtraRows], family: Family, word: str, tokens: tuple[str, ...]) -> Embeddings:
     """The vectors now in the installed modules, detached fp32 copies on the CPU."""
     keys = dict(family.embedding_keys)
     vectors = {keys[name]: rows.rows.detach().float().cpu().clone() for name, rows in installed.items()}
@@ -193,7 +201,9 @@ def diffusers_tensors(embeddings: Embeddings) -> dict[str, Any]:
 
 
 def read(path: Path) -> Embeddings | None:
-    """The embeddings in an emb file or a diffusers LoRA file of ours; None when it holds none."""
+    """The embeddings in an emb file or a diffusers LoRA file of ours; None when it holds none. Metadata that
+    could not have come from sdlora (a token other than <sN>, e.g. one with a backslash; an empty trigger word) is a
+    one-line SdloraError naming the file."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as handle:
@@ -208,26 +218,47 @@ def read(path: Path) -> Embeddings | None:
     tokens = tuple(t for t in metadata.get(TOKENS_KEY, "").split(",") if t)
     if not vectors or not tokens:
         return None
-    return Embeddings(vectors=vectors, word=metadata[WORD_KEY], tokens=tokens)
+    word = metadata[WORD_KEY]
+    bad = [t for t in tokens if not _TOKEN.fullmatch(t)]
+    if bad or not word.strip():
+        field, value = (TOKENS_KEY, bad[0]) if bad else (WORD_KEY, word)
+        raise SdloraError(
+            f"{path}: its pivotal-tuning metadata is damaged ({field} = {value!r}; sdlora writes tokens <s0>, "
+            "<s1>, ... and a trigger word); use the file as sdlora wrote it, or train again"
+        )
+    return Embeddings(vectors=vectors, word=word, tokens=tokens)
 
 
 def find(lora_path: Path, name: str) -> Embeddings | None:
-    """The embeddings of a LoRA: inside its file (our diffusers file), else `STEM_emb.safetensors` beside it, else
-    `NAME_emb.safetensors` in its folder (a train OUT_DIR, where NAME is the run's name)."""
+    """The embeddings of a LoRA: inside its file (our diffusers file), else the file its metadata names (a
+    pivotal-tuned kohya file: NEEDS_KEY) or `STEM_emb.safetensors` beside it, else `NAME_emb.safetensors` in its
+    folder (a train OUT_DIR, where NAME is the run's name). A kohya file that needs its embedding file and has
+    none beside it is a one-line SdloraError: it would render without its trained tokens."""
+    from safetensors import safe_open
+
     lora_path = Path(lora_path)
     found = read(lora_path)
     if found is not None:
         return found
-    for candidate in (layout.embedding_file(lora_path.stem), layout.embedding_file(name)):
+    with safe_open(str(lora_path), framework="pt") as handle:
+        needed = Path((handle.metadata() or {}).get(NEEDS_KEY, "")).name  # a file name, never a path
+    for candidate in dict.fromkeys(
+        [needed] * bool(needed) + [layout.embedding_file(lora_path.stem), layout.embedding_file(name)]
+    ):
         path = lora_path.parent / candidate
         if path.is_file():
             found = read(path)
             if found is not None:
                 return found
+    if needed:
+        raise SdloraError(
+            f"{lora_path}: pivotal-tuned, and its embedding file {needed} is not beside it (without it the trigger "
+            f"word renders without its trained tokens); put {needed} from the run's OUT_DIR into {lora_path.parent}"
+        )
     return None
 
 
-def load_for_loras(pipe: Any, family: Any, loras: list[Any]) -> Embeddings | None:
+def load_for_loras(pipe: Any, family: Family, loras: list[Any]) -> Embeddings | None:
     """Install the embeddings of the LoRAs that have any (`generate` and `eval`); one run's at most."""
     found = [(lora, e) for lora in loras if (e := find(lora.path, lora.name)) is not None]
     if len(found) > 1:

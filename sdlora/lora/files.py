@@ -215,10 +215,11 @@ def load_adapter_file(pipe: Any, path: Path, adapter_name: str) -> bool:
     from safetensors import safe_open
 
     from sdlora.lora import kohya, lycoris, peft
+    from sdlora.lora.kinds import KINDS, file_kind
 
     with safe_open(str(path), framework="pt") as handle:
         keys = list(handle.keys())  # noqa: SIM118 (safe_open is not a dict)
-    if lycoris.file_kind(keys) == "lora":
+    if KINDS[file_kind(keys)].diffusers_reads:
         return False
     if kohya.is_kohya_state_dict(keys):
         lycoris.load_kohya(pipe, families.detect(pipe), path, adapter_name)

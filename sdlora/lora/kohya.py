@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from sdlora.errors import SdloraError, UsageError
 from sdlora.fsutil import atomic_path
-from sdlora.lora.lycoris import LOKR_PARTS
+from sdlora.lora.kinds import KINDS, jsonable, layer_kind
 
 if TYPE_CHECKING:
     import torch
@@ -33,7 +33,12 @@ if TYPE_CHECKING:
 Namer = Callable[[str], tuple[str, int, int]]
 UNET_PREFIX = "lora_unet_"
 KEY_PREFIXES = (UNET_PREFIX, "lora_te_", "lora_te1_", "lora_te2_")
-KEY_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha", ".dora_scale", *(f".{p}" for p in LOKR_PARTS))
+KEY_SUFFIXES = (
+    ".lora_down.weight",
+    ".lora_up.weight",
+    ".alpha",
+    *(s for k in KINDS.values() for s in k.extra_suffixes),
+)
 
 
 def kohya_state_dict(
@@ -71,17 +76,16 @@ def kohya_state_dict(
 def _add_modules(state: dict, model: Any, prefix: str, namer: Namer, adapter: str, dtype: torch.dtype) -> None:
     import torch
 
-    from sdlora.lora import lycoris
-
     fused: dict[str, dict[int, Part]] = {}
     parts_of: dict[str, int] = {}
     for path, layer, kind in adapter_layers(model, adapter):
         module, part, parts = namer(_unwrapped(path))
         name = prefix + module.replace(".", "_")
-        if kind != "lora":  # DoRA and LoKr: LyCORIS keys, one layer per module
+        writer = KINDS[kind].module_tensors
+        if writer is not None:  # DoRA and LoKr: LyCORIS keys, one layer per module
             if parts > 1:
                 raise SdloraError(fused_message(kind, name, parts))
-            for suffix, tensor in lycoris.module_tensors(layer, adapter, kind).items():
+            for suffix, tensor in writer(layer, adapter).items():
                 state[f"{name}.{suffix}"] = tensor if suffix == "alpha" else tensor.to(dtype).contiguous()
             continue
         # Copies: the state must not change when training goes on after a checkpoint.
@@ -150,7 +154,7 @@ def fused_message(kind: str, name: str, parts: int) -> str:
 def refuse_fused(kind: str, model: Any, namer: Namer, config: Any, family_label: str) -> None:
     """Before training: a DoRA or LoKr adapter on layers that the family's kohya format fuses into one module
     (Flux's q, k, v -> qkv) can't be written; one-line UsageError naming the combination."""
-    if kind == "lora":
+    if KINDS[kind].fuses:
         return
     from peft.tuners.tuners_utils import check_target_module_exists
 
@@ -170,13 +174,11 @@ def refuse_fused(kind: str, model: Any, namer: Namer, config: Any, family_label:
 
 def adapter_layers(model: Any, adapter: str = "default") -> Iterator[tuple[str, Any, str]]:
     """(module path, peft layer, 'lora' | 'dora' | 'lokr') of every layer of `model` that holds `adapter`."""
-    from sdlora.lora.lycoris import layer_kind
-
     for path, module in model.named_modules():
         kind = layer_kind(module, adapter)
         if kind is None:
             continue
-        if kind != "lokr" and module.lora_bias.get(adapter):
+        if getattr(module, "lora_bias", {}).get(adapter):  # (peft's LoRA and DoRA layers have the flag)
             raise SdloraError(f"{path}: LoRA biases have no kohya-format equivalent here")
         yield path, module, kind
     # Embedding LoRAs live in other attributes; kohya's format has no place for them.
@@ -314,11 +316,9 @@ def adapter_metadata(kind: str, configs: Mapping[str, Mapping[str, Any]]) -> dic
     {} for plain LoRA, whose metadata stays kohya's."""
     import json
 
-    from sdlora.lora.lycoris import jsonable
-
-    if kind == "lora":
+    args = KINDS[kind].network_args
+    if args is None:
         return {}
-    args = {"algo": "lokr"} if kind == "lokr" else {"algo": "lora", "dora_wd": "True", "wd_on_output": "True"}
     return {
         "ss_network_module": "lycoris.kohya",
         "ss_network_args": json.dumps(args),

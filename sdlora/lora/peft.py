@@ -5,28 +5,22 @@ from __future__ import annotations
 import json
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sdlora import layout
 from sdlora.errors import SdloraError
 from sdlora.fsutil import atomic_path
+from sdlora.lora.kinds import KINDS, config_kind, jsonable
+
+if TYPE_CHECKING:
+    from sdlora.families import Family
 
 DIFFUSERS_FILE = layout.DIFFUSERS_LORA
 
 
 def lora_config(rank: int, alpha: float, dropout: float, targets: list[str] | str, kind: str = "lora"):
-    """peft's config of one adapter of `kind` (sdlora.config.LoraConfig.kind): lora and dora a LoraConfig (dora
-    with use_dora), lokr a LoKrConfig whose r is the rank of its factorised part."""
-    from peft import LoKrConfig, LoraConfig
-
-    if kind == "lokr":
-        # peft's default init: lokr_w1 zero, so the adapter starts as a no-op like LoRA's zero B.
-        return LoKrConfig(r=rank, alpha=alpha, target_modules=targets)
-    # Gaussian init of A (B starts at zero), as diffusers' LoRA scripts do: the adapter starts as a no-op.
-    extra = {"use_dora": True} if kind == "dora" else {}
-    return LoraConfig(
-        r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights="gaussian", target_modules=targets, **extra
-    )
+    """peft's config of one adapter of `kind` (sdlora.config.LoraConfig.kind; its row of sdlora.lora.kinds)."""
+    return KINDS[kind].peft_config(rank, alpha, dropout, targets)
 
 
 def attach(model: Any, rank: int, alpha: float, dropout: float, targets: list[str] | str, kind: str = "lora") -> None:
@@ -35,11 +29,8 @@ def attach(model: Any, rank: int, alpha: float, dropout: float, targets: list[st
 
 
 def adapter_kind(model: Any, adapter: str = "default") -> str:
-    """'lora', 'dora' or 'lokr': the kind of `model`'s adapter."""
-    config = model.peft_config[adapter]
-    if str(getattr(config.peft_type, "value", config.peft_type)) == "LOKR":
-        return "lokr"
-    return "dora" if getattr(config, "use_dora", False) else "lora"
+    """The kind of `model`'s adapter (a key of sdlora.lora.kinds.KINDS)."""
+    return config_kind(model.peft_config[adapter])
 
 
 def trainable_parameters(model: Any) -> list[Any]:
@@ -48,11 +39,9 @@ def trainable_parameters(model: Any) -> list[Any]:
 
 def adapter_metadata(model: Any) -> dict[str, Any]:
     """peft's config of the adapter (rank, alpha, targets): without it alpha != rank reloads at the wrong scale."""
-    from sdlora.lora.lycoris import jsonable
-
     config = model.peft_config["default"].to_dict()
     # A LoKr config holds an enum and a set that json can't write; a LoRA config stays as diffusers expects it.
-    return jsonable(config) if adapter_kind(model) == "lokr" else config
+    return jsonable(config) if KINDS[adapter_kind(model)].json_config else config
 
 
 def peft_state(model: Any) -> dict[str, Any]:
@@ -100,7 +89,7 @@ def save_diffusers(
         else:
             kwargs[f"{name}_lora_adapter_metadata"] = adapter_metadata(model)
     kind = adapter_kind(next(iter(models.values())))
-    if kind != "lora":  # DoRA and LoKr files are read back through peft (load_file_adapters)
+    if not KINDS[kind].diffusers_reads:  # DoRA and LoKr files are read back through peft (load_file_adapters)
         header = {**header, "sdlora.adapter": kind}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -197,7 +186,7 @@ def set_loaded_state(model: Any, state: dict[str, Any], adapter_name: str) -> No
         raise SdloraError(f"adapter tensors don't match the model: missing {missing[:2]}, unexpected {unexpected[:2]}")
 
 
-def check_exportable(lora: Any, denoiser: Any, family: Any) -> None:
+def check_exportable(lora: Any, denoiser: Any, family: Family) -> None:
     """Before training: refuse an adapter kind (`lora`: sdlora.config.LoraConfig) that the family's kohya format
     can't hold on the denoiser's targets, in one line (sdlora.lora.kohya.refuse_fused)."""
     from sdlora.lora.kohya import refuse_fused

@@ -7,43 +7,21 @@ the final save (`run`), with identity scoring (`identity`) beside it.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sdlora import layout
 from sdlora.config import Config
 from sdlora.errors import Interrupted, UsageError
+from sdlora.train.state import Plan, TrainResult
+
+__all__ = ["Plan", "TrainResult", "preflight", "resolve_precision", "run_name", "train"]
 
 # Files of a run that a kohya file named NAME.safetensors must not replace.
 RUN_FILES = {
     layout.DIFFUSERS_LORA: "the run's diffusers-format LoRA file",
     layout.LORA_STATE: "the training state in each checkpoint",
 }
-
-
-@dataclass(frozen=True)
-class TrainResult:
-    out_dir: Path
-    lora_file: Path
-    kohya_file: Path
-    steps: int
-
-
-@dataclass(frozen=True)
-class Plan:
-    """What the pre-flight checks settled, before any model loads."""
-
-    dataset_dir: Path
-    out_dir: Path
-    examples: list[Any]
-    trigger: str
-    precision: str  # "no" | "fp16" | "bf16"
-    resume_from: Path | None
-    name: str
-    # The settings the run trains with, the recommended ones settled (sdlora.train.recommended).
-    config: Config | None = None
-    settled: str | None = None  # what the unset recommended settings became, for the log
 
 
 def train(config: Config, dataset_dir: Path, out_dir: Path) -> TrainResult:
@@ -83,7 +61,7 @@ def preflight(config: Config, dataset_dir: Path, out_dir: Path) -> Plan:
     from sdlora.models import check_base, check_sizes, device_facts
     from sdlora.preflight import check_output_dir
     from sdlora.prep.images import check_images
-    from sdlora.train import checkpoint, data, pivotal, preservation, prior, recommended
+    from sdlora.train import checkpoint, data, methods, recommended
     from sdlora.train.optim import check_optimizer
 
     check_base(config.model.base, config.model.allow_pickle, config.model.single_file_config)
@@ -93,8 +71,9 @@ def preflight(config: Config, dataset_dir: Path, out_dir: Path) -> Plan:
     caption = config.prep.caption_template.format(token=token, class_word=class_word)
     examples = data.load_examples(dataset_dir, default_caption=caption)
     check_images([e.image for e in examples])  # headers only: a damaged image fails now, not after the model loads
-    prior.check_class_dir(config.train.class_dir)
-    preservation.check(config, examples, dataset_dir)  # train.masked_loss needs prep's masks
+    given = methods.active(config.train)
+    for method in given:  # e.g. masked loss: prep's masks; class images: --class-dir holds images
+        method.check(config, examples, dataset_dir, token)
     precision = resolve_precision(config.train.mixed_precision, *device_facts())
     check_optimizer(config.train.optimizer)
     name = run_name(config.train.name, out_dir)
@@ -102,9 +81,9 @@ def preflight(config: Config, dataset_dir: Path, out_dir: Path) -> Plan:
     bucketed = any(e.size and e.size[0] != e.size[1] for e in examples)
     # Unset pivotal tuning and preservation: the benchmark's recommendation (an unset pivotal reads the base's family).
     config, settled = recommended.settle(config, examples, token, not bucketed, out_dir)
-    pivotal.check(config, examples, token)  # the captions name the trigger word its new tokens stand for
-    if bucketed and (config.train.class_dir or config.train.class_prompt):
-        raise UsageError(f"{dataset_dir}: prior preservation needs square images; run `sdlora prep` without --buckets")
+    for method in methods.active(config.train):  # those the recommendation turned on, e.g. pivotal tuning
+        if method not in given:
+            method.check(config, examples, dataset_dir, token)
     settings = config.model_dump(mode="json")
     checkpoint.check_out_dir(out_dir, settings, config.train.resume, config.train.overwrite)
     resume_from = checkpoint.resolve_resume(out_dir, config.train.resume)

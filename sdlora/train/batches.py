@@ -9,13 +9,16 @@ So a resumed run, or a run on N processes, trains on exactly the samples of one 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from sdlora import objectives
 from sdlora.families import Conditioning
 from sdlora.train.data import DataOrder, Example, load_example, stream_seed
+
+if TYPE_CHECKING:
+    from sdlora.families import Family
 
 
 @dataclass
@@ -127,8 +130,7 @@ class Batches:
         self.text_cache = text_cache  # {"prompts": {prompt: row}, "cond": Conditioning} or None
         self.seed, self.b, self.nproc, self.rank = seed, batch_size, num_processes, rank
         self.objective, self.noise_offset, self.caption_dropout = objective, noise_offset, caption_dropout
-        self.mask_floor = 0.1  # train.mask_floor, set with the masks (sdlora.train.preservation.attach)
-        self.preserve: Any = None  # output preservation's class prompts (sdlora.train.preservation.Preserver)
+        self.mask_floor = 0.1  # train.mask_floor, set with the masks (sdlora.train.methods.masked_loss)
         group = batch_size * num_processes  # the global micro-batch, of which this process takes a slice
         self.order = DataOrder(instances.buckets, seed, instances.flip, group)
         self.class_order = DataOrder(classes.buckets, seed + 1, classes.flip, group) if classes else None
@@ -185,7 +187,7 @@ class Batches:
 
 @torch.no_grad()
 def build_text_cache(
-    family: Any,
+    family: Family,
     tokenizers: list[Any],
     text_encoders: list[Any],
     prompts: list[str],

@@ -6,18 +6,21 @@ import contextlib
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sdlora import __version__, layout
 
+if TYPE_CHECKING:
+    from sdlora.train.methods import Files
+    from sdlora.train.state import Run
 
-def save_loras(run: Any, folder: Path, *, unwrap_for_good: bool) -> tuple[Path, Path]:
+
+def save_loras(run: Run, folder: Path, *, unwrap_for_good: bool) -> tuple[Path, Path]:
     """pytorch_lora_weights.safetensors (diffusers, with adapter metadata and our header keys) and NAME.safetensors
     (kohya) into `folder`. `unwrap_for_good` drops Accelerate's autocast wrapper (after the last step only)."""
     import torch
 
     from sdlora.lora import kohya, peft
-    from sdlora.train import pivotal
 
     unwrap = run.accelerator.unwrap_model
     denoiser = unwrap(run.denoiser, keep_fp32_wrapper=not unwrap_for_good)
@@ -31,11 +34,41 @@ def save_loras(run: Any, folder: Path, *, unwrap_for_good: bool) -> tuple[Path, 
     }
     diffusers_file = Path(folder) / layout.DIFFUSERS_LORA
     models = {run.family.denoiser: denoiser} | encoders
-    extra, more = pivotal.save(getattr(run, "pivotal", None), folder, run.plan.name, header)  # NAME_emb.safetensors
+    files = method_files(run, folder, header)  # e.g. pivotal tuning: NAME_emb.safetensors
     comfyui = run.family.comfyui_diffusers_file
+    more, extra = files.diffusers_metadata, files.diffusers_tensors
     peft.save_diffusers(diffusers_file, type(run.pipe), models, header | more, for_comfyui=comfyui, extra=extra)
+    metadata = kohya_metadata(run, models, files.kohya_metadata)
+    kohya_file = Path(folder) / layout.kohya_file(run.plan.name)
+    # fp32, not the UIs' usual fp16: the file then reproduces the trained model (fp16 weights missed 1e-4).
+    state = kohya.kohya_state_dict(denoiser, list(encoders.values()), run.family, dtype=torch.float32)
+    kohya.save_kohya(kohya_file, state, metadata)
+    return diffusers_file, kohya_file
+
+
+def method_files(run: Run, folder: Path, header: dict[str, str]) -> Files:
+    """What the active likeness methods write beside the LoRA files and add to them."""
+    from sdlora.train import methods
+
+    found = methods.Files()
+    for method in methods.active(run.config.train):
+        files = method.write_files(run.methods.get(method.name), folder, run.plan.name, header)
+        found = methods.Files(
+            found.diffusers_tensors | files.diffusers_tensors,
+            found.diffusers_metadata | files.diffusers_metadata,
+            found.kohya_metadata | files.kohya_metadata,
+        )
+    return found
+
+
+def kohya_metadata(run: Run, models: dict[str, Any], more: dict[str, str]) -> dict[str, str]:
+    """kohya's ss_* and modelspec keys of the run, LyCORIS's for a DoRA or LoKr adapter, and `more` (the
+    methods'). `models`: the unwrapped adapted models by pipeline attribute, the denoiser first."""
+    from sdlora.lora import kohya, peft
+
     lc, tc = run.config.lora, run.config.train
-    metadata = kohya.build_metadata(
+    denoiser = models[run.family.denoiser]
+    return kohya.build_metadata(
         run.info,
         name=run.plan.name,
         rank=lc.rank,
@@ -47,20 +80,16 @@ def save_loras(run: Any, folder: Path, *, unwrap_for_good: bool) -> tuple[Path, 
         trigger_phrase=run.plan.trigger,
         started_at=run.started_at,
         finished_at=time.time(),
-        text_encoder_trained=bool(encoders),
+        text_encoder_trained=len(models) > 1,
         extra=kohya.flow_metadata(
             run.info, tc, run.family.sequence_length(run.pipe, run.config.model.max_sequence_length)
         )
-        | kohya.adapter_metadata(peft.adapter_kind(denoiser), {n: peft.adapter_metadata(m) for n, m in models.items()}),
+        | kohya.adapter_metadata(peft.adapter_kind(denoiser), {n: peft.adapter_metadata(m) for n, m in models.items()})
+        | more,
     )
-    kohya_file = Path(folder) / layout.kohya_file(run.plan.name)
-    # fp32, not the UIs' usual fp16: the file then reproduces the trained model (fp16 weights missed 1e-4).
-    state = kohya.kohya_state_dict(denoiser, list(encoders.values()), run.family, dtype=torch.float32)
-    kohya.save_kohya(kohya_file, state, metadata)
-    return diffusers_file, kohya_file
 
 
-def render_samples(run: Any, step: int) -> None:
+def render_samples(run: Run, step: int) -> None:
     """A grid of the sample prompts (one column each, the config's generate seed) via `sdlora generate`'s code."""
     from sdlora.fsutil import atomic_path
     from sdlora.generate.render import Sampling, make_grid, render_images
@@ -76,7 +105,7 @@ def render_samples(run: Any, step: int) -> None:
 
 
 @contextlib.contextmanager
-def rendering(run: Any) -> Iterator[None]:
+def rendering(run: Run) -> Iterator[None]:
     """Render with the LoRA in training: trained modules in eval mode (no LoRA dropout), offloaded encoders and VAE
     back on the device, under autocast (Accelerate's wrapper returns the UNet's output in fp32, which a half VAE
     would refuse); all restored afterwards."""

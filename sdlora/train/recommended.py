@@ -34,7 +34,7 @@ def settle(config: Any, examples: list[Any], token: str, square: bool, out_dir: 
     when both were given). A resume keeps its run's own (`out_dir`'s saved settings; a run of an earlier version
     trained plain). Only an unset train.pivotal of a new run needs the base's family (read from its config files)."""
     from sdlora.config import class_prompt_of
-    from sdlora.train import pivotal as pivotal_tuning
+    from sdlora.train.methods import pivotal as pivotal_tuning
 
     config = _as_saved(config, out_dir)
     tc = config.train

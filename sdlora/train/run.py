@@ -12,8 +12,8 @@ from typing import Any
 
 from sdlora import layout
 from sdlora.errors import SdloraError
-from sdlora.train import TrainResult, identity
-from sdlora.train.setup import Run
+from sdlora.train import identity
+from sdlora.train.state import Run, TrainResult
 
 
 def loop(run: Run, stopped: list[int], evaluation: identity.TrainEval | None = None) -> int:
@@ -80,17 +80,17 @@ def _catch_up_samples(run: Run) -> None:
 def optimisation_step(run: Run, step: int) -> Any:
     """grad_accum micro-batches, one optimizer and LR-schedule step; returns the mean loss (on the device)."""
     from sdlora import families, objectives
-    from sdlora.train import pivotal, preservation
+    from sdlora.train import methods
 
     tc, accelerator, family, objective = run.config.train, run.accelerator, run.family, run.objective
-    pivotal.before_step(run, step)
+    methods.before_step(run, step)  # e.g. pivotal tuning's pivot: the new rows freeze
     total = None
     for micro in range(tc.grad_accum):
         batch = run.batches.micro_batch(step * tc.grad_accum + micro, accelerator.device)
         encoders = list(run.text_encoders.values())
         with accelerator.accumulate(run.denoiser, *encoders):
             cond = batch.cond
-            trained = pivotal.training_encoders(run, step) | run.text_encoders  # + those whose new tokens train
+            trained = methods.encoders(run, step) | run.text_encoders  # + those whose new tokens train
             if trained:  # they train: encode with gradients; a frozen one's part may be cached (T5)
                 cached = cond or {}
                 every = [
@@ -112,7 +112,7 @@ def optimisation_step(run: Run, step: int) -> Any:
                 prior_loss_weight=tc.prior_loss_weight,
                 pixel_weights=batch.pixel_weights,  # train.masked_loss; None: every pixel alike
             )
-            loss = loss + preservation.extra_loss(run, batch, noisy, pred)  # output preservation, masked prior
+            loss = loss + methods.extra_loss(run, batch, noisy, pred)  # output preservation, masked prior
             accelerator.backward(loss)
             if accelerator.sync_gradients and tc.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(run.params, tc.max_grad_norm)

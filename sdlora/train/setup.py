@@ -2,38 +2,22 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sdlora import layout
-from sdlora.config import Config, class_prompt_of
-from sdlora.train import Plan, staging
+from sdlora.config import Config
+from sdlora.train import staging
+from sdlora.train.methods.base import Build, Method
+from sdlora.train.state import Plan, Run
 
+if TYPE_CHECKING:
+    from sdlora.config import TrainConfig
+    from sdlora.families import Family
+    from sdlora.models import ModelInfo
 
-@dataclass
-class Run:
-    """Everything the loop touches, set up once."""
-
-    config: Config
-    plan: Plan
-    accelerator: Any
-    pipe: Any
-    info: Any  # sdlora.models.ModelInfo
-    family: Any  # sdlora.families.Family of the base
-    denoiser: Any  # prepared (DDP/autocast-wrapped) UNet or transformer
-    text_encoders: dict[str, Any]  # prepared text encoders by pipeline attribute, when they train; else {}
-    params: list[Any]
-    optimizer: Any
-    lr_scheduler: Any
-    batches: Any  # sdlora.train.batches.Batches
-    objective: Any  # sdlora.objectives: timesteps, noising, targets and loss weights of the family
-    start_step: int
-    offloaded: list[str] = field(default_factory=list)  # frozen pipeline parts moved to the CPU after caching
-    pivotal: Any = None  # sdlora.train.pivotal.Pivotal with train.pivotal, else None
-    started_at: float = field(default_factory=time.time)
+__all__ = ["Run", "load_base", "make_accelerator", "setup", "setup_pipeline"]
 
 
 def make_accelerator(config: Config, precision: str) -> Any:
@@ -62,48 +46,73 @@ def setup(config: Config, plan: Plan, accelerator: Any) -> Run:
 
 
 def setup_pipeline(
-    config: Config, plan: Plan, accelerator: Any, pipe: Any, info: Any, cached: staging.Cached | None = None
+    config: Config, plan: Plan, accelerator: Any, pipe: Any, info: ModelInfo, cached: staging.Cached | None = None
 ) -> Run:
     """setup() after the base is loaded (frozen, on the device): also what bench/train_step.py times. `cached`:
-    what staging.encode_first cached (a staged family's text encoders are then not in `pipe`)."""
-    from sdlora import families, objectives
+    what staging.encode_first cached (a staged family's text encoders are then not in `pipe`). Each active
+    likeness method (sdlora.train.methods) caches what it needs at its point."""
+    from sdlora import families
     from sdlora.lora import peft
-    from sdlora.train import checkpoint, pivotal, preservation
-    from sdlora.train.optim import build_optimizer, build_scheduler
+    from sdlora.train import methods
 
     family = info.spec
     if plan.settled:
         accelerator.print(plan.settled)  # what the unset recommended settings became, once the base has loaded
     given = config  # what the run files store, so that a resume compares like with like
     config = families.with_defaults(config, family, pipe)  # e.g. Flux's sampler for the sample grids
-    tc = config.train
-    # The training objective (noise schedule), kept before sampling swaps the pipeline's scheduler.
-    objective = family.objective(pipe.scheduler, accelerator.device, tc.timestep_sampling, tc.timestep_shift)
-    objective = objectives.with_bias(objective, tc.timestep_bias, tc.timestep_bias_strength)
+    active = methods.active(config.train)
+    objective = build_objective(config.train, family, pipe, accelerator.device, active)
     staged = staging.staged_parts(config, family)  # in CPU RAM, on the device only to be cached
     late = [family.denoiser] if staged else []  # the denoiser joins the device once they have left it
     peft.check_exportable(config.lora, getattr(pipe, family.denoiser), family)  # before class images
     cached = cached or staging.encode_apart(config, plan, pipe, family, accelerator, pipe.vae.dtype)
     text_cache = staging.use(pipe, family, cached)  # renders read the cache; None unless a staged family
-    with staging.visiting(pipe, staged + late if makes_class_images(config) else [], accelerator.device):
-        classes = class_images(config, plan, pipe, accelerator)
-    attach_adapters(config, pipe, family, seed=tc.seed)
+    build = methods.Build(
+        config, plan, pipe, family, accelerator, text_apart=bool(staging.frozen_encoders(config, family))
+    )
+    away = staged + late  # in CPU RAM: on the device for a method that renders with the base
+    for method in active:  # class images: rendered by the base, before any adapter
+        with staging.visiting(pipe, away if method.renders_with_base(config.train) else [], accelerator.device):
+            method.before_adapters(build)
+    attach_adapters(config, pipe, family, seed=config.train.seed)
     check_sizes(config, family)
-    pivotal_run = pivotal.start(config, plan, pipe, family, accelerator)  # new trigger tokens, before text caching
-    batches = build_batches(config, plan, pipe, family, classes, accelerator, objective, staged, text_cache)
-    preservation.attach(config, plan, pipe, family, batches, accelerator)  # masks, output preservation
+    build.trained = trained_text_encoders(config, pipe, family)
+    for method in active:  # pivotal tuning's new tokens: before the text caching
+        method.prepare(build)
+    build.batches = build_batches(config, plan, pipe, family, build.classes, accelerator, objective, staged, text_cache)
+    for method in active:  # the masks, output preservation's class prompts
+        method.with_batches(build)
     for name in late:
         getattr(pipe, name).to(accelerator.device)
-    offloaded = staged if staged else offload_frozen(config, pipe, family)
-    encoders = trained_text_encoders(config, pipe, family)
+    offloaded = staged if staged else offload_frozen(config, pipe, family, active)
+    return prepare_training(given, build, info, objective, offloaded, active)
+
+
+def build_objective(tc: TrainConfig, family: Family, pipe: Any, device: Any, active: Sequence[Method]) -> Any:
+    """The training objective (noise schedule), kept before sampling swaps the pipeline's scheduler; a method may
+    change it (timestep bias)."""
+    objective = family.objective(pipe.scheduler, device, tc.timestep_sampling, tc.timestep_shift)
+    for method in active:
+        objective = method.shape_objective(objective, tc)
+    return objective
+
+
+def prepare_training(
+    given: Config, build: Build, info: ModelInfo, objective: Any, offloaded: list[str], active: Sequence[Method]
+) -> Run:
+    """The optimizer over the LoRA (and the methods' groups), Accelerate's wrappers, a resumed checkpoint's state,
+    the run files (`given`: the settings as given): the Run the loop takes."""
+    from sdlora.train import checkpoint
+
+    config, plan, pipe, accelerator = build.config, build.plan, build.pipe, build.accelerator
+    tc, family = config.train, info.spec
+    encoders = build.trained
     denoiser = getattr(pipe, family.denoiser)
-    groups = [{"params": peft.trainable_parameters(denoiser), "lr": tc.learning_rate}]
-    for name, encoder in encoders.items():
-        groups.append({"params": peft.trainable_parameters(encoder), "lr": text_encoder_lr(tc, name)})
-    groups += pivotal.param_group(pivotal_run, config)
+    groups = param_groups(tc, denoiser, encoders)
+    for method in active:  # pivotal tuning's rows: after the LoRA groups, which then leave them out
+        groups += method.param_groups(build.states.get(method.name), tc)
     params = [p for g in groups for p in g["params"]]
-    optimizer = build_optimizer(groups, tc.optimizer, tc.weight_decay, fused=accelerator.device.type == "cuda")
-    lr_scheduler = build_scheduler(optimizer, tc.steps, tc.warmup_steps, tc.lr_scheduler)
+    optimizer, lr_scheduler = build_optimization(groups, tc, cuda=accelerator.device.type == "cuda")
     models = {family.denoiser: denoiser} | encoders
     checkpoint.register_hooks(accelerator, models, accelerator.unwrap_model)
     prepared = accelerator.prepare(*models.values(), optimizer, lr_scheduler)
@@ -111,7 +120,8 @@ def setup_pipeline(
     start_step = 0
     if plan.resume_from is not None:
         start_step = resume_state(accelerator, plan.resume_from, optimizer, lr_scheduler, [g["lr"] for g in groups])
-        pivotal.resume(pivotal_run, plan.resume_from, plan.name)
+        for method in active:  # e.g. pivotal tuning's rows and pivot step
+            method.resume(build.states.get(method.name), plan.resume_from, plan.name)
     write_run_files(given, plan, accelerator)
     return Run(
         config=config,
@@ -125,12 +135,30 @@ def setup_pipeline(
         params=params,
         optimizer=optimizer,
         lr_scheduler=lr_scheduler,
-        batches=batches,
+        batches=build.batches,
         objective=objective,
         start_step=start_step,
         offloaded=offloaded,
-        pivotal=pivotal_run,
+        methods=build.states,
     )
+
+
+def build_optimization(groups: list[dict[str, Any]], tc: TrainConfig, cuda: bool) -> tuple[Any, Any]:
+    """The optimizer over `groups` and its learning-rate schedule."""
+    from sdlora.train.optim import build_optimizer, build_scheduler
+
+    optimizer = build_optimizer(groups, tc.optimizer, tc.weight_decay, fused=cuda)
+    return optimizer, build_scheduler(optimizer, tc.steps, tc.warmup_steps, tc.lr_scheduler)
+
+
+def param_groups(tc: TrainConfig, denoiser: Any, encoders: dict[str, Any]) -> list[dict[str, Any]]:
+    """The LoRA's optimizer groups: the denoiser's, then each trained text encoder's at its learning rate."""
+    from sdlora.lora import peft
+
+    groups = [{"params": peft.trainable_parameters(denoiser), "lr": tc.learning_rate}]
+    for name, encoder in encoders.items():
+        groups.append({"params": peft.trainable_parameters(encoder), "lr": text_encoder_lr(tc, name)})
+    return groups
 
 
 def resume_state(accelerator: Any, folder: Path, optimizer: Any, lr_scheduler: Any, rates: list[float]) -> int:
@@ -183,33 +211,7 @@ def place_base(pipe: Any, info: Any, accelerator: Any, own_vae: bool = False, ke
     pipe.set_progress_bar_config(disable=True)
 
 
-def makes_class_images(config: Config) -> bool:
-    return config.train.class_dir is None and bool(config.train.class_prompt)
-
-
-def class_images(config: Config, plan: Plan, pipe: Any, accelerator: Any) -> list[Any] | None:
-    """Prior preservation's class examples: --class-dir, or generated once into OUT_DIR/class_images."""
-    from sdlora.train import prior
-
-    tc = config.train
-    if tc.class_dir is None and not tc.class_prompt:
-        return None
-    prompt = class_prompt_of(config)
-    folder = Path(tc.class_dir) if tc.class_dir else plan.out_dir / prior.CLASS_IMAGES
-    if tc.class_dir is None:
-        if accelerator.is_main_process:
-            from sdlora.generate.render import Sampling
-
-            # The sample grids' settings, without the negative prompt: class images show the plain class.
-            sampling = Sampling.for_training(config).but(negative="")
-            prior.generate_class_images(
-                pipe, folder, prompt=prompt, count=tc.num_class_images, seed=tc.seed, sampling=sampling
-            )
-        accelerator.wait_for_everyone()
-    return prior.class_examples(folder, prompt, tc.num_class_images)
-
-
-def attach_adapters(config: Config, pipe: Any, family: Any, seed: int) -> None:
+def attach_adapters(config: Config, pipe: Any, family: Family, seed: int) -> None:
     """LoRA on the denoiser (and text encoders): trainable parameters in fp32 even when the base is half."""
     import torch
     from diffusers.training_utils import cast_training_params
@@ -233,34 +235,35 @@ def attach_adapters(config: Config, pipe: Any, family: Any, seed: int) -> None:
         denoiser.compile()
 
 
-def trained_text_encoders(config: Config, pipe: Any, family: Any) -> dict[str, Any]:
+def trained_text_encoders(config: Config, pipe: Any, family: Family) -> dict[str, Any]:
     """The text encoders that get LoRA, by pipeline attribute (all of the family's), or {}."""
     if not config.lora.train_text_encoder:
         return {}
     return {name: getattr(pipe, name) for name in family.trainable_text_encoders}
 
 
-def text_encoder_lr(tc: Any, name: str) -> float:
+def text_encoder_lr(tc: TrainConfig, name: str) -> float:
     if name == "text_encoder_2" and tc.text_encoder_2_learning_rate is not None:
         return tc.text_encoder_2_learning_rate
     return tc.text_encoder_learning_rate
 
 
-def offload_frozen(config: Config, pipe: Any, family: Any) -> list[str]:
+def offload_frozen(config: Config, pipe: Any, family: Family, active: Sequence[Method] = ()) -> list[str]:
     """With train.offload: move the frozen text encoders (their outputs are cached) and, with cached latents, the
     VAE to the CPU; sampling brings them back for a moment. Returns the moved pipeline attributes."""
     if not config.train.offload:
         return []
-    trained = trained_text_encoders(config, pipe, family)
-    trained |= dict(family.embedding_keys) if config.train.pivotal else {}  # they encode afresh while rows train
-    names = [name for name in family.text_encoders if name not in trained and getattr(pipe, name) is not None]
+    live = set(trained_text_encoders(config, pipe, family))
+    for method in active:  # e.g. pivotal tuning's encoders encode afresh while the rows train
+        live |= method.encodes_afresh(config.train, family)
+    names = [name for name in family.text_encoders if name not in live and getattr(pipe, name) is not None]
     names += ["vae"] if config.train.cache_latents else []
     for name in names:
         getattr(pipe, name).to("cpu")
     return names
 
 
-def check_sizes(config: Config, family: Any) -> None:
+def check_sizes(config: Config, family: Family) -> None:
     """Training sizes the family can take (Flux packs 2x2 latent patches: multiples of 16)."""
     from sdlora.errors import UsageError
 
@@ -277,7 +280,7 @@ def build_batches(
     config: Config,
     plan: Plan,
     pipe: Any,
-    family: Any,
+    family: Family,
     classes: list[Any] | None,
     accelerator: Any,
     objective: Any,

@@ -11,10 +11,15 @@ import contextlib
 import gc
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from sdlora.config import Config
+    from sdlora.families import Family
+    from sdlora.train.state import Plan
 
 
-def frozen_encoders(config: Any, family: Any) -> list[str]:
+def frozen_encoders(config: Config, family: Family) -> list[str]:
     """The text encoders a staged family loads apart, one at a time (all but a trained CLIP-L); [] otherwise."""
     if not family.stage_frozen:
         return []
@@ -22,13 +27,13 @@ def frozen_encoders(config: Any, family: Any) -> list[str]:
     return [name for name in family.text_encoders if name not in trained]
 
 
-def staged_parts(config: Any, family: Any) -> list[str]:
+def staged_parts(config: Config, family: Family) -> list[str]:
     """Pipeline attributes that stay on the CPU: with cached latents, the VAE of a staged family; [] for families
     that keep everything on the device (SD, SDXL: train.offload moves parts afterwards)."""
     return ["vae"] if family.stage_frozen and config.train.cache_latents else []
 
 
-def load_base(config: Any, torch_dtype: Any) -> Any:
+def load_base(config: Config, torch_dtype: Any) -> Any:
     """The base pipeline, without the text encoders a staged family loads apart (peeked before any weight loads)."""
     from sdlora import models
 
@@ -59,18 +64,18 @@ def release(pipe: Any, names: Sequence[str]) -> None:
     gc.collect()
 
 
-def render_batches(config: Any, plan: Any) -> list[list[str]]:
+def render_batches(config: Config, plan: Plan) -> list[list[str]]:
     """The prompt batches training will render, each as render_images will batch it (so that each prompt's cached
-    conditioning is bit for bit what the pipeline would compute): the sample grids, the class images of prior
-    preservation, identity scoring's prompt set where scoring is on (identity.cadence: by default only on a prep
-    dataset)."""
+    conditioning is bit for bit what the pipeline would compute): the sample grids, what the likeness methods
+    render (the class images of prior preservation), identity scoring's prompt set where scoring is on
+    (identity.cadence: by default only on a prep dataset)."""
     from sdlora.evaluation.prompts import STANDARD_PROMPTS, expand
-    from sdlora.train import identity
+    from sdlora.train import identity, methods
 
     tc, size, trigger = config.train, config.generate.batch_size, plan.trigger
     lists = [[p.replace("{trigger}", trigger) for p in tc.sample_prompts]] if tc.sample_every else []
-    if tc.class_dir is None and tc.class_prompt:
-        lists.append([tc.class_prompt] * size)
+    for method in methods.active(tc):
+        lists += method.rendered_prompts(config, plan)
     if identity.cadence(config, plan.dataset_dir)[0] is not None:
         lists.append(expand(list(STANDARD_PROMPTS), config.eval.n, config.eval.seed, trigger)[1])
     return [prompts[i : i + size] for prompts in lists for i in range(0, len(prompts), size)]
@@ -85,7 +90,7 @@ class Cached:
     rows: dict[str, Any]
 
 
-def encode_first(config: Any, plan: Any, accelerator: Any, torch_dtype: Any) -> Cached | None:
+def encode_first(config: Config, plan: Plan, accelerator: Any, torch_dtype: Any) -> Cached | None:
     """For a staged family, before the denoiser loads (so that RAM holds the larger of T5 and the transformer, not
     both): each frozen text encoder alone (encode_apart), with the tokenizers and the denoiser's config only.
     None for families that keep their encoders."""
@@ -102,7 +107,7 @@ def encode_first(config: Any, plan: Any, accelerator: Any, torch_dtype: Any) -> 
     return encode_apart(config, plan, light, family, accelerator, torch_dtype)
 
 
-def use(pipe: Any, family: Any, cached: Cached | None) -> dict[str, Any] | None:
+def use(pipe: Any, family: Family, cached: Cached | None) -> dict[str, Any] | None:
     """Make `pipe` render from the cached rows; the captions' table for the batches (None without a cache)."""
     if cached is None:
         return None
@@ -111,7 +116,7 @@ def use(pipe: Any, family: Any, cached: Cached | None) -> dict[str, Any] | None:
 
 
 def encode_apart(
-    config: Any, plan: Any, pipe: Any, family: Any, accelerator: Any, torch_dtype: Any = None
+    config: Config, plan: Plan, pipe: Any, family: Family, accelerator: Any, torch_dtype: Any = None
 ) -> Cached | None:
     """Load each frozen text encoder alone (or take it from `pipe`, dropping it there), cache the captions'
     conditioning and the renders' (render_batches) on the device, free it, load the next. None when the family
@@ -119,16 +124,17 @@ def encode_apart(
     import torch
 
     from sdlora import families, models
-    from sdlora.config import class_prompt_of
-    from sdlora.train import preservation
+    from sdlora.train import methods
     from sdlora.train.batches import build_text_cache, merge_text_caches
 
     names = frozen_encoders(config, family)
     if not names:
         return None
     device = accelerator.device
-    class_prompt = class_prompt_of(config) if _prior(config) else ""
-    prompts = [e.caption for e in plan.examples] + [class_prompt, ""] + preservation.class_prompts(config, plan)
+    # The captions, the methods' prompts (prior preservation's class prompt, output preservation's), "" (caption
+    # dropout): one table, as set-up's batches read it.
+    extra = [prompt for method in methods.active(config.train) for prompt in method.cached_prompts(config, plan)]
+    prompts = [e.caption for e in plan.examples] + extra + [""]
     batches = render_batches(config, plan)
     tokenizers = families.tokenizers(pipe, family)
     tokens = family.sequence_length(pipe, config.model.max_sequence_length)
@@ -152,7 +158,3 @@ def encode_apart(
             torch.cuda.empty_cache()
     merged = {prompt: {k: v for part in by_name.values() for k, v in part.items()} for prompt, by_name in rows.items()}
     return Cached(merge_text_caches(parts), merged)
-
-
-def _prior(config: Any) -> bool:
-    return config.train.class_dir is not None or bool(config.train.class_prompt)

@@ -11,11 +11,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sdlora import layout
 from sdlora.errors import SdloraError, UsageError
 from sdlora.lora import embeddings
+from sdlora.train.methods.base import Build, Files, Method
+
+if TYPE_CHECKING:
+    from sdlora.config import Config, TrainConfig
+    from sdlora.families import Family
+    from sdlora.train.state import Run
 
 UNTIL_KEY = "sdlora.pivotal_until"  # emb file metadata in checkpoints: the first step with frozen rows
 
@@ -23,7 +29,7 @@ UNTIL_KEY = "sdlora.pivotal_until"  # emb file metadata in checkpoints: the firs
 @dataclass
 class Pivotal:
     installed: dict[str, Any]  # sdlora.lora.embeddings.ExtraRows by text-encoder attribute
-    family: Any
+    family: Family
     word: str
     tokens: tuple[str, ...]
     until: int  # steps [0, until) train the rows
@@ -37,7 +43,7 @@ class Pivotal:
         return embeddings.current(self.installed, self.family, self.word, self.tokens)
 
 
-def check(config: Any, examples: list[Any], word: str) -> None:
+def check(config: Config, examples: list[Any], word: str) -> None:
     """Before any model loads: the captions must name the trigger word, or the new tokens would never train."""
     if config.train.pivotal and not names_trigger(examples, word):
         raise UsageError(
@@ -52,7 +58,7 @@ def names_trigger(examples: list[Any], word: str) -> bool:
     return any(rule.search(e.caption) for e in examples)
 
 
-def start(config: Any, plan: Any, pipe: Any, family: Any, accelerator: Any = None) -> Pivotal | None:
+def start(config: Config, plan: Any, pipe: Any, family: Family, accelerator: Any = None) -> Pivotal | None:
     """Install the new tokens (each row starting as the class word's embedding) and make their rows trainable;
     with several processes their gradients are averaged over the processes (the text encoders are not wrapped
     for distributed training as the denoiser is)."""
@@ -86,28 +92,26 @@ def _averaged_over_processes(accelerator: Any) -> Any:
     return hook
 
 
-def param_group(pivotal: Pivotal | None, config: Any) -> list[dict[str, Any]]:
+def param_group(pivotal: Pivotal | None, tc: TrainConfig) -> list[dict[str, Any]]:
     """The optimizer group of the new rows, which become trainable now: after the text-encoder LoRA groups are
     made, so that those (all trainable parameters of an encoder) leave them out; [] without pivotal tuning."""
     if pivotal is None:
         return []
     for param in pivotal.params:
         param.requires_grad_(True)
-    return [{"params": pivotal.params, "lr": config.train.pivotal_learning_rate}]
+    return [{"params": pivotal.params, "lr": tc.pivotal_learning_rate}]
 
 
-def training_encoders(run: Any, step: int) -> dict[str, Any]:
+def training_encoders(run: Run, pivotal: Pivotal | None, step: int) -> dict[str, Any]:
     """The text encoders whose conditioning must be encoded afresh at `step` for the rows to learn ({} after the
     pivot); the training step encodes them beside the LoRA-trained ones."""
-    pivotal = getattr(run, "pivotal", None)
     if pivotal is None or step >= pivotal.until:
         return {}
     return {name: getattr(run.pipe, name) for name in pivotal.installed}
 
 
-def before_step(run: Any, step: int) -> None:
+def before_step(run: Run, pivotal: Pivotal | None, step: int) -> None:
     """At the pivot (or the first step of a run resumed after it): freeze the rows and rebuild the text cache."""
-    pivotal = getattr(run, "pivotal", None)
     if pivotal is None or pivotal.frozen or step < pivotal.until:
         return
     pivotal.frozen = True
@@ -118,7 +122,7 @@ def before_step(run: Any, step: int) -> None:
         _recache(run, pivotal)
 
 
-def _recache(run: Any, pivotal: Pivotal) -> None:
+def _recache(run: Run, pivotal: Pivotal) -> None:
     """The cached conditioning of the installed encoders, encoded again with the final rows (same prompts, same
     rows of the cache); the other encoders' parts stay."""
     from sdlora import families
@@ -158,3 +162,44 @@ def resume(pivotal: Pivotal | None, folder: Path, name: str) -> None:
     with torch.no_grad():
         for encoder, rows in pivotal.installed.items():
             rows.rows.copy_(found.vectors[keys[encoder]])
+
+
+class PivotalTuning(Method):
+    """train.pivotal: new trigger tokens whose rows train beside the LoRA until the pivot."""
+
+    name = "pivotal"
+
+    def active(self, tc: TrainConfig) -> bool:
+        return bool(tc.pivotal)
+
+    def check(self, config: Config, examples: Any, dataset_dir: Path, token: str) -> None:
+        check(config, list(examples), token)  # the captions name the trigger word its new tokens stand for
+
+    def prepare(self, build: Build) -> None:
+        """New trigger tokens, after the adapters and before the text caching."""
+        build.states[self.name] = start(build.config, build.plan, build.pipe, build.family, build.accelerator)
+
+    def encodes_afresh(self, tc: TrainConfig, family: Family) -> set[str]:
+        return set(dict(family.embedding_keys))  # while the rows train, never offloaded
+
+    def param_groups(self, state: Pivotal | None, tc: TrainConfig) -> list[dict[str, Any]]:
+        return param_group(state, tc)
+
+    def before_step(self, run: Run, state: Pivotal | None, step: int) -> None:
+        before_step(run, state, step)
+
+    def encoders(self, run: Run, state: Pivotal | None, step: int) -> dict[str, Any]:
+        return training_encoders(run, state, step)
+
+    def resume(self, state: Pivotal | None, folder: Path, name: str) -> None:
+        resume(state, folder, name)
+
+    def write_files(self, state: Pivotal | None, folder: Path, name: str, header: dict[str, str]) -> Files:
+        """NAME_emb.safetensors; its vectors inside the diffusers file; the kohya file names the emb file it needs
+        (generate refuses it without: sdlora.lora.embeddings.find)."""
+        tensors, metadata = save(state, folder, name, header)
+        needs = {embeddings.NEEDS_KEY: layout.embedding_file(name)} if state is not None else {}
+        return Files(tensors, metadata, needs)
+
+
+METHOD = PivotalTuning()
