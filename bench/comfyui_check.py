@@ -82,7 +82,7 @@ def original_checkpoint(family: str, unet, encoders) -> dict:
     import comfy.model_detection
     import comfy.utils
 
-    from sdlora.lora.kohya import text_encoder_path
+    from sdlora.families.clip_keys import text_encoder_path
 
     unet_sd = zeros_like_meta({k: v for k, v in unet.state_dict().items() if "lora_" not in k and "lokr_" not in k})
     unet_sd = {k.replace(".base_layer.", "."): v for k, v in unet_sd.items()}

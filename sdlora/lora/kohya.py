@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sdlora.errors import SdloraError, UsageError
+from sdlora.families.clip_keys import text_encoder_path
 from sdlora.fsutil import atomic_path
 from sdlora.lora.kinds import KINDS, jsonable, layer_kind
 
@@ -232,17 +233,6 @@ def _kohya_names(model: Any, prefix: str, namer: Namer) -> dict[str, str]:
         if parts == 1:
             names[prefix + module_path.replace(".", "_")] = path
     return names
-
-
-def text_encoder_path(path: str) -> str:
-    """The transformers-4 CLIP module path every kohya reader expects (`text_model.encoder.layers.0...`).
-
-    transformers 5's CLIPTextModel has no `text_model` level (`encoder.layers.0...`), while
-    CLIPTextModelWithProjection still has it (`text_model.encoder...`, `text_projection`).
-    """
-    if path.startswith(("text_model.", "text_projection")):
-        return path
-    return f"text_model.{path}"
 
 
 _MODELSPEC_PREDICTION = {"v_prediction": "v", "flow": "flow"}

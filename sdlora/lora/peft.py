@@ -71,7 +71,7 @@ def save_diffusers(
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
-    from sdlora.lora.kohya import text_encoder_path
+    from sdlora.families.clip_keys import text_encoder_path
 
     # peft's own key names (lora_A/lora_B), not convert_state_dict_to_diffusers: that renames only the attention
     # layers to the old `lora.down` style and the resulting mix reloads without them.

@@ -15,8 +15,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from sdlora.families.clip_keys import text_encoder_path
 from sdlora.families.sd.keys import sgm_path
-from sdlora.lora.kohya import text_encoder_path
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
