@@ -155,9 +155,8 @@ def _app():
 
 def test_single_file_with_a_config_of_another_family_is_one_line(tiny_models, tmp_path, monkeypatch):
     """Issue 28: an SD 1.x file with a Flux.1 model.single_file_config ended in 'this is a bug in sdlora'."""
-    from single_file import write_single_file
-
     from sdlora.cli import app
+    from sdlora.testing import write_single_file
 
     path = write_single_file(tiny_models["sd1"], tmp_path / "sd1.safetensors")
     flux = tiny_models["flux"]

@@ -88,7 +88,7 @@ def test_half_precision_paths(dataset, tiny_sd1, tmp_path, precision):
         "--sample-every", "2", "--checkpoint-every", "1", "--set", "train.log_every=1", "--gradient-checkpointing",
     )  # fmt: skip
     assert result.exit_code == 0, result.output
-    assert f"precision {precision}" in result.output
+    assert f"{precision} mixed precision" in result.output  # said in words (issue 28: "precision no" confused)
     state = load_file(str(out / "checkpoints" / "step-000002" / "lora_state.safetensors"))
     assert all(t.dtype == torch.float32 for t in state.values())  # trainable LoRA weights stay fp32
     losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]

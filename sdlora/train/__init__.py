@@ -64,7 +64,8 @@ def preflight(config: Config, dataset_dir: Path, out_dir: Path) -> Plan:
     from sdlora.train import checkpoint, data, methods, recommended
     from sdlora.train.optim import check_optimizer
 
-    check_base(config.model.base, config.model.allow_pickle, config.model.single_file_config)
+    # Local checks first (the path, its headers); the hub, a network round trip, once the dataset's are done.
+    check_base(config.model.base, config.model.allow_pickle, config.model.single_file_config, hub=False)
     sizes = [("train.resolutions", s) for s in config.train.resolutions] or [("--resolution", config.train.resolution)]
     check_sizes(config.model, sizes)  # the family's multiple (Flux: 16), before any model loads
     token, class_word = data.trigger_parts(dataset_dir, config.prep.token, config.prep.class_word)
@@ -74,6 +75,7 @@ def preflight(config: Config, dataset_dir: Path, out_dir: Path) -> Plan:
     given = methods.active(config.train)
     for method in given:  # e.g. masked loss: prep's masks; class images: --class-dir holds images
         method.check(config, examples, dataset_dir, token)
+    check_base(config.model.base, config.model.allow_pickle, config.model.single_file_config)
     precision = resolve_precision(config.train.mixed_precision, *device_facts())
     check_optimizer(config.train.optimizer)
     name = run_name(config.train.name, out_dir)
