@@ -333,9 +333,11 @@ def main() -> None:
 
     comfy_args.cpu = True  # before comfy.model_management is imported: no CUDA here
     import_comfy()
+    from sdlora.lora.kinds import KINDS
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--family", nargs="+", choices=["sd1", "sdxl", "flux"], default=["sd1"])
-    parser.add_argument("--adapter", choices=["lora", "dora", "lokr"], default="lora", help="lora.kind to check")
+    parser.add_argument("--adapter", choices=list(KINDS), default="lora", help="lora.kind to check")
     parser.add_argument("--json", type=Path, help="also write the results here")
     options = parser.parse_args()
     if options.adapter != "lora":
