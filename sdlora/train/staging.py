@@ -63,7 +63,7 @@ def render_batches(config: Any, plan: Any) -> list[list[str]]:
     """The prompt batches training will render, each as render_images will batch it (so that each prompt's cached
     conditioning is bit for bit what the pipeline would compute): the sample grids, the class images of prior
     preservation, identity scoring's prompt set where scoring is on (identity.cadence: by default only on a prep
-    dataset)."""
+    dataset); then the negative prompt as each of those batches encodes it (a true-CFG family's renders need it)."""
     from sdlora.evaluation.prompts import STANDARD_PROMPTS, expand
     from sdlora.train import identity
 
@@ -73,7 +73,8 @@ def render_batches(config: Any, plan: Any) -> list[list[str]]:
         lists.append([tc.class_prompt] * size)
     if identity.cadence(config, plan.dataset_dir)[0] is not None:
         lists.append(expand(list(STANDARD_PROMPTS), config.eval.n, config.eval.seed, trigger)[1])
-    return [prompts[i : i + size] for prompts in lists for i in range(0, len(prompts), size)]
+    batches = [prompts[i : i + size] for prompts in lists for i in range(0, len(prompts), size)]
+    return batches + [[config.generate.negative] * len(batch) for batch in batches]
 
 
 @dataclass(frozen=True)
