@@ -1,6 +1,6 @@
 """The tiny offline models: real CLIP tokenizer ids; the small T5 tokenizer made offline (T5's special ids, no
 unknown pieces in lowercase prompts, a diffusers-folder round trip that keeps it, and the schnell variant's shorter
-default length); every family saves, reloads and runs."""
+default length); the byte-level Qwen tokenizer with Qwen's chat template; every family saves, reloads and runs."""
 
 from __future__ import annotations
 
@@ -33,6 +33,25 @@ def test_t5_tokenizer_has_t5s_special_ids_and_round_trips(tmp_path):
     assert testing.t5_tokenizer(256).model_max_length == 256
 
 
+def test_qwen_tokenizer_is_byte_level_with_qwens_chat_template_and_round_trips(tmp_path):
+    from transformers import AutoTokenizer
+
+    from sdlora.families.offline_text import qwen_tokenizer
+
+    tokenizer = qwen_tokenizer()
+    messages = [{"role": "user", "content": "a photo of sks person"}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, enable_thinking=True)
+    assert text == "<|im_start|>user\na photo of sks person<|im_end|>\n<|im_start|>assistant\n"
+    off = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, enable_thinking=False)
+    assert off == text + "<think>\n\n</think>\n\n"  # as Qwen3's own template adds it
+    ids = tokenizer(text).input_ids
+    assert len(ids) == len("user\na photo of sks person\nassistant\n") + 3  # one token per byte, 3 specials
+    assert tokenizer.convert_ids_to_tokens(ids[0]) == "<|im_start|>" and tokenizer.pad_token == "<|endoftext|>"
+    tokenizer.save_pretrained(tmp_path)
+    again = AutoTokenizer.from_pretrained(str(tmp_path), local_files_only=True)
+    assert again(text).input_ids == ids and again.chat_template == tokenizer.chat_template
+
+
 @pytest.mark.parametrize("family", testing.FAMILIES)
 def test_tiny_pipeline_reloads_offline_and_runs(tiny_models, family):
     from diffusers import DiffusionPipeline
@@ -41,9 +60,10 @@ def test_tiny_pipeline_reloads_offline_and_runs(tiny_models, family):
     assert (folder / "model_index.json").is_file()
     assert list(folder.rglob("*.safetensors")), "weights must be saved as safetensors"
     pipe = DiffusionPipeline.from_pretrained(folder, local_files_only=True)
-    expected = {"sdxl": "StableDiffusionXLPipeline", "flux": "FluxPipeline"}.get(family, "StableDiffusionPipeline")
-    assert type(pipe).__name__ == expected
-    assert pipe.tokenizer.model_max_length == 77
+    expected = {"sdxl": "StableDiffusionXLPipeline", "flux": "FluxPipeline", "zimage": "ZImagePipeline"}
+    assert type(pipe).__name__ == expected.get(family, "StableDiffusionPipeline")
+    if family != "zimage":  # Z-Image's tokenizer is Qwen's (test_qwen_tokenizer_...)
+        assert pipe.tokenizer.model_max_length == 77
     if family == "sd2":
         assert pipe.scheduler.config.prediction_type == "v_prediction"
     out = pipe(

@@ -1,4 +1,4 @@
-"""Model families: everything that differs between SD 1.x, SD 2.x, SDXL and Flux.1 behind one
+"""Model families: everything that differs between SD 1.x, SD 2.x, SDXL, Flux.1 and Z-Image behind one
 Protocol (grouped by concern), and the registry that tells a family from a loaded pipeline, a checkpoint file's
 keys or a LoRA file.
 
@@ -127,6 +127,10 @@ class Files(Protocol):
     def kohya_encoder_prefixes(self, encoders: Sequence[Any]) -> list[str]:
         """The kohya key prefix of each text encoder given (`lora_te_`, or `lora_te1_`/`lora_te2_`)."""
 
+    def ui_lora_state(self, denoiser: Any, text_encoders: Sequence[Any], adapter: str, dtype: Any) -> dict | None:
+        """The tensors of the UIs' LoRA file (NAME.safetensors) where the family's UIs read no kohya names
+        (Z-Image: ComfyUI's `diffusion_model.` + diffusers names, alpha/rank baked in), or None: kohya's."""
+
     def load_single_file(self, path: Any, config: str | None, kwargs: dict[str, Any]) -> Any:
         """The pipeline of an original-format file diffusers can't build alone (`config`: model.single_file_config),
         or None: diffusers' from_single_file reads it."""
@@ -159,7 +163,7 @@ class Rendering(Protocol):
 class Family(Detection, TextConditioning, Denoising, Files, Rendering, Protocol):
     """What the rest of sdlora needs to know about one model family (one package in sdlora/families/)."""
 
-    name: str  # "sd1" | "sd2" | "sdxl" | "flux": LoRA metadata (`sdlora.family`), messages, tests
+    name: str  # "sd1" | "sd2" | "sdxl" | "flux" | "zimage": LoRA metadata (`sdlora.family`), messages, tests
     label: str  # for people: "SD 1.x"
 
     def tiny_pipeline(self, seed: int) -> Any:
@@ -170,9 +174,10 @@ def _registry() -> dict[str, Family]:
     from sdlora.families.flux import FLUX
     from sdlora.families.sd import SD1, SD2
     from sdlora.families.sdxl import SDXL
+    from sdlora.families.zimage import ZIMAGE
 
     # Order matters for detection: the most specific family first, SD 1.x last.
-    families: list[Family] = [FLUX, SDXL, SD2, SD1]
+    families: list[Family] = [ZIMAGE, FLUX, SDXL, SD2, SD1]
     return {family.name: family for family in families}
 
 

@@ -4,7 +4,8 @@ the tests (family-neutral: it imports no family, so all of them import it withou
 The CLIP tokenizer is the real CLIP BPE (49,408 tokens), built from the vocabulary file that the `open-clip-torch`
 package ships (install it with `pip install --no-deps open-clip-torch`: its dependencies pull torchvision and a
 CUDA torch, and we never import it). The T5 tokenizer is a small Unigram vocabulary with T5's special ids
-(<pad> 0, </s> 1, <unk> 2), built without any file.
+(<pad> 0, </s> 1, <unk> 2), built without any file. The Qwen tokenizer is byte-level with no merges (one token
+per byte) and Qwen's chat template.
 """
 
 from __future__ import annotations
@@ -129,3 +130,31 @@ def t5_tokenizer(max_length: int = 512) -> Any:
     vocab += [(f"▁{word}", -2.0) for word in _T5_WORDS] + [(char, -5.0) for char in _T5_CHARS]
     vocab += [(f"▁{char}", -4.0) for char in _T5_CHARS]
     return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=max_length)
+
+
+# Qwen3's chat template, reduced to what text-to-image pipelines use (user turns, the generation prompt, and the
+# empty thinking block that enable_thinking=False adds); it renders those exactly as the real template does.
+QWEN_CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{ '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
+    "{%- endif %}"
+)
+_QWEN_SPECIAL = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>"]
+
+
+def qwen_tokenizer() -> Any:
+    """A byte-level Qwen2 tokenizer (Qwen2/2.5/3 text encoders) made in memory: the 256 byte symbols and
+    `<|endoftext|>` (pad) with no merges, so every byte is one token, Qwen's chat special tokens and
+    `<think>`/`</think>`, and the chat template. Real ids differ; the shapes and the template are the real ones."""
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import Qwen2Tokenizer
+
+    vocab = {symbol: i for i, symbol in enumerate(sorted(ByteLevel.alphabet()))}
+    vocab["<|endoftext|>"] = len(vocab)
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[], chat_template=QWEN_CHAT_TEMPLATE, model_max_length=131072)
+    tokenizer.add_special_tokens({"additional_special_tokens": _QWEN_SPECIAL})
+    tokenizer.add_tokens(["<think>", "</think>"])
+    return tokenizer

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 Namer = Callable[[str], tuple[str, int, int]]
 UNET_PREFIX = "lora_unet_"
 KEY_PREFIXES = (UNET_PREFIX, "lora_te_", "lora_te1_", "lora_te2_")
+UI_PREFIXES = ("diffusion_model.",)  # a family's own UI names where its UIs read no kohya ones (ui_lora_state)
 KEY_SUFFIXES = (
     ".lora_down.weight",
     ".lora_up.weight",
@@ -63,6 +64,9 @@ def kohya_state_dict(
 
     family = families.get(family) if isinstance(family, str) else family
     dtype = torch.float16 if dtype is None else dtype
+    own = family.ui_lora_state(denoiser, text_encoders, adapter, dtype)  # Z-Image: ComfyUI's names, not kohya's
+    if own is not None:
+        return own
     state: dict[str, torch.Tensor] = {}
     _add_modules(state, denoiser, UNET_PREFIX, family.kohya_namer(denoiser), adapter, dtype)
     for encoder, prefix in zip(text_encoders, family.kohya_encoder_prefixes(text_encoders), strict=True):
@@ -321,7 +325,7 @@ def save_kohya(path: Path, state: Mapping[str, torch.Tensor], metadata: Mapping[
     """Write `state` with `metadata` to `path` atomically; adds kohya's `sshs_model_hash` of the tensors."""
     from safetensors.torch import save, save_file
 
-    if not is_kohya_state_dict(state):
+    if not is_kohya_state_dict(state) and not (state and all(k.startswith(UI_PREFIXES) for k in state)):
         bad = next((key for key in state if not _is_kohya_key(key)), "(empty)")
         raise SdloraError(f"{path}: {bad!r} is not a kohya LoRA key (lora_unet_/lora_te*_ ... .lora_down.weight)")
     bad_values = [key for key, value in metadata.items() if not isinstance(value, str)]

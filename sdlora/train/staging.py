@@ -68,7 +68,8 @@ def render_batches(config: Config, plan: Plan) -> list[list[str]]:
     """The prompt batches training will render, each as render_images will batch it (so that each prompt's cached
     conditioning is bit for bit what the pipeline would compute): the sample grids, what the likeness methods
     render (the class images of prior preservation), identity scoring's prompt set where scoring is on
-    (identity.cadence: by default only on a prep dataset)."""
+    (identity.cadence: by default only on a prep dataset); then the negative prompts as each of those batches
+    encodes them (true CFG's renders need them)."""
     from sdlora.evaluation.prompts import STANDARD_PROMPTS, expand
     from sdlora.train import identity, methods
 
@@ -78,7 +79,9 @@ def render_batches(config: Config, plan: Plan) -> list[list[str]]:
         lists += method.rendered_prompts(config, plan)
     if identity.cadence(config, plan.dataset_dir)[0] is not None:
         lists.append(expand(list(STANDARD_PROMPTS), config.eval.n, config.eval.seed, trigger)[1])
-    return [prompts[i : i + size] for prompts in lists for i in range(0, len(prompts), size)]
+    batches = [prompts[i : i + size] for prompts in lists for i in range(0, len(prompts), size)]
+    negatives = sorted({config.generate.negative, ""})  # the grids' negative prompt; class images render with ""
+    return batches + [[negative] * len(batch) for batch in batches for negative in negatives]
 
 
 @dataclass(frozen=True)

@@ -206,6 +206,9 @@ class Flux:
                 raise UsageError("Flux's T5 text encoder is never trained: it has no LoRA to save")
         return one_prefix_each(["lora_te1_"] * len(encoders), self.name)
 
+    def ui_lora_state(self, denoiser: Any, text_encoders: Sequence[Any], adapter: str, dtype: Any) -> dict | None:
+        return None  # kohya's BFL names: what Forge and ComfyUI read
+
     def preview_latents(self, pipe: Any, latents: Any, width: int, height: int) -> Any:
         """Packed (B, N, 4C) latents of a pipeline call -> what the VAE decodes: unpacked, unnormalised."""
         vae = pipe.vae

@@ -113,6 +113,9 @@ class UNetFamily:
     def load_single_file(self, path: Any, config: str | None, kwargs: dict[str, Any]) -> Any:
         return None  # diffusers' from_single_file reads LDM/SGM checkpoints whole
 
+    def ui_lora_state(self, denoiser: Any, text_encoders: Sequence[Any], adapter: str, dtype: Any) -> dict | None:
+        return None  # kohya's names: what A1111, Forge and ComfyUI read
+
 
 def one_prefix_each(prefixes: list[str], family: str) -> list[str]:
     if len(set(prefixes)) != len(prefixes):

@@ -1,0 +1,71 @@
+"""Z-Image's two sets of names: diffusers' (ZImageTransformer2DModel) and the original ones of the released single
+files (Tongyi-MAI's and ComfyUI's `z_image*.safetensors`), where q, k and v are one fused `attention.qkv`; and the
+LoRA file ComfyUI reads for Z-Image (`diffusion_model.` + diffusers module names, alpha/rank baked in: its Z-Image
+loader maps those onto the fused layers, and reads no kohya `lora_unet_` names)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+# What diffusers' own single-file detection looks for (Lumina 2's modulation is `adaLN_modulation.1`).
+MARKER = "layers.0.adaLN_modulation.0.weight"
+COMFYUI_PREFIX = "diffusion_model."
+# diffusers name fragment -> original name fragment (diffusers' convert_z_image_transformer_checkpoint_to_diffusers,
+# read backwards).
+_RENAMES = {
+    "all_final_layer.2-1.": "final_layer.",
+    "all_x_embedder.2-1.": "x_embedder.",
+    ".attention.to_out.0.": ".attention.out.",
+    ".attention.norm_k.": ".attention.k_norm.",
+    ".attention.norm_q.": ".attention.q_norm.",
+}
+_QKV = (".attention.to_q.", ".attention.to_k.", ".attention.to_v.")
+
+
+def claims(keys: set[str]) -> bool:
+    """True for a Z-Image transformer's original-format tensor keys (bare or under `model.diffusion_model.`)."""
+    return MARKER in keys or f"model.diffusion_model.{MARKER}" in keys
+
+
+def to_original(state: dict[str, Any]) -> dict[str, Any]:
+    """A diffusers ZImageTransformer2DModel state dict under the original names, q/k/v concatenated into qkv."""
+    import torch
+
+    out: dict[str, Any] = {}
+    fused: dict[str, dict[int, Any]] = {}
+    for key, tensor in state.items():
+        part = next((i for i, fragment in enumerate(_QKV) if fragment in key), None)
+        if part is not None:
+            fused.setdefault(key.replace(_QKV[part], ".attention.qkv."), {})[part] = tensor
+            continue
+        for old, new in _RENAMES.items():
+            key = key.replace(old, new)
+        out[key] = tensor
+    for key, parts in fused.items():
+        out[key] = torch.cat([parts[i] for i in range(3)])
+    return out
+
+
+def comfyui_lora_state(denoiser: Any, adapter: str, dtype: Any) -> dict[str, Any]:
+    """`diffusion_model.<module>.lora_A.weight`/`.lora_B.weight` of every LoRA layer of `denoiser` holding
+    `adapter`, with peft's scale (alpha / r) multiplied into lora_B and no `.alpha` keys: ComfyUI then scales by 1
+    and diffusers' Z-Image reader by 1 (an `.alpha` beside a prefix breaks diffusers 0.42's conversion)."""
+    from peft.tuners.lora import LoraLayer
+
+    from sdlora.errors import SdloraError
+
+    state: dict[str, Any] = {}
+    for path, layer in denoiser.named_modules():
+        if not isinstance(layer, LoraLayer) or adapter not in layer.lora_A:
+            continue
+        if layer.use_dora.get(adapter) or layer.lora_bias.get(adapter):
+            raise SdloraError(f"{path}: Z-Image's ComfyUI LoRA file holds plain LoRA layers only; use --adapter lora")
+        while path.startswith(("module.", "_orig_mod.")):  # DDP's and torch.compile's wrappers
+            path = path.split(".", 1)[1]
+        down = layer.lora_A[adapter].weight.detach().to("cpu", copy=True)  # (r, in)
+        up = layer.lora_B[adapter].weight.detach().to("cpu", copy=True) * float(layer.scaling[adapter])  # (out, r)
+        state[f"{COMFYUI_PREFIX}{path}.lora_A.weight"] = down.to(dtype).contiguous()
+        state[f"{COMFYUI_PREFIX}{path}.lora_B.weight"] = up.to(dtype).contiguous()
+    if not state:
+        raise SdloraError(f"no LoRA layers named {adapter!r} in the transformer: nothing to save")
+    return state
