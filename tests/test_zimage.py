@@ -147,3 +147,31 @@ def test_single_file_round_trip_through_diffusers_converter(tiny_models, tmp_pat
     loaded = pipe.transformer.state_dict()
     assert loaded.keys() == original.keys()
     assert all(torch.equal(loaded[k], original[k]) for k in original)
+
+
+@pytest.mark.parametrize(
+    ("option", "words"),
+    [
+        (["--train-text-encoder"], ["--train-text-encoder", "Z-Image trains no text-encoder LoRA"]),
+        (["--adapter", "dora"], ["--adapter dora", "can't hold it", "--adapter lora"]),
+        (["--adapter", "lokr", "--set", "lora.dropout=0"], ["--adapter lokr", "can't hold it"]),
+    ],
+)
+def test_what_the_family_cant_honour_is_refused_before_training(tiny_models, tmp_path, option, words):
+    """Qwen3 trains no LoRA (diffusers and ComfyUI load the transformer's alone) and ComfyUI's Z-Image file holds
+    lora_A/lora_B only: refused in the pre-flight (before, DoRA failed when the first file was saved, and the
+    text-encoder flag did nothing, silently)."""
+    data, out = subject_set(tmp_path / "data"), tmp_path / "out"
+    args = ["train", str(data), str(out), "--base", str(tiny_models["zimage"]), "--steps", "2", *option]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    line = result.output.strip().splitlines()[-1]
+    assert line.startswith("error: ") and all(word in line for word in words), line
+    assert not (out / "checkpoints").exists()
+
+
+def test_every_family_names_only_known_adapter_kinds():
+    from sdlora.lora.kinds import KINDS
+
+    for family in families.REGISTRY.values():
+        assert family.adapter_kinds is None or set(family.adapter_kinds) <= set(KINDS), family.name

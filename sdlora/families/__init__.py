@@ -111,6 +111,8 @@ class Files(Protocol):
     single_file_pipeline: str  # diffusers pipeline class that reads this family's original-format checkpoints
     kohya_implementation: str  # kohya's `modelspec.implementation`
     comfyui_diffusers_file: bool  # diffusers file written for ComfyUI too (lora.peft.save_diffusers for_comfyui)
+    # The adapter kinds (lora.kind) its LoRA files can hold; None: every kind of sdlora.lora.kinds.KINDS.
+    adapter_kinds: tuple[str, ...] | None
 
     def kohya_base_version(self, prediction_type: str, variant: str = "") -> str:
         """kohya's `ss_base_model_version`."""

@@ -76,6 +76,7 @@ def preflight(config: Config, dataset_dir: Path, out_dir: Path) -> Plan:
     for method in given:  # e.g. masked loss: prep's masks; class images: --class-dir holds images
         method.check(config, examples, dataset_dir, token)
     check_base(config.model.base, config.model.allow_pickle, config.model.single_file_config)
+    check_family_takes(config)
     precision = resolve_precision(config.train.mixed_precision, *device_facts())
     check_optimizer(config.train.optimizer)
     name = run_name(config.train.name, out_dir)
@@ -100,6 +101,26 @@ def preflight(config: Config, dataset_dir: Path, out_dir: Path) -> Plan:
         config=config,
         settled=settled,
     )
+
+
+def check_family_takes(config: Config) -> None:
+    """Settings the base's family can't honour are refused before any model loads (its family is read from the
+    base's config files): a text-encoder LoRA where the family trains none, an adapter kind its files can't hold."""
+    from sdlora.models import peek_family
+
+    lc = config.lora
+
+    family = peek_family(config.model)
+    if lc.train_text_encoder and not family.trainable_text_encoders:
+        raise UsageError(
+            f"--train-text-encoder: {family.label} trains no text-encoder LoRA (its LoRA files hold the "
+            f"{family.denoiser_label}'s alone); leave it off"
+        )
+    if family.adapter_kinds is not None and lc.kind not in family.adapter_kinds:
+        raise UsageError(
+            f"--adapter {lc.kind}: {family.label}'s LoRA files can't hold it; use --adapter "
+            f"{' or '.join(family.adapter_kinds)}"
+        )
 
 
 def run_name(name: str | None, out_dir: Path) -> str:

@@ -56,6 +56,7 @@ class ZImage:
     size_multiple: int = 16  # 8x VAE, then 2x2 patches
     stage_frozen: bool = True  # Qwen3-4B (8 GB in bf16) and the VAE visit the device one at a time, to be cached
     comfyui_diffusers_file: bool = False  # NAME.safetensors is ComfyUI's file (ui_lora_state)
+    adapter_kinds: tuple[str, ...] | None = ("lora",)  # ComfyUI's file holds lora_A/lora_B alone (ui_lora_state)
 
     def claims(self, pipe: Any) -> bool:
         transformer = getattr(pipe, "transformer", None)
