@@ -76,11 +76,11 @@ def preflight(config: Config, dataset_dir: Path, out_dir: Path) -> Plan:
     for method in given:  # e.g. masked loss: prep's masks; class images: --class-dir holds images
         method.check(config, examples, dataset_dir, token)
     check_base(config.model.base, config.model.allow_pickle, config.model.single_file_config)
-    check_family_takes(config)
     precision = resolve_precision(config.train.mixed_precision, *device_facts())
     check_optimizer(config.train.optimizer)
     name = run_name(config.train.name, out_dir)
     check_output_dir(out_dir, "OUT_DIR")
+    check_family_takes(config)  # reads the base's family from its config files
     bucketed = any(e.size and e.size[0] != e.size[1] for e in examples)
     # Unset pivotal tuning and preservation: the benchmark's recommendation (an unset pivotal reads the base's family).
     config, settled = recommended.settle(config, examples, token, not bucketed, out_dir)
