@@ -208,6 +208,7 @@ def make_random_lora(name: str, base: Path, out: Path) -> Path:
     return out
 
 
+@pytest.mark.slow  # ~4 s a family: the quick run keeps its 3-minute budget
 @pytest.mark.parametrize("name", NAMES)
 def test_loras_and_samplers_of_other_families_refused_before_rendering(name, tiny_models, random_loras, tmp_path):
     from sdlora.generate.render import SCHEDULERS

@@ -89,6 +89,7 @@ def fold(page, section: str) -> None:
     page.get_by_role("button", name=re.compile(rf"^\[{section}\]")).click()
 
 
+@pytest.mark.slow  # a real browser and server (~10 s): outside the quick run's 3 minutes
 def test_page_renders_offline_and_errors_are_one_line(page, served):
     for tab in ("Photos", "Train", "Runs", "Generate", "Evaluate"):
         assert page.get_by_role("tab", name=tab).is_visible()

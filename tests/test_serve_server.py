@@ -6,11 +6,14 @@ from __future__ import annotations
 import socket
 import time
 
+import pytest
 from serve_utils import get, start_server, stop_server
 from typer.testing import CliRunner
 
 from sdlora.cli import app
 from sdlora.serve.boundary import MAX_CACHE_BYTES
+
+pytestmark = pytest.mark.slow  # each starts a real server (3-4 s): outside the quick run's 3 minutes
 
 runner = CliRunner()
 
