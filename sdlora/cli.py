@@ -413,7 +413,7 @@ def demo(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo an earlier demo's OUT_DIR.")] = False,
     sets: SetOpt = None,
 ) -> None:
-    """Run prep on built-in photos, then train -> generate -> eval on a toy person it learns (CPU, offline, ~1 min)."""
+    """Run prep on built-in photos, then train -> generate -> eval on a toy person it learns (CPU, offline, ~2 min)."""
     from sdlora.demo import demo as run_demo
 
     result = run_demo(out_dir, base=base, steps=steps, overwrite=overwrite, sets=sets, say=typer.echo)
