@@ -92,6 +92,15 @@ class UNetFamily:
     def generate_defaults(self, pipe: Any) -> dict[str, Any]:
         return {}
 
+    def objective(self, scheduler: Any, device: Any, sampling: str = "auto", shift: float | None = None) -> Any:
+        return unet_objective(scheduler, device, sampling)
+
+    def denoiser_targets(self, targets: str) -> list[str]:
+        return unet_targets(targets)
+
+    def text_encoder_targets(self) -> list[str]:
+        return list(TEXT_ENCODER_ATTENTION)
+
     def normalize_latents(self, vae: Any, latents: Any) -> Any:
         """Scaled by the VAE's scaling_factor (SD 1.x 0.18215, SDXL 0.13025): unit variance for the UNet."""
         return latents * vae.config.scaling_factor
@@ -195,15 +204,6 @@ class StableDiffusion(UNetFamily):
         guidance: float | None = None,
     ) -> Any:
         return model(noisy, timesteps, encoder_hidden_states=cond["encoder_hidden_states"]).sample
-
-    def objective(self, scheduler: Any, device: Any, sampling: str = "auto", shift: float | None = None) -> Any:
-        return unet_objective(scheduler, device, sampling)
-
-    def denoiser_targets(self, targets: str) -> list[str]:
-        return unet_targets(targets)
-
-    def text_encoder_targets(self) -> list[str]:
-        return list(TEXT_ENCODER_ATTENTION)
 
     def kohya_namer(self, denoiser: Any) -> Callable[[str], tuple[str, int, int]]:
         return lambda path: (path, 0, 1)  # kohya names SD 1.x/2.x UNet modules by their diffusers paths

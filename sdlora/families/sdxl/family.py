@@ -9,14 +9,11 @@ from typing import Any
 
 from sdlora.families import Conditioning
 from sdlora.families.sd.family import (
-    TEXT_ENCODER_ATTENTION,
     UNetFamily,
     cross_attention_widths,
     inpainting_kind,
     one_prefix_each,
     token_ids,
-    unet_objective,
-    unet_targets,
 )
 
 
@@ -88,15 +85,6 @@ class StableDiffusionXL(UNetFamily):
         return model(
             noisy, timesteps, encoder_hidden_states=cond["encoder_hidden_states"], added_cond_kwargs=added
         ).sample
-
-    def objective(self, scheduler: Any, device: Any, sampling: str = "auto", shift: float | None = None) -> Any:
-        return unet_objective(scheduler, device, sampling)
-
-    def denoiser_targets(self, targets: str) -> list[str]:
-        return unet_targets(targets)
-
-    def text_encoder_targets(self) -> list[str]:
-        return list(TEXT_ENCODER_ATTENTION)
 
     def kohya_namer(self, denoiser: Any) -> Callable[[str], tuple[str, int, int]]:
         from sdlora.families.sdxl.keys import sgm_namer
