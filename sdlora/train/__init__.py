@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sdlora import layout
 from sdlora.config import Config
 from sdlora.errors import Interrupted, UsageError
 from sdlora.train.state import Plan, TrainResult
+
+if TYPE_CHECKING:
+    from sdlora.families import Family
 
 __all__ = ["Plan", "TrainResult", "preflight", "resolve_precision", "run_name", "train"]
 
@@ -80,10 +83,10 @@ def preflight(config: Config, dataset_dir: Path, out_dir: Path) -> Plan:
     check_optimizer(config.train.optimizer)
     name = run_name(config.train.name, out_dir)
     check_output_dir(out_dir, "OUT_DIR")
-    check_family_takes(config)  # reads the base's family from its config files
+    family = check_family_takes(config)  # reads the base's family from its config files
     bucketed = any(e.size and e.size[0] != e.size[1] for e in examples)
-    # Unset pivotal tuning and preservation: the benchmark's recommendation (an unset pivotal reads the base's family).
-    config, settled = recommended.settle(config, examples, token, not bucketed, out_dir)
+    # Unset pivotal tuning and preservation: the benchmark's recommendation (an unset pivotal asks the base's family).
+    config, settled = recommended.settle(config, examples, token, not bucketed, out_dir, family)
     for method in methods.active(config.train):  # those the recommendation turned on, e.g. pivotal tuning
         if method not in given:
             method.check(config, examples, dataset_dir, token)
@@ -103,13 +106,13 @@ def preflight(config: Config, dataset_dir: Path, out_dir: Path) -> Plan:
     )
 
 
-def check_family_takes(config: Config) -> None:
+def check_family_takes(config: Config) -> Family:
     """Settings the base's family can't honour are refused before any model loads (its family is read from the
-    base's config files): a text-encoder LoRA where the family trains none, an adapter kind its files can't hold."""
+    base's config files): a text-encoder LoRA where the family trains none, an adapter kind its files can't hold.
+    Returns the family, so that the pre-flight reads the base's config once."""
     from sdlora.models import peek_family
 
     lc = config.lora
-
     family = peek_family(config.model)
     if lc.train_text_encoder and not family.trainable_text_encoders:
         raise UsageError(
@@ -121,6 +124,7 @@ def check_family_takes(config: Config) -> None:
             f"--adapter {lc.kind}: {family.label}'s LoRA files can't hold it; use --adapter "
             f"{' or '.join(family.adapter_kinds)}"
         )
+    return family
 
 
 def run_name(name: str | None, out_dir: Path) -> str:

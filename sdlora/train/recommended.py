@@ -29,7 +29,9 @@ def choose(
     return pivotal, preservation
 
 
-def settle(config: Any, examples: list[Any], token: str, square: bool, out_dir: Any = None) -> tuple[Any, str | None]:
+def settle(
+    config: Any, examples: list[Any], token: str, square: bool, out_dir: Any = None, family: Any = None
+) -> tuple[Any, str | None]:
     """The config with train.pivotal and train.preservation settled, and a line saying what "unset" became (None
     when both were given). A resume keeps its run's own (`out_dir`'s saved settings; a run of an earlier version
     trained plain). Only an unset train.pivotal of a new run needs the base's family (read from its config files)."""
@@ -42,9 +44,10 @@ def settle(config: Any, examples: list[Any], token: str, square: bool, out_dir: 
         return config, None
     takes_tokens, label = True, ""
     if tc.pivotal is None:
-        from sdlora.models import peek_family
+        if family is None:  # the pre-flight passes the family it already read
+            from sdlora.models import peek_family
 
-        family = peek_family(config.model)
+            family = peek_family(config.model)
         takes_tokens, label = bool(family.embedding_keys), family.label
     names_trigger = pivotal_tuning.names_trigger(examples, token)
     pivotal, preservation = choose(tc.pivotal, tc.preservation, takes_tokens, names_trigger, square)
