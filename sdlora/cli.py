@@ -330,6 +330,9 @@ def train(
     ] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of data order, noise and LoRA init [default: 0].")] = None,
     allow_pickle: Annotated[bool | None, typer.Option("--allow-pickle", help="Allow .ckpt/.pt/.bin bases.")] = None,
+    allow_distilled: Annotated[
+        bool | None, typer.Option("--allow-distilled", help="Train on a distilled base (Z-Image-Turbo) as it is.")
+    ] = None,
     overwrite: Annotated[bool | None, typer.Option("--overwrite", help="Replace a run already in OUT_DIR.")] = None,
     pivotal: Annotated[
         bool | None,

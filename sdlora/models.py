@@ -31,6 +31,7 @@ class ModelInfo:
     prediction_type: str  # "epsilon", "v_prediction" or "flow"
     vae_scale_factor: int  # pixels per latent pixel (8 for every real SD model)
     variant: str = ""  # within the family: "dev" / "schnell" for Flux.1
+    distilled: bool = False  # an inference target (Z-Image Turbo), not a training base: Family.is_distilled
 
     @property
     def spec(self) -> Family:
@@ -59,6 +60,7 @@ def model_info(pipe: Any) -> ModelInfo:
         prediction_type=family.prediction_type(pipe),
         vae_scale_factor=2 ** (len(pipe.vae.config.block_out_channels) - 1),
         variant=family.variant(pipe),
+        distilled=family.is_distilled(pipe),
     )
 
 
@@ -153,30 +155,52 @@ def _component_class(root: str, name: str) -> Any:
 def peek_family(model: ModelConfig) -> Family:
     """The family of the config's base without loading any weights: a single file's tensor keys, else the
     denoiser built on the meta device from the folder's (or hub id's) config and asked by each family's `claims`."""
+    return peek_base(model)[0]
+
+
+def peek_base(model: ModelConfig) -> tuple[Family, Any]:
+    """The family of the config's base and a stand-in of its pipeline that holds no weights, for the family's
+    questions about the checkpoint before anything loads (`is_distilled`): the denoiser built on the meta device,
+    the scheduler built from its config and `config` (model_index.json). A single file's family comes from its
+    tensor keys and its stand-in from model.single_file_config, whose configs it loads with (empty without)."""
+    from types import SimpleNamespace
+
     base = model.base or ""
     path = Path(base).expanduser()
     if path.is_file():
-        return _checkpoint_family(path)
-    return _folder_family(resolve(base), base)  # resolve before the heavy imports: a wrong --base fails in a second
+        config = model.single_file_config
+        return _checkpoint_family(path), _folder_peek(resolve(config), config)[1] if config else SimpleNamespace()
+    return _folder_peek(resolve(base), base)  # resolve before the heavy imports: a wrong --base fails in a second
 
 
 def _folder_family(root: str, base: str) -> Family:
-    """The family of a diffusers folder or hub id, from its denoiser's config built on the meta device."""
+    return _folder_peek(root, base)[0]
+
+
+def _folder_peek(root: str, base: str) -> tuple[Family, Any]:
+    """The family of a diffusers folder or hub id, from its denoiser's config built on the meta device, and the
+    weightless stand-in of its pipeline (peek_base)."""
     from types import SimpleNamespace
 
     import torch
     from diffusers import DiffusionPipeline
+    from diffusers.configuration_utils import FrozenDict
 
     from sdlora import families
 
     path = Path(base).expanduser()
     try:
-        denoisers = {}
-        for name in sorted({f.denoiser for f in families.REGISTRY.values()} & set(DiffusionPipeline.load_config(root))):
+        index = DiffusionPipeline.load_config(root)
+        parts: dict[str, Any] = {"config": FrozenDict(index)}  # as a loaded pipeline's `config`
+        for name in sorted({f.denoiser for f in families.REGISTRY.values()} & set(index)):
             cls = _component_class(root, name)
             with torch.device("meta"):
-                denoisers[name] = cls.from_config(cls.load_config(root, subfolder=name))
-        return families.detect(SimpleNamespace(**denoisers))
+                parts[name] = cls.from_config(cls.load_config(root, subfolder=name))
+        if isinstance(index.get("scheduler"), list) and index["scheduler"][1]:
+            cls = _component_class(root, "scheduler")
+            parts["scheduler"] = cls.from_config(cls.load_config(root, subfolder="scheduler"))
+        stand_in = SimpleNamespace(**parts)
+        return families.detect(stand_in), stand_in
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise SdloraError(f"could not read base model {base!r}: {first} ({_load_hint(path, None)})") from exc

@@ -44,6 +44,7 @@ GENERATE_OPTIONS = {
 TRAIN_OPTIONS = {
     "base": "model.base",
     "allow_pickle": "model.allow_pickle",
+    "allow_distilled": "model.allow_distilled",
     "quantize": "model.quantize",
     "rank": "lora.rank",
     "alpha": "lora.alpha",

@@ -100,6 +100,19 @@ class ModelConfig(Section):
         description="Load the frozen denoiser quantized with bitsandbytes (QLoRA: the LoRA stays fp32): nf4 "
         "(4-bit), int8, or none.",
     )
+    allow_distilled: bool = Field(
+        False,
+        description="Train directly on a distilled checkpoint (Z-Image-Turbo), which is refused otherwise: trained "
+        "directly, distilled models give grain or no effect. Better: train on the undistilled base and render on the "
+        "distilled one, or set model.training_adapter.",
+    )
+    training_adapter: str | None = Field(
+        None,
+        description="A de-distillation LoRA (a .safetensors file, a folder holding one, or a hub id; diffusers' or "
+        "the family's ComfyUI form) added to the frozen base at strength 1 while training, so that a distilled "
+        "checkpoint trains like its base; samples and identity scoring leave it out (they show the distilled model "
+        "+ your LoRA) and it is never written into your LoRA files. Unset: none.",
+    )
 
 
 class LoraConfig(Section):

@@ -33,6 +33,16 @@ class Detection(Protocol):
     def variant(self, pipe: Any) -> str:
         """The loaded base's variant within the family ("dev"/"schnell" for Flux.1), or ""."""
 
+    def is_distilled(self, pipe: Any) -> bool:
+        """True for a guidance/step-distilled checkpoint that is an inference target, not a training base (Z-Image
+        Turbo): training on it directly is refused unless model.allow_distilled or model.training_adapter. Read from
+        its configs, never its name; `pipe` may be the pre-flight's stand-in (sdlora.models.peek_base: the denoiser
+        on the meta device, the scheduler, `config` = model_index.json), so read configs only."""
+
+    def undistilled_base(self, pipe: Any) -> str:
+        """The hub id of the undistilled checkpoint to train on instead of a distilled `pipe` (Z-Image Turbo:
+        "Tongyi-MAI/Z-Image"), for the refusal's message; "" where there is none."""
+
     def prediction_type(self, pipe: Any) -> str:
         """What the denoiser predicts: "epsilon", "v_prediction" (read from the scheduler) or "flow"."""
 

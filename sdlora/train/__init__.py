@@ -61,6 +61,7 @@ def _lock(out_dir: Path) -> Any:
 
 def preflight(config: Config, dataset_dir: Path, out_dir: Path) -> Plan:
     """Every check that needs no model, each failing with a one-line UsageError."""
+    from sdlora.lora import training_adapter
     from sdlora.models import check_base, check_sizes, device_facts
     from sdlora.preflight import check_output_dir
     from sdlora.prep.images import check_images
@@ -79,11 +80,14 @@ def preflight(config: Config, dataset_dir: Path, out_dir: Path) -> Plan:
     for method in given:  # e.g. masked loss: prep's masks; class images: --class-dir holds images
         method.check(config, examples, dataset_dir, token)
     check_base(config.model.base, config.model.allow_pickle, config.model.single_file_config)
+    if config.model.training_adapter:  # a missing or unreadable file fails now, not after the base loads
+        training_adapter.check(config.model.training_adapter)
     precision = resolve_precision(config.train.mixed_precision, *device_facts())
     check_optimizer(config.train.optimizer)
     name = run_name(config.train.name, out_dir)
     check_output_dir(out_dir, "OUT_DIR")
-    family = check_family_takes(config)  # reads the base's family from its config files
+    family = check_family_takes(config)  # reads the base's family from its config files (and if it is distilled)
+    adapter = training_adapter.describe(config.model.training_adapter) if config.model.training_adapter else None
     bucketed = any(e.size and e.size[0] != e.size[1] for e in examples)
     # Unset pivotal tuning and preservation: the benchmark's recommendation (an unset pivotal asks the base's family).
     config, settled = recommended.settle(config, examples, token, not bucketed, out_dir, family)
@@ -103,17 +107,19 @@ def preflight(config: Config, dataset_dir: Path, out_dir: Path) -> Plan:
         name=name,
         config=config,
         settled=settled,
+        training_adapter=adapter,
     )
 
 
 def check_family_takes(config: Config) -> Family:
     """Settings the base's family can't honour are refused before any model loads (its family is read from the
-    base's config files): a text-encoder LoRA where the family trains none, an adapter kind its files can't hold.
-    Returns the family, so that the pre-flight reads the base's config once."""
-    from sdlora.models import peek_family
+    base's config files): a text-encoder LoRA where the family trains none, an adapter kind its files can't hold, a
+    distilled checkpoint (check_distilled). Returns the family, so that the pre-flight reads the base's config once."""
+    from sdlora.models import peek_base
 
     lc = config.lora
-    family = peek_family(config.model)
+    family, stand_in = peek_base(config.model)
+    check_distilled(config, family, stand_in)
     if lc.train_text_encoder and not family.trainable_text_encoders:
         raise UsageError(
             f"--train-text-encoder: {family.label} trains no text-encoder LoRA (its LoRA files hold the "
@@ -125,6 +131,23 @@ def check_family_takes(config: Config) -> Family:
             f"{' or '.join(family.adapter_kinds)}"
         )
     return family
+
+
+def check_distilled(config: Config, family: Family, stand_in: Any) -> None:
+    """A distilled checkpoint (an inference target, Family.is_distilled, read from its configs) is refused in one
+    line naming the three routes, unless model.allow_distilled or model.training_adapter."""
+    from sdlora.errors import printable
+
+    model = config.model
+    if model.allow_distilled or model.training_adapter or not family.is_distilled(stand_in):
+        return
+    base = family.undistilled_base(stand_in) or f"{family.label}'s undistilled base"
+    raise UsageError(
+        f"--base {printable(model.base or '')}: a distilled {family.label} checkpoint, made for rendering (trained "
+        f"directly it gives grain or no effect); train on {base} and render your LoRA on this one, or set "
+        "model.training_adapter = PATH_OR_HUB_ID (a de-distillation LoRA, left out of samples and your LoRA files), "
+        "or train on a de-distilled checkpoint; --allow-distilled trains on it as it is"
+    )
 
 
 def run_name(name: str | None, out_dir: Path) -> str:

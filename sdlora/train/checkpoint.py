@@ -38,7 +38,7 @@ RESUMABLE_KEYS = {
     "compile",  # speed only
 }
 RESUMABLE_SECTIONS = {"generate", "eval"}  # sampling settings of sample grids and identity scoring; scoring
-RESUMABLE_MODEL_KEYS = {"allow_pickle"}  # a permission, not a property of the run
+RESUMABLE_MODEL_KEYS = {"allow_pickle", "allow_distilled"}  # permissions, not properties of the run
 # Why the rest can't change: it is baked into the checkpoint (optimizer state and LoRA shapes), the data order
 # and noise (seed, batch, resolution), or the meaning of the steps done so far.
 WHY_FIXED = "the checkpoint's LoRA shapes and optimizer state, the data order and the steps done so far depend on them"

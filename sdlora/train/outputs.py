@@ -31,19 +31,31 @@ def save_loras(run: Run, folder: Path, *, unwrap_for_good: bool) -> tuple[Path, 
         "sdlora.trigger_phrase": run.plan.trigger,
         "sdlora.family": run.info.family,
         "sdlora.version": __version__,
-    }
+    } | provenance(run)
     diffusers_file = Path(folder) / layout.DIFFUSERS_LORA
     models = {run.family.denoiser: denoiser} | encoders
     files = method_files(run, folder, header)  # e.g. pivotal tuning: NAME_emb.safetensors
     comfyui = run.family.comfyui_diffusers_file
     more, extra = files.diffusers_metadata, files.diffusers_tensors
     peft.save_diffusers(diffusers_file, type(run.pipe), models, header | more, for_comfyui=comfyui, extra=extra)
-    metadata = kohya_metadata(run, models, files.kohya_metadata)
+    metadata = kohya_metadata(run, models, files.kohya_metadata | provenance(run))
     kohya_file = Path(folder) / layout.kohya_file(run.plan.name)
     # fp32, not the UIs' usual fp16: the file then reproduces the trained model (fp16 weights missed 1e-4).
     state = kohya.kohya_state_dict(denoiser, list(encoders.values()), run.family, dtype=torch.float32)
     kohya.save_kohya(kohya_file, state, metadata)
     return diffusers_file, kohya_file
+
+
+def provenance(run: Run) -> dict[str, str]:
+    """What the LoRA was trained on (base as given, variant, distilled or not) and with which training adapter
+    (model.training_adapter: its path or hub id, and a file's sha256), as JSON values of both files' metadata."""
+    import json
+
+    base = {"base": run.config.model.base, "variant": run.info.variant, "distilled": run.info.distilled}
+    found = {"sdlora.trained_on": json.dumps(base)}
+    if run.plan.training_adapter:
+        found["sdlora.training_adapter"] = json.dumps(run.plan.training_adapter)
+    return found
 
 
 def method_files(run: Run, folder: Path, header: dict[str, str]) -> Files:
@@ -109,13 +121,17 @@ def rendering(run: Run) -> Iterator[None]:
     """Render with the LoRA in training: trained modules in eval mode (no LoRA dropout), offloaded encoders and VAE
     back on the device, under autocast (Accelerate's wrapper returns the UNet's output in fp32, which a half VAE
     would refuse); all restored afterwards."""
+    from sdlora.lora import training_adapter
+
     trained = [getattr(run.pipe, name) for name in (run.family.denoiser, *run.text_encoders)]
     for module in trained:
         module.eval()
     for name in run.offloaded:
         getattr(run.pipe, name).to(run.accelerator.device)
+    # The distilled base + the trained LoRA, as users will render it: the training adapter left out.
+    left_out = training_adapter.left_out(trained[:1]) if run.config.model.training_adapter else contextlib.nullcontext()
     try:
-        with run.accelerator.autocast():
+        with run.accelerator.autocast(), left_out:
             yield
     finally:
         for module in trained:

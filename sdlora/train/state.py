@@ -41,6 +41,8 @@ class Plan:
     # The settings the run trains with, the recommended ones settled (sdlora.train.recommended).
     config: Config | None = None
     settled: str | None = None  # what the unset recommended settings became, for the log
+    # model.training_adapter as the LoRA files name it ({"source": ..., "sha256": ...}), or None.
+    training_adapter: dict[str, str] | None = None
 
 
 @dataclass

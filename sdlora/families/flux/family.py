@@ -98,6 +98,13 @@ class Flux:
         """dev (guidance-distilled: a guidance embedding) or schnell (timestep-distilled: none)."""
         return "dev" if pipe.transformer.config.guidance_embeds else "schnell"
 
+    def is_distilled(self, pipe: Any) -> bool:
+        """False: FLUX.1-dev and -schnell are what people train on (schnell's own handling stands as it is)."""
+        return False
+
+    def undistilled_base(self, pipe: Any) -> str:
+        return ""
+
     def prediction_type(self, pipe: Any) -> str:
         return "flow"
 

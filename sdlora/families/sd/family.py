@@ -83,6 +83,12 @@ class UNetFamily:
     def variant(self, pipe: Any) -> str:
         return ""
 
+    def is_distilled(self, pipe: Any) -> bool:
+        return False
+
+    def undistilled_base(self, pipe: Any) -> str:
+        return ""
+
     def prediction_type(self, pipe: Any) -> str:
         return pipe.scheduler.config.get("prediction_type", "epsilon")
 

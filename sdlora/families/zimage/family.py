@@ -25,6 +25,7 @@ GENERATE_DEFAULTS = {
     "turbo": {"generate.steps": 8, "generate.cfg": 0.0},
 }
 TURBO_MAX_SHIFT = 5.0  # Turbo's scheduler shifts by 3, Base's by 6
+UNDISTILLED_BASE = "Tongyi-MAI/Z-Image"  # what to train on instead of Z-Image-Turbo
 
 
 def _config(model: Any) -> Any:
@@ -73,6 +74,13 @@ class ZImage:
         scheduler = getattr(pipe, "scheduler", None)
         shift = scheduler.config.get("shift", 6.0) if scheduler is not None else 6.0
         return "turbo" if shift < TURBO_MAX_SHIFT else "base"
+
+    def is_distilled(self, pipe: Any) -> bool:
+        """Turbo (step-distilled, no CFG) is the inference target; Z-Image (Base) is the one to train on."""
+        return self.variant(pipe) == "turbo"
+
+    def undistilled_base(self, pipe: Any) -> str:
+        return UNDISTILLED_BASE
 
     def prediction_type(self, pipe: Any) -> str:
         return "flow"

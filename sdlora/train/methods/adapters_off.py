@@ -15,10 +15,17 @@ if TYPE_CHECKING:
 @contextlib.contextmanager
 def adapters_off(modules: Sequence[Any]) -> Iterator[None]:
     """Every peft adapter layer in `modules` disabled (the base layers alone compute), then restored as it was,
-    trainable flags included (peft's enable_adapters changes them)."""
+    trainable flags included (peft's enable_adapters changes them). A training adapter (model.training_adapter)
+    stays on: the base the LoRA trains on is then the de-distilled model."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
+    from sdlora.lora import training_adapter
+
     layers = [m for module in modules for m in module.modules() if isinstance(m, BaseTunerLayer)]
+    if any(training_adapter.NAME in layer.active_adapters for layer in layers):
+        with training_adapter.alone(modules):
+            yield
+        return
     was_off = [layer.disable_adapters for layer in layers]
     flags = [(p, p.requires_grad) for layer in layers for p in layer.parameters()]
     try:
