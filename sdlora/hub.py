@@ -15,11 +15,11 @@ DIFFUSERS_CONFIGS = ("model_index.json", "config.json")  # a pipeline's; a lone 
 HUB_ID = re.compile(r"[\w.-]{1,96}/[\w.-]{1,96}")  # OWNER/NAME, as the hub spells its model ids
 
 
-def resolve(base: str) -> str:
+def resolve(base: str, what: str = "base model") -> str:
     """Where diffusers should load `base` from: a local path as it is; a hub id as itself when the hub answers
     for it, else as its folder in the local Hugging Face cache. Anything else fails now, in one line with the
     real reason (no such folder, not cached and offline, hub unreachable, no such model on the hub), instead
-    of after a minute of diffusers retrying."""
+    of after a minute of diffusers retrying. `what` names it in messages (a "training adapter" is looked up too)."""
     path = Path(base).expanduser()
     if path.exists():
         return str(path)
@@ -27,7 +27,7 @@ def resolve(base: str) -> str:
         raise UsageError(f"{base}: no such file or folder")
     if not HUB_ID.fullmatch(base) or ".." in base:
         raise UsageError(f"{base}: no such file or folder, and not a hub id (those are OWNER/NAME); check the path")
-    where = f"could not load base model {base!r}"
+    where = f"could not load {what} {base!r}"
     cached = _cached_folder(base)
     if cached is not None and _hub_offline():
         return cached

@@ -98,8 +98,8 @@ def test_a_distilled_base_is_refused_before_it_loads_with_the_three_routes(turbo
     assert "--allow-distilled" in lines[0] and loaded == [] and not (tmp_path / "out").exists()
     # A training adapter that is missing, or not a safetensors file, is refused as early, in one line.
     (tmp_path / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}      ")
-    for bad in ("missing.safetensors", "broken.safetensors"):
-        sets = ["--set", f"model.training_adapter={tmp_path / bad}"]
+    for bad in (tmp_path / "missing.safetensors", tmp_path / "broken.safetensors", "nobody/no-such-adapter"):
+        sets = ["--set", f"model.training_adapter={bad}"]
         result = runner.invoke(app, train_args(turbo, tmp_path / "out", *sets))
         assert result.exit_code == 2 and result.output.startswith("error: model.training_adapter"), result.output
         assert len(result.output.strip().splitlines()) == 1 and loaded == []

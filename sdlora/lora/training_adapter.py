@@ -60,7 +60,7 @@ def check(source: str) -> None:
 
     if local_file(source) is None:
         try:
-            resolve(source)
+            resolve(source, what="training adapter")
         except UsageError as exc:
             raise UsageError(f"{OPTION}: {exc}") from None
 
