@@ -111,11 +111,12 @@ def test_the_training_adapter_loads_from_either_form_and_stays_on_for_the_base_o
     from sdlora.lora import peft, training_adapter
     from sdlora.train.methods.adapters_off import adapters_off
 
-    family = families.get("zimage")
-    plain_output = transformer_output(load(turbo["base"]))
+    family, pipe = families.get("zimage"), load(turbo["base"])
+    plain_output = transformer_output(pipe)
     outputs = []
     for form in ("adapter", "comfyui"):
-        pipe = load(turbo["base"])
+        if outputs:
+            pipe.delete_adapters(training_adapter.NAME)
         training_adapter.load(pipe, family, str(turbo[form]))
         outputs.append(transformer_output(pipe))
     assert (outputs[0] - outputs[1]).abs().max() < 1e-5 and (outputs[0] - plain_output).abs().max() > 1e-3
