@@ -18,7 +18,13 @@ from sdlora.serve.workspace import Workspace, sanitise_name
 # Every text setting of the form, by what it holds (a test checks each text setting is in exactly one, so a new
 # one can't slip through unchecked). Paths resolve inside the workspace like every other path the page takes
 # (True: a hub id owner/name is taken too); a file name must be a bare name; the rest is plain text.
-PATH_SETTINGS = {"train.class_dir": False, "model.vae": True, "model.single_file_config": True, "eval.clip": True}
+PATH_SETTINGS = {
+    "train.class_dir": False,
+    "model.vae": True,
+    "model.single_file_config": True,
+    "model.training_adapter": True,
+    "eval.clip": True,
+}
 NAME_SETTINGS = ("train.name",)
 TEXT_SETTINGS = ("train.class_prompt", "train.sample_prompts", "train.resolutions", "generate.negative")
 
