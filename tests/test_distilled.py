@@ -199,6 +199,13 @@ def test_a_resume_with_the_training_adapter_equals_the_straight_run(turbo, runs,
     shutil.rmtree(resumed / "checkpoints" / f"step-{STEPS:06d}")
     shutil.rmtree(resumed / "samples")
     sets = ["--set", f"model.training_adapter={turbo['adapter']}", "--resume", "latest"]
+    original = turbo["adapter"].read_bytes()
+    try:  # another file at the adapter's path: refused before anything loads
+        turbo["adapter"].write_bytes(turbo["comfyui"].read_bytes())
+        result = runner.invoke(app, train_args(turbo, resumed, *sets))
+        assert result.exit_code == 2 and "not the file" in result.output and "sha256" in result.output, result.output
+    finally:
+        turbo["adapter"].write_bytes(original)
     result = runner.invoke(app, train_args(turbo, resumed, *sets))
     assert result.exit_code == 0, result.output
     straight = load_file(str(out / "pytorch_lora_weights.safetensors"))

@@ -54,15 +54,19 @@ def local_file(source: str) -> Path | None:
     return path
 
 
-def check(source: str) -> None:
-    """Pre-flight: a local file readable as safetensors, or a hub id that is cached or on the hub."""
+def check(source: str | None) -> dict[str, str] | None:
+    """Pre-flight: a local file readable as safetensors, or a hub id that is cached or on the hub; what the LoRA
+    files will say about it (describe), or None when unset."""
     from sdlora.hub import resolve
 
+    if not source:
+        return None
     if local_file(source) is None:
         try:
             resolve(source, what="training adapter")
         except UsageError as exc:
             raise UsageError(f"{OPTION}: {exc}") from None
+    return describe(source)
 
 
 def describe(source: str) -> dict[str, str]:
@@ -76,6 +80,25 @@ def describe(source: str) -> dict[str, str]:
                 digest.update(chunk)
         found["sha256"] = digest.hexdigest()
     return found
+
+
+def check_unchanged(checkpoint: Path | None, found: dict[str, str] | None) -> None:
+    """At a resume, the training adapter file (`found`: describe's) must be the one the checkpoint trained with:
+    its LoRA files' sdlora.training_adapter names the sha256 (a replaced file would change the run silently)."""
+    import json
+
+    from safetensors import safe_open
+
+    lora = Path(checkpoint) / layout.DIFFUSERS_LORA if checkpoint is not None else None
+    if lora is None or not found or "sha256" not in found or not lora.is_file():
+        return
+    with safe_open(str(lora), framework="pt") as handle:
+        stored = json.loads((handle.metadata() or {}).get("sdlora.training_adapter", "{}")).get("sha256")
+    if stored and stored != found["sha256"]:
+        raise UsageError(
+            f"{OPTION} {printable(found['source'])}: not the file {printable(checkpoint)} was trained with (its sha256 "
+            f"is {found['sha256'][:12]}..., the checkpoint's {stored[:12]}...); resume with that file"
+        )
 
 
 def load(pipe: Any, family: Family, source: str) -> None:

@@ -80,14 +80,12 @@ def preflight(config: Config, dataset_dir: Path, out_dir: Path) -> Plan:
     for method in given:  # e.g. masked loss: prep's masks; class images: --class-dir holds images
         method.check(config, examples, dataset_dir, token)
     check_base(config.model.base, config.model.allow_pickle, config.model.single_file_config)
-    if config.model.training_adapter:  # a missing or unreadable file fails now, not after the base loads
-        training_adapter.check(config.model.training_adapter)
+    adapter = training_adapter.check(config.model.training_adapter)  # a missing or unreadable file fails now
     precision = resolve_precision(config.train.mixed_precision, *device_facts())
     check_optimizer(config.train.optimizer)
     name = run_name(config.train.name, out_dir)
     check_output_dir(out_dir, "OUT_DIR")
     family = check_family_takes(config)  # reads the base's family from its config files (and if it is distilled)
-    adapter = training_adapter.describe(config.model.training_adapter) if config.model.training_adapter else None
     bucketed = any(e.size and e.size[0] != e.size[1] for e in examples)
     # Unset pivotal tuning and preservation: the benchmark's recommendation (an unset pivotal asks the base's family).
     config, settled = recommended.settle(config, examples, token, not bucketed, out_dir, family)
@@ -97,6 +95,7 @@ def preflight(config: Config, dataset_dir: Path, out_dir: Path) -> Plan:
     settings = config.model_dump(mode="json")
     checkpoint.check_out_dir(out_dir, settings, config.train.resume, config.train.overwrite)
     resume_from = checkpoint.resolve_resume(out_dir, config.train.resume)
+    training_adapter.check_unchanged(resume_from, adapter)
     return Plan(
         dataset_dir=dataset_dir,
         out_dir=out_dir,
