@@ -105,6 +105,16 @@ def test_a_distilled_base_is_refused_before_it_loads_with_the_three_routes(turbo
         assert len(result.output.strip().splitlines()) == 1 and loaded == []
 
 
+@pytest.mark.parametrize("name", ["sd1", "sd2", "sdxl", "flux", "zimage"])
+def test_the_undistilled_bases_are_not_distilled_as_the_pre_flight_reads_them(name, tiny_models):
+    """Z-Image (Base) and the families with no distilled checkpoint to refuse (FLUX.1-schnell trains as before)."""
+    from sdlora import models
+    from sdlora.settings import ModelConfig
+
+    family, stand_in = models.peek_base(ModelConfig(base=str(tiny_models[name])))
+    assert family.name == name and not family.is_distilled(stand_in)
+
+
 def test_the_training_adapter_loads_from_either_form_and_stays_on_for_the_base_output_preservation_sees(turbo):
     """diffusers' loader reads both files to the same adapter; adapters_off (output preservation's "base") keeps it
     on and turns the person's LoRA off."""
