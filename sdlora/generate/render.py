@@ -154,7 +154,12 @@ def render_images(
     s = for_family(sampling, family, pipe)
     set_scheduler(pipe, s.scheduler)
     device = pipe._execution_device
-    takes_size = "width" in inspect.signature(pipe.__call__).parameters  # img2img pipelines take the image's
+    accepted = inspect.signature(pipe.__call__).parameters
+    takes_size = "width" in accepted  # img2img pipelines take the image's
+    # A pipeline without a negative prompt runs its CFG against the empty one: a different one can't be honoured.
+    takes_negative = "negative_prompt" in accepted
+    if s.negative and not takes_negative:
+        raise UsageError(f"--negative: {family.label} pipelines take no negative prompt (their CFG uses the empty one)")
     tokens = family.sequence_length(pipe, s.max_sequence_length)
     images: list[Image.Image] = []
     for start in range(0, len(prompts), s.batch_size):
@@ -175,7 +180,7 @@ def render_images(
         with torch.inference_mode():
             out = pipe(
                 prompt=batch_prompts,
-                negative_prompt=[s.negative] * len(batch_prompts),
+                **({"negative_prompt": [s.negative] * len(batch_prompts)} if takes_negative else {}),
                 num_inference_steps=s.steps,
                 guidance_scale=s.cfg,
                 generator=[torch.Generator(device).manual_seed(seed) for seed in seeds[chunk]],
