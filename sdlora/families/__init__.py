@@ -148,6 +148,9 @@ class Rendering(Protocol):
     guidance_label: str | None  # A1111/Forge's name of a distilled guidance value in PNG parameters, or None
     supports_refiner: bool  # an SDXL-style img2img refiner pass
     vae_fp32: bool  # the stock VAE overflows in half precision and must run in fp32
+    # The diffusers pipeline class that renders from a photo (--init-image, with the whole image masked, and
+    # --keep-face) where diffusers' AutoPipelineForImage2Image/ForInpainting have none for the family; None: theirs.
+    photo_pipeline: str | None
 
     def generate_defaults(self, pipe: Any) -> dict[str, Any]:
         """Dotted settings ("generate.steps": 28) replacing the config's defaults for this base when unset."""

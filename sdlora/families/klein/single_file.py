@@ -27,9 +27,24 @@ def load_pipeline(path: Path, config: str | None, kwargs: dict[str, Any]) -> Any
         kwargs.pop("quantization_config")
     try:
         transformer = Flux2Transformer2DModel.from_single_file(
-            str(path), config=config, subfolder="transformer", **options
+            transformer_state(path), config=config, subfolder="transformer", **options
         )
     except (KeyError, ValueError, RuntimeError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
         raise SdloraError(f"{path}: not the FLUX.2 [klein] transformer of {config} ({first})") from None
     return Flux2KleinPipeline.from_pretrained(config, transformer=transformer, **kwargs)
+
+
+def transformer_state(path: Path) -> Any:
+    """What diffusers' converter reads: the file's path, or, where its transformer sits under ComfyUI's
+    `model.diffusion_model.` (beside a VAE and text encoders), those tensors alone under their bare BFL names (the
+    converter knows no prefix)."""
+    from safetensors import safe_open
+
+    from sdlora.families.klein.keys import COMFYUI_PREFIX
+
+    with safe_open(str(path), framework="pt") as handle:
+        names = [key for key in handle.keys() if key.startswith(COMFYUI_PREFIX)]  # noqa: SIM118 (not a dict)
+        if not names:
+            return str(path)
+        return {key.removeprefix(COMFYUI_PREFIX): handle.get_tensor(key) for key in names}
