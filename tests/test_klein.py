@@ -243,15 +243,21 @@ def test_photo_renders_through_the_inpainting_pipeline(tiny_models):
 
 
 @pytest.mark.slow
-def test_init_image_through_the_cli(trained, tiny_models, tmp_path):
+def test_init_image_with_the_comfyui_file_and_a_filmstrip_through_the_cli(trained, tiny_models, tmp_path):
+    """--init-image with NAME.safetensors as the LoRA (read by diffusers' kohya FLUX.2 converter) and the x0
+    filmstrip of klein's packed latents (--save-steps)."""
     photo = tmp_path / "photo.png"
     Image.fromarray((np.random.RandomState(0).rand(64, 64, 3) * 255).astype("uint8")).save(photo)
-    args = ["generate", "--base", str(tiny_models["klein"]), "--lora", str(trained), "--prompt", "sks person"]
-    args += ["--n", "1", "--size", "64x64", "--steps", "2", "--init-image", str(photo), "--strength", "0.5"]
-    result = runner.invoke(app, [*args, "--out", str(tmp_path / "out")])
+    lora = trained / "person.safetensors"
+    args = ["generate", "--base", str(tiny_models["klein"]), "--lora", str(lora), "--prompt", "sks person"]
+    args += ["--n", "1", "--size", "64x64", "--steps", "4", "--init-image", str(photo), "--strength", "0.5"]
+    result = runner.invoke(app, [*args, "--save-steps", "1", "--out", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
     image = np.asarray(Image.open(tmp_path / "out" / "0000-42.png")).astype(int)
     assert image.shape == (64, 64, 3) and image.std() > 0
+    strip = Image.open(tmp_path / "out" / "0000-42-steps.png")
+    assert strip.size == (2 * 64, 64)  # 4 steps x strength 0.5: two frames
+    assert np.array_equal(np.asarray(strip.crop((64, 0, 128, 64))).astype(int), image)  # the last x0 is the image
 
 
 @pytest.mark.parametrize(
