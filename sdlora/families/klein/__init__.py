@@ -1,5 +1,5 @@
-"""FLUX.2 [klein]: the family object (family.py), BFL's module names (keys.py), its kohya metadata (metadata.py),
-single files (single_file.py) and the tiny pipeline (tiny.py)."""
+"""FLUX.2 [klein]: the family object (family.py), BFL's module names (keys.py), single files
+(single_file.py) and the tiny pipeline (tiny.py)."""
 
 from sdlora.families.klein.family import KLEIN, Klein
 

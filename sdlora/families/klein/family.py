@@ -316,10 +316,24 @@ class Klein:
         save_file({k: v.contiguous() for k, v in state.items()}, str(path))
 
     def kohya_metadata(self, info: Any, train: Any, max_sequence_length: int | None) -> dict[str, str]:
-        """How the LoRA was trained, in kohya's keys, and the checkpoint it was trained on."""
-        from sdlora.families.klein.metadata import training_metadata
-
-        return training_metadata(info, train, max_sequence_length)
+        """How the LoRA was trained, in kohya's keys (with the family's defaults applied, 'auto' recorded as what
+        it drew: uniform, the unshifted sigmas of diffusers' klein script, or shift), and the checkpoint it was
+        trained on (size and whether distilled)."""
+        sampling = train.timestep_sampling
+        if sampling == "auto":
+            sampling = "uniform" if float(train.timestep_shift) == UNSHIFTED else "shift"
+        size, _, kind = info.variant.rpartition("-")
+        return {
+            "ss_timestep_sampling": sampling,
+            "ss_discrete_flow_shift": str(float(train.timestep_shift)),
+            "ss_model_prediction_type": "raw",
+            "ss_weighting_scheme": "none" if train.min_snr_gamma is None else f"min_snr_{train.min_snr_gamma:g}",
+            "ss_max_token_length": str(max_sequence_length or SEQUENCE_LENGTH),
+            "ss_text_encoder_layers": ",".join(str(layer) for layer in TEXT_LAYERS),
+            "sdlora.klein_variant": info.variant,
+            "sdlora.klein_size": size,
+            "sdlora.klein_distilled": str(kind == "distilled"),
+        }
 
     def tiny_pipeline(self, seed: int) -> Any:
         from sdlora.families.klein.tiny import tiny_klein_pipeline
