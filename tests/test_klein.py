@@ -289,3 +289,9 @@ def test_flux2_dev_and_a_negative_prompt_refused(tiny_models, tmp_path):
     result = runner.invoke(app, [*args, "--size", "64x64", "--steps", "1", "--out", str(tmp_path / "out")])
     assert result.exit_code == 2, result.output
     assert "--negative: FLUX.2 [klein] pipelines take no negative prompt" in result.output
+    assert not (tmp_path / "out").exists()  # refused before anything loads or is written
+    data = subject_set(tmp_path / "data")
+    args = ["train", str(data), str(tmp_path / "run"), "--base", str(tiny_models["klein"]), "--steps", "1"]
+    result = runner.invoke(app, [*args, "--set", "generate.negative=blurry"])  # the sample grids' negative prompt
+    assert result.exit_code == 2 and "take no negative prompt" in result.output.strip().splitlines()[-1]
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -22,6 +22,7 @@ from sdlora.generate import keepface
 from sdlora.generate.output import Job, Writer, check_out_dir
 from sdlora.generate.render import (
     Sampling,
+    check_negative,
     check_sampler,
     load_for_rendering,
     native_size,
@@ -133,6 +134,8 @@ def generate(config: Config, out_dir: Path, *, overwrite: bool = False) -> list[
         lora_files.check_finite(lora)
     width, height = g.width_height  # an unset size becomes the base's own once it is loaded
     models.check_sizes(config.model, [("--size", width), ("--size", height)])  # the family's multiple, before loading
+    if g.negative:
+        check_negative(g.negative, models.peek_family(config.model))
     source = _load_source(g)  # before the base model loads: a bad photo fails fast
     prompts = expand_triggers(g.prompts, loras)
     out_dir = Path(out_dir)

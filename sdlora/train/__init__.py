@@ -126,6 +126,9 @@ def check_family_takes(config: Config) -> Family:
             f"encoder that carries the prompt's words to the {family.denoiser_label}, and it has none); pass "
             "--no-pivotal"
         )
+    from sdlora.generate.render import check_negative  # the sample grids' and identity renders' negative prompt
+
+    check_negative(config.generate.negative, family)
     if family.adapter_kinds is not None and lc.kind not in family.adapter_kinds:
         raise UsageError(
             f"--adapter {lc.kind}: {family.label}'s LoRA files can't hold it; use --adapter "
