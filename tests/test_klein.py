@@ -295,3 +295,33 @@ def test_flux2_dev_and_a_negative_prompt_refused(tiny_models, tmp_path):
     result = runner.invoke(app, [*args, "--set", "generate.negative=blurry"])  # the sample grids' negative prompt
     assert result.exit_code == 2 and "take no negative prompt" in result.output.strip().splitlines()[-1]
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_every_kohya_name_is_a_weight_of_the_real_bfl_transformer():
+    """At klein-4B's real widths (hidden 3072, text width 7680; one block of each kind, on the meta device): each
+    LoRA target's kohya module is a weight of the BFL-named transformer (what ComfyUI's generic `lora_unet_` map is
+    built from), with the fused rows adding up, and diffusers' own converter reads the BFL names back."""
+    import re
+
+    from diffusers import Flux2Transformer2DModel
+    from diffusers.loaders.single_file_utils import convert_flux2_transformer_checkpoint_to_diffusers
+
+    from sdlora.families.klein import keys
+
+    config = dict(in_channels=128, num_layers=1, num_single_layers=1, attention_head_dim=128, num_attention_heads=24)
+    with torch.device("meta"):
+        transformer = Flux2Transformer2DModel(**config, joint_attention_dim=7680, guidance_embeds=False)
+    state = transformer.state_dict()
+    bfl = keys.to_bfl(state)
+    targets = re.compile(KLEIN.denoiser_targets("all"))
+    rows: dict[str, int] = {}
+    for path, module in transformer.named_modules():
+        if isinstance(module, torch.nn.Linear) and targets.fullmatch(path):
+            name, _, _ = keys.bfl_module(path)
+            assert f"{name}.weight" in bfl, path
+            rows[name] = rows.get(name, 0) + module.weight.shape[0]
+    assert all(bfl[f"{name}.weight"].shape[0] == count for name, count in rows.items())
+    assert rows["double_blocks.0.img_attn.qkv"] == 3 * 3072 and "single_blocks.0.linear1" in rows
+    back = convert_flux2_transformer_checkpoint_to_diffusers(dict(bfl))
+    assert back.keys() == state.keys()
+    assert all(back[k].shape == state[k].shape for k in state)
