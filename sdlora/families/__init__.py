@@ -1,4 +1,4 @@
-"""Model families: everything that differs between SD 1.x, SD 2.x, SDXL, Flux.1 and Z-Image behind one
+"""Model families: everything that differs between SD 1.x, SD 2.x, SDXL, Flux.1, Z-Image and FLUX.2 [klein] behind one
 Protocol (grouped by concern), and the registry that tells a family from a loaded pipeline, a checkpoint file's
 keys or a LoRA file.
 
@@ -168,7 +168,7 @@ class Rendering(Protocol):
 class Family(Detection, TextConditioning, Denoising, Files, Rendering, Protocol):
     """What the rest of sdlora needs to know about one model family (one package in sdlora/families/)."""
 
-    name: str  # "sd1" | "sd2" | "sdxl" | "flux" | "zimage": LoRA metadata (`sdlora.family`), messages, tests
+    name: str  # "sd1" | "sd2" | "sdxl" | "flux" | "zimage" | "klein": LoRA metadata (`sdlora.family`), messages, tests
     label: str  # for people: "SD 1.x"
 
     def tiny_pipeline(self, seed: int) -> Any:
