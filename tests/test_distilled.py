@@ -105,7 +105,26 @@ def test_a_distilled_base_is_refused_before_it_loads_with_the_three_routes(turbo
         assert len(result.output.strip().splitlines()) == 1 and loaded == []
 
 
-@pytest.mark.parametrize("name", ["sd1", "sd2", "sdxl", "flux", "zimage"])
+def test_a_distilled_klein_is_refused_from_its_pipeline_config(tiny_models, tmp_path, monkeypatch):
+    """klein's distilled checkpoints say so in model_index.json (`is_distilled`), never in their names."""
+    from sdlora import models
+    from sdlora.settings import ModelConfig
+
+    base = tmp_path / "klein-4b"
+    shutil.copytree(tiny_models["klein"], base)
+    index = base / "model_index.json"
+    index.write_text(json.dumps({**json.loads(index.read_text()), "is_distilled": True}))
+    family, stand_in = models.peek_base(ModelConfig(base=str(base)))
+    assert family.name == "klein" and family.is_distilled(stand_in)
+    loaded = []
+    monkeypatch.setattr(models, "load_pipeline", lambda *a, **k: loaded.append(a))
+    result = runner.invoke(app, train_args({"base": base, "data": subject_set(tmp_path / "data")}, tmp_path / "o"))
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
+    assert "distilled FLUX.2 [klein]" in result.output and "model.training_adapter" in result.output
+    assert loaded == [] and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("name", ["sd1", "sd2", "sdxl", "flux", "zimage", "klein"])
 def test_the_undistilled_bases_are_not_distilled_as_the_pre_flight_reads_them(name, tiny_models):
     """Z-Image (Base) and the families with no distilled checkpoint to refuse (FLUX.1-schnell trains as before)."""
     from sdlora import models

@@ -1,4 +1,4 @@
-"""Model families: everything that differs between SD 1.x, SD 2.x, SDXL, Flux.1 and Z-Image behind one
+"""Model families: everything that differs between SD 1.x, SD 2.x, SDXL, Flux.1, Z-Image and FLUX.2 [klein] behind one
 Protocol (grouped by concern), and the registry that tells a family from a loaded pipeline, a checkpoint file's
 keys or a LoRA file.
 
@@ -158,6 +158,9 @@ class Rendering(Protocol):
     guidance_label: str | None  # A1111/Forge's name of a distilled guidance value in PNG parameters, or None
     supports_refiner: bool  # an SDXL-style img2img refiner pass
     vae_fp32: bool  # the stock VAE overflows in half precision and must run in fp32
+    # The diffusers pipeline class that renders from a photo (--init-image, with the whole image masked, and
+    # --keep-face) where diffusers' AutoPipelineForImage2Image/ForInpainting have none for the family; None: theirs.
+    photo_pipeline: str | None
 
     def generate_defaults(self, pipe: Any) -> dict[str, Any]:
         """Dotted settings ("generate.steps": 28) replacing the config's defaults for this base when unset."""
@@ -175,7 +178,7 @@ class Rendering(Protocol):
 class Family(Detection, TextConditioning, Denoising, Files, Rendering, Protocol):
     """What the rest of sdlora needs to know about one model family (one package in sdlora/families/)."""
 
-    name: str  # "sd1" | "sd2" | "sdxl" | "flux" | "zimage": LoRA metadata (`sdlora.family`), messages, tests
+    name: str  # "sd1" | "sd2" | "sdxl" | "flux" | "zimage" | "klein": LoRA metadata (`sdlora.family`), messages, tests
     label: str  # for people: "SD 1.x"
 
     def tiny_pipeline(self, seed: int) -> Any:
@@ -184,12 +187,13 @@ class Family(Detection, TextConditioning, Denoising, Files, Rendering, Protocol)
 
 def _registry() -> dict[str, Family]:
     from sdlora.families.flux import FLUX
+    from sdlora.families.klein import KLEIN
     from sdlora.families.sd import SD1, SD2
     from sdlora.families.sdxl import SDXL
     from sdlora.families.zimage import ZIMAGE
 
     # Order matters for detection: the most specific family first, SD 1.x last.
-    families: list[Family] = [ZIMAGE, FLUX, SDXL, SD2, SD1]
+    families: list[Family] = [ZIMAGE, KLEIN, FLUX, SDXL, SD2, SD1]
     return {family.name: family for family in families}
 
 

@@ -22,6 +22,7 @@ from sdlora.generate import keepface
 from sdlora.generate.output import Job, Writer, check_out_dir
 from sdlora.generate.render import (
     Sampling,
+    check_negative,
     check_sampler,
     load_for_rendering,
     native_size,
@@ -133,6 +134,8 @@ def generate(config: Config, out_dir: Path, *, overwrite: bool = False) -> list[
         lora_files.check_finite(lora)
     width, height = g.width_height  # an unset size becomes the base's own once it is loaded
     models.check_sizes(config.model, [("--size", width), ("--size", height)])  # the family's multiple, before loading
+    if g.negative:
+        check_negative(g.negative, models.peek_family(config.model))
     source = _load_source(g)  # before the base model loads: a bad photo fails fast
     prompts = expand_triggers(g.prompts, loras)
     out_dir = Path(out_dir)
@@ -190,7 +193,7 @@ def _generate(
         )
     refiner = _refiner(g.refiner, config.model.allow_pickle, family) if g.refiner else None
     source = source.fitted(*g.width_height) if source is not None else None
-    runner, call = _runner(pipe, g, source)
+    runner, call = _runner(pipe, family, g, source)
     writer.write_config()
     total = len(prompts) * g.n
     compared = writer.plan_sheets(total, g.width_height, g.compare)
@@ -282,19 +285,25 @@ def _load_source(g: GenerateConfig) -> Source | None:
     return Source(photo, faces[0].landmarks)  # the largest face
 
 
-def _runner(pipe: Any, g: GenerateConfig, source: Source | None) -> tuple[Any, dict[str, Any]]:
+def _runner(pipe: Any, family: Any, g: GenerateConfig, source: Source | None) -> tuple[Any, dict[str, Any]]:
     """The pipeline that does the job (text-to-image, img2img, inpainting; sharing the base's weights) and the
-    extra arguments of its calls (one photo and mask: `_per_image` repeats them for a batch)."""
+    extra arguments of its calls (one photo and mask: `_per_image` repeats them for a batch). A family's own
+    `photo_pipeline` (an inpainting pipeline) does img2img with the whole image masked."""
+    import diffusers
     from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting
 
     pipe.set_progress_bar_config(disable=True)
     if source is None:
         return pipe, {}
+    own = getattr(diffusers, family.photo_pipeline).from_pipe(pipe) if family.photo_pipeline else None
     if source.face_mask is None:
-        runner = AutoPipelineForImage2Image.from_pipe(pipe)
-        return runner, {"init_images": source.photo, "call_kwargs": {"strength": g.strength}}
+        runner = own or AutoPipelineForImage2Image.from_pipe(pipe)
+        call = {"init_images": source.photo, "call_kwargs": {"strength": g.strength}}
+        if own is not None:
+            call["mask_images"] = Image.new("L", source.photo.size, 255)  # repaint it all, at --strength
+        return runner, call
     # Inpainting repaints the white part of its mask: everything but the face. Strength 1 repaints it fully.
-    runner = AutoPipelineForInpainting.from_pipe(pipe)
+    runner = own or AutoPipelineForInpainting.from_pipe(pipe)
     repaint = ImageOps.invert(source.face_mask)
     call = {"init_images": source.photo, "mask_images": repaint, "call_kwargs": {"strength": 1.0}}
     runner.set_progress_bar_config(disable=True)

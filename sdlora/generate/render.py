@@ -77,6 +77,23 @@ def check_sampler(name: str, family: Family) -> None:
         )
 
 
+def check_negative(negative: str, family: Family) -> None:
+    """A negative prompt for a family whose pipeline takes none (its CFG runs against the empty prompt) is refused
+    before any model loads, rather than dropped."""
+    if not negative:
+        return
+    import inspect
+
+    import diffusers
+
+    pipeline = getattr(diffusers, family.single_file_pipeline)
+    if "negative_prompt" not in inspect.signature(pipeline.__call__).parameters:
+        raise UsageError(
+            f"--negative: {family.label} pipelines take no negative prompt (their CFG uses the empty one); leave "
+            "generate.negative empty"
+        )
+
+
 def a1111_sampler_name(name: str) -> str:
     return SCHEDULERS[name][2]
 
@@ -154,7 +171,13 @@ def render_images(
     s = for_family(sampling, family, pipe)
     set_scheduler(pipe, s.scheduler)
     device = pipe._execution_device
-    takes_size = "width" in inspect.signature(pipe.__call__).parameters  # img2img pipelines take the image's
+    accepted = inspect.signature(pipe.__call__).parameters
+    takes_size = "width" in accepted  # img2img pipelines take the image's
+    # A pipeline without a negative prompt runs its CFG against the empty one: a different one can't be honoured.
+    takes_negative = "negative_prompt" in accepted
+    if s.negative and not takes_negative:
+        check_negative(s.negative, family)  # the family's own pipeline; else this one (an img2img pipeline) alone
+        raise UsageError(f"--negative: {type(pipe).__name__} takes no negative prompt; leave generate.negative empty")
     tokens = family.sequence_length(pipe, s.max_sequence_length)
     images: list[Image.Image] = []
     for start in range(0, len(prompts), s.batch_size):
@@ -175,7 +198,7 @@ def render_images(
         with torch.inference_mode():
             out = pipe(
                 prompt=batch_prompts,
-                negative_prompt=[s.negative] * len(batch_prompts),
+                **({"negative_prompt": [s.negative] * len(batch_prompts)} if takes_negative else {}),
                 num_inference_steps=s.steps,
                 guidance_scale=s.cfg,
                 generator=[torch.Generator(device).manual_seed(seed) for seed in seeds[chunk]],

@@ -112,8 +112,9 @@ def preflight(config: Config, dataset_dir: Path, out_dir: Path) -> Plan:
 
 def check_family_takes(config: Config) -> Family:
     """Settings the base's family can't honour are refused before any model loads (its family is read from the
-    base's config files): a text-encoder LoRA where the family trains none, an adapter kind its files can't hold, a
-    distilled checkpoint (check_distilled). Returns the family, so that the pre-flight reads the base's config once."""
+    base's config files): a text-encoder LoRA where the family trains none, pivotal tuning where no CLIP encoder
+    takes new tokens, an adapter kind its files can't hold, a distilled checkpoint (check_distilled).
+    Returns the family, so that the pre-flight reads the base's config once."""
     from sdlora.models import peek_base
 
     lc = config.lora
@@ -124,6 +125,15 @@ def check_family_takes(config: Config) -> Family:
             f"--train-text-encoder: {family.label} trains no text-encoder LoRA (its LoRA files hold the "
             f"{family.denoiser_label}'s alone); leave it off"
         )
+    if config.train.pivotal and not family.embedding_keys:
+        raise UsageError(
+            f"--pivotal: not available for {family.label} bases (pivotal tuning's new tokens need a CLIP text "
+            f"encoder that carries the prompt's words to the {family.denoiser_label}, and it has none); pass "
+            "--no-pivotal"
+        )
+    from sdlora.generate.render import check_negative  # the sample grids' and identity renders' negative prompt
+
+    check_negative(config.generate.negative, family)
     if family.adapter_kinds is not None and lc.kind not in family.adapter_kinds:
         raise UsageError(
             f"--adapter {lc.kind}: {family.label}'s LoRA files can't hold it; use --adapter "

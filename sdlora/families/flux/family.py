@@ -85,6 +85,7 @@ class Flux:
     stage_frozen: bool = True  # T5-XXL (9.5 GB) and the VAE visit the device one at a time, only to be cached
     comfyui_diffusers_file: bool = True  # ComfyUI reads Flux diffusers keys (with .alpha, text_model. paths)
     adapter_kinds: tuple[str, ...] | None = None  # every kind (fused qkv modules: sdlora.lora.kohya.refuse_fused)
+    photo_pipeline: str | None = None  # diffusers' AutoPipelineForImage2Image/ForInpainting pick them
 
     def claims(self, pipe: Any) -> bool:
         transformer = getattr(pipe, "transformer", None)

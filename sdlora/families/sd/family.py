@@ -78,6 +78,7 @@ class UNetFamily:
     size_multiple: int = 8
     stage_frozen: bool = False
     comfyui_diffusers_file: bool = False  # ComfyUI reads no diffusers-format SD keys at all
+    photo_pipeline: str | None = None  # diffusers' AutoPipelineForImage2Image/ForInpainting pick them
     adapter_kinds: tuple[str, ...] | None = None  # every kind: kohya's LoRA and LyCORIS's DoRA/LoKr keys
 
     def variant(self, pipe: Any) -> str:

@@ -58,6 +58,7 @@ class ZImage:
     stage_frozen: bool = True  # Qwen3-4B (8 GB in bf16) and the VAE visit the device one at a time, to be cached
     comfyui_diffusers_file: bool = False  # NAME.safetensors is ComfyUI's file (ui_lora_state)
     adapter_kinds: tuple[str, ...] | None = ("lora",)  # ComfyUI's file holds lora_A/lora_B alone (ui_lora_state)
+    photo_pipeline: str | None = None  # diffusers' AutoPipelineForImage2Image/ForInpainting pick them
 
     def claims(self, pipe: Any) -> bool:
         transformer = getattr(pipe, "transformer", None)
