@@ -29,11 +29,11 @@ from sdlora.cli import app
 
 ROOT = Path(__file__).resolve().parents[1]
 DIT = [name for name in ("zimage", "klein") if name in families.REGISTRY]
-# Whether diffusers has an img2img / inpainting pipeline (with a strength) for the family: Z-Image has both;
-# klein's AutoPipelineForImage2Image entry is its text-to-image pipeline (reference images, no strength) and it has
-# no inpainting one, so --init-image and --keep-face are refused in one line there.
-IMG2IMG = {"zimage": True, "klein": False}
-INPAINTING = {"zimage": True, "klein": False}
+# Whether the family renders from a photo with a strength (img2img) and with a mask (inpainting): Z-Image through
+# diffusers' AutoPipelineFor*, klein through its own inpainting pipeline (Flux2KleinInpaintPipeline). A family
+# without one refuses --init-image / --keep-face in one line (test_keep_face_without_an_inpainting_pipeline...).
+IMG2IMG = {"zimage": True, "klein": True}
+INPAINTING = {"zimage": True, "klein": True}
 PROMPT = "a photo of sks person"
 pytestmark = pytest.mark.slow
 runner = CliRunner()
@@ -243,8 +243,8 @@ def test_init_image_and_keep_face(trained, photo, tmp_path):
 
 
 def test_keep_face_without_an_inpainting_pipeline_is_one_line(tiny_models, photo, tmp_path, monkeypatch):
-    """A family diffusers has no inpainting pipeline for (as klein): one `error:` line before anything renders,
-    never AutoPipeline's traceback. Z-Image's entry taken out of diffusers' table stands in for such a family."""
+    """A family diffusers has no inpainting pipeline for: one `error:` line before anything renders, never
+    AutoPipeline's ValueError. Z-Image's entry taken out of diffusers' table stands in for such a family."""
     from diffusers.pipelines import auto_pipeline
 
     monkeypatch.delitem(auto_pipeline.AUTO_INPAINT_PIPELINES_MAPPING, "z-image")

@@ -190,7 +190,7 @@ def _generate(
         )
     refiner = _refiner(g.refiner, config.model.allow_pickle, family) if g.refiner else None
     source = source.fitted(*g.width_height) if source is not None else None
-    runner, call = _runner(pipe, g, source, family.label)
+    runner, call = _runner(pipe, family, g, source)
     writer.write_config()
     total = len(prompts) * g.n
     compared = writer.plan_sheets(total, g.width_height, g.compare)
@@ -282,7 +282,7 @@ def _load_source(g: GenerateConfig) -> Source | None:
     return Source(photo, faces[0].landmarks)  # the largest face
 
 
-def _runner(pipe: Any, g: GenerateConfig, source: Source | None, label: str) -> tuple[Any, dict[str, Any]]:
+def _runner(pipe: Any, family: Any, g: GenerateConfig, source: Source | None) -> tuple[Any, dict[str, Any]]:
     """The pipeline that does the job (text-to-image, img2img, inpainting; sharing the base's weights) and the
     extra arguments of its calls (one photo and mask: `_per_image` repeats them for a batch)."""
     from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting
@@ -291,18 +291,19 @@ def _runner(pipe: Any, g: GenerateConfig, source: Source | None, label: str) -> 
     if source is None:
         return pipe, {}
     if source.face_mask is None:
-        runner = _from_pipe(AutoPipelineForImage2Image, pipe, "--init-image", "img2img", label)
+        runner = _from_pipe(AutoPipelineForImage2Image, pipe, family, "--init-image", "img2img")
         return runner, {"init_images": source.photo, "call_kwargs": {"strength": g.strength}}
     # Inpainting repaints the white part of its mask: everything but the face. Strength 1 repaints it fully.
-    runner = _from_pipe(AutoPipelineForInpainting, pipe, "--keep-face", "inpainting", label)
+    runner = _from_pipe(AutoPipelineForInpainting, pipe, family, "--keep-face", "inpainting")
     repaint = ImageOps.invert(source.face_mask)
-    return runner, {"init_images": source.photo, "mask_images": repaint, "call_kwargs": {"strength": 1.0}}
+    call = {"init_images": source.photo, "mask_images": repaint, "call_kwargs": {"strength": 1.0}}
+    return runner, call
 
 
-def _from_pipe(auto: Any, pipe: Any, option: str, kind: str, label: str) -> Any:
-    """diffusers' img2img or inpainting pipeline of the base (sharing its weights), progress bar off; one line
-    where diffusers has none for the base's family (its "img2img" pipeline of FLUX.2 [klein] is the text-to-image
-    one, which takes reference images and no strength: not an img2img)."""
+def _from_pipe(auto: Any, pipe: Any, family: Any, option: str, kind: str) -> Any:
+    """diffusers' img2img or inpainting pipeline of the base (sharing its weights), its progress bar off; one line
+    where diffusers has none for the base's family (for FLUX.2 [klein] AutoPipelineForImage2Image gives its
+    text-to-image pipeline, which takes reference images and no strength: not an img2img)."""
     import inspect
 
     try:
@@ -311,7 +312,7 @@ def _from_pipe(auto: Any, pipe: Any, option: str, kind: str, label: str) -> Any:
         runner = None
     if runner is None or "strength" not in inspect.signature(runner.__call__).parameters:
         raise UsageError(
-            f"{option}: diffusers has no {kind} pipeline for {label} bases ({type(pipe).__name__}); "
+            f"{option}: diffusers has no {kind} pipeline for {family.label} bases ({type(pipe).__name__}); "
             f"render without {option}"
         )
     runner.set_progress_bar_config(disable=True)
