@@ -281,3 +281,32 @@ def test_eval_renders_exactly_what_generate_renders(trained, dataset, tmp_path):
         evaluated = np.asarray(Image.open(report / "images" / f"{i:03d}.png").convert("RGB"))
         generated = np.asarray(Image.open(tmp_path / "gen" / f"{i:04d}-{seed}.png").convert("RGB"))
         assert evaluated.std() > 0 and np.array_equal(evaluated, generated), name
+
+
+# --------------------------------------------------------------------------------------------- web app
+
+
+def test_the_web_apps_generate_renders_with_the_bases_own_guidance(trained, tmp_path, monkeypatch):
+    """The page's Generate (studio.generate) with the run's LoRA and the guidance field left empty: the base's own
+    guidance (it sent the page's 7 to every base, CFG on a distilled Turbo), the CLI's pixels. The command the page
+    builds runs in this process (the page's child process is test_serve_browser.py's)."""
+    import shutil
+
+    from sdlora.serve import studio
+    from sdlora.serve.workspace import Workspace
+
+    monkeypatch.setattr(studio, "run_sdlora", lambda workspace, args, label, progress=None: invoke(*args))
+    name, base, lora = trained
+    ws = Workspace.open(tmp_path / "ws")
+    shutil.copytree(base, ws.root / "models" / name)
+    shutil.copytree(lora, ws.root / "runs" / "me", ignore=shutil.ignore_patterns("checkpoints"))
+    images = studio.generate(ws, "runs/me", "a photo of {trigger}", base=f"models/{name}", n=1, steps=3, size="64x64")
+    [(png, words)] = images.images
+    assert png.name == "0000-42.png" and "seed: 42" in words
+    cli = tmp_path / "cli"
+    invoke("generate", "--base", base, "--lora", lora, "--prompt", PROMPT, "--n", "1", "--steps", "3", "--size",
+           "64x64", "--out", cli)  # fmt: skip
+    record = json.loads((cli / "0000-42.json").read_text())
+    assert json.loads(png.with_suffix(".json").read_text())["cfg"] == record["cfg"]
+    assert record["cfg"] != 7.0  # the family's own (Z-Image Base 5, klein base 4), not the page's old 7
+    assert max_diff(png, cli / "0000-42.png") == 0
