@@ -302,8 +302,8 @@ def _runner(pipe: Any, family: Any, g: GenerateConfig, source: Source | None) ->
 
 def _from_pipe(auto: Any, pipe: Any, family: Any, option: str, kind: str) -> Any:
     """diffusers' img2img or inpainting pipeline of the base (sharing its weights), its progress bar off; one line
-    where diffusers has none for the base's family (for FLUX.2 [klein] AutoPipelineForImage2Image gives its
-    text-to-image pipeline, which takes reference images and no strength: not an img2img)."""
+    where diffusers has none for the base's family (AutoPipeline's ValueError), or gives one that takes no strength
+    (a text-to-image pipeline that reads reference images: not an img2img)."""
     import inspect
 
     try:

@@ -122,7 +122,7 @@ def prepare_training(
         start_step = resume_state(accelerator, plan.resume_from, optimizer, lr_scheduler, [g["lr"] for g in groups])
         for method in active:  # e.g. pivotal tuning's rows and pivot step
             method.resume(build.states.get(method.name), plan.resume_from, plan.name)
-    # The family's own defaults (Z-Image's training shift) stay unset in the run files, to apply again at a resume.
+    # The family's own defaults (a training shift) stay unset in the run files, to apply again at a resume.
     write_run_files(given, plan, accelerator, family_defaults=list(family.generate_defaults(pipe)))
     return Run(
         config=config,
