@@ -91,6 +91,17 @@ def gen(base: Path, out: Path, *args: str):
     return runner.invoke(app, args)
 
 
+@pytest.fixture(scope="module")
+def rendered(trained, tmp_path_factory) -> Path:
+    """`sdlora generate` of PROMPT with the trained LoRA (seed 42, 3 steps, 64x64), --compare and --save-steps 1:
+    the image the single-file, eval and web-app tests must reproduce."""
+    name, base, lora = trained
+    out = tmp_path_factory.mktemp(f"dit-render-{name}")
+    invoke("generate", "--base", base, "--size", "64x64", "--n", "1", "--prompt", PROMPT, "--lora", lora, "--steps",
+           "3", "--save-steps", "1", "--compare", "--out", out)  # fmt: skip
+    return out
+
+
 # --------------------------------------------------------------------------------------------- processes
 
 
@@ -155,7 +166,7 @@ def test_two_processes_equal_one_with_the_same_global_batch(trained, dataset, tm
 # --------------------------------------------------------------------------------------------- single file
 
 
-def test_single_file_base_trains_and_renders_like_its_folder(trained, dataset, tmp_path):
+def test_single_file_base_trains_and_renders_like_its_folder(trained, rendered, dataset, tmp_path):
     """`--base file.safetensors --set model.single_file_config=FOLDER`: the same LoRA as from the folder, and the
     same pixels when rendering on it."""
     from sdlora.testing import write_single_file
@@ -169,34 +180,27 @@ def test_single_file_base_trains_and_renders_like_its_folder(trained, dataset, t
     a = load_file(str(expected / "pytorch_lora_weights.safetensors"))
     b = load_file(str(out / "pytorch_lora_weights.safetensors"))
     assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6, name
-    args = ["--prompt", PROMPT, "--steps", "2", "--lora", str(out)]
-    result = gen(path, tmp_path / "single", *args, *config)
+    result = gen(path, tmp_path / "single", "--prompt", PROMPT, "--steps", "3", "--lora", str(expected), *config)
     assert result.exit_code == 0, result.output
-    result = gen(folder, tmp_path / "folder", *args)
-    assert result.exit_code == 0, result.output
-    assert max_diff(tmp_path / "single" / "0000-42.png", tmp_path / "folder" / "0000-42.png") == 0
+    assert max_diff(tmp_path / "single" / "0000-42.png", rendered / "0000-42.png") == 0
 
 
 # --------------------------------------------------------------------------------------------- generate
 
 
-def test_compare_filmstrip_and_a1111_parameters(trained, tmp_path):
-    name, base, lora = trained
-    family = families.get(name)
-    result = gen(base, tmp_path, "--prompt", PROMPT, "--lora", str(lora), "--steps", "3", "--save-steps", "1",
-                 "--compare")  # fmt: skip
-    assert result.exit_code == 0, result.output
-    image = tmp_path / "0000-42.png"
-    compare = Image.open(tmp_path / "compare.png")
+def test_compare_filmstrip_and_a1111_parameters(trained, rendered):
+    family = families.get(trained[0])
+    image = rendered / "0000-42.png"
+    compare = Image.open(rendered / "compare.png")
     assert compare.size == (128, 64)
     assert max_diff(compare.crop((64, 0, 128, 64)), image) == 0
     assert max_diff(compare.crop((0, 0, 64, 64)), image) > 0  # the LoRA changes the image
-    strip = Image.open(tmp_path / "0000-42-steps.png")  # x0 after steps 1, 2 and 3
+    strip = Image.open(rendered / "0000-42-steps.png")  # x0 after steps 1, 2 and 3
     assert strip.size == (3 * 64, 64)
     last = strip.crop((128, 0, 192, 64))
     assert max_diff(last, image) <= 2  # at the last step x0 is the image itself
     assert max_diff(strip.crop((0, 0, 64, 64)), last) > 5
-    record = json.loads((tmp_path / "0000-42.json").read_text())
+    record = json.loads((rendered / "0000-42.json").read_text())
     assert Image.open(image).text["parameters"] == record["parameters"]
     prompt, negative, settings = parse_parameters(record["parameters"])
     assert prompt == f"{PROMPT} <lora:person:1>" and negative == ""
@@ -205,7 +209,7 @@ def test_compare_filmstrip_and_a1111_parameters(trained, tmp_path):
     assert settings["Lora hashes"] == f'"person: {record["loras"][0]["hash"][:12]}"'
 
 
-def test_init_image_and_keep_face(trained, photo, tmp_path):
+def test_init_image_and_keep_face(trained, rendered, photo, tmp_path):
     """img2img from the photo, and the photo's own face kept with the rest repainted by the family's inpainting
     pipeline; where diffusers has no such pipeline, one line and nothing written."""
     from sdlora.faces.dlib import DlibFaces
@@ -213,14 +217,14 @@ def test_init_image_and_keep_face(trained, photo, tmp_path):
 
     name, base, lora = trained
     family = families.get(name)
-    i2i, t2i, kf = tmp_path / "i2i", tmp_path / "t2i", tmp_path / "kf"
-    result = gen(base, i2i, "--prompt", "a person", "--steps", "4", "--init-image", str(photo), "--strength", "0.5")
+    i2i, kf = tmp_path / "i2i", tmp_path / "kf"
+    result = gen(base, i2i, "--prompt", PROMPT, "--lora", str(lora), "--steps", "3", "--init-image", str(photo),
+                 "--strength", "0.4")  # fmt: skip
     if IMG2IMG.get(name, False):
         assert result.exit_code == 0, result.output
-        result = gen(base, t2i, "--prompt", "a person", "--steps", "4")
-        assert result.exit_code == 0, result.output
         # The tiny VAE is random (it does not reconstruct photos): the photo, not only the seed, made the image.
-        assert max_diff(i2i / "0000-42.png", t2i / "0000-42.png") > 20
+        # (Strength 0.4: one of the 3 steps; the tiny klein, repainting the whole image, forgets the photo in two.)
+        assert max_diff(i2i / "0000-42.png", rendered / "0000-42.png") > 20
     else:
         assert result.exit_code == 2 and not i2i.exists(), result.output
         refused = f"error: --init-image: diffusers has no img2img pipeline for {family.label} bases"
@@ -261,32 +265,27 @@ def test_keep_face_without_an_inpainting_pipeline_is_one_line(tiny_models, photo
 # --------------------------------------------------------------------------------------------- eval
 
 
-def test_eval_renders_exactly_what_generate_renders(trained, dataset, tmp_path):
+def test_eval_renders_exactly_what_generate_renders(trained, rendered, dataset, tmp_path):
     """`sdlora eval --lora` on the trained output: the family's own sampler and guidance (the config it reads never
     saw the base), the same pixels as `generate` with the same prompt, seed and settings, and its summary."""
     name, base, lora = trained
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a photo of {trigger} on a boat\n")
+    prompts.write_text("a photo of {trigger}\n")
     report, scores = tmp_path / "report", tmp_path / "eval.json"
-    invoke("eval", "--reference", dataset, "--lora", lora, "--base", base, "--n", "2", "--seed", "5", "--prompts",
-           prompts, "--report", report, "--json", scores, "--set", "generate.steps=2", "--set",
+    invoke("eval", "--reference", dataset, "--lora", lora, "--base", base, "--n", "1", "--seed", "42", "--prompts",
+           prompts, "--report", report, "--json", scores, "--set", "generate.steps=3", "--set",
            "generate.size=64x64")  # fmt: skip
     data = json.loads(scores.read_text())
-    boat = "a photo of sks person on a boat"
-    assert [(image["prompt"], image["seed"]) for image in data["images"]] == [(boat, 5), (boat, 6)]
-    assert data["summary"]["images"] == 2 and data["summary"]["diversity"] is not None
-    invoke("generate", "--base", base, "--lora", lora, "--prompt", boat, "--n", "2",
-           "--seed", "5", "--steps", "2", "--size", "64x64", "--out", tmp_path / "gen")  # fmt: skip
-    for i, seed in enumerate((5, 6)):
-        evaluated = np.asarray(Image.open(report / "images" / f"{i:03d}.png").convert("RGB"))
-        generated = np.asarray(Image.open(tmp_path / "gen" / f"{i:04d}-{seed}.png").convert("RGB"))
-        assert evaluated.std() > 0 and np.array_equal(evaluated, generated), name
+    assert [(image["prompt"], image["seed"]) for image in data["images"]] == [(PROMPT, 42)]
+    assert data["summary"]["images"] == 1 and data["summary"]["face_rate"] is not None
+    evaluated = report / "images" / "000.png"
+    assert pixels(evaluated).std() > 0 and max_diff(evaluated, rendered / "0000-42.png") == 0, name
 
 
 # --------------------------------------------------------------------------------------------- web app
 
 
-def test_the_web_apps_generate_renders_with_the_bases_own_guidance(trained, tmp_path, monkeypatch):
+def test_the_web_apps_generate_renders_with_the_bases_own_guidance(trained, rendered, tmp_path, monkeypatch):
     """The page's Generate (studio.generate) with the run's LoRA and the guidance field left empty: the base's own
     guidance (it sent the page's 7 to every base, CFG on a distilled Turbo), the CLI's pixels. The command the page
     builds runs in this process (the page's child process is test_serve_browser.py's)."""
@@ -303,10 +302,7 @@ def test_the_web_apps_generate_renders_with_the_bases_own_guidance(trained, tmp_
     images = studio.generate(ws, "runs/me", "a photo of {trigger}", base=f"models/{name}", n=1, steps=3, size="64x64")
     [(png, words)] = images.images
     assert png.name == "0000-42.png" and "seed: 42" in words
-    cli = tmp_path / "cli"
-    invoke("generate", "--base", base, "--lora", lora, "--prompt", PROMPT, "--n", "1", "--steps", "3", "--size",
-           "64x64", "--out", cli)  # fmt: skip
-    record = json.loads((cli / "0000-42.json").read_text())
+    record = json.loads((rendered / "0000-42.json").read_text())
     assert json.loads(png.with_suffix(".json").read_text())["cfg"] == record["cfg"]
     assert record["cfg"] != 7.0  # the family's own (Z-Image Base 5, klein base 4), not the page's old 7
-    assert max_diff(png, cli / "0000-42.png") == 0
+    assert max_diff(png, rendered / "0000-42.png") == 0
