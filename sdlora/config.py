@@ -127,16 +127,23 @@ def read_toml(path: Path) -> dict[str, Any]:
 
 
 def save(config: Config, path: Path, given_only: Iterable[str] = ()) -> None:
-    """Write the resolved config as JSON, atomically; sections in `given_only` hold only the settings given."""
+    """Write the resolved config as JSON, atomically; sections (or section.key settings) in `given_only` are
+    written only where given."""
     atomic_write_text(Path(path), json.dumps(_dump(config, given_only), indent=2) + "\n")
 
 
 def _dump(config: Config, given_only: Iterable[str]) -> dict[str, Any]:
-    """The config as JSON data; the sections in `given_only` without the settings nobody set (a model family's
-    own defaults then still apply when the file is read back: sdlora.families.with_defaults)."""
+    """The config as JSON data; the sections in `given_only` without the settings nobody set, and the
+    `section.key` settings in it left out when nobody set them (a model family's own defaults then still apply
+    when the file is read back: sdlora.families.with_defaults)."""
     data = config.model_dump(mode="json")
-    for section in given_only:
-        data[section] = getattr(config, section).model_dump(mode="json", exclude_unset=True)
+    for name in given_only:
+        section, _, key = name.partition(".")
+        given = getattr(config, section)
+        if not key:
+            data[section] = given.model_dump(mode="json", exclude_unset=True)
+        elif key not in given.model_fields_set:
+            data[section].pop(key, None)
     return data
 
 

@@ -74,6 +74,21 @@ def test_save_roundtrip(tmp_path):
     assert config.Config.model_validate(data) == cfg
 
 
+def test_given_only_settings_are_left_out_unless_set(tmp_path):
+    """A run's files keep a family's defaultable settings (Z-Image's train.timestep_shift) only where given, so the
+    family's own value applies again when config.toml is read back at a resume (it stored the config's 3.1582, and
+    a resume with --config trained on with that instead of Z-Image's 6)."""
+    given_only = ["generate", "train.timestep_shift"]
+    unset = config.load(sets=["train.steps=7"])
+    text = config.to_toml(unset, given_only=given_only)
+    assert "timestep_shift" not in text and "steps = 7" in text
+    back = config.Config.model_validate(config.tomllib.loads(text))
+    assert "timestep_shift" not in back.train.model_fields_set
+    given = config.load(sets=["train.timestep_shift=4.0"])
+    config.save(given, tmp_path / "config.json", given_only=given_only)
+    assert json.loads((tmp_path / "config.json").read_text())["train"]["timestep_shift"] == 4.0
+
+
 def test_invalid_toml_names_file(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text("[train\n")

@@ -179,7 +179,7 @@ def test_click_through_the_workflow(page, served, tmp_path, request):
     )
     assert status_of(page, "gen-status").startswith("wrote 2 image(s) to images/")
     assert page.locator("#gen-gallery img").count() == 2
-    # The page's defaults (seed 42, cfg 7, compare on) with n=2, steps=4: studio.generate's folder, as
+    # The page's defaults (seed 42, the base's own guidance, compare on) with n=2, steps=4: studio.generate's folder, as
     # test_serve.py's end-to-end test checked it when it rendered the same call itself.
     folder = workspace / status_of(page, "gen-status").removeprefix("wrote 2 image(s) to ")
     images = studio.images_of(Workspace.open(workspace), folder)

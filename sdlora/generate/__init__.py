@@ -296,18 +296,38 @@ def _runner(pipe: Any, family: Any, g: GenerateConfig, source: Source | None) ->
     if source is None:
         return pipe, {}
     own = getattr(diffusers, family.photo_pipeline).from_pipe(pipe) if family.photo_pipeline else None
+    if own is not None:
+        own.set_progress_bar_config(disable=True)
     if source.face_mask is None:
-        runner = own or AutoPipelineForImage2Image.from_pipe(pipe)
+        runner = own or _from_pipe(AutoPipelineForImage2Image, pipe, family, "--init-image", "img2img")
         call = {"init_images": source.photo, "call_kwargs": {"strength": g.strength}}
         if own is not None:
             call["mask_images"] = Image.new("L", source.photo.size, 255)  # repaint it all, at --strength
         return runner, call
     # Inpainting repaints the white part of its mask: everything but the face. Strength 1 repaints it fully.
-    runner = own or AutoPipelineForInpainting.from_pipe(pipe)
+    runner = own or _from_pipe(AutoPipelineForInpainting, pipe, family, "--keep-face", "inpainting")
     repaint = ImageOps.invert(source.face_mask)
     call = {"init_images": source.photo, "mask_images": repaint, "call_kwargs": {"strength": 1.0}}
-    runner.set_progress_bar_config(disable=True)
     return runner, call
+
+
+def _from_pipe(auto: Any, pipe: Any, family: Any, option: str, kind: str) -> Any:
+    """diffusers' img2img or inpainting pipeline of the base (sharing its weights), its progress bar off; one line
+    where diffusers has none for the base's family (AutoPipeline's ValueError), or gives one that takes no strength
+    (a text-to-image pipeline that reads reference images: not an img2img)."""
+    import inspect
+
+    try:
+        runner = auto.from_pipe(pipe)
+    except ValueError:  # AutoPipeline can't find a pipeline linked to ...
+        runner = None
+    if runner is None or "strength" not in inspect.signature(runner.__call__).parameters:
+        raise UsageError(
+            f"{option}: diffusers has no {kind} pipeline for {family.label} bases ({type(pipe).__name__}); "
+            f"render without {option}"
+        )
+    runner.set_progress_bar_config(disable=True)
+    return runner
 
 
 def _refiner(name: str, allow_pickle: bool, family: Any) -> Any:

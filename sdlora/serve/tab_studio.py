@@ -24,8 +24,9 @@ def generate_tab(ws: Workspace) -> dict[str, Any]:
     with gr.Row():
         seed = gr.Number(label="first seed (image i uses seed + i)", value=42, precision=0)
         count = gr.Number(label="images", value=4, precision=0, elem_id="gen-n")
-        steps = gr.Number(label="steps", value=30, precision=0, elem_id="gen-steps")
-        cfg = gr.Number(label="guidance", value=7.0)
+        # Empty: the base's own (Z-Image-Turbo renders 8 steps without CFG; a CFG of 7 ruins a distilled model).
+        steps = gr.Number(label="steps (empty: the base's own)", value=None, precision=0, elem_id="gen-steps")
+        cfg = gr.Number(label="guidance (empty: the base's own)", value=None, elem_id="gen-cfg")
         compare = gr.Checkbox(label="base vs LoRA comparison", value=True, elem_id="compare")
     keep_face = gr.Image(label="keep the face of this photo (optional)", type="filepath", height=200)
     go = gr.Button("Generate", variant="primary", elem_id="generate")
@@ -47,8 +48,8 @@ def generate_tab(ws: Workspace) -> dict[str, Any]:
             base=base_model or None,
             seed=int(first),
             n=int(n),
-            steps=int(n_steps),
-            cfg=float(guidance),
+            steps=None if n_steps is None else int(n_steps),
+            cfg=None if guidance is None else float(guidance),
             compare=bool(both),
             keep_face=Path(face) if face else None,
             progress=lambda fraction, desc: progress(fraction, desc=desc),

@@ -122,7 +122,8 @@ def prepare_training(
         start_step = resume_state(accelerator, plan.resume_from, optimizer, lr_scheduler, [g["lr"] for g in groups])
         for method in active:  # e.g. pivotal tuning's rows and pivot step
             method.resume(build.states.get(method.name), plan.resume_from, plan.name)
-    write_run_files(given, plan, accelerator)
+    # The family's own defaults (a training shift) stay unset in the run files, to apply again at a resume.
+    write_run_files(given, plan, accelerator, family_defaults=list(family.generate_defaults(pipe)))
     return Run(
         config=config,
         plan=plan,
@@ -332,8 +333,10 @@ def build_batches(
     )
 
 
-def write_run_files(config: Config, plan: Plan, accelerator: Any) -> None:
-    """config.json (what train resolved) and config.toml (what the resume command passes back)."""
+def write_run_files(config: Config, plan: Plan, accelerator: Any, family_defaults: Sequence[str] = ()) -> None:
+    """config.json (what train resolved) and config.toml (what the resume command passes back); the settings in
+    `family_defaults` ('section.key') only where given, so that the family's own values apply again when the file
+    is read back."""
     from sdlora.config import save, to_toml
     from sdlora.fsutil import atomic_write_text
     from sdlora.train import checkpoint
@@ -345,5 +348,6 @@ def write_run_files(config: Config, plan: Plan, accelerator: Any) -> None:
     # Never store --resume/--overwrite: passing config.toml back must not wipe the run it resumes.
     stored = config.model_copy(update={"train": config.train.model_copy(update={"resume": None, "overwrite": False})})
     # The sampling settings as given: a family's own defaults (Flux: 28 steps, guidance 3.5) apply again at a resume.
-    save(stored, plan.out_dir / layout.CONFIG_JSON, given_only=["generate"])
-    atomic_write_text(plan.out_dir / layout.CONFIG_TOML, to_toml(stored, given_only=["generate"]))
+    given_only = ["generate", *family_defaults]
+    save(stored, plan.out_dir / layout.CONFIG_JSON, given_only=given_only)
+    atomic_write_text(plan.out_dir / layout.CONFIG_TOML, to_toml(stored, given_only=given_only))
