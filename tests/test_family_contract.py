@@ -175,6 +175,29 @@ def test_generate_with_the_lora_renders_the_training_sample_and_compares(trained
     assert max_diff(compare.crop((0, 0, 64, 64)), image) > 0  # the LoRA changes the image
 
 
+@pytest.mark.slow
+def test_comfyui_workflow_renders_the_sample_grid_as_the_run_did(trained):
+    """person.comfyui.json: built-in nodes only, the run's LoRA file at strength 1 and the grid's resolved sampler,
+    steps, size and seed (a family's own sampler and guidance included)."""
+    from sdlora.comfyui import workflow
+    from sdlora.generate.render import Sampling, for_family
+
+    family, base, out = trained
+    graph = json.loads((out / "person.comfyui.json").read_text())
+    assert workflow.problems(graph) == []
+    config = Config.model_validate_json((out / "config.json").read_text())
+    pipe = load(base)
+    sampling = for_family(Sampling.for_training(families.with_defaults(config, family, pipe)), family, pipe)
+    (inputs,) = [n["inputs"] for n in graph.values() if n["class_type"] == "KSampler"]
+    assert (inputs["steps"], inputs["seed"]) == (SAMPLE_STEPS, config.generate.seed)
+    assert (inputs["sampler_name"], inputs["scheduler"]) == workflow.SAMPLERS[sampling.scheduler][:2]
+    (lora,) = [n["inputs"] for n in graph.values() if n["class_type"].startswith("LoraLoader")]
+    assert (lora["lora_name"], lora["strength_model"]) == ("person.safetensors", 1.0)
+    assert any(n["inputs"].get("text") == "a photo of sks person" for n in graph.values())
+    latent = next(n["inputs"] for n in graph.values() if n["class_type"].startswith("Empty"))
+    assert (latent["width"], latent["height"]) == (64, 64)
+
+
 @pytest.fixture(scope="session")
 def random_loras(tiny_models, tmp_path_factory):
     """A random-weight LoRA (r=4) on each family's denoiser attention, in diffusers format with our family metadata,

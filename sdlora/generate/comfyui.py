@@ -14,8 +14,8 @@ if TYPE_CHECKING:
 
 
 def lora_files(loras: list[Lora]) -> list[LoraFile]:
-    """The --lora files as ComfyUI's loras folder holds them: a train OUT_DIR by its kohya file NAME.safetensors
-    (what ComfyUI reads), with its pivotal embedding NAME_emb when it has one."""
+    """The --lora files as ComfyUI's loras folder holds them, under the name A1111's `<lora:NAME:w>` tag gives them
+    (a train OUT_DIR: its kohya file NAME.safetensors, what ComfyUI reads), with its pivotal embedding NAME_emb."""
     from safetensors import safe_open
 
     from sdlora.comfyui.workflow import LoraFile
@@ -28,8 +28,8 @@ def lora_files(loras: list[Lora]) -> list[LoraFile]:
             text_encoders = any(key.startswith(("lora_te", "text_encoder")) for key in handle.keys())  # noqa: SIM118 (safe_open is no dict)
             metadata = {**lora.metadata, **(handle.metadata() or {})}
         word = metadata.get(WORD_KEY)
-        emb = Path(metadata[NEEDS_KEY]).stem if metadata.get(NEEDS_KEY) else f"{Path(path).stem}_emb"
-        found.append(LoraFile(Path(path).name, lora.scale, text_encoders, (word, emb) if word else None))
+        emb = Path(metadata[NEEDS_KEY]).stem if metadata.get(NEEDS_KEY) else f"{lora.name}_emb"
+        found.append(LoraFile(f"{lora.name}.safetensors", lora.scale, text_encoders, (word, emb) if word else None))
     return found
 
 
