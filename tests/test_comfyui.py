@@ -138,3 +138,25 @@ def test_sample_like_comfyui_samples_with_a_sampler_comfyui_has(tmp_path):
     assert Sampling.for_training(like).scheduler == workflow.REPRODUCIBLE_DEFAULT
     same = Config.model_validate({"generate": {"scheduler": "dpmpp_2m_karras"}, "train": {"sample_like": "comfyui"}})
     assert Sampling.for_training(same).scheduler == "dpmpp_2m_karras"
+
+
+def test_a_family_schedule_given_as_a_sigmas_node_samples_with_samplercustomadvanced():
+    """FLUX.2's schedule (a shift depending on size and steps) exists in ComfyUI only as a sigmas node."""
+    from sdlora.families.comfyui import ComfyParts, loader
+
+    parts = ComfyParts(
+        nodes={"unet": loader("UNETLoader", unet_name="m.safetensors", weight_dtype="default"),
+               "clip": loader("CLIPLoader", clip_name="qwen_3_4b.safetensors", type="flux2", device="default"),
+               "vae": loader("VAELoader", vae_name="flux2-vae.safetensors")},
+        model=["unet", 0], clip=["clip", 0], vae=["vae", 0], latent="EmptyFlux2LatentImage", cfg=4.0,
+        sigmas="Flux2Scheduler",
+    )  # fmt: skip
+    settings = workflow.Settings(12, 4.0, "flow_euler", 128, 96, "")
+    graph = workflow.build(parts, [workflow.LoraFile("a.safetensors")], settings, [("x", 1), ("y", 2)], "a")
+    assert workflow.problems(graph) == [] and not of_class(graph, "KSampler")
+    (sigmas,) = of_class(graph, "Flux2Scheduler")
+    assert sigmas["inputs"] == {"steps": 12, "width": 128, "height": 96}
+    assert [n["inputs"]["noise_seed"] for n in of_class(graph, "RandomNoise")] == [1, 2]
+    assert {n["inputs"]["cfg"] for n in of_class(graph, "CFGGuider")} == {4.0}
+    assert of_class(graph, "KSamplerSelect")[0]["inputs"]["sampler_name"] == "euler"
+    assert len(of_class(graph, "SamplerCustomAdvanced")) == len(of_class(graph, "SaveImage")) == 2

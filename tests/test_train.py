@@ -218,7 +218,6 @@ def test_comfyui_workflow_renders_the_sample_grid_settings(sd1_run):
     """astro.comfyui.json (OUT_DIR and each checkpoint): the sample prompts with the run's LoRA file at strength 1
     and the grids' sampler, steps, guidance, size and seed, in built-in ComfyUI nodes only."""
     from sdlora.comfyui import workflow
-
     from sdlora.config import Config
 
     out = sd1_run["out"]

@@ -88,7 +88,8 @@ def build(
     notes: tuple[str, ...] = (),
 ) -> dict[str, dict[str, Any]]:
     """The API-format graph rendering each (prompt, seed) of `images` as image `prefix`_NNNN: loaders -> LoRAs ->
-    sampling shift -> KSampler per image (shared prompt encodings and latent) -> VAEDecode -> SaveImage. Node ids
+    sampling shift -> KSampler per image (or, where the family's schedule is a sigmas node, SamplerCustomAdvanced;
+    shared prompt encodings and latent) -> VAEDecode -> SaveImage. Node ids
     are "1", "2", ... in that order; the first node's `_meta.sdlora` says what differs from sdlora's render."""
     sampler, scheduler, differs = SAMPLERS[settings.sampler]
     nodes: dict[str, dict[str, Any]] = dict(parts.nodes)
@@ -116,19 +117,21 @@ def build(
             if parts.guidance is not None:
                 nodes[f"{key}g"] = {**parts.guidance, "inputs": {**parts.guidance["inputs"], "conditioning": [key, 0]}}
                 encoded[prompt] = [f"{key}g", 0]
-        nodes[f"sample{index}"] = node(
-            "KSampler",
-            seed=seed,
-            steps=settings.steps,
-            cfg=parts.cfg,
-            sampler_name=sampler,
-            scheduler=scheduler,
-            denoise=1.0,
-            model=model,
-            positive=encoded[prompt],
-            negative=["negative", 0],
-            latent_image=["latent", 0],
-        )
+        conditioning = {"positive": encoded[prompt], "negative": ["negative", 0]}
+        if parts.sigmas is None:
+            inputs = {"seed": seed, "steps": settings.steps, "cfg": parts.cfg, "sampler_name": sampler}
+            inputs |= {"scheduler": scheduler, "denoise": 1.0, "model": model, **conditioning}
+            nodes[f"sample{index}"] = node("KSampler", **inputs, latent_image=["latent", 0])
+        else:
+            if "sigmas" not in nodes:
+                nodes["sampler"] = node("KSamplerSelect", sampler_name=sampler)
+                size = {"width": settings.width, "height": settings.height}
+                nodes["sigmas"] = node(parts.sigmas, steps=settings.steps, **size)
+            nodes[f"noise{index}"] = node("RandomNoise", noise_seed=seed)
+            nodes[f"guider{index}"] = node("CFGGuider", cfg=parts.cfg, model=model, **conditioning)
+            links = {"noise": [f"noise{index}", 0], "guider": [f"guider{index}", 0], "sampler": ["sampler", 0]}
+            links |= {"sigmas": ["sigmas", 0], "latent_image": ["latent", 0]}
+            nodes[f"sample{index}"] = node("SamplerCustomAdvanced", **links)
         nodes[f"decode{index}"] = node("VAEDecode", samples=[f"sample{index}", 0], vae=parts.vae)
         nodes[f"save{index}"] = node("SaveImage", filename_prefix=f"{prefix}_{index:04d}", images=[f"decode{index}", 0])
     said = tuple(parts.notes) + ((differs,) if differs else ()) + tuple(notes)

@@ -26,6 +26,10 @@ class ComfyParts:
     # Distilled guidance: a node taking "conditioning" (FluxGuidance with its "guidance" value) that the positive
     # prompt passes through; None when the base has none.
     guidance: dict[str, Any] | None = None
+    # A sigmas node taking (steps, width, height) whose schedule the diffusers pipeline uses (FLUX.2's
+    # Flux2Scheduler: a shift that depends on size and steps): the images then sample with SamplerCustomAdvanced
+    # (RandomNoise, CFGGuider, KSamplerSelect) on its sigmas instead of KSampler's scheduler. None: KSampler.
+    sigmas: str | None = None
     notes: tuple[str, ...] = field(default=())  # what differs from sdlora's render, or which file to fetch
 
 
