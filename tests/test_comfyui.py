@@ -160,3 +160,13 @@ def test_a_family_schedule_given_as_a_sigmas_node_samples_with_samplercustomadva
     assert {n["inputs"]["cfg"] for n in of_class(graph, "CFGGuider")} == {4.0}
     assert of_class(graph, "KSamplerSelect")[0]["inputs"]["sampler_name"] == "euler"
     assert len(of_class(graph, "SamplerCustomAdvanced")) == len(of_class(graph, "SaveImage")) == 2
+
+
+def test_a_replacement_vae_decodes(family_pipe):
+    family, pipe = family_pipe
+    parts = family.comfyui_parts(pipe, "owner/base", 64, 64, 3.0)
+    settings = workflow.Settings(4, 3.0, family.samplers[0], 64, 64)
+    graph = workflow.build(parts, [], settings, [("x", 1)], "a", vae="madebyollin/sdxl-vae-fp16-fix")
+    assert workflow.problems(graph) == []
+    (decode,) = of_class(graph, "VAEDecode")
+    assert graph[decode["inputs"]["vae"][0]]["inputs"] == {"vae_name": "sdxl-vae-fp16-fix.safetensors"}

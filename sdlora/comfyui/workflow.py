@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from sdlora import __version__
-from sdlora.families.comfyui import ComfyParts
+from sdlora.families.comfyui import ComfyParts, checkpoint_file
 from sdlora.fsutil import atomic_write_text
 
 NODES_FILE = Path(__file__).with_name("nodes.json")
@@ -85,7 +85,7 @@ def build(
     settings: Settings,
     images: list[tuple[str, int]],
     prefix: str,
-    notes: tuple[str, ...] = (),
+    vae: str | None = None,
 ) -> dict[str, dict[str, Any]]:
     """The API-format graph rendering each (prompt, seed) of `images` as image `prefix`_NNNN: loaders -> LoRAs ->
     sampling shift -> KSampler per image (or, where the family's schedule is a sigmas node, SamplerCustomAdvanced;
@@ -93,7 +93,11 @@ def build(
     are "1", "2", ... in that order; the first node's `_meta.sdlora` says what differs from sdlora's render."""
     sampler, scheduler, differs = SAMPLERS[settings.sampler]
     nodes: dict[str, dict[str, Any]] = dict(parts.nodes)
-    model, clip = parts.model, parts.clip
+    model, clip, decoder, said = parts.model, parts.clip, parts.vae, [*parts.notes, *([differs] if differs else [])]
+    if vae is not None:  # model.vae: the replacement VAE, as ComfyUI's vae folder holds it
+        name, note = checkpoint_file(vae, {})
+        nodes["vae_replacement"] = node("VAELoader", vae_name=name)
+        decoder, said = ["vae_replacement", 0], [*said, *([note] if note else [])]
     for i, lora in enumerate(loras):
         if lora.text_encoders:
             inputs = {"lora_name": lora.name, "strength_model": lora.strength, "strength_clip": lora.strength}
@@ -132,12 +136,10 @@ def build(
             links = {"noise": [f"noise{index}", 0], "guider": [f"guider{index}", 0], "sampler": ["sampler", 0]}
             links |= {"sigmas": ["sigmas", 0], "latent_image": ["latent", 0]}
             nodes[f"sample{index}"] = node("SamplerCustomAdvanced", **links)
-        nodes[f"decode{index}"] = node("VAEDecode", samples=[f"sample{index}", 0], vae=parts.vae)
+        nodes[f"decode{index}"] = node("VAEDecode", samples=[f"sample{index}", 0], vae=decoder)
         nodes[f"save{index}"] = node("SaveImage", filename_prefix=f"{prefix}_{index:04d}", images=[f"decode{index}", 0])
-    said = tuple(parts.notes) + ((differs,) if differs else ()) + tuple(notes)
-    return numbered(
-        nodes, {"version": __version__, "sampler": settings.sampler, "cfg": settings.cfg, "notes": list(said)}
-    )
+    about = {"version": __version__, "sampler": settings.sampler, "cfg": settings.cfg, "notes": said}
+    return numbered(nodes, about)
 
 
 def node(class_type: str, **inputs: Any) -> dict[str, Any]:

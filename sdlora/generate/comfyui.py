@@ -51,4 +51,4 @@ def workflow(
     g = config.generate
     width, height = g.width_height
     settings = Settings(g.steps, g.cfg, g.scheduler, width, height, g.negative)
-    return build(parts, loras, settings, images, prefix=prefix)
+    return build(parts, loras, settings, images, prefix=prefix, vae=config.model.vae)

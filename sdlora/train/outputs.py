@@ -62,7 +62,7 @@ def save_workflow(run: Run, folder: Path, *, text_encoders: bool, pivotal_word: 
     prompts = [p.replace("{trigger}", run.plan.trigger) for p in run.config.train.sample_prompts]
     images = [(prompt, run.config.generate.seed) for prompt in prompts]
     path = Path(folder) / layout.comfyui_workflow(name)
-    workflow.save(path, workflow.build(parts, [lora], settings, images, prefix=name))
+    workflow.save(path, workflow.build(parts, [lora], settings, images, prefix=name, vae=run.config.model.vae))
     return path
 
 
