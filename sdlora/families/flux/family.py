@@ -34,6 +34,7 @@ COMFYUI_CHECKPOINTS = {
     "black-forest-labs/FLUX.1-dev": "flux1-dev.safetensors",
     "black-forest-labs/FLUX.1-schnell": "flux1-schnell.safetensors",
 }
+FILES_NOTE = "clip_l, t5xxl_fp16: comfyanonymous/flux_text_encoders; ae.safetensors: the base's own repository"
 DEFAULT_TIMESTEPS = ("shift", 3.1582)  # kohya's recommendation for Flux.1 person LoRAs
 
 
@@ -177,7 +178,8 @@ class Flux:
             cfg=1.0,
             sampling=sampling,
             guidance=loader("FluxGuidance", guidance=cfg) if dev else None,
-            notes=((note,) if note else ()) + ("the negative prompt is unused: no true CFG, as in diffusers",),
+            notes=((note,) if note else ())
+            + (FILES_NOTE, "the negative prompt is unused: no true CFG, as in diffusers"),
         )
 
     def render_from_cache(self, pipe: Any, rows: dict[str, Conditioning]) -> None:

@@ -30,6 +30,7 @@ COMFYUI_CHECKPOINTS = {
     "Tongyi-MAI/Z-Image-Turbo": "z_image_turbo_bf16.safetensors",
     "Tongyi-MAI/Z-Image": "z_image_bf16.safetensors",
 }
+VAE_NOTE = "ae.safetensors: Comfy-Org/z_image_turbo's split_files/vae (some installers name it z_image_turbo_vae)"
 TURBO_MAX_SHIFT = 5.0  # Turbo's scheduler shifts by 3, Base's by 6
 
 
@@ -151,7 +152,7 @@ class ZImage:
             latent="EmptySD3LatentImage",
             cfg=1.0 + cfg if cfg > 0 else 1.0,
             sampling=loader("ModelSamplingAuraFlow", shift=float(pipe.scheduler.config.get("shift", 6.0))),
-            notes=(note,) if note else (),
+            notes=((note,) if note else ()) + (VAE_NOTE,),
         )
 
     def render_from_cache(self, pipe: Any, rows: dict[str, Conditioning]) -> None:
