@@ -169,6 +169,13 @@ def test_generate_with_the_lora_renders_the_training_sample_and_compares(trained
     assert result.exit_code == 0, result.output
     image = tmp_path / "0000-42.png"
     assert max_diff(image, out / "samples" / f"step-{STEPS:06d}.png") == 0, family.name
+    # The image carries its ComfyUI workflow: the run's kohya file (what ComfyUI reads) at strength 1.
+    from sdlora.comfyui import workflow
+
+    graph = json.loads(Image.open(image).text["prompt"])
+    assert workflow.problems(graph) == []
+    (lora,) = [n["inputs"] for n in graph.values() if n["class_type"].startswith("LoraLoader")]
+    assert (lora["lora_name"], lora["strength_model"]) == ("person.safetensors", 1.0)
     compare = Image.open(tmp_path / "compare.png")
     assert compare.size == (128, 64)
     assert max_diff(compare.crop((64, 0, 128, 64)), image) == 0
