@@ -40,10 +40,11 @@ CHECKPOINT_RECORD = "complete.json"  # written last: the checkpoint's files and 
 GRID = "grid.png"
 COMPARE = "compare.png"
 SHEETS = (GRID, COMPARE)
+COMFYUI_JSON = "comfyui.json"  # the run's ComfyUI workflow (API format): every image it wrote
 # Its images, numbered through the folder: NNNN-SEED.png, its settings NNNN-SEED.json, a filmstrip NNNN-SEED-steps.png.
 GENERATED = re.compile(r"^(\d{4,})-\d+(-steps)?\.(png|json)$")
 # A run into a folder that already holds images names its config and sheets after its first image: grid-0004.png.
-RUN_FILE = re.compile(r"^(config|grid|compare)(-(\d{4,}))?\.(json|png)$")
+RUN_FILE = re.compile(r"^(config|grid|compare|comfyui)(-(\d{4,}))?\.(json|png)$")
 
 # The image files read as photos, datasets, references and generated images (prep reports every other file).
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".heic", ".heif"})
@@ -59,14 +60,19 @@ def embedding_file(name: str) -> str:
     return f"{name}_emb.safetensors"
 
 
+def comfyui_workflow(name: str) -> str:
+    """The ComfyUI workflow (API format) that renders a run's sample prompts with its LoRA file."""
+    return f"{name}.comfyui.json"
+
+
 def generated_stem(index: int, seed: int) -> str:
     """Image `index` of a generate folder, made with `seed`: '0004-46' (.png, .json, -steps.png)."""
     return f"{index:04d}-{seed}"
 
 
 def run_file(name: str, first: int | None) -> str:
-    """A generate run's config.json, grid.png or compare.png; `first` (the run's first image) for a run into a
-    folder that held earlier ones: 'grid-0004.png'."""
+    """A generate run's config.json, grid.png, compare.png or comfyui.json; `first` (the run's first image) for a
+    run into a folder that held earlier ones: 'grid-0004.png'."""
     if first is None:
         return name
     stem, dot, suffix = name.partition(".")
@@ -77,7 +83,7 @@ def is_sheet(name: str) -> bool:
     """Whether a file of a generate folder is a sheet of its other images (grid.png, compare-0004.png, a filmstrip
     NNNN-SEED-steps.png), not an image of its own."""
     run_file, image = RUN_FILE.match(name), GENERATED.match(name)
-    return bool(run_file and run_file.group(1) != "config") or bool(image and image.group(2))
+    return bool(run_file and run_file.group(1) in ("grid", "compare")) or bool(image and image.group(2))
 
 
 def sample_grid(step: int) -> str:

@@ -181,6 +181,15 @@ class TrainConfig(Section):
         description="Prompts of the sample grids; {trigger} becomes the trigger phrase.",
     )
     sample_steps: int = Field(20, gt=0, le=1000, description="Denoising steps of each sample.")
+    sample_like: Literal["sdlora", "comfyui"] = Field(
+        "sdlora",
+        description=(
+            "Sampler of training's renders (sample grids, identity scoring, class images): 'sdlora' "
+            "generate.scheduler; 'comfyui' only a sampler "
+            "ComfyUI has on the same sigmas (generate.scheduler if it is one, else DPM++ 2M Karras, or the "
+            "flow-matching Euler of a flow family), so that NAME.comfyui.json renders what the grids show."
+        ),
+    )
     seed: int = Field(0, ge=0, le=MAX_SEED, description="Seed of data order, noise and LoRA init.")
     log_every: int = Field(
         10,

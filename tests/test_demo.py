@@ -141,6 +141,8 @@ def test_demo_runs_every_stage(tmp_path):
     assert (lora / "identity.png").stat().st_size > 0
     best = json.loads((lora / "best" / "best.json").read_text())
     assert best["step"] in (14, 28, 40) and (lora / "best" / "pytorch_lora_weights.safetensors").is_file()
+    (workflow,) = (lora / "best").glob("*.comfyui.json")  # best/'s own ComfyUI workflow, with pivotal tokens
+    assert "embedding:" in workflow.read_text()
 
     assert Image.open(out / "compare.png").size[0] > Image.open(out / "compare.png").size[1]
     assert len(list((out / "images-base").glob("0*.png"))) == len(list((out / "images").glob("0*.png"))) == 8

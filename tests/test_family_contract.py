@@ -169,10 +169,40 @@ def test_generate_with_the_lora_renders_the_training_sample_and_compares(trained
     assert result.exit_code == 0, result.output
     image = tmp_path / "0000-42.png"
     assert max_diff(image, out / "samples" / f"step-{STEPS:06d}.png") == 0, family.name
+    # The image carries its ComfyUI workflow: the run's kohya file (what ComfyUI reads) at strength 1.
+    from sdlora.comfyui import workflow
+
+    graph = json.loads(Image.open(image).text["prompt"])
+    assert workflow.problems(graph) == []
+    (lora,) = [n["inputs"] for n in graph.values() if n["class_type"].startswith("LoraLoader")]
+    assert (lora["lora_name"], lora["strength_model"]) == ("person.safetensors", 1.0)
     compare = Image.open(tmp_path / "compare.png")
     assert compare.size == (128, 64)
     assert max_diff(compare.crop((64, 0, 128, 64)), image) == 0
     assert max_diff(compare.crop((0, 0, 64, 64)), image) > 0  # the LoRA changes the image
+
+
+@pytest.mark.slow
+def test_comfyui_workflow_renders_the_sample_grid_as_the_run_did(trained):
+    """person.comfyui.json: built-in nodes only, the run's LoRA file at strength 1 and the grid's resolved sampler,
+    steps, size and seed (a family's own sampler and guidance included)."""
+    from sdlora.comfyui import workflow
+    from sdlora.generate.render import Sampling, for_family
+
+    family, base, out = trained
+    graph = json.loads((out / "person.comfyui.json").read_text())
+    assert workflow.problems(graph) == []
+    config = Config.model_validate_json((out / "config.json").read_text())
+    pipe = load(base)
+    sampling = for_family(Sampling.for_training(families.with_defaults(config, family, pipe)), family, pipe)
+    (inputs,) = [n["inputs"] for n in graph.values() if n["class_type"] == "KSampler"]
+    assert (inputs["steps"], inputs["seed"]) == (SAMPLE_STEPS, config.generate.seed)
+    assert (inputs["sampler_name"], inputs["scheduler"]) == workflow.SAMPLERS[sampling.scheduler][:2]
+    (lora,) = [n["inputs"] for n in graph.values() if n["class_type"].startswith("LoraLoader")]
+    assert (lora["lora_name"], lora["strength_model"]) == ("person.safetensors", 1.0)
+    assert any(n["inputs"].get("text") == "a photo of sks person" for n in graph.values())
+    latent = next(n["inputs"] for n in graph.values() if n["class_type"].startswith("Empty"))
+    assert (latent["width"], latent["height"]) == (64, 64)
 
 
 @pytest.fixture(scope="session")

@@ -42,7 +42,8 @@ def test_outputs_parameters_chunk_and_json(tiny_sd1, loras, tmp_path):
         "--negative", "blurry, dark", "--n", "2", "--batch-size", "2", "--out", str(out))  # fmt: skip
     # .sdlora.json: the folder's ownership marker
     assert sorted(p.name for p in out.iterdir()) == [
-        ".sdlora.json", "0000-42.json", "0000-42.png", "0001-43.json", "0001-43.png", "config.json", "grid.png"
+        ".sdlora.json", "0000-42.json", "0000-42.png", "0001-43.json", "0001-43.png", "comfyui.json", "config.json",
+        "grid.png",
     ]  # fmt: skip
     assert Image.open(out / "grid.png").size == (128, 64)
     image = Image.open(out / "0001-43.png")
@@ -59,6 +60,25 @@ def test_outputs_parameters_chunk_and_json(tiny_sd1, loras, tmp_path):
     assert record["loras"][0]["hash"].startswith(settings["Lora hashes"].split(": ")[1][:12])
     assert record["parameters"] == image.text["parameters"]
     assert json.loads((out / "config.json").read_text())["generate"]["loras"] == [f"{loras['a']}:0.8"]
+    # ComfyUI's `prompt` chunk: this image's workflow; comfyui.json: the run's (both images).
+    from sdlora.comfyui import workflow
+
+    graph = json.loads(image.text["prompt"])
+    assert workflow.problems(graph) == []
+    (sampler,) = [node["inputs"] for node in graph.values() if node["class_type"] == "KSampler"]
+    assert (sampler["seed"], sampler["steps"], sampler["cfg"], sampler["sampler_name"]) == (
+        43,
+        2,
+        5.0,
+        "euler_ancestral",
+    )
+    (lora,) = [node["inputs"] for node in graph.values() if node["class_type"].startswith("LoraLoader")]
+    assert lora["lora_name"] == "lora-a.safetensors" and lora["strength_model"] == 0.8
+    texts = {node["inputs"]["text"] for node in graph.values() if node["class_type"] == "CLIPTextEncode"}
+    assert texts == {"a photo of zwx person", "blurry, dark"}
+    run = json.loads((out / "comfyui.json").read_text())
+    assert workflow.problems(run) == []
+    assert [n["inputs"]["seed"] for n in run.values() if n["class_type"] == "KSampler"] == [42, 43]
 
 
 @pytest.mark.slow

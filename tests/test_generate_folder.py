@@ -55,7 +55,8 @@ def test_runs_into_one_folder_add_their_images_beside_the_earlier_ones(tiny_sd1,
     second = snapshot(out)
     assert {name: second[name] for name in interrupted} == interrupted
     assert sorted(set(second) - set(interrupted)) == [
-        "0002-42.json", "0002-42.png", "0003-43.json", "0003-43.png", "config-0002.json", "grid-0002.png"
+        "0002-42.json", "0002-42.png", "0003-43.json", "0003-43.png", "comfyui-0002.json", "config-0002.json",
+        "grid-0002.png",
     ]  # fmt: skip
     record = json.loads((out / "0003-43.json").read_text())
     assert record["index"] == 3 and record["seed"] == 43  # remade alone with --seed 43 --n 1
@@ -64,7 +65,8 @@ def test_runs_into_one_folder_add_their_images_beside_the_earlier_ones(tiny_sd1,
     third = snapshot(out)
     assert {name: third[name] for name in second} == second
     assert sorted(set(third) - set(second)) == [
-        "0004-7.json", "0004-7.png", "0005-8.json", "0005-8.png", "config-0004.json", "grid-0004.png"
+        "0004-7.json", "0004-7.png", "0005-8.json", "0005-8.png", "comfyui-0004.json", "config-0004.json",
+        "grid-0004.png",
     ]  # fmt: skip
     assert json.loads((out / ".sdlora.json").read_text())["command"] == "generate"
 
@@ -94,6 +96,7 @@ def test_overwrite_replaces_only_what_generate_wrote(tmp_path):
     out.mkdir()
     fsutil.write_marker(out, fsutil.new_marker("generate"))
     ours = ["0000-42.png", "0000-42.json", "0001-43-steps.png", "config.json", "grid.png", "compare-0002.png"]
+    ours += ["comfyui.json", "comfyui-0004.json"]
     for name in [*ours, "notes.txt", "favourite.png"]:
         (out / name).write_bytes(b"x")
     writer = Writer(out, load(None, {}), [], overwrite=True)

@@ -212,3 +212,28 @@ def test_refuses_out_dir_of_another_run(sd1_run):
     assert "already holds a run" in again.output and "--resume latest" in again.output
     other = run_cli(*train_args(sd1_run["data"], sd1_run["out"], sd1_run["base"], "--seed", "5", "--resume", "latest"))
     assert other.exit_code == 2 and "train.seed" in other.output
+
+
+def test_comfyui_workflow_renders_the_sample_grid_settings(sd1_run):
+    """astro.comfyui.json (OUT_DIR and each checkpoint): the sample prompts with the run's LoRA file at strength 1
+    and the grids' sampler, steps, guidance, size and seed, in built-in ComfyUI nodes only."""
+    from sdlora.comfyui import workflow
+    from sdlora.config import Config
+
+    out = sd1_run["out"]
+    config = Config.model_validate_json((out / "config.json").read_text()).model_dump()
+    for folder in (out, out / "checkpoints" / "step-000003"):
+        graph = json.loads((folder / "astro.comfyui.json").read_text())
+        assert workflow.problems(graph) == []
+        samplers = [n["inputs"] for n in graph.values() if n["class_type"] == "KSampler"]
+        assert len(samplers) == len(config["train"]["sample_prompts"])
+        for inputs in samplers:
+            assert (inputs["steps"], inputs["seed"], inputs["cfg"]) == (SAMPLE_STEPS, 42, config["generate"]["cfg"])
+            assert (inputs["sampler_name"], inputs["scheduler"]) == ("dpmpp_2m", "karras")
+        # No text encoder trained: the model alone gets the LoRA.
+        (lora,) = [n["inputs"] for n in graph.values() if n["class_type"] == "LoraLoaderModelOnly"]
+        assert (lora["lora_name"], lora["strength_model"]) == ("astro.safetensors", 1.0)
+        texts = [n["inputs"]["text"] for n in graph.values() if n["class_type"] == "CLIPTextEncode"]
+        assert texts[1:] == ["a photo of sks person", "a portrait of sks person, oil painting"]
+        (latent,) = [n["inputs"] for n in graph.values() if n["class_type"] == "EmptyLatentImage"]
+        assert (latent["width"], latent["height"]) == (64, 64)

@@ -244,3 +244,14 @@ def test_sd1_kohya_file_names_its_embedding_file_and_refuses_without_it(sd1_pivo
     # Beside its embedding file, it loads (and renders with the tokens: test_sd1_only_new_rows_change...).
     shutil.copy(out / "astro_emb.safetensors", alone / "astro_emb.safetensors")
     generate(base, alone / "astro.safetensors", tmp_path / "g2")
+
+
+@pytest.mark.slow
+def test_sd1_comfyui_workflow_asks_for_the_embedding_by_its_file_name(sd1_pivotal):
+    """ComfyUI gets the trained tokens from astro_emb.safetensors when the prompt says `embedding:astro_emb`."""
+    from sdlora.comfyui import workflow
+
+    graph = json.loads((sd1_pivotal["out"] / "astro.comfyui.json").read_text())
+    assert workflow.problems(graph) == []
+    texts = [n["inputs"]["text"] for n in graph.values() if n["class_type"] == "CLIPTextEncode"]
+    assert "a photo of embedding:astro_emb person" in texts

@@ -174,6 +174,10 @@ class Rendering(Protocol):
     def render_from_cache(self, pipe: Any, rows: dict[str, Conditioning]) -> None:
         """Make a `stage_frozen` family's `pipe` encode prompts from cached conditioning rows ({prompt: cond})."""
 
+    def comfyui_parts(self, pipe: Any, base: str, width: int, height: int, cfg: float) -> Any:
+        """ComfyUI's built-in nodes that load `base` (model.base) as a ComfyUI models folder holds it and sample it
+        as sdlora's render of `pipe` does at this size and guidance_scale (sdlora.families.comfyui.ComfyParts)."""
+
 
 class Family(Detection, TextConditioning, Denoising, Files, Rendering, Protocol):
     """What the rest of sdlora needs to know about one model family (one package in sdlora/families/)."""

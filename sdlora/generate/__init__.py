@@ -182,6 +182,7 @@ def _generate(
     config = with_native_size(config, pipe)
     g = config.generate
     writer.config, writer.guidance_label = config, family.guidance_label
+    writer.comfyui = family.comfyui_parts(pipe, str(config.model.base), *g.width_height, g.cfg)
     check_sampler(g.scheduler, family)
     inpainting = family.inpainting_kind(pipe)
     if inpainting and g.keep_face is None:

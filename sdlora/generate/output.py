@@ -22,7 +22,9 @@ from sdlora.generate.render import a1111_sampler_name
 from sdlora.lora import files as lora_files
 
 if TYPE_CHECKING:
+    from sdlora.comfyui.workflow import LoraFile
     from sdlora.config import Config
+    from sdlora.families.comfyui import ComfyParts
     from sdlora.lora.files import Lora
 
 log = logging.getLogger(__name__)
@@ -126,6 +128,9 @@ class Writer:
         self.grid: Sheet | None = None
         self.compare: Sheet | None = None
         self.base_images: list[Image.Image] = []
+        self.comfyui: ComfyParts | None = None  # the family's ComfyUI loaders for the base (generate sets them)
+        self.comfyui_jobs: list[Job] = []  # the images the run's workflow file renders
+        self.comfyui_loras: list[LoraFile] | None = None
 
     def start(self) -> None:
         """Called holding the lock: the marker (a folder of an earlier generate keeps its own), no leftovers, with
@@ -161,8 +166,9 @@ class Writer:
 
         stem = layout.generated_stem(job.index, job.seed)
         record = image_record(self.config, job, self.loras, self.hashes, image.size, self.guidance_label)
+        prompt = self._workflow([job], stem)
         with self._new(self.out_dir / f"{stem}.png") as path:
-            pngmeta.save_png(path, image, record["parameters"], replace=False)
+            pngmeta.save_png(path, image, record["parameters"], replace=False, prompt=prompt)
         with self._new(self.out_dir / f"{stem}.json") as path:
             pngmeta.save_json(path, record, replace=False)
         self.written.append(self.out_dir / f"{stem}.png")
@@ -175,8 +181,25 @@ class Writer:
             self.compare.add(self.base_images[self.compare.count // 2])
             self.compare.add(image)
 
+    def _workflow(self, jobs: list[Job], prefix: str) -> dict[str, Any] | None:
+        """The ComfyUI workflow rendering `jobs` (noted for the run's file), or None where none can remake them."""
+        from sdlora.generate import comfyui
+
+        if self.comfyui is None or comfyui.reproducible_run(self.config) is not None:
+            return None
+        if self.comfyui_loras is None:
+            self.comfyui_loras = comfyui.lora_files(self.loras)
+        self.comfyui_jobs.extend(job for job in jobs if job not in self.comfyui_jobs)
+        images = [(job.prompt, job.seed) for job in jobs]
+        return comfyui.workflow(self.comfyui, self.config, self.comfyui_loras, images, prefix)
+
     def sheets(self) -> None:
-        """The grid and, with --compare, the compare sheet (one row per seed: base model | LoRA)."""
+        """The grid and, with --compare, the compare sheet (one row per seed: base model | LoRA); the run's ComfyUI
+        workflow (comfyui.json: every image it wrote)."""
+        if self.comfyui_jobs:
+            workflow = self._workflow(list(self.comfyui_jobs), "sdlora")
+            with self._new(self.path(layout.COMFYUI_JSON)) as path:
+                fsutil.atomic_write_text(path, json.dumps(workflow, indent=2, ensure_ascii=False) + "\n", replace=False)
         for sheet, name, what in ((self.grid, layout.GRID, "images"), (self.compare, layout.COMPARE, "pairs")):
             if sheet is None or sheet.canvas is None:
                 continue

@@ -1,4 +1,5 @@
-"""Image files with their generation settings: A1111's `parameters` PNG text chunk and a JSON sidecar."""
+"""Image files with their generation settings: A1111's `parameters` and ComfyUI's `prompt` PNG text chunks, and a
+JSON sidecar."""
 
 from __future__ import annotations
 
@@ -49,11 +50,21 @@ def model_hash(path: Path) -> str | None:
     return digest.hexdigest()[:10]
 
 
-def save_png(path: Path, image: Image.Image, parameters: str | None = None, *, replace: bool = True) -> None:
-    """Write a PNG atomically, with a `parameters` tEXt chunk when given (`replace` False: never over a file)."""
+def save_png(
+    path: Path,
+    image: Image.Image,
+    parameters: str | None = None,
+    *,
+    replace: bool = True,
+    prompt: dict[str, Any] | None = None,
+) -> None:
+    """Write a PNG atomically, with A1111's `parameters` text chunk and ComfyUI's `prompt` chunk (the API-format
+    workflow, as ComfyUI's own SaveImage writes it) when given (`replace` False: never over a file)."""
     info = PngInfo()
     if parameters is not None:
         info.add_text("parameters", parameters)
+    if prompt is not None:
+        info.add_text("prompt", json.dumps(prompt, ensure_ascii=False))
     with atomic_path(path, replace=replace) as tmp:
         image.save(tmp, format="PNG", pnginfo=info)
 

@@ -120,12 +120,16 @@ class Sampling:
     @classmethod
     def for_training(cls, config: Config) -> Sampling:
         """Renders during training (sample grids, identity scoring, class images): the generate settings at the
-        training resolution with `train.sample_steps`."""
+        training resolution with `train.sample_steps` (and with `train.sample_like = "comfyui"` a sampler that
+        ComfyUI has too)."""
+        from sdlora.comfyui.workflow import REPRODUCIBLE_DEFAULT, reproducible
+
         g, tc = config.generate, config.train
+        like_comfyui = tc.sample_like == "comfyui" and not reproducible(g.scheduler)
         return cls(
             tc.sample_steps,
             g.cfg,
-            g.scheduler,
+            REPRODUCIBLE_DEFAULT if like_comfyui else g.scheduler,
             tc.resolution,
             tc.resolution,
             g.negative,

@@ -20,7 +20,7 @@ def save_loras(run: Run, folder: Path, *, unwrap_for_good: bool) -> tuple[Path, 
     (kohya) into `folder`. `unwrap_for_good` drops Accelerate's autocast wrapper (after the last step only)."""
     import torch
 
-    from sdlora.lora import kohya, peft
+    from sdlora.lora import embeddings, kohya, peft
 
     unwrap = run.accelerator.unwrap_model
     denoiser = unwrap(run.denoiser, keep_fp32_wrapper=not unwrap_for_good)
@@ -43,6 +43,7 @@ def save_loras(run: Run, folder: Path, *, unwrap_for_good: bool) -> tuple[Path, 
     # fp32, not the UIs' usual fp16: the file then reproduces the trained model (fp16 weights missed 1e-4).
     state = kohya.kohya_state_dict(denoiser, list(encoders.values()), run.family, dtype=torch.float32)
     kohya.save_kohya(kohya_file, state, metadata)
+    save_workflow(run, folder, text_encoders=len(models) > 1, pivotal_word=more.get(embeddings.WORD_KEY))
     return diffusers_file, kohya_file
 
 
@@ -56,6 +57,25 @@ def provenance(run: Run) -> dict[str, str]:
     if run.plan.training_adapter:
         found["sdlora.training_adapter"] = json.dumps(run.plan.training_adapter)
     return found
+
+
+def save_workflow(run: Run, folder: Path, *, text_encoders: bool, pivotal_word: str | None) -> Path:
+    """NAME.comfyui.json: the ComfyUI workflow that renders the run's sample prompts as its sample grids do (the
+    same sampling settings, the LoRA file NAME.safetensors at strength 1, pivotal tokens as `embedding:NAME_emb`)."""
+    from sdlora.comfyui import workflow
+    from sdlora.generate.render import Sampling, for_family
+
+    name = run.plan.name
+    s = for_family(Sampling.for_training(run.config), run.family, run.pipe)
+    embedding = (pivotal_word, Path(layout.embedding_file(name)).stem) if pivotal_word else None
+    lora = workflow.LoraFile(layout.kohya_file(name), 1.0, text_encoders, embedding)
+    settings = workflow.Settings(s.steps, s.cfg, s.scheduler, s.width, s.height, s.negative)
+    parts = run.family.comfyui_parts(run.pipe, str(run.config.model.base), s.width, s.height, s.cfg)
+    prompts = [p.replace("{trigger}", run.plan.trigger) for p in run.config.train.sample_prompts]
+    images = [(prompt, run.config.generate.seed) for prompt in prompts]
+    path = Path(folder) / layout.comfyui_workflow(name)
+    workflow.save(path, workflow.build(parts, [lora], settings, images, prefix=name, vae=run.config.model.vae))
+    return path
 
 
 def method_files(run: Run, folder: Path, header: dict[str, str]) -> Files:

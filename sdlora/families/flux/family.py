@@ -12,6 +12,7 @@ from typing import Any
 
 from sdlora.errors import UsageError
 from sdlora.families import Conditioning
+from sdlora.families.comfyui import ComfyParts, checkpoint_file, loader
 from sdlora.families.flux.keys import BFL_MARKER, bfl_module
 from sdlora.families.sd.family import TEXT_ENCODER_ATTENTION, one_prefix_each
 
@@ -27,6 +28,13 @@ GENERATE_DEFAULTS = {
     "dev": {"generate.steps": 28, "generate.cfg": 3.5, "generate.scheduler": "flow_euler"},
     "schnell": {"generate.steps": 4, "generate.cfg": 0.0, "generate.scheduler": "flow_euler"},
 }
+# The single files Black Forest Labs publish (ComfyUI's diffusion_models folder), and ComfyUI's own text encoder
+# and VAE files (Comfy-Org's repackaged ones: text_encoders/, vae/).
+COMFYUI_CHECKPOINTS = {
+    "black-forest-labs/FLUX.1-dev": "flux1-dev.safetensors",
+    "black-forest-labs/FLUX.1-schnell": "flux1-schnell.safetensors",
+}
+FILES_NOTE = "clip_l, t5xxl_fp16: comfyanonymous/flux_text_encoders; ae.safetensors: the base's own repository"
 DEFAULT_TIMESTEPS = ("shift", 3.1582)  # kohya's recommendation for Flux.1 person LoRAs
 
 
@@ -150,6 +158,37 @@ class Flux:
             output = encoder(ids.input_ids.to(device), output_hidden_states=False)
             cond[key] = output.pooler_output if key == "pooled_projections" else output[0]
         return cond
+
+    def comfyui_parts(self, pipe: Any, base: str, width: int, height: int, cfg: float) -> ComfyParts:
+        """UNETLoader + DualCLIPLoader (type flux) + VAELoader; dev: the scheduler's size-dependent shift as
+        ModelSamplingFlux and guidance as FluxGuidance (KSampler's cfg 1, as the pipeline runs no true CFG);
+        schnell: its static shift, no guidance."""
+        name, note = checkpoint_file(base, COMFYUI_CHECKPOINTS)
+        config = pipe.scheduler.config
+        if config.get("use_dynamic_shifting", False):
+            shifts = {"max_shift": config.get("max_shift", 1.15), "base_shift": config.get("base_shift", 0.5)}
+            sampling = loader("ModelSamplingFlux", **shifts, width=width, height=height)
+        else:  # ComfyUI's schnell default shifts by e; the pipeline's scheduler by its static `shift` (1: none)
+            sampling = loader("ModelSamplingAuraFlow", shift=float(config.get("shift", 1.0)))
+        dev = self.variant(pipe) == "dev"
+        return ComfyParts(
+            nodes={
+                "unet": loader("UNETLoader", unet_name=name, weight_dtype="default"),
+                "clip": loader(
+                    "DualCLIPLoader", clip_name1="clip_l.safetensors", clip_name2="t5xxl_fp16.safetensors", type="flux"
+                ),
+                "vae": loader("VAELoader", vae_name="ae.safetensors"),
+            },
+            model=["unet", 0],
+            clip=["clip", 0],
+            vae=["vae", 0],
+            latent="EmptySD3LatentImage",
+            cfg=1.0,
+            sampling=sampling,
+            guidance=loader("FluxGuidance", guidance=cfg) if dev else None,
+            notes=((note,) if note else ())
+            + (FILES_NOTE, "the negative prompt is unused: no true CFG, as in diffusers"),
+        )
 
     def render_from_cache(self, pipe: Any, rows: dict[str, Conditioning]) -> None:
         """Make `pipe` render from cached conditioning (staged training: the frozen text encoders are gone): its

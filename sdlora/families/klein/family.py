@@ -17,6 +17,7 @@ from typing import Any
 
 from sdlora.errors import SdloraError, UsageError
 from sdlora.families import Conditioning
+from sdlora.families.comfyui import ComfyParts, checkpoint_file, loader, true_cfg
 from sdlora.families.klein import keys
 
 # peft matches a string target against the whole module path. 'attention' is what diffusers' klein script trains:
@@ -42,6 +43,13 @@ SIZES = {3072: "4b", 4096: "9b"}  # transformer width -> checkpoint size (musubi
 # scheduler's unshifted grid: the shift is dynamic, at inference only); a train.timestep_shift set to anything but
 # 1 switches 'auto' to the shift scheme at that value.
 UNSHIFTED = 1.0
+# The single files BFL publishes for each checkpoint (ComfyUI's models/diffusion_models), and each size's Qwen3 file.
+COMFYUI_CHECKPOINTS = {
+    f"black-forest-labs/FLUX.2-klein-{kind}{size}": f"flux-2-klein-{kind.lower()}{size.lower()}.safetensors"
+    for kind in ("", "base-")
+    for size in ("4B", "9B")
+}
+COMFYUI_TEXT_ENCODERS = {"4b": "qwen_3_4b.safetensors", "9b": "qwen_3_8b.safetensors"}
 
 
 def _config(model: Any) -> Any:
@@ -220,6 +228,29 @@ class Klein:
         stacked = torch.stack([output.hidden_states[k] for k in TEXT_LAYERS], dim=1).to(encoder.dtype)
         b, layers, tokens, width = stacked.shape
         return {"prompt_embeds": stacked.permute(0, 2, 1, 3).reshape(b, tokens, layers * width)}
+
+    def comfyui_parts(self, pipe: Any, base: str, width: int, height: int, cfg: float) -> ComfyParts:
+        """UNETLoader + CLIPLoader (Qwen3, ComfyUI's type "flux2") + VAELoader, EmptyFlux2LatentImage and the
+        Flux2Scheduler sigmas (the pipeline's resolution-dependent shift, compute_empirical_mu); no guidance
+        embedding. The base pipeline's CFG is neg + g * (pos - neg) for g > 1, as ComfyUI's; distilled: cfg 1."""
+        name, note = checkpoint_file(base, COMFYUI_CHECKPOINTS)
+        config = _config(pipe.transformer)
+        size = SIZES.get(config.num_attention_heads * config.attention_head_dim, "4b")
+        text = COMFYUI_TEXT_ENCODERS[size]
+        return ComfyParts(
+            nodes={
+                "unet": loader("UNETLoader", unet_name=name, weight_dtype="default"),
+                "clip": loader("CLIPLoader", clip_name=text, type="flux2", device="default"),
+                "vae": loader("VAELoader", vae_name="flux2-vae.safetensors"),
+            },
+            model=["unet", 0],
+            clip=["clip", 0],
+            vae=["vae", 0],
+            latent="EmptyFlux2LatentImage",
+            cfg=1.0 if self.is_distilled(pipe) else true_cfg(cfg),
+            sigmas="Flux2Scheduler",
+            notes=((note,) if note else ()) + (f"{text}: the Qwen3 text encoder of this klein size",),
+        )
 
     def render_from_cache(self, pipe: Any, rows: dict[str, Conditioning]) -> None:
         """Make `pipe` render from cached conditioning (staged training: Qwen3 is gone): its encode_prompt looks

@@ -9,6 +9,7 @@ from typing import Any
 
 from sdlora.errors import UsageError
 from sdlora.families import Conditioning
+from sdlora.families.comfyui import ComfyParts, checkpoint_file, loader, true_cfg, v_prediction
 
 UNET_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
 # Feed-forward and the transformer blocks' input/output projections (Conv2d 1x1 on SD 1.x, Linear on SD 2.x).
@@ -73,6 +74,7 @@ class UNetFamily:
     """What SD 1.x/2.x and SDXL share beyond the functions above (a mixin of methods, no state)."""
 
     trainable_text_encoders: tuple[str, ...]
+    comfyui_checkpoints: tuple[tuple[str, str], ...]
     samplers: tuple[str, ...] = UNET_SAMPLERS
     guidance_label: str | None = None
     size_multiple: int = 8
@@ -130,6 +132,20 @@ class UNetFamily:
     def load_single_file(self, path: Any, config: str | None, kwargs: dict[str, Any]) -> Any:
         return None  # diffusers' from_single_file reads LDM/SGM checkpoints whole
 
+    def comfyui_parts(self, pipe: Any, base: str, width: int, height: int, cfg: float) -> ComfyParts:
+        """One CheckpointLoaderSimple (UNet, CLIP and VAE in one file), true CFG, v-prediction said outright."""
+        name, note = checkpoint_file(base, dict(self.comfyui_checkpoints))
+        return ComfyParts(
+            nodes={"checkpoint": loader("CheckpointLoaderSimple", ckpt_name=name)},
+            model=["checkpoint", 0],
+            clip=["checkpoint", 1],
+            vae=["checkpoint", 2],
+            latent="EmptyLatentImage",
+            cfg=true_cfg(cfg),
+            sampling=v_prediction(pipe.scheduler.config),
+            notes=(note,) if note else (),
+        )
+
     def ui_lora_state(self, denoiser: Any, text_encoders: Sequence[Any], adapter: str, dtype: Any) -> dict | None:
         return None  # kohya's names: what A1111, Forge and ComfyUI read
 
@@ -158,6 +174,8 @@ class StableDiffusion(UNetFamily):
     vae_fp32: bool = False
     kohya_implementation: str = "diffusers"
     embedding_keys: tuple[tuple[str, str], ...] = (("text_encoder", "clip_l"),)
+    # (hub id, the single file its publishers give ComfyUI users) of the family's well-known bases
+    comfyui_checkpoints: tuple[tuple[str, str], ...] = ()
 
     @property
     def kohya_versions(self) -> tuple[str, ...]:
@@ -229,7 +247,17 @@ class StableDiffusion(UNetFamily):
         return tiny_sd_pipeline(v2=self.v2, seed=seed)
 
 
-SD1 = StableDiffusion(name="sd1", label="SD 1.x", v2=False, text_width=768, modelspec_prefix="stable-diffusion-v1")
+SD1 = StableDiffusion(
+    name="sd1",
+    label="SD 1.x",
+    v2=False,
+    text_width=768,
+    modelspec_prefix="stable-diffusion-v1",
+    comfyui_checkpoints=(
+        ("runwayml/stable-diffusion-v1-5", "v1-5-pruned-emaonly.safetensors"),
+        ("stable-diffusion-v1-5/stable-diffusion-v1-5", "v1-5-pruned-emaonly.safetensors"),
+    ),
+)
 SD2 = StableDiffusion(
     name="sd2",
     label="SD 2.x",
@@ -237,4 +265,8 @@ SD2 = StableDiffusion(
     text_width=1024,
     modelspec_prefix="stable-diffusion-v2",
     embedding_keys=(("text_encoder", "clip_h"),),  # OpenCLIP ViT-H: ComfyUI's SD 2.x key
+    comfyui_checkpoints=(
+        ("stabilityai/stable-diffusion-2-1", "v2-1_768-ema-pruned.safetensors"),
+        ("stabilityai/stable-diffusion-2-1-base", "v2-1_512-ema-pruned.safetensors"),
+    ),
 )

@@ -34,6 +34,10 @@ class StableDiffusionXL(UNetFamily):
     kohya_versions: tuple[str, ...] = ("sdxl",)
     modelspec_prefix: str = "stable-diffusion-xl"
     embedding_keys: tuple[tuple[str, str], ...] = (("text_encoder", "clip_l"), ("text_encoder_2", "clip_g"))
+    # (hub id, the single file its publishers give ComfyUI users)
+    comfyui_checkpoints: tuple[tuple[str, str], ...] = (
+        ("stabilityai/stable-diffusion-xl-base-1.0", "sd_xl_base_1.0.safetensors"),
+    )
 
     def claims(self, pipe: Any) -> bool:
         config = getattr(getattr(pipe, "unet", None), "config", None)

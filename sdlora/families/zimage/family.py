@@ -13,6 +13,7 @@ from typing import Any
 
 from sdlora.errors import UsageError
 from sdlora.families import Conditioning
+from sdlora.families.comfyui import ComfyParts, checkpoint_file, loader
 from sdlora.families.zimage import keys
 
 # peft name suffixes: every attention (main layers and both refiners, as diffusers' Z-Image script targets them);
@@ -24,6 +25,12 @@ GENERATE_DEFAULTS = {
     "base": {"generate.steps": 50, "generate.cfg": 5.0},
     "turbo": {"generate.steps": 8, "generate.cfg": 0.0},
 }
+# Comfy-Org's repackaged single files (diffusion_models/, text_encoders/qwen_3_4b, vae/ae: FLUX.1's VAE).
+COMFYUI_CHECKPOINTS = {
+    "Tongyi-MAI/Z-Image-Turbo": "z_image_turbo_bf16.safetensors",
+    "Tongyi-MAI/Z-Image": "z_image_bf16.safetensors",
+}
+VAE_NOTE = "ae.safetensors: Comfy-Org/z_image_turbo's split_files/vae (some installers name it z_image_turbo_vae)"
 TURBO_MAX_SHIFT = 5.0  # Turbo's scheduler shifts by 3, Base's by 6
 UNDISTILLED_BASE = "Tongyi-MAI/Z-Image"  # what to train on instead of Z-Image-Turbo
 
@@ -136,6 +143,26 @@ class ZImage:
         hidden = encoder(input_ids=ids.input_ids.to(device), attention_mask=mask, output_hidden_states=True)
         embeds = hidden.hidden_states[-2]
         return {"prompt_embeds": embeds * mask[..., None].to(embeds.dtype), "prompt_mask": mask}
+
+    def comfyui_parts(self, pipe: Any, base: str, width: int, height: int, cfg: float) -> ComfyParts:
+        """UNETLoader + CLIPLoader (Qwen3-4B, ComfyUI's type "lumina2") + VAELoader, the scheduler's static shift as
+        ModelSamplingAuraFlow. The pipeline's guidance is pos + g * (pos - neg), on when g > 0; ComfyUI's cfg is
+        neg + cfg * (pos - neg): cfg = 1 + g (Turbo's g 0: cfg 1, the positive prompt alone)."""
+        name, note = checkpoint_file(base, COMFYUI_CHECKPOINTS)
+        return ComfyParts(
+            nodes={
+                "unet": loader("UNETLoader", unet_name=name, weight_dtype="default"),
+                "clip": loader("CLIPLoader", clip_name="qwen_3_4b.safetensors", type="lumina2", device="default"),
+                "vae": loader("VAELoader", vae_name="ae.safetensors"),
+            },
+            model=["unet", 0],
+            clip=["clip", 0],
+            vae=["vae", 0],
+            latent="EmptySD3LatentImage",
+            cfg=1.0 + cfg if cfg > 0 else 1.0,
+            sampling=loader("ModelSamplingAuraFlow", shift=float(pipe.scheduler.config.get("shift", 6.0))),
+            notes=((note,) if note else ()) + (VAE_NOTE,),
+        )
 
     def render_from_cache(self, pipe: Any, rows: dict[str, Conditioning]) -> None:
         """Make `pipe` render from cached conditioning (staged training: Qwen3 is gone): its encode_prompt looks

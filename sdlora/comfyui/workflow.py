@@ -1,0 +1,194 @@
+"""ComfyUI workflows in API format ({id: {"class_type", "inputs"}}, a link is [node id, output index]) that render
+what sdlora rendered: the family's loaders (Family.comfyui_parts), the LoRA files at their strength, pivotal
+embeddings as `embedding:NAME`, one KSampler per image with sdlora's sampler, steps, guidance, size and seed; and
+the check of a workflow against ComfyUI's built-in node list (nodes.json)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sdlora import __version__
+from sdlora.families.comfyui import ComfyParts, checkpoint_file
+from sdlora.fsutil import atomic_write_text
+
+NODES_FILE = Path(__file__).with_name("nodes.json")
+
+# Our sampler names (sdlora.generate.render.SCHEDULERS) -> (ComfyUI's sampler_name, its scheduler, what differs;
+# None: the same sampler on the same sigmas). diffusers' Euler, Euler a, DDIM and UniPC space their timesteps as
+# the base's scheduler config says (SD 1.x: "leading"), ComfyUI's "normal"/"ddim_uniform" evenly from the top.
+SAMPLERS: dict[str, tuple[str, str, str | None]] = {
+    "dpmpp_2m_karras": ("dpmpp_2m", "karras", None),
+    "euler_a": ("euler_ancestral", "normal", "Euler a: ComfyUI's 'normal' timesteps differ slightly from diffusers'"),
+    "euler": ("euler", "normal", "Euler: ComfyUI's 'normal' timesteps differ slightly from diffusers'"),
+    "ddim": ("ddim", "ddim_uniform", "DDIM: ComfyUI's 'ddim_uniform' timesteps differ slightly from diffusers'"),
+    "unipc": ("uni_pc", "normal", "UniPC: ComfyUI's uni_pc (bh1, 'normal' timesteps) is not diffusers' (bh2)"),
+    # Flow-matching Euler on linspace(1, 1/steps) shifted: ComfyUI's "simple" schedule takes the same sigmas.
+    "flow_euler": ("euler", "simple", None),
+}
+# The sampler `train.sample_like = "comfyui"` renders with when the configured one has no exact ComfyUI twin (a
+# flow-matching family turns it into its own, flow_euler, as for every config made without seeing the base).
+REPRODUCIBLE_DEFAULT = "dpmpp_2m_karras"
+
+
+def reproducible(sampler: str) -> bool:
+    """Whether ComfyUI has the same sampler on the same sigmas as ours called `sampler`."""
+    return SAMPLERS[sampler][2] is None
+
+
+@dataclass(frozen=True)
+class LoraFile:
+    """One LoRA as ComfyUI's loras folder holds it."""
+
+    name: str  # its file name (NAME.safetensors)
+    strength: float = 1.0
+    text_encoders: bool = False  # it holds text-encoder keys: LoraLoader, else LoraLoaderModelOnly
+    embedding: tuple[str, str] | None = None  # pivotal tuning: (trigger word, embedding name: NAME_emb)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What every image of a workflow shares (the resolved sdlora.generate.render.Sampling)."""
+
+    steps: int
+    cfg: float  # diffusers' guidance_scale
+    sampler: str  # our name
+    width: int
+    height: int
+    negative: str = ""
+
+
+def with_embeddings(prompt: str, loras: list[LoraFile]) -> str:
+    """The prompt as ComfyUI asks for pivotal tokens: the trigger word (matched as sdlora's tokenizer rewrite does)
+    becomes `embedding:NAME`, a word of its own (ComfyUI reads an embedding name up to the next space or comma)."""
+    for lora in loras:
+        if lora.embedding is None:
+            continue
+        word, name = lora.embedding
+        pattern = re.compile(rf"(?<![\w<]){re.escape(word)}(?![\w>])", re.IGNORECASE)
+        prompt = pattern.sub(functools.partial(_embedding, f"embedding:{name}"), prompt)
+    return prompt
+
+
+def _embedding(text: str, match: re.Match[str]) -> str:
+    ends_word = match.end() == len(match.string) or match.string[match.end()] in " ,\n"
+    return text if ends_word else f"{text} "
+
+
+def build(
+    parts: ComfyParts,
+    loras: list[LoraFile],
+    settings: Settings,
+    images: list[tuple[str, int]],
+    prefix: str,
+    vae: str | None = None,
+) -> dict[str, dict[str, Any]]:
+    """The API-format graph rendering each (prompt, seed) of `images` as image `prefix`_NNNN: loaders -> LoRAs ->
+    sampling shift -> KSampler per image (or, where the family's schedule is a sigmas node, SamplerCustomAdvanced;
+    shared prompt encodings and latent) -> VAEDecode -> SaveImage. Node ids
+    are "1", "2", ... in that order; the first node's `_meta.sdlora` says what differs from sdlora's render."""
+    sampler, scheduler, differs = SAMPLERS[settings.sampler]
+    nodes: dict[str, dict[str, Any]] = dict(parts.nodes)
+    model, clip, decoder, said = parts.model, parts.clip, parts.vae, [*parts.notes, *([differs] if differs else [])]
+    if vae is not None:  # model.vae: the replacement VAE, as ComfyUI's vae folder holds it
+        name, note = checkpoint_file(vae, {})
+        nodes["vae_replacement"] = node("VAELoader", vae_name=name)
+        decoder, said = ["vae_replacement", 0], [*said, *([note] if note else [])]
+    for i, lora in enumerate(loras):
+        if lora.text_encoders:
+            inputs = {"lora_name": lora.name, "strength_model": lora.strength, "strength_clip": lora.strength}
+            nodes[f"lora{i}"] = node("LoraLoader", **inputs, model=model, clip=clip)
+            model, clip = [f"lora{i}", 0], [f"lora{i}", 1]
+        else:
+            inputs = {"lora_name": lora.name, "strength_model": lora.strength}
+            nodes[f"lora{i}"] = node("LoraLoaderModelOnly", **inputs, model=model)
+            model = [f"lora{i}", 0]
+    if parts.sampling is not None:
+        nodes["sampling"] = {**parts.sampling, "inputs": {**parts.sampling["inputs"], "model": model}}
+        model = ["sampling", 0]
+    nodes["negative"] = node("CLIPTextEncode", text=settings.negative, clip=clip)
+    nodes["latent"] = node(parts.latent, width=settings.width, height=settings.height, batch_size=1)
+    encoded: dict[str, list[Any]] = {}
+    for index, (prompt, seed) in enumerate(images):
+        if prompt not in encoded:
+            key = f"prompt{len(encoded)}"
+            nodes[key] = node("CLIPTextEncode", text=with_embeddings(prompt, loras), clip=clip)
+            encoded[prompt] = [key, 0]
+            if parts.guidance is not None:
+                nodes[f"{key}g"] = {**parts.guidance, "inputs": {**parts.guidance["inputs"], "conditioning": [key, 0]}}
+                encoded[prompt] = [f"{key}g", 0]
+        conditioning = {"positive": encoded[prompt], "negative": ["negative", 0]}
+        if parts.sigmas is None:
+            inputs = {"seed": seed, "steps": settings.steps, "cfg": parts.cfg, "sampler_name": sampler}
+            inputs |= {"scheduler": scheduler, "denoise": 1.0, "model": model, **conditioning}
+            nodes[f"sample{index}"] = node("KSampler", **inputs, latent_image=["latent", 0])
+        else:
+            if "sigmas" not in nodes:
+                nodes["sampler"] = node("KSamplerSelect", sampler_name=sampler)
+                size = {"width": settings.width, "height": settings.height}
+                nodes["sigmas"] = node(parts.sigmas, steps=settings.steps, **size)
+            nodes[f"noise{index}"] = node("RandomNoise", noise_seed=seed)
+            nodes[f"guider{index}"] = node("CFGGuider", cfg=parts.cfg, model=model, **conditioning)
+            links = {"noise": [f"noise{index}", 0], "guider": [f"guider{index}", 0], "sampler": ["sampler", 0]}
+            links |= {"sigmas": ["sigmas", 0], "latent_image": ["latent", 0]}
+            nodes[f"sample{index}"] = node("SamplerCustomAdvanced", **links)
+        nodes[f"decode{index}"] = node("VAEDecode", samples=[f"sample{index}", 0], vae=decoder)
+        nodes[f"save{index}"] = node("SaveImage", filename_prefix=f"{prefix}_{index:04d}", images=[f"decode{index}", 0])
+    about = {"version": __version__, "sampler": settings.sampler, "cfg": settings.cfg, "notes": said}
+    return numbered(nodes, about)
+
+
+def node(class_type: str, **inputs: Any) -> dict[str, Any]:
+    return {"class_type": class_type, "inputs": inputs}
+
+
+def numbered(nodes: dict[str, dict[str, Any]], about: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """`nodes` under ids "1", "2", ... (ComfyUI's own kind), links renamed; `about` in the first node's _meta."""
+    ids = {key: str(i) for i, key in enumerate(nodes, start=1)}
+    out: dict[str, dict[str, Any]] = {}
+    for key, value in nodes.items():
+        inputs = {
+            name: [ids[v[0]], v[1]] if isinstance(v, list) and len(v) == 2 and v[0] in ids else v
+            for name, v in value["inputs"].items()
+        }
+        out[ids[key]] = {"class_type": value["class_type"], "inputs": inputs, "_meta": {"title": key}}
+    out["1"]["_meta"]["sdlora"] = about
+    return out
+
+
+def save(path: Path, workflow: dict[str, Any]) -> None:
+    atomic_write_text(path, json.dumps(workflow, indent=2, ensure_ascii=False) + "\n")
+
+
+@functools.lru_cache(maxsize=1)
+def known_nodes() -> dict[str, Any]:
+    """nodes.json: {"sources": [{repo, commit, date}], "nodes": {class: {"inputs", "outputs", "in"}}}."""
+    return json.loads(NODES_FILE.read_text(encoding="utf-8"))
+
+
+def problems(workflow: dict[str, dict[str, Any]]) -> list[str]:
+    """What would stop ComfyUI's executor: a class that is no built-in node, an input it does not take, a link to
+    a node that is not in the graph or to an output it does not have. [] for a sound graph."""
+    nodes, found = known_nodes()["nodes"], []
+    for key, value in workflow.items():
+        known = nodes.get(value.get("class_type"))
+        if known is None:
+            found.append(f"node {key}: {value.get('class_type')!r} is not a built-in ComfyUI node")
+            continue
+        for name, link in value["inputs"].items():
+            if known["inputs"] is not None and name not in known["inputs"]:
+                found.append(f"node {key}: {value['class_type']} takes no input {name!r}")
+            if not isinstance(link, list):
+                continue
+            target = workflow.get(link[0])
+            if target is None:
+                found.append(f"node {key}: input {name} links to node {link[0]}, which is not in the graph")
+                continue
+            outputs = nodes.get(target["class_type"], {}).get("outputs")
+            if outputs is not None and not 0 <= link[1] < outputs:
+                found.append(f"node {key}: input {name} links to output {link[1]} of {target['class_type']}")
+    return found

@@ -1,0 +1,66 @@
+"""What each family tells the ComfyUI workflow writer (sdlora.comfyui.workflow): the built-in nodes that load its
+base and set its sampling as sdlora's render does, and the file names a ComfyUI models folder holds for a base."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+Link = list[Any]  # ComfyUI API format's link to another node's output: [node id, output index]
+
+
+@dataclass(frozen=True)
+class ComfyParts:
+    """A family's part of a ComfyUI API-format graph; the writer adds the LoRA, prompts, sampler and decoding."""
+
+    nodes: dict[str, dict[str, Any]]  # node id -> {"class_type", "inputs"}: the loaders of base, text encoders, VAE
+    model: Link  # the denoiser (MODEL) output
+    clip: Link  # the text encoders (CLIP) output
+    vae: Link  # the VAE output
+    latent: str  # the empty-latent node class (takes width, height, batch_size)
+    cfg: float  # KSampler's cfg that reproduces the diffusers pipeline's guidance_scale
+    # A node that takes "model" (the writer links it after the LoRA) and sets the sampling (shift, v-prediction)
+    # as the diffusers scheduler does; None: the checkpoint's own, as ComfyUI detects it, is the same.
+    sampling: dict[str, Any] | None = None
+    # Distilled guidance: a node taking "conditioning" (FluxGuidance with its "guidance" value) that the positive
+    # prompt passes through; None when the base has none.
+    guidance: dict[str, Any] | None = None
+    # A sigmas node taking (steps, width, height) whose schedule the diffusers pipeline uses (FLUX.2's
+    # Flux2Scheduler: a shift that depends on size and steps): the images then sample with SamplerCustomAdvanced
+    # (RandomNoise, CFGGuider, KSamplerSelect) on its sigmas instead of KSampler's scheduler. None: KSampler.
+    sigmas: str | None = None
+    notes: tuple[str, ...] = field(default=())  # what differs from sdlora's render, or which file to fetch
+
+
+def checkpoint_file(base: str, known: dict[str, str]) -> tuple[str, str | None]:
+    """The file name a ComfyUI models folder holds for `base` (model.base), and a note when it is a guess: a
+    single file keeps its own name; a known hub id the name its publishers give the single file; anything else
+    (a diffusers folder, another hub id) its last path part + ".safetensors"."""
+    path = Path(base)
+    if path.suffix in (".safetensors", ".ckpt", ".pt", ".sft", ".gguf") and not base.endswith("/"):
+        return path.name, None
+    if base in known:
+        note = f"{known[base]}: the single file published for {base}; rename it in the loader if yours differs"
+        return known[base], note
+    name = f"{path.name or base}.safetensors"
+    return name, f"{name}: named after {base} (no single file known for it); pick your file in the loader"
+
+
+def loader(class_type: str, **inputs: Any) -> dict[str, Any]:
+    return {"class_type": class_type, "inputs": inputs}
+
+
+def v_prediction(scheduler_config: Any) -> dict[str, Any] | None:
+    """ModelSamplingDiscrete for a v-prediction UNet (ComfyUI tells SD 2.x-768's from its keys, but not a v-tuned
+    SD 1.x/SDXL); None for epsilon."""
+    if scheduler_config.get("prediction_type", "epsilon") != "v_prediction":
+        return None
+    zsnr = bool(scheduler_config.get("rescale_betas_zero_snr", False))
+    return loader("ModelSamplingDiscrete", sampling="v_prediction", zsnr=zsnr)
+
+
+def true_cfg(cfg: float) -> float:
+    """KSampler's cfg for a diffusers guidance_scale of uncond + cfg * (cond - uncond): the same, except that
+    diffusers turns guidance off at cfg <= 1 where ComfyUI's cond-only value is exactly 1."""
+    return cfg if cfg > 1 else 1.0

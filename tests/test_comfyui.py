@@ -1,0 +1,181 @@
+"""ComfyUI workflow files (API format) for every family: built-in nodes only (the list generated from ComfyUI's
+source, tools/comfyui_nodes.py), known inputs, consistent links, the render's settings, pivotal embeddings, the
+PNG `prompt` chunk, and `train.sample_like = "comfyui"`."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from PIL import Image
+
+from sdlora import families
+from sdlora.comfyui import workflow
+from sdlora.families.comfyui import checkpoint_file
+from sdlora.generate import pngmeta
+from sdlora.generate.render import SCHEDULERS, Sampling
+
+NAMES = list(families.REGISTRY)
+
+
+@pytest.fixture(scope="module", params=NAMES)
+def family_pipe(request):
+    family = families.get(request.param)
+    return family, family.tiny_pipeline(0)
+
+
+def render(family, pipe, **changes):
+    """A two-prompt workflow of a pivotal-tuned LoRA with the family's own sampler, and its settings."""
+    values = {"steps": 7, "cfg": 4.5, "sampler": family.samplers[0], "width": 96, "height": 64, "negative": "blurry"}
+    values |= changes
+    settings = workflow.Settings(**values)
+    parts = family.comfyui_parts(pipe, "owner/some-base", settings.width, settings.height, settings.cfg)
+    lora = workflow.LoraFile("alice.safetensors", 1.0, bool(family.trainable_text_encoders), ("sks", "alice_emb"))
+    images = [("a photo of sks person", 42), ("sks, an oil painting", 43)]
+    return workflow.build(parts, [lora], settings, images, prefix="alice"), settings
+
+
+def of_class(graph, class_type):
+    return [node for node in graph.values() if node["class_type"] == class_type]
+
+
+def test_node_list_says_where_it_came_from():
+    known = workflow.known_nodes()
+    repos = {source["repo"] for source in known["sources"]}
+    assert repos == {"Comfy-Org/ComfyUI", "hiddenswitch/pip-and-uv-installable-ComfyUI"}
+    assert all(re.fullmatch(r"[0-9a-f]{40}", source["commit"]) for source in known["sources"])
+    nodes = known["nodes"]
+    assert len(nodes) > 300 and nodes["KSampler"]["outputs"] == 1 and nodes["CheckpointLoaderSimple"]["outputs"] == 3
+    assert "seed" in nodes["KSampler"]["inputs"] and "EmptyFlux2LatentImage" in nodes  # classic and V3 nodes
+
+
+def test_every_sdlora_sampler_has_a_comfyui_one():
+    assert set(workflow.SAMPLERS) == set(SCHEDULERS)
+    assert workflow.reproducible(workflow.REPRODUCIBLE_DEFAULT)
+    assert not workflow.reproducible("euler_a") and workflow.reproducible("flow_euler")
+
+
+def test_workflow_is_a_sound_graph_of_built_in_nodes_with_the_settings(family_pipe):
+    family, pipe = family_pipe
+    graph, settings = render(family, pipe)
+    assert workflow.problems(graph) == []
+    assert list(graph) == [str(i) for i in range(1, len(graph) + 1)]
+    samplers = of_class(graph, "KSampler")
+    sampler_name, scheduler, _ = workflow.SAMPLERS[settings.sampler]
+    if not samplers:  # the family's schedule is a sigmas node (klein): SamplerCustomAdvanced, seeds in RandomNoise
+        (sigmas,) = [node for node in graph.values() if "steps" in node["inputs"]]
+        assert sigmas["inputs"] == {"steps": 7, "width": 96, "height": 64}
+        assert [n["inputs"]["noise_seed"] for n in of_class(graph, "RandomNoise")] == [42, 43]
+        assert {n["inputs"]["sampler_name"] for n in of_class(graph, "KSamplerSelect")} == {sampler_name}
+        samplers = of_class(graph, "CFGGuider")  # where the cfg is, below
+        assert len(samplers) == len(of_class(graph, "SamplerCustomAdvanced")) == 2
+        latent = graph[of_class(graph, "SamplerCustomAdvanced")[0]["inputs"]["latent_image"][0]]["inputs"]
+    else:
+        assert [s["inputs"]["seed"] for s in samplers] == [42, 43]
+        for node in samplers:
+            inputs = node["inputs"]
+            assert (inputs["steps"], inputs["sampler_name"], inputs["scheduler"]) == (7, sampler_name, scheduler)
+            assert inputs["denoise"] == 1.0
+        latent = graph[samplers[0]["inputs"]["latent_image"][0]]["inputs"]
+    assert (latent["width"], latent["height"], latent["batch_size"]) == (96, 64, 1)
+    texts = [node["inputs"]["text"] for node in of_class(graph, "CLIPTextEncode")]
+    assert texts == ["blurry", "a photo of embedding:alice_emb person", "embedding:alice_emb, an oil painting"]
+    loras = of_class(graph, "LoraLoader") + of_class(graph, "LoraLoaderModelOnly")
+    assert [lora["inputs"]["lora_name"] for lora in loras] == ["alice.safetensors"]
+    assert loras[0]["inputs"]["strength_model"] == 1.0
+    assert [s["inputs"]["filename_prefix"] for s in of_class(graph, "SaveImage")] == ["alice_0000", "alice_0001"]
+    # The guidance reaches ComfyUI as its cfg or as distilled guidance on the positive prompt.
+    guided = of_class(graph, "FluxGuidance")
+    if guided:
+        assert {g["inputs"]["guidance"] for g in guided} == {4.5} and samplers[0]["inputs"]["cfg"] == 1.0
+    else:
+        assert samplers[0]["inputs"]["cfg"] in (4.5, 5.5)  # diffusers' cfg, or 1 + it (pos + g * (pos - neg))
+    assert "sdlora" in graph["1"]["_meta"]
+
+
+@pytest.mark.parametrize("change", [{"steps": 8}, {"cfg": 6.0}, {"width": 128}, {"negative": "dark"}])
+def test_a_changed_setting_changes_the_workflow(family_pipe, change):
+    family, pipe = family_pipe
+    assert render(family, pipe, **change)[0] != render(family, pipe)[0]
+
+
+def test_png_carries_the_workflow_as_comfyuis_prompt_chunk(family_pipe, tmp_path):
+    family, pipe = family_pipe
+    graph = render(family, pipe)[0]
+    path = tmp_path / "image.png"
+    pngmeta.save_png(path, Image.new("RGB", (8, 8)), "a photo\nSteps: 7", prompt=graph)
+    text = Image.open(path).text
+    assert json.loads(text["prompt"]) == graph and text["parameters"] == "a photo\nSteps: 7"
+
+
+def test_problems_name_what_comfyui_would_refuse():
+    graph = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "a.safetensors"}},
+        "2": {"class_type": "VAEDecode", "inputs": {"samples": ["9", 0], "vae": ["1", 3]}},
+        "3": {"class_type": "NoSuchNode", "inputs": {}},
+        "4": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "colour": "red"}},
+    }
+    found = workflow.problems(graph)
+    assert len(found) == 4
+    assert any("9, which is not in the graph" in p for p in found)
+    assert any("output 3 of CheckpointLoaderSimple" in p for p in found)
+    assert any("'NoSuchNode' is not a built-in" in p for p in found)
+    assert any("takes no input 'colour'" in p for p in found)
+
+
+def test_checkpoint_names_as_a_comfyui_models_folder_holds_them(tmp_path):
+    assert checkpoint_file(str(tmp_path / "my-model.safetensors"), {}) == ("my-model.safetensors", None)
+    known = {"org/base": "base-v1.safetensors"}
+    name, note = checkpoint_file("org/base", known)
+    assert name == "base-v1.safetensors" and "org/base" in note
+    name, note = checkpoint_file(str(tmp_path / "diffusers-folder"), known)
+    assert name == "diffusers-folder.safetensors" and "pick your file" in note
+
+
+def test_embedding_names_stand_alone_as_comfyui_reads_them():
+    lora = workflow.LoraFile("a.safetensors", embedding=("sks", "a_emb"))
+    assert workflow.with_embeddings("sks. Sks person; asks", [lora]) == "embedding:a_emb . embedding:a_emb person; asks"
+
+
+def test_sample_like_comfyui_samples_with_a_sampler_comfyui_has(tmp_path):
+    from sdlora.config import Config
+
+    config = Config.model_validate({"generate": {"scheduler": "euler_a"}})
+    assert Sampling.for_training(config).scheduler == "euler_a"
+    like = Config.model_validate({"generate": {"scheduler": "euler_a"}, "train": {"sample_like": "comfyui"}})
+    assert Sampling.for_training(like).scheduler == workflow.REPRODUCIBLE_DEFAULT
+    same = Config.model_validate({"generate": {"scheduler": "dpmpp_2m_karras"}, "train": {"sample_like": "comfyui"}})
+    assert Sampling.for_training(same).scheduler == "dpmpp_2m_karras"
+
+
+def test_a_family_schedule_given_as_a_sigmas_node_samples_with_samplercustomadvanced():
+    """FLUX.2's schedule (a shift depending on size and steps) exists in ComfyUI only as a sigmas node."""
+    from sdlora.families.comfyui import ComfyParts, loader
+
+    parts = ComfyParts(
+        nodes={"unet": loader("UNETLoader", unet_name="m.safetensors", weight_dtype="default"),
+               "clip": loader("CLIPLoader", clip_name="qwen_3_4b.safetensors", type="flux2", device="default"),
+               "vae": loader("VAELoader", vae_name="flux2-vae.safetensors")},
+        model=["unet", 0], clip=["clip", 0], vae=["vae", 0], latent="EmptyFlux2LatentImage", cfg=4.0,
+        sigmas="Flux2Scheduler",
+    )  # fmt: skip
+    settings = workflow.Settings(12, 4.0, "flow_euler", 128, 96, "")
+    graph = workflow.build(parts, [workflow.LoraFile("a.safetensors")], settings, [("x", 1), ("y", 2)], "a")
+    assert workflow.problems(graph) == [] and not of_class(graph, "KSampler")
+    (sigmas,) = of_class(graph, "Flux2Scheduler")
+    assert sigmas["inputs"] == {"steps": 12, "width": 128, "height": 96}
+    assert [n["inputs"]["noise_seed"] for n in of_class(graph, "RandomNoise")] == [1, 2]
+    assert {n["inputs"]["cfg"] for n in of_class(graph, "CFGGuider")} == {4.0}
+    assert of_class(graph, "KSamplerSelect")[0]["inputs"]["sampler_name"] == "euler"
+    assert len(of_class(graph, "SamplerCustomAdvanced")) == len(of_class(graph, "SaveImage")) == 2
+
+
+def test_a_replacement_vae_decodes(family_pipe):
+    family, pipe = family_pipe
+    parts = family.comfyui_parts(pipe, "owner/base", 64, 64, 3.0)
+    settings = workflow.Settings(4, 3.0, family.samplers[0], 64, 64)
+    graph = workflow.build(parts, [], settings, [("x", 1)], "a", vae="madebyollin/sdxl-vae-fp16-fix")
+    assert workflow.problems(graph) == []
+    (decode,) = of_class(graph, "VAEDecode")
+    assert graph[decode["inputs"]["vae"][0]]["inputs"] == {"vae_name": "sdxl-vae-fp16-fix.safetensors"}
