@@ -187,6 +187,10 @@ def render_images(
             kwargs["max_sequence_length"] = tokens
         if takes_size:
             kwargs.update(width=s.width, height=s.height)
+        if "true_cfg_scale" in accepted:  # CFG as a second pass on the negative prompt (Qwen-Image's pipelines),
+            kwargs.update(true_cfg_scale=s.cfg, guidance_scale=None)  # guidance_scale for guidance-distilled ones
+        else:
+            kwargs["guidance_scale"] = s.cfg
         if init_images is not None:
             kwargs["image"] = list(init_images[chunk])
         if mask_images is not None:
@@ -200,7 +204,6 @@ def render_images(
                 prompt=batch_prompts,
                 **({"negative_prompt": [s.negative] * len(batch_prompts)} if takes_negative else {}),
                 num_inference_steps=s.steps,
-                guidance_scale=s.cfg,
                 generator=[torch.Generator(device).manual_seed(seed) for seed in seeds[chunk]],
                 output_type="pil",
                 **kwargs,
