@@ -187,8 +187,10 @@ def render_images(
             kwargs["max_sequence_length"] = tokens
         if takes_size:
             kwargs.update(width=s.width, height=s.height)
-        if "true_cfg_scale" in accepted:  # CFG as a second pass on the negative prompt (Qwen-Image's pipelines),
-            kwargs.update(true_cfg_scale=s.cfg, guidance_scale=None)  # guidance_scale for guidance-distilled ones
+        # True CFG (a second pass on the negative prompt) is `true_cfg_scale` where a pipeline takes both it and a
+        # distilled guidance_scale (Qwen-Image's); a family with a guidance embedding (Flux.1) keeps guidance_scale.
+        if "true_cfg_scale" in accepted and family.guidance_label is None:
+            kwargs.update(true_cfg_scale=s.cfg, guidance_scale=None)
         else:
             kwargs["guidance_scale"] = s.cfg
         if init_images is not None:
