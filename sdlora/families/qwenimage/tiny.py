@@ -70,6 +70,8 @@ def tiny_qwenimage_pipeline(seed: int = 0) -> Any:
             "rope_scaling": {"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"},
             "rope_theta": 1000000.0,
             "vocab_size": len(tokenizer),
+            "bos_token_id": tokenizer.pad_token_id,  # the real ids (151643/151645) lie outside the tiny vocabulary
+            "eos_token_id": tokenizer.pad_token_id,
         },
         vision_config={"depth": 2, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2, "out_hidden_size": 16},
         hidden_size=16,
