@@ -58,10 +58,19 @@ def model_info(pipe: Any) -> ModelInfo:
     return ModelInfo(
         family=family.name,
         prediction_type=family.prediction_type(pipe),
-        vae_scale_factor=2 ** (len(pipe.vae.config.block_out_channels) - 1),
+        vae_scale_factor=vae_scale_factor(pipe.vae),
         variant=family.variant(pipe),
         distilled=family.is_distilled(pipe),
     )
+
+
+def vae_scale_factor(vae: Any) -> int:
+    """Pixels per latent pixel: 2 per down block of an image VAE, 2 per spatial downsampling of a video VAE used
+    for images (Qwen-Image's: one frame, `temperal_downsample` lists its stages)."""
+    config = vae.config
+    if "block_out_channels" in config:
+        return 2 ** (len(config.block_out_channels) - 1)
+    return 2 ** len(config.temperal_downsample)
 
 
 def device_facts() -> tuple[bool, bool]:

@@ -298,7 +298,8 @@ def test_sizes_the_family_cannot_take_fail_in_one_line_before_any_model_loads(na
 @pytest.mark.parametrize("name", NAMES)
 def test_latents_normalised_for_the_denoiser_and_back(name, tiny_models):
     family, pipe = families.get(name), load(tiny_models[name])
-    latents = torch.randn(2, pipe.vae.config.latent_channels, 8, 8, generator=torch.Generator().manual_seed(0))
+    channels = pipe.vae.config.get("latent_channels") or pipe.vae.config.z_dim  # Qwen-Image's video VAE: z_dim
+    latents = torch.randn(2, channels, 8, 8, generator=torch.Generator().manual_seed(0))
     normalised = family.normalize_latents(pipe.vae, latents)
     assert normalised.shape == latents.shape and not torch.equal(normalised, latents)
     torch.testing.assert_close(family.denormalize_latents(pipe.vae, normalised), latents)

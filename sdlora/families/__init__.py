@@ -192,12 +192,13 @@ class Family(Detection, TextConditioning, Denoising, Files, Rendering, Protocol)
 def _registry() -> dict[str, Family]:
     from sdlora.families.flux import FLUX
     from sdlora.families.klein import KLEIN
+    from sdlora.families.qwenimage import QWENIMAGE
     from sdlora.families.sd import SD1, SD2
     from sdlora.families.sdxl import SDXL
     from sdlora.families.zimage import ZIMAGE
 
     # Order matters for detection: the most specific family first, SD 1.x last.
-    families: list[Family] = [ZIMAGE, KLEIN, FLUX, SDXL, SD2, SD1]
+    families: list[Family] = [QWENIMAGE, ZIMAGE, KLEIN, FLUX, SDXL, SD2, SD1]
     return {family.name: family for family in families}
 
 

@@ -50,4 +50,6 @@ def decode_latents(pipe: Any, scaled: Any) -> list[Image.Image]:
 
     with torch.inference_mode():
         pixels = pipe.vae.decode(scaled, return_dict=False)[0]
+    if pixels.ndim == 5:  # a video VAE's one frame (Qwen-Image's): (B, 3, 1, H, W)
+        pixels = pixels[:, :, 0]
     return pipe.image_processor.postprocess(pixels, output_type="pil")

@@ -191,6 +191,12 @@ def render_images(
             kwargs["max_sequence_length"] = tokens
         if takes_size:
             kwargs.update(width=s.width, height=s.height)
+        # True CFG (a second pass on the negative prompt) is `true_cfg_scale` where a pipeline takes both it and a
+        # distilled guidance_scale (Qwen-Image's); a family with a guidance embedding (Flux.1) keeps guidance_scale.
+        if "true_cfg_scale" in accepted and family.guidance_label is None:
+            kwargs.update(true_cfg_scale=s.cfg, guidance_scale=None)
+        else:
+            kwargs["guidance_scale"] = s.cfg
         if init_images is not None:
             kwargs["image"] = list(init_images[chunk])
         if mask_images is not None:
@@ -204,7 +210,6 @@ def render_images(
                 prompt=batch_prompts,
                 **({"negative_prompt": [s.negative] * len(batch_prompts)} if takes_negative else {}),
                 num_inference_steps=s.steps,
-                guidance_scale=s.cfg,
                 generator=[torch.Generator(device).manual_seed(seed) for seed in seeds[chunk]],
                 output_type="pil",
                 **kwargs,

@@ -103,9 +103,11 @@ class ImageSet:
 
 def encode_latents(vae: Any, pixels: torch.Tensor, family: Any) -> torch.Tensor:
     """VAE latents (mean of the posterior, normalised as the family's denoiser expects), fp32 on the VAE's device."""
-    posterior = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+    video = "temperal_downsample" in vae.config  # a video VAE (Qwen-Image's) takes (B, 3, F, H, W): one frame
+    pixels = pixels.to(vae.device, vae.dtype)
+    posterior = vae.encode(pixels.unsqueeze(2) if video else pixels).latent_dist
     latents = posterior.mean.float()
-    return family.normalize_latents(vae, latents)
+    return family.normalize_latents(vae, latents.squeeze(2) if video else latents)
 
 
 class Batches:
