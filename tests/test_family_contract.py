@@ -195,9 +195,15 @@ def test_comfyui_workflow_renders_the_sample_grid_as_the_run_did(trained):
     config = Config.model_validate_json((out / "config.json").read_text())
     pipe = load(base)
     sampling = for_family(Sampling.for_training(families.with_defaults(config, family, pipe)), family, pipe)
-    (inputs,) = [n["inputs"] for n in graph.values() if n["class_type"] == "KSampler"]
-    assert (inputs["steps"], inputs["seed"]) == (SAMPLE_STEPS, config.generate.seed)
-    assert (inputs["sampler_name"], inputs["scheduler"]) == workflow.SAMPLERS[sampling.scheduler][:2]
+    by_class = {n["class_type"]: n["inputs"] for n in graph.values()}
+    if "KSampler" in by_class:
+        (inputs,) = [n["inputs"] for n in graph.values() if n["class_type"] == "KSampler"]
+        assert (inputs["steps"], inputs["seed"]) == (SAMPLE_STEPS, config.generate.seed)
+        assert (inputs["sampler_name"], inputs["scheduler"]) == workflow.SAMPLERS[sampling.scheduler][:2]
+    else:  # the family's schedule is a sigmas node (klein's Flux2Scheduler): SamplerCustomAdvanced
+        (sigmas,) = [n["inputs"] for n in graph.values() if "steps" in n["inputs"]]
+        assert (sigmas["steps"], by_class["RandomNoise"]["noise_seed"]) == (SAMPLE_STEPS, config.generate.seed)
+        assert by_class["KSamplerSelect"]["sampler_name"] == workflow.SAMPLERS[sampling.scheduler][0]
     (lora,) = [n["inputs"] for n in graph.values() if n["class_type"].startswith("LoraLoader")]
     assert (lora["lora_name"], lora["strength_model"]) == ("person.safetensors", 1.0)
     assert any(n["inputs"].get("text") == "a photo of sks person" for n in graph.values())

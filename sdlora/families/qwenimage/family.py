@@ -18,6 +18,7 @@ from typing import Any
 
 from sdlora.errors import SdloraError, UsageError
 from sdlora.families import Conditioning
+from sdlora.families.comfyui import ComfyParts, checkpoint_file, loader, true_cfg
 from sdlora.families.qwenimage import keys
 
 # peft name suffixes: the image stream's attention, as diffusers' Qwen-Image script targets it; 'all' adds the text
@@ -81,6 +82,19 @@ def channel_stats(vae: Any, like: Any) -> tuple[Any, Any]:
     mean = torch.tensor(vae.config.latents_mean).view(shape).to(like.device, like.dtype)
     inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(shape).to(like.device, like.dtype)
     return mean, inv_std
+
+
+# The single files Comfy-Org publishes (ComfyUI's models/diffusion_models, text_encoders, vae).
+COMFYUI_CHECKPOINTS = {
+    "Qwen/Qwen-Image": "qwen_image_bf16.safetensors",
+    "Qwen/Qwen-Image-2512": "qwen_image_2512_bf16.safetensors",
+}
+COMFYUI_TEXT_ENCODER = "qwen_2.5_vl_7b.safetensors"
+COMFYUI_NOTES = (
+    "qwen_2.5_vl_7b.safetensors and qwen_image_vae.safetensors: Comfy-Org/Qwen-Image_ComfyUI's split_files",
+    "the pipeline stretches its sigmas to end at shift_terminal (0.02) and rescales true CFG's result to the "
+    "conditional prediction's norm; ComfyUI's ModelSamplingAuraFlow and KSampler do neither",
+)
 
 
 @dataclass(frozen=True)
@@ -188,6 +202,41 @@ class QwenImage:
             row = row[:length]
             embeds[i, : len(row)], masks[i, : len(row)] = row, 1
         return {"prompt_embeds": embeds.to(encoder.dtype), "prompt_mask": masks}
+
+    def comfyui_parts(self, pipe: Any, base: str, width: int, height: int, cfg: float) -> ComfyParts:
+        """UNETLoader + CLIPLoader (Qwen2.5-VL, ComfyUI's type "qwen_image") + VAELoader, and the pipeline's
+        resolution-dependent shift at this size as ModelSamplingAuraFlow: exponential shifting by mu is the shift
+        exp(mu) of sigma' = s t / (1 + (s - 1) t). True CFG neg + g * (pos - neg) for g > 1, as ComfyUI's."""
+        import math
+
+        from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
+
+        name, note = checkpoint_file(base, COMFYUI_CHECKPOINTS)
+        config = pipe.scheduler.config
+        tokens = (height // 16) * (width // 16)  # 8x VAE, then 2x2 patches
+        mu = calculate_shift(
+            tokens,
+            config.get("base_image_seq_len", 256),
+            config.get("max_image_seq_len", 4096),
+            config.get("base_shift", 0.5),
+            config.get("max_shift", 1.15),
+        )
+        return ComfyParts(
+            nodes={
+                "unet": loader("UNETLoader", unet_name=name, weight_dtype="default"),
+                "clip": loader(
+                    "CLIPLoader", clip_name="qwen_2.5_vl_7b.safetensors", type="qwen_image", device="default"
+                ),
+                "vae": loader("VAELoader", vae_name="qwen_image_vae.safetensors"),
+            },
+            model=["unet", 0],
+            clip=["clip", 0],
+            vae=["vae", 0],
+            latent="EmptySD3LatentImage",
+            cfg=true_cfg(cfg),
+            sampling=loader("ModelSamplingAuraFlow", shift=round(math.exp(mu), 6)),
+            notes=((note,) if note else ()) + COMFYUI_NOTES,
+        )
 
     def render_from_cache(self, pipe: Any, rows: dict[str, Conditioning]) -> None:
         """Make `pipe` render from cached conditioning (staged training: Qwen2.5-VL is gone): its encode_prompt
