@@ -17,6 +17,12 @@ Flux (`--family flux`): FLUX.1-dev's widths (hidden 3072, 24 heads x 128) with 2
 the meta device, LoRA on every target of `lora.targets = "all"` plus CLIP-L; both of our files, the kohya one
 (BFL names, fused q/k/v, `.alpha` keys, `lora_te1_`) and the diffusers one (`transformer.` keys), against
 ComfyUI's Flux model built from a BFL state dict of broadcast zeros, and its CLIP-L.
+
+Z-Image and FLUX.2 [klein] (`--family zimage klein`: bench/comfyui_dit.py) need the pip-installable fork
+hiddenswitch/pip-and-uv-installable-ComfyUI (`git archive` of its repo into /tmp/comfy-fork; a venv over ours plus
+ConfigArgParse einops frozendict humanize natsort gguf sentencepiece protobuf av, and comfy-aimdo comfy-kitchen
+with --no-deps). Stand-ins while importing: torchvision (below) and the fork's comfy.cmd.main_pre (its tracing
+set-up: comfyui_dit.stub_fork_startup). PYTHONPATH=$PWD:$PWD/bench:/tmp/comfy-fork.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import comfyui_dit
 import torch
 from _models import CLIP_COMMON, CLIP_G, CLIP_L, SD15_UNET, SDXL_UNET
 from flux_models import flux_transformer
@@ -316,6 +323,7 @@ def import_comfy() -> None:
     import peft  # noqa: F401
     import transformers  # noqa: F401
 
+    comfyui_dit.stub_fork_startup()  # the pip-installable fork only
     stub = importlib.util.find_spec("torchvision") is None
     if stub:
         for name in ("torchvision", "torchvision.models", "torchvision.transforms"):
@@ -336,20 +344,25 @@ def main() -> None:
     from sdlora.lora.kinds import KINDS
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--family", nargs="+", choices=["sd1", "sdxl", "flux"], default=["sd1"])
+    families = ["sd1", "sdxl", "flux", "zimage", "klein"]
+    parser.add_argument("--family", nargs="+", choices=families, default=["sd1"])
     parser.add_argument("--adapter", choices=list(KINDS), default="lora", help="lora.kind to check")
     parser.add_argument("--json", type=Path, help="also write the results here")
     options = parser.parse_args()
     if options.adapter != "lora":
         return adapter_main(options)
+    dits = [f for f in options.family if f in comfyui_dit.FAMILY_ARCHS]  # Z-Image, klein: bench/comfyui_dit.py
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        for family in options.family:
+        for family in (f for f in options.family if f not in dits):
             result = check_flux(Path(tmp)) if family == "flux" else check(family, Path(tmp))
             results.append(result)
             print(json.dumps(result, indent=2))
-    print(f"{'family':6} {'keys':>5} {'skipped':>7} {'peft modules':>13} {'patched':>8} {'max rel err':>11}")
-    for r in (r for r in results if r["family"] != "flux"):
+        results += comfyui_dit.run(dits, Path(tmp)) if dits else []
+    legacy = [r for r in results if "keys_in_file" in r]
+    if legacy:
+        print(f"{'family':6} {'keys':>5} {'skipped':>7} {'peft modules':>13} {'patched':>8} {'max rel err':>11}")
+    for r in legacy:
         peft_total = sum(r["peft_modules"].values())
         patched = r["unet_weights_patched"] + r["text_encoder_weights_patched"]
         error = max(r["max_relative_delta_error_unet"], r["max_relative_delta_error_text_encoders"])

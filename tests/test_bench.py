@@ -164,3 +164,37 @@ def test_anchor_flux_arguments_match_sdloras_settings(tmp_path, monkeypatch):
     assert given["--lora_alpha"] == "16" and given["--max_sequence_length"] == "128"
     assert given["--guidance_scale"] == "1.0" and given["--weighting_scheme"] == "none"
     assert given["--max_train_steps"] == "5" and "--cache_latents" in given and "--validation_prompt" not in given
+
+
+def test_comfyui_dit_rows_deltas_and_warning_without_comfyui(monkeypatch):
+    """bench/comfyui_dit.py's parts that need no ComfyUI: each trained Z-Image layer (real widths, every target of
+    'all') lands at its rows of an original-format weight, the expected change is peft's own delta (alpha != r),
+    and ComfyUI's "lora keys not loaded" warning is counted."""
+    import torch
+
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import comfyui_dit
+
+    from sdlora.families.zimage.keys import to_original
+
+    transformer = comfyui_dit.build("zimage")
+    layers = comfyui_dit.lora_layers(transformer)
+    rows = {path: layer.base_layer.out_features for path, layer in layers.items()}
+    where = comfyui_dit.module_rows(to_original, rows)
+    assert len(layers) == 6 * 7  # 2 layers + 2 + 2 refiners, q k v out w1 w2 w3
+    assert where["layers.1.attention.to_k"] == ("layers.1.attention.qkv.weight", 3840)
+    assert where["context_refiner.0.attention.to_out.0"] == ("context_refiner.0.attention.out.weight", 0)
+    original = comfyui_dit.zeros_like_meta(to_original(comfyui_dit.base_state(transformer)))
+    for module, (key, row) in where.items():
+        assert original[key].shape[0] >= row + rows[module] and original[key].shape[1] == layers[module].in_features
+    assert original["layers.0.attention.qkv.weight"].shape == (3 * 3840, 3840)
+    expected = comfyui_dit.expected_deltas(layers, where, "diffusion_model.")
+    assert len(expected) == 30 and len(expected["diffusion_model.noise_refiner.1.attention.qkv.weight"]) == 3
+    layer = layers["layers.0.feed_forward.w2"]
+    assert layer.scaling["default"] == comfyui_dit.ALPHA / comfyui_dit.RANK != 1
+    assert torch.allclose(comfyui_dit.trained_delta(layer), layer.get_delta_weight("default"))
+    with pytest.raises(ValueError, match="not contiguous"):
+        comfyui_dit.module_rows(lambda s: {"w": torch.cat([s["a.weight"].flip(0), s["b.weight"]])}, {"a": 2, "b": 1})
+    warning = "[None] lora keys not loaded (2 / 10): ['x.lora_A.weight', 'x.lora_B.weight']"
+    assert comfyui_dit.not_loaded(["other", warning]) == (2, ["x.lora_A.weight", "x.lora_B.weight"])
+    assert comfyui_dit.not_loaded(["Had to shift TE back."]) == (0, [])
