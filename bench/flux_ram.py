@@ -7,7 +7,7 @@ text encoders were staged) on the same base, alternating, so that both see the s
 
     PYTHONPATH=$PWD python bench/flux_ram.py --code /tmp/sdlora-old --code $PWD --repeats 2
     PYTHONPATH=$PWD python bench/flux_ram.py --model zimage        (Z-Image: 2 layers + 1 refiner, Qwen3 2 layers)
-    PYTHONPATH=$PWD python bench/flux_ram.py --model klein         (klein 4B: 1 double + 2 single, Qwen3 3 layers)
+    PYTHONPATH=$PWD python bench/flux_ram.py --model klein         (klein 4B: 1 double + 2 single, Qwen3 27 narrow)
 
 What it shows: before, T5, CLIP-L and the transformer were in RAM at once; now each text encoder loads alone and
 is freed before the transformer loads, so the peak is the larger of them, not the sum.
@@ -27,6 +27,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _models import KLEIN_DEPTH, ZIMAGE_DEPTH  # noqa: E402
 from flux_models import CLIP_L_WIDTH, T5_XXL_WIDTH, flux_transformer  # noqa: E402
 
 DIT_MODELS = ("zimage", "klein")  # built by bench/_models.py at the depth given here
@@ -118,7 +119,7 @@ def main() -> None:
     parser.add_argument("--t5-layers", type=int, default=2)
     parser.add_argument("--layers", type=int, default=2, help="Z-Image: main layers")
     parser.add_argument("--refiner", type=int, default=1, help="Z-Image: refiner layers on each side")
-    parser.add_argument("--qwen3-layers", type=int, default=None, help="Z-Image, klein: Qwen3 layers (2; klein: 3)")
+    parser.add_argument("--qwen3-layers", type=int, default=None, help="Z-Image, klein: Qwen3 layers (2; klein: 27)")
     parser.add_argument("--tokens", type=int, default=64, help="T5 tokens per prompt (model.max_sequence_length)")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--samples", action="store_true", help="render a sample grid after the step")
@@ -129,8 +130,8 @@ def main() -> None:
     options = parser.parse_args()
     if options.single is None:
         options.single = 2 if options.model == "klein" else 1
-    if options.qwen3_layers is None:
-        options.qwen3_layers = 3 if options.model == "klein" else 2
+    if options.qwen3_layers is None:  # bench/_models.py's: klein reads Qwen3's hidden layer 27
+        options.qwen3_layers = {"klein": KLEIN_DEPTH, "zimage": ZIMAGE_DEPTH}.get(options.model, {}).get("qwen3", 2)
     codes = options.code or [Path(__file__).resolve().parents[1]]
     with tempfile.TemporaryDirectory() as tmp:
         root = options.workdir or Path(tmp)
