@@ -1,6 +1,7 @@
 """diffusers' real training script as one more alternated variant of bench/train_step.py (`--anchor-script PATH`).
 
-The script (train_dreambooth_lora.py for SD, train_dreambooth_lora_flux.py for Flux; a checkout, never copied here)
+The script (train_dreambooth_lora.py for SD, train_dreambooth_lora_flux.py for Flux.1, train_dreambooth_lora_z_image.py
+for Z-Image, train_dreambooth_lora_flux2_klein.py for FLUX.2 [klein]; a checkout, never copied here)
 runs unchanged inside a worker process, through runpy, with two hooks installed from outside:
 
 - `accelerate.Accelerator.init_trackers`, which both scripts call once, after loading, caching and
@@ -18,6 +19,7 @@ building it counts in no one's peak memory.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import runpy
@@ -28,12 +30,19 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from _models import FAMILY
+
 # Script flags a variant `anchor:FLAG[+FLAG]` may add (the script's own names).
-FLAGS = {"cache_latents": "train_dreambooth_lora_flux.py's --cache_latents: VAE-encode each image once"}
+FLAGS = {"cache_latents": "the DiT scripts' --cache_latents: VAE-encode each image once"}
 
 
 def is_flux(model: str) -> bool:
-    return model in ("flux", "tiny-flux")
+    return FAMILY[model] == "flux"
+
+
+def has_tokens(model: str) -> bool:
+    """Whether the model's text length is a setting (model.max_sequence_length, the scripts' --max_sequence_length)."""
+    return FAMILY[model] in ("flux", "zimage", "klein")
 
 
 def script_arguments(opts: Any, model_dir: Path, data: Path, out: Path, flags: list[str], caption: str) -> list[str]:
@@ -53,6 +62,20 @@ def script_arguments(opts: Any, model_dir: Path, data: Path, out: Path, flags: l
         # 1.0; uniform timesteps (the script's default weighting "none").
         args += [f"--lora_alpha={opts.rank}", f"--lora_layers={','.join(flux_lora_layers(model_dir))}"]
         args += [f"--max_sequence_length={opts.tokens}", "--guidance_scale=1.0", "--weighting_scheme=none"]
+    elif FAMILY[opts.model] in ("zimage", "klein"):
+        # alpha = rank; sdlora's `lora.targets = "attention"`, module by module; the same text length; the
+        # scripts' default weighting "none" (Z-Image: sigmas shifted by the scheduler's static shift, as sdlora's
+        # "auto"; klein: uniform, given to sdlora as train.timestep_sampling = "uniform").
+        args += [f"--lora_alpha={opts.rank}", f"--lora_layers={','.join(lora_layers(FAMILY[opts.model], model_dir))}"]
+        args += [f"--max_sequence_length={opts.tokens}", "--weighting_scheme=none"]
+        if FAMILY[opts.model] == "klein":  # the Qwen3 layers stacked: sdlora's (the script's default is [dev]'s)
+            args += ["--text_encoder_out_layers", *(str(n) for n in klein_out_layers(model_dir))]
+    quantize = getattr(opts, "quantize", "none")
+    if quantize != "none":  # sdlora's --quantize: diffusers' BitsAndBytesConfig, as the script reads it from a file
+        bnb = {"nf4": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}, "int8": {"load_in_8bit": True}}[quantize]
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "bnb.json").write_text(json.dumps(bnb))
+        args += [f"--bnb_quantization_config_path={out / 'bnb.json'}"]
     return args + [f"--{flag}" for flag in flags]
 
 
@@ -69,6 +92,33 @@ def flux_lora_layers(model_dir: Path) -> list[str]:
     paths = [f"transformer_blocks.{i}.attn.{name}" for i in range(config["num_layers"]) for name in names]
     assert all(pattern.fullmatch(path) for path in paths), "sdlora's Flux attention targets changed"
     return paths
+
+
+def lora_layers(family: str, model_dir: Path) -> list[str]:
+    """The module paths of the saved transformer (built on the meta device from its config) that sdlora's
+    `lora.targets = "attention"` adapts, matched as peft matches them: the same modules on both sides."""
+    import diffusers
+    import torch
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    from sdlora import families
+
+    config = json.loads((model_dir / "transformer" / "config.json").read_text())
+    with torch.device("meta"):
+        model = getattr(diffusers, config["_class_name"]).from_config(config)
+    lora = LoraConfig(target_modules=families.get(family).denoiser_targets("attention"))
+    linear = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
+    paths = [name for name in linear if check_target_module_exists(lora, name)]
+    assert paths, f"no {family} module matches sdlora's attention targets"
+    return paths
+
+
+def klein_out_layers(model_dir: Path) -> list[int]:
+    """The Qwen3 hidden layers sdlora's klein family stacks (9, 18, 27; the script's default is [dev]'s)."""
+    from sdlora.families.klein.family import TEXT_LAYERS
+
+    return list(TEXT_LAYERS)
 
 
 def captionless_dataset(folder: Path, count: int, resolution: int, caption: str) -> Path:

@@ -1,10 +1,13 @@
-"""Peak system RAM of `sdlora train` preparing a Flux.1 run: one step on a base with FLUX.1-dev's widths (hidden
-3072, T5 4096, CLIP-L 768) and reduced depth, random weights saved as a diffusers folder. Each run is its own
+"""Peak system RAM of `sdlora train` preparing a Flux.1, Z-Image or FLUX.2 [klein] run: one step on a base with
+the real widths (Flux.1-dev: hidden 3072, T5 4096, CLIP-L 768; Z-Image: dim 3840, Qwen3-4B 2560; klein 4B: hidden
+3072, text 7680 from Qwen3-4B) and reduced depth, random weights saved as a diffusers folder. Each run is its own
 process (GNU time's %M gives its peak RSS; the base is built in another one, since a child's peak starts at its
 parent's); `--code DIR` runs another checkout's sdlora (e.g. the commit before the
 text encoders were staged) on the same base, alternating, so that both see the same machine.
 
     PYTHONPATH=$PWD python bench/flux_ram.py --code /tmp/sdlora-old --code $PWD --repeats 2
+    PYTHONPATH=$PWD python bench/flux_ram.py --model zimage        (Z-Image: 2 layers + 1 refiner, Qwen3 2 layers)
+    PYTHONPATH=$PWD python bench/flux_ram.py --model klein         (klein 4B: 1 double + 2 single, Qwen3 27 narrow)
 
 What it shows: before, T5, CLIP-L and the transformer were in RAM at once; now each text encoder loads alone and
 is freed before the transformer loads, so the peak is the larger of them, not the sum.
@@ -24,7 +27,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _models import KLEIN_DEPTH, ZIMAGE_DEPTH  # noqa: E402
 from flux_models import CLIP_L_WIDTH, T5_XXL_WIDTH, flux_transformer  # noqa: E402
+
+DIT_MODELS = ("zimage", "klein")  # built by bench/_models.py at the depth given here
 
 
 def build_base(folder: Path, double: int, single: int, t5_layers: int, dtype: str = "fp32") -> dict[str, int]:
@@ -66,6 +72,19 @@ def build_base(folder: Path, double: int, single: int, t5_layers: int, dtype: st
     return {name: sum(p.numel() for p in module.parameters()) for name, module in parts.items()}
 
 
+def build_dit_base(folder: Path, model: str, depth: dict[str, int], dtype: str = "bf16") -> dict[str, int]:
+    """A Z-Image or klein pipeline folder at the real widths and `depth` (bench/_models.py), weights in `dtype`;
+    returns each part's parameter count."""
+    import torch
+    from _models import build_klein, build_zimage
+
+    torch.manual_seed(0)
+    pipe = {"zimage": build_zimage, "klein": build_klein}[model](depth)
+    parts = {name: getattr(pipe, name) for name in ("transformer", "text_encoder", "vae")}
+    pipe.to({"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]).save_pretrained(folder, safe_serialization=True)
+    return {name: sum(p.numel() for p in module.parameters()) for name, module in parts.items()}
+
+
 def train_once(code: Path, base: Path, data: Path, out: Path, tokens: int, samples: bool) -> dict[str, Any]:
     """One `sdlora train` step in a fresh process with `code` first on its path (`samples`: and a 1-step sample
     grid after it): its peak RSS and wall time."""
@@ -94,9 +113,13 @@ def train_once(code: Path, base: Path, data: Path, out: Path, tokens: int, sampl
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--code", type=Path, action="append", help="a checkout whose sdlora to run (repeatable)")
-    parser.add_argument("--double", type=int, default=1)
-    parser.add_argument("--single", type=int, default=1)
+    parser.add_argument("--model", choices=["flux", *DIT_MODELS], default="flux")
+    parser.add_argument("--double", type=int, default=1, help="Flux.1, klein: double blocks")
+    parser.add_argument("--single", type=int, default=None, help="Flux.1, klein: single blocks (1; klein: 2)")
     parser.add_argument("--t5-layers", type=int, default=2)
+    parser.add_argument("--layers", type=int, default=2, help="Z-Image: main layers")
+    parser.add_argument("--refiner", type=int, default=1, help="Z-Image: refiner layers on each side")
+    parser.add_argument("--qwen3-layers", type=int, default=None, help="Z-Image, klein: Qwen3 layers (2; klein: 27)")
     parser.add_argument("--tokens", type=int, default=64, help="T5 tokens per prompt (model.max_sequence_length)")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--samples", action="store_true", help="render a sample grid after the step")
@@ -105,6 +128,10 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--build-only", action="store_true", help="only save the base into --workdir")
     options = parser.parse_args()
+    if options.single is None:
+        options.single = 2 if options.model == "klein" else 1
+    if options.qwen3_layers is None:  # bench/_models.py's: klein reads Qwen3's hidden layer 27
+        options.qwen3_layers = {"klein": KLEIN_DEPTH, "zimage": ZIMAGE_DEPTH}.get(options.model, {}).get("qwen3", 2)
     codes = options.code or [Path(__file__).resolve().parents[1]]
     with tempfile.TemporaryDirectory() as tmp:
         root = options.workdir or Path(tmp)
@@ -112,6 +139,12 @@ def main() -> None:
         sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
         from train_utils import subject_set
 
+        if options.build_only and options.model in DIT_MODELS:
+            depth = {"layers": options.layers, "refiner": options.refiner, "qwen3": options.qwen3_layers}
+            depth |= {"double": options.double, "single": options.single}
+            params = build_dit_base(base, options.model, depth, options.save_dtype)
+            print(json.dumps(params))
+            return
         if options.build_only:
             params = build_base(base, options.double, options.single, options.t5_layers, options.save_dtype)
             print(json.dumps(params))
@@ -121,7 +154,8 @@ def main() -> None:
             # stay small.
             build = [sys.executable, __file__, "--build-only", "--workdir", str(root), "--double", str(options.double)]
             build += ["--single", str(options.single), "--t5-layers", str(options.t5_layers)]
-            build += ["--save-dtype", options.save_dtype]
+            build += ["--save-dtype", options.save_dtype, "--model", options.model, "--layers", str(options.layers)]
+            build += ["--refiner", str(options.refiner), "--qwen3-layers", str(options.qwen3_layers)]
             built = subprocess.run(build, check=True, capture_output=True, text=True).stdout
             params = json.loads(built.strip().splitlines()[-1])
         else:

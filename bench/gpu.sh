@@ -2,8 +2,9 @@
 # Everything that needs a GPU, in one run of at most 8 minutes; prints a short table last.
 #
 #   bash bench/gpu.sh              (from the repo root; results under $OUT or /tmp/sdlora-gpu)
-#   bash bench/gpu.sh matmul b32   (only the parts named: matmul b1 b8 sdxl b32 flux; b32 and flux are not in the
-#                                   default run)
+#   bash bench/gpu.sh matmul b32   (only the parts named: matmul b1 b8 sdxl b32 flux dit; b32, flux and dit are not
+#                                   in the default run)
+#   bash bench/gpu.sh --dry-run dit  (print each part's commands, run nothing)
 #
 # No network is needed: models are built from configs with random weights. Packages missing on the machine
 # (diffusers, bitsandbytes, peft...) can come as wheels in .whl/ (see docs/benchmarks.md); they are installed
@@ -11,27 +12,46 @@
 # the compiled variant's first warm-up step.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+DRY_RUN=
+if [ "${1:-}" = --dry-run ]; then DRY_RUN=1; shift; fi
 PARTS=${*:-matmul b1 b8 sdxl}
 for part in $PARTS; do
   case $part in
-  matmul | b1 | b8 | sdxl | b32 | flux) ;;
-  *) echo "bench/gpu.sh: unknown part '$part'; choose from matmul b1 b8 sdxl b32 flux" >&2; exit 2 ;;
+  matmul | b1 | b8 | sdxl | b32 | flux | dit) ;;
+  *) echo "bench/gpu.sh: unknown part '$part'; choose from matmul b1 b8 sdxl b32 flux dit" >&2; exit 2 ;;
   esac
 done
+# The dit part runs diffusers' own training scripts, which are not part of this repository: copies of diffusers'
+# examples/dreambooth/train_dreambooth_lora_z_image.py and train_dreambooth_lora_flux2_klein.py (main branch) in
+# $DIFFUSERS_EXAMPLES (default .anchor/, ignored by git: carry it); they import torchvision (its wheel in .whl/).
+EXAMPLES=${DIFFUSERS_EXAMPLES:-.anchor}
+if [[ " $PARTS " == *" dit "* ]] && [ -z "$DRY_RUN" ]; then
+  for script in train_dreambooth_lora_z_image.py train_dreambooth_lora_flux2_klein.py; do
+    if [ ! -f "$EXAMPLES/$script" ]; then
+      echo "bench/gpu.sh: part dit needs $EXAMPLES/$script: copy it from diffusers' examples/dreambooth" \
+        "(or set DIFFUSERS_EXAMPLES to its folder)" >&2
+      exit 2
+    fi
+  done
+fi
 PY=${PYTHON:-python3}
 RESULTS=${OUT:-/tmp/sdlora-gpu}
-mkdir -p "$RESULTS"
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-if compgen -G ".whl/*.whl" > /dev/null; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH="$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
-fi
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-$PY -c "import torch, diffusers, peft, accelerate; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'peft', peft.__version__)"
 
-# Each part has its own time limit (default parts: 440 s), so one hang cannot eat the whole run; a failed part
-# is reported and the others still run.
-run() { local limit=$1; shift; timeout "$limit" "$@" || echo "FAILED ($?): $*"; }
+if [ -n "$DRY_RUN" ]; then  # each command of the parts named, with its time limit; nothing runs
+  run() { echo "timeout $*"; }
+else
+  mkdir -p "$RESULTS"
+  export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+  if compgen -G ".whl/*.whl" > /dev/null; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH="$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+  fi
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+  $PY -c "import torch, diffusers, peft, accelerate; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'peft', peft.__version__)"
+  # Each part has its own time limit (default parts: 440 s), so one hang cannot eat the whole run; a failed part
+  # is reported and the others still run. timeout signals the command's whole process group: its workers too.
+  run() { local limit=$1; shift; timeout "$limit" "$@" || echo "FAILED ($?): $*"; }
+fi
 for part in $PARTS; do
   case $part in
   matmul) run 30 $PY bench/matmul.py --json "$RESULTS/matmul.json" ;;
@@ -54,8 +74,27 @@ for part in $PARTS; do
     run 240 env PYTHONPATH="$PYTHONPATH:$PWD/bench" $PY bench/flux_step.py --device cuda --precision bf16 \
       --resolution 1024 --rank 16 --quantize nf4 --gradient-checkpointing --optimizer adamw8bit --warmup 2 --steps 3 \
       --json "$RESULTS/flux-nf4.json" ;;
+  # Z-Image (30 layers + 2 refiner layers a side, dim 3840: 6.2 B) and FLUX.2 [klein] 4B (5 double + 20 single
+  # blocks, hidden 3072) at full depth, random weights, 1024 px, rank 16, batch 1, 512 text tokens: sdlora against
+  # diffusers' own script, alternated step by step (bench/anchor.py), in bf16, then with the low-memory settings
+  # (sdlora: --quantize nf4 --gradient-checkpointing --optimizer adamw8bit; the script the same through
+  # --bnb_quantization_config_path, --gradient_checkpointing, --use_8bit_adam). Qwen3 at reduced depth: both
+  # trainers cache the captions and move it off the GPU before the first step. Each model is built on the GPU,
+  # saved once in bf16 and reused by its two runs. Targets: Z-Image <= 16 GB and klein-4B <= 12 GB with the
+  # low-memory settings; samples/s >= 1.3x the script's. About 5 minutes in all.
+  dit) for model in zimage-6b klein-4b; do
+      if [ $model = zimage-6b ]; then script=train_dreambooth_lora_z_image.py limit=100; else
+        script=train_dreambooth_lora_flux2_klein.py limit=75; fi
+      common=(--device cuda --model $model --precision bf16 --resolution 1024 --rank 16 --tokens 512 --warmup 2)
+      common+=(--steps 3 --anchor-script "$EXAMPLES/$script" --model-dir "/tmp/sdlora-gpu-$model")
+      run $limit $PY bench/train_step.py "${common[@]}" --json "$RESULTS/$model-bf16.json"
+      run $limit $PY bench/train_step.py "${common[@]}" --quantize nf4 --gradient-checkpointing \
+        --optimizer adamw8bit --json "$RESULTS/$model-lowmem.json"
+      [ -n "$DRY_RUN" ] || rm -rf "/tmp/sdlora-gpu-$model"
+    done ;;
   esac
 done
+[ -z "$DRY_RUN" ] || exit 0
 
 $PY - "$RESULTS" <<'PYEOF'
 import json, sys
@@ -71,7 +110,8 @@ peak = matmul["tflops"] if matmul else None
 print(f"\nbf16 matmul: {peak:.1f} TFLOP/s" if peak else "\nbf16 matmul: not measured")
 print(f"{'run':14} {'variant':20} {'s/step':>8} {'samples/s':>9} {'speedup':>7} {'TFLOP/s':>8} {'of matmul':>9} "
       f"{'peak GB':>8} {'1st step s':>10}")
-for name in ("sd15-b1.json", "sd15-b8.json", "sd15-b32.json", "sdxl-unet.json"):
+dit = [f"{m}-{s}.json" for m in ("zimage-6b", "klein-4b") for s in ("bf16", "lowmem")]
+for name in ("sd15-b1.json", "sd15-b8.json", "sd15-b32.json", "sdxl-unet.json", *dit):
     data = load(name)
     if data is None:
         print(f"{name[:-5]:14} not measured (failed or timed out)")

@@ -36,7 +36,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import anchor  # noqa: E402
-from _models import MODELS, build_pipeline, native_resolution, write_dataset  # noqa: E402
+from _models import FAMILY, MODELS, build_pipeline, native_resolution, write_dataset  # noqa: E402
 
 TAG = "@@bench "  # the worker's answers to the parent, among whatever libraries print
 CAPTION = "a photo of sks person"
@@ -87,18 +87,22 @@ def sdlora_worker(opts: argparse.Namespace, levers: list[str], work: Path, timin
     (LoRA, latent and text caches, optimizer: the set-up after the base is in memory)."""
     from sdlora.config import Config
     from sdlora.models import model_info
-    from sdlora.train import Plan, run, setup
+    from sdlora.train import Plan, run, setup, staging
     from sdlora.train.data import load_examples
 
     precision = accelerate_precision(opts.precision)
-    flux = anchor.is_flux(opts.model)
+    family = FAMILY[opts.model]
     base = str(opts.anchor_model) if opts.anchor_model else f"bench:{opts.model}"
     config = Config(
-        model={"base": base} | ({"max_sequence_length": opts.tokens} if flux else {}),
+        model={"base": base, "quantize": opts.quantize}
+        | ({"max_sequence_length": opts.tokens} if anchor.has_tokens(opts.model) else {}),
         lora={"rank": opts.rank, "alpha": opts.rank, "targets": "attention"},
         train={
-            # Flux: the diffusers script's settings (its default weighting "none" draws uniform timesteps).
-            **({"guidance": 1.0, "timestep_sampling": "uniform"} if flux else {}),
+            # The diffusers scripts' timesteps: Flux.1's and klein's default weighting "none" draws uniform
+            # sigmas (their schedulers shift only at inference); Z-Image's shifts them by the scheduler's static
+            # shift, as sdlora's "auto" does. Flux.1's guidance 1.0 (the script's default is 3.5).
+            **({"guidance": 1.0} if family == "flux" else {}),
+            **({"timestep_sampling": "uniform"} if family in ("flux", "klein") else {}),
             "resolution": opts.resolution,
             "batch_size": opts.batch,
             "mixed_precision": precision,
@@ -124,7 +128,12 @@ def sdlora_worker(opts: argparse.Namespace, levers: list[str], work: Path, timin
         name="bench",
     )
     accelerator = setup.make_accelerator(config, precision)
-    if opts.anchor_model:  # the folder the script loads, as `sdlora train --base FOLDER` loads it
+    cached = None
+    if opts.anchor_model:  # the folder the script loads, as `sdlora train --base FOLDER` loads it (setup.setup):
+        # a staged family's frozen text encoders first, each alone, then the rest
+        started = time.perf_counter()
+        cached = staging.encode_first(config, plan, accelerator, weight_dtype(opts.precision))
+        timings["encode_first_s"] = time.perf_counter() - started
         pipe, info = setup.load_base(config, accelerator, weight_dtype(opts.precision))
     else:
         pipe = build_pipeline(opts.model, device=opts.device)
@@ -133,7 +142,7 @@ def sdlora_worker(opts: argparse.Namespace, levers: list[str], work: Path, timin
         info = model_info(pipe)
         setup.place_base(pipe, info, accelerator)
     started = time.perf_counter()
-    state = setup.setup_pipeline(config, plan, accelerator, pipe, info)
+    state = setup.setup_pipeline(config, plan, accelerator, pipe, info, cached)
     timings["setup_pipeline_s"] = time.perf_counter() - started
     apply_levers(state, levers)
 
@@ -436,6 +445,8 @@ def summarise(variant: str, ready: dict, steps: list[dict], stats: dict, opts: a
     }
     if "setup_pipeline_s" in ready:  # sdlora: LoRA, caches and optimizer, without building the model
         row["setup_pipeline_s"] = round(ready["setup_pipeline_s"], 2)
+    if "encode_first_s" in ready:  # sdlora, staged family: its text encoders loaded alone, captions encoded
+        row["encode_first_s"] = round(ready["encode_first_s"], 2)
     if opts.model == "sd15":
         # The UNet's work only (what any trainer must do); the baseline's VAE/text-encoder work is not counted.
         tflop = 2 * SD15_FORWARD_TFLOP * (opts.resolution / 512) ** 2 * opts.batch
@@ -485,12 +496,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=MODELS, default="tiny")
     parser.add_argument("--resolution", type=int, help="default: the model's native size (64 tiny, 512, 1024)")
-    parser.add_argument("--tokens", type=int, default=512, help="Flux: T5 tokens per prompt (max_sequence_length)")
+    parser.add_argument(
+        "--tokens", type=int, default=512, help="Flux, Z-Image, klein: text tokens per prompt (max_sequence_length)"
+    )
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--rank", type=int, default=4)
     parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
     parser.add_argument("--optimizer", choices=["adamw", "adamw8bit"], default="adamw")
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument(
+        "--quantize", choices=["none", "nf4", "int8"], default="none",
+        help="the frozen transformer through bitsandbytes (CUDA): sdlora's --quantize, the script's "
+        "--bnb_quantization_config_path",
+    )  # fmt: skip
     parser.add_argument("--offload", action="store_true", help="sdlora: train.offload (encoders/VAE to the CPU)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--steps", type=int, default=3, help="measured steps per variant (after the warm-up)")
@@ -500,6 +518,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--anchor-script", type=Path, help="diffusers' real train_dreambooth_lora[_flux].py instead of baseline"
     )
     parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument(
+        "--model-dir", type=Path,
+        help="with --anchor-script: the saved model's folder, written there if absent, else reused (default: a "
+        "temporary folder, removed afterwards)",
+    )  # fmt: skip
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--anchor-model", type=Path, help=argparse.SUPPRESS)  # the saved model the script loads
     parser.add_argument("--save-model", type=Path, help=argparse.SUPPRESS)  # write it there and exit
@@ -515,10 +538,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             parser.error(f"--variants: unknown lever {unknown[0]!r}; choose from {', '.join(known)}")
         if name == "anchor" and opts.anchor_script is None:
             parser.error("--variants: anchor needs --anchor-script PATH (diffusers' training script)")
-        if name == "baseline" and anchor.is_flux(opts.model) and opts.anchor_script is None:
-            parser.error("--variants: baseline is SD's DreamBooth loop; for Flux use --anchor-script PATH")
+        if name == "baseline" and FAMILY[opts.model] not in ("sd1", "sdxl") and opts.anchor_script is None:
+            parser.error("--variants: baseline is SD's DreamBooth loop; for a DiT use --anchor-script PATH")
     if opts.device == "cpu" and opts.precision == "fp16":
         parser.error("--precision fp16 needs --device cuda")
+    if opts.quantize != "none" and (opts.device != "cuda" or FAMILY[opts.model] not in ("flux", "zimage", "klein")):
+        parser.error("--quantize needs --device cuda and a transformer model (flux, zimage, klein)")
     return opts
 
 
@@ -529,7 +554,10 @@ def main(argv: list[str] | None = None) -> None:
         worker_main(opts)
         return
     if opts.save_model:
-        build_pipeline(opts.model).save_pretrained(opts.save_model, safe_serialization=True)
+        # Built on the benchmark's device (a 6B transformer's random init takes minutes on a CPU, seconds on a GPU)
+        # and saved in its precision, as the hub's half-precision files are.
+        pipe = build_pipeline(opts.model, device=opts.device)
+        pipe.to(dtype=weight_dtype(opts.precision)).save_pretrained(opts.save_model, safe_serialization=True)
         return
     variants = [v for v in opts.variants.split(",") if v]
     if opts.anchor_script is not None:  # the real script takes the baseline's place
@@ -539,8 +567,9 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-model-") as tmp:
         if any(v.startswith("anchor") for v in variants):
             # The script loads a saved model: written by a process of its own, so it is in no worker's peak.
-            model_dir = Path(tmp) / "model"
-            subprocess.run([sys.executable, __file__, *argv, "--save-model", str(model_dir)], check=True)
+            model_dir = opts.model_dir or Path(tmp) / "model"
+            if not (model_dir / "model_index.json").is_file():
+                subprocess.run([sys.executable, __file__, *argv, "--save-model", str(model_dir)], check=True)
             argv = [*argv, "--anchor-model", str(model_dir)]
         rows = measure_workers(opts, argv, variants)
     result = {
@@ -551,11 +580,12 @@ def main(argv: list[str] | None = None) -> None:
         "precision": opts.precision,
         "optimizer": opts.optimizer,
         "gradient_checkpointing": opts.gradient_checkpointing,
+        "quantize": opts.quantize,
         "device": opts.device,
         "device_name": device_name(opts.device),
         "warmup": opts.warmup,
         "steps": opts.steps,
-        **({"tokens": opts.tokens} if anchor.is_flux(opts.model) else {}),
+        **({"tokens": opts.tokens} if anchor.has_tokens(opts.model) else {}),
         **({"anchor_script": str(opts.anchor_script)} if opts.anchor_script else {}),
         "load_average_before": load_before,
         "load_average_after": load_average(),

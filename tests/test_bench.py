@@ -198,3 +198,58 @@ def test_comfyui_dit_rows_deltas_and_warning_without_comfyui(monkeypatch):
     warning = "[None] lora keys not loaded (2 / 10): ['x.lora_A.weight', 'x.lora_B.weight']"
     assert comfyui_dit.not_loaded(["other", warning]) == (2, ["x.lora_A.weight", "x.lora_B.weight"])
     assert comfyui_dit.not_loaded(["Had to shift TE back."]) == (0, [])
+
+
+@pytest.mark.slow  # imports diffusers and peft to build the transformer on the meta device
+def test_anchor_zimage_arguments_match_sdloras_settings(tmp_path, monkeypatch):
+    """Diffusers' Z-Image script is given the modules sdlora's attention targets adapt (every attention, the
+    refiners' included, none of the feed-forward layers), alpha = rank, the text length, uniform weighting, and
+    sdlora's --quantize as its bitsandbytes config file."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import anchor
+
+    (tmp_path / "transformer").mkdir()
+    config = {"_class_name": "ZImageTransformer2DModel", "in_channels": 4, "dim": 32, "n_layers": 2}
+    config |= {"n_refiner_layers": 1, "n_heads": 2, "n_kv_heads": 2, "cap_feat_dim": 16, "axes_dims": [8, 4, 4]}
+    (tmp_path / "transformer" / "config.json").write_text(json.dumps(config | {"axes_lens": [1024, 64, 64]}))
+    opts = argparse.Namespace(
+        model="zimage", precision="fp32", resolution=256, batch=1, rank=16, warmup=1, steps=3, tokens=512,
+        gradient_checkpointing=True, optimizer="adamw8bit", quantize="nf4",
+    )  # fmt: skip
+    args = anchor.script_arguments(opts, tmp_path, tmp_path / "data", tmp_path / "out", [], "a b")
+    given = dict(a.split("=", 1) if "=" in a else (a, "") for a in args)
+    layers = given["--lora_layers"].split(",")
+    # 2 layers + 1 noise refiner + 1 context refiner, 4 projections each
+    assert len(layers) == 16 and {"layers.1.attention.to_out.0", "context_refiner.0.attention.to_q"} <= set(layers)
+    assert not any("feed_forward" in name for name in layers)
+    assert given["--lora_alpha"] == "16" and given["--max_sequence_length"] == "512"
+    assert given["--weighting_scheme"] == "none" and "--text_encoder_out_layers" not in given
+    assert "--gradient_checkpointing" in given and "--use_8bit_adam" in given
+    bnb = json.loads(Path(given["--bnb_quantization_config_path"]).read_text())
+    assert bnb == {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}
+
+
+def test_gpu_sh_dit_part_commands_parse(monkeypatch):
+    """gpu.sh's dit part cannot run without a GPU: its --dry-run prints each command, and each is a valid
+    bench/train_step.py command line for the full-depth models with the settings the issue names."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import train_step
+
+    result = subprocess.run(
+        ["bash", str(ROOT / "bench" / "gpu.sh"), "--dry-run", "dit"], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 4
+    seen = set()
+    for line in lines:
+        words = line.split()
+        assert words[0] == "timeout" and int(words[1]) <= 120 and words[3] == "bench/train_step.py"
+        opts = train_step.parse_args(words[4:])
+        assert (opts.device, opts.precision, opts.resolution, opts.rank, opts.batch) == ("cuda", "bf16", 1024, 16, 1)
+        assert opts.anchor_script.name.startswith("train_dreambooth_lora_") and opts.model_dir is not None
+        low = (opts.quantize, opts.gradient_checkpointing, opts.optimizer) == ("nf4", True, "adamw8bit")
+        assert low or (opts.quantize, opts.gradient_checkpointing, opts.optimizer) == ("none", False, "adamw")
+        seen.add((opts.model, low))
+    assert seen == {(m, low) for m in ("zimage-6b", "klein-4b") for low in (False, True)}
+    assert sum(int(line.split()[1]) for line in lines) <= 360  # about 5 minutes of device time
