@@ -78,3 +78,19 @@ def test_sdxl_everything_together_with_text_encoder_lora(data, tiny_sdxl, tmp_pa
     tensors = train(data, tmp_path / "xl", tiny_sdxl, *EVERYTHING, "--train-text-encoder")
     assert any(k.startswith("text_encoder_2.") for k in tensors) and any(k.startswith("unet.") for k in tensors)
     assert all(v.isfinite().all() for v in tensors.values())
+
+
+@pytest.mark.parametrize("name", ["zimage", "klein", "qwenimage"])
+def test_dit_families_train_with_everything_and_the_memory_settings(name, data, tiny_models, tmp_path):
+    """The 2026 DiT families with every likeness method at once, gradient checkpointing, 8-bit AdamW, two
+    resolutions in one run: the LoRA trains (finite, changed from the
+    plain run) and reloads as the family's diffusers file."""
+    plain = train(data, tmp_path / "plain", tiny_models[name])
+    memory = ["--gradient-checkpointing", "--optimizer", "adamw8bit"]  # --quantize nf4 needs CUDA (test_flux_options)
+    memory += ["--set", "train.resolutions=[64, 80]"]
+    everything = train(data, tmp_path / "all", tiny_models[name], *EVERYTHING, *memory)
+    assert everything.keys() == plain.keys() and all(k.startswith("transformer.") for k in plain)
+    assert all(v.isfinite().all() for v in everything.values())
+    assert any(not (everything[k] == plain[k]).all() for k in plain)
+    saved = json.loads((tmp_path / "all" / "config.json").read_text())
+    assert saved["train"]["resolutions"] == [64, 80] and saved["train"]["optimizer"] == "adamw8bit"
