@@ -61,13 +61,14 @@ def test_tiny_pipeline_reloads_offline_and_runs(tiny_models, family):
     assert list(folder.rglob("*.safetensors")), "weights must be saved as safetensors"
     pipe = DiffusionPipeline.from_pretrained(folder, local_files_only=True)
     expected = {"sdxl": "StableDiffusionXLPipeline", "flux": "FluxPipeline", "zimage": "ZImagePipeline"}
+    expected |= {"klein": "Flux2KleinPipeline", "qwenimage": "QwenImagePipeline"}
     assert type(pipe).__name__ == expected.get(family, "StableDiffusionPipeline")
-    if family != "zimage":  # Z-Image's tokenizer is Qwen's (test_qwen_tokenizer_...)
+    if family not in ("zimage", "klein", "qwenimage"):  # their tokenizers are Qwen's (test_qwen_tokenizer_...)
         assert pipe.tokenizer.model_max_length == 77
     if family == "sd2":
         assert pipe.scheduler.config.prediction_type == "v_prediction"
     out = pipe(
-        "a photo of sks person",
+        prompt="a photo of sks person",  # klein's first argument is its reference image
         num_inference_steps=2,
         height=64,
         width=64,

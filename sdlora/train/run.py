@@ -189,8 +189,20 @@ def finish(run: Run, step: int) -> TrainResult:
         diffusers_file, kohya_file = save_loras(run, run.plan.out_dir, unwrap_for_good=True)
         run.accelerator.print(f"saved {diffusers_file} and {kohya_file} after {step} steps")
     run.accelerator.wait_for_everyone()
+    _release_wrappers(run)
     run.accelerator.end_training()
     return TrainResult(out_dir=run.plan.out_dir, lora_file=diffusers_file, kohya_file=kohya_file, steps=step)
+
+
+def _release_wrappers(run: Run) -> None:
+    """Free the DDP wrappers while their process group still exists. A DDP Reducer freed after end_training's
+    destroy_process_group frees the gloo group itself, from Python with the GIL held, and torch's gloo worker
+    thread, waiting for the GIL, then deadlocks the exit (seen: a 2-process run hung after writing its files)."""
+    if run.accelerator.num_processes == 1:
+        return
+    run.denoiser = run.accelerator.unwrap_model(run.denoiser)
+    run.text_encoders = {name: run.accelerator.unwrap_model(m) for name, m in run.text_encoders.items()}
+    run.accelerator.free_memory()  # its own references to the prepared objects, then gc.collect()
 
 
 def interrupted_message(run: Run, step: int) -> str:
