@@ -42,7 +42,8 @@ QuantizeOpt = Annotated[
     str | None,
     typer.Option(
         "--quantize",
-        help="none|nf4|int8: load the frozen UNet/transformer quantized with bitsandbytes (QLoRA; needs a CUDA GPU) "
+        help="none|nf4|int8|fp8: load the frozen UNet/transformer quantized: nf4/int8 with bitsandbytes (QLoRA; "
+        "needs a CUDA GPU), fp8 (float8 e4m3 with per-row scales) with torchao (pip install 'sdlora[fp8]') "
         "[default: none].",
     ),
 ]

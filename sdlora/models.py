@@ -241,7 +241,13 @@ QUANTIZE_BACKENDS = {
 
 
 def check_quantize(quantize: str) -> None:
-    """diffusers' bitsandbytes quantizer refuses to run without a CUDA GPU: say so before anything loads."""
+    """diffusers' bitsandbytes quantizer refuses to run without a CUDA GPU, fp8 needs torchao: say so before
+    anything loads."""
+    if quantize == "fp8":
+        from sdlora import fp8
+
+        fp8.check_available()
+        return
     if quantize != "none" and not device_facts()[0]:
         raise UsageError(
             f"--quantize {quantize}: bitsandbytes quantization in diffusers needs a CUDA GPU and none is visible; "
@@ -250,8 +256,9 @@ def check_quantize(quantize: str) -> None:
 
 
 def quantization_config(quantize: str, torch_dtype: Any) -> Any:
-    """The quantization config of `from_pretrained` for the denoiser ("transformer" or "unet"), or None."""
-    if quantize == "none":
+    """The quantization config of `from_pretrained` for the denoiser ("transformer" or "unet"), or None (fp8
+    quantizes after loading: sdlora.fp8)."""
+    if quantize not in QUANTIZE_BACKENDS:
         return None
     import torch
     from diffusers import PipelineQuantizationConfig
@@ -316,7 +323,8 @@ def load_pipeline(
 
     `single_file_config` (a diffusers folder or hub id of the same architecture) lets a single file load
     offline; without it diffusers fetches the architecture's configs from the hub. `quantize`: none, nf4 or
-    int8 (the denoiser, with bitsandbytes). `without`: components not loaded (None in the pipeline).
+    int8 (the denoiser, with bitsandbytes), fp8 (the denoiser's Linear weights, with torchao: sdlora.fp8).
+    `without`: components not loaded (None in the pipeline).
     """
     from diffusers import DiffusionPipeline
     from diffusers.utils import logging as diffusers_logging
@@ -324,6 +332,9 @@ def load_pipeline(
 
     check_base(base, allow_pickle, single_file_config)
     check_quantize(quantize)
+    from sdlora import fp8
+
+    fp8.import_quietly()  # diffusers imports torchao (if installed) while loading, with CUDA-kernel warnings on CPU
     if are_progress_bars_disabled():  # diffusers' "Loading pipeline components" bar follows the hub's setting
         diffusers_logging.disable_progress_bar()
     path = Path(base).expanduser()
@@ -346,9 +357,11 @@ def load_pipeline(
     from sdlora import families
 
     try:
-        families.detect(pipe)
+        family = families.detect(pipe)
     except ValueError:
         raise UsageError(f"{base}: {type(pipe).__name__} is not a pipeline of a supported model family") from None
+    if quantize == "fp8":
+        fp8.quantize(getattr(pipe, family.denoiser))
     return pipe
 
 

@@ -95,10 +95,11 @@ class ModelConfig(Section):
         description="T5 tokens per prompt on bases with a T5 text encoder (Flux.1); unset: 512 for FLUX.1-dev, "
         "256 for FLUX.1-schnell.",
     )
-    quantize: Literal["none", "nf4", "int8"] = Field(
+    quantize: Literal["none", "nf4", "int8", "fp8"] = Field(
         "none",
-        description="Load the frozen denoiser quantized with bitsandbytes (QLoRA: the LoRA stays fp32): nf4 "
-        "(4-bit), int8, or none.",
+        description="Load the frozen denoiser quantized (the LoRA stays fp32): nf4 (4-bit) or int8 with "
+        "bitsandbytes (QLoRA, CUDA only), fp8 (float8 e4m3 weights with per-row scales, torchao: the fp8 extra; "
+        "computed in the training's precision), or none.",
     )
     allow_distilled: bool = Field(
         False,

@@ -128,6 +128,8 @@ def generate(config: Config, out_dir: Path, *, overwrite: bool = False) -> list[
         raise UsageError("--compare needs at least one --lora (it shows the base model beside the LoRA)")
     if g.init_image and int(g.steps * g.strength) < 1:
         raise UsageError(f"--strength {g.strength} x --steps {g.steps} leaves no denoising step; raise either")
+    if g.fuse and config.model.quantize == "fp8":  # peft re-quantizes a merge only for bases torchao loaded itself
+        raise UsageError("--fuse with --quantize fp8: a LoRA can't be merged into float8 weights; drop --fuse")
     check_count(len(g.prompts), g.n)
     loras = [parse_lora(spec) for spec in g.loras]
     for lora in loras:

@@ -25,7 +25,13 @@ def lora_config(rank: int, alpha: float, dropout: float, targets: list[str] | st
 
 def attach(model: Any, rank: int, alpha: float, dropout: float, targets: list[str] | str, kind: str = "lora") -> None:
     """Add the 'default' adapter of `kind` to `model` (a diffusers UNet or a transformers text encoder), in place."""
-    model.add_adapter(lora_config(rank, alpha, dropout, targets, kind))
+    import warnings
+
+    with warnings.catch_warnings():
+        # On a --quantize fp8 base peft warns once per layer that it can't merge into torchao weights: training
+        # never merges (and generate refuses --fuse with fp8).
+        warnings.filterwarnings("ignore", message="TorchaoLoraLinear was instantiated without", category=UserWarning)
+        model.add_adapter(lora_config(rank, alpha, dropout, targets, kind))
 
 
 def adapter_kind(model: Any, adapter: str = "default") -> str:

@@ -62,7 +62,7 @@ def _lock(out_dir: Path) -> Any:
 def preflight(config: Config, dataset_dir: Path, out_dir: Path) -> Plan:
     """Every check that needs no model, each failing with a one-line UsageError."""
     from sdlora.lora import training_adapter
-    from sdlora.models import check_base, check_sizes, device_facts
+    from sdlora.models import check_base, check_quantize, check_sizes, device_facts
     from sdlora.preflight import check_output_dir
     from sdlora.prep.images import check_images
     from sdlora.train import checkpoint, data, methods, recommended
@@ -83,6 +83,7 @@ def preflight(config: Config, dataset_dir: Path, out_dir: Path) -> Plan:
     adapter = training_adapter.check(config.model.training_adapter)  # a missing or unreadable file fails now
     precision = resolve_precision(config.train.mixed_precision, *device_facts())
     check_optimizer(config.train.optimizer)
+    check_quantize(config.model.quantize)  # before a staged family's text encoders load (train.setup)
     name = run_name(config.train.name, out_dir)
     check_output_dir(out_dir, "OUT_DIR")
     family = check_family_takes(config)  # reads the base's family from its config files (and if it is distilled)

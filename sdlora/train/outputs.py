@@ -49,13 +49,16 @@ def save_loras(run: Run, folder: Path, *, unwrap_for_good: bool) -> tuple[Path, 
 
 def provenance(run: Run) -> dict[str, str]:
     """What the LoRA was trained on (base as given, variant, distilled or not) and with which training adapter
-    (model.training_adapter: its path or hub id, and a file's sha256), as JSON values of both files' metadata."""
+    (model.training_adapter: its path or hub id, and a file's sha256), as JSON values of both files' metadata;
+    and a quantized base's --quantize (sdlora.quantize)."""
     import json
 
     base = {"base": run.config.model.base, "variant": run.info.variant, "distilled": run.info.distilled}
     found = {"sdlora.trained_on": json.dumps(base)}
     if run.plan.training_adapter:
         found["sdlora.training_adapter"] = json.dumps(run.plan.training_adapter)
+    if run.config.model.quantize != "none":  # the frozen base it learned against (nf4, int8, fp8)
+        found["sdlora.quantize"] = run.config.model.quantize
     return found
 
 
