@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from sdlora.families import Family
 
 from sdlora.hub import looks_local, resolve
+from sdlora.quantization import check_quantize, quantization_config
 from sdlora.weights import PICKLE_SUFFIXES, SINGLE_FILE_SUFFIXES, _check_folder_weights, check_safetensors
 
 __all__ = ["PICKLE_SUFFIXES", "SINGLE_FILE_SUFFIXES", "check_safetensors", "resolve"]  # imported from here too
@@ -233,44 +234,6 @@ def check_sizes(model: ModelConfig, sizes: Sequence[tuple[str, int]]) -> None:
             )
 
 
-# bitsandbytes through diffusers' PipelineQuantizationConfig: the denoiser only (QLoRA); the LoRA stays fp32.
-QUANTIZE_BACKENDS = {
-    "nf4": ("bitsandbytes_4bit", {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}),
-    "int8": ("bitsandbytes_8bit", {"load_in_8bit": True}),
-}
-
-
-def check_quantize(quantize: str) -> None:
-    """diffusers' bitsandbytes quantizer refuses to run without a CUDA GPU, fp8 needs torchao: say so before
-    anything loads."""
-    if quantize == "fp8":
-        from sdlora import fp8
-
-        fp8.check_available()
-        return
-    if quantize != "none" and not device_facts()[0]:
-        raise UsageError(
-            f"--quantize {quantize}: bitsandbytes quantization in diffusers needs a CUDA GPU and none is visible; "
-            "use --quantize none on this machine"
-        )
-
-
-def quantization_config(quantize: str, torch_dtype: Any) -> Any:
-    """The quantization config of `from_pretrained` for the denoiser ("transformer" or "unet"), or None (fp8
-    quantizes after loading: sdlora.fp8)."""
-    if quantize not in QUANTIZE_BACKENDS:
-        return None
-    import torch
-    from diffusers import PipelineQuantizationConfig
-
-    backend, kwargs = QUANTIZE_BACKENDS[quantize]
-    if quantize == "nf4":
-        kwargs = {**kwargs, "bnb_4bit_compute_dtype": torch_dtype or torch.bfloat16}
-    return PipelineQuantizationConfig(
-        quant_backend=backend, quant_kwargs=kwargs, components_to_quantize=["transformer", "unet"]
-    )
-
-
 def check_base(base: str | None, allow_pickle: bool, single_file_config: str | None = None, hub: bool = True) -> None:
     """Cheap checks before anything heavy loads: given, exists if it looks local, not a pickle unless allowed, a
     hub id cached or on the hub (`hub=False`: not asked yet); for a single-file base, `single_file_config` (if it
@@ -331,7 +294,7 @@ def load_pipeline(
     from huggingface_hub.utils import are_progress_bars_disabled
 
     check_base(base, allow_pickle, single_file_config)
-    check_quantize(quantize)
+    check_quantize(quantize, device_facts()[0])
     from sdlora import fp8
 
     fp8.import_quietly()  # diffusers imports torchao (if installed) while loading, with CUDA-kernel warnings on CPU

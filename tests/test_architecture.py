@@ -24,8 +24,9 @@ FLOORS: list[set[str]] = [
     # Model knowledge. `models` loads a base by asking the family registry (detection, single-file loading) and
     # lora's readers use its file checks, so it lives with families and lora, not at the ground. `hub` finds where a
     # base named by the user lives (path, hub id, cache); `weights` checks weight files before anything loads them.
-    # `comfyui` writes ComfyUI workflows from what the families say (and ComfyUI's node list, as data).
-    {"families", "lora", "faces", "models", "hub", "weights", "comfyui"},
+    # `comfyui` writes ComfyUI workflows from what the families say (and ComfyUI's node list, as data); `quantization`
+    # and `fp8` store the frozen denoiser quantized (--quantize).
+    {"families", "lora", "faces", "models", "hub", "weights", "comfyui", "quantization", "fp8"},
     # The ground: no sdlora import above it. `settings` is the config's sections (config.py puts them together);
     # `preflight` checks output folders and free disk space, `env` collects versions for bug reports, `quiet`
     # turns the libraries' logging down: none of them knows a model.

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from sdlora import families, models
 from sdlora.cli import app
+from sdlora.quantization import quantization_config
 from sdlora.testing import write_single_file
 
 
@@ -88,7 +89,7 @@ def test_quantize_a_single_file_goes_through_diffusers_from_single_file(flux_fil
         return original(cls, state, **kwargs)
 
     monkeypatch.setattr(FluxTransformer2DModel, "from_single_file", classmethod(from_single_file))
-    quantization = models.quantization_config("nf4", torch.float32)
+    quantization = quantization_config("nf4", torch.float32)
     pipe = flux_single_file.load_pipeline(path, str(folder), {"quantization_config": quantization})
     [call] = calls
     bnb = call["quantization_config"]

@@ -62,11 +62,10 @@ def _lock(out_dir: Path) -> Any:
 def preflight(config: Config, dataset_dir: Path, out_dir: Path) -> Plan:
     """Every check that needs no model, each failing with a one-line UsageError."""
     from sdlora.lora import training_adapter
-    from sdlora.models import check_base, check_quantize, check_sizes, device_facts
+    from sdlora.models import check_base, check_sizes
     from sdlora.preflight import check_output_dir
     from sdlora.prep.images import check_images
     from sdlora.train import checkpoint, data, methods, recommended
-    from sdlora.train.optim import check_optimizer
 
     # Local checks first (the path, its headers); the hub, a network round trip, once the dataset's are done.
     check_base(config.model.base, config.model.allow_pickle, config.model.single_file_config, hub=False)
@@ -81,9 +80,7 @@ def preflight(config: Config, dataset_dir: Path, out_dir: Path) -> Plan:
         method.check(config, examples, dataset_dir, token)
     check_base(config.model.base, config.model.allow_pickle, config.model.single_file_config)
     adapter = training_adapter.check(config.model.training_adapter)  # a missing or unreadable file fails now
-    precision = resolve_precision(config.train.mixed_precision, *device_facts())
-    check_optimizer(config.train.optimizer)
-    check_quantize(config.model.quantize)  # before a staged family's text encoders load (train.setup)
+    precision = _precision_and_device_checks(config)
     name = run_name(config.train.name, out_dir)
     check_output_dir(out_dir, "OUT_DIR")
     family = check_family_takes(config)  # reads the base's family from its config files (and if it is distilled)
@@ -109,6 +106,19 @@ def preflight(config: Config, dataset_dir: Path, out_dir: Path) -> Plan:
         settled=settled,
         training_adapter=adapter,
     )
+
+
+def _precision_and_device_checks(config: Config) -> str:
+    """The precision the run trains in; the optimizer and --quantize checked on this machine (before a staged
+    family's text encoders load, train.setup)."""
+    from sdlora.models import device_facts
+    from sdlora.quantization import check_quantize
+    from sdlora.train.optim import check_optimizer
+
+    cuda, bf16 = device_facts()
+    check_optimizer(config.train.optimizer)
+    check_quantize(config.model.quantize, cuda)
+    return resolve_precision(config.train.mixed_precision, cuda, bf16)
 
 
 def check_family_takes(config: Config) -> Family:

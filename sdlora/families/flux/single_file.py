@@ -78,7 +78,7 @@ def load_pipeline(path: Path, config: str | None, kwargs: dict[str, Any]) -> Any
 def quantized_transformer(state: dict[str, Any], config: str, quantization: Any, dtype: Any) -> Any:
     """The transformer of diffusers-named tensors `state`, quantized as it loads (--quantize nf4/int8): diffusers'
     from_single_file takes a state dict, and one already in its own names is loaded as it is, at any width.
-    `quantization`: the pipeline's PipelineQuantizationConfig (sdlora.models.quantization_config)."""
+    `quantization`: the pipeline's PipelineQuantizationConfig (sdlora.quantization.quantization_config)."""
     from diffusers import BitsAndBytesConfig, FluxTransformer2DModel
 
     bnb = BitsAndBytesConfig(**quantization.quant_kwargs)
