@@ -13,6 +13,7 @@ from typing import Any
 from sdlora.errors import UsageError
 from sdlora.families import Conditioning
 from sdlora.families.comfyui import ComfyParts, checkpoint_file, loader
+from sdlora.families.flow import cached_rows, denoiser_config
 from sdlora.families.flux.keys import BFL_MARKER, bfl_module
 from sdlora.families.sd.family import TEXT_ENCODER_ATTENTION, one_prefix_each
 
@@ -60,13 +61,6 @@ def image_ids(height: int, width: int, device: Any, dtype: Any) -> Any:
     ids[..., 1] += torch.arange(height // 2)[:, None]
     ids[..., 2] += torch.arange(width // 2)[None, :]
     return ids.reshape(-1, 3).to(device=device, dtype=dtype)
-
-
-def _config(model: Any) -> Any:
-    """The transformer config behind DDP's `module` and torch.compile's `_orig_mod` wrappers."""
-    while not hasattr(model, "config"):
-        model = getattr(model, "module", None) or model._orig_mod
-    return model.config
 
 
 @dataclass(frozen=True)
@@ -212,7 +206,7 @@ class Flux:
 
         b, _, h, w = noisy.shape
         hidden = cond["encoder_hidden_states"]
-        config = _config(model)
+        config = denoiser_config(model)
         guidance_in = None
         if config.guidance_embeds:
             guidance_in = torch.full((b,), 1.0 if guidance is None else guidance, device=noisy.device)
@@ -324,12 +318,8 @@ class CachedPrompts:
     ) -> tuple[Any, Any, Any]:
         import torch
 
-        from sdlora.errors import SdloraError
-
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        missing = [p for p in prompts if p not in self.rows]
-        if missing:
-            raise SdloraError(f"prompt {missing[0]!r} was not cached before its text encoders were freed")
+        cached_rows(self.rows, prompts, "its text encoders were")
         device = device or self.pipe._execution_device
 
         def stacked(key: str) -> Any:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from sdlora.families.flow import kohya_flow_metadata
+
 
 def training_metadata(info: Any, train: Any, max_sequence_length: int | None) -> dict[str, str]:
     """`ss_guidance_scale`, `ss_timestep_sampling`, ... of a LoRA trained on `info` (sdlora.models.ModelInfo)
@@ -14,10 +16,7 @@ def training_metadata(info: Any, train: Any, max_sequence_length: int | None) ->
     sampling = "shift" if train.timestep_sampling == "auto" else train.timestep_sampling
     return {
         "ss_guidance_scale": str(float(train.guidance)),
-        "ss_timestep_sampling": sampling,
-        "ss_discrete_flow_shift": str(float(train.timestep_shift)),
-        "ss_model_prediction_type": "raw",
-        "ss_weighting_scheme": "none" if train.min_snr_gamma is None else f"min_snr_{train.min_snr_gamma:g}",
+        **kohya_flow_metadata(train, sampling),
         "ss_apply_t5_attn_mask": "False",
         "ss_t5xxl_max_token_length": str(max_sequence_length or ""),
         "modelspec.flux_variant": info.variant,

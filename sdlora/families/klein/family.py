@@ -18,6 +18,7 @@ from typing import Any
 from sdlora.errors import SdloraError, UsageError
 from sdlora.families import Conditioning
 from sdlora.families.comfyui import ComfyParts, checkpoint_file, loader, true_cfg
+from sdlora.families.flow import UNSHIFTED, cached_rows, denoiser_config, kohya_flow_metadata, unshifted_sampling
 from sdlora.families.klein import keys
 
 # peft matches a string target against the whole module path. 'attention' is what diffusers' klein script trains:
@@ -42,7 +43,6 @@ SIZES = {3072: "4b", 4096: "9b"}  # transformer width -> checkpoint size (musubi
 # Training sigmas: unshifted U(0, 1), as diffusers' klein script draws them (weighting_scheme "none" on the
 # scheduler's unshifted grid: the shift is dynamic, at inference only); a train.timestep_shift set to anything but
 # 1 switches 'auto' to the shift scheme at that value.
-UNSHIFTED = 1.0
 # The single files BFL publishes for each checkpoint (ComfyUI's models/diffusion_models), and each size's Qwen3 file.
 COMFYUI_CHECKPOINTS = {
     f"black-forest-labs/FLUX.2-klein-{kind}{size}": f"flux-2-klein-{kind.lower()}{size.lower()}.safetensors"
@@ -50,13 +50,6 @@ COMFYUI_CHECKPOINTS = {
     for size in ("4B", "9B")
 }
 COMFYUI_TEXT_ENCODERS = {"4b": "qwen_3_4b.safetensors", "9b": "qwen_3_8b.safetensors"}
-
-
-def _config(model: Any) -> Any:
-    """The transformer config behind DDP's `module` and torch.compile's `_orig_mod` wrappers."""
-    while not hasattr(model, "config"):
-        model = getattr(model, "module", None) or model._orig_mod
-    return model.config
 
 
 def patchify(latents: Any) -> Any:
@@ -151,13 +144,13 @@ class Klein:
         transformer = getattr(pipe, "transformer", None)
         if transformer is None:
             return ""
-        config = _config(transformer)
+        config = denoiser_config(transformer)
         size = SIZES.get(config.num_attention_heads * config.attention_head_dim)
         return f"black-forest-labs/FLUX.2-klein-base-{size.upper()}" if size else ""
 
     def variant(self, pipe: Any) -> str:
         """ "4b-base", "4b-distilled", "9b-base", "9b-distilled"; "base"/"distilled" alone at other widths."""
-        config = _config(pipe.transformer)
+        config = denoiser_config(pipe.transformer)
         size = SIZES.get(config.num_attention_heads * config.attention_head_dim)
         kind = "distilled" if self.is_distilled(pipe) else "base"
         return f"{size}-{kind}" if size else kind
@@ -234,7 +227,7 @@ class Klein:
         Flux2Scheduler sigmas (the pipeline's resolution-dependent shift, compute_empirical_mu); no guidance
         embedding. The base pipeline's CFG is neg + g * (pos - neg) for g > 1, as ComfyUI's; distilled: cfg 1."""
         name, note = checkpoint_file(base, COMFYUI_CHECKPOINTS)
-        config = _config(pipe.transformer)
+        config = denoiser_config(pipe.transformer)
         size = SIZES.get(config.num_attention_heads * config.attention_head_dim, "4b")
         text = COMFYUI_TEXT_ENCODERS[size]
         return ComfyParts(
@@ -292,9 +285,7 @@ class Klein:
         from sdlora.objectives import FlowMatching
 
         shift = UNSHIFTED if shift is None else shift
-        if sampling == "auto":
-            sampling = "uniform" if shift == UNSHIFTED else "shift"
-        return FlowMatching(sampling, shift)
+        return FlowMatching(unshifted_sampling(sampling, shift), shift)
 
     def denoiser_targets(self, targets: str) -> str:
         """A regular expression over module paths (peft matches it whole)."""
@@ -360,15 +351,8 @@ class Klein:
         """How the LoRA was trained, in kohya's keys (with the family's defaults applied, 'auto' recorded as what
         it drew: uniform, the unshifted sigmas of diffusers' klein script, or shift), and the checkpoint it was
         trained on (size and whether distilled)."""
-        sampling = train.timestep_sampling
-        if sampling == "auto":
-            sampling = "uniform" if float(train.timestep_shift) == UNSHIFTED else "shift"
         size, _, kind = info.variant.rpartition("-")
-        return {
-            "ss_timestep_sampling": sampling,
-            "ss_discrete_flow_shift": str(float(train.timestep_shift)),
-            "ss_model_prediction_type": "raw",
-            "ss_weighting_scheme": "none" if train.min_snr_gamma is None else f"min_snr_{train.min_snr_gamma:g}",
+        return kohya_flow_metadata(train, unshifted_sampling(train.timestep_sampling, train.timestep_shift)) | {
             "ss_max_token_length": str(max_sequence_length or SEQUENCE_LENGTH),
             "ss_text_encoder_layers": ",".join(str(layer) for layer in TEXT_LAYERS),
             "sdlora.klein_variant": info.variant,
@@ -403,10 +387,8 @@ class CachedPrompts:
         prompts = [prompt or ""] if prompt is None or isinstance(prompt, str) else list(prompt)
         device = device or self.pipe._execution_device
         if prompt_embeds is None:
-            missing = [p for p in prompts if p not in self.rows]
-            if missing:
-                raise SdloraError(f"prompt {missing[0]!r} was not cached before its text encoder was freed")
-            prompt_embeds = torch.stack([self.rows[p]["prompt_embeds"] for p in prompts]).to(device)
+            rows = cached_rows(self.rows, prompts)
+            prompt_embeds = torch.stack([row["prompt_embeds"] for row in rows]).to(device)
         prompt_embeds = prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)  # as the pipeline repeats
         return prompt_embeds, text_ids(prompt_embeds).to(device)
 

@@ -19,6 +19,7 @@ from typing import Any
 from sdlora.errors import SdloraError, UsageError
 from sdlora.families import Conditioning
 from sdlora.families.comfyui import ComfyParts, checkpoint_file, loader, true_cfg
+from sdlora.families.flow import UNSHIFTED, cached_rows, denoiser_config, kohya_flow_metadata, unshifted_sampling
 from sdlora.families.qwenimage import keys
 
 # peft name suffixes: the image stream's attention, as diffusers' Qwen-Image script targets it; 'all' adds the text
@@ -37,17 +38,9 @@ GENERATE_DEFAULTS = {"generate.steps": 50, "generate.cfg": 4.0, "generate.schedu
 # Training sigmas: unshifted U(0, 1), as diffusers' Qwen-Image script draws them (weighting_scheme "none" on the
 # scheduler's grid, which use_dynamic_shifting leaves unshifted); the dynamic shift applies at sampling only. A
 # train.timestep_shift other than 1 switches 'auto' to the shift scheme at that value (musubi's "shift", 2.2-3.1).
-UNSHIFTED = 1.0
 # Pipelines of this family: text-to-image and the img2img/inpaint pipelines AutoPipelineFor* make from it. The Edit,
 # Layered and ControlNet pipelines share the transformer class but not its use.
 PIPELINES = ("QwenImagePipeline", "QwenImageImg2ImgPipeline", "QwenImageInpaintPipeline")
-
-
-def _config(model: Any) -> Any:
-    """The transformer config behind DDP's `module` and torch.compile's `_orig_mod` wrappers."""
-    while not hasattr(model, "config"):
-        model = getattr(model, "module", None) or model._orig_mod
-    return model.config
 
 
 def _pipeline_class(pipe: Any) -> str | None:
@@ -126,7 +119,7 @@ class QwenImage:
         transformer = getattr(pipe, "transformer", None)
         if type(transformer).__name__ != "QwenImageTransformer2DModel":
             return False
-        config = _config(transformer)
+        config = denoiser_config(transformer)
         # Edit-2511 conditions its reference tokens at t = 0; Layered has its own RoPE and timestep conditioning.
         own = not any(getattr(config, k, False) for k in ("zero_cond_t", "use_layer3d_rope", "use_additional_t_cond"))
         pipeline = _pipeline_class(pipe)
@@ -276,9 +269,7 @@ class QwenImage:
         from sdlora.objectives import FlowMatching
 
         shift = UNSHIFTED if shift is None else shift
-        if sampling == "auto":
-            sampling = "uniform" if shift == UNSHIFTED else "shift"
-        return FlowMatching(sampling, shift)
+        return FlowMatching(unshifted_sampling(sampling, shift), shift)
 
     def denoiser_targets(self, targets: str) -> list[str]:
         return ATTENTION + EXTRA if targets == "all" else list(ATTENTION)
@@ -359,14 +350,7 @@ class QwenImage:
     def kohya_metadata(self, info: Any, train: Any, max_sequence_length: int | None) -> dict[str, str]:
         """How the LoRA was trained, in kohya's keys ('auto' recorded as what it drew: uniform, the unshifted
         sigmas of diffusers' Qwen-Image script, or shift), and the sampling shift its previews used."""
-        sampling = train.timestep_sampling
-        if sampling == "auto":
-            sampling = "uniform" if float(train.timestep_shift) == UNSHIFTED else "shift"
-        return {
-            "ss_timestep_sampling": sampling,
-            "ss_discrete_flow_shift": str(float(train.timestep_shift)),
-            "ss_model_prediction_type": "raw",
-            "ss_weighting_scheme": "none" if train.min_snr_gamma is None else f"min_snr_{train.min_snr_gamma:g}",
+        return kohya_flow_metadata(train, unshifted_sampling(train.timestep_sampling, train.timestep_shift)) | {
             "ss_max_token_length": str(max_sequence_length or SEQUENCE_LENGTH),
             # The scheduler's resolution-dependent shift at sampling (QwenImagePipeline's mu from the image tokens).
             "sdlora.sampling_shift": "dynamic",
@@ -399,10 +383,7 @@ class CachedPrompts:
         device = device or self.pipe._execution_device
         if prompt_embeds is None:
             prompts = [prompt] if isinstance(prompt, str) else list(prompt or [""])
-            missing = [p for p in prompts if p not in self.rows]
-            if missing:
-                raise SdloraError(f"prompt {missing[0]!r} was not cached before its text encoder was freed")
-            real = [self.rows[p]["prompt_embeds"][self.rows[p]["prompt_mask"] > 0] for p in prompts]
+            real = [row["prompt_embeds"][row["prompt_mask"] > 0] for row in cached_rows(self.rows, prompts)]
             length = max(len(row) for row in real)
             prompt_embeds = torch.stack([torch.nn.functional.pad(row, (0, 0, 0, length - len(row))) for row in real])
             prompt_embeds_mask = torch.stack([(torch.arange(length) < len(row)).long() for row in real])

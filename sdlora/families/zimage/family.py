@@ -14,6 +14,7 @@ from typing import Any
 from sdlora.errors import UsageError
 from sdlora.families import Conditioning
 from sdlora.families.comfyui import ComfyParts, checkpoint_file, loader
+from sdlora.families.flow import cached_rows, kohya_flow_metadata
 from sdlora.families.zimage import keys
 
 # peft name suffixes: every attention (main layers and both refiners, as diffusers' Z-Image script targets them);
@@ -33,13 +34,6 @@ COMFYUI_CHECKPOINTS = {
 VAE_NOTE = "ae.safetensors: Comfy-Org/z_image_turbo's split_files/vae (some installers name it z_image_turbo_vae)"
 TURBO_MAX_SHIFT = 5.0  # Turbo's scheduler shifts by 3, Base's by 6
 UNDISTILLED_BASE = "Tongyi-MAI/Z-Image"  # what to train on instead of Z-Image-Turbo
-
-
-def _config(model: Any) -> Any:
-    """The transformer config behind DDP's `module` and torch.compile's `_orig_mod` wrappers."""
-    while not hasattr(model, "config"):
-        model = getattr(model, "module", None) or model._orig_mod
-    return model.config
 
 
 @dataclass(frozen=True)
@@ -260,11 +254,7 @@ class ZImage:
     def kohya_metadata(self, info: Any, train: Any, max_sequence_length: int | None) -> dict[str, str]:
         """How the LoRA was trained, in kohya's keys, and the variant it was trained on."""
         sampling = "shift" if train.timestep_sampling == "auto" else train.timestep_sampling
-        return {
-            "ss_timestep_sampling": sampling,
-            "ss_discrete_flow_shift": str(float(train.timestep_shift)),
-            "ss_model_prediction_type": "raw",
-            "ss_weighting_scheme": "none" if train.min_snr_gamma is None else f"min_snr_{train.min_snr_gamma:g}",
+        return kohya_flow_metadata(train, sampling) | {
             "ss_max_token_length": str(max_sequence_length or ""),
             "sdlora.zimage_variant": info.variant,
         }
@@ -292,16 +282,11 @@ class CachedPrompts:
         negative_prompt_embeds: Any = None,
         max_sequence_length: int = 512,
     ) -> tuple[list[Any], list[Any]]:
-        from sdlora.errors import SdloraError
-
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         device = device or self.pipe._execution_device
 
         def ragged(texts: list[str]) -> list[Any]:
-            missing = [t for t in texts if t not in self.rows]
-            if missing:
-                raise SdloraError(f"prompt {missing[0]!r} was not cached before its text encoder was freed")
-            rows = [self.rows[t] for t in texts]
+            rows = cached_rows(self.rows, texts)
             return [row["prompt_embeds"][row["prompt_mask"].bool()].to(device) for row in rows]
 
         positive = prompt_embeds if prompt_embeds is not None else ragged(prompts)
