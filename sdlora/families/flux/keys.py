@@ -5,6 +5,8 @@ are one fused layer. Used for kohya LoRA names and to convert whole transformer 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 # Inside double block N: diffusers linear module -> (BFL module, part, parts); parts > 1: rows of a fused layer.
@@ -55,15 +57,51 @@ _BLOCK = re.compile(r"^(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.
 BFL_MARKER = "double_blocks.0.img_attn.norm.key_norm.scale"  # what diffusers' own detection looks for
 
 
-def bfl_module(path: str) -> tuple[str, int, int]:
-    """A diffusers linear module path -> (BFL module path, part, parts); KeyError for modules BFL has no name for."""
-    match = _BLOCK.match(path)
-    if match is None:
-        return TOP_LINEAR[path], 0, 1
-    kind, index, rest = match.groups()
-    double = kind == "transformer_blocks"
-    module, part, parts = (DOUBLE_LINEAR if double else SINGLE_LINEAR)[rest]
-    return f"{'double_blocks' if double else 'single_blocks'}.{index}.{module}", part, parts
+@dataclass(frozen=True)
+class BflNames:
+    """Black Forest Labs' names of one transformer's linear modules (FLUX.1's, FLUX.2's): inside a double block and a
+    single block, diffusers module -> (BFL module, part, parts), and the top-level ones; the norms are the same."""
+
+    double: Mapping[str, tuple[str, int, int]]
+    single: Mapping[str, tuple[str, int, int]]
+    top: Mapping[str, str]
+
+    def module(self, path: str) -> tuple[str, int, int]:
+        """A diffusers linear module path -> (BFL module path, part, parts); KeyError for modules BFL has no name
+        for."""
+        match = _BLOCK.match(path)
+        if match is None:
+            return self.top[path], 0, 1
+        kind, index, rest = match.groups()
+        double = kind == "transformer_blocks"
+        module, part, parts = (self.double if double else self.single)[rest]
+        return f"{'double_blocks' if double else 'single_blocks'}.{index}.{module}", part, parts
+
+    def to_bfl(self, state: dict[str, Any]) -> dict[str, Any]:
+        """A diffusers transformer state dict under BFL names, fused layers concatenated (the inverse of diffusers'
+        convert_flux_transformer_checkpoint_to_diffusers and convert_flux2_transformer_checkpoint_to_diffusers)."""
+        import torch
+
+        fused: dict[str, dict[int, Any]] = {}
+        out: dict[str, Any] = {}
+        for key, tensor in state.items():
+            module, _, param = key.rpartition(".")
+            block = _BLOCK.match(key)
+            norms = (DOUBLE_NORMS if block.group(1) == "transformer_blocks" else SINGLE_NORMS) if block else {}
+            if block and block.group(3) in norms:
+                prefix = "double_blocks" if block.group(1) == "transformer_blocks" else "single_blocks"
+                out[f"{prefix}.{block.group(2)}.{norms[block.group(3)]}"] = tensor
+                continue
+            name, part, parts = self.module(module)
+            if module == "norm_out.linear":
+                tensor = _swap_halves(tensor)
+            if parts > 1:
+                fused.setdefault(f"{name}.{param}", {})[part] = tensor
+            else:
+                out[f"{name}.{param}"] = tensor
+        for key, members in fused.items():
+            out[key] = torch.cat([members[i] for i in sorted(members)])
+        return out
 
 
 def _swap_halves(tensor: Any) -> Any:
@@ -73,30 +111,8 @@ def _swap_halves(tensor: Any) -> Any:
     return torch.cat([second, first], dim=0)
 
 
-def to_bfl(state: dict[str, Any]) -> dict[str, Any]:
-    """A diffusers FluxTransformer2DModel state dict under BFL names, fused layers concatenated."""
-    import torch
-
-    fused: dict[str, dict[int, Any]] = {}
-    out: dict[str, Any] = {}
-    for key, tensor in state.items():
-        module, _, param = key.rpartition(".")
-        block = _BLOCK.match(key)
-        norms = (DOUBLE_NORMS if block.group(1) == "transformer_blocks" else SINGLE_NORMS) if block else {}
-        if block and block.group(3) in norms:
-            prefix = "double_blocks" if block.group(1) == "transformer_blocks" else "single_blocks"
-            out[f"{prefix}.{block.group(2)}.{norms[block.group(3)]}"] = tensor
-            continue
-        name, part, parts = bfl_module(module)
-        if module == "norm_out.linear":
-            tensor = _swap_halves(tensor)
-        if parts > 1:
-            fused.setdefault(f"{name}.{param}", {})[part] = tensor
-        else:
-            out[f"{name}.{param}"] = tensor
-    for key, members in fused.items():
-        out[key] = torch.cat([members[i] for i in sorted(members)])
-    return out
+FLUX1_NAMES = BflNames(DOUBLE_LINEAR, SINGLE_LINEAR, TOP_LINEAR)
+bfl_module, to_bfl = FLUX1_NAMES.module, FLUX1_NAMES.to_bfl
 
 
 def from_bfl(state: dict[str, Any], config: Any) -> dict[str, Any]:

@@ -6,8 +6,7 @@ write whole transformers in the original names (single files)."""
 
 from __future__ import annotations
 
-import re
-from typing import Any
+from sdlora.families.flux.keys import BflNames
 
 # Inside double block N: diffusers linear module -> (BFL module, part, parts); parts > 1: rows of a fused layer.
 DOUBLE_LINEAR = {
@@ -29,13 +28,6 @@ SINGLE_LINEAR = {
     "attn.to_qkv_mlp_proj": ("linear1", 0, 1),
     "attn.to_out": ("linear2", 0, 1),
 }
-DOUBLE_NORMS = {
-    "attn.norm_q.weight": "img_attn.norm.query_norm.scale",
-    "attn.norm_k.weight": "img_attn.norm.key_norm.scale",
-    "attn.norm_added_q.weight": "txt_attn.norm.query_norm.scale",
-    "attn.norm_added_k.weight": "txt_attn.norm.key_norm.scale",
-}
-SINGLE_NORMS = {"attn.norm_q.weight": "norm.query_norm.scale", "attn.norm_k.weight": "norm.key_norm.scale"}
 TOP_LINEAR = {
     "time_guidance_embed.timestep_embedder.linear_1": "time_in.in_layer",
     "time_guidance_embed.timestep_embedder.linear_2": "time_in.out_layer",
@@ -49,7 +41,6 @@ TOP_LINEAR = {
     "proj_out": "final_layer.linear",
     "norm_out.linear": "final_layer.adaLN_modulation.1",  # BFL stores (shift, scale), diffusers (scale, shift)
 }
-_BLOCK = re.compile(r"^(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)$")
 # What diffusers' own single-file detection looks for; FLUX.1 has no global modulation.
 MARKER = "single_stream_modulation.lin.weight"
 GUIDANCE_MARKER = "guidance_in.in_layer.weight"  # FLUX.2 [dev]'s guidance embedding: not klein
@@ -63,48 +54,7 @@ def claims(keys: set[str]) -> bool:
     return MARKER in bare and GUIDANCE_MARKER not in bare
 
 
-def bfl_module(path: str) -> tuple[str, int, int]:
-    """A diffusers linear module path -> (BFL module path, part, parts); KeyError for modules BFL has no name for."""
-    match = _BLOCK.match(path)
-    if match is None:
-        return TOP_LINEAR[path], 0, 1
-    kind, index, rest = match.groups()
-    double = kind == "transformer_blocks"
-    module, part, parts = (DOUBLE_LINEAR if double else SINGLE_LINEAR)[rest]
-    return f"{'double_blocks' if double else 'single_blocks'}.{index}.{module}", part, parts
-
-
-def _swap_halves(tensor: Any) -> Any:
-    import torch
-
-    first, second = tensor.chunk(2, dim=0)
-    return torch.cat([second, first], dim=0)
-
-
-def to_bfl(state: dict[str, Any]) -> dict[str, Any]:
-    """A diffusers Flux2Transformer2DModel state dict under BFL's names, q/k/v concatenated into qkv: the inverse of
-    diffusers' convert_flux2_transformer_checkpoint_to_diffusers."""
-    import torch
-
-    fused: dict[str, dict[int, Any]] = {}
-    out: dict[str, Any] = {}
-    for key, tensor in state.items():
-        module, _, param = key.rpartition(".")
-        block = _BLOCK.match(key)
-        if block:
-            double = block.group(1) == "transformer_blocks"
-            norms = DOUBLE_NORMS if double else SINGLE_NORMS
-            if block.group(3) in norms:
-                prefix = "double_blocks" if double else "single_blocks"
-                out[f"{prefix}.{block.group(2)}.{norms[block.group(3)]}"] = tensor
-                continue
-        name, part, parts = bfl_module(module)
-        if module == "norm_out.linear":
-            tensor = _swap_halves(tensor)
-        if parts > 1:
-            fused.setdefault(f"{name}.{param}", {})[part] = tensor
-        else:
-            out[f"{name}.{param}"] = tensor
-    for key, members in fused.items():
-        out[key] = torch.cat([members[i] for i in sorted(members)])
-    return out
+# diffusers <-> BFL as diffusers' convert_flux2_transformer_checkpoint_to_diffusers maps them (its inverse: to_bfl);
+# the block patterns, the norms and the fusing are FLUX.1's (sdlora.families.flux.keys.BflNames).
+KLEIN_NAMES = BflNames(DOUBLE_LINEAR, SINGLE_LINEAR, TOP_LINEAR)
+bfl_module, to_bfl = KLEIN_NAMES.module, KLEIN_NAMES.to_bfl
