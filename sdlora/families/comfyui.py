@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+LORA_PREFIX = "diffusion_model."  # ComfyUI's own prefix of a DiT's LoRA keys in diffusers names
 Link = list[Any]  # ComfyUI API format's link to another node's output: [node id, output index]
 
 
@@ -64,3 +65,30 @@ def true_cfg(cfg: float) -> float:
     """KSampler's cfg for a diffusers guidance_scale of uncond + cfg * (cond - uncond): the same, except that
     diffusers turns guidance off at cfg <= 1 where ComfyUI's cond-only value is exactly 1."""
     return cfg if cfg > 1 else 1.0
+
+
+def baked_lora_state(denoiser: Any, adapter: str, dtype: Any, label: str) -> dict[str, Any]:
+    """The LoRA file ComfyUI reads for a family whose LoRA keys are diffusers module names under `diffusion_model.`
+    (Z-Image, Qwen-Image): `diffusion_model.<module>.lora_A.weight`/`.lora_B.weight` of every LoRA layer of
+    `denoiser` holding `adapter`, peft's scale (alpha / r) multiplied into lora_B and no `.alpha` keys. ComfyUI then
+    scales by 1, and so do diffusers' readers of these families (an `.alpha` beside a prefix breaks diffusers 0.42's
+    conversion of both). `label` names the family in errors."""
+    from peft.tuners.lora import LoraLayer
+
+    from sdlora.errors import SdloraError
+
+    state: dict[str, Any] = {}
+    for path, layer in denoiser.named_modules():
+        if not isinstance(layer, LoraLayer) or adapter not in layer.lora_A:
+            continue
+        if layer.use_dora.get(adapter) or layer.lora_bias.get(adapter):
+            raise SdloraError(f"{path}: {label}'s ComfyUI LoRA file holds plain LoRA layers only; use --adapter lora")
+        while path.startswith(("module.", "_orig_mod.")):  # DDP's and torch.compile's wrappers
+            path = path.split(".", 1)[1]
+        down = layer.lora_A[adapter].weight.detach().to("cpu", copy=True)  # (r, in)
+        up = layer.lora_B[adapter].weight.detach().to("cpu", copy=True) * float(layer.scaling[adapter])  # (out, r)
+        state[f"{LORA_PREFIX}{path}.lora_A.weight"] = down.to(dtype).contiguous()
+        state[f"{LORA_PREFIX}{path}.lora_B.weight"] = up.to(dtype).contiguous()
+    if not state:
+        raise SdloraError(f"no LoRA layers named {adapter!r} in the transformer: nothing to save")
+    return state

@@ -18,7 +18,7 @@ from typing import Any
 
 from sdlora.errors import SdloraError, UsageError
 from sdlora.families import Conditioning
-from sdlora.families.comfyui import ComfyParts, checkpoint_file, loader, true_cfg
+from sdlora.families.comfyui import ComfyParts, baked_lora_state, checkpoint_file, loader, true_cfg
 from sdlora.families.flow import UNSHIFTED, cached_rows, denoiser_config, kohya_flow_metadata, unshifted_sampling
 from sdlora.families.qwenimage import keys
 
@@ -288,7 +288,7 @@ class QwenImage:
 
     def ui_lora_state(self, denoiser: Any, text_encoders: Sequence[Any], adapter: str, dtype: Any) -> dict | None:
         """ComfyUI's Qwen-Image LoRA: `diffusion_model.` + diffusers names, alpha/rank baked into lora_B."""
-        return keys.comfyui_lora_state(denoiser, adapter, dtype)
+        return baked_lora_state(denoiser, adapter, dtype, self.label)
 
     def preview_latents(self, pipe: Any, latents: Any, width: int, height: int) -> Any:
         """A pipeline call's packed (B, N, 4C) latents of a (width, height) image -> what the VAE decodes: the

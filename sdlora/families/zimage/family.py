@@ -3,7 +3,7 @@ latents and a Qwen3-4B caption (the chat-templated prompt's second-to-last hidde
 ragged (L_i, 2560) row per prompt). Its timestep runs the other way ((1000 - t) / 1000) and its output is the
 negated velocity. Z-Image (Base, undistilled: 50 steps, CFG 5) and Z-Image-Turbo (distilled: 8 steps, no CFG) share
 every weight shape; their schedulers' static shifts (6 and 3) tell them apart. ComfyUI reads its LoRAs under
-`diffusion_model.` + diffusers names, never kohya's (sdlora.families.zimage.keys)."""
+`diffusion_model.` + diffusers names, never kohya's (sdlora.families.comfyui.baked_lora_state)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Any
 
 from sdlora.errors import UsageError
 from sdlora.families import Conditioning
-from sdlora.families.comfyui import ComfyParts, checkpoint_file, loader
+from sdlora.families.comfyui import ComfyParts, baked_lora_state, checkpoint_file, loader
 from sdlora.families.flow import cached_rows, kohya_flow_metadata
 from sdlora.families.zimage import keys
 
@@ -207,7 +207,7 @@ class ZImage:
 
     def ui_lora_state(self, denoiser: Any, text_encoders: Sequence[Any], adapter: str, dtype: Any) -> dict | None:
         """ComfyUI's Z-Image LoRA: `diffusion_model.` + diffusers names, alpha/rank baked into lora_B."""
-        return keys.comfyui_lora_state(denoiser, adapter, dtype)
+        return baked_lora_state(denoiser, adapter, dtype, self.label)
 
     def preview_latents(self, pipe: Any, latents: Any, width: int, height: int) -> Any:
         """A pipeline call's (B, C, H, W) latents (unpacked) -> what the VAE decodes: unnormalised."""

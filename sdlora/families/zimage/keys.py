@@ -1,7 +1,8 @@
 """Z-Image's two sets of names: diffusers' (ZImageTransformer2DModel) and the original ones of the released single
-files (Tongyi-MAI's and ComfyUI's `z_image*.safetensors`), where q, k and v are one fused `attention.qkv`; and the
-LoRA file ComfyUI reads for Z-Image (`diffusion_model.` + diffusers module names, alpha/rank baked in: its Z-Image
-loader maps those onto the fused layers, and reads no kohya `lora_unet_` names)."""
+files (Tongyi-MAI's and ComfyUI's `z_image*.safetensors`), where q, k and v are one fused `attention.qkv`. The LoRA
+file ComfyUI reads for Z-Image is `diffusion_model.` + diffusers module names, alpha/rank baked in
+(sdlora.families.comfyui.baked_lora_state): its Z-Image loader maps those onto the fused layers, and reads no kohya
+`lora_unet_` names."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ from typing import Any
 
 # What diffusers' own single-file detection looks for (Lumina 2's modulation is `adaLN_modulation.1`).
 MARKER = "layers.0.adaLN_modulation.0.weight"
-COMFYUI_PREFIX = "diffusion_model."
 # diffusers name fragment -> original name fragment (diffusers' convert_z_image_transformer_checkpoint_to_diffusers,
 # read backwards).
 _RENAMES = {
@@ -44,28 +44,3 @@ def to_original(state: dict[str, Any]) -> dict[str, Any]:
     for key, parts in fused.items():
         out[key] = torch.cat([parts[i] for i in range(3)])
     return out
-
-
-def comfyui_lora_state(denoiser: Any, adapter: str, dtype: Any) -> dict[str, Any]:
-    """`diffusion_model.<module>.lora_A.weight`/`.lora_B.weight` of every LoRA layer of `denoiser` holding
-    `adapter`, with peft's scale (alpha / r) multiplied into lora_B and no `.alpha` keys: ComfyUI then scales by 1
-    and diffusers' Z-Image reader by 1 (an `.alpha` beside a prefix breaks diffusers 0.42's conversion)."""
-    from peft.tuners.lora import LoraLayer
-
-    from sdlora.errors import SdloraError
-
-    state: dict[str, Any] = {}
-    for path, layer in denoiser.named_modules():
-        if not isinstance(layer, LoraLayer) or adapter not in layer.lora_A:
-            continue
-        if layer.use_dora.get(adapter) or layer.lora_bias.get(adapter):
-            raise SdloraError(f"{path}: Z-Image's ComfyUI LoRA file holds plain LoRA layers only; use --adapter lora")
-        while path.startswith(("module.", "_orig_mod.")):  # DDP's and torch.compile's wrappers
-            path = path.split(".", 1)[1]
-        down = layer.lora_A[adapter].weight.detach().to("cpu", copy=True)  # (r, in)
-        up = layer.lora_B[adapter].weight.detach().to("cpu", copy=True) * float(layer.scaling[adapter])  # (out, r)
-        state[f"{COMFYUI_PREFIX}{path}.lora_A.weight"] = down.to(dtype).contiguous()
-        state[f"{COMFYUI_PREFIX}{path}.lora_B.weight"] = up.to(dtype).contiguous()
-    if not state:
-        raise SdloraError(f"no LoRA layers named {adapter!r} in the transformer: nothing to save")
-    return state
