@@ -238,6 +238,9 @@ def generate(
         typer.Option("--save-steps", help="Filmstrip of the x0 prediction every K steps; 0 disables [default: 0]."),
     ] = None,
     refiner: Annotated[str | None, typer.Option("--refiner", help="SDXL refiner model for an img2img pass.")] = None,
+    reference: Annotated[
+        list[Path] | None, typer.Option(help="Edit models: 1-3 photos of the person (repeat) or a prepped dataset.")
+    ] = None,
     allow_pickle: Annotated[
         bool | None, typer.Option("--allow-pickle", help="Allow pickle (.ckpt/.bin) base models.")
     ] = None,

@@ -295,7 +295,7 @@ def load_pipeline(
 
     check_base(base, allow_pickle, single_file_config)
     check_quantize(quantize, device_facts()[0])
-    from sdlora import fp8
+    from sdlora import families, fp8
 
     fp8.import_quietly()  # diffusers imports torchao (if installed) while loading, with CUDA-kernel warnings on CPU
     if are_progress_bars_disabled():  # diffusers' "Loading pipeline components" bar follows the hub's setting
@@ -311,14 +311,13 @@ def load_pipeline(
         if path.is_file():
             pipe = _single_file_pipeline(path, single_file_config, kwargs)
         else:
-            pipe = DiffusionPipeline.from_pretrained(resolve(base), **kwargs)
+            root = resolve(base)
+            pipe = DiffusionPipeline.from_pretrained(root, **families.stand_ins(root, kwargs), **kwargs)
         if vae:
             pipe.vae = load_vae(vae, torch_dtype=torch_dtype, allow_pickle=allow_pickle)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise SdloraError(f"could not load base model {base!r}: {first} ({hint})") from exc
-    from sdlora import families
-
     try:
         family = families.detect(pipe)
     except ValueError:

@@ -39,6 +39,7 @@ GENERATE_OPTIONS = {
     "strength": "generate.strength",
     "save_steps": "generate.save_steps",
     "refiner": "generate.refiner",
+    "reference": "generate.reference",
 }
 
 TRAIN_OPTIONS = {

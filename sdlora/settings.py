@@ -345,6 +345,11 @@ class GenerateConfig(Section):
     strength: float = Field(0.6, gt=0, le=1, description="img2img strength: 1 ignores the init image.")
     save_steps: int = Field(0, ge=0, description="Filmstrip of the x0 prediction every K steps; 0 disables.")
     refiner: str | None = Field(None, description="SDXL refiner model for an img2img pass.")
+    reference: list[Path] = Field(
+        default_factory=list,
+        description="Reference photos an edit model keeps the person from (1-3), or one prepped dataset folder whose "
+        "best faces (manifest.jsonl) are picked; written back as the photos used.",
+    )
 
     @field_validator("size")
     @classmethod
@@ -356,6 +361,8 @@ class GenerateConfig(Section):
     def _one_source_image(self) -> GenerateConfig:
         if self.keep_face and self.init_image:
             raise ValueError("can't give both keep_face and init_image; choose one")
+        if self.reference and (self.keep_face or self.init_image):
+            raise ValueError("can't give reference with keep_face or init_image; choose one")
         return self
 
     @property

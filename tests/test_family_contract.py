@@ -27,7 +27,9 @@ from sdlora.cli import app
 from sdlora.config import Config
 from sdlora.testing import write_single_file
 
-NAMES = list(families.REGISTRY)
+# Qwen-Image-Edit's pipeline needs reference images and sdlora's processor stand-in to load: tests/test_edit.py
+# checks it (detection, training, resume, reload, generate); the protocol checks below cover it too.
+NAMES = [name for name in families.REGISTRY if name != "qwenedit"]
 STEPS, SAMPLE_STEPS = 4, 3  # checkpoints at 2 and 4: the resume starts from step 2
 runner = CliRunner()
 
@@ -320,7 +322,7 @@ def protocol_members() -> set[str]:
     return members
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", list(families.REGISTRY))
 def test_the_family_object_has_every_member_of_the_protocol(name):
     family = families.get(name)
     assert not sorted(m for m in protocol_members() if not hasattr(family, m))

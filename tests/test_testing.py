@@ -52,7 +52,7 @@ def test_qwen_tokenizer_is_byte_level_with_qwens_chat_template_and_round_trips(t
     assert again(text).input_ids == ids and again.chat_template == tokenizer.chat_template
 
 
-@pytest.mark.parametrize("family", testing.FAMILIES)
+@pytest.mark.parametrize("family", [name for name in testing.FAMILIES if name != "qwenedit"])  # test_edit.py
 def test_tiny_pipeline_reloads_offline_and_runs(tiny_models, family):
     from diffusers import DiffusionPipeline
 

@@ -161,6 +161,13 @@ class Rendering(Protocol):
     # The diffusers pipeline class that renders from a photo (--init-image, with the whole image masked, and
     # --keep-face) where diffusers' AutoPipelineForImage2Image/ForInpainting have none for the family; None: theirs.
     photo_pipeline: str | None
+    # The family's pipelines that take reference photos as `image=` (an edit model's, a multi-reference input) and
+    # how many each takes at most: generate --reference (sdlora.families.references); () for none.
+    reference_pipelines: tuple[tuple[str, int], ...]
+
+    def text_to_image(self, pipe: Any) -> Any:
+        """The pipeline that renders from text alone: `pipe` itself, or, where the loaded pipeline needs a reference
+        image (an edit model's), a text-to-image pipeline sharing its weights."""
 
     def generate_defaults(self, pipe: Any) -> dict[str, Any]:
         """Dotted settings ("generate.steps": 28) replacing the config's defaults for this base when unset."""
@@ -189,16 +196,26 @@ class Family(Detection, TextConditioning, Denoising, Files, Rendering, Protocol)
         """A tiny randomly initialised pipeline of this family, built from configs (tests and the demo)."""
 
 
+def pipeline_class(pipe: Any) -> str | None:
+    """The pipeline class: model_index.json's `_class_name` (the pre-flight's stand-in) or the loaded one's type."""
+    config = getattr(pipe, "config", None)
+    name = config.get("_class_name") if isinstance(config, Mapping) else None
+    if name:
+        return name
+    return None if type(pipe).__name__ == "SimpleNamespace" else type(pipe).__name__
+
+
 def _registry() -> dict[str, Family]:
     from sdlora.families.flux import FLUX
     from sdlora.families.klein import KLEIN
+    from sdlora.families.qwenedit import QWENEDIT
     from sdlora.families.qwenimage import QWENIMAGE
     from sdlora.families.sd import SD1, SD2
     from sdlora.families.sdxl import SDXL
     from sdlora.families.zimage import ZIMAGE
 
     # Order matters for detection: the most specific family first, SD 1.x last.
-    families: list[Family] = [QWENIMAGE, ZIMAGE, KLEIN, FLUX, SDXL, SD2, SD1]
+    families: list[Family] = [QWENEDIT, QWENIMAGE, ZIMAGE, KLEIN, FLUX, SDXL, SD2, SD1]
     return {family.name: family for family in families}
 
 
@@ -256,6 +273,19 @@ def with_defaults(config: Any, family: Family, pipe: Any) -> Any:
         return config
     update = {name: getattr(config, name).model_copy(update=values) for name, values in changes.items()}
     return config.model_copy(update=update)
+
+
+def references(family: Family, pipe: Any) -> int:
+    """How many reference photos the loaded (or peeked) pipeline takes as `image=`; 0 for none."""
+    return dict(family.reference_pipelines).get(pipeline_class(pipe) or "", 0)
+
+
+def stand_ins(root: str, given: Mapping[str, Any]) -> dict[str, Any]:
+    """Components of the diffusers folder `root` that sdlora supplies where the library's own can't load here
+    (Qwen-Image-Edit's Qwen2VLProcessor needs torchvision), as from_pretrained arguments; those `given` aside."""
+    from sdlora.families.qwenedit.processor import load_kwargs
+
+    return {name: part for name, part in load_kwargs(root).items() if name not in given}
 
 
 def tokenizers(pipe: Any, family: Family) -> list[Any]:

@@ -139,14 +139,16 @@ def generate(config: Config, out_dir: Path, *, overwrite: bool = False) -> list[
     if g.negative:
         check_negative(g.negative, models.peek_family(config.model))
     source = _load_source(g)  # before the base model loads: a bad photo fails fast
+    photos, config = _references(config)  # so are references, and a base that takes none
     prompts = expand_triggers(g.prompts, loras)
     out_dir = Path(out_dir)
-    check_out_dir(out_dir, [g.init_image, g.keep_face, *(lora.path for lora in loras)], width * height * 3)
+    inputs = [g.init_image, g.keep_face, *config.generate.reference, *(lora.path for lora in loras)]
+    check_out_dir(out_dir, inputs, width * height * 3)
     writer = Writer(out_dir, config, loras, overwrite)
     try:
         with fsutil.lock(out_dir, "generate"):
             writer.start()
-            return _generate(config, prompts, loras, source, writer)
+            return _generate(config, prompts, loras, source, writer, photos)
     except KeyboardInterrupt:
         raise Interrupted(
             f"interrupted: kept the {len(writer.written)} image(s) finished so far in {out_dir}", signal.SIGINT
@@ -173,7 +175,12 @@ def with_native_size(config: Config, pipe: Any) -> Config:
 
 
 def _generate(
-    config: Config, prompts: list[str], loras: list[Lora], source: Source | None, writer: Writer
+    config: Config,
+    prompts: list[str],
+    loras: list[Lora],
+    source: Source | None,
+    writer: Writer,
+    photos: list[Image.Image] | None = None,
 ) -> list[Path]:
     """Load the base and LoRAs, render (with --compare first the base model's images the compare sheet shows),
     stream the images, then the sheets."""
@@ -197,6 +204,8 @@ def _generate(
     refiner = _refiner(g.refiner, config.model.allow_pickle, family) if g.refiner else None
     source = source.fitted(*g.width_height) if source is not None else None
     runner, call = _runner(pipe, family, g, source)
+    if photos:  # --reference: every image of the run sees the same photos
+        call = {"call_kwargs": {"image": photos}}
     writer.write_config()
     total = len(prompts) * g.n
     compared = writer.plan_sheets(total, g.width_height, g.compare)
@@ -268,6 +277,20 @@ def _finish(
     if source is not None and source.face_mask is not None:
         images = [keepface.composite(source.photo, image, source.face_mask) for image in images]
     return images
+
+
+def _references(config: Config) -> tuple[list[Image.Image], Config]:
+    """--reference's photos, read before any weights load (a base that takes none is refused), and the config with
+    the photos used in generate.reference (a dataset's picks) and one image per call (the Edit pipelines take one
+    prompt at a time)."""
+    from sdlora.generate import references
+
+    g = config.generate
+    if not g.reference:
+        return [], config
+    paths = references.choose(g.reference, references.reference_count(config.model))
+    update = {"reference": paths, "batch_size": 1}
+    return references.load(paths), config.model_copy(update={"generate": g.model_copy(update=update)})
 
 
 def _load_source(g: GenerateConfig) -> Source | None:

@@ -291,6 +291,7 @@ def image_record(
         "strength": g.strength if g.init_image else None,
         "refiner": g.refiner,
         "source": str(source) if source else None,
+        "references": [str(path) for path in g.reference],
         "sdlora_version": __version__,
         "parameters": pngmeta.infotext(job.prompt + lora_tags, g.negative, settings),
     }

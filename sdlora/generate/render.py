@@ -174,6 +174,8 @@ def render_images(
     family = families.detect(pipe)
     s = for_family(sampling, family, pipe)
     set_scheduler(pipe, s.scheduler)
+    if init_images is None and "image" not in (call_kwargs or {}):
+        pipe = family.text_to_image(pipe)  # an edit model's pipeline needs a reference image
     device = pipe._execution_device
     accepted = inspect.signature(pipe.__call__).parameters
     takes_size = "width" in accepted  # img2img pipelines take the image's

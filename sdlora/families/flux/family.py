@@ -88,6 +88,7 @@ class Flux:
     comfyui_diffusers_file: bool = True  # ComfyUI reads Flux diffusers keys (with .alpha, text_model. paths)
     adapter_kinds: tuple[str, ...] | None = None  # every kind (fused qkv modules: sdlora.lora.kohya.refuse_fused)
     photo_pipeline: str | None = None  # diffusers' AutoPipelineForImage2Image/ForInpainting pick them
+    reference_pipelines: tuple[tuple[str, int], ...] = (("FluxKontextPipeline", 1),)  # FLUX.1 Kontext: one photo
 
     def claims(self, pipe: Any) -> bool:
         transformer = getattr(pipe, "transformer", None)
@@ -127,6 +128,9 @@ class Flux:
     def sequence_length(self, pipe: Any, configured: int | None) -> int | None:
         """T5 tokens per prompt: `model.max_sequence_length`, else 512 for dev and 256 for schnell."""
         return configured or SEQUENCE_LENGTH[self.variant(pipe)]
+
+    def text_to_image(self, pipe: Any) -> Any:
+        return pipe
 
     def generate_defaults(self, pipe: Any) -> dict[str, Any]:
         return dict(GENERATE_DEFAULTS[self.variant(pipe)])

@@ -122,6 +122,7 @@ class Klein:
     # not a start) and AutoPipelineForInpainting has none: --init-image and --keep-face use klein's inpainting
     # pipeline (--init-image with the whole image masked, at --strength).
     photo_pipeline: str | None = "Flux2KleinInpaintPipeline"
+    reference_pipelines: tuple[tuple[str, int], ...] = (("Flux2KleinPipeline", 3),)  # its multi-reference `image`
 
     def claims(self, pipe: Any) -> bool:
         transformer = getattr(pipe, "transformer", None)
@@ -175,6 +176,9 @@ class Klein:
     def sequence_length(self, pipe: Any, configured: int | None) -> int | None:
         """Qwen3 tokens per prompt: `model.max_sequence_length`, else the pipeline's 512."""
         return configured or SEQUENCE_LENGTH
+
+    def text_to_image(self, pipe: Any) -> Any:
+        return pipe
 
     def generate_defaults(self, pipe: Any) -> dict[str, Any]:
         """Base: 50 steps, CFG 4; distilled: 4 steps, CFG off; training sigmas unshifted (UNSHIFTED)."""

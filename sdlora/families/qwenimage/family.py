@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sdlora.errors import SdloraError, UsageError
-from sdlora.families import Conditioning
+from sdlora.families import Conditioning, pipeline_class
 from sdlora.families.comfyui import ComfyParts, baked_lora_state, checkpoint_file, loader, true_cfg
 from sdlora.families.flow import UNSHIFTED, cached_rows, denoiser_config, kohya_flow_metadata, unshifted_sampling
 from sdlora.families.qwenimage import keys
@@ -41,15 +41,6 @@ GENERATE_DEFAULTS = {"generate.steps": 50, "generate.cfg": 4.0, "generate.schedu
 # Pipelines of this family: text-to-image and the img2img/inpaint pipelines AutoPipelineFor* make from it. The Edit,
 # Layered and ControlNet pipelines share the transformer class but not its use.
 PIPELINES = ("QwenImagePipeline", "QwenImageImg2ImgPipeline", "QwenImageInpaintPipeline")
-
-
-def _pipeline_class(pipe: Any) -> str | None:
-    """The pipeline class: model_index.json's `_class_name` (the pre-flight's stand-in) or the loaded one's type."""
-    config = getattr(pipe, "config", None)
-    name = config.get("_class_name") if isinstance(config, dict) else None
-    if name:
-        return name
-    return None if type(pipe).__name__ == "SimpleNamespace" else type(pipe).__name__
 
 
 def pack(latents: Any) -> Any:
@@ -114,6 +105,9 @@ class QwenImage:
     comfyui_diffusers_file: bool = False  # NAME.safetensors is ComfyUI's file (ui_lora_state)
     adapter_kinds: tuple[str, ...] | None = ("lora",)  # ComfyUI's file holds lora_A/lora_B alone (ui_lora_state)
     photo_pipeline: str | None = None  # AutoPipelineForImage2Image/ForInpainting: QwenImageImg2Img/InpaintPipeline
+    reference_pipelines: tuple[tuple[str, int], ...] = ()  # the Edit pipelines are sdlora.families.qwenedit's
+    template: str = TEMPLATE  # the text encoder's prompt template (the Edit family's differs) ...
+    drop: int = DROP  # ... and its tokens before the prompt, dropped from the hidden states
 
     def claims(self, pipe: Any) -> bool:
         transformer = getattr(pipe, "transformer", None)
@@ -122,7 +116,7 @@ class QwenImage:
         config = denoiser_config(transformer)
         # Edit-2511 conditions its reference tokens at t = 0; Layered has its own RoPE and timestep conditioning.
         own = not any(getattr(config, k, False) for k in ("zero_cond_t", "use_layer3d_rope", "use_additional_t_cond"))
-        pipeline = _pipeline_class(pipe)
+        pipeline = pipeline_class(pipe)
         return own and (pipeline is None or pipeline in PIPELINES)
 
     def claims_checkpoint(self, keys_: set[str]) -> bool:
@@ -181,13 +175,13 @@ class QwenImage:
         tokenizer, encoder = tokenizers[0], encoders[0]
         if encoder is None:
             return {}
-        texts = [TEMPLATE.format(prompt) for prompt in prompts]
-        ids = tokenizer(texts, max_length=TOKENIZER_MAX + DROP, padding=True, truncation=True, return_tensors="pt")
+        texts = [self.template.format(prompt) for prompt in prompts]
+        ids = tokenizer(texts, max_length=TOKENIZER_MAX + self.drop, padding=True, truncation=True, return_tensors="pt")
         device = next(encoder.parameters()).device
         mask = ids.attention_mask.to(device)
         hidden = encoder(input_ids=ids.input_ids.to(device), attention_mask=mask, output_hidden_states=True)
         states = hidden.hidden_states[-1]
-        rows = [row[keep.bool()][DROP:] for row, keep in zip(states, mask, strict=True)]
+        rows = [row[keep.bool()][self.drop :] for row, keep in zip(states, mask, strict=True)]
         length = max_sequence_length or min(max(len(row) for row in rows), TOKENIZER_MAX)
         embeds = states.new_zeros(len(rows), length, states.shape[-1])
         masks = torch.zeros(len(rows), length, dtype=torch.long, device=device)
@@ -230,6 +224,9 @@ class QwenImage:
             sampling=loader("ModelSamplingAuraFlow", shift=round(math.exp(mu), 6)),
             notes=((note,) if note else ()) + COMFYUI_NOTES,
         )
+
+    def text_to_image(self, pipe: Any) -> Any:
+        return pipe
 
     def render_from_cache(self, pipe: Any, rows: dict[str, Conditioning]) -> None:
         """Make `pipe` render from cached conditioning (staged training: Qwen2.5-VL is gone): its encode_prompt

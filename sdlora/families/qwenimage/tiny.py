@@ -53,14 +53,49 @@ def tiny_qwenimage_pipeline(seed: int = 0) -> Any:
     """Tiny Qwen-Image: a 2-layer Qwen2.5-VL (text width 16, a 2-layer vision tower never used for text-to-image)
     behind the byte-level Qwen tokenizer, a transformer of width 48 (3 heads of 16) with 2 blocks, the tiny VAE
     above."""
+    from diffusers import QwenImagePipeline
+
+    return QwenImagePipeline(**tiny_parts(seed))
+
+
+def tiny_parts(seed: int = 0, **transformer: Any) -> dict[str, Any]:
+    """The tiny pipeline's components, by pipeline argument (the Edit pipelines add their processor); `transformer`:
+    config changes (Edit-2511's zero_cond_t)."""
     import torch
-    from diffusers import QwenImagePipeline, QwenImageTransformer2DModel
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from diffusers import QwenImageTransformer2DModel
+    from transformers import Qwen2_5_VLForConditionalGeneration
 
     torch.manual_seed(seed)
     tokenizer = qwen_tokenizer()
+    text = vl_config(tokenizer)
+    denoiser = QwenImageTransformer2DModel(
+        patch_size=2,
+        in_channels=16,  # 2x2 patches of 4 latent channels
+        out_channels=4,
+        num_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=3,
+        joint_attention_dim=16,
+        guidance_embeds=False,
+        axes_dims_rope=(8, 4, 4),
+        **transformer,
+    )
+    return {
+        "scheduler": qwenimage_scheduler(),
+        "vae": qwenimage_vae(seed),
+        "text_encoder": Qwen2_5_VLForConditionalGeneration(text).eval(),
+        "tokenizer": tokenizer,
+        "transformer": denoiser,
+    }
+
+
+def vl_config(tokenizer: Any) -> Any:
+    """A 2-layer Qwen2.5-VL of text width 16 with a 2-layer vision tower (the Edit pipelines use it; text-to-image
+    never does), its special-token ids those of the tiny byte-level `tokenizer`."""
+    from transformers import Qwen2_5_VLConfig
+
     ids = tokenizer.convert_tokens_to_ids
-    text = Qwen2_5_VLConfig(
+    return Qwen2_5_VLConfig(
         text_config={
             "hidden_size": 16,
             "intermediate_size": 16,
@@ -81,22 +116,4 @@ def tiny_qwenimage_pipeline(seed: int = 0) -> Any:
         vision_token_id=ids("<|image_pad|>"),
         image_token_id=ids("<|image_pad|>"),
         pad_token_id=tokenizer.pad_token_id,
-    )
-    transformer = QwenImageTransformer2DModel(
-        patch_size=2,
-        in_channels=16,  # 2x2 patches of 4 latent channels
-        out_channels=4,
-        num_layers=2,
-        attention_head_dim=16,
-        num_attention_heads=3,
-        joint_attention_dim=16,
-        guidance_embeds=False,
-        axes_dims_rope=(8, 4, 4),
-    )
-    return QwenImagePipeline(
-        scheduler=qwenimage_scheduler(),
-        vae=qwenimage_vae(seed),
-        text_encoder=Qwen2_5_VLForConditionalGeneration(text).eval(),
-        tokenizer=tokenizer,
-        transformer=transformer,
     )

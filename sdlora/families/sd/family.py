@@ -81,6 +81,7 @@ class UNetFamily:
     stage_frozen: bool = False
     comfyui_diffusers_file: bool = False  # ComfyUI reads no diffusers-format SD keys at all
     photo_pipeline: str | None = None  # diffusers' AutoPipelineForImage2Image/ForInpainting pick them
+    reference_pipelines: tuple[tuple[str, int], ...] = ()
     adapter_kinds: tuple[str, ...] | None = None  # every kind: kohya's LoRA and LyCORIS's DoRA/LoKr keys
 
     def variant(self, pipe: Any) -> str:
@@ -97,6 +98,9 @@ class UNetFamily:
 
     def sequence_length(self, pipe: Any, configured: int | None) -> int | None:
         return None
+
+    def text_to_image(self, pipe: Any) -> Any:
+        return pipe
 
     def generate_defaults(self, pipe: Any) -> dict[str, Any]:
         return {}

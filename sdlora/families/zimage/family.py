@@ -60,6 +60,7 @@ class ZImage:
     comfyui_diffusers_file: bool = False  # NAME.safetensors is ComfyUI's file (ui_lora_state)
     adapter_kinds: tuple[str, ...] | None = ("lora",)  # ComfyUI's file holds lora_A/lora_B alone (ui_lora_state)
     photo_pipeline: str | None = None  # diffusers' AutoPipelineForImage2Image/ForInpainting pick them
+    reference_pipelines: tuple[tuple[str, int], ...] = ()
 
     def claims(self, pipe: Any) -> bool:
         transformer = getattr(pipe, "transformer", None)
@@ -102,6 +103,9 @@ class ZImage:
     def sequence_length(self, pipe: Any, configured: int | None) -> int | None:
         """Qwen3 tokens per prompt: `model.max_sequence_length`, else the pipeline's 512."""
         return configured or SEQUENCE_LENGTH
+
+    def text_to_image(self, pipe: Any) -> Any:
+        return pipe
 
     def generate_defaults(self, pipe: Any) -> dict[str, Any]:
         """Base: 50 steps, CFG 5; Turbo: 8 steps, CFG 0; and training's flow shift is the scheduler's own (6 or 3),

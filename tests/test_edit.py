@@ -1,0 +1,193 @@
+"""Edit models and reference images: Qwen-Image-Edit as a family (detection, its processor stand-in, a LoRA trained
+text-to-image that reloads, resumes and renders), `generate --reference` (photos or a prepped dataset's best faces,
+recorded in each image's metadata) on Qwen-Image-Edit and FLUX.2 [klein], and the one-line refusal of a base that
+takes no reference images."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from generate_helpers import max_diff
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file
+from train_utils import plain, subject_set
+from typer.testing import CliRunner
+
+from sdlora import families, models
+from sdlora.cli import app
+from sdlora.errors import UsageError
+from sdlora.generate import references
+
+runner = CliRunner()
+PROMPT = "a photo of sks person"
+
+
+@pytest.fixture(autouse=True)
+def small_references(monkeypatch):
+    """The Edit-Plus pipeline scales references to ~384^2 px for the VL prompt and ~1024^2 px for the VAE tokens:
+    64^2 keeps the tiny renders fast on a CPU (the code path is the same)."""
+    import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus as plus
+
+    monkeypatch.setattr(plus, "CONDITION_IMAGE_SIZE", 64 * 64)
+    monkeypatch.setattr(plus, "VAE_IMAGE_SIZE", 64 * 64)
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    return sorted(subject_set(tmp_path_factory.mktemp("edit-photos") / "set").glob("*.png"))
+
+
+def generate(base, out, *extra):
+    args = ["generate", "--base", str(base), "--prompt", PROMPT, "--n", "1", "--steps", "2", "--size", "64x64"]
+    result = runner.invoke(app, [*args, "--out", str(out), *map(str, extra)])
+    assert result.exit_code == 0, result.output
+    return json.loads((out / "0000-42.json").read_text())
+
+
+@pytest.mark.slow
+def test_reference_photos_render_and_are_recorded(tiny_models, photos, tmp_path):
+    base = tiny_models["qwenedit"]
+    pipe = models.load_base(models_config(base))
+    family = families.detect(pipe)
+    assert (family.name, family.variant(pipe), families.references(family, pipe)) == ("qwenedit", "2511", 3)
+    assert type(pipe.processor).__name__ == "VLProcessor"  # Qwen2VLProcessor needs torchvision: the stand-in
+    record = generate(base, tmp_path / "refs", "--reference", photos[0], "--reference", photos[1])
+    assert record["references"] == [str(photos[0]), str(photos[1])]
+    assert json.loads((tmp_path / "refs" / "config.json").read_text())["generate"]["reference"] == record["references"]
+    other = generate(base, tmp_path / "other", "--reference", photos[2])
+    plain_record = generate(base, tmp_path / "text")  # no reference: text-to-image on the Edit model's weights
+    assert other["references"] == [str(photos[2])] and plain_record["references"] == []
+    image = tmp_path / "refs" / "0000-42.png"
+    assert np.asarray(Image.open(image)).std() > 0
+    assert max_diff(image, tmp_path / "other" / "0000-42.png") > 0  # the photos steer the image
+    assert max_diff(image, tmp_path / "text" / "0000-42.png") > 0
+
+
+def models_config(base):
+    from sdlora.config import Config
+
+    return Config().model.model_copy(update={"base": str(base)})
+
+
+def test_a_base_without_reference_input_is_refused_in_one_line_before_loading(tiny_models, photos, tmp_path):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    base = tiny_models["sd1"]
+    args = ["generate", "--base", str(base), "--prompt", PROMPT, "--reference", str(photos[0]), "--out", str(tmp_path)]
+    original, models.load_pipeline = models.load_pipeline, no_loading
+    try:
+        result = runner.invoke(app, args)
+    finally:
+        models.load_pipeline = original
+    assert result.exit_code != 0
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: --reference") and "takes no reference" in lines[0]
+    assert "Qwen-Image-Edit" in lines[0] and not list(tmp_path.glob("*.png"))
+
+
+def test_a_dataset_folder_gives_its_best_faces(tmp_path):
+    from sdlora.prep.manifest import ManifestEntry, write_manifest
+
+    def entry(i, sharpness, face):
+        Image.new("RGB", (64, 64)).save(tmp_path / f"img{i}.png")
+        box = (0, 0, 512, 512)
+        return ManifestEntry(
+            image=f"img{i}.png",
+            caption="a photo of sks person",
+            source=f"/photos/{i}.jpg",
+            source_sha256="0" * 64,
+            source_size=(512, 512),
+            crop_box=box,
+            face_box=None if face is None else (100, 100, 100 + face, 100 + face),
+            sharpness=sharpness,
+            width=64,
+            height=64,
+        )
+
+    # Image 3 is sharpest but its face is tiny; image 4 has no face.
+    entries = [
+        entry(0, 50.0, 300),
+        entry(1, 80.0, 300),
+        entry(2, 20.0, 300),
+        entry(3, 400.0, 20),
+        entry(4, 900.0, None),
+    ]
+    write_manifest(tmp_path / "manifest.jsonl", entries)
+    assert references.choose([tmp_path], 3) == [tmp_path / "img1.png", tmp_path / "img0.png", tmp_path / "img3.png"]
+    assert references.choose([tmp_path], 1) == [tmp_path / "img1.png"]
+    with pytest.raises(UsageError, match="at most 1"):
+        references.choose([tmp_path / "img0.png", tmp_path / "img1.png"], 1)
+    (tmp_path / "manifest.jsonl").unlink()
+    with pytest.raises(UsageError, match="not a prepped dataset"):
+        references.choose([tmp_path], 3)
+
+
+@pytest.mark.slow
+def test_klein_renders_from_reference_photos(tiny_models, photos, tmp_path):
+    record = generate(tiny_models["klein"], tmp_path / "refs", "--reference", photos[0])
+    generate(tiny_models["klein"], tmp_path / "text")
+    assert record["references"] == [str(photos[0])]
+    assert max_diff(tmp_path / "refs" / "0000-42.png", tmp_path / "text" / "0000-42.png") > 0
+
+
+def test_flux_kontext_takes_one_reference_and_flux_none():
+    from diffusers import FluxKontextPipeline
+
+    pipe = families.get("flux").tiny_pipeline(0)
+    kontext = FluxKontextPipeline.from_pipe(pipe)
+    assert families.detect(kontext).name == "flux"
+    flux = families.get("flux")
+    assert (families.references(flux, kontext), families.references(flux, pipe)) == (1, 0)
+
+
+def train_args(data, out, base, *extra):
+    args = ["train", data, out, "--base", base, "--steps", "4", "--resolution", "64", "--rank", "4", "--alpha", "8"]
+    args += ["--lr", "1e-3", "--sample-every", "4", "--checkpoint-every", "2", "--keep-checkpoints", "2"]
+    args += [
+        "--name",
+        "person",
+        "--set",
+        "train.sample_steps=2",
+        "--set",
+        "train.sample_prompts=['a photo of {trigger}']",
+    ]
+    return plain([*args, *extra])
+
+
+def resume_equals(data, out, base, *extra):
+    """A copy of `out` resumed from its step-2 checkpoint ends with the same LoRA."""
+    resumed = out.parent / f"{out.name}-resumed"
+    shutil.copytree(out, resumed)
+    for name in ("pytorch_lora_weights.safetensors", "person.safetensors"):
+        (resumed / name).unlink()
+    shutil.rmtree(resumed / "checkpoints" / "step-000004")
+    result = runner.invoke(app, train_args(data, resumed, base, "--resume", "latest", *extra))
+    assert result.exit_code == 0, result.output
+    straight = load_file(str(out / "pytorch_lora_weights.safetensors"))
+    again = load_file(str(resumed / "pytorch_lora_weights.safetensors"))
+    assert straight.keys() == again.keys()
+    assert max((straight[k] - again[k]).abs().max().item() for k in straight) <= 1e-6
+    assert max(straight[k].abs().max().item() for k in straight if "lora_B" in k) > 0  # it trained
+
+
+@pytest.mark.slow
+def test_an_edit_model_lora_trains_text_to_image_resumes_and_renders_its_sample(tiny_models, photos, tmp_path):
+    base, data, out = tiny_models["qwenedit"], subject_set(tmp_path / "data"), tmp_path / "out"
+    result = runner.invoke(app, train_args(data, out, base))
+    assert result.exit_code == 0, result.output
+    for path in (out / "pytorch_lora_weights.safetensors", out / "person.safetensors"):
+        with safe_open(str(path), framework="pt") as handle:
+            metadata, keys = handle.metadata(), list(handle.keys())
+        assert families.detect_lora(metadata) == "qwenedit"
+    assert metadata["ss_base_model_version"] == "qwen_image_edit"
+    assert keys and all(key.startswith("diffusion_model.transformer_blocks.") for key in keys)  # ComfyUI's names
+    generate(base, tmp_path / "gen", "--lora", out, "--compare")
+    assert max_diff(tmp_path / "gen" / "0000-42.png", out / "samples" / "step-000004.png") == 0
+    record = generate(base, tmp_path / "refs", "--lora", out, "--reference", photos[0], "--compare")
+    assert record["references"] == [str(photos[0])] and Image.open(tmp_path / "refs" / "compare.png").size == (128, 64)
+    resume_equals(data, out, base)
