@@ -345,6 +345,7 @@ def train(
             help="Pivotal tuning: new trigger tokens train too [default: on for SD 1.x/2.x/SDXL, off for Flux.1].",
         ),
     ] = None,
+    control_dir: Annotated[Path | None, typer.Option(help="Edit models: control images named as the images.")] = None,
     quantize: QuantizeOpt = None,
     sets: SetOpt = None,
 ) -> None:

@@ -75,6 +75,7 @@ TRAIN_OPTIONS = {
     "seed": "train.seed",
     "overwrite": "train.overwrite",
     "pivotal": "train.pivotal",
+    "control_dir": "train.control_dir",
 }
 
 EVAL_OPTIONS = {

@@ -285,6 +285,12 @@ class TrainConfig(Section):
 
     _check_resolution = field_validator("resolution")(_multiple_of_8)
 
+    control_dir: Path | None = Field(
+        None,
+        description="Edit models: control images, each named as its dataset image (else manifest.jsonl's `control`); "
+        "unset and none in the manifest: the edit model trains text-to-image.",
+    )
+
     @field_validator("resolutions")
     @classmethod
     def _check_resolutions(cls, values: list[int]) -> list[int]:

@@ -191,3 +191,63 @@ def test_an_edit_model_lora_trains_text_to_image_resumes_and_renders_its_sample(
     record = generate(base, tmp_path / "refs", "--lora", out, "--reference", photos[0], "--compare")
     assert record["references"] == [str(photos[0])] and Image.open(tmp_path / "refs" / "compare.png").size == (128, 64)
     resume_equals(data, out, base)
+
+
+def control_images(data, folder):
+    """Each dataset image's control image, named as it: the image mirrored and darkened (an 'edit' to undo)."""
+    folder.mkdir()
+    for image in data.glob("*.png"):
+        Image.eval(Image.open(image).transpose(Image.Transpose.FLIP_LEFT_RIGHT), lambda v: v // 2).save(
+            folder / image.name
+        )
+    return folder
+
+
+@pytest.mark.slow
+def test_edit_training_with_control_images_resumes_and_reloads(tiny_models, tmp_path):
+    import torch
+
+    base, data, out = tiny_models["qwenedit"], subject_set(tmp_path / "data"), tmp_path / "out"
+    controls = control_images(data, tmp_path / "controls")
+    result = runner.invoke(app, train_args(data, out, base, "--control-dir", controls))
+    assert result.exit_code == 0, result.output
+    resume_equals(data, out, base, "--control-dir", controls)
+    family, pipe = families.get("qwenedit"), models.load_base(models_config(base))
+    noisy = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    control = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        cond = family.encode_prompts([pipe.tokenizer], [pipe.text_encoder], [PROMPT])
+        before = family.predict(pipe.transformer, noisy, torch.tensor([0.5]), {**cond, "control": control[:1]}, None)
+        pipe.load_lora_weights(str(out))
+        after = [
+            family.predict(pipe.transformer, noisy, torch.tensor([0.5]), {**cond, "control": c[None]}, None)
+            for c in control
+        ]
+    assert after[0].shape == noisy.shape  # the target's tokens alone come back
+    assert (after[0] - before).abs().max() > 1e-4  # the LoRA reloads and acts
+    assert (after[0] - after[1]).abs().max() > 1e-6  # the control tokens condition the prediction
+
+
+def test_control_images_come_from_the_manifest_or_a_folder_and_need_an_edit_model(tmp_path):
+    from sdlora.config import Config
+    from sdlora.prep.manifest import ManifestEntry, write_manifest
+    from sdlora.train import data as train_data
+
+    folder = subject_set(tmp_path / "plain")
+    controls = control_images(folder, tmp_path / "controls")
+    examples = train_data.load_examples(folder, "x", controls)
+    assert [e.control for e in examples] == [controls / e.image.name for e in examples]
+    train = Config().train.model_copy(update={"control_dir": controls, "preservation": "none"})
+    train_data.check_controls(examples, families.get("qwenedit"), train)
+    with pytest.raises(UsageError, match="--control-dir: Qwen-Image bases take no control images"):
+        train_data.check_controls(examples, families.get("qwenimage"), train)
+    (controls / "img0.png").unlink()
+    with pytest.raises(UsageError, match="no control image for img0.png"):
+        train_data.load_examples(folder, "x", controls)
+    size = dict(source="/p.jpg", source_sha256="0" * 64, source_size=(64, 64), crop_box=(0, 0, 64, 64), sharpness=1.0)
+    entry = ManifestEntry(image="img1.png", caption="c", width=64, height=64, control="ctl/img1.png", **size)
+    (folder / "ctl").mkdir()
+    shutil.copy(folder / "img1.png", folder / "ctl" / "img1.png")
+    write_manifest(folder / "manifest.jsonl", [entry])
+    (example,) = train_data.load_examples(folder, "x")
+    assert example.control == folder / "ctl" / "img1.png"

@@ -89,6 +89,8 @@ class Denoising(Protocol):
     # Frozen text encoders load one at a time, only to be cached, and the VAE stays in CPU RAM (sdlora.train.staging);
     # such a family's pipeline renders from the cached conditioning (Rendering.render_from_cache).
     stage_frozen: bool
+    # `predict` reads a control image's latents (cond["control"], (B, C, h, w)): edit training (train.control_dir).
+    edit_training: bool
 
     def predict(
         self,

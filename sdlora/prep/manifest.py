@@ -33,8 +33,9 @@ class ManifestEntry(BaseModel):
     mask: str | None = Field(
         None, description="Soft face-and-hair mask of the image (masks/NNNN.png, same size); None without a face."
     )
+    control: str | None = Field(None, description="Edit training: the control image the image is made from.")
 
-    @field_validator("image", "mask")
+    @field_validator("image", "mask", "control")
     @classmethod
     def _inside_dataset(cls, value: str | None) -> str | None:
         """A relative path inside the dataset folder (a damaged or hand-edited manifest can say anything)."""

@@ -73,8 +73,8 @@ def preflight(config: Config, dataset_dir: Path, out_dir: Path) -> Plan:
     check_sizes(config.model, sizes)  # the family's multiple (Flux: 16), before any model loads
     token, class_word = data.trigger_parts(dataset_dir, config.prep.token, config.prep.class_word)
     caption = config.prep.caption_template.format(token=token, class_word=class_word)
-    examples = data.load_examples(dataset_dir, default_caption=caption)
-    check_images([e.image for e in examples])  # headers only: a damaged image fails now, not after the model loads
+    examples = data.load_examples(dataset_dir, caption, config.train.control_dir)
+    check_images([path for e in examples for path in (e.image, e.control) if path])  # headers: a damaged one fails now
     given = methods.active(config.train)
     for method in given:  # e.g. masked loss: prep's masks; class images: --class-dir holds images
         method.check(config, examples, dataset_dir, token)
@@ -87,6 +87,7 @@ def preflight(config: Config, dataset_dir: Path, out_dir: Path) -> Plan:
     bucketed = any(e.size and e.size[0] != e.size[1] for e in examples)
     # Unset pivotal tuning and preservation: the benchmark's recommendation (an unset pivotal asks the base's family).
     config, settled = recommended.settle(config, examples, token, not bucketed, out_dir, family)
+    data.check_controls(examples, family, config.train)  # after the recommendation: it may choose class images
     for method in methods.active(config.train):  # those the recommendation turned on, e.g. pivotal tuning
         if method not in given:
             method.check(config, examples, dataset_dir, token)

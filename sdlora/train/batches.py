@@ -32,6 +32,7 @@ class MicroBatch:
     is_prior: torch.Tensor | None  # (B,) bool: class images of prior preservation
     masks: torch.Tensor | None = None  # (B, 1, h, w) soft face masks at latent size (train.masked_loss), else None
     pixel_weights: torch.Tensor | None = None  # (B, 1, h, w) loss weights from the masks (objectives.mask_weights)
+    control: torch.Tensor | None = None  # (B, C, h, w) edit training's control latents (flipped with their images)
 
 
 class ImageSet:
@@ -101,6 +102,20 @@ class ImageSet:
         return torch.tensor([self.geometry[i].time_ids(bool(f)) for i, f in slots], dtype=torch.float32)
 
 
+def image_sets(examples: list[Example], classes: list[Example] | None, train: Any, vae: Any, family: Any) -> tuple:
+    """(instances, class images or None, the instances' control images or None) as ImageSets at every
+    train.resolutions; each control image is cut as its image and sits at its image's entry (edit training)."""
+    from dataclasses import replace
+
+    sizes = train.resolutions or [train.resolution]
+
+    def image_set(items: list[Example] | None) -> ImageSet | None:
+        return ImageSet(items, sizes, train.flip, vae, train.cache_latents, family) if items else None
+
+    controls = [replace(e, image=e.control) for e in examples if e.control]
+    return image_set(examples), image_set(classes), image_set(controls)
+
+
 def encode_latents(vae: Any, pixels: torch.Tensor, family: Any) -> torch.Tensor:
     """VAE latents (mean of the posterior, normalised as the family's denoiser expects), fp32 on the VAE's device."""
     video = "temperal_downsample" in vae.config  # a video VAE (Qwen-Image's) takes (B, 3, F, H, W): one frame
@@ -127,8 +142,10 @@ class Batches:
         objective: Any,
         noise_offset: float,
         caption_dropout: float,
+        controls: ImageSet | None = None,
     ) -> None:
         self.instances, self.classes, self.class_prompt = instances, classes, class_prompt
+        self.controls = controls  # the instances' control images, entry for entry (edit training)
         self.text_cache = text_cache  # {"prompts": {prompt: row}, "cond": Conditioning} or None
         self.seed, self.b, self.nproc, self.rank = seed, batch_size, num_processes, rank
         self.objective, self.noise_offset, self.caption_dropout = objective, noise_offset, caption_dropout
@@ -175,6 +192,7 @@ class Batches:
             is_prior=None if is_prior is None else is_prior.to(device),
             masks=masks,
             pixel_weights=weights,
+            control=None if self.controls is None else self.controls.latents(slots).float().to(device),
         )
 
     def _draw(self, images: ImageSet, slots: list[tuple[int, int]], generator: torch.Generator, mine: slice):

@@ -24,6 +24,7 @@ class Example:
     original_size: tuple[int, int] | None = None  # (height, width) of the source, scaled like the crop
     crop_top_left: tuple[int, int] | None = None  # (top, left) of the crop in that scaled source
     mask: Path | None = None  # prep's soft face-and-hair mask of the image (same size), for train.masked_loss
+    control: Path | None = None  # edit training's control image (cut to the image's training size), or None
 
 
 @dataclass(frozen=True)
@@ -43,9 +44,10 @@ class Geometry:
         return [*self.original_size, top, left, height, width]
 
 
-def load_examples(dataset_dir: Path, default_caption: str) -> list[Example]:
+def load_examples(dataset_dir: Path, default_caption: str, control_dir: Path | None = None) -> list[Example]:
     """Examples of `dataset_dir`: prep's manifest.jsonl when present, else every image with its optional
-    `.txt` caption (`default_caption` otherwise)."""
+    `.txt` caption (`default_caption` otherwise); control images from the manifest's `control` or, named as each
+    image, from `control_dir`."""
     from sdlora.prep.manifest import MANIFEST, read_manifest
 
     dataset_dir = Path(dataset_dir)
@@ -60,6 +62,7 @@ def load_examples(dataset_dir: Path, default_caption: str) -> list[Example]:
                 e.original_size,
                 e.crop_top_left,
                 confined(dataset_dir, e.mask) if e.mask else None,
+                confined(dataset_dir, e.control) if e.control else None,
             )
             for e in read_manifest(dataset_dir)
         ]
@@ -71,7 +74,34 @@ def load_examples(dataset_dir: Path, default_caption: str) -> list[Example]:
     missing = [e.image for e in examples if not e.image.is_file()]
     if missing:
         raise UsageError(f"{missing[0]}: image listed in the manifest is missing; re-run `sdlora prep`")
-    return examples
+    return with_controls(examples, Path(control_dir)) if control_dir is not None else examples
+
+
+def check_controls(examples: list[Example], family: Any, train: Any) -> None:
+    """Control images need an edit model, and every image its own (class images have none)."""
+    given = [e for e in examples if e.control]
+    if not given:
+        return
+    where = "--control-dir" if train.control_dir else "manifest.jsonl's control"
+    if not family.edit_training:
+        raise UsageError(f"{where}: {family.label} bases take no control images; use an edit model or drop them")
+    if len(given) < len(examples):
+        raise UsageError(f"{where}: {len(examples) - len(given)} image(s) have no control image; give every one")
+    if train.preservation == "class_images":
+        raise UsageError(f"{where}: class images have no control images; set train.preservation to none or output")
+
+
+def with_controls(examples: list[Example], control_dir: Path) -> list[Example]:
+    """Each example with its control image: the file of `control_dir` with the image's name (any image suffix)."""
+    from dataclasses import replace
+
+    if not control_dir.is_dir():
+        raise UsageError(f"--control-dir {control_dir}: no such folder")
+    found = {path.stem: path for path in list_images(control_dir)}
+    missing = [e.image.name for e in examples if e.image.stem not in found]
+    if missing:
+        raise UsageError(f"--control-dir {control_dir}: no control image for {missing[0]} (name it {missing[0]})")
+    return [replace(e, control=confined(control_dir, found[e.image.stem].name)) for e in examples]
 
 
 def list_images(folder: Path) -> list[Path]:

@@ -100,6 +100,7 @@ def optimisation_step(run: Run, step: int) -> Any:
                 tokens = family.sequence_length(run.pipe, run.config.model.max_sequence_length)
                 fresh = family.encode_prompts(families.tokenizers(run.pipe, family), every, batch.prompts, tokens)
                 cond = {**cached, **fresh}
+            cond = cond if batch.control is None else {**(cond or {}), "control": batch.control}
             # Add noise to the latents according to the noise magnitude at each timestep (forward diffusion).
             noisy = objective.noisy(batch.latents, batch.noise, batch.timesteps)
             pred = family.predict(run.denoiser, noisy, batch.timesteps, cond, batch.time_ids, tc.guidance)

@@ -296,13 +296,11 @@ def build_batches(
     (`text_cache`: already cached, by staging.encode_apart); `staged` parts come from CPU RAM to the device for it,
     one at a time."""
     from sdlora import families
-    from sdlora.train.batches import Batches, ImageSet, build_text_cache
+    from sdlora.train.batches import Batches, build_text_cache, image_sets
 
     tc, device = config.train, accelerator.device
-    sizes = tc.resolutions or [tc.resolution]
     with staging.visiting(pipe, [n for n in staged if n == "vae"], device):
-        instances = ImageSet(plan.examples, sizes, tc.flip, pipe.vae, tc.cache_latents, family)
-        class_set = ImageSet(classes, sizes, tc.flip, pipe.vae, tc.cache_latents, family) if classes else None
+        instances, class_set, controls = image_sets(plan.examples, classes, tc, pipe.vae, family)
     class_prompt = classes[0].caption if classes else ""
     trained = trained_text_encoders(config, pipe, family)
     frozen = [name for name in family.text_encoders if name not in trained]
@@ -323,6 +321,7 @@ def build_batches(
         class_set,
         class_prompt=class_prompt,
         text_cache=text_cache,
+        controls=controls,
         seed=tc.seed,
         batch_size=tc.batch_size,
         num_processes=accelerator.num_processes,

@@ -88,6 +88,7 @@ class Flux:
     comfyui_diffusers_file: bool = True  # ComfyUI reads Flux diffusers keys (with .alpha, text_model. paths)
     adapter_kinds: tuple[str, ...] | None = None  # every kind (fused qkv modules: sdlora.lora.kohya.refuse_fused)
     photo_pipeline: str | None = None  # diffusers' AutoPipelineForImage2Image/ForInpainting pick them
+    edit_training: bool = False
     reference_pipelines: tuple[tuple[str, int], ...] = (("FluxKontextPipeline", 1),)  # FLUX.1 Kontext: one photo
 
     def claims(self, pipe: Any) -> bool:

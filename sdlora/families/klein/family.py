@@ -122,6 +122,7 @@ class Klein:
     # not a start) and AutoPipelineForInpainting has none: --init-image and --keep-face use klein's inpainting
     # pipeline (--init-image with the whole image masked, at --strength).
     photo_pipeline: str | None = "Flux2KleinInpaintPipeline"
+    edit_training: bool = False
     reference_pipelines: tuple[tuple[str, int], ...] = (("Flux2KleinPipeline", 3),)  # its multi-reference `image`
 
     def claims(self, pipe: Any) -> bool:

@@ -42,6 +42,7 @@ class QwenImageEdit(QwenImage):
     kohya_versions: tuple[str, ...] = ("qwen_image_edit", "qwen-image-edit")
     modelspec_prefix: str = "Qwen-Image-Edit"  # musubi-tuner's ARCH_QWEN_IMAGE_EDIT
     reference_pipelines: tuple[tuple[str, int], ...] = REFERENCES
+    edit_training: bool = True  # control images' latent tokens after the target's (predict)
     template: str = TEMPLATE
     drop: int = DROP
 

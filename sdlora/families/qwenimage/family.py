@@ -105,6 +105,7 @@ class QwenImage:
     comfyui_diffusers_file: bool = False  # NAME.safetensors is ComfyUI's file (ui_lora_state)
     adapter_kinds: tuple[str, ...] | None = ("lora",)  # ComfyUI's file holds lora_A/lora_B alone (ui_lora_state)
     photo_pipeline: str | None = None  # AutoPipelineForImage2Image/ForInpainting: QwenImageImg2Img/InpaintPipeline
+    edit_training: bool = False
     reference_pipelines: tuple[tuple[str, int], ...] = ()  # the Edit pipelines are sdlora.families.qwenedit's
     template: str = TEMPLATE  # the text encoder's prompt template (the Edit family's differs) ...
     drop: int = DROP  # ... and its tokens before the prompt, dropped from the hidden states

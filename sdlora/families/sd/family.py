@@ -81,6 +81,7 @@ class UNetFamily:
     stage_frozen: bool = False
     comfyui_diffusers_file: bool = False  # ComfyUI reads no diffusers-format SD keys at all
     photo_pipeline: str | None = None  # diffusers' AutoPipelineForImage2Image/ForInpainting pick them
+    edit_training: bool = False
     reference_pipelines: tuple[tuple[str, int], ...] = ()
     adapter_kinds: tuple[str, ...] | None = None  # every kind: kohya's LoRA and LyCORIS's DoRA/LoKr keys
 

@@ -60,6 +60,7 @@ class ZImage:
     comfyui_diffusers_file: bool = False  # NAME.safetensors is ComfyUI's file (ui_lora_state)
     adapter_kinds: tuple[str, ...] | None = ("lora",)  # ComfyUI's file holds lora_A/lora_B alone (ui_lora_state)
     photo_pipeline: str | None = None  # diffusers' AutoPipelineForImage2Image/ForInpainting pick them
+    edit_training: bool = False
     reference_pipelines: tuple[tuple[str, int], ...] = ()
 
     def claims(self, pipe: Any) -> bool:
