@@ -58,13 +58,11 @@ def test_reference_photos_render_and_are_recorded(tiny_models, photos, tmp_path)
     record = generate(base, tmp_path / "refs", "--reference", photos[0], "--reference", photos[1])
     assert record["references"] == [str(photos[0]), str(photos[1])]
     assert json.loads((tmp_path / "refs" / "config.json").read_text())["generate"]["reference"] == record["references"]
-    other = generate(base, tmp_path / "other", "--reference", photos[2])
     plain_record = generate(base, tmp_path / "text")  # no reference: text-to-image on the Edit model's weights
-    assert other["references"] == [str(photos[2])] and plain_record["references"] == []
+    assert plain_record["references"] == []
     image = tmp_path / "refs" / "0000-42.png"
     assert np.asarray(Image.open(image)).std() > 0
-    assert max_diff(image, tmp_path / "other" / "0000-42.png") > 0  # the photos steer the image
-    assert max_diff(image, tmp_path / "text" / "0000-42.png") > 0
+    assert max_diff(image, tmp_path / "text" / "0000-42.png") > 0  # the photos steer the image
 
 
 def models_config(base):
@@ -135,6 +133,7 @@ def test_klein_renders_from_reference_photos(tiny_models, photos, tmp_path):
     assert max_diff(tmp_path / "refs" / "0000-42.png", tmp_path / "text" / "0000-42.png") > 0
 
 
+@pytest.mark.slow
 def test_flux_kontext_takes_one_reference_and_flux_none():
     from diffusers import FluxKontextPipeline
 

@@ -31,6 +31,7 @@ PICTURE = "Picture {}: <|vision_start|><|image_pad|><|vision_end|>"  # Edit-Plus
 DROP = 64
 # The Edit pipelines and how many reference images each takes (Edit-Plus: "1-3 images are recommended").
 REFERENCES = (("QwenImageEditPlusPipeline", 3), ("QwenImageEditPipeline", 1))
+TEXT_RUNNER = "QwenImageEditTextPipeline"  # text_to_image's QwenImagePipeline on an Edit model's weights
 LAYERED = ("use_layer3d_rope", "use_additional_t_cond")  # Qwen-Image-Layered: its own RoPE and timestep input
 
 
@@ -47,15 +48,14 @@ class QwenImageEdit(QwenImage):
     drop: int = DROP
 
     def claims(self, pipe: Any) -> bool:
-        """An Edit pipeline, or (its text-to-image runner, text_to_image) a Qwen-Image pipeline on Edit-2511's
-        zero_cond_t transformer."""
+        """An Edit pipeline, or its text-to-image runner (text_to_image)."""
         transformer = getattr(pipe, "transformer", None)
         if type(transformer).__name__ != "QwenImageTransformer2DModel":
             return False
         config = denoiser_config(transformer)
         if any(getattr(config, key, False) for key in LAYERED):
             return False
-        return pipeline_class(pipe) in dict(REFERENCES) or bool(getattr(config, "zero_cond_t", False))
+        return pipeline_class(pipe) in (*dict(REFERENCES), TEXT_RUNNER)
 
     def claims_checkpoint(self, keys_: set[str]) -> bool:
         return False  # its single files hold the transformer under Qwen-Image's names: --set model.single_file_config
@@ -104,13 +104,14 @@ class QwenImageEdit(QwenImage):
         return unpack(out[:, : tokens.shape[1]], h, w).to(noisy.dtype)
 
     def text_to_image(self, pipe: Any) -> Any:
-        """QwenImagePipeline on the Edit pipeline's weights, prompts encoded with the Edit template and no picture
-        (cached rows where training left them: render_from_cache)."""
+        """QwenImagePipeline on the Edit pipeline's weights (a subclass named TEXT_RUNNER, so that detection tells
+        it from Qwen-Image's), prompts encoded with the Edit template and no picture (cached rows where training
+        left them: render_from_cache)."""
         from diffusers import QwenImagePipeline
 
         if pipeline_class(pipe) not in dict(REFERENCES):
             return pipe
-        runner = QwenImagePipeline(
+        runner = type(TEXT_RUNNER, (QwenImagePipeline,), {})(
             scheduler=pipe.scheduler,
             vae=pipe.vae,
             text_encoder=pipe.text_encoder,
