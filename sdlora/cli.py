@@ -343,6 +343,7 @@ def train(
         ),
     ] = None,
     quantize: QuantizeOpt = None,
+    offload_blocks: Annotated[int | None, typer.Option(help="Blocks kept in CPU RAM, 0 = none [default: 0].")] = None,
     sets: SetOpt = None,
 ) -> None:
     """Train a LoRA of the person in DATASET_DIR on the base model; resumable, loadable in diffusers and UIs."""

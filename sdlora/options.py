@@ -74,6 +74,7 @@ TRAIN_OPTIONS = {
     "seed": "train.seed",
     "overwrite": "train.overwrite",
     "pivotal": "train.pivotal",
+    "offload_blocks": "train.offload_blocks",
 }
 
 EVAL_OPTIONS = {
