@@ -194,12 +194,37 @@ def ignore_in_ddp(state: BlockOffload | None, denoiser: Any) -> None:
 
 def nbytes(tensor: Any) -> int:
     """Bytes a tensor holds; a tensor subclass (torchao's Float8Tensor: data and scales) by its inner tensors."""
+    parts = _inner(tensor)
+    return sum(t.numel() * t.element_size() for t in parts) if parts else tensor.numel() * tensor.element_size()
+
+
+def _inner(tensor: Any) -> list[Any] | None:
+    """The plain tensors a tensor is made of: itself, or a traceable subclass's inner tensors (torchao's); None for
+    other subclasses (bitsandbytes' Params4bit keeps its scales in an attribute: copied on the compute stream)."""
     import torch
 
-    if type(tensor) in (torch.Tensor, torch.nn.Parameter) or not hasattr(tensor, "__tensor_flatten__"):
-        return tensor.numel() * tensor.element_size()
-    names, _ = tensor.__tensor_flatten__()
-    return sum(nbytes(getattr(tensor, name)) for name in names)
+    if type(tensor) in (torch.Tensor, torch.nn.Parameter):
+        return [tensor]
+    if not hasattr(tensor, "__tensor_flatten__"):
+        return None
+    parts = [_inner(getattr(tensor, name)) for name in tensor.__tensor_flatten__()[0]]
+    return None if any(p is None for p in parts) else [t for p in parts for t in p]
+
+
+def _pinned(tensor: Any) -> Any:
+    """`tensor` in pinned CPU memory (a torchao subclass rebuilt from pinned inner tensors), else as it is."""
+    import torch
+
+    try:
+        if type(tensor) in (torch.Tensor, torch.nn.Parameter):
+            return tensor.detach().pin_memory()
+        if _inner(tensor) is not None:
+            names, context = tensor.__tensor_flatten__()
+            inner = {name: _pinned(getattr(tensor, name)) for name in names}
+            return type(tensor).__tensor_unflatten__(inner, context, tensor.size(), tensor.stride())
+    except (RuntimeError, TypeError, NotImplementedError, AttributeError):
+        pass  # unpinned: its copies are synchronous, still correct
+    return tensor
 
 
 def _frozen(module: Any, recurse: bool = True) -> list[tuple[Any, str, str]]:
@@ -214,8 +239,7 @@ def _frozen(module: Any, recurse: bool = True) -> list[tuple[Any, str, str]]:
 
 
 def _send_home(state: BlockOffload, index: int, block: Any, skip: set[tuple[int, str, str]] | None = None) -> None:
-    """The block's frozen tensors (but those in `skip`) into CPU RAM (pinned for async copies on CUDA, plain tensors
-    only)."""
+    """The block's frozen tensors (but those in `skip`) into CPU RAM (pinned for async copies on CUDA)."""
     import torch
 
     for owner, table, name in _frozen(block):
@@ -223,9 +247,8 @@ def _send_home(state: BlockOffload, index: int, block: Any, skip: set[tuple[int,
             continue
         tensor = getattr(owner, table)[name]
         home = tensor.to("cpu")
-        plain = type(home) in (torch.Tensor, torch.nn.Parameter)
-        if state.stream is not None and plain:
-            home = home.pin_memory()
+        if state.stream is not None:
+            home = _pinned(home)
         if isinstance(tensor, torch.nn.Parameter) and not isinstance(home, torch.nn.Parameter):
             home = torch.nn.Parameter(home, requires_grad=False)
         getattr(owner, table)[name] = home
@@ -280,8 +303,8 @@ def _onload(state: BlockOffload, index: int) -> None:
     if event is not None:
         compute = torch.cuda.current_stream(state.device)
         compute.wait_event(event)
-        for copy in copies:
-            copy.record_stream(compute)  # freed after the compute stream's last use, not the side stream's
+        for part in (t for copy in copies for t in _inner(copy) or ()):
+            part.record_stream(compute)  # freed after the compute stream's last use, not the side stream's
     for slot, copy in zip(state.slots[index], copies, strict=True):
         getattr(slot.owner, slot.table)[slot.name] = copy
     state.in_use[index] = copies
@@ -301,14 +324,13 @@ def _offload(state: BlockOffload, index: int) -> None:
 
 
 def _copies(state: BlockOffload, index: int) -> tuple[list[Any], Any]:
-    """Device copies of block `index`'s frozen tensors, counted until freed; on CUDA plain tensors are copied on the
-    side stream (returns its event), tensor subclasses on the current one."""
+    """Device copies of block `index`'s frozen tensors, counted until freed; on CUDA copied on the side stream
+    (returns its event), but for bitsandbytes' tensors (on the current one)."""
     import torch
 
     copies, event = [], None
     for slot in state.slots[index]:
-        plain = type(slot.home) in (torch.Tensor, torch.nn.Parameter)
-        if state.stream is not None and plain:
+        if state.stream is not None and _inner(slot.home) is not None:
             with torch.cuda.stream(state.stream):
                 copy = slot.home.detach().to(state.device, non_blocking=True)
         elif state.device.type == "cpu":
