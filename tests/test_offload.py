@@ -12,6 +12,7 @@ from train_utils import subject_set
 from typer.testing import CliRunner
 
 from sdlora.cli import app
+from sdlora.errors import UsageError
 from sdlora.train import offload
 
 runner = CliRunner()
@@ -101,6 +102,10 @@ def test_hooks_order_residency_accounting_and_gradients():
     assert lora == {n: p.data_ptr() for n, p in model.named_parameters() if p.requires_grad}
     assert got.keys() == expected.keys()
     assert all(torch.equal(got[n], expected[n]) for n in got)
+    offload.ignore_in_ddp(state, model)  # DDP leaves exactly the offloaded frozen tensors alone
+    names = {n for n, _ in [*model.named_parameters(), *model.named_buffers()]}
+    assert set(model._ddp_params_and_buffers_to_ignore) <= names
+    assert len(model._ddp_params_and_buffers_to_ignore) == sum(len(slots) for slots in state.slots)
     model.to(torch.float64)  # a move or cast of the model leaves the offloaded frozen weights as they are
     assert all(s.owner._parameters.get(s.name) is None or s.home.dtype == torch.float32 for s in state.slots[0])
     assert state.static_bytes == sum(
@@ -148,6 +153,29 @@ def test_preflight_errors_name_the_option(tiny_sd1, tmp_path):
         lines = result.output.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.output
     assert not (tmp_path / "out").exists()
+    with pytest.raises(UsageError, match="--offload-blocks 2: FSDP already shards"):
+        offload.check_accelerator(2, "DistributedType.FSDP")
+    offload.check_accelerator(2, "DistributedType.MULTI_GPU")  # DDP: the offloaded weights are ignored (above)
+
+
+def test_recommended_n_and_the_gpu_part(monkeypatch):
+    """bench/offload_memory.py's arithmetic: Qwen-Image fp8 (0.3169 GiB a block, 0.0378 the rest) on a 24 GB card
+    is N = 7, the smallest N whose resident weights + the allowance fit; gpu.sh's offload part is one command."""
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.syspath_prepend(str(root / "bench"))
+    import offload_memory as bench
+
+    assert bench.recommend(0.3169, 0.0378, 24) == 7
+    fits = [0.0378 + (62 - n) * 0.3169 + bench.ALLOWANCE_GIB <= 24 for n in (6, 7)]
+    assert fits == [False, True]
+    assert bench.recommend(0.3169, 0.0378, 4) == bench.FULL_DEPTH + 1  # nothing fits
+    done = subprocess.run(["bash", str(root / "bench" / "gpu.sh"), "--dry-run", "offload"], capture_output=True,
+                          text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 0 and done.stdout.split()[:5] == ["timeout", "170", "python3", "bench/offload_memory.py",
+                                                                "--device"]  # fmt: skip
 
 
 def train(data, out, base, *extra: str) -> dict[str, torch.Tensor]:
