@@ -93,14 +93,18 @@ class BlockOffload:
         self.pending = None
 
 
+# A UNet registers up_blocks before mid_block, and runs down, mid, up; a DiT's blocks run in module order.
+RUN_ORDER = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
+
+
 def repeated_blocks(denoiser: Any) -> list[tuple[str, Any]]:
-    """(name, module) of the denoiser's transformer blocks (`_repeated_blocks` classes), in module order."""
+    """(name, module) of the denoiser's transformer blocks (`_repeated_blocks` classes), in the order they run."""
     kinds = set(getattr(denoiser, "_repeated_blocks", None) or ())
     found: list[tuple[str, Any]] = []
     for name, module in denoiser.named_modules():
         if type(module).__name__ in kinds and not any(name.startswith(f"{outer}.") for outer, _ in found):
             found.append((name, module))
-    return found
+    return sorted(found, key=lambda item: RUN_ORDER.get(item[0].split(".")[0], 0))  # stable: module order within
 
 
 def check_settings(n: int, gradient_checkpointing: bool, compile_: bool) -> None:
