@@ -1,11 +1,11 @@
 """train.offload_blocks (--offload-blocks N): the last N transformer blocks of the frozen denoiser keep their base
 weights in CPU RAM; each visits the compute device only while it runs, forward and backward.
 
-The blocks are the denoiser's `_repeated_blocks` (diffusers' own list), in module order: QwenImageTransformerBlock,
+The blocks are the denoiser's `_repeated_blocks` (diffusers' own list): QwenImageTransformerBlock,
 FLUX.1's and klein's double- and single-stream blocks, Z-Image's refiner and main layers, and for the UNet families
 (SD, SDXL) their BasicTransformerBlocks (most of a UNet's weights; its down/mid/up blocks are too few and too uneven
-to swap). The last N in module order are offloaded: the first parameters (embedders) stay put, so the model's
-`device` stays the compute device.
+to swap). The last N in the order they run are offloaded: the first parameters (embedders) stay put, so the
+model's `device` stays the compute device.
 
 How: a forward pre-hook copies the block's frozen tensors (base weights and buffers) to the device and puts the
 copies in the block's modules in place of the CPU ones; a forward hook (always called, also when gradient
@@ -16,7 +16,7 @@ just before that block's backward, so a block's copy lives from its recomputatio
 Without it autograd would keep every block's copy until the backward, and nothing would be saved. Trainable
 tensors (the LoRA, with its gradients and optimizer state) are never touched: they live on the device. On CUDA the
 copies are made on a side stream from pinned memory, the next block (forward: i+1, backward: i-1) while this one
-computes. On the CPU the "copy" is a clone: a no-op for memory, but the same hooks, order and accounting run.
+computes. On the CPU the "copy" is a clone: nothing is saved there, but the same hooks, order and accounting run.
 
 The accounting is the copies' own: each copy adds its bytes when made and a weakref finalizer takes them off when
 the tensor is really freed (by us, or by autograd after the backward), so `resident`/`peak` are the base-weight
