@@ -2,8 +2,8 @@
 # Everything that needs a GPU, in one run of at most 8 minutes; prints a short table last.
 #
 #   bash bench/gpu.sh              (from the repo root; results under $OUT or /tmp/sdlora-gpu)
-#   bash bench/gpu.sh matmul b32   (only the parts named: matmul b1 b8 sdxl b32 flux dit; b32, flux and dit are not
-#                                   in the default run)
+#   bash bench/gpu.sh matmul b32   (only the parts named: matmul b1 b8 sdxl b32 flux dit offload; b32, flux, dit and
+#                                   offload are not in the default run)
 #   bash bench/gpu.sh --dry-run dit  (print each part's commands, run nothing)
 #
 # No network is needed: models are built from configs with random weights. Packages missing on the machine
@@ -17,8 +17,8 @@ if [ "${1:-}" = --dry-run ]; then DRY_RUN=1; shift; fi
 PARTS=${*:-matmul b1 b8 sdxl}
 for part in $PARTS; do
   case $part in
-  matmul | b1 | b8 | sdxl | b32 | flux | dit) ;;
-  *) echo "bench/gpu.sh: unknown part '$part'; choose from matmul b1 b8 sdxl b32 flux dit" >&2; exit 2 ;;
+  matmul | b1 | b8 | sdxl | b32 | flux | dit | offload) ;;
+  *) echo "bench/gpu.sh: unknown part '$part'; choose from matmul b1 b8 sdxl b32 flux dit offload" >&2; exit 2 ;;
   esac
 done
 # The dit part runs diffusers' own training scripts, which are not part of this repository: copies of diffusers'
@@ -52,8 +52,15 @@ else
   # is reported and the others still run. timeout signals the command's whole process group: its workers too.
   run() { local limit=$1; shift; timeout "$limit" "$@" || echo "FAILED ($?): $*"; }
 fi
+# --offload-blocks on Qwen-Image's real-width blocks (8 of 60), 1024 px (4096 tokens), rank 16, checkpointed, bf16
+# and fp8: the hooks' resident base-weight bytes at the step's peak, torch's own peak and s/step for N = 0, 5, 8
+# (the slowdown of offloading). A Qwen-Image benchmark of the full model may call it too. About 2 minutes.
+offload_part() {
+  run 170 $PY bench/offload_memory.py --device cuda --depth 8 --tokens 4096 --json "$RESULTS/offload.json"
+}
 for part in $PARTS; do
   case $part in
+  offload) offload_part ;;
   matmul) run 30 $PY bench/matmul.py --json "$RESULTS/matmul.json" ;;
   # Batch 1 is bound by per-step launch overhead in eager mode, which torch.compile removes.
   b1) run 230 $PY bench/train_step.py --device cuda --model sd15 --precision bf16 --batch 1 --warmup 3 --steps 10 \

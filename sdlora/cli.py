@@ -347,6 +347,7 @@ def train(
     ] = None,
     control_dir: Annotated[Path | None, typer.Option(help="Edit models: control images named as the images.")] = None,
     quantize: QuantizeOpt = None,
+    offload_blocks: Annotated[int | None, typer.Option(help="Blocks kept in CPU RAM, 0 = none [default: 0].")] = None,
     sets: SetOpt = None,
 ) -> None:
     """Train a LoRA of the person in DATASET_DIR on the base model; resumable, loadable in diffusers and UIs."""

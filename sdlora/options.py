@@ -76,6 +76,7 @@ TRAIN_OPTIONS = {
     "overwrite": "train.overwrite",
     "pivotal": "train.pivotal",
     "control_dir": "train.control_dir",
+    "offload_blocks": "train.offload_blocks",
 }
 
 EVAL_OPTIONS = {

@@ -212,6 +212,13 @@ class TrainConfig(Section):
         "each checkpoint of a prep dataset; 0 disables.",
     )
     offload: bool = Field(False, description="Move text encoders and VAE to the CPU once their outputs are cached.")
+    offload_blocks: int = Field(
+        0,
+        le=1000,
+        description="Keep the last N transformer blocks of the frozen denoiser in CPU RAM, each brought to the GPU "
+        "only while it runs (forward and backward; overlapped with compute on CUDA): less GPU memory, slower steps. "
+        "Needs gradient_checkpointing; 0 disables.",
+    )
     guidance: float = Field(
         1.0,
         ge=0,
@@ -299,6 +306,13 @@ class TrainConfig(Section):
                 raise ValueError(f"each resolution must be at least 64 (got {value})")
             _multiple_of_8(value)
         return values
+
+    @field_validator("offload_blocks")
+    @classmethod
+    def _check_offload_blocks(cls, value: int) -> int:
+        if value < 0:
+            raise ValueError(f"--offload-blocks {value}: must be 0 (off) or a number of blocks")
+        return value
 
     @model_validator(mode="after")
     def _one_prior_source(self) -> TrainConfig:

@@ -114,11 +114,13 @@ def _precision_and_device_checks(config: Config) -> str:
     family's text encoders load, train.setup)."""
     from sdlora.models import device_facts
     from sdlora.quantization import check_quantize
+    from sdlora.train.offload import check_settings
     from sdlora.train.optim import check_optimizer
 
     cuda, bf16 = device_facts()
     check_optimizer(config.train.optimizer)
     check_quantize(config.model.quantize, cuda)
+    check_settings(config.train.offload_blocks, config.train.gradient_checkpointing, config.train.compile)
     return resolve_precision(config.train.mixed_precision, cuda, bf16)
 
 
@@ -132,6 +134,10 @@ def check_family_takes(config: Config) -> Family:
     lc = config.lora
     family, stand_in = peek_base(config.model)
     check_distilled(config, family, stand_in)
+    if config.train.offload_blocks and hasattr(stand_in, family.denoiser):  # a single file without configs: at load
+        from sdlora.train.offload import check_count
+
+        check_count(config.train.offload_blocks, getattr(stand_in, family.denoiser), family.label)
     if lc.train_text_encoder and not family.trainable_text_encoders:
         raise UsageError(
             f"--train-text-encoder: {family.label} trains no text-encoder LoRA (its LoRA files hold the "

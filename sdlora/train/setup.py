@@ -39,6 +39,9 @@ def setup(config: Config, plan: Plan, accelerator: Any) -> Run:
     """Load the base, make class images, attach LoRA, cache latents/text, build and prepare the optimizer."""
     import torch
 
+    from sdlora.train.offload import check_accelerator
+
+    check_accelerator(config.train.offload_blocks, str(accelerator.distributed_type))
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(plan.precision, torch.float32)
     cached = staging.encode_first(config, plan, accelerator, weight_dtype)  # Flux: T5, CLIP before the transformer
     pipe, info = load_base(config, accelerator, weight_dtype)
@@ -53,7 +56,7 @@ def setup_pipeline(
     likeness method (sdlora.train.methods) caches what it needs at its point."""
     from sdlora import families
     from sdlora.lora import peft
-    from sdlora.train import methods
+    from sdlora.train import methods, offload
 
     family = info.spec
     if plan.settled:
@@ -84,6 +87,10 @@ def setup_pipeline(
         method.with_batches(build)
     for name in late:
         getattr(pipe, name).to(accelerator.device)
+    blocks = offload.state_of(getattr(pipe, family.denoiser))
+    if blocks is not None:  # the offloaded blocks' LoRA, made on the CPU, to the device; a frozen adapter's, home
+        offload.adopt(blocks)
+        getattr(pipe, family.denoiser).to(accelerator.device)
     offloaded = staged if staged else offload_frozen(config, pipe, family, active)
     return prepare_training(given, build, info, objective, offloaded, active)
 
@@ -102,7 +109,7 @@ def prepare_training(
 ) -> Run:
     """The optimizer over the LoRA (and the methods' groups), Accelerate's wrappers, a resumed checkpoint's state,
     the run files (`given`: the settings as given): the Run the loop takes."""
-    from sdlora.train import checkpoint
+    from sdlora.train import checkpoint, offload
 
     config, plan, pipe, accelerator = build.config, build.plan, build.pipe, build.accelerator
     tc, family = config.train, info.spec
@@ -115,6 +122,7 @@ def prepare_training(
     optimizer, lr_scheduler = build_optimization(groups, tc, cuda=accelerator.device.type == "cuda")
     models = {family.denoiser: denoiser} | encoders
     checkpoint.register_hooks(accelerator, models, accelerator.unwrap_model)
+    offload.ignore_in_ddp(offload.state_of(denoiser), denoiser)  # frozen weights in CPU RAM: not DDP's
     prepared = accelerator.prepare(*models.values(), optimizer, lr_scheduler)
     denoiser, optimizer, lr_scheduler = prepared[0], prepared[-2], prepared[-1]
     start_step = 0
@@ -188,18 +196,32 @@ def load_base(config: Config, accelerator: Any, weight_dtype: Any) -> tuple[Any,
     info = models.model_info(pipe)
     staged = staging.staged_parts(config, info.spec)
     cpu = [*staged, info.spec.denoiser] if staged else []  # setup_pipeline moves them when their turn comes
-    place_base(pipe, info, accelerator, own_vae=config.model.vae is not None, keep_on_cpu=cpu)
+    own_vae = config.model.vae is not None
+    place_base(pipe, info, accelerator, own_vae, keep_on_cpu=cpu, offload_blocks=config.train.offload_blocks)
     return pipe, info
 
 
-def place_base(pipe: Any, info: Any, accelerator: Any, own_vae: bool = False, keep_on_cpu: Sequence[str] = ()) -> None:
+def place_base(
+    pipe: Any,
+    info: Any,
+    accelerator: Any,
+    own_vae: bool = False,
+    keep_on_cpu: Sequence[str] = (),
+    offload_blocks: int = 0,
+) -> None:
     """Freeze every base weight and move the pipeline to the training device (a VAE that overflows in half
-    precision, SDXL's own, in fp32), but for the parts in `keep_on_cpu`."""
+    precision, SDXL's own, in fp32), but for the parts in `keep_on_cpu` and the frozen weights of the
+    `offload_blocks` last transformer blocks (sdlora.train.offload), which stay in CPU RAM."""
     import torch
+
+    from sdlora.train import offload
 
     for module in pipe.components.values():
         if hasattr(module, "requires_grad_"):
             module.requires_grad_(False)
+    said = offload.describe(offload.offload(getattr(pipe, info.spec.denoiser), offload_blocks, accelerator.device))
+    if said:
+        accelerator.print(said)
     if info.spec.vae_fp32 and not own_vae and pipe.vae.dtype != torch.float32:
         # SDXL's own VAE overflows in fp16 (NaN latents, black images); fp32 costs once per image with caching.
         pipe.vae.to(dtype=torch.float32)
