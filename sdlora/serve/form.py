@@ -34,6 +34,7 @@ MANAGED = {
     "generate.compare",
     "generate.keep_face",
     "generate.init_image",
+    "generate.reference",
     "generate.strength",
     "generate.save_steps",
     "generate.refiner",

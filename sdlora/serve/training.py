@@ -20,6 +20,7 @@ from sdlora.serve.workspace import Workspace, sanitise_name
 # (True: a hub id owner/name is taken too); a file name must be a bare name; the rest is plain text.
 PATH_SETTINGS = {
     "train.class_dir": False,
+    "train.control_dir": False,
     "model.vae": True,
     "model.single_file_config": True,
     "model.training_adapter": True,
