@@ -3,8 +3,7 @@ on a GPU.
 
     PYTHONPATH=$PWD python bench/qwen_memory.py                    (the table for 24 and 16 GB cards)
     PYTHONPATH=$PWD python bench/qwen_memory.py --print-n 24 fp8   (N alone: what bench/gpu.sh's qwenimage part uses)
-    PYTHONPATH=$PWD python bench/qwen_memory.py --measure          (also count two terms instead of estimating them:
-                                                                    below)
+    PYTHONPATH=$PWD python bench/qwen_memory.py --measure          (also two counts on the CPU: below)
 
 The transformer (Qwen/Qwen-Image's config, bench/qwen_models.py) is built on the meta device: no memory, no weights.
 Bytes of its frozen weights as each --quantize stores them:
@@ -15,15 +14,14 @@ Bytes of its frozen weights as each --quantize stores them:
 - nf4 (bitsandbytes through diffusers' BitsAndBytesConfig, its defaults: blocks of 64, no double quantization):
   every nn.Linear weight half a byte a parameter plus one fp32 absmax per 64; biases and norms stay bf16.
 
-What a step needs beside the resident weights (`reserve`, at 1024 px, batch 1, rank 16 on the attention, gradient
-checkpointing, which block swapping requires), each term written out in `reserve_terms`: the block inputs
-checkpointing keeps (every block's image and text tokens), one block's activations while it is recomputed and
-differentiated (25 token-by-width bf16 tensors of the image stream: the tensors autograd saves, 17 of them as
-`--measure` counts, and the gradients flowing back), the largest fp8/nf4 weight dequantized to bf16 for its matmul,
-the LoRA weights with their gradients and AdamW's two moments, the VAE (on the card unless train.offload), the CUDA
-context and allocator slack; and `headroom` for what else holds the card (a desktop) and the estimate's error.
-Swapping keeps one more block on the card than the resident ones: the next block, copied in while the current one
-computes. So N = blocks - floor((card - reserve - headroom - outside-block weights - one block) / block bytes).
+The N for a card is the offloading's own arithmetic (bench/offload_memory.py, on the offloading branch, which
+measured it with the offload hooks' accounting): at a step's peak the card holds the weights outside the blocks, the
+L - N resident blocks and 2 more (the block computing and the one prefetched while it computes), beside an
+allowance of 6.5 GiB for all that is not a base weight at 1024 px, batch 1, rank 16, gradient checkpointing (CUDA
+context 0.8, allocator slack 1.0, LoRA + gradient + AdamW 0.35, checkpointed block inputs 1.6, one block's
+recomputed activations and gradients 1.5, a quantized block's weights dequantized and held for its backward 0.7:
+estimates, itemised there). N = the smallest with outside + (L - N + min(N, 2)) x block + 6.5 GiB <= the card. This
+script adds NF4's bytes, and `--measure` checks the fp8 bytes and one of the allowance's terms:
 
 `--measure` counts, on the CPU: the bytes of one real-width block quantized by sdlora.fp8 (torchao's tensors inside
 its weights, against the fp8 formula), and the activations autograd saves for one block's backward at the
@@ -47,8 +45,8 @@ GIB = 2**30
 QUANTIZE = ("none", "fp8", "nf4")
 NF4_BLOCK = 64  # bitsandbytes' 4-bit block size (diffusers' default); one fp32 absmax per block
 TEXT_TOKENS = 128  # a long caption's Qwen2.5-VL tokens after the template (sdlora trims the padding per batch)
-HEADROOM_GIB = 2.0  # what else holds the card (a desktop: 0.3-1 GB) and the estimate's error
-VAE_PARAMS = 126.9e6  # AutoencoderKLQwenImage (Qwen/Qwen-Image's vae), bf16 on the card unless train.offload
+ALLOWANCE_GIB = 6.5  # all that is not a base weight at 1024 px (bench/offload_memory.py's, itemised there)
+IN_FLIGHT = 2  # blocks on the card beside the resident ones: the one computing, the one prefetched
 
 
 def tensor_bytes(name: str, shape: tuple[int, ...], linear_weight: bool, quantize: str) -> float:
@@ -80,30 +78,6 @@ def transformer_bytes(model: Any, quantize: str) -> dict[str, Any]:
     return {"block": sizes.pop(), "blocks": len(per_block), "outside": outside}
 
 
-def reserve_terms(model: Any, resolution: int, rank: int, quantize: str) -> dict[str, float]:
-    """Bytes a training step needs beside the resident weights (module docstring), term by term."""
-    import torch
-
-    config = model.config
-    width = config.num_attention_heads * config.attention_head_dim
-    image_tokens = (resolution // 16) ** 2  # 8x VAE, then 2x2 patches
-    unit = 2.0 * image_tokens * width  # one (tokens, width) bf16 tensor of the image stream
-    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    largest = max(m.weight.numel() for m in linears)
-    attention = [m for n, m in model.named_modules() if n.endswith(("attn.to_q", "attn.to_k", "attn.to_v"))]
-    attention += [m for n, m in model.named_modules() if n.endswith("attn.to_out.0")]
-    lora_params = sum(rank * (m.in_features + m.out_features) for m in attention)
-    return {
-        "checkpointed block inputs": 2.0 * (image_tokens + TEXT_TOKENS) * width * config.num_layers,
-        "one block recomputed and differentiated": 25 * unit,
-        "largest weight dequantized to bf16": 0.0 if quantize == "none" else 2.0 * largest,
-        "LoRA weights, gradients, AdamW moments (fp32)": 16.0 * lora_params,
-        "VAE (bf16)": 2.0 * VAE_PARAMS,
-        "CUDA context": 0.8 * GIB,
-        "allocator slack (10% of the above)": 0.0,
-    }
-
-
 @functools.cache
 def full_transformer() -> Any:
     """Qwen-Image's 60-block transformer on the meta device (shapes only)."""
@@ -112,30 +86,27 @@ def full_transformer() -> Any:
     return qwenimage_transformer(QWENIMAGE_TRANSFORMER["num_layers"], device="meta")
 
 
-def plan(card_gib: float, quantize: str, resolution: int = 1024, rank: int = 16) -> dict[str, Any]:
-    """The bytes and the offload_blocks N for a card of `card_gib` GiB (0 when everything fits)."""
-    model = full_transformer()
-    sizes = transformer_bytes(model, quantize)
-    terms = reserve_terms(model, resolution, rank, quantize)
-    terms["allocator slack (10% of the above)"] = 0.1 * sum(terms.values())
-    reserve = sum(terms.values())
-    room = (card_gib - HEADROOM_GIB) * GIB - reserve - sizes["outside"] - sizes["block"]  # one block in flight
-    resident = max(0, min(sizes["blocks"], math.floor(room / sizes["block"])))
-    n = sizes["blocks"] - resident
+def plan(card_gib: float, quantize: str) -> dict[str, Any]:
+    """The bytes and the offload_blocks N for a card of `card_gib` GiB (0 when everything fits; fits False when
+    nothing does)."""
+    sizes = transformer_bytes(full_transformer(), quantize)
+    blocks, block, outside = sizes["blocks"], sizes["block"], sizes["outside"]
+
+    def peak(n: int) -> float:
+        return outside + (blocks - n + min(n, IN_FLIGHT)) * block + ALLOWANCE_GIB * GIB
+
+    n = next((n for n in range(blocks + 1) if peak(n) <= card_gib * GIB), None)
     return {
         "card_gib": card_gib,
         "quantize": quantize,
-        "resolution": resolution,
-        "block_gb": sizes["block"] / 1e9,
-        "blocks": sizes["blocks"],
-        "outside_gb": sizes["outside"] / 1e9,
-        "weights_gb": (sizes["block"] * sizes["blocks"] + sizes["outside"]) / 1e9,
-        "reserve_gb": reserve / 1e9,
-        "reserve_terms_gb": {k: round(v / 1e9, 3) for k, v in terms.items()},
-        "headroom_gib": HEADROOM_GIB,
-        "offload_blocks": n,
-        "fits": room >= 0,
-        "resident_weights_gb": (sizes["outside"] + sizes["block"] * (resident + (1 if n else 0))) / 1e9,
+        "block_gb": block / 1e9,
+        "blocks": blocks,
+        "outside_gb": outside / 1e9,
+        "weights_gb": (block * blocks + outside) / 1e9,
+        "allowance_gib": ALLOWANCE_GIB,
+        "offload_blocks": blocks if n is None else n,
+        "fits": n is not None,
+        "peak_gib": peak(blocks if n is None else n) / GIB,
     }
 
 
@@ -230,8 +201,7 @@ def inner_tensors(tensor: Any) -> list[Any]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cards", type=float, nargs="+", default=[24, 16], help="card sizes in GiB")
-    parser.add_argument("--resolution", type=int, default=1024)
-    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--resolution", type=int, default=1024, help="--measure: the activations' resolution")
     parser.add_argument("--print-n", nargs=2, metavar=("GIB", "QUANTIZE"), help="print only N for this card")
     parser.add_argument("--measure", action="store_true", help="also quantize one real block (fp8) and count")
     parser.add_argument("--json", type=Path)
@@ -240,17 +210,14 @@ def main(argv: list[str] | None = None) -> None:
         card, quantize = float(opts.print_n[0]), opts.print_n[1]
         if quantize not in QUANTIZE:
             parser.error(f"--print-n: quantize {quantize!r}: choose from {', '.join(QUANTIZE)}")
-        print(plan(card, quantize, opts.resolution, opts.rank)["offload_blocks"])
+        print(plan(card, quantize)["offload_blocks"])
         return
-    rows = [plan(card, q, opts.resolution, opts.rank) for card in opts.cards for q in QUANTIZE]
-    print(
-        f"{'card':>5} {'quantize':8} {'block GB':>8} {'weights GB':>10} {'reserve GB':>10} {'N':>3} {'resident GB':>11}"
-    )
+    rows = [plan(card, q) for card in opts.cards for q in QUANTIZE]
+    print(f"{'card GiB':>8} {'quantize':8} {'block GB':>8} {'weights GB':>10} {'N':>3} {'peak GiB':>8}")
     for r in rows:
         print(
-            f"{r['card_gib']:5.0f} {r['quantize']:8} {r['block_gb']:8.3f} {r['weights_gb']:10.2f} "
-            f"{r['reserve_gb']:10.2f} {r['offload_blocks']:3d} {r['resident_weights_gb']:11.2f}"
-            + ("" if r["fits"] else "  (does not fit even with every block offloaded)")
+            f"{r['card_gib']:8.0f} {r['quantize']:8} {r['block_gb']:8.3f} {r['weights_gb']:10.2f} "
+            f"{r['offload_blocks']:3d} {r['peak_gib']:8.2f}" + ("" if r["fits"] else "  (does not fit)")
         )
     result: dict[str, Any] = {"rows": rows}
     if opts.measure:
