@@ -155,7 +155,18 @@ def sdlora_worker(opts: argparse.Namespace, levers: list[str], work: Path, timin
         if "item" in levers:
             float(loss)
 
+    step.blocks = offload_state(accelerator.unwrap_model(state.denoiser))  # type: ignore[attr-defined]
     return step
+
+
+def offload_state(denoiser: Any) -> Any:
+    """--offload-blocks' hooks on the denoiser (sdlora.train.offload: their own accounting of the base-weight bytes
+    resident on the device), or None: no blocks offloaded, or an sdlora without block offloading."""
+    try:
+        from sdlora.train import offload
+    except ImportError:
+        return None
+    return offload.state_of(denoiser)
 
 
 def frozen_weights(denoiser: Any, device: Any) -> dict[str, Any]:
@@ -375,12 +386,16 @@ def worker_main(opts: argparse.Namespace) -> None:
             raise SystemExit(f"unknown variant {opts.worker!r}")
         setup_peak = memory(opts.device)
         reset_peak(opts.device)
+        blocks = getattr(step, "blocks", None)
+        if blocks is not None:
+            blocks.reset_peak()
         answer({"ready": True, "setup_s": time.perf_counter() - started, "setup_peak_gb": setup_peak} | timings)
 
         def stats() -> dict:
             step_peak = memory(opts.device)
             whole = max(process_peak(opts.device), setup_peak, step_peak)  # two counters, take the larger
-            return {"step_peak_gb": step_peak, "process_peak_gb": whole}
+            resident = {} if blocks is None else {"offload_resident_peak_gb": blocks.resident_peak() / 1e9}
+            return {"step_peak_gb": step_peak, "process_peak_gb": whole} | resident
 
         for k in anchor.commands(stats, answer):
             wall, cpu = timed(step, k, opts.device)
@@ -483,6 +498,8 @@ def summarise(variant: str, ready: dict, steps: list[dict], stats: dict, opts: a
     for key in ("frozen_gb_on_device", "frozen_gb_on_cpu", "frozen_dtypes"):  # sdlora: the base as stored
         if key in ready:
             row[key] = ready[key]
+    if "offload_resident_peak_gb" in stats:  # --offload-blocks: base weights on the device at the steps' peak
+        row["offload_resident_peak_gb"] = stats["offload_resident_peak_gb"]
     if opts.model == "sd15":
         # The UNet's work only (what any trainer must do); the baseline's VAE/text-encoder work is not counted.
         tflop = 2 * SD15_FORWARD_TFLOP * (opts.resolution / 512) ** 2 * opts.batch
