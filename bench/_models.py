@@ -1,6 +1,6 @@
 """The real SD 1.5 / SDXL architectures from their published configs with random weights (no download), reduced-depth
-Flux.1, Z-Image and FLUX.2 [klein] 4B with the real widths, and the tiny test models: what the benchmark scripts run
-on. Speed and memory do not depend on the weights' values."""
+Flux.1, Z-Image, FLUX.2 [klein] 4B and Qwen-Image (bench/qwen_models.py) with the real widths, and the tiny test
+models: what the benchmark scripts run on. Speed and memory do not depend on the weights' values."""
 
 from __future__ import annotations
 
@@ -10,10 +10,12 @@ from typing import Any
 
 MODELS = ("tiny", "tiny-sdxl", "tiny-flux", "tiny-zimage", "tiny-klein", "sd15", "sdxl", "flux", "zimage", "klein")
 MODELS += ("zimage-6b", "klein-4b")  # the transformers at full depth (text encoders reduced: see FULL_DEPTH)
+MODELS += ("tiny-qwenimage", "qwenimage", "qwenimage-20b")  # bench/qwen_models.py
 # The family each model is (sdlora.families' name).
 FAMILY = {"tiny": "sd1", "tiny-sdxl": "sdxl", "sd15": "sd1", "sdxl": "sdxl", "tiny-flux": "flux", "flux": "flux"}
 FAMILY |= {"tiny-zimage": "zimage", "zimage": "zimage", "tiny-klein": "klein", "klein": "klein"}
 FAMILY |= {"zimage-6b": "zimage", "klein-4b": "klein"}
+FAMILY |= {"tiny-qwenimage": "qwenimage", "qwenimage": "qwenimage", "qwenimage-20b": "qwenimage"}
 
 # Published configs (stable-diffusion-v1-5 and stabilityai/stable-diffusion-xl-base-1.0), typed in.
 SD15_UNET = dict(
@@ -159,7 +161,7 @@ def build_pipeline(model: str, seed: int = 0, device: str = "cpu") -> Any:
         from sdlora.families.flux.tiny import tiny_flux_pipeline
 
         return tiny_flux_pipeline(seed=seed)
-    if model in ("tiny-zimage", "tiny-klein"):
+    if model in ("tiny-zimage", "tiny-klein", "tiny-qwenimage"):
         from sdlora import families
 
         return families.get(FAMILY[model]).tiny_pipeline(seed)
@@ -171,6 +173,11 @@ def build_pipeline(model: str, seed: int = 0, device: str = "cpu") -> Any:
         raise SystemExit(f"--model {model!r}: choose one of {', '.join(MODELS)}")
     torch.manual_seed(seed)
     with torch.device(device):  # random init on the GPU is seconds instead of minutes for SDXL
+        if FAMILY[model] == "qwenimage":
+            from qwen_models import FULL_DEPTH as QWEN_FULL_DEPTH
+            from qwen_models import build_qwenimage
+
+            return build_qwenimage(QWEN_FULL_DEPTH.get(model), device)
         if FAMILY[model] in ("zimage", "klein"):
             return {"zimage": build_zimage, "klein": build_klein}[FAMILY[model]](FULL_DEPTH.get(model), device)
         return {"sdxl": _build_sdxl, "flux": lambda: _build_flux(device)}.get(model, _build_sd15)()

@@ -1,7 +1,8 @@
 """diffusers' real training script as one more alternated variant of bench/train_step.py (`--anchor-script PATH`).
 
 The script (train_dreambooth_lora.py for SD, train_dreambooth_lora_flux.py for Flux.1, train_dreambooth_lora_z_image.py
-for Z-Image, train_dreambooth_lora_flux2_klein.py for FLUX.2 [klein]; a checkout, never copied here)
+for Z-Image, train_dreambooth_lora_flux2_klein.py for FLUX.2 [klein], train_dreambooth_lora_qwen_image.py for
+Qwen-Image; a checkout, never copied here)
 runs unchanged inside a worker process, through runpy, with two hooks installed from outside:
 
 - `accelerate.Accelerator.init_trackers`, which both scripts call once, after loading, caching and
@@ -42,7 +43,7 @@ def is_flux(model: str) -> bool:
 
 def has_tokens(model: str) -> bool:
     """Whether the model's text length is a setting (model.max_sequence_length, the scripts' --max_sequence_length)."""
-    return FAMILY[model] in ("flux", "zimage", "klein")
+    return FAMILY[model] in ("flux", "zimage", "klein", "qwenimage")
 
 
 def script_arguments(opts: Any, model_dir: Path, data: Path, out: Path, flags: list[str], caption: str) -> list[str]:
@@ -62,10 +63,11 @@ def script_arguments(opts: Any, model_dir: Path, data: Path, out: Path, flags: l
         # 1.0; uniform timesteps (the script's default weighting "none").
         args += [f"--lora_alpha={opts.rank}", f"--lora_layers={','.join(flux_lora_layers(model_dir))}"]
         args += [f"--max_sequence_length={opts.tokens}", "--guidance_scale=1.0", "--weighting_scheme=none"]
-    elif FAMILY[opts.model] in ("zimage", "klein"):
+    elif FAMILY[opts.model] in ("zimage", "klein", "qwenimage"):
         # alpha = rank; sdlora's `lora.targets = "attention"`, module by module; the same text length; the
         # scripts' default weighting "none" (Z-Image: sigmas shifted by the scheduler's static shift, as sdlora's
-        # "auto"; klein: uniform, given to sdlora as train.timestep_sampling = "uniform").
+        # "auto"; klein: uniform, given to sdlora as train.timestep_sampling = "uniform"; Qwen-Image: uniform,
+        # its scheduler's dynamic shifting leaving the training sigmas unshifted, as sdlora's "auto").
         args += [f"--lora_alpha={opts.rank}", f"--lora_layers={','.join(lora_layers(FAMILY[opts.model], model_dir))}"]
         args += [f"--max_sequence_length={opts.tokens}", "--weighting_scheme=none"]
         if FAMILY[opts.model] == "klein":  # the Qwen3 layers stacked: sdlora's (the script's default is [dev]'s)

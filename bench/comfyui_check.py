@@ -18,11 +18,11 @@ the meta device, LoRA on every target of `lora.targets = "all"` plus CLIP-L; bot
 (BFL names, fused q/k/v, `.alpha` keys, `lora_te1_`) and the diffusers one (`transformer.` keys), against
 ComfyUI's Flux model built from a BFL state dict of broadcast zeros, and its CLIP-L.
 
-Z-Image and FLUX.2 [klein] (`--family zimage klein`: bench/comfyui_dit.py) need the pip-installable fork
-hiddenswitch/pip-and-uv-installable-ComfyUI (`git archive` of its repo into /tmp/comfy-fork; a venv over ours plus
-ConfigArgParse einops frozendict humanize natsort gguf sentencepiece protobuf av, and comfy-aimdo comfy-kitchen
-with --no-deps). Stand-ins while importing: torchvision (below) and the fork's comfy.cmd.main_pre (its tracing
-set-up: comfyui_dit.stub_fork_startup). PYTHONPATH=$PWD:$PWD/bench:/tmp/comfy-fork.
+Z-Image, FLUX.2 [klein] and Qwen-Image (`--family zimage klein qwenimage`: bench/comfyui_dit.py) need the
+pip-installable fork hiddenswitch/pip-and-uv-installable-ComfyUI (`git archive` of its repo into /tmp/comfy-fork; a
+venv over ours plus ConfigArgParse einops frozendict humanize natsort gguf sentencepiece protobuf av, and comfy-aimdo
+comfy-kitchen with --no-deps). Stand-ins while importing: torchvision (below) and the fork's comfy.cmd.main_pre (its
+tracing set-up: comfyui_dit.stub_fork_startup). PYTHONPATH=$PWD:$PWD/bench:/tmp/comfy-fork.
 """
 
 from __future__ import annotations
@@ -344,7 +344,7 @@ def main() -> None:
     from sdlora.lora.kinds import KINDS
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    families = ["sd1", "sdxl", "flux", "zimage", "klein"]
+    families = ["sd1", "sdxl", "flux", "zimage", "klein", "qwenimage"]
     parser.add_argument("--family", nargs="+", choices=families, default=["sd1"])
     parser.add_argument("--adapter", choices=list(KINDS), default="lora", help="lora.kind to check")
     parser.add_argument("--json", type=Path, help="also write the results here")

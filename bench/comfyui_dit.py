@@ -1,9 +1,11 @@
-"""ComfyUI's own loader on sdlora's Z-Image and FLUX.2 [klein] LoRA files, at the real widths and reduced depth.
+"""ComfyUI's own loader on sdlora's Z-Image, FLUX.2 [klein] and Qwen-Image LoRA files, at the real widths and
+reduced depth.
 
-Run through `bench/comfyui_check.py --family zimage klein` (its docstring has the command and the stand-ins). The
-upstream ComfyUI snapshots here predate these families; this needs the pip-installable fork
+Run through `bench/comfyui_check.py --family zimage klein qwenimage` (its docstring has the command and the
+stand-ins). The upstream ComfyUI snapshots here predate these families; this needs the pip-installable fork
 hiddenswitch/pip-and-uv-installable-ComfyUI (checked at 87606c5f, 2026-02-10), whose `comfy/` package has Z-Image
-(as Lumina2, `utils.z_image_to_diffusers`) and FLUX.2 (`model_base.Flux2`, the Flux key map).
+(as Lumina2, `utils.z_image_to_diffusers`), FLUX.2 (`model_base.Flux2`, the Flux key map) and Qwen-Image
+(`model_base.QwenImage`, whose module names are diffusers' own).
 
 For each architecture (`ARCHS`): the diffusers transformer at the real widths on the meta device, peft LoRA (rank 8,
 alpha 4: alpha != rank) with random weights on every target of `lora.targets = "all"`; both files written by sdlora's
@@ -27,9 +29,13 @@ from pathlib import Path
 from typing import Any
 
 RANK, ALPHA = 8, 4.0
-# Published transformer configs (Tongyi-MAI/Z-Image, black-forest-labs/FLUX.2-klein-4B and -9B), depth reduced.
+# Published transformer configs (Tongyi-MAI/Z-Image, black-forest-labs/FLUX.2-klein-4B and -9B, Qwen/Qwen-Image),
+# depth reduced.
 ZIMAGE = dict(dim=3840, n_layers=2, n_refiner_layers=2, n_heads=30, n_kv_heads=30, cap_feat_dim=2560)
 KLEIN = dict(in_channels=128, num_layers=2, num_single_layers=2, attention_head_dim=128, guidance_embeds=False)
+# Qwen-Image: hidden 3072 = 24 heads x 128, text width 3584, 64 input channels (diffusers' defaults are its config).
+QWENIMAGE = dict(in_channels=64, out_channels=16, num_layers=2, attention_head_dim=128, num_attention_heads=24)
+QWENIMAGE |= dict(joint_attention_dim=3584, axes_dims_rope=(16, 56, 56))
 ARCHS: dict[str, dict[str, Any]] = {
     "zimage": {
         "family": "zimage",
@@ -52,8 +58,20 @@ ARCHS: dict[str, dict[str, Any]] = {
         "to_original": "sdlora.families.klein.keys:to_bfl",
         "variant": "9b-base",
     },
+    "qwenimage": {
+        "family": "qwenimage",
+        "model": ("QwenImageTransformer2DModel", QWENIMAGE),
+        "pipeline": "QwenImagePipeline",
+        "to_original": "comfyui_dit:same_names",  # ComfyUI's Qwen-Image names are diffusers' (families/qwenimage/keys)
+        "variant": "",
+    },
 }
-FAMILY_ARCHS = {"zimage": ["zimage"], "klein": ["klein-4b", "klein-9b"]}
+FAMILY_ARCHS = {"zimage": ["zimage"], "klein": ["klein-4b", "klein-9b"], "qwenimage": ["qwenimage"]}
+
+
+def same_names(state: dict[str, Any]) -> dict[str, Any]:
+    """The original format of a family whose original names are diffusers' own (Qwen-Image)."""
+    return dict(state)
 
 
 def stub_fork_startup() -> None:

@@ -1,13 +1,14 @@
-"""Peak system RAM of `sdlora train` preparing a Flux.1, Z-Image or FLUX.2 [klein] run: one step on a base with
-the real widths (Flux.1-dev: hidden 3072, T5 4096, CLIP-L 768; Z-Image: dim 3840, Qwen3-4B 2560; klein 4B: hidden
-3072, text 7680 from Qwen3-4B) and reduced depth, random weights saved as a diffusers folder. Each run is its own
-process (GNU time's %M gives its peak RSS; the base is built in another one, since a child's peak starts at its
-parent's); `--code DIR` runs another checkout's sdlora (e.g. the commit before the
-text encoders were staged) on the same base, alternating, so that both see the same machine.
+"""Peak system RAM of `sdlora train` preparing a Flux.1, Z-Image, FLUX.2 [klein] or Qwen-Image run: one step on a
+base with the real widths (Flux.1-dev: hidden 3072, T5 4096, CLIP-L 768; Z-Image: dim 3840, Qwen3-4B 2560; klein 4B:
+hidden 3072, text 7680 from Qwen3-4B; Qwen-Image: hidden 3072, Qwen2.5-VL-7B 3584) and reduced depth, random weights
+saved as a diffusers folder. Each run is its own process (GNU time's %M gives its peak RSS; the base is built in
+another one, since a child's peak starts at its parent's); `--code DIR` runs another checkout's sdlora (e.g. the
+commit before the text encoders were staged) on the same base, alternating, so that both see the same machine.
 
     PYTHONPATH=$PWD python bench/flux_ram.py --code /tmp/sdlora-old --code $PWD --repeats 2
     PYTHONPATH=$PWD python bench/flux_ram.py --model zimage        (Z-Image: 2 layers + 1 refiner, Qwen3 2 layers)
     PYTHONPATH=$PWD python bench/flux_ram.py --model klein         (klein 4B: 1 double + 2 single, Qwen3 27 narrow)
+    PYTHONPATH=$PWD python bench/flux_ram.py --model qwenimage     (Qwen-Image: 2 blocks, Qwen2.5-VL 1 layer)
 
 What it shows: before, T5, CLIP-L and the transformer were in RAM at once; now each text encoder loads alone and
 is freed before the transformer loads, so the peak is the larger of them, not the sum.
@@ -30,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _models import KLEIN_DEPTH, ZIMAGE_DEPTH  # noqa: E402
 from flux_models import CLIP_L_WIDTH, T5_XXL_WIDTH, flux_transformer  # noqa: E402
 
-DIT_MODELS = ("zimage", "klein")  # built by bench/_models.py at the depth given here
+DIT_MODELS = ("zimage", "klein", "qwenimage")  # built by bench/_models.py / qwen_models.py at the depth given here
 
 
 def build_base(folder: Path, double: int, single: int, t5_layers: int, dtype: str = "fp32") -> dict[str, int]:
@@ -73,13 +74,14 @@ def build_base(folder: Path, double: int, single: int, t5_layers: int, dtype: st
 
 
 def build_dit_base(folder: Path, model: str, depth: dict[str, int], dtype: str = "bf16") -> dict[str, int]:
-    """A Z-Image or klein pipeline folder at the real widths and `depth` (bench/_models.py), weights in `dtype`;
-    returns each part's parameter count."""
+    """A Z-Image, klein or Qwen-Image pipeline folder at the real widths and `depth` (bench/_models.py,
+    qwen_models.py), weights in `dtype`; returns each part's parameter count."""
     import torch
     from _models import build_klein, build_zimage
+    from qwen_models import build_qwenimage
 
     torch.manual_seed(0)
-    pipe = {"zimage": build_zimage, "klein": build_klein}[model](depth)
+    pipe = {"zimage": build_zimage, "klein": build_klein, "qwenimage": build_qwenimage}[model](depth)
     parts = {name: getattr(pipe, name) for name in ("transformer", "text_encoder", "vae")}
     pipe.to({"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]).save_pretrained(folder, safe_serialization=True)
     return {name: sum(p.numel() for p in module.parameters()) for name, module in parts.items()}
@@ -117,9 +119,10 @@ def main() -> None:
     parser.add_argument("--double", type=int, default=1, help="Flux.1, klein: double blocks")
     parser.add_argument("--single", type=int, default=None, help="Flux.1, klein: single blocks (1; klein: 2)")
     parser.add_argument("--t5-layers", type=int, default=2)
-    parser.add_argument("--layers", type=int, default=2, help="Z-Image: main layers")
+    parser.add_argument("--layers", type=int, default=2, help="Z-Image: main layers; Qwen-Image: blocks")
     parser.add_argument("--refiner", type=int, default=1, help="Z-Image: refiner layers on each side")
     parser.add_argument("--qwen3-layers", type=int, default=None, help="Z-Image, klein: Qwen3 layers (2; klein: 27)")
+    parser.add_argument("--text-layers", type=int, default=1, help="Qwen-Image: Qwen2.5-VL's language layers")
     parser.add_argument("--tokens", type=int, default=64, help="T5 tokens per prompt (model.max_sequence_length)")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--samples", action="store_true", help="render a sample grid after the step")
@@ -142,6 +145,7 @@ def main() -> None:
         if options.build_only and options.model in DIT_MODELS:
             depth = {"layers": options.layers, "refiner": options.refiner, "qwen3": options.qwen3_layers}
             depth |= {"double": options.double, "single": options.single}
+            depth |= {"text_layers": options.text_layers, "vision_layers": 1}
             params = build_dit_base(base, options.model, depth, options.save_dtype)
             print(json.dumps(params))
             return
@@ -156,6 +160,7 @@ def main() -> None:
             build += ["--single", str(options.single), "--t5-layers", str(options.t5_layers)]
             build += ["--save-dtype", options.save_dtype, "--model", options.model, "--layers", str(options.layers)]
             build += ["--refiner", str(options.refiner), "--qwen3-layers", str(options.qwen3_layers)]
+            build += ["--text-layers", str(options.text_layers)]
             built = subprocess.run(build, check=True, capture_output=True, text=True).stdout
             params = json.loads(built.strip().splitlines()[-1])
         else:

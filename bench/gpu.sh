@@ -2,8 +2,8 @@
 # Everything that needs a GPU, in one run of at most 8 minutes; prints a short table last.
 #
 #   bash bench/gpu.sh              (from the repo root; results under $OUT or /tmp/sdlora-gpu)
-#   bash bench/gpu.sh matmul b32   (only the parts named: matmul b1 b8 sdxl b32 flux dit offload; b32, flux, dit and
-#                                   offload are not in the default run)
+#   bash bench/gpu.sh matmul b32   (only the parts named: matmul b1 b8 sdxl b32 flux dit offload qwenimage;
+#                                   b32, flux, dit, offload and qwenimage are not in the default run)
 #   bash bench/gpu.sh --dry-run dit  (print each part's commands, run nothing)
 #
 # No network is needed: models are built from configs with random weights. Packages missing on the machine
@@ -17,8 +17,8 @@ if [ "${1:-}" = --dry-run ]; then DRY_RUN=1; shift; fi
 PARTS=${*:-matmul b1 b8 sdxl}
 for part in $PARTS; do
   case $part in
-  matmul | b1 | b8 | sdxl | b32 | flux | dit | offload) ;;
-  *) echo "bench/gpu.sh: unknown part '$part'; choose from matmul b1 b8 sdxl b32 flux dit offload" >&2; exit 2 ;;
+  matmul | b1 | b8 | sdxl | b32 | flux | dit | offload | qwenimage) ;;
+  *) echo "bench/gpu.sh: unknown part '$part'; choose from matmul b1 b8 sdxl b32 flux dit offload qwenimage" >&2; exit 2 ;;
   esac
 done
 # The dit part runs diffusers' own training scripts, which are not part of this repository: copies of diffusers'
@@ -99,6 +99,26 @@ for part in $PARTS; do
         --optimizer adamw8bit --json "$RESULTS/$model-lowmem.json"
       [ -n "$DRY_RUN" ] || rm -rf "/tmp/sdlora-gpu-$model"
     done ;;
+  # Qwen-Image's 20B transformer at full depth (60 blocks), random weights built on the GPU in bf16 and saved once
+  # (40 GB: the first command, alone), then sdlora's trainer as `sdlora train --base FOLDER` runs it (Qwen2.5-VL,
+  # reduced, loads alone, encodes and is freed; the transformer loads, --quantize applies) at 1024 px, rank 16,
+  # batch 1, gradient checkpointing: bf16, fp8, fp8 + the offload_blocks computed for a 24 GB card, NF4 + the one
+  # computed for 16 GB (bench/qwen_memory.py: computed from the blocks' bytes, not measured). Targets: peak <= 24 GB
+  # with fp8 + offload, <= 16 GB with NF4 + offload, offloading's s/step <= 1.5x fp8's. About 6 minutes.
+  # QWEN_OFFLOAD_24GB / QWEN_OFFLOAD_16GB replace the computed Ns (e.g. after a first run has measured the peaks).
+  qwenimage) dir=/tmp/sdlora-gpu-qwenimage-20b
+    n24=${QWEN_OFFLOAD_24GB:-$($PY bench/qwen_memory.py --print-n 24 fp8)}
+    n16=${QWEN_OFFLOAD_16GB:-$($PY bench/qwen_memory.py --print-n 16 nf4)}
+    common=(--device cuda --model qwenimage-20b --precision bf16 --resolution 1024 --rank 16 --tokens 512)
+    common+=(--gradient-checkpointing --variants sdlora --warmup 1 --steps 2 --model-dir "$dir")
+    run 80 $PY bench/train_step.py "${common[@]}" --save-model "$dir"
+    run 50 $PY bench/train_step.py "${common[@]}" --json "$RESULTS/qwenimage-bf16.json"
+    run 90 $PY bench/train_step.py "${common[@]}" --quantize fp8 --json "$RESULTS/qwenimage-fp8.json"
+    run 90 $PY bench/train_step.py "${common[@]}" --quantize fp8 --offload-blocks "$n24" \
+      --json "$RESULTS/qwenimage-fp8-offload.json"
+    run 60 $PY bench/train_step.py "${common[@]}" --quantize nf4 --offload-blocks "$n16" \
+      --json "$RESULTS/qwenimage-nf4-offload.json"
+    [ -n "$DRY_RUN" ] || rm -rf "$dir" ;;
   esac
 done
 [ -z "$DRY_RUN" ] || exit 0
@@ -118,6 +138,7 @@ print(f"\nbf16 matmul: {peak:.1f} TFLOP/s" if peak else "\nbf16 matmul: not meas
 print(f"{'run':14} {'variant':20} {'s/step':>8} {'samples/s':>9} {'speedup':>7} {'TFLOP/s':>8} {'of matmul':>9} "
       f"{'peak GB':>8} {'1st step s':>10}")
 dit = [f"{m}-{s}.json" for m in ("zimage-6b", "klein-4b") for s in ("bf16", "lowmem")]
+dit += [f"qwenimage-{s}.json" for s in ("bf16", "fp8", "fp8-offload", "nf4-offload")]
 for name in ("sd15-b1.json", "sd15-b8.json", "sd15-b32.json", "sdxl-unet.json", *dit):
     data = load(name)
     if data is None:

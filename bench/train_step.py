@@ -7,8 +7,9 @@ the parent alternates them step by step (baseline, sdlora, baseline, sdlora, ...
 machine hits both. Variants:
 
 - `sdlora`: `sdlora.train.setup.setup_pipeline` + `run.optimisation_step` exactly as `sdlora train` runs them (cached
-  latents and text embeddings, no per-step host sync), on the model built in memory; with `--anchor-script`, on
-  the saved folder the script loads, through `setup.load_base` as `sdlora train --base FOLDER` loads it.
+  latents and text embeddings, no per-step host sync), on the model built in memory; with `--anchor-script`,
+  `--model-dir` or `--quantize`, on a saved folder (the one the script loads), through `setup.load_base` as
+  `sdlora train --base FOLDER` loads it (and quantizes it: --quantize, --offload-blocks).
 - `baseline`: per step what diffusers' examples/dreambooth/train_dreambooth_lora.py does: load and transform the
   batch's images, tokenize, VAE-encode (posterior sample), text-encoder forward, UNet forward/backward on fp32
   LoRA (targets to_q/k/v/out.0), clip, AdamW, LR scheduler, `loss.item()`.
@@ -110,6 +111,8 @@ def sdlora_worker(opts: argparse.Namespace, levers: list[str], work: Path, timin
             "gradient_checkpointing": opts.gradient_checkpointing or "grad_ckpt" in levers,
             "compile": "compile" in levers,
             "offload": opts.offload,
+            # sdlora's block swapping (train.offload_blocks); the key is given only when asked for.
+            **({"offload_blocks": opts.offload_blocks} if opts.offload_blocks else {}),
             "sample_every": 0,
             "checkpoint_every": 0,
             "steps": 10**6,
@@ -144,6 +147,7 @@ def sdlora_worker(opts: argparse.Namespace, levers: list[str], work: Path, timin
     started = time.perf_counter()
     state = setup.setup_pipeline(config, plan, accelerator, pipe, info, cached)
     timings["setup_pipeline_s"] = time.perf_counter() - started
+    timings |= frozen_weights(accelerator.unwrap_model(state.denoiser), accelerator.device)
     apply_levers(state, levers)
 
     def step(k: int) -> None:
@@ -151,7 +155,47 @@ def sdlora_worker(opts: argparse.Namespace, levers: list[str], work: Path, timin
         if "item" in levers:
             float(loss)
 
+    step.blocks = offload_state(accelerator.unwrap_model(state.denoiser))  # type: ignore[attr-defined]
     return step
+
+
+def offload_state(denoiser: Any) -> Any:
+    """--offload-blocks' hooks on the denoiser (sdlora.train.offload: their own accounting of the base-weight bytes
+    resident on the device), or None: no blocks offloaded, or an sdlora without block offloading."""
+    try:
+        from sdlora.train import offload
+    except ImportError:
+        return None
+    return offload.state_of(denoiser)
+
+
+def frozen_weights(denoiser: Any, device: Any) -> dict[str, Any]:
+    """The denoiser's frozen weights as stored (--quantize): GB on the training device and in CPU memory (blocks that
+    --offload-blocks keeps there), and their storage dtypes (a quantized weight counted by the tensors inside it)."""
+    import torch
+
+    placed = {"device": 0, "cpu": 0}
+    dtypes = set()
+    for tensor in [p for p in denoiser.parameters() if not p.requires_grad] + list(denoiser.buffers()):
+        quant_state = getattr(tensor, "quant_state", None)  # bitsandbytes' 4-bit weight: its absmax beside it
+        extra = [quant_state.absmax] if getattr(quant_state, "absmax", None) is not None else []
+        for inner in inner_tensors(tensor.data) + extra:
+            where = "device" if inner.device.type == torch.device(device).type else "cpu"
+            placed[where] += inner.nbytes
+            dtypes.add(str(inner.dtype).removeprefix("torch."))
+    return {
+        "frozen_gb_on_device": placed["device"] / 1e9,
+        "frozen_gb_on_cpu": placed["cpu"] / 1e9,
+        "frozen_dtypes": sorted(dtypes),
+    }
+
+
+def inner_tensors(tensor: Any) -> list[Any]:
+    """The plain tensors a tensor subclass (torchao's float8 weight, bitsandbytes' 4-bit one) is made of."""
+    if not hasattr(tensor, "__tensor_flatten__"):
+        return [tensor]
+    names, _ = tensor.__tensor_flatten__()
+    return [t for name in names for t in inner_tensors(getattr(tensor, name))]
 
 
 def apply_levers(run: Any, levers: list[str]) -> None:
@@ -342,12 +386,16 @@ def worker_main(opts: argparse.Namespace) -> None:
             raise SystemExit(f"unknown variant {opts.worker!r}")
         setup_peak = memory(opts.device)
         reset_peak(opts.device)
+        blocks = getattr(step, "blocks", None)
+        if blocks is not None:
+            blocks.reset_peak()
         answer({"ready": True, "setup_s": time.perf_counter() - started, "setup_peak_gb": setup_peak} | timings)
 
         def stats() -> dict:
             step_peak = memory(opts.device)
             whole = max(process_peak(opts.device), setup_peak, step_peak)  # two counters, take the larger
-            return {"step_peak_gb": step_peak, "process_peak_gb": whole}
+            resident = {} if blocks is None else {"offload_resident_peak_gb": blocks.resident_peak() / 1e9}
+            return {"step_peak_gb": step_peak, "process_peak_gb": whole} | resident
 
         for k in anchor.commands(stats, answer):
             wall, cpu = timed(step, k, opts.device)
@@ -447,6 +495,11 @@ def summarise(variant: str, ready: dict, steps: list[dict], stats: dict, opts: a
         row["setup_pipeline_s"] = round(ready["setup_pipeline_s"], 2)
     if "encode_first_s" in ready:  # sdlora, staged family: its text encoders loaded alone, captions encoded
         row["encode_first_s"] = round(ready["encode_first_s"], 2)
+    for key in ("frozen_gb_on_device", "frozen_gb_on_cpu", "frozen_dtypes"):  # sdlora: the base as stored
+        if key in ready:
+            row[key] = ready[key]
+    if "offload_resident_peak_gb" in stats:  # --offload-blocks: base weights on the device at the steps' peak
+        row["offload_resident_peak_gb"] = stats["offload_resident_peak_gb"]
     if opts.model == "sd15":
         # The UNet's work only (what any trainer must do); the baseline's VAE/text-encoder work is not counted.
         tflop = 2 * SD15_FORWARD_TFLOP * (opts.resolution / 512) ** 2 * opts.batch
@@ -505,9 +558,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--optimizer", choices=["adamw", "adamw8bit"], default="adamw")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument(
-        "--quantize", choices=["none", "nf4", "int8"], default="none",
-        help="the frozen transformer through bitsandbytes (CUDA): sdlora's --quantize, the script's "
-        "--bnb_quantization_config_path",
+        "--quantize", choices=["none", "nf4", "int8", "fp8"], default="none",
+        help="the frozen transformer: nf4/int8 through bitsandbytes (CUDA; the script's "
+        "--bnb_quantization_config_path), fp8 through torchao (sdlora only): sdlora's --quantize",
+    )  # fmt: skip
+    parser.add_argument(
+        "--offload-blocks", type=int, default=0,
+        help="sdlora: train.offload_blocks (transformer blocks kept in CPU memory, brought in for each use)",
     )  # fmt: skip
     parser.add_argument("--offload", action="store_true", help="sdlora: train.offload (encoders/VAE to the CPU)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -520,8 +577,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument(
         "--model-dir", type=Path,
-        help="with --anchor-script: the saved model's folder, written there if absent, else reused (default: a "
-        "temporary folder, removed afterwards)",
+        help="the saved model's folder the script and sdlora load (sdlora as `sdlora train --base FOLDER`), written "
+        "there if absent, else reused (with --anchor-script or --quantize, default: a temporary folder, removed "
+        "afterwards)",
     )  # fmt: skip
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--anchor-model", type=Path, help=argparse.SUPPRESS)  # the saved model the script loads
@@ -542,8 +600,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             parser.error("--variants: baseline is SD's DreamBooth loop; for a DiT use --anchor-script PATH")
     if opts.device == "cpu" and opts.precision == "fp16":
         parser.error("--precision fp16 needs --device cuda")
-    if opts.quantize != "none" and (opts.device != "cuda" or FAMILY[opts.model] not in ("flux", "zimage", "klein")):
-        parser.error("--quantize needs --device cuda and a transformer model (flux, zimage, klein)")
+    dits = ("flux", "zimage", "klein", "qwenimage")
+    if opts.quantize != "none" and FAMILY[opts.model] not in dits:
+        parser.error(f"--quantize needs a transformer model ({', '.join(dits)})")
+    if opts.quantize in ("nf4", "int8") and opts.device != "cuda":
+        parser.error(f"--quantize {opts.quantize} needs --device cuda (bitsandbytes)")
+    if opts.quantize == "fp8" and opts.anchor_script is not None:
+        parser.error("--quantize fp8 is sdlora's alone: diffusers' scripts have no such option")
     return opts
 
 
@@ -554,10 +617,7 @@ def main(argv: list[str] | None = None) -> None:
         worker_main(opts)
         return
     if opts.save_model:
-        # Built on the benchmark's device (a 6B transformer's random init takes minutes on a CPU, seconds on a GPU)
-        # and saved in its precision, as the hub's half-precision files are.
-        pipe = build_pipeline(opts.model, device=opts.device)
-        pipe.to(dtype=weight_dtype(opts.precision)).save_pretrained(opts.save_model, safe_serialization=True)
+        save_model(opts)
         return
     variants = [v for v in opts.variants.split(",") if v]
     if opts.anchor_script is not None:  # the real script takes the baseline's place
@@ -565,7 +625,7 @@ def main(argv: list[str] | None = None) -> None:
     load_before = load_average()
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="bench-model-") as tmp:
-        if any(v.startswith("anchor") for v in variants):
+        if any(v.startswith("anchor") for v in variants) or opts.model_dir or opts.quantize != "none":
             # The script loads a saved model: written by a process of its own, so it is in no worker's peak.
             model_dir = opts.model_dir or Path(tmp) / "model"
             if not (model_dir / "model_index.json").is_file():
@@ -581,6 +641,7 @@ def main(argv: list[str] | None = None) -> None:
         "optimizer": opts.optimizer,
         "gradient_checkpointing": opts.gradient_checkpointing,
         "quantize": opts.quantize,
+        "offload_blocks": opts.offload_blocks,
         "device": opts.device,
         "device_name": device_name(opts.device),
         "warmup": opts.warmup,
@@ -600,6 +661,22 @@ def main(argv: list[str] | None = None) -> None:
         f"load {load_before:.2f} -> {result['load_average_after']:.2f}"
     )
     print(table(rows, rows[0]["variant"]))
+
+
+def save_model(opts: argparse.Namespace) -> None:
+    """Build the model on the benchmark's device (a 6B transformer's random init takes minutes on a CPU, seconds on a
+    GPU), in its precision (Qwen-Image's 20B in fp32 would not fit an 80 GB card), and save it so, as the hub's
+    half-precision files are."""
+    import torch
+
+    dtype = weight_dtype(opts.precision)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # parameters are created in it: no fp32 copy ever exists
+    try:
+        pipe = build_pipeline(opts.model, device=opts.device)
+    finally:
+        torch.set_default_dtype(default)
+    pipe.to(dtype=dtype).save_pretrained(opts.save_model, safe_serialization=True)
 
 
 def device_name(device: str) -> str:

@@ -253,3 +253,93 @@ def test_gpu_sh_dit_part_commands_parse(monkeypatch):
         seen.add((opts.model, low))
     assert seen == {(m, low) for m in ("zimage-6b", "klein-4b") for low in (False, True)}
     assert sum(int(line.split()[1]) for line in lines) <= 360  # about 5 minutes of device time
+
+
+def test_qwen_memory_offload_plan_is_the_least_n_that_fits(monkeypatch):
+    """bench/qwen_memory.py's N for Qwen-Image's 20B transformer (meta device): block bytes follow each storage
+    (fp8: 1 byte + a scale per row; nf4: half a byte + an absmax per 64), and N is the smallest count of swapped
+    blocks whose resident weights, the 2 blocks in flight and the allowance fit the card (the offloading's own
+    arithmetic: fp8 on 24 GB gives its 7)."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import qwen_memory
+
+    bf16, fp8, nf4 = (qwen_memory.plan(24, q) for q in ("none", "fp8", "nf4"))
+    assert bf16["blocks"] == 60 and 40 < bf16["weights_gb"] < 42  # 20.4 B parameters in bf16
+    assert 0.5 < fp8["block_gb"] / bf16["block_gb"] < 0.502 and 0.28 < nf4["block_gb"] / bf16["block_gb"] < 0.29
+    assert (bf16["offload_blocks"], fp8["offload_blocks"], nf4["offload_blocks"]) == (35, 7, 0)
+    gib, allowance = qwen_memory.GIB, qwen_memory.ALLOWANCE_GIB * qwen_memory.GIB
+    for card, quantize in ((24, "fp8"), (16, "nf4"), (24, "none")):
+        row = qwen_memory.plan(card, quantize)
+        n, block, outside = row["offload_blocks"], row["block_gb"] * 1e9, row["outside_gb"] * 1e9
+        assert 2 < n < 60 and row["fits"], (card, quantize)
+        assert outside + (60 - n + 2) * block + allowance <= card * gib < outside + (61 - n + 2) * block + allowance
+        assert math.isclose(row["peak_gib"] * gib, outside + (62 - n) * block + allowance)
+    assert all(qwen_memory.plan(80, q)["offload_blocks"] == 0 for q in ("fp8", "nf4"))
+    assert qwen_memory.plan(4, "nf4")["fits"] is False
+
+
+def test_gpu_sh_qwenimage_part_commands_parse(monkeypatch):
+    """gpu.sh's qwenimage part, dry-run with the Ns given (bench/qwen_memory.py's computation is tested above): the
+    model saved once, then bf16, fp8, fp8 + the 24 GB N and nf4 + the 16 GB N, each a valid bench/train_step.py
+    command line for the 20B model at 1024 px, rank 16, batch 1, gradient checkpointing, within ~6 minutes."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import train_step
+
+    env = os.environ | {"QWEN_OFFLOAD_24GB": "7", "QWEN_OFFLOAD_16GB": "9"}
+    result = subprocess.run(
+        ["bash", str(ROOT / "bench" / "gpu.sh"), "--dry-run", "qwenimage"], capture_output=True, text=True, env=env
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 5 and "--save-model" in lines[0]
+    seen = []
+    for line in lines:
+        words = line.split()
+        assert words[0] == "timeout" and words[3] == "bench/train_step.py"
+        opts = train_step.parse_args(words[4:])
+        assert (opts.model, opts.device, opts.precision, opts.resolution, opts.rank, opts.batch) == (
+            "qwenimage-20b", "cuda", "bf16", 1024, 16, 1
+        )  # fmt: skip
+        assert opts.gradient_checkpointing and str(opts.model_dir) == "/tmp/sdlora-gpu-qwenimage-20b"
+        seen.append((opts.quantize, opts.offload_blocks, opts.json and opts.json.name))
+    assert seen[1:] == [
+        ("none", 0, "qwenimage-bf16.json"),
+        ("fp8", 0, "qwenimage-fp8.json"),
+        ("fp8", 7, "qwenimage-fp8-offload.json"),
+        ("nf4", 9, "qwenimage-nf4-offload.json"),
+    ]
+    assert sum(int(line.split()[1]) for line in lines) <= 370  # about 6 minutes of device time
+
+
+@pytest.mark.slow
+def test_train_step_qwenimage_fp8_from_a_saved_folder(tmp_path):
+    """gpu.sh's qwenimage rows on the tiny model: --model-dir without a script saves the model once, sdlora loads it
+    as `sdlora train --base FOLDER` does and --quantize fp8 stores the frozen transformer in float8 (on the CPU)."""
+    out, model_dir = tmp_path / "q.json", tmp_path / "model"
+    run_script(
+        "train_step.py", "--model", "tiny-qwenimage", "--variants", "sdlora", "--quantize", "fp8", "--model-dir",
+        str(model_dir), "--gradient-checkpointing", "--warmup", "1", "--steps", "1", "--json", str(out),
+    )  # fmt: skip
+    data = json.loads(out.read_text())
+    (row,) = data["variants"]
+    assert (model_dir / "model_index.json").is_file() and data["quantize"] == "fp8" and data["offload_blocks"] == 0
+    assert "float8_e4m3fn" in row["frozen_dtypes"] and positive(row["frozen_gb_on_device"])
+    assert row["frozen_gb_on_cpu"] == 0 and positive(row["median_s"]) and positive(row["step_peak_gb"])
+
+
+def test_comfyui_dit_qwenimage_rows_are_its_own_names(monkeypatch):
+    """Qwen-Image in bench/comfyui_dit.py: ComfyUI's names are diffusers', so every trained layer (real widths, every
+    target of 'all') is expected to change its own weight, from row 0."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import comfyui_dit
+
+    transformer = comfyui_dit.build("qwenimage")
+    layers = comfyui_dit.lora_layers(transformer)
+    rows = {path: layer.base_layer.out_features for path, layer in layers.items()}
+    where = comfyui_dit.module_rows(comfyui_dit.same_names, rows)
+    assert len(layers) == 2 * 12  # 2 blocks: q k v out, add_q/k/v, to_add_out, two MLPs of two layers each
+    assert all(where[module] == (f"{module}.weight", 0) for module in layers)
+    expected = comfyui_dit.expected_deltas(layers, where, "diffusion_model.")
+    assert expected["diffusion_model.transformer_blocks.1.img_mlp.net.2.weight"] == [
+        (0, "transformer_blocks.1.img_mlp.net.2")
+    ]
