@@ -39,6 +39,8 @@ GENERATE_OPTIONS = {
     "strength": "generate.strength",
     "save_steps": "generate.save_steps",
     "refiner": "generate.refiner",
+    "reference": "generate.reference",
+    "api_model": "generate.api_model",
 }
 
 TRAIN_OPTIONS = {
