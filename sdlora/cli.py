@@ -15,7 +15,7 @@ import typer
 
 from sdlora import __version__
 from sdlora.errors import last_words
-from sdlora.options import EVAL_OPTIONS, GENERATE_OPTIONS, PREP_OPTIONS, TRAIN_OPTIONS, settings_of
+from sdlora.options import COMPARE_OPTIONS, EVAL_OPTIONS, GENERATE_OPTIONS, PREP_OPTIONS, TRAIN_OPTIONS, settings_of
 from sdlora.quiet import quiet_libraries
 
 app = typer.Typer(
@@ -382,6 +382,28 @@ def eval_command(
     evaluate(
         cfg, reference=reference, images=images, lora=lora, prompts_file=prompts, json_path=json_out, report_dir=report
     )
+
+
+@app.command("compare")
+@handles_errors
+def compare_command(
+    ctx: typer.Context,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for report.html, report.json, routes/.")],
+    reference: Annotated[Path | None, typer.Option(help="The person's photos every route is scored against.")] = None,
+    route: Annotated[list[str] | None, typer.Option(help="[LABEL:]KIND=VALUE, repeatable (docs/compare.md).")] = None,
+    base: Annotated[str | None, typer.Option(help="Base of the rendered routes without ,base=.")] = None,
+    prompts: Annotated[Path | None, typer.Option(help="Prompt file [default: eval's standard set].")] = None,
+    n: Annotated[int | None, typer.Option("--seeds", "--n", help="Seeds per prompt [default: 4].")] = None,
+    face_model: Annotated[str | None, typer.Option(help="dlib, insightface or toy [default: dlib].")] = None,
+    clip: Annotated[str | None, typer.Option(help="CLIP model for prompt fidelity; off if unset.")] = None,
+    config_file: ConfigOpt = None,
+    sets: SetOpt = None,
+) -> None:
+    """The same prompts and seeds through several routes to one person, scored and ranked in one HTML report."""
+    from sdlora.compare import compare
+
+    cfg = load_config(config_file, settings_of(locals(), COMPARE_OPTIONS), sets)
+    compare(cfg, reference, route or [], out, prompts_file=prompts)
 
 
 @app.command()

@@ -87,6 +87,9 @@ EVAL_OPTIONS = {
     "clip": "eval.clip",
 }
 
+# `sdlora compare` scores like eval (--seeds is eval.n; eval.seed and eval.threshold through --set).
+COMPARE_OPTIONS = {key: EVAL_OPTIONS[key] for key in ("base", "n", "face_model", "clip")}
+
 
 def settings_of(values: dict[str, Any], table: dict[str, str]) -> dict[str, Any]:
     """{config key: value} of the options in `table` (parameter name -> config key); empty lists count as unset."""
