@@ -112,8 +112,8 @@ def test_bad_routes_fail_before_rendering(toy, tmp_path, monkeypatch):
     cases = [
         (["--route", f"folder={tmp_path / 'missing'}"], "is not a folder of images"),
         (["--route", f"lora={tmp_path / 'missing'}"], "--lora"),
-        (["--route", f"keepface={photo}"], "no base model; give --base MODEL"),
         (["--route", f"keepface={toy['same']}", "--base", "x"], "give one photo for keep-face"),
+        (["--route", f"reference={photo}"], "no base model; give --base MODEL"),
         (["--route", f"api={photo}"], "OPENAI_API_KEY is not set"),
         (["--route", f"x:folder={toy['same']}", "--route", f"x:folder={toy['one-off']}"], "used twice"),
         ([], "give at least one --route"),
@@ -147,3 +147,8 @@ def test_rendered_lora_route_on_the_tiny_pipeline(tiny_sd1, toy, tmp_path):
     record = json.loads((out / "routes" / "lora" / "0001-1.json").read_text())
     assert record["prompt"] == "a photo of zwx person" and record["seed"] == 1 and record["steps"] == 2
     assert [r["label"] for r in report["routes"]] == ["folder", "lora"]  # the toy subject beats random renders
+    # keep-face's photo is checked for a face (dlib's) with the other routes, before any route renders
+    toy_photo = toy["same"] / "000.png"
+    result = _compare("--reference", str(toy["reference"]), "--base", str(tiny_sd1), "--out", str(tmp_path / "o2"),
+                      "--route", f"lora={lora}", "--route", f"keepface={toy_photo}")  # fmt: skip
+    assert result.exit_code == 2 and "no face found in" in result.output and not (tmp_path / "o2").exists()

@@ -7,7 +7,7 @@ import html
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
+from PIL import Image, ImageOps
 from pydantic import BaseModel, ConfigDict, Field
 
 from sdlora import fsutil
@@ -86,9 +86,9 @@ def contact_sheet(images: list[Image.Image], cols: int) -> Image.Image:
     rows = -(-len(images) // cols)
     sheet = Image.new("RGB", (cols * CELL, rows * CELL), (255, 255, 255))
     for i, image in enumerate(images):
-        thumb = image.convert("RGB")
-        thumb.thumbnail((CELL, CELL))
-        sheet.paste(thumb, ((i % cols) * CELL + (CELL - thumb.width) // 2, (i // cols) * CELL))
+        thumb = ImageOps.contain(image.convert("RGB"), (CELL, CELL))  # small images (64 px toys) scaled up too
+        left, top = (i % cols) * CELL + (CELL - thumb.width) // 2, (i // cols) * CELL + (CELL - thumb.height) // 2
+        sheet.paste(thumb, (left, top))
     return sheet
 
 
@@ -98,22 +98,34 @@ def write_sheet(image: Image.Image, path: Path) -> None:
 
 
 def print_table(result: CompareResult, report: Path, console: Any = None) -> None:
-    """The ranked table, the notes, and where the report is."""
+    """The ranked table (narrow enough for 80 columns), the notes (each once), and where the report is."""
+    from rich import box
     from rich.console import Console
     from rich.table import Table
     from rich.text import Text
 
     console = console or Console()
-    table = Table(title=f"routes ranked (face model {result.face_model}, threshold {result.threshold:.3g})")
-    for heading in ("rank", "route", "kind", "images", *(h for _, h in COLUMNS)):
-        table.add_column(heading, justify="left" if heading in ("route", "kind") else "right")
+    title = f"routes ranked (face model {result.face_model}, same person under {result.threshold:.3g})"
+    table = Table(title=title, box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False, show_edge=False)
+    for heading in ("#", "route", "images", *(SHORT.get(h, h) for _, h in COLUMNS)):
+        table.add_column(heading, justify="left" if heading == "route" else "right", no_wrap=heading != "route")
     for route in result.routes:
         numbers = [fmt(value(route, key)) for key, _ in COLUMNS]
-        table.add_row(str(route.rank), Text(route.label), route.kind, str(route.summary.images), *numbers)
+        table.add_row(str(route.rank), Text(route.label), str(route.summary.images), *numbers)
     console.print(table)
-    for note in result.notes + [f"{r.label}: {n}" for r in result.routes for n in r.notes]:
+    notes = result.notes + [f"{r.label}: {n}" for r in result.routes for n in r.notes if not _everywhere(n, result)]
+    notes += list(dict.fromkeys(n for r in result.routes for n in r.notes if _everywhere(n, result)))
+    for note in notes:
         console.print(Text(f"note: {printable(note)}"))
     console.print(Text(f"wrote {printable(report)} and {REPORT_JSON}"))
+
+
+SHORT = {"prompt fidelity": "CLIP", "recognised": "recog.", "diversity": "divers.", "s / image": "s/img"}
+
+
+def _everywhere(note: str, result: CompareResult) -> bool:
+    """A note every route has (no CLIP model given): said once, not once per route."""
+    return len(result.routes) > 1 and all(note in r.notes for r in result.routes)
 
 
 CSS = """
@@ -137,23 +149,33 @@ def render_html(result: CompareResult, ref_names: list[str]) -> str:
     sheets = "".join(
         f'<h3 id="{esc(r.label)}">{r.rank}. {esc(r.label)} <small>({esc(r.spec)})</small></h3>'
         f'<div class="sheet"><img src="{esc(r.sheet)}" alt="contact sheet of {esc(r.label)}"></div>'
-        + "".join(f"<p>note: {esc(n)}</p>" for n in r.notes)
+        + "".join(f"<p>note: {esc(n)}</p>" for n in r.notes if not _everywhere(n, result))
         for r in result.routes
     )
     meanings = "".join(f"<li><b>{h}</b>: {esc(_meaning(key, result))}</li>" for key, h in COLUMNS)
     prompts = "".join(f"<li><code>{esc(p)}</code></li>" for p in result.prompts)
+    prompts = f"<h2>Prompts of the rendered routes</h2>\n<ul>{prompts}</ul>\n" if any_rendered(result) else ""
     refs = "".join(f'<img src="{esc(name)}" alt="reference {i}">' for i, name in enumerate(ref_names))
-    notes = "".join(f"<li>{esc(note)}</li>" for note in result.notes)
+    common = dict.fromkeys(n for r in result.routes for n in r.notes if _everywhere(n, result))
+    notes = "".join(f"<li>{esc(note)}</li>" for note in [*result.notes, *common])
+    same = (
+        f"; the same {len(result.prompts)} prompt(s) x {result.n} seed(s) from {result.seed} in each rendered route"
+        if any_rendered(result)
+        else ""
+    )
     return (
         f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">{REPORT_MARKER}'
         f"<title>sdlora compare</title><style>{CSS}</style></head><body>\n<h1>sdlora compare</h1>\n"
         f"<p>{len(result.routes)} route(s), scored by face model <b>{esc(result.face_model)}</b> against "
-        f"{len(result.reference)} reference photo(s); the same {len(result.prompts)} prompt(s) x {result.n} "
-        f"seed(s) from {result.seed} in every rendered route.</p>\n"
+        f"{len(result.reference)} reference photo(s){same}.</p>\n"
         f"<table><tr>{head}</tr>{rows}</table>\n<ul>{meanings}</ul>\n<ul>{notes}</ul>\n"
-        f"<h2>Contact sheets</h2>\n{sheets}\n<h2>Prompts</h2>\n<ul>{prompts}</ul>\n"
+        f"<h2>Contact sheets</h2>\n{sheets}\n{prompts}"
         f'<h2>Reference set</h2>\n<div class="refs">{refs}</div>\n</body></html>\n'
     )
+
+
+def any_rendered(result: CompareResult) -> bool:
+    return any(route.kind != "folder" for route in result.routes)
 
 
 def _meaning(key: str, result: CompareResult) -> str:

@@ -103,8 +103,8 @@ def check_route(route: Route, config: Config) -> None:
         raise UsageError(
             f"{where}: {printable(path)}: no such {'photo' if route.kind == 'keepface' else 'file or folder'}"
         )
-    elif route.kind == "keepface" and not path.is_file():
-        raise UsageError(f"{where}: give one photo for keep-face (its face is kept), not a folder")
+    elif route.kind == "keepface":
+        _check_keepface(path, where)
     if route.kind == "api":
         if not os.environ.get("OPENAI_API_KEY"):
             raise UsageError(f"{where}: OPENAI_API_KEY is not set; export your key, or drop the api route")
@@ -114,6 +114,20 @@ def check_route(route: Route, config: Config) -> None:
         raise UsageError(f"{where}: no base model; give --base MODEL, or ,base=MODEL after the route's value")
     check_base(base, config.model.allow_pickle, config.model.single_file_config, hub=False)
     route.base = base
+
+
+def _check_keepface(path: Path, where: str) -> None:
+    """One photo in which dlib finds the face keep-face keeps (generate checks it too, but only at its turn)."""
+    from sdlora.faces.dlib import DlibFaces
+    from sdlora.generate.keepface import load_photo
+
+    if not path.is_file():
+        raise UsageError(f"{where}: give one photo for keep-face (its face is kept), not a folder")
+    if not DlibFaces().detect(load_photo(path, "--keep-face")):
+        raise UsageError(
+            f"{where}: no face found in {printable(path)} (dlib finds the face keep-face keeps); use a photo with a "
+            "clear, roughly frontal face at least ~80 px wide"
+        )
 
 
 def route_config(route: Route, config: Config, prompts: list[str]) -> tuple[Config, str]:
