@@ -152,3 +152,28 @@ def test_rendered_lora_route_on_the_tiny_pipeline(tiny_sd1, toy, tmp_path):
     result = _compare("--reference", str(toy["reference"]), "--base", str(tiny_sd1), "--out", str(tmp_path / "o2"),
                       "--route", f"lora={lora}", "--route", f"keepface={toy_photo}")  # fmt: skip
     assert result.exit_code == 2 and "no face found in" in result.output and not (tmp_path / "o2").exists()
+
+
+def test_api_route_goes_through_the_engine(toy, tmp_path, monkeypatch):
+    """An api route is `generate --engine openai` with the comparison's prompts ({trigger}: 'the person')."""
+    from test_api_engine import KEY, EditServer
+
+    server = EditServer()
+    try:
+        monkeypatch.setenv("OPENAI_API_KEY", KEY)
+        monkeypatch.setenv("OPENAI_BASE_URL", server.url)
+        prompts = tmp_path / "prompts.txt"
+        prompts.write_text("a photo of {trigger} on the moon\n")
+        out = tmp_path / "out"
+        result = _compare("--reference", str(toy["reference"]), "--face-model", "toy", "--prompts", str(prompts),
+                          "--seeds", "2", "--route", f"api={toy['same'] / '000.png'},model=gpt-image-1.5",
+                          "--out", str(out))  # fmt: skip
+        assert result.exit_code == 0, result.output
+    finally:
+        server.close()
+    (request,) = server.requests
+    assert request["fields"]["prompt"] == "a photo of the person on the moon"
+    assert request["fields"]["model"] == "gpt-image-1.5" and request["fields"]["n"] == "2"
+    (route,) = json.loads((out / "report.json").read_text())["routes"]
+    assert route["kind"] == "api" and route["summary"]["images"] == 2 and route["seconds_per_image"] > 0
+    assert json.loads((out / "routes" / "api" / "0000-0.json").read_text())["engine"] == "openai"
