@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sdlora.config import Config, GenerateConfig, ModelConfig
+from sdlora.config import Config, GenerateConfig
 from sdlora.errors import UsageError, printable
 
 # What each kind of route is, and what its VALUE names.
@@ -145,8 +145,10 @@ def route_config(route: Route, config: Config, prompts: list[str]) -> tuple[Conf
         g["reference"] = route.value
     if route.model:
         g["api_model"] = route.model
+    # The model section as given (its unset settings stay unset: a family's own defaults still apply), with the
+    # route's base.
     model = config.model if route.kind == "api" else config.model.model_copy(update={"base": route.base})
-    update = {"generate": GenerateConfig.model_validate(g), "model": ModelConfig.model_validate(model.model_dump())}
+    update = {"generate": GenerateConfig.model_validate(g), "model": model}
     return config.model_copy(update=update), "openai" if route.kind == "api" else "local"
 
 
