@@ -217,13 +217,13 @@ def generate(
         typer.Option("--save-steps", help="Filmstrip of the x0 prediction every K steps; 0 disables [default: 0]."),
     ] = None,
     refiner: Annotated[str | None, typer.Option("--refiner", help="SDXL refiner model for an img2img pass.")] = None,
+    reference: Annotated[list[Path] | None, typer.Option(help="Photos of the person (repeat) or a dataset.")] = None,
     allow_pickle: Annotated[
         bool | None, typer.Option("--allow-pickle", help="Allow pickle (.ckpt/.bin) base models.")
     ] = None,
     quantize: QuantizeOpt = None,
     config_file: ConfigOpt = None,
     sets: SetOpt = None,
-    reference: Annotated[Path | None, typer.Option(help="Reference photo or folder of them (prep output).")] = None,
     engine: Annotated[str, typer.Option(help="local | openai (uploads --reference photos to an image API)")] = "local",
     api_model: Annotated[str | None, typer.Option(help="--engine openai's model [default: gpt-image-1].")] = None,
 ) -> None:

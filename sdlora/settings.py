@@ -345,8 +345,13 @@ class GenerateConfig(Section):
     strength: float = Field(0.6, gt=0, le=1, description="img2img strength: 1 ignores the init image.")
     save_steps: int = Field(0, ge=0, description="Filmstrip of the x0 prediction every K steps; 0 disables.")
     refiner: str | None = Field(None, description="SDXL refiner model for an img2img pass.")
-    # Reference photos and the hosted image-edit API (`generate --engine openai`, which alone switches uploads on).
-    reference: Path | None = Field(None, description="Reference photo, or a folder of them (a prep output).")
+    reference: list[Path] = Field(
+        default_factory=list,
+        description="Reference photos an edit model keeps the person from (1-3), or one prepped dataset folder whose "
+        "best faces (manifest.jsonl) are picked; written back as the photos used.",
+    )
+    # The hosted image-edit API (`generate --engine openai`, which alone switches uploads on; its key is never a
+    # setting). It is sent the reference photos (up to 16; a folder: its first 3).
     api_model: str = Field("gpt-image-1", min_length=1, description="--engine openai: the image-edit model.")
     api_base_url: str | None = Field(
         None, description="--engine openai: server URL ending in /v1; unset: $OPENAI_BASE_URL, else OpenAI's."

@@ -118,7 +118,18 @@ def _run(server, monkeypatch, args, *, mode="ok", key=KEY):
 
 def test_success_writes_images_with_their_parameters(server, monkeypatch, photo, tmp_path):
     out = tmp_path / "out"
-    args = ["--engine", "openai", "--reference", str(photo), "--prompt", "a photo of the person on the moon"]
+    second = tmp_path / "me-too.png"
+    Image.new("RGB", (32, 48), (90, 60, 40)).save(second)
+    args = [
+        "--engine",
+        "openai",
+        "--reference",
+        str(photo),
+        "--reference",
+        str(second),
+        "--prompt",
+        "a photo of the person on the moon",
+    ]
     result = _run(server, monkeypatch, [*args, "--n", "3", "--size", "1024x1536", "--cfg", "5", "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert "wrote 3 image(s)" in result.output
@@ -130,7 +141,9 @@ def test_success_writes_images_with_their_parameters(server, monkeypatch, photo,
         "n": "3",
         "size": "1024x1536",
     }
-    (upload,) = request["images"]
+    upload, upload_2 = request["images"]  # each --reference photo, as image[]
+    with Image.open(io.BytesIO(upload_2)) as sent:
+        assert sent.size == (32, 48)
     with Image.open(io.BytesIO(upload)) as sent:
         assert sent.format == "PNG" and sent.size == (64, 64)
         assert not sent.getexif() and b"SecretCam" not in upload  # no EXIF left the machine
@@ -138,7 +151,8 @@ def test_success_writes_images_with_their_parameters(server, monkeypatch, photo,
     assert pngs == ["0000-42.png", "0001-43.png", "0002-44.png"]
     record = json.loads((out / "0001-43.json").read_text())
     assert record["engine"] == "openai" and record["api_model"] == "gpt-image-1" and record["seed"] is None
-    assert record["references"][0]["path"] == str(photo) and len(record["references"][0]["sha256"]) == 64
+    assert [r["path"] for r in record["references"]] == [str(photo), str(second)]
+    assert len(record["references"][0]["sha256"]) == 64
     assert record["ignored"] == ["cfg"]  # said, not silently dropped
     with Image.open(out / "0001-43.png") as image:
         assert "Engine: openai, Model: gpt-image-1" in image.text["parameters"]

@@ -142,7 +142,7 @@ def route_config(route: Route, config: Config, prompts: list[str]) -> tuple[Conf
     elif route.kind == "keepface":
         g["keep_face"] = route.value
     else:
-        g["reference"] = route.value
+        g["reference"] = [route.value]
     if route.model:
         g["api_model"] = route.model
     # The model section as given (its unset settings stay unset: a family's own defaults still apply), with the

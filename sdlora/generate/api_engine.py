@@ -76,8 +76,8 @@ def check_settings(config: Config) -> None:
     g = config.generate
     if not g.prompts:
         raise UsageError("no prompt: give --prompt TEXT or --prompts FILE")
-    if g.reference is None:
-        raise UsageError("--engine openai needs --reference PHOTO_OR_DIR: the photos the API edits")
+    if not g.reference:
+        raise UsageError("--engine openai needs --reference PHOTO (repeat) or a folder: the photos the API edits")
     for key, option in LOCAL_ONLY.items():
         if getattr(g, key):
             raise UsageError(f"{option} needs a local model; drop it or drop --engine openai")
@@ -88,23 +88,28 @@ def check_settings(config: Config) -> None:
         log.warning("--engine openai ignores %s (the edit endpoint has no such fields)", ", ".join(ignored))
 
 
-def reference_photos(path: Path, limit: int = 3) -> list[Path]:
-    """The photos to send: `path` itself, or the first `limit` images of a folder (a prep dataset: its manifest's
-    order, which is the photos' order; otherwise sorted by name)."""
+def reference_photos(paths: list[Path], limit: int = 3) -> list[Path]:
+    """The photos to send: the photos given (at most MAX_REFERENCES), or the first `limit` images of one folder (a
+    prep dataset: its manifest's order; otherwise sorted by name)."""
     from sdlora.prep.manifest import confined, read_manifest
 
-    path = Path(path)
-    if path.is_file():
-        return [path]
-    if not path.is_dir():
-        raise UsageError(f"--reference {printable(path)}: no such file or folder")
-    if (path / layout.MANIFEST).is_file():
-        photos = [confined(path, entry.image) for entry in read_manifest(path)]
-    else:
-        photos = sorted(p for p in path.iterdir() if p.suffix.lower() in layout.IMAGE_SUFFIXES and p.is_file())
-    if not photos:
-        raise UsageError(f"--reference {printable(path)}: no images in it; give a photo or a folder of photos")
-    return photos[: min(limit, MAX_REFERENCES)]
+    paths = [Path(p) for p in paths]
+    if len(paths) == 1 and paths[0].is_dir():
+        folder = paths[0]
+        if (folder / layout.MANIFEST).is_file():
+            photos = [confined(folder, entry.image) for entry in read_manifest(folder)]
+        else:
+            photos = sorted(p for p in folder.iterdir() if p.suffix.lower() in layout.IMAGE_SUFFIXES and p.is_file())
+        if not photos:
+            raise UsageError(f"--reference {printable(folder)}: no images in it; give photos or a folder of photos")
+        return photos[:limit]
+    if len(paths) > MAX_REFERENCES:
+        raise UsageError(f"--reference: {len(paths)} photos given; the edit endpoint takes at most {MAX_REFERENCES}")
+    for path in paths:
+        if not path.is_file():
+            what = "a folder goes alone (its first photos are sent)" if path.is_dir() else "no such file"
+            raise UsageError(f"--reference {printable(path)}: {what}")
+    return paths
 
 
 def encode_photo(path: Path) -> bytes:
@@ -128,7 +133,7 @@ def generate(
     photos = reference_photos(g.reference)
     uploads = [(path, encode_photo(path)) for path in photos]
     out_dir = Path(out_dir)
-    check_out_dir(out_dir, [g.reference], 1024 * 1024 * 3)
+    check_out_dir(out_dir, list(g.reference), 1024 * 1024 * 3)
     writer = Writer(out_dir, config, [], overwrite)
     references = [{"path": str(path), "sha256": hashlib.sha256(data).hexdigest()} for path, data in uploads]
     try:
