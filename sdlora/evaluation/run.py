@@ -336,7 +336,9 @@ def _score(pictures, names, ref, backend: FaceBackend, threshold: float, prompts
         )
 
 
-def score_folder(config: Config, folder: Path, ref: Reference, backend: FaceBackend, clip_texts=None):
+def score_folder(
+    config: Config, folder: Path, ref: Reference, backend: FaceBackend, clip_texts: list[str | None] | None = None
+) -> tuple[Any, list[Any], list[Image.Image], list[str]]:
     """Score a folder's images as `eval --images` does, against a reference set built once (`sdlora compare` scores
     several folders against one): (summary, per-image scores, the images, notes). `clip_texts` (one per image)
     replace the recorded prompts for CLIP, e.g. the prompts without a trigger word."""
