@@ -7,7 +7,6 @@ are imported inside commands so that `sdlora --help` stays instant.
 from __future__ import annotations
 
 import functools
-import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -15,8 +14,8 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from sdlora import __version__
-from sdlora.errors import BUG, Interrupted, SdloraError, describe, printable
-from sdlora.options import EVAL_OPTIONS, GENERATE_OPTIONS, PREP_OPTIONS, TRAIN_OPTIONS, settings_of
+from sdlora.errors import last_words
+from sdlora.options import COMPARE_OPTIONS, EVAL_OPTIONS, GENERATE_OPTIONS, PREP_OPTIONS, TRAIN_OPTIONS, settings_of
 from sdlora.quiet import quiet_libraries
 
 app = typer.Typer(
@@ -85,32 +84,12 @@ def handles_errors(command: F) -> F:
             return command(ctx, *args, **kwargs)
         except (typer.Exit, typer.Abort, SystemExit):
             raise
-        except KeyboardInterrupt:
-            typer.echo("interrupted", err=True)
-            raise typer.Exit(130) from None
-        except Interrupted as exc:  # stopped on request after saving its state: not an error
-            if debug:
-                traceback.print_exc()
-            typer.echo(str(exc), err=True)
-            raise typer.Exit(exc.exit_code) from None
-        except Exception as exc:  # noqa: BLE001 - the boundary: every failure becomes one line
-            if debug:
-                traceback.print_exc()
-            message, code = _message(exc)
-            typer.echo(f"error: {message}", err=True)
+        except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - the boundary: every failure becomes one line
+            message, code = last_words(exc, debug)
+            typer.echo(message, err=True)
             raise typer.Exit(code) from None
 
     return wrapper  # type: ignore[return-value]
-
-
-def _message(exc: Exception) -> tuple[str, int]:
-    if isinstance(exc, SdloraError):
-        return str(exc), exc.exit_code
-    known = describe(exc)
-    if known is not None:
-        return known
-    first = (str(exc).strip().splitlines() or [""])[0]
-    return f"unexpected {type(exc).__name__}: {printable(first)[:300]}; {BUG}", 1
 
 
 def load_config(config_file: Path | None, options: dict[str, Any], sets: list[str] | None):
@@ -238,15 +217,15 @@ def generate(
         typer.Option("--save-steps", help="Filmstrip of the x0 prediction every K steps; 0 disables [default: 0]."),
     ] = None,
     refiner: Annotated[str | None, typer.Option("--refiner", help="SDXL refiner model for an img2img pass.")] = None,
-    reference: Annotated[
-        list[Path] | None, typer.Option(help="Edit models: 1-3 photos of the person (repeat) or a prepped dataset.")
-    ] = None,
+    reference: Annotated[list[Path] | None, typer.Option(help="Photos of the person (repeat) or a dataset.")] = None,
     allow_pickle: Annotated[
         bool | None, typer.Option("--allow-pickle", help="Allow pickle (.ckpt/.bin) base models.")
     ] = None,
     quantize: QuantizeOpt = None,
     config_file: ConfigOpt = None,
     sets: SetOpt = None,
+    engine: Annotated[str, typer.Option(help="local | openai (uploads --reference photos to an image API)")] = "local",
+    api_model: Annotated[str | None, typer.Option(help="--engine openai's model [default: gpt-image-1].")] = None,
 ) -> None:
     """Render images from a base model plus LoRAs, with A1111-readable settings in every PNG."""
     from sdlora.errors import UsageError
@@ -257,7 +236,7 @@ def generate(
         raise UsageError("can't give both --prompt and --prompts; choose one")
     prompt_list = [prompt] if prompt is not None else read_prompts(prompts) if prompts is not None else None
     options = settings_of(locals(), GENERATE_OPTIONS)
-    paths = run_generate(load_config(config_file, options, sets), out)
+    paths = run_generate(load_config(config_file, options, sets), out, engine=engine)
     typer.echo(f"wrote {len(paths)} image(s) to {out}")
 
 
@@ -405,6 +384,28 @@ def eval_command(
     evaluate(
         cfg, reference=reference, images=images, lora=lora, prompts_file=prompts, json_path=json_out, report_dir=report
     )
+
+
+@app.command("compare")
+@handles_errors
+def compare_command(
+    ctx: typer.Context,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for report.html, report.json, routes/.")],
+    reference: Annotated[Path | None, typer.Option(help="The person's photos every route is scored against.")] = None,
+    route: Annotated[list[str] | None, typer.Option(help="[LABEL:]KIND=VALUE, repeatable (docs/compare.md).")] = None,
+    base: Annotated[str | None, typer.Option(help="Base of the rendered routes without ,base=.")] = None,
+    prompts: Annotated[Path | None, typer.Option(help="Prompt file [default: eval's standard set].")] = None,
+    n: Annotated[int | None, typer.Option("--seeds", "--n", help="Seeds per prompt [default: 4].")] = None,
+    face_model: Annotated[str | None, typer.Option(help="dlib, insightface or toy [default: dlib].")] = None,
+    clip: Annotated[str | None, typer.Option(help="CLIP model for prompt fidelity; off if unset.")] = None,
+    config_file: ConfigOpt = None,
+    sets: SetOpt = None,
+) -> None:
+    """The same prompts and seeds through several routes to one person, scored and ranked in one HTML report."""
+    from sdlora.compare import compare
+
+    cfg = load_config(config_file, settings_of(locals(), COMPARE_OPTIONS), sets)
+    compare(cfg, reference, route or [], out, prompts_file=prompts)
 
 
 @app.command()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import traceback
 import unicodedata
 from pathlib import PurePath
 from types import TracebackType
@@ -77,6 +78,32 @@ def printable(text: str | os.PathLike) -> str:
         else:
             out.append(char)
     return "".join(out)
+
+
+def last_words(exc: BaseException, debug: bool) -> tuple[str, int]:
+    """What the CLI prints on stderr, and its exit code, when a command ends in `exc`: Ctrl-C is 'interrupted' (130),
+    a run stopped on request after saving its state says so (not an error), anything else is one `error: ...` line;
+    with --debug the traceback comes first."""
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted", 130
+    if debug:
+        traceback.print_exception(exc)
+    if isinstance(exc, Interrupted):
+        return str(exc), exc.exit_code
+    message, code = one_line(exc)
+    return f"error: {message}", code
+
+
+def one_line(exc: Exception) -> tuple[str, int]:
+    """The CLI's one line and exit code for any exception: ours as they are, the known failures of a user's input
+    or machine described (`describe`), anything else said to be a bug."""
+    if isinstance(exc, SdloraError):
+        return str(exc), exc.exit_code
+    known = describe(exc)
+    if known is not None:
+        return known
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return f"unexpected {type(exc).__name__}: {printable(first)[:300]}; {BUG}", 1
 
 
 def describe(exc: BaseException) -> tuple[str, int] | None:

@@ -40,6 +40,7 @@ GENERATE_OPTIONS = {
     "save_steps": "generate.save_steps",
     "refiner": "generate.refiner",
     "reference": "generate.reference",
+    "api_model": "generate.api_model",
 }
 
 TRAIN_OPTIONS = {
@@ -87,6 +88,9 @@ EVAL_OPTIONS = {
     "threshold": "eval.threshold",
     "clip": "eval.clip",
 }
+
+# `sdlora compare` scores like eval (--seeds is eval.n; eval.seed and eval.threshold through --set).
+COMPARE_OPTIONS = {key: EVAL_OPTIONS[key] for key in ("base", "n", "face_model", "clip")}
 
 
 def settings_of(values: dict[str, Any], table: dict[str, str]) -> dict[str, Any]:

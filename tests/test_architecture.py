@@ -20,7 +20,7 @@ FLOORS: list[set[str]] = [
     {"cli", "options", "__main__", "serve"},
     # The commands' libraries. `demo` runs prep -> train -> generate -> eval; `testing` builds tiny pipelines from
     # the families for tests and the demo's toy base, so it sits above families (which must never import it).
-    {"train", "generate", "evaluation", "prep", "demo", "testing"},
+    {"train", "generate", "evaluation", "prep", "demo", "testing", "compare"},
     # Model knowledge. `models` loads a base by asking the family registry (detection, single-file loading) and
     # lora's readers use its file checks, so it lives with families and lora, not at the ground. `hub` finds where a
     # base named by the user lives (path, hub id, cache); `weights` checks weight files before anything loads them.

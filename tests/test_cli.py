@@ -25,7 +25,7 @@ def test_version():
     assert result.output.strip() == f"sdlora {__version__}"
 
 
-COMMANDS = ("prep", "train", "generate", "eval", "demo", "config", "env")
+COMMANDS = ("prep", "train", "generate", "eval", "compare", "demo", "config", "env")
 
 
 def test_help_lists_commands():
@@ -197,7 +197,7 @@ def _commands():
     return typer.main.get_command(app).commands
 
 
-@pytest.mark.parametrize("command", ["env", "config", "prep", "generate", "train", "eval", "demo", "serve"])
+@pytest.mark.parametrize("command", ["env", "config", "prep", "generate", "train", "eval", "compare", "demo", "serve"])
 def test_help_shows_every_text_whole_and_every_default(command):
     cmd = _commands()[command]
     output = _help_output(command)

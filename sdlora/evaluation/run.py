@@ -24,7 +24,15 @@ from sdlora.evaluation.report import SCHEMA, EvalResult, print_table, write_json
 from sdlora.faces.backends import FaceBackend, face_backend
 from sdlora.models import check_base
 
-__all__ = ["evaluate", "face_backend", "pick_best", "plot_identity", "reference_set", "score_checkpoint"]
+__all__ = [
+    "evaluate",
+    "face_backend",
+    "pick_best",
+    "plot_identity",
+    "reference_set",
+    "score_checkpoint",
+    "score_folder",
+]
 
 
 def evaluate(
@@ -326,3 +334,18 @@ def _score(pictures, names, ref, backend: FaceBackend, threshold: float, prompts
             fidelity=fidelity,
             progress=lambda _: progress.advance(task),
         )
+
+
+def score_folder(
+    config: Config, folder: Path, ref: Reference, backend: FaceBackend, clip_texts: list[str | None] | None = None
+) -> tuple[Any, list[Any], list[Image.Image], list[str]]:
+    """Score a folder's images as `eval --images` does, against a reference set built once (`sdlora compare` scores
+    several folders against one): (summary, per-image scores, the images, notes). `clip_texts` (one per image)
+    replace the recorded prompts for CLIP, e.g. the prompts without a trigger word."""
+    pictures, names, prompts, seeds = _read_images(folder)
+    notes: list[str] = []
+    texts = clip_texts if clip_texts is not None and len(clip_texts) == len(pictures) else prompts
+    fidelity = _fidelity(config.eval.clip, pictures, texts, notes)
+    threshold = config.eval.threshold or backend.threshold
+    scores, summary = _score(pictures, names, ref, backend, threshold, prompts, seeds, fidelity)
+    return summary, scores, pictures, notes

@@ -117,10 +117,13 @@ def expand_triggers(prompts: list[str], loras: list[Lora]) -> list[str]:
     return expanded
 
 
-def generate(config: Config, out_dir: Path, *, overwrite: bool = False) -> list[Path]:
+def generate(config: Config, out_dir: Path, *, overwrite: bool = False, engine: str = "local") -> list[Path]:
     """Render every prompt n times with the LoRAs; write DIR/NNNN-SEED.png + .json as each image is decoded, then
     the grids. Into a folder of an earlier generate the images come beside its own, numbered after them (with
-    `overwrite`, the earlier runs' files are deleted first). Ctrl-C keeps every image finished so far."""
+    `overwrite`, the earlier runs' files are deleted first). Ctrl-C keeps every image finished so far. `engine`
+    "openai" (only ever from an explicit --engine) sends the prompts and reference photos to the hosted API."""
+    if engine != "local":
+        return _remote(config, out_dir, engine, overwrite)
     g = config.generate
     if not g.prompts:
         raise UsageError("no prompt: give --prompt TEXT or --prompts FILE")
@@ -153,6 +156,19 @@ def generate(config: Config, out_dir: Path, *, overwrite: bool = False) -> list[
         raise Interrupted(
             f"interrupted: kept the {len(writer.written)} image(s) finished so far in {out_dir}", signal.SIGINT
         ) from None
+
+
+def _remote(config: Config, out_dir: Path, engine: str, overwrite: bool) -> list[Path]:
+    """--engine openai: the key and server come from the environment, read here once (never from a config)."""
+    import os
+
+    from sdlora.generate import api_engine
+
+    if engine not in api_engine.ENGINES:
+        raise UsageError(f"--engine {engine!r}: choose one of {', '.join(api_engine.ENGINES)}")
+    check_count(len(config.generate.prompts), config.generate.n)
+    key, base_url = os.environ.get("OPENAI_API_KEY"), os.environ.get("OPENAI_BASE_URL")
+    return api_engine.generate(config, out_dir, key, base_url, overwrite)
 
 
 def check_count(prompts: int, n: int) -> None:
