@@ -31,6 +31,7 @@ def enable_on_cpu(accelerator: Any) -> None:
     but not MULTI_CPU) and runs an FSDP config on CPUs as plain data parallelism, while torch's `fully_shard` runs on
     the CPU with gloo. There, the launcher's FSDP settings are applied as accelerate applies them on a GPU, so that
     the CPU tests run the FSDP2 path users run."""
+    from accelerate import PartialState
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
     asked = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
@@ -41,6 +42,7 @@ def enable_on_cpu(accelerator: Any) -> None:
         plugin.set_mixed_precision(accelerator.mixed_precision)
     accelerator.state.fsdp_plugin = plugin
     accelerator.state.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # as AcceleratorState's own set-up ends
 
 
 def report(accelerator: Any, denoiser: Any, label: str) -> None:
@@ -88,16 +90,15 @@ def check(config: Any, accelerator: Any) -> None:
 
 
 @contextlib.contextmanager
-def full_lora(accelerator: Any, denoiser: Any, write_back: bool = False) -> Iterator[None]:
+def full_lora(accelerator: Any, denoiser: Any) -> Iterator[None]:
     """Under FSDP: each trained parameter's full tensor in place of its shard, on every process (a collective, so
-    every process enters), for the LoRA writers to read whole tensors; the shards are back on exit, with the full
-    tensors' values copied into them when `write_back` (a checkpoint's LoRA loaded meanwhile). No forward may run
-    inside. Nothing without FSDP."""
+    every process enters), for the LoRA writers to read whole tensors; the shards are back on exit. No forward and
+    no load_state_dict may run inside (FSDP would take the full tensors for its shards). Nothing without FSDP."""
     if not sharded(accelerator):
         yield
         return
     import torch
-    from torch.distributed.tensor import DTensor, distribute_tensor
+    from torch.distributed.tensor import DTensor
 
     swapped = []
     for module in denoiser.modules():  # the same order on every process
@@ -105,16 +106,12 @@ def full_lora(accelerator: Any, denoiser: Any, write_back: bool = False) -> Iter
             if isinstance(shard, DTensor) and shard.requires_grad:
                 full = torch.nn.Parameter(shard.full_tensor().detach(), requires_grad=True)
                 module._parameters[name] = full
-                swapped.append((module, name, shard, full))
+                swapped.append((module, name, shard))
     try:
         yield
     finally:
-        with torch.no_grad():
-            for module, name, shard, full in swapped:
-                if write_back:  # every process holds the same full tensor: no communication
-                    mine = distribute_tensor(full.detach(), shard.device_mesh, shard.placements, src_data_rank=None)
-                    shard.to_local().copy_(mine.to_local())
-                module._parameters[name] = shard
+        for module, name, shard in swapped:
+            module._parameters[name] = shard
 
 
 class WholeOptimizer:
@@ -175,14 +172,36 @@ def load_state(accelerator: Any, name: str, denoiser: Any, optimizer: Any, sched
     process the writing run lacked keeps its own, as accelerate does)."""
     from accelerate.checkpointing import load_accelerator_state
 
-    from sdlora.lora import peft
     from sdlora.train.checkpoint import LORA_STATE
 
-    with full_lora(accelerator, denoiser, write_back=True):
-        peft.load_state(Path(folder) / LORA_STATE, {name: denoiser})
+    _load_lora(Path(folder) / LORA_STATE, name, denoiser)
     whole = [WholeOptimizer(optimizer)]
     found = load_accelerator_state(folder, [], whole, [scheduler], [], accelerator.process_index, accelerator.scaler)
     accelerator.step = found.get("step", accelerator.step)
+
+
+def _load_lora(path: Path, name: str, denoiser: Any) -> None:
+    """peft.load_state into the sharded LoRA: each whole tensor cut to this process's shard first (FSDP2 shards
+    every parameter alike, dim 0 over one mesh; every process read the same file, so no communication)."""
+    import torch
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    trained = [p for p in denoiser.parameters() if isinstance(p, DTensor) and p.requires_grad]
+    mesh, placements = trained[0].device_mesh, trained[0].placements
+    if any(p.device_mesh != mesh or p.placements != placements for p in trained):
+        raise RuntimeError("FSDP: the LoRA parameters are sharded unlike each other; resume with accelerate's FSDP2")
+    prefix = f"{name}::"
+    state = {
+        key.removeprefix(prefix): distribute_tensor(value, mesh, placements, src_data_rank=None)
+        for key, value in load_file(str(path)).items()
+        if key.startswith(prefix)
+    }
+    with torch.no_grad():
+        result = set_peft_model_state_dict(denoiser, state)
+    if getattr(result, "unexpected_keys", []):
+        raise RuntimeError(f"{path}: unexpected LoRA keys for {name}: {result.unexpected_keys[:3]}")
 
 
 def saver(run: Any) -> Callable[[str], Any]:
