@@ -83,6 +83,20 @@ def test_a_resume_keeps_the_global_batch_when_the_processes_change(tmp_path):
         check_resumed_batch(tmp_path, folder, 3, 1)
 
 
+def test_a_sharded_denoiser_is_still_its_familys():
+    """fully_shard swaps a module's class for FSDP<Name>(FSDPModule, Name): the families' claims look through it."""
+    from sdlora.families.flow import model_class
+
+    class ZImageTransformer2DModel:
+        pass
+
+    class FSDPModule:
+        pass
+
+    sharded = type("FSDPZImageTransformer2DModel", (FSDPModule, ZImageTransformer2DModel), {})()
+    assert model_class(sharded) == model_class(ZImageTransformer2DModel()) == "ZImageTransformer2DModel"
+
+
 def tensors(folder: Path, name: str) -> dict:
     return load_file(str(folder / name))
 
