@@ -20,6 +20,12 @@ def denoiser_config(model: Any) -> Any:
     return model.config
 
 
+def model_class(model: Any) -> str:
+    """The denoiser's class name through torch FSDP2's wrapper class (`fully_shard` turns a ZImageTransformer2DModel
+    into an FSDPZImageTransformer2DModel, a subclass), so that a sharded denoiser is still its family's."""
+    return next((c.__name__ for c in type(model).__mro__ if not c.__name__.startswith("FSDP")), "")
+
+
 def unshifted_sampling(sampling: str, shift: float) -> str:
     """What 'auto' draws in a family trained on unshifted sigmas (diffusers' klein and Qwen-Image scripts):
     uniform U(0, 1), or with a train.timestep_shift other than 1 the shift scheme at that value."""

@@ -217,6 +217,8 @@ def check_out_dir(out_dir: Path, config: dict[str, Any], resume: str | None, ove
         return
     saved = run_settings(stored)
     differences = _differences(saved, run_settings(config), _defaults())
+    if resume:  # the per-process batch may follow the number of processes (check_resumed_batch, once it is known)
+        differences = [d for d in differences if d != "train.batch_size"]
     if resume and differences:
         shown = ", ".join(differences[:3]) + (", ..." if len(differences) > 3 else "")
         raise UsageError(
@@ -228,6 +230,33 @@ def check_out_dir(out_dir: Path, config: dict[str, Any], resume: str | None, ove
         what = f"a different run ({', '.join(differences[:3])})" if differences else "a run"
         later = "" if step_folders(out_dir) else " (no checkpoint yet: it starts again from step 0)"
         raise UsageError(f"{out_dir} already holds {what}; pass --resume latest to continue it{later} or --overwrite")
+
+
+def check_resumed_batch(out_dir: Path, resume_from: Path | None, batch_size: int, processes: int) -> str | None:
+    """At a resume, --batch-size (per process) may change with the number of processes if the global batch
+    (batch_size x processes) stays: 2 processes x 1 resume on one as 1 x 2 and train on exactly as they would
+    have. Returns a note when the global batch changes (same --batch-size on another number of processes)."""
+    stored = saved_config(out_dir) if resume_from is not None else None  # the resumed run's (rewritten later)
+    if stored is None:
+        return None
+    before = int(stored.get("train", {}).get("batch_size", batch_size))
+    try:
+        then = int(json.loads((Path(resume_from) / STATE_FILE).read_text(encoding="utf-8")).get("processes", 0))
+    except (OSError, ValueError, TypeError, AttributeError):
+        then = 0  # an earlier version's checkpoint: its number of processes is unknown
+    if before == batch_size:
+        if not then or then == processes:
+            return None
+        return f"note: global batch {before * then} -> {batch_size * processes} ({processes} processes now)"
+    if then and before * then == batch_size * processes:
+        return None
+    fits = f"--batch-size {before * then // processes}" if then and before * then % processes == 0 else None
+    raise UsageError(
+        f"--batch-size {batch_size}: {resume_from} trained {before} per process x "
+        f"{then or 'an unknown number of'} processes, which {processes} processes can't keep; resume with "
+        + (f"{fits} (the same global batch) or " if fits else "")
+        + f"--batch-size {before} (the per-process batch)"
+    )
 
 
 def _differences(a: dict[str, Any], b: dict[str, Any], defaults: dict[str, Any] | None = None) -> list[str]:
@@ -279,9 +308,17 @@ def clear_run(out_dir: Path) -> None:
         (out_dir / name).unlink(missing_ok=True)
 
 
-def save(accelerator: Any, out_dir: Path, step: int, write_files: Callable[[Path], None], keep: int) -> Path | None:
+def save(
+    accelerator: Any,
+    out_dir: Path,
+    step: int,
+    write_files: Callable[[Path], None],
+    keep: int,
+    save_state: Callable[[str], Any] | None = None,
+) -> Path | None:
     """Write checkpoint `step` on every process: Accelerate's state (optimizer, LR scheduler, grad scaler, RNG
-    states; models via the hooks of `register_hooks`), then `write_files(folder)`, the step and the completion
+    states; models via the hooks of `register_hooks`; `save_state` writes it when given, else
+    accelerator.save_state), then `write_files(folder)`, the step and the completion
     record on the main process. Everything goes into a hidden temporary folder that is renamed when complete, so
     a crash never leaves a half-written checkpoint. Returns the folder (None on other processes)."""
     final = step_dir(out_dir, step)
@@ -290,11 +327,12 @@ def save(accelerator: Any, out_dir: Path, step: int, write_files: Callable[[Path
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    (save_state or accelerator.save_state)(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         write_files(tmp)
-        (tmp / STATE_FILE).write_text(json.dumps({"step": step}) + "\n", encoding="utf-8")
+        state = {"step": step, "processes": accelerator.num_processes}  # the global batch: batch_size x processes
+        (tmp / STATE_FILE).write_text(json.dumps(state) + "\n", encoding="utf-8")
         write_record(tmp, step)
         if final.exists():
             shutil.rmtree(final)

@@ -20,6 +20,7 @@ from sdlora import layout
 from sdlora.config import Config
 from sdlora.errors import SdloraError
 from sdlora.fsutil import atomic_dir, atomic_write_text
+from sdlora.train import fsdp
 
 BEST, BEST_FILE, SUMMARY, PLOT, METRICS = (
     layout.BEST,
@@ -68,6 +69,8 @@ def start(config: Config, plan: Any, accelerator: Any) -> TrainEval | None:
     """Before the models load: the cadence and, on the main process, the reference embeddings and what a resumed
     run already has (its eval rows and best/). None, on every process, when evaluation is off."""
     every, note = cadence(config, plan.dataset_dir)
+    if every is not None and fsdp.sharded(accelerator):  # its renders run on the main process alone (fsdp.check)
+        every, note = None, "identity evaluation off under FSDP: score checkpoints with `sdlora eval --lora CHECKPOINT`"
     if note:
         accelerator.print(note)
     if every is None:

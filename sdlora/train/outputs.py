@@ -128,12 +128,15 @@ def render_samples(run: Run, step: int) -> None:
     """A grid of the sample prompts (one column each, the config's generate seed) via `sdlora generate`'s code."""
     from sdlora.fsutil import atomic_path
     from sdlora.generate.render import Sampling, make_grid, render_images
+    from sdlora.train.fsdp import sharded
 
-    if run.accelerator.is_main_process:
+    main = run.accelerator.is_main_process
+    if main or sharded(run.accelerator):  # FSDP: every process takes part in each forward of the sharded denoiser
         prompts = [p.replace("{trigger}", run.plan.trigger) for p in run.config.train.sample_prompts]
         seeds = [run.config.generate.seed] * len(prompts)
         with rendering(run):
             images = render_images(run.pipe, prompts, seeds, Sampling.for_training(run.config))
+    if main:
         with atomic_path(run.plan.out_dir / layout.SAMPLES / layout.sample_grid(step)) as tmp:
             make_grid(images, cols=len(images)).save(tmp, format="PNG")
     run.accelerator.wait_for_everyone()

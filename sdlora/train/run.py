@@ -130,10 +130,13 @@ def check_finite(run: Run, first_bad: Any) -> None:
     before checkpoints (so none holds broken weights) and at the end."""
     import torch
 
+    from sdlora.train.fsdp import local
+
     worst = (
         int(run.accelerator.gather(first_bad.view(1)).max()) if run.accelerator.num_processes > 1 else int(first_bad)
     )
-    weights_ok = bool(torch.stack([torch.isfinite(p).all() for p in run.params]).all()) if run.params else True
+    mine = bool(torch.stack([torch.isfinite(local(p)).all() for p in run.params]).all()) if run.params else True
+    weights_ok = not _agree(run.accelerator, not mine)  # under FSDP each process checks its own shards
     if worst < 0 and weights_ok:
         return
     what = f"loss became NaN/inf at step {worst}" if worst >= 0 else "LoRA weights became NaN/inf"
@@ -171,24 +174,29 @@ def _agree(accelerator: Any, flag: bool) -> bool:
 
 
 def save_checkpoint(run: Run, step: int) -> None:
-    from sdlora.train import checkpoint
+    from sdlora.train import checkpoint, fsdp
     from sdlora.train.outputs import save_loras
 
     def write_files(folder: Path) -> None:
         save_loras(run, folder, unwrap_for_good=False)
 
-    checkpoint.save(run.accelerator, run.plan.out_dir, step, write_files, run.config.train.keep_checkpoints)
+    with fsdp.full_lora(run.accelerator, run.denoiser):  # FSDP: the LoRA whole while it is written
+        keep, save_state = run.config.train.keep_checkpoints, fsdp.saver(run)
+        checkpoint.save(run.accelerator, run.plan.out_dir, step, write_files, keep, save_state)
 
 
 def finish(run: Run, step: int) -> TrainResult:
     """The final LoRA files in OUT_DIR (main process) and the result."""
     diffusers_file = run.plan.out_dir / layout.DIFFUSERS_LORA
     kohya_file = run.plan.out_dir / layout.kohya_file(run.plan.name)
-    if run.accelerator.is_main_process:
-        from sdlora.train.outputs import save_loras
+    from sdlora.train.fsdp import full_lora
 
-        diffusers_file, kohya_file = save_loras(run, run.plan.out_dir, unwrap_for_good=True)
-        run.accelerator.print(f"saved {diffusers_file} and {kohya_file} after {step} steps")
+    with full_lora(run.accelerator, run.denoiser):  # FSDP: the LoRA whole on every process, written by the main one
+        if run.accelerator.is_main_process:
+            from sdlora.train.outputs import save_loras
+
+            diffusers_file, kohya_file = save_loras(run, run.plan.out_dir, unwrap_for_good=True)
+            run.accelerator.print(f"saved {diffusers_file} and {kohya_file} after {step} steps")
     run.accelerator.wait_for_everyone()
     _release_wrappers(run)
     run.accelerator.end_training()

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from sdlora import layout
 from sdlora.config import Config
-from sdlora.train import staging
+from sdlora.train import fsdp, staging
 from sdlora.train.methods.base import Build, Method
 from sdlora.train.state import Plan, Run
 
@@ -28,20 +28,28 @@ def make_accelerator(config: Config, precision: str) -> Any:
     # train several times in one process), keeping the distributed set-up.
     AcceleratorState._reset_state()
     # The LR schedule is stepped by hand once per optimisation step, whatever the number of processes.
-    return Accelerator(
+    accelerator = Accelerator(
         mixed_precision=precision,
         gradient_accumulation_steps=config.train.grad_accum,
         step_scheduler_with_optimizer=False,
     )
+    fsdp.enable_on_cpu(accelerator)
+    fsdp.check(config, accelerator)  # an FSDP config's refusals, before any model loads
+    return accelerator
 
 
 def setup(config: Config, plan: Plan, accelerator: Any) -> Run:
     """Load the base, make class images, attach LoRA, cache latents/text, build and prepare the optimizer."""
     import torch
 
+    from sdlora.train import checkpoint
     from sdlora.train.offload import check_accelerator
 
-    check_accelerator(config.train.offload_blocks, str(accelerator.distributed_type))
+    tc = config.train
+    check_accelerator(tc.offload_blocks, str(accelerator.distributed_type))
+    note = checkpoint.check_resumed_batch(plan.out_dir, plan.resume_from, tc.batch_size, accelerator.num_processes)
+    if note:
+        accelerator.print(note)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(plan.precision, torch.float32)
     cached = staging.encode_first(config, plan, accelerator, weight_dtype)  # Flux: T5, CLIP before the transformer
     pipe, info = load_base(config, accelerator, weight_dtype)
@@ -66,7 +74,8 @@ def setup_pipeline(
     active = methods.active(config.train)
     objective = build_objective(config.train, family, pipe, accelerator.device, active)
     staged = staging.staged_parts(config, family)  # in CPU RAM, on the device only to be cached
-    late = [family.denoiser] if staged else []  # the denoiser joins the device once they have left it
+    # The denoiser joins the device once they have left it; under FSDP, as its shards (accelerator.prepare).
+    late = [family.denoiser] if staged or fsdp.sharded(accelerator) else []
     peft.check_exportable(config.lora, getattr(pipe, family.denoiser), family)  # before class images
     cached = cached or staging.encode_apart(config, plan, pipe, family, accelerator, pipe.vae.dtype)
     text_cache = staging.use(pipe, family, cached)  # renders read the cache; None unless a staged family
@@ -85,7 +94,7 @@ def setup_pipeline(
     build.batches = build_batches(config, plan, pipe, family, build.classes, accelerator, objective, staged, text_cache)
     for method in active:  # the masks, output preservation's class prompts
         method.with_batches(build)
-    for name in late:
+    for name in late if not fsdp.sharded(accelerator) else []:
         getattr(pipe, name).to(accelerator.device)
     blocks = offload.state_of(getattr(pipe, family.denoiser))
     if blocks is not None:  # the offloaded blocks' LoRA, made on the CPU, to the device; a frozen adapter's, home
@@ -118,16 +127,19 @@ def prepare_training(
     groups = param_groups(tc, denoiser, encoders)
     for method in active:  # pivotal tuning's rows: after the LoRA groups, which then leave them out
         groups += method.param_groups(build.states.get(method.name), tc)
-    params = [p for g in groups for p in g["params"]]
     optimizer, lr_scheduler = build_optimization(groups, tc, cuda=accelerator.device.type == "cuda")
     models = {family.denoiser: denoiser} | encoders
     checkpoint.register_hooks(accelerator, models, accelerator.unwrap_model)
     offload.ignore_in_ddp(offload.state_of(denoiser), denoiser)  # frozen weights in CPU RAM: not DDP's
     prepared = accelerator.prepare(*models.values(), optimizer, lr_scheduler)
     denoiser, optimizer, lr_scheduler = prepared[0], prepared[-2], prepared[-1]
+    params = [p for g in optimizer.param_groups for p in g["params"]]  # FSDP: its sharded ones, in the same order
+    fsdp.report(accelerator, denoiser, family.denoiser_label)
     start_step = 0
     if plan.resume_from is not None:
-        start_step = resume_state(accelerator, plan.resume_from, optimizer, lr_scheduler, [g["lr"] for g in groups])
+        load = fsdp.loader(accelerator, family.denoiser, denoiser, optimizer, lr_scheduler)  # None: load_state
+        rates = [g["lr"] for g in groups]
+        start_step = resume_state(accelerator, plan.resume_from, optimizer, lr_scheduler, rates, load)
         for method in active:  # e.g. pivotal tuning's rows and pivot step
             method.resume(build.states.get(method.name), plan.resume_from, plan.name)
     # The family's own defaults (a training shift) stay unset in the run files, to apply again at a resume.
@@ -170,14 +182,16 @@ def param_groups(tc: TrainConfig, denoiser: Any, encoders: dict[str, Any]) -> li
     return groups
 
 
-def resume_state(accelerator: Any, folder: Path, optimizer: Any, lr_scheduler: Any, rates: list[float]) -> int:
-    """Load a checkpoint's state; the learning rates of this run's settings replace the saved ones (a resume may
-    lower them). Returns the checkpoint's step."""
+def resume_state(
+    accelerator: Any, folder: Path, optimizer: Any, lr_scheduler: Any, rates: list[float], load: Any = None
+) -> int:
+    """Load a checkpoint's state (with `load`, else accelerator.load_state); the learning rates of this run's
+    settings replace the saved ones (a resume may lower them). Returns the checkpoint's step."""
     from sdlora.errors import SdloraError
     from sdlora.train import checkpoint
 
     try:
-        accelerator.load_state(str(folder))
+        (load or accelerator.load_state)(str(folder))
     except (OSError, RuntimeError, ValueError, KeyError, EOFError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise SdloraError(
@@ -195,7 +209,8 @@ def load_base(config: Config, accelerator: Any, weight_dtype: Any) -> tuple[Any,
     pipe = staging.load_base(config, weight_dtype)  # a staged family's frozen text encoders load later, alone
     info = models.model_info(pipe)
     staged = staging.staged_parts(config, info.spec)
-    cpu = [*staged, info.spec.denoiser] if staged else []  # setup_pipeline moves them when their turn comes
+    # setup_pipeline moves them when their turn comes (FSDP's prepare moves the denoiser's shards).
+    cpu = [*staged, info.spec.denoiser] if staged or fsdp.sharded(accelerator) else []
     own_vae = config.model.vae is not None
     place_base(pipe, info, accelerator, own_vae, keep_on_cpu=cpu, offload_blocks=config.train.offload_blocks)
     return pipe, info

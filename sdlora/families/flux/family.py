@@ -13,7 +13,7 @@ from typing import Any
 from sdlora.errors import UsageError
 from sdlora.families import Conditioning
 from sdlora.families.comfyui import ComfyParts, checkpoint_file, loader
-from sdlora.families.flow import cached_rows, denoiser_config
+from sdlora.families.flow import cached_rows, denoiser_config, model_class
 from sdlora.families.flux.keys import BFL_MARKER, bfl_module
 from sdlora.families.sd.family import TEXT_ENCODER_ATTENTION, one_prefix_each
 
@@ -94,7 +94,7 @@ class Flux:
     def claims(self, pipe: Any) -> bool:
         transformer = getattr(pipe, "transformer", None)
         config = getattr(transformer, "config", None)
-        return type(transformer).__name__ == "FluxTransformer2DModel" and hasattr(config, "pooled_projection_dim")
+        return model_class(transformer) == "FluxTransformer2DModel" and hasattr(config, "pooled_projection_dim")
 
     def claims_checkpoint(self, keys: set[str]) -> bool:
         return any(key.endswith(BFL_MARKER) for key in keys) and not any("single_stream_modulation" in k for k in keys)

@@ -18,7 +18,14 @@ from typing import Any
 from sdlora.errors import SdloraError, UsageError
 from sdlora.families import Conditioning
 from sdlora.families.comfyui import ComfyParts, checkpoint_file, loader, true_cfg
-from sdlora.families.flow import UNSHIFTED, cached_rows, denoiser_config, kohya_flow_metadata, unshifted_sampling
+from sdlora.families.flow import (
+    UNSHIFTED,
+    cached_rows,
+    denoiser_config,
+    kohya_flow_metadata,
+    model_class,
+    unshifted_sampling,
+)
 from sdlora.families.klein import keys
 
 # peft matches a string target against the whole module path. 'attention' is what diffusers' klein script trains:
@@ -129,7 +136,7 @@ class Klein:
         transformer = getattr(pipe, "transformer", None)
         config = getattr(transformer, "config", None)
         # FLUX.2 [dev] has a guidance embedding (and a Mistral text encoder): not this family.
-        return type(transformer).__name__ == "Flux2Transformer2DModel" and not getattr(config, "guidance_embeds", True)
+        return model_class(transformer) == "Flux2Transformer2DModel" and not getattr(config, "guidance_embeds", True)
 
     def claims_checkpoint(self, keys_: set[str]) -> bool:
         return keys.claims(keys_)

@@ -19,7 +19,14 @@ from typing import Any
 from sdlora.errors import SdloraError, UsageError
 from sdlora.families import Conditioning, pipeline_class
 from sdlora.families.comfyui import ComfyParts, baked_lora_state, checkpoint_file, loader, true_cfg
-from sdlora.families.flow import UNSHIFTED, cached_rows, denoiser_config, kohya_flow_metadata, unshifted_sampling
+from sdlora.families.flow import (
+    UNSHIFTED,
+    cached_rows,
+    denoiser_config,
+    kohya_flow_metadata,
+    model_class,
+    unshifted_sampling,
+)
 from sdlora.families.qwenimage import keys
 
 # peft name suffixes: the image stream's attention, as diffusers' Qwen-Image script targets it; 'all' adds the text
@@ -112,7 +119,7 @@ class QwenImage:
 
     def claims(self, pipe: Any) -> bool:
         transformer = getattr(pipe, "transformer", None)
-        if type(transformer).__name__ != "QwenImageTransformer2DModel":
+        if model_class(transformer) != "QwenImageTransformer2DModel":
             return False
         config = denoiser_config(transformer)
         # Edit-2511 conditions its reference tokens at t = 0; Layered has its own RoPE and timestep conditioning.

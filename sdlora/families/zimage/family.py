@@ -14,7 +14,7 @@ from typing import Any
 from sdlora.errors import UsageError
 from sdlora.families import Conditioning
 from sdlora.families.comfyui import ComfyParts, baked_lora_state, checkpoint_file, loader
-from sdlora.families.flow import cached_rows, kohya_flow_metadata
+from sdlora.families.flow import cached_rows, kohya_flow_metadata, model_class
 from sdlora.families.zimage import keys
 
 # peft name suffixes: every attention (main layers and both refiners, as diffusers' Z-Image script targets them);
@@ -67,7 +67,7 @@ class ZImage:
         transformer = getattr(pipe, "transformer", None)
         config = getattr(transformer, "config", None)
         omni = getattr(config, "siglip_feat_dim", None) is not None  # Z-Image-Omni takes image features too
-        return type(transformer).__name__ == "ZImageTransformer2DModel" and hasattr(config, "cap_feat_dim") and not omni
+        return model_class(transformer) == "ZImageTransformer2DModel" and hasattr(config, "cap_feat_dim") and not omni
 
     def claims_checkpoint(self, keys_: set[str]) -> bool:
         return keys.claims(keys_)
