@@ -230,9 +230,9 @@ def run_case(case: str, workdir: Path, steps: int, seeds: int) -> dict[str, Any]
         logging.getLogger().removeHandler(collect)
     lora_keys = load_file(str(out / "me.safetensors"))
     not_loaded = [m for m in collect.messages if m.startswith("lora key not loaded")]
-    weights = weight_diffs(comfy["_weights"], load_file(str(ckpts / ckpt_name)), root / "merged.st")
 
     ours, sampling = sdlora_render(base, out / "pytorch_lora_weights.safetensors", config, items, root / "merged.st")
+    weights = weight_diffs(comfy["_weights"], load_file(str(ckpts / ckpt_name)), root / "merged.st")
     latent = [1, 4] + [sampling.height // 8, sampling.width // 8]
     if case == "toy":
         latent[2:] = [sampling.height // 4, sampling.width // 4]

@@ -7,7 +7,8 @@ with SD's fixed channels and 32-group norms. For a tiny checkpoint (`tiny_loadin
 - the model class of the family (SD15 / SD20) over the UNet config ComfyUI itself detected from the file;
 - CLIP from the same file, with the tiny text encoder's transformers config as its `textmodel_json_config`;
 - the VAE's channels, and the group count of GroupNorm where the tiny model has no 32 groups;
-- the latent scale of the tiny VAE (`scaling_factor`), where SD's is 0.18215.
+- the latent scale of the tiny VAE (`scaling_factor`), where SD's is 0.18215;
+- EmptyLatentImage at the VAE's own downsampling (the toy base's is 4x; ComfyUI's node divides by 8).
 Everything else (the checkpoint and LoRA loaders, key mapping, weight patching, text encoding, KSampler and its
 samplers and schedules, VAE decoding) is ComfyUI's own code, run node by node in the workflow's link order
 (`execute`): the API-format graph is what ComfyUI's server would get; its executor adds caching and a queue.
@@ -125,13 +126,23 @@ def tiny_loading(family: str, folder: Path, workdir: Path) -> Iterator[None]:
             original_vae(self, sd=sd, device=device, config={"params": params}, dtype=dtype, metadata=metadata)
         self.downscale_ratio = self.upscale_ratio = 2 ** (len(channels) - 1)
 
+    import nodes
+
+    factor = 2 ** (len(vae["block_out_channels"]) - 1)
+    original_latent = nodes.EmptyLatentImage.generate
+
+    def empty_latent(self, width, height, batch_size=1):  # ComfyUI's divides by 8; the toy VAE downsamples 4x
+        return ({"samples": torch.zeros([batch_size, 4, height // factor, width // factor])},)
+
     comfy.model_detection.model_config_from_unet = detect
     comfy.sd.VAE.__init__ = vae_init
+    nodes.EmptyLatentImage.generate = empty_latent
     try:
         yield
     finally:
         comfy.model_detection.model_config_from_unet = original_detect
         comfy.sd.VAE.__init__ = original_vae
+        nodes.EmptyLatentImage.generate = original_latent
 
 
 def node_classes() -> dict[str, Any]:
