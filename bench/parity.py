@@ -1,0 +1,316 @@
+"""Parity: a LoRA trained by sdlora, rendered by sdlora and by ComfyUI's own code from the run's NAME.comfyui.json.
+
+ComfyUI is never a dependency of sdlora: export upstream ComfyUI outside the repo and run this with a Python that
+has our stack plus ComfyUI's requirements (torchsde, scipy; torchvision is stubbed while comfy imports):
+
+    git -C /work/.mirror/Comfy-Org+ComfyUI/repo archive HEAD | tar -x -C /tmp/comfyui   # (or cat-file each blob)
+    PYTHONPATH=$PWD:$PWD/bench nice -n 15 /tmp/comfy-venv/bin/python bench/parity.py --comfyui /tmp/comfyui \
+        --case toy tiny-sd1 --json docs/bench-results/parity.json
+
+Per case: the base saved as a diffusers folder and as the single file ComfyUI loads (the family's
+save_single_file); `sdlora train` (CLI, a few steps, LoRA on UNet and text encoder, rank 8 / alpha 4,
+`train.sample_like = "comfyui"`); then
+- ComfyUI: the run's workflow file executed node by node by ComfyUI's node classes (bench/parity_comfy.py:
+  CheckpointLoaderSimple, LoraLoader with the run's NAME.safetensors, CLIPTextEncode, KSampler, VAEDecode);
+- sdlora: `render_images` with the run's sample settings (Sampling.for_training), the LoRA loaded as `generate`
+  loads it, the same prompts and seeds;
+- diffusers: the base pipeline with `load_lora_weights` of NAME.safetensors (the file ComfyUI reads) rendered the
+  same way.
+Reported: LoRA keys ComfyUI used / keys in the file; the largest difference between ComfyUI's patched weights and
+sdlora's merged weights (diffusers fuse_lora, written by the family's single-file writer under the checkpoint's
+names); whether ComfyUI's initial noise equals sdlora's (torch.randn of the latent shape from each seed: both draw
+it so); the images' max / mean absolute difference in [0, 1] (8-bit, as saved); for the toy base the toy world's
+identity reading of both renders (exact subject share, attribute agreement).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+STEPS = 40
+SEEDS = 4
+PROMPT = "a photo of sks person"
+CASES = {
+    "toy": "SD 1.x toy base (sdlora/demo/identity-base.safetensors: UNet 32-64-64, CLIP width 64, 4x VAE)",
+    "tiny-sd1": "SD 1.x tiny test pipeline (sdlora.testing: UNet 32-64, CLIP width 32, 8x VAE)",
+}
+
+
+def base_folder(case: str, folder: Path) -> Path:
+    from sdlora import testing
+    from sdlora.demo.base import restore_packaged
+
+    return restore_packaged(folder) if case == "toy" else testing.save_tiny_pipeline("sd1", folder)
+
+
+def dataset(folder: Path) -> Path:
+    """The toy subject's 64 px renders with captions and prep's config.json: a dataset `sdlora train` reads."""
+    from sdlora.demo import toy
+
+    toy.write_subject_photos(folder / "photos")
+    folder.mkdir(exist_ok=True)
+    for path in sorted((folder / "photos").glob("*.png")):
+        shutil.copy(path, folder / path.name)
+        (folder / path.with_suffix(".txt").name).write_text(PROMPT, encoding="utf-8")
+    (folder / "config.json").write_text(json.dumps({"prep": {"token": "sks", "class_word": "person"}}))
+    return folder
+
+
+def train(data: Path, base: Path, out: Path, steps: int, seeds: int) -> None:
+    from typer.testing import CliRunner
+
+    from sdlora.cli import app
+
+    args = [
+        "train", str(data), str(out), "--base", str(base), "--steps", str(steps), "--resolution", "64",
+        "--rank", "8", "--alpha", "4", "--lr", "3e-3", "--train-text-encoder", "--text-encoder-lr", "1e-3",
+        "--sample-every", str(steps), "--eval-every", "0", "--name", "me", "--no-pivotal", "--preservation", "none",
+        "--set", "train.sample_steps=20", "--set", "generate.cfg=4.0", "--set", "train.sample_like='comfyui'",
+        "--set", f"train.sample_prompts={[PROMPT] * seeds!r}", "--set", "lora.targets='all'",
+    ]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    if result.exit_code != 0:
+        raise SystemExit(f"train failed:\n{result.output}")
+
+
+def samples(workflow: dict[str, Any]) -> list[tuple[str, int, str]]:
+    """(prompt, seed, SaveImage prefix) of each image of an API-format workflow, in order."""
+    out = []
+    for spec in workflow.values():
+        if spec["class_type"] != "SaveImage":
+            continue
+        sampler = workflow[workflow[spec["inputs"]["images"][0]]["inputs"]["samples"][0]]["inputs"]
+        prompt = workflow[sampler["positive"][0]]["inputs"]["text"]
+        out.append((prompt, sampler["seed"], spec["inputs"]["filename_prefix"]))
+    return out
+
+
+def to_array(image: Any) -> np.ndarray:
+    """A PIL image or ComfyUI's (1, H, W, 3) tensor as SaveImage writes it: uint8 (H, W, 3)."""
+    if hasattr(image, "convert"):
+        return np.asarray(image.convert("RGB"))
+    return np.clip(255.0 * image[0].float().numpy(), 0, 255).astype(np.uint8)
+
+
+def image_diff(a: list[np.ndarray], b: list[np.ndarray]) -> dict[str, float]:
+    diffs = [np.abs(x.astype(float) - y.astype(float)) / 255.0 for x, y in zip(a, b, strict=True)]
+    return {"max": float(max(d.max() for d in diffs)), "mean": float(np.mean([d.mean() for d in diffs]))}
+
+
+def identity(images: list[np.ndarray]) -> dict[str, Any]:
+    """The toy world's reading against the demo's subject: exact share and attribute agreement."""
+    from PIL import Image
+
+    from sdlora.demo import toy
+    from sdlora.faces import toyworld as world
+
+    readings = [world.read(Image.fromarray(i)) for i in images]
+    exact = sum(r.valid and r.identity == toy.SUBJECT for r in readings)
+    agreement = sum(world.agreement(r.identity, toy.SUBJECT) for r in readings) / len(readings)
+    return {"exact": f"{exact}/{len(images)}", "agreement": round(agreement, 3)}
+
+
+def sdlora_render(base: Path, lora: Path, config: Any, items: list[tuple[str, int, str]], fuse: Path | None):
+    """sdlora's images (generate's loading, render_images); with `fuse`, the merged weights written there."""
+    from sdlora import families
+    from sdlora.generate.render import Sampling, load_for_rendering, render_images
+    from sdlora.lora.files import Lora
+    from sdlora.settings import ModelConfig
+
+    pipe, family, adapters = load_for_rendering(ModelConfig(base=str(base)), [Lora(lora, 1.0, "me")])
+    sampling = Sampling.for_training(config)
+    images = render_images(pipe, [p for p, _, _ in items], [s for _, s, _ in items], sampling)
+    if fuse is not None:
+        pipe.fuse_lora(adapter_names=adapters, lora_scale=1.0)
+        pipe.unload_lora_weights()
+        families.detect(pipe).save_single_file(pipe, fuse)
+    return [to_array(i) for i in images], sampling
+
+
+def diffusers_render(base: Path, lora: Path, sampling: Any, items: list[tuple[str, int, str]]) -> list[np.ndarray]:
+    """diffusers alone: from_pretrained, load_lora_weights(lora), sdlora's render settings."""
+    from diffusers import StableDiffusionPipeline
+
+    from sdlora.generate.render import render_images
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(base), safety_checker=None, requires_safety_checker=False)
+    pipe.load_lora_weights(str(lora.parent), weight_name=lora.name)
+    pipe.set_progress_bar_config(disable=True)
+    return [to_array(i) for i in render_images(pipe, [p for p, _, _ in items], [s for _, s, _ in items], sampling)]
+
+
+def weight_diffs(theirs: dict[str, tuple[Any, Any]], base: dict[str, Any], merged_file: Path) -> dict[str, Any]:
+    """ComfyUI's patched weights against sdlora's merged ones (`merged_file`, checkpoint names), per model: the
+    largest difference of the weights, and of the weight changes (each against its own base weight: ComfyUI holds
+    CLIP in fp16, so its CLIP weights differ from ours by fp16 rounding before any LoRA)."""
+    from safetensors.torch import load_file
+
+    merged = load_file(str(merged_file))
+    out: dict[str, Any] = {"weights_patched": len(theirs)}
+    for label, prefix in (("unet", "model.diffusion_model."), ("text_encoder", "cond_stage_model.")):
+        keys = [k for k in theirs if k.startswith(prefix)]
+        if not keys:
+            continue
+        full = max((theirs[k][1] - merged[k].float()).abs().max().item() for k in keys)
+        change = max(
+            ((theirs[k][1] - theirs[k][0]) - (merged[k].float() - base[k].float())).abs().max().item() for k in keys
+        )
+        largest = max((merged[k].float() - base[k].float()).abs().max().item() for k in keys)
+        out[label] = {"weights": len(keys), "max_weight_diff": full, "max_change_diff": change, "max_change": largest}
+    return out
+
+
+def recheck_weights(root: Path) -> dict[str, Any]:
+    """weight_diffs for a case folder kept by --keep (its checkpoint, LoRA and merged.st), without training or
+    rendering again: ComfyUI's CheckpointLoaderSimple and LoraLoader only."""
+    import parity_comfy
+
+    workflow = json.loads((root / "out/me.comfyui.json").read_text())
+    ckpt_name = workflow["1"]["inputs"]["ckpt_name"]
+    with parity_comfy.tiny_loading("sd1", root / "base", root):
+        sub = {"1": workflow["1"]}
+        sub["2"] = {"class_type": "LoraLoader", "inputs": {
+            "lora_name": "me.safetensors", "strength_model": 1.0, "strength_clip": 1.0, "model": ["1", 0],
+            "clip": ["1", 1]}}  # fmt: skip
+        saved = parity_comfy.execute(sub, {"checkpoints": root / "checkpoints", "loras": root / "out"})
+    from safetensors.torch import load_file
+
+    return weight_diffs(saved["_weights"], load_file(str(root / "checkpoints" / ckpt_name)), root / "merged.st")
+
+
+class Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def run_case(case: str, workdir: Path, steps: int, seeds: int) -> dict[str, Any]:
+    import parity_comfy
+    import torch
+    from safetensors.torch import load_file
+
+    from sdlora.comfyui.workflow import problems
+    from sdlora.config import Config
+
+    started = time.time()
+    root = workdir / case
+    base = base_folder(case, root / "base")
+    ckpts = root / "checkpoints"
+    ckpts.mkdir(parents=True)
+    out = root / "out"
+    train(dataset(root / "data"), base, out, steps, seeds)
+    workflow = json.loads((out / "me.comfyui.json").read_text())
+    assert not problems(workflow), problems(workflow)
+    ckpt_name = workflow["1"]["inputs"]["ckpt_name"]  # the name the workflow asks ComfyUI's checkpoints folder for
+    from sdlora import testing
+
+    testing.write_single_file(base, ckpts / ckpt_name)
+    config = Config.model_validate_json((out / "config.json").read_text())
+    items = samples(workflow)
+
+    collect = Collect()
+    logging.getLogger().addHandler(collect)
+    try:
+        with parity_comfy.tiny_loading("sd1", base, root), parity_comfy.recorded_noise() as noise:
+            comfy = parity_comfy.execute(workflow, {"checkpoints": ckpts, "loras": out})
+    finally:
+        logging.getLogger().removeHandler(collect)
+    lora_keys = load_file(str(out / "me.safetensors"))
+    not_loaded = [m for m in collect.messages if m.startswith("lora key not loaded")]
+
+    ours, sampling = sdlora_render(base, out / "pytorch_lora_weights.safetensors", config, items, root / "merged.st")
+    weights = weight_diffs(comfy["_weights"], load_file(str(ckpts / ckpt_name)), root / "merged.st")
+    latent = [1, 4] + [sampling.height // 8, sampling.width // 8]
+    if case == "toy":
+        latent[2:] = [sampling.height // 4, sampling.width // 4]
+    noise_equal = all(
+        torch.equal(n, torch.randn(latent, generator=torch.Generator().manual_seed(seed))) for seed, n in noise
+    )
+    theirs = [to_array(comfy[prefix]) for _, _, prefix in items]
+    plain = diffusers_render(base, out / "me.safetensors", sampling, items)
+    result = {
+        "case": case,
+        "about": CASES[case],
+        "steps_trained": steps,
+        "sampling": {"sampler": sampling.scheduler, "steps": sampling.steps, "cfg": sampling.cfg},
+        "workflow_nodes": sorted({n["class_type"] for n in workflow.values()}),
+        "lora_keys_in_file": len(lora_keys),
+        "lora_keys_used": len(lora_keys) - len(not_loaded),
+        "not_loaded_examples": not_loaded[:3],
+        **weights,
+        "noise_equal": noise_equal and len(noise) == len(items),
+        "comfyui_vs_sdlora": image_diff(theirs, ours),
+        "diffusers_vs_sdlora": image_diff(plain, ours),
+        "seconds": round(time.time() - started, 1),
+    }
+    if case == "toy":
+        result["identity"] = {"sdlora": identity(ours), "comfyui": identity(theirs), "diffusers": identity(plain)}
+    with contextlib.suppress(Exception):
+        from PIL import Image
+
+        sheet = np.concatenate([np.concatenate(ours, 1), np.concatenate(theirs, 1)], 0)
+        Image.fromarray(sheet).save(workdir / f"parity-{case}.png")
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--comfyui", type=Path, required=True, help="a ComfyUI checkout (upstream)")
+    parser.add_argument("--case", nargs="+", choices=list(CASES), default=list(CASES))
+    parser.add_argument("--steps", type=int, default=STEPS)
+    parser.add_argument("--seeds", type=int, default=SEEDS, help="images per case (one sample prompt per seed)")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--keep", type=Path, help="work in this folder (kept) instead of a temporary one")
+    parser.add_argument("--recheck-weights", type=Path, help="only the weight comparison, for a --keep case folder")
+    options = parser.parse_args()
+    import parity_comfy
+
+    parity_comfy.import_comfy(options.comfyui)
+    if options.recheck_weights:
+        print(json.dumps(recheck_weights(options.recheck_weights), indent=2))
+        return
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = options.keep or Path(tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
+        for case in options.case:
+            results.append(run_case(case, workdir, options.steps, options.seeds))
+            print(json.dumps(results[-1], indent=2), flush=True)
+    print(table(results))
+    if options.json:
+        options.json.write_text(json.dumps(results, indent=2) + "\n")
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    head = "| case | keys used / total | max weight diff | ComfyUI vs sdlora image max / mean | diffusers vs sdlora "
+    head += "| identity sdlora / ComfyUI (exact, agreement) |\n|---|---|---|---|---|---|"
+    rows = [head]
+    for r in results:
+        c, d = r["comfyui_vs_sdlora"], r["diffusers_vs_sdlora"]
+        ident = r.get("identity")
+        who = f"{ident['sdlora']['exact']} {ident['sdlora']['agreement']:.2f} / " if ident else "n/a"
+        who += f"{ident['comfyui']['exact']} {ident['comfyui']['agreement']:.2f}" if ident else ""
+        w = f"UNet {r['unet']['max_weight_diff']:.1e}, CLIP {r['text_encoder']['max_weight_diff']:.1e} "
+        w += f"(change {r['text_encoder']['max_change_diff']:.1e})"
+        rows.append(
+            f"| {r['case']} | {r['lora_keys_used']} / {r['lora_keys_in_file']} | {w} "
+            f"| {c['max']:.3f} / {c['mean']:.4f} | {d['max']:.3f} / {d['mean']:.4f} | {who} |"
+        )
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    main()
