@@ -371,7 +371,7 @@ class GenerateConfig(Section):
         "best faces (manifest.jsonl) are picked; written back as the photos used.",
     )
     # The hosted image-edit API (`generate --engine openai`, which alone switches uploads on; its key is never a
-    # setting). It is sent the reference photos (up to 16; a folder: its first 3).
+    # setting). It is sent the reference photos (up to 16; a prepped dataset: its 3 best faces).
     api_model: str = Field("gpt-image-1", min_length=1, description="--engine openai: the image-edit model.")
     api_base_url: str | None = Field(
         None, description="--engine openai: server URL ending in /v1; unset: $OPENAI_BASE_URL, else OpenAI's."

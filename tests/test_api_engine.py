@@ -189,9 +189,12 @@ def test_failures_are_one_line(server, monkeypatch, photo, tmp_path, mode, key, 
 
 
 def test_local_only_options_are_refused_before_sending(server, monkeypatch, photo, tmp_path):
-    args = ["--engine", "openai", "--reference", str(photo), "--prompt", "p", "--keep-face", str(photo)]
+    args = ["--engine", "openai", "--reference", str(photo), "--prompt", "p", "--lora", str(photo)]
     result = _run(server, monkeypatch, [*args, "--out", str(tmp_path / "o")])
-    assert result.exit_code == 2 and "--keep-face needs a local model" in result.output
+    assert result.exit_code == 2 and "--lora needs a local model" in result.output
+    args = ["--engine", "openai", "--reference", str(photo), "--prompt", "p", "--keep-face", str(photo)]
+    result = _run(server, monkeypatch, [*args, "--out", str(tmp_path / "o")])  # a reference can't keep a face
+    assert result.exit_code == 2 and "can't give reference with keep_face" in result.output
     result = _run(server, monkeypatch, ["--engine", "openai", "--prompt", "p", "--out", str(tmp_path / "o")])
     assert result.exit_code == 2 and "needs --reference" in result.output
     result = _run(server, monkeypatch, ["--engine", "nope", "--prompt", "p", "--out", str(tmp_path / "o")])

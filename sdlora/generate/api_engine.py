@@ -67,7 +67,7 @@ def endpoint(config: Config, key: str | None, env_base_url: str | None) -> Endpo
         )
     base_url = config.generate.api_base_url or env_base_url or DEFAULT_BASE_URL
     if not base_url.startswith(("https://", "http://")):
-        raise UsageError(f"--api-base-url {printable(base_url)}: give an http(s) URL, e.g. {DEFAULT_BASE_URL}")
+        raise UsageError(f"generate.api_base_url {printable(base_url)}: give an http(s) URL, e.g. {DEFAULT_BASE_URL}")
     return Endpoint(base_url, key, config.generate.api_model)
 
 
@@ -89,17 +89,16 @@ def check_settings(config: Config) -> None:
 
 
 def reference_photos(paths: list[Path], limit: int = 3) -> list[Path]:
-    """The photos to send: the photos given (at most MAX_REFERENCES), or the first `limit` images of one folder (a
-    prep dataset: its manifest's order; otherwise sorted by name)."""
-    from sdlora.prep.manifest import confined, read_manifest
+    """The photos to send: the photos given (at most MAX_REFERENCES), or a prepped dataset's `limit` best faces
+    (the same choice as `generate --reference` on an edit model), or the first `limit` photos of a plain folder."""
+    from sdlora.generate.references import best_faces
 
     paths = [Path(p) for p in paths]
     if len(paths) == 1 and paths[0].is_dir():
         folder = paths[0]
         if (folder / layout.MANIFEST).is_file():
-            photos = [confined(folder, entry.image) for entry in read_manifest(folder)]
-        else:
-            photos = sorted(p for p in folder.iterdir() if p.suffix.lower() in layout.IMAGE_SUFFIXES and p.is_file())
+            return best_faces(folder, limit)
+        photos = sorted(p for p in folder.iterdir() if p.suffix.lower() in layout.IMAGE_SUFFIXES and p.is_file())
         if not photos:
             raise UsageError(f"--reference {printable(folder)}: no images in it; give photos or a folder of photos")
         return photos[:limit]

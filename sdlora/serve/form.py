@@ -35,6 +35,8 @@ MANAGED = {
     "generate.keep_face",
     "generate.init_image",
     "generate.reference",
+    "generate.api_model",
+    "generate.api_base_url",
     "generate.strength",
     "generate.save_steps",
     "generate.refiner",
