@@ -16,7 +16,7 @@ import typer
 
 from sdlora import __version__
 from sdlora.errors import BUG, Interrupted, SdloraError, describe, printable
-from sdlora.options import EVAL_OPTIONS, GENERATE_OPTIONS, PREP_OPTIONS, TRAIN_OPTIONS, settings_of
+from sdlora.options import EVAL_OPTIONS, GENERATE_OPTIONS, PREP_HELP, PREP_OPTIONS, TRAIN_OPTIONS, settings_of
 from sdlora.quiet import quiet_libraries
 
 app = typer.Typer(
@@ -164,6 +164,8 @@ def prep(
         typer.Option(help="Caption of photos without a .txt sidecar [default: a photo of {token} {class_word}]."),
     ] = None,
     workers: Annotated[int | None, typer.Option(help="Worker processes; 0 = one per CPU core [default: 0].")] = None,
+    captions: Annotated[str | None, typer.Option(help=PREP_HELP["captions"])] = None,
+    captioner: Annotated[str | None, typer.Option(help=PREP_HELP["captioner"])] = None,
     config_file: ConfigOpt = None,
     sets: SetOpt = None,
 ) -> None:

@@ -16,6 +16,15 @@ PREP_OPTIONS = {
     "min_images": "prep.min_images",
     "caption_template": "prep.caption_template",
     "workers": "prep.workers",
+    "captions": "prep.captions",
+    "captioner": "prep.captioner",
+}
+# Help texts of options whose full Annotated line would not fit one line of cli.py.
+PREP_HELP = {
+    "captions": "template|vlm|keep: the template, a vision-language model's captions, or each photo's IMG.txt "
+    "[default: template].",
+    "captioner": "With --captions vlm: hub id or folder of a vision-language model "
+    "[default: HuggingFaceTB/SmolVLM-Instruct].",
 }
 
 GENERATE_OPTIONS = {
