@@ -95,3 +95,43 @@ def person_metrics(readings: dict[str, list[world.Reading]], subject: world.Iden
         "person_edit": share(glasses, lambda r: is_person(r, subject) and r.identity.glasses),
         "trigger_glasses": share(valid, lambda r: r.identity.glasses),
     }
+
+
+METRICS = ("person", "person_bleed", "class_validity", "person_edit", "trigger_glasses", "validity")
+
+
+def table(rows: list[dict], seeds: int) -> str:
+    """Markdown: mean over subjects ± binomial standard error (sqrt(sum p(1-p)/seeds) / subjects) per (setting, step).
+    `trigger_glasses` is a share of the valid images, so its error is left out."""
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["setting"], row["step"]), []).append(row)
+    lines = ["| setting | step | subjects | " + " | ".join(METRICS) + " |", "|" + "---|" * (len(METRICS) + 3)]
+    for (setting, step), members in groups.items():
+        cells = []
+        for key in METRICS:
+            values = [m[key] for m in members if m.get(key) is not None]
+            if not values:
+                cells.append("-")
+                continue
+            mean = sum(values) / len(values)
+            error = (sum(v * (1 - v) / seeds for v in values) ** 0.5) / len(values)
+            cells.append(f"{100 * mean:.0f}%" if key == "trigger_glasses" else f"{100 * mean:.0f} ± {100 * error:.0f}%")
+        lines.append(f"| {setting} | {step} | {len(members)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """python -m bench.identity.captions RESULTS.json: the caption study's table with standard errors."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("results", type=Path)
+    args = parser.parse_args(argv)
+    results = json.loads(args.results.read_text())
+    print(table(results["rows"], results["scale"]["seeds"]))
+
+
+if __name__ == "__main__":
+    main()
