@@ -258,4 +258,4 @@ def test_the_toy_worlds_exact_captions_follow_the_policy():
     assert study.captions("trigger", photos, "a photo of sks person")[0] == ["a photo of sks person"] * 12
     row = {"setting": "captions=variable", "step": 300, "person": 0.5, "person_bleed": 0.0, "trigger_glasses": 0.25}
     lines = study.table([row, row | {"person": 0.7}], seeds=64).splitlines()
-    assert lines[2].startswith("| captions=variable | 300 | 2 | 60 ± 4% | 0 ± 0% | - | - | 25% |")
+    assert lines[2].startswith("| captions=variable | 300 | 2 | 60 ± 4% | 0 ± 0% | - | - | - | 25% |")

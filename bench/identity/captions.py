@@ -97,7 +97,8 @@ def person_metrics(readings: dict[str, list[world.Reading]], subject: world.Iden
     }
 
 
-METRICS = ("person", "person_bleed", "class_validity", "person_edit", "trigger_glasses", "validity")
+# glasses_rate (run.score): share of the "with glasses" images that are a valid person wearing glasses, anyone.
+METRICS = ("person", "person_bleed", "class_validity", "person_edit", "glasses_rate", "trigger_glasses", "validity")
 
 
 def table(rows: list[dict], seeds: int) -> str:

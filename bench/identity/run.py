@@ -367,7 +367,7 @@ def table(rows: list[dict]) -> str:
     keys = ["exact", "attribute_accuracy", "validity", "bleed", "class_validity", "fidelity", "glasses_rate"]
     keys += ["soft_agreement", "class_soft_agreement"]
     if any(row.get("captions") for row in rows):  # the caption study: the person-level metrics first
-        keys = ["person", "person_bleed", "class_validity", "person_edit", "trigger_glasses", "validity"]
+        keys = list(caption_study.METRICS)
     groups: dict[tuple[str, int], list[dict]] = {}
     for row in rows:
         groups.setdefault((row["setting"], row["step"]), []).append(row)
