@@ -129,9 +129,11 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("results", type=Path)
+    parser.add_argument("--subject", type=int, help="this subject's rows alone (default: the mean over subjects)")
     args = parser.parse_args(argv)
     results = json.loads(args.results.read_text())
-    print(table(results["rows"], results["scale"]["seeds"]))
+    rows = [r for r in results["rows"] if args.subject in (None, r["subject"])]
+    print(table(rows, results["scale"]["seeds"]))
 
 
 if __name__ == "__main__":
