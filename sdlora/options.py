@@ -16,8 +16,10 @@ PREP_OPTIONS = {
     "min_images": "prep.min_images",
     "caption_template": "prep.caption_template",
     "workers": "prep.workers",
+    "captions": "prep.captions",
+    "captioner": "prep.captioner",
 }
-
+# Help texts of options whose full Annotated line would not fit one line of cli.py.
 GENERATE_OPTIONS = {
     "base": "model.base",
     "allow_pickle": "model.allow_pickle",

@@ -17,6 +17,8 @@ MAX_RESOLUTION = 4096  # px: SDXL trains at 1024; 4096 is already 16x its memory
 MAX_SEED = 2**32 - 1  # A1111's range; torch takes 64-bit seeds, but seed + i must stay in range
 MAX_STEPS = 10_000_000
 MAX_IMAGES = 100_000  # images per prompt, class images, batch sizes
+# prep's default vision-language captioner (why this one: sdlora/prep/captioner.py).
+DEFAULT_CAPTIONER = "HuggingFaceTB/SmolVLM-Instruct"
 
 
 class Section(BaseModel):
@@ -69,6 +71,31 @@ class PrepConfig(Section):
     )
     workers: int = Field(0, ge=0, le=256, description="Parallel worker processes; 0 means one per CPU core.")
     overwrite: bool = Field(False, description="Replace the contents of a non-empty OUT_DIR.")
+    # Captions (issue 31): sdlora/prep/captioning.py, policy.py, captioner.py.
+    captions: Literal["template", "vlm", "keep"] = Field(
+        "template",
+        description="template: caption_template for photos without a .txt sidecar (a sidecar is kept); vlm: a "
+        "vision-language model describes each crop and caption_policy decides what the caption names (sidecars and "
+        "captions edited in OUT_DIR are kept); keep: every photo's own IMG.txt (a kept photo without one is an error).",
+    )
+    captioner: str = Field(
+        DEFAULT_CAPTIONER,
+        description="With captions = vlm: hub id or local folder of a vision-language model transformers loads "
+        "natively (AutoModelForImageTextToText, no remote code), e.g. Qwen/Qwen2.5-VL-3B-Instruct.",
+    )
+    caption_policy: Literal["variable", "full"] = Field(
+        "variable",
+        description="variable: name what varies across the set (clothing, setting, pose, glasses on some photos) and "
+        "leave out person features constant over the set (identity, learned by the trigger); full: name everything.",
+    )
+    caption_constant_share: float = Field(
+        0.75, gt=0.5, le=1.0, description="A person feature in at least this share of photos is constant (identity)."
+    )
+    caption_batch_size: int = Field(4, ge=1, le=256, description="Photos per captioner call.")
+    caption_max_tokens: int = Field(256, ge=8, le=4096, description="Longest answer the captioner may give, in tokens.")
+    caption_cache: str | None = Field(
+        None, description="Folder of cached captioner answers; unset: ~/.cache/sdlora/captions."
+    )
 
     _check_resolution = field_validator("resolution")(_multiple_of_8)
 

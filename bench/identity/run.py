@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.identity import base
+from bench.identity import captions as caption_study
 from sdlora.faces import toyworld as world
 
 TRIGGER = "sks person"
@@ -38,6 +39,7 @@ class Setting:
     lr: float = 3e-3
     options: tuple[tuple[str, Any], ...] = ()  # more sdlora settings ("train.masked_loss", True), ...
     label: str = ""  # the cell's name in tables and plots (default: its prior/te/rank/lr)
+    captions: str = ""  # a caption study variant (bench/identity/captions.py): varied photos with those captions
 
     @property
     def name(self) -> str:
@@ -89,7 +91,9 @@ METHODS = [
     _method("caption_dropout", train__caption_dropout=0.1),
     _method("text_encoder", text_encoder=True),
 ]
-GRIDS = {"reduced": REDUCED, "default": DEFAULT, "full": FULL, "methods": METHODS}
+# The caption study (issue 31): the plain LoRA on varied photos, captioned three ways.
+CAPTIONS = [Setting(False, False, rank=16, lr=3e-3, label=f"captions={v}", captions=v) for v in caption_study.VARIANTS]
+GRIDS = {"reduced": REDUCED, "default": DEFAULT, "full": FULL, "methods": METHODS, "captions": CAPTIONS}
 
 
 def combine(label: str) -> Setting:
@@ -180,10 +184,18 @@ def make_config(base_dir: Path, setting: Setting, scale: Scale, class_dir: Path 
 # ----------------------------------------------------------------------------------------------- the real commands
 
 
-def prep_subject(subject: world.Identity, work: Path, config: Any, scale: Scale, seed: int) -> Path:
+def prep_subject(subject: world.Identity, work: Path, config: Any, scale: Scale, seed: int, captions: str = "") -> Path:
+    """The subject's photos through `sdlora prep`; with a caption variant, varied photos with those captions."""
     from sdlora.prep.run import prep
 
-    photos = write_renders([subject] * scale.photos, work / "photos", seed)
+    if not captions:
+        photos = write_renders([subject] * scale.photos, work / "photos", seed)
+    else:
+        identities = caption_study.photo_set(subject, scale.photos)
+        photos = write_renders(identities, work / "photos", seed)
+        texts, decisions = caption_study.captions(captions, identities, PROMPTS["identity"])
+        caption_study.write_sidecars(photos, texts)
+        (work / "captions.json").write_text(json.dumps({"captions": texts, "decisions": decisions}, indent=1))
     prep(photos, work / "dataset", config, progress=False)
     if config.train.masked_loss:  # renders have no dlib face: masks from the renderer's known face and hair
         from bench.identity.masks import write_masks
@@ -249,6 +261,7 @@ def score(images: dict[str, list[Any]], subject: world.Identity) -> dict[str, An
         "glasses_rate": _share(glasses, lambda r: r.valid and r.identity.glasses),
         "glasses_validity": _share(glasses, lambda r: r.valid),
     }
+    result.update(caption_study.person_metrics({"identity": ident, "class": cls, "glasses": glasses}, subject))
     return result
 
 
@@ -275,7 +288,7 @@ def run_subject(
     """Prep, train and score one (subject, setting) on the prompts `keys`: one row per checkpoint."""
     classes = class_renders(subject, scale.class_images, work / "class", seed=7) if setting.prior else None
     config = make_config(base_dir, setting, scale, classes)
-    dataset = prep_subject(subject, work, config, scale, seed=11)
+    dataset = prep_subject(subject, work, config, scale, seed=11, captions=setting.captions)
     started = time.time()
     files = train_lora(config, dataset, work / "lora")
     train_s = time.time() - started
@@ -353,6 +366,8 @@ def table(rows: list[dict]) -> str:
     """Markdown table, one line per (setting, step), averaged over subjects."""
     keys = ["exact", "attribute_accuracy", "validity", "bleed", "class_validity", "fidelity", "glasses_rate"]
     keys += ["soft_agreement", "class_soft_agreement"]
+    if any(row.get("captions") for row in rows):  # the caption study: the person-level metrics first
+        keys = list(caption_study.METRICS)
     groups: dict[tuple[str, int], list[dict]] = {}
     for row in rows:
         groups.setdefault((row["setting"], row["step"]), []).append(row)

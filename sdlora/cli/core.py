@@ -144,6 +144,20 @@ def prep(
         typer.Option(help="Caption of photos without a .txt sidecar [default: a photo of {token} {class_word}]."),
     ] = None,
     workers: Annotated[int | None, typer.Option(help="Worker processes; 0 = one per CPU core [default: 0].")] = None,
+    captions: Annotated[
+        str | None,
+        typer.Option(
+            help="template|vlm|keep: the template, a vision-language model's captions, or each photo's IMG.txt "
+            "[default: template]."
+        ),
+    ] = None,
+    captioner: Annotated[
+        str | None,
+        typer.Option(
+            help="With --captions vlm: hub id or folder of a vision-language model "
+            "[default: HuggingFaceTB/SmolVLM-Instruct]."
+        ),
+    ] = None,
     config_file: ConfigOpt = None,
     sets: SetOpt = None,
 ) -> None:

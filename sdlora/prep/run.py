@@ -17,7 +17,7 @@ from sdlora.errors import SdloraError, UsageError, printable
 from sdlora.faces.dlib import face_distance
 from sdlora.fsutil import atomic_dir
 from sdlora.preflight import check_output_dir
-from sdlora.prep import captions, contact, crops, images
+from sdlora.prep import captioning, captions, contact, crops, images
 from sdlora.prep.examine import Photo, Settings, examine
 from sdlora.prep.manifest import MANIFEST, ManifestEntry, write_manifest
 from sdlora.prep.workers import pool as workers_pool
@@ -45,6 +45,7 @@ class Report:
 
     files: list[dict] = field(default_factory=list)
     kept: list[ManifestEntry] = field(default_factory=list)
+    captions: dict | None = None  # how captions were made and what they leave out (not with the template)
 
     @property
     def skipped(self) -> Counter:
@@ -59,7 +60,8 @@ class Report:
 
     def to_json(self) -> str:
         summary = {"kept": len(self.kept), "skipped": dict(sorted(self.skipped.items()))}
-        return json.dumps({"summary": summary, "files": self.files}, indent=2, ensure_ascii=False) + "\n"
+        extra = {"captions": self.captions} if self.captions else {}
+        return json.dumps({"summary": summary, **extra, "files": self.files}, indent=2, ensure_ascii=False) + "\n"
 
 
 def prep(photos_dir: Path, out_dir: Path, config: Config, *, fast: bool = True, progress: bool = True) -> Report:
@@ -71,18 +73,22 @@ def prep(photos_dir: Path, out_dir: Path, config: Config, *, fast: bool = True, 
     files = list_inputs(photos_dir)
     # Before the slow part: a read-only, full or file-blocked OUT_DIR fails now, not after every photo.
     check_output_dir(out_dir, "OUT_DIR", need=dataset_bytes(len(files), cfg.resolution, cfg.buckets))
+    captioning.check(cfg)  # --captions vlm: an unloadable captioner fails here, before any photo is processed
+    edited = captioning.edited_captions(out_dir) if cfg.captions == "vlm" else {}
     settings = Settings(
         cfg.crop, cfg.resolution, cfg.face_share, cfg.max_upscale, cfg.max_pixels, fast=fast, buckets=cfg.buckets
     )
     photos = _examine_all(files, settings, _workers(cfg.workers, len(files)), progress)
     photos = _decide(photos, cfg)
-    report = _report(photos, files, cfg, caption)
-    if len(report.kept) < cfg.min_images:
+    kept = [(photo, path) for photo, path in zip(photos, files, strict=True) if photo.reason is None]
+    if len(kept) < cfg.min_images:
+        report = _report(photos, files, captioning.Captioned([caption] * len(kept), ["template"] * len(kept)))
         raise SdloraError(
             f"only {len(report.kept)} of {len(files)} photos in {printable(photos_dir)} are usable, fewer than "
             f"--min-images {cfg.min_images}; add more clear photos of one person (or lower --min-images).\n"
             + report.summary()
         )
+    report = _report(photos, files, captioning.caption_kept(kept, cfg, caption, edited, progress))
     _write(out_dir, report, photos, config)
     return report
 
@@ -98,23 +104,25 @@ def dataset_bytes(photos: int, resolution: int, buckets: bool) -> int:
     takes about a third of that). It may exceed what prep writes (PNG and JPEG compress), never fall short."""
     pixels = max(w * h for w, h in crops.buckets(resolution)) if buckets else resolution**2
     crop = 4 * pixels + 4 * resolution + 1024  # RGB + L mask, PNG's filter byte a row and headers
-    sheet = math.prod(contact.sheet_size(photos, 1))  # kept and skipped rows: at most one more than all kept
+    # Kept and skipped rows (at most one more than all kept), with captions under the kept ones.
+    sheet = math.prod(contact.sheet_size(photos, 1, contact.CAPTION_LINES))
     return photos * (crop + PER_PHOTO_TEXT) + sheet + DATASET_FIXED
 
 
-def _report(photos: list[Photo], files: list[Path], cfg: PrepConfig, caption: str) -> Report:
-    """Manifest entries for the kept photos (numbered in name order) and every file's fate."""
-    report = Report()
+def _report(photos: list[Photo], files: list[Path], captioned: captioning.Captioned) -> Report:
+    """Manifest entries for the kept photos (numbered in name order, with `captioned`'s captions in that order) and
+    every file's fate; each kept file's caption and where it came from too, unless captions are the template's."""
+    report = Report(captions=captioned.report)
+    texts, sources = iter(captioned.texts), iter(captioned.sources)
     for photo, path in zip(photos, files, strict=True):
         if photo.reason is not None:
             report.files.append(
                 {"file": photo.name, "status": "skipped", "reason": photo.reason, "message": photo.message}
             )
             continue
-        text = captions.read_sidecar(path)
         entry = ManifestEntry(
             image=f"images/{len(report.kept):04d}.png",
-            caption=captions.with_trigger(text, cfg.token, cfg.class_word) if text else caption,
+            caption=next(texts),
             source=printable(path),
             source_sha256=photo.sha256,
             source_size=photo.size,
@@ -127,6 +135,9 @@ def _report(photos: list[Photo], files: list[Path], cfg: PrepConfig, caption: st
         )
         report.kept.append(entry)
         report.files.append({"file": photo.name, "status": "kept", "image": entry.image})
+        source = next(sources)
+        if captioned.report:
+            report.files[-1] |= {"caption": entry.caption, "caption_source": source}
     return report
 
 
@@ -351,6 +362,9 @@ def _write(out_dir: Path, report: Report, photos: list[Photo], config: Config) -
         write_manifest(tmp / MANIFEST, report.kept)
         (tmp / layout.REPORT).write_text(report.to_json(), encoding="utf-8")
         skipped = [(f"{p.reason}: {p.name}", p.thumb) for p in photos if p.reason is not None]
-        sheet = contact.contact_sheet([(p.name, p.thumb) for p in kept_photos], skipped)
+        labels = [e.caption for e in report.kept] if report.captions else [p.name for p in kept_photos]
+        lines = contact.CAPTION_LINES if report.captions else 1
+        kept_tiles = [(label, p.thumb) for label, p in zip(labels, kept_photos, strict=True)]
+        sheet = contact.contact_sheet(kept_tiles, skipped, lines=lines)
         (tmp / layout.CONTACT_SHEET).write_bytes(sheet)
         save(config, tmp / layout.CONFIG_JSON)
