@@ -1,4 +1,4 @@
-"""The one typed config: the sections (sdlora/settings.py) together, loading with precedence, the checks across
+"""The one typed config: the sections (sdlora/settings/) together, loading with precedence, the checks across
 sections, saving.
 
 Precedence, lowest first: field defaults < TOML file (`--config`) < explicit CLI options < `--set key=value`.
