@@ -14,7 +14,10 @@ from sdlora.serve.workspace import CAPTION_SUFFIXES, PHOTO_SUFFIXES, Workspace
 
 
 def photos_tab(ws: Workspace) -> dict[str, Any]:
-    gr.Markdown("Upload photos of one person (or pick a folder under `photos/`), then **Prepare**.")
+    gr.Markdown(
+        "**1. Photos**: upload 10-30 photos of one person (or pick a folder under `photos/`), choose the trigger word "
+        "that will stand for them in prompts, then **Prepare**: faces are found, cropped and captioned."
+    )
     with gr.Row():
         upload = gr.File(
             label="photos (JPEG, PNG, WebP, HEIC, ...; .txt captions beside them are read)",
@@ -24,10 +27,11 @@ def photos_tab(ws: Workspace) -> dict[str, Any]:
         )
         with gr.Column():
             photo_set = gr.Dropdown(label="or a folder under photos/", choices=[], value=None, elem_id="photo-set")
+            with gr.Row():
+                token = gr.Textbox(label="trigger word (the person in prompts)", value="sks", elem_id="trigger")
+                class_word = gr.Textbox(label="class word", value="person")
             name = gr.Textbox(label="name of the new photo set and dataset", value="me", elem_id="dataset-name")
             with gr.Row():
-                token = gr.Textbox(label="token", value="sks")
-                class_word = gr.Textbox(label="class word", value="person")
                 resolution = gr.Number(label="resolution", value=512, precision=0, elem_id="prep-resolution")
             prepare = gr.Button("Prepare", variant="primary", elem_id="prepare")
     status = gr.Textbox(label="status", interactive=False, elem_id="photos-status")
@@ -89,7 +93,16 @@ def photos_tab(ws: Workspace) -> dict[str, Any]:
         return (f"saved {view.summary()}", *shown(view))
 
     outputs = [status, kept, dropped, reasons, edits, dataset]
-    prepare.click(on_prepare, [upload, photo_set, name, token, class_word, resolution], outputs)
+    done = {
+        prepare: prepare.click(on_prepare, [upload, photo_set, name, token, class_word, resolution], outputs),
+        save: save.click(on_save, [dataset, edits, new_name], outputs),
+    }
     dataset.input(on_show, [dataset], outputs)
-    save.click(on_save, [dataset, edits, new_name], outputs)
-    return {"prepare": prepare, "save": save, "dataset": dataset, "photo_set": photo_set}
+    return {
+        "prepare": prepare,
+        "save": save,
+        "dataset": dataset,
+        "photo_set": photo_set,
+        "status": status,
+        "done": done,
+    }
