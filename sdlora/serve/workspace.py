@@ -132,7 +132,7 @@ class Workspace:
         """Local base models: folders and .safetensors files in models/ (workspace-relative) and in the --models
         folder (absolute). Links are followed and kept only where they lead into one of the two."""
         found = []
-        for top, shown in ((self.root / "models", self.relative), (self.models, str)):
+        for top, shown in ((self.root / "models", lambda p: f"models/{p.name}"), (self.models, str)):
             for entry in sorted(top.iterdir()) if top is not None else []:  # models/ gone: a one-line error
                 if entry.name.startswith(".") or not (entry.is_dir() or entry.suffix == ".safetensors"):
                     continue
@@ -140,7 +140,7 @@ class Workspace:
                     self.model_path(entry)
                 except UsageError:
                     continue
-                found.append(shown(top / entry.name) if top == self.models else shown(entry))
+                found.append(shown(entry))
         return found
 
     def model_path(self, path: Path) -> Path:
