@@ -7,6 +7,8 @@ tab_*) and `launch` import gradio.
 
 from __future__ import annotations
 
+from typing import Any
+
 import gradio as gr
 
 from sdlora import __version__
@@ -19,7 +21,7 @@ from sdlora.serve.tab_photos import photos_tab
 from sdlora.serve.tab_runs import runs_tab
 from sdlora.serve.tab_studio import eval_tab, generate_tab
 from sdlora.serve.tab_train import train_tab
-from sdlora.serve.workspace import Workspace
+from sdlora.serve.workspace import Workspace, sanitise_name
 
 __all__ = ["build", "launch"]
 
@@ -71,6 +73,27 @@ def build(ws: Workspace, jobs: Jobs) -> gr.Blocks:
             photos["done"][button].then(
                 prepared, [photos["status"], photos["dataset"]], [train["dataset"], train["run_name"]]
             )
+        selected = {}
         for tab in (photos_page, train_page, runs_page, generate_page, eval_page):  # new runs, datasets, LoRAs
-            tab.select(refresh, None, refreshed)
+            selected[tab] = tab.select(refresh, None, refreshed)
+
+        @guarded(None)
+        def started(status: str, name: str) -> Any:
+            """After a Start that worked: its run chosen on the Runs tab."""
+            return gr.update() if status.startswith("error") else gr.update(value=sanitise_name(name, "run"))
+
+        @guarded(None)
+        def newest(lora: str | None, run: str | None) -> tuple:
+            """Unless one is chosen: the newest run's final LoRA in Generate, the newest finished run in Evaluate."""
+            labels, names = studio.lora_labels(ws), runs.run_names(ws, jobs)
+            done = [n for n in names if (ws.root / "runs" / n / runs.DIFFUSERS_FILE).is_file()]
+            final = f"runs/{done[0]}" if done else None
+            return (
+                gr.update(choices=labels, value=lora or final),
+                gr.update(choices=done, value=run or (done[0] if done else None)),
+            )
+
+        train["done"].then(started, [train["status"], train["run_name"]], [run_list["run"]])
+        for tab in (generate_page, eval_page):
+            selected[tab].then(newest, [gen["lora"], ev["run"]], [gen["lora"], ev["run"]])
     return demo

@@ -98,5 +98,13 @@ def train_tab(ws: Workspace, jobs: Jobs) -> dict[str, Any]:
     gr.on([c.change for c in everything], **preview)
     preset.select(on_preset, [preset, base], [status, base, *inputs.values()])
     dataset.input(on_dataset, [dataset], [run_name])
-    start.click(on_start, [dataset, run_name, *everything], [status, toml], concurrency_id="toml-preview")
-    return {"dataset": dataset, "base": base, "start": start, "run_name": run_name, "preview": preview}
+    done = start.click(on_start, [dataset, run_name, *everything], [status, toml], concurrency_id="toml-preview")
+    return {
+        "dataset": dataset,
+        "base": base,
+        "start": start,
+        "run_name": run_name,
+        "preview": preview,
+        "status": status,
+        "done": done,
+    }
