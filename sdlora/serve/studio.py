@@ -75,7 +75,8 @@ def best_label(run: Path) -> str:
     step, identity = record.get("step"), (record.get("eval") or {}).get("identity")
     if step is None:
         return "best"
-    return f"best (step {step}" + (f", identity {identity:.3f})" if isinstance(identity, float | int) else ")")
+    scored = f"identity {identity:.3f}" if isinstance(identity, float | int) else "no face scored"  # tiny models
+    return f"best (step {step}, {scored})"
 
 
 def _json_of(run: Path, name: str) -> dict[str, Any]:

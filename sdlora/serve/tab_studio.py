@@ -61,7 +61,7 @@ def generate_tab(ws: Workspace, jobs: Jobs) -> dict[str, Any]:
         label="images (parameters under each)", columns=4, height="auto", object_fit="contain", elem_id="gen-gallery"
     )
     comparison = gr.Image(
-        label="compare.png: base model (top row) / LoRA (bottom row), same seeds",
+        label="compare.png: base model (left) / LoRA (right), one row per seed",
         interactive=False,
         elem_id="compare-image",
     )
