@@ -167,3 +167,25 @@ def test_the_same_upload_again_reuses_its_photo_set(ws, tmp_path):
     assert datasets.save_uploads(ws, photos, "me") == first  # a second Prepare of the same photos
     with pytest.raises(UsageError, match="already exists"):
         datasets.save_uploads(ws, photos[:1], "me")  # other photos under the name: refused as before
+
+
+def test_the_caption_choices_pass_prep_s_own_options(ws):
+    # `sdlora prep --captions template|vlm|keep --captioner MODEL` (the captions issue); empty: prep's defaults.
+    assert datasets.caption_options(ws, "", "") == []
+    assert datasets.caption_options(ws, "vlm", "owner/captioner") == [
+        "--captions",
+        "vlm",
+        "--captioner",
+        "owner/captioner",
+    ]
+    (ws.root / "models" / "cap").mkdir()
+    assert datasets.caption_options(ws, "keep", "models/cap") == [
+        "--captions",
+        "keep",
+        "--captioner",
+        str(ws.root / "models" / "cap"),
+    ]
+    with pytest.raises(UsageError, match="captioner: .*refused"):
+        datasets.caption_options(ws, "vlm", "../elsewhere")
+    with pytest.raises(UsageError, match="choose one of template, vlm, keep"):
+        datasets.caption_options(ws, "magic", "")

@@ -70,6 +70,23 @@ def save_uploads(workspace: Workspace, files: list[Path], set_name: str) -> Path
     return folder
 
 
+# prep's caption policies (`sdlora prep --captions`): template (the trigger sentence), vlm (a captioning model,
+# `--captioner MODEL`), keep (the .txt files beside the photos). Empty: prep's own default.
+CAPTION_POLICIES = ("", "template", "vlm", "keep")
+
+
+def caption_options(workspace: Workspace, policy: str | None, captioner: str | None) -> list[str]:
+    """prep's --captions / --captioner options for the page's choices; nothing for empty ones (prep decides). The
+    captioner is a hub id or a model in the workspace (or the --models folder), checked like a base model."""
+    if policy and policy not in CAPTION_POLICIES:
+        raise UsageError(f"captions {policy!r}: choose one of {', '.join(p for p in CAPTION_POLICIES if p)}")
+    try:
+        model = workspace.model_ref(captioner) if (captioner or "").strip() else ""
+    except UsageError as exc:
+        raise UsageError(f"captioner: {exc}") from None
+    return [*(["--captions", policy] if policy else []), *(["--captioner", model] if model else [])]
+
+
 def _digests(paths: list[Path]) -> list[str]:
     """The sorted SHA-256 of the files' bytes: two uploads of the same photos match whatever their names."""
     return sorted(hashlib.sha256(p.read_bytes()).hexdigest() for p in paths if p.is_file())

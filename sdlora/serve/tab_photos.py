@@ -33,6 +33,13 @@ def photos_tab(ws: Workspace) -> dict[str, Any]:
             name = gr.Textbox(label="name of the new photo set and dataset", value="me", elem_id="dataset-name")
             with gr.Row():
                 resolution = gr.Number(label="resolution", value=512, precision=0, elem_id="prep-resolution")
+                captions = gr.Dropdown(
+                    label="captions (empty: prep's own)",
+                    choices=list(datasets.CAPTION_POLICIES),
+                    value="",
+                    elem_id="captions",
+                )
+                captioner = gr.Textbox(label="captioner model (for vlm; empty: prep's own)", elem_id="captioner")
             prepare = gr.Button("Prepare", variant="primary", elem_id="prepare")
     status = gr.Textbox(label="status", interactive=False, elem_id="photos-status")
     dataset = gr.Dropdown(label="dataset shown", choices=[], value=None, elem_id="dataset-shown")
@@ -60,7 +67,7 @@ def photos_tab(ws: Workspace) -> dict[str, Any]:
         )
 
     @guarded(6)
-    def on_prepare(files, chosen, set_name, token, class_word, resolution, progress=gr.Progress()):  # noqa: B008
+    def on_prepare(files, chosen, set_name, token, class_word, resolution, policy, model, progress=gr.Progress()):  # noqa: B008
         def report(fraction: float | None, text: str) -> None:
             progress(fraction, desc=text)
 
@@ -72,7 +79,14 @@ def photos_tab(ws: Workspace) -> dict[str, Any]:
         else:
             raise SdloraError("upload photos or pick a folder under photos/ first")
         view = datasets.prepare(
-            ws, source, set_name, token=token, class_word=class_word, resolution=resolution, progress=report
+            ws,
+            source,
+            set_name,
+            token=token,
+            class_word=class_word,
+            resolution=resolution,
+            extra=datasets.caption_options(ws, policy, model),
+            progress=report,
         )
         return (view.summary(), *shown(view))
 
@@ -94,7 +108,9 @@ def photos_tab(ws: Workspace) -> dict[str, Any]:
 
     outputs = [status, kept, dropped, reasons, edits, dataset]
     done = {
-        prepare: prepare.click(on_prepare, [upload, photo_set, name, token, class_word, resolution], outputs),
+        prepare: prepare.click(
+            on_prepare, [upload, photo_set, name, token, class_word, resolution, captions, captioner], outputs
+        ),
         save: save.click(on_save, [dataset, edits, new_name], outputs),
     }
     dataset.input(on_show, [dataset], outputs)
