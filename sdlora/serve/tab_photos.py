@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import gradio as gr
 
@@ -48,8 +49,8 @@ def photos_tab(ws: Workspace) -> dict[str, Any]:
     reasons = gr.Dataframe(headers=["photo", "reason", "details"], interactive=False, wrap=True, elem_id="reasons")
     with gr.Accordion("Edit: exclude crops, change captions (saved as a new dataset; photos are never changed)"):
         edits = gr.Dataframe(
-            headers=["image", "caption", "exclude"],
-            datatype=["str", "str", "bool"],
+            headers=["image", "caption", "exclude", "crop"],
+            datatype=["str", "str", "bool", "markdown"],
             interactive=True,
             elem_id="edits",
         )
@@ -57,12 +58,16 @@ def photos_tab(ws: Workspace) -> dict[str, Any]:
             new_name = gr.Textbox(label="new dataset name", value="me-edited", elem_id="edited-name")
             save = gr.Button("Save as new dataset", elem_id="save-dataset")
 
+    def thumbnail(path: Path) -> str:
+        """The crop as a small picture in the caption table (gradio's file route serves datasets/ only)."""
+        return f"![{path.name}](/gradio_api/file={quote(str(path))})"
+
     def shown(view: datasets.DatasetView) -> tuple:
         return (
             [(str(path), caption) for path, caption, _ in view.kept],
             [(str(photo), f"{file}: {reason}") for photo, file, reason, _ in view.dropped if photo is not None],
             [[file, reason, message] for _, file, reason, message in view.dropped] or [["", "", ""]],
-            [[image, caption, False] for _, caption, image in view.kept],
+            [[image, caption, False, thumbnail(path)] for path, caption, image in view.kept],
             gr.update(choices=ws.subfolders("datasets"), value=view.name),
         )
 
