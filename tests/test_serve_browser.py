@@ -157,7 +157,12 @@ def test_click_through_the_workflow(page, served, tmp_path, request):
     assert status_of(page, "photos-status") == "me: kept 3, dropped 2"
     assert page.locator("#kept img").count() == 3 and page.locator("#dropped img").count() == 2
     assert page.get_by_text("no face found").first.is_visible()
-    wait_for(lambda: page.locator("#edits img").count() == 3, 30, "the crops in the caption table")
+
+    def thumbnails() -> set[str]:
+        sources = page.locator("#edits img").evaluate_all("images => images.map(image => image.src)")
+        return {source.rsplit("/", 1)[-1] for source in sources if "gradio_api/file=" in source}
+
+    wait_for(lambda: thumbnails() == {"0000.png", "0001.png", "0002.png"}, 30, "the crops in the caption table")
     shot("1-photos.png")
 
     page.get_by_role("tab", name="Train").click()
