@@ -66,5 +66,5 @@ def pytest_addoption(parser):
         "--screenshots",
         default=None,
         metavar="DIR",
-        help="save the web app's screenshots here (docs/ui/screenshots.sh passes docs/ui); default: a temporary folder",
+        help="save the web app's screenshots here (tools/ui_screenshots.py passes docs/ui); default: none taken",
     )

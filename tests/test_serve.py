@@ -245,6 +245,7 @@ def test_a_failed_run_shows_its_error_line_and_a_second_start_queues(ws):
     )
     failed = runs.status(ws, jobs, "bad")
     assert failed.detail.startswith("error: ") and "Traceback" not in failed.detail
+    assert "bad" in runs.run_names(ws, jobs)  # listed with its error line, folder or not (issue 33)
     jobs.tick()  # the queue moves on without the page
     assert runs.status(ws, jobs, "second").state in ("running", "failed")
     wait_for(
@@ -255,6 +256,14 @@ def test_a_failed_run_shows_its_error_line_and_a_second_start_queues(ws):
     )
     # A new server process (fresh Jobs) knows the same runs from disk.
     assert runs.status(ws, Jobs(ws), "bad").line() == failed.line()
+    # Its name is free again, also when train had made its folder (train replaces it: --overwrite); a run with a
+    # checkpoint keeps its name.
+    (ws.root / "runs" / "bad").mkdir(exist_ok=True)
+    training.start(ws, jobs, "d", "bad", None, "models/m", values)
+    assert jobs.latest_for("runs/bad").argv[-1] == "--overwrite"
+    (ws.root / "runs" / "kept" / "checkpoints" / "step-000002").mkdir(parents=True)
+    with pytest.raises(UsageError, match="already exists"):
+        training.start(ws, jobs, "d", "kept", None, "models/m", values)
 
 
 # ------------------------------------------------------------------------------------------------ end to end

@@ -95,7 +95,10 @@ def test_files_behind_symlinks_in_a_run_are_not_read_or_shown(ws, secret, tmp_pa
     # Nor is a LoRA file linked out offered to Generate.
     (run / "pytorch_lora_weights.safetensors").write_bytes(b"x")
     (run / "r.safetensors").symlink_to(secret / "id_rsa")
-    assert studio.lora_choices(ws) == ["runs/r", "runs/r/pytorch_lora_weights.safetensors"]
+    # (issue 33: the pickers offer the run, not its diffusers file again, as the same LoRA in another format)
+    assert studio.lora_choices(ws) == ["runs/r"] and "runs/r/r.safetensors" not in studio.lora_choices(ws)
+    (run / "pytorch_lora_weights.safetensors").unlink()  # without it, the run's other files are offered: not the link
+    assert studio.lora_choices(ws) == []
 
 
 def test_prep_refuses_photos_linked_from_outside(ws, secret, monkeypatch):

@@ -47,8 +47,11 @@ def serve(
     auth_file: Annotated[
         Path | None, typer.Option(help="File of USER:PASSWORD lines to log in.", dir_okay=False)
     ] = None,
+    models: Annotated[
+        Path | None, typer.Option(help="A read-only folder of base models outside the workspace.", file_okay=False)
+    ] = None,
 ) -> None:
     """Serve the whole workflow as a local web app (optional extra: pip install "sdlora[ui]")."""
     from sdlora.serve import serve as run_serve
 
-    run_serve(workspace, host=host, port=port, auth=auth, auth_file=auth_file)
+    run_serve(workspace, host=host, port=port, auth=auth, auth_file=auth_file, models=models)

@@ -68,8 +68,10 @@ def serve(
     port: int = 7860,
     auth: str | None = None,
     auth_file: Path | None = None,
+    models: Path | None = None,
 ) -> None:
-    """Check the host, port and login, open the workspace, then serve until interrupted."""
+    """Check the host, port and login, open the workspace (and the read-only `models` folder), then serve until
+    interrupted."""
     accounts = credentials(host, auth, auth_file)
     if importlib.util.find_spec("gradio") is None:
         raise SdloraError(INSTALL_HINT)
@@ -77,7 +79,7 @@ def serve(
     from sdlora.serve.jobs import Jobs
     from sdlora.serve.workspace import Workspace
 
-    ws = Workspace.open(workspace)
+    ws = Workspace.open(workspace, models)
     # Before gradio is imported (it reads these at import): its upload cache inside the workspace, no telemetry.
     os.environ["GRADIO_TEMP_DIR"] = str(ws.state / "cache")
     clean_cache(ws.state / "cache")

@@ -21,6 +21,16 @@ from sdlora.serve.runs import error_line
 from sdlora.serve.workspace import Workspace
 
 Progress = Callable[[float | None, str], None]  # (fraction done or None, what is happening)
+
+
+class CommandFailed(SdloraError):
+    """A command the page ran ended with an error; `log` is its output, for the page to explain more."""
+
+    def __init__(self, message: str, log: Path) -> None:
+        super().__init__(message)
+        self.log = log
+
+
 _COUNT = re.compile(r"(\d+)/(\d+)")
 
 
@@ -48,7 +58,7 @@ def run_sdlora(workspace: Workspace, args: list[str], label: str, progress: Prog
                 done = bar_fraction(log)
                 progress(done, f"{label}: {time.monotonic() - started:.0f} s")
     if child.returncode != 0:
-        raise SdloraError(f"{label} failed: {error_line(log).removeprefix('error: ')}")
+        raise CommandFailed(f"{label} failed: {error_line(log).removeprefix('error: ')}", log)
 
 
 def bar_fraction(log: Path) -> float | None:

@@ -3,7 +3,10 @@ and edits (exclude a crop, change a caption) written as a new dataset folder; ph
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -12,7 +15,8 @@ from pathlib import Path
 from sdlora import layout
 from sdlora.errors import UsageError
 from sdlora.fsutil import atomic_dir
-from sdlora.serve.commands import Progress, run_sdlora
+from sdlora.serve.commands import CommandFailed, Progress, run_sdlora
+from sdlora.serve.runs import log_tail
 from sdlora.serve.workspace import CAPTION_SUFFIXES, MAX_UPLOAD_FILES, PHOTO_SUFFIXES, Workspace, sanitise_name
 
 # prep's reasons (report.json), in words for the page.
@@ -37,8 +41,11 @@ class DatasetView:
     dropped: list[tuple[Path | None, str, str, str]] = field(default_factory=list)  # (photo, file, reason, message)
     contact_sheet: Path | None = None
 
+    resolution: int = 0  # of the crops (prep's config.json)
+
     def summary(self) -> str:
-        return f"{self.name}: kept {len(self.kept)}, dropped {len(self.dropped)}"
+        hint = resolution_hint([message for *_, message in self.dropped], self.resolution) if self.resolution else ""
+        return f"{self.name}: kept {len(self.kept)}, dropped {len(self.dropped)}" + (f"; {hint}" if hint else "")
 
 
 def save_uploads(workspace: Workspace, files: list[Path], set_name: str) -> Path:
@@ -49,6 +56,9 @@ def save_uploads(workspace: Workspace, files: list[Path], set_name: str) -> Path
     if len(files) > MAX_UPLOAD_FILES:
         raise UsageError(f"{len(files)} files: at most {MAX_UPLOAD_FILES} per upload")
     allowed = PHOTO_SUFFIXES | CAPTION_SUFFIXES
+    existing = workspace.path(sanitise_name(set_name), "photos")
+    if existing.is_dir() and _digests(sorted(existing.iterdir())) == _digests([Path(f) for f in files]):
+        return existing  # the same photos again (a second Prepare, e.g. at another resolution): no copy
     folder = workspace.new_folder("photos", set_name)
     staging = workspace.state / "uploads" / f"{folder.name}-{time.time_ns()}"
     try:
@@ -58,6 +68,28 @@ def save_uploads(workspace: Workspace, files: list[Path], set_name: str) -> Path
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return folder
+
+
+# prep's caption policies (`sdlora prep --captions`): template (the trigger sentence), vlm (a captioning model,
+# `--captioner MODEL`), keep (the .txt files beside the photos). Empty: prep's own default.
+CAPTION_POLICIES = ("", "template", "vlm", "keep")
+
+
+def caption_options(workspace: Workspace, policy: str | None, captioner: str | None) -> list[str]:
+    """prep's --captions / --captioner options for the page's choices; nothing for empty ones (prep decides). The
+    captioner is a hub id or a model in the workspace (or the --models folder), checked like a base model."""
+    if policy and policy not in CAPTION_POLICIES:
+        raise UsageError(f"captions {policy!r}: choose one of {', '.join(p for p in CAPTION_POLICIES if p)}")
+    try:
+        model = workspace.model_ref(captioner) if (captioner or "").strip() else ""
+    except UsageError as exc:
+        raise UsageError(f"captioner: {exc}") from None
+    return [*(["--captions", policy] if policy else []), *(["--captioner", model] if model else [])]
+
+
+def _digests(paths: list[Path]) -> list[str]:
+    """The sorted SHA-256 of the files' bytes: two uploads of the same photos match whatever their names."""
+    return sorted(hashlib.sha256(p.read_bytes()).hexdigest() for p in paths if p.is_file())
 
 
 def prepare(
@@ -86,15 +118,42 @@ def prepare(
     target = workspace.new_folder("datasets", dataset)
     args = ["prep", str(source), str(target), "--token", sanitise_name(token, "sks"), "--class-word", class_word]
     args += ["--resolution", str(int(resolution)), *(extra or [])]
-    run_sdlora(workspace, args, "prep", progress)
+    try:
+        run_sdlora(workspace, args, "prep", progress)
+    except CommandFailed as exc:
+        hint = resolution_hint(log_tail(exc.log, 1000), int(resolution))
+        raise UsageError(f"{exc}" + (f" {hint}" if hint else "")) from None
     return view(workspace, target.name)
+
+
+_ENLARGING = re.compile(r"face is only \d+ px wide: .*enlarging ([0-9.]+)x \(limit ([0-9.]+)x\)")
+
+
+def resolution_hint(lines: list[str], resolution: int) -> str:
+    """'7 faces are too small for 512 px crops: Prepare at resolution 384 keeps them.' from prep's face_too_small
+    lines (or report messages), else ''. A crop's enlargement scales with the resolution; the printed factor is
+    rounded to 0.1, so 0.05 is added before rounding the resolution down to a multiple of 64."""
+    needed = []
+    for line in lines:
+        found = _ENLARGING.search(line)
+        if found:
+            needed.append((float(found.group(1)) + 0.05, float(found.group(2))))
+    if not needed:
+        return ""
+    keeps = min(math.floor(resolution * limit / factor / 64) * 64 for factor, limit in needed)
+    what = f"{len(needed)} face{'s are' if len(needed) > 1 else ' is'} too small for {resolution} px crops"
+    if keeps < 256:
+        return f"{what}: use photos where the face fills more of the frame (closer, or cropped)."
+    return f"{what}: Prepare at resolution {keeps} keeps {'them' if len(needed) > 1 else 'it'}."
 
 
 def view(workspace: Workspace, name: str) -> DatasetView:
     """A dataset's kept crops with captions and its dropped photos with their reasons (manifest + report)."""
     folder = workspace.path(name, "datasets")
     entries = read_manifest(folder)
-    result = DatasetView(folder.name)
+    settings = _read_json(workspace, folder / layout.CONFIG_JSON)
+    resolution = settings.get("resolution") or (settings.get("prep") or {}).get("resolution") or 0
+    result = DatasetView(folder.name, resolution=int(resolution) if isinstance(resolution, int | float) else 0)
     for entry in entries:
         result.kept.append((workspace.inside(folder / entry["image"], "datasets"), entry["caption"], entry["image"]))
     photos = _photo_folder(workspace, entries)

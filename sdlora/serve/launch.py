@@ -83,6 +83,8 @@ def launch(
             mcp_server=False,
             pwa=False,
             theme=theme,
+            quiet=True,  # gradio's own banner suggests share=True, which this app never allows
+            prevent_thread_lock=True,
             app_kwargs={
                 "routes": [report_route(ws)],
                 "middleware": [Middleware(LoginThrottle), Middleware(UploadLimit, folder=ws.state / "cache")],
@@ -92,3 +94,14 @@ def launch(
         if "Cannot find empty port" not in str(exc):
             raise
         raise SdloraError(port_in_use(host, port)) from None
+    print(banner(host, port, ws), flush=True)
+    demo.block_thread()
+
+
+def banner(host: str, port: int, ws: Workspace) -> str:
+    """What `sdlora serve` prints once the page answers: where it is, and that runs outlive the server."""
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    return (
+        f"sdlora serve: the page is at http://{shown}:{port}/ (workspace {ws.root}). Ctrl-C stops the page; "
+        "training runs go on and the next start finds them."
+    )

@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
+import statistics
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +28,9 @@ from sdlora.serve.workspace import Workspace
 DIFFUSERS_FILE, METRICS = layout.DIFFUSERS_LORA, layout.METRICS
 LOCK = ".sdlora.lock"
 STOPPED_CODES = (130, 143)  # SIGINT, SIGTERM: train checkpointed and stopped
+# Terminal codes rich's decoder may leave at a line's start (cursor show/hide, erase line): never part of a message.
+_CSI_START = re.compile(r"\x1b\[\?25[hl]")  # rich hides the cursor while a bar draws: the error follows it
+_CSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
 
 
 @dataclass(frozen=True)
@@ -43,9 +48,14 @@ class RunStatus:
 
 
 def run_names(workspace: Workspace, jobs: Jobs) -> list[str]:
-    """Every run folder under runs/, and the app's runs that have none yet (queued, starting), newest first."""
+    """Every run folder under runs/, and the app's runs that have none (queued, starting, or failed before train
+    made one), newest first."""
     names = set(workspace.subfolders("runs"))
-    names |= {Path(job.run).name for job in jobs.all() if not job.cancelled and jobs.state(job) != "ended"}
+    latest = {Path(job.run).name: job for job in jobs.all() if not job.cancelled}
+    for name, job in latest.items():
+        code = jobs.returncode(job)
+        if jobs.state(job) != "ended" or (code not in (None, 0) and code not in STOPPED_CODES):
+            names.add(name)
     run_dir = workspace.root / "runs"
 
     def modified(name: str) -> float:
@@ -54,6 +64,14 @@ def run_names(workspace: Workspace, jobs: Jobs) -> list[str]:
         return float("inf")  # no folder yet: shown first
 
     return sorted(names, key=lambda name: (-modified(name), name))
+
+
+def failed_empty(workspace: Workspace, jobs: Jobs, name: str) -> bool:
+    """True when `runs/NAME` is a run the app started that failed before its first checkpoint: its name is free
+    again (a new Start replaces what train left there with --overwrite)."""
+    current = status(workspace, jobs, name)
+    folder = workspace.path(name, "runs")
+    return current.state == "failed" and not checkpoints(folder) and not (folder / DIFFUSERS_FILE).exists()
 
 
 def status(workspace: Workspace, jobs: Jobs, name: str) -> RunStatus:
@@ -107,7 +125,7 @@ def error_line(log: Path) -> str:
         text = log.read_text(encoding="utf-8", errors="replace")
     except OSError:
         return "no log"
-    lines = [line.plain.strip() for line in AnsiDecoder().decode(text)]
+    lines = [_CSI.sub("", line.plain).strip() for line in AnsiDecoder().decode(_CSI_START.sub("\n", text))]
     lines = [line for line in lines if line]
     errors = [line for line in lines if line.startswith("error:")]
     return (errors or lines or ["no output"])[-1][:500]
@@ -203,11 +221,13 @@ class Tail:
         return changed
 
     def speed(self, total: int | None) -> str:
-        """'5.2 it/s, ETA 0:01:20' from the last record."""
+        """'5.2 it/s, ETA 0:01:20' from the recent records. The pace is the median seconds per step of the last
+        ones: a step that also scored identity or drew samples is not what every remaining step costs."""
         if not self.losses:
             return ""
         last = self.losses[-1]
-        seconds = float(last.get("seconds_per_step") or 0)
+        paces = [float(r.get("seconds_per_step") or 0) for r in self.losses[-20:]]
+        seconds = statistics.median([p for p in paces if p > 0] or [0.0])
         text = f"step {last['step']}" + (f"/{total}" if total else "") + f", loss {last['loss']:.4f}"
         if seconds > 0:
             text += f", {1 / seconds:.2f} it/s"
@@ -215,6 +235,33 @@ class Tail:
                 eta = int(seconds * (total - last["step"]))
                 text += f", ETA {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}"
         return text
+
+
+def phase(folder: Path, log: Path | None) -> str:
+    """What a run does before its first step: 'class images 48/100' while prior preservation renders them,
+    else the last line its log shows (loading the base, caching latents)."""
+    wanted = run_config(folder).get("train", {}).get("num_class_images")
+    classes = own(folder, folder / layout.CLASS_IMAGES)
+    if wanted and classes is not None and classes.is_dir():
+        made = sum(1 for p in classes.glob("class-*.png"))
+        if made < int(wanted):
+            return f"class images {made}/{wanted}"
+    lines = log_tail(log, 1)
+    return f"before step 1: {lines[-1]}" if lines else "starting"
+
+
+def log_tail(log: Path | None, count: int = 15) -> list[str]:
+    """The last `count` lines a run's log shows in a terminal (progress bars redrawn in place count once)."""
+    if log is None:
+        return []
+    try:
+        with log.open("rb") as handle:
+            handle.seek(max(0, log.stat().st_size - 16384))
+            text = handle.read().decode("utf-8", errors="replace")
+    except OSError:
+        return []
+    lines = [_CSI.sub("", line.plain).rstrip() for line in AnsiDecoder().decode(_CSI_START.sub("\n", text))]
+    return [line for line in lines if line.strip()][-count:]
 
 
 def sample_files(folder: Path, names: list[str]) -> list[Path]:

@@ -31,6 +31,10 @@ def train_tab(ws: Workspace, jobs: Jobs) -> dict[str, Any]:
     specs = form.settings()
     main = [s for s in specs if s.key in form.MAIN]
     rest = [s for s in specs if s.key not in form.MAIN]
+    gr.Markdown(
+        "**2. Train**: the dataset you just prepared is chosen; the defaults suit most people. Start queues the run "
+        "(one at a time); follow it on **3. Runs**."
+    )
     with gr.Row():
         dataset = gr.Dropdown(label="dataset", choices=[], value=None, elem_id="train-dataset")
         run_name = gr.Textbox(label="run name (folder under runs/)", value="me-lora", elem_id="run-name")
@@ -76,13 +80,31 @@ def train_tab(ws: Workspace, jobs: Jobs) -> dict[str, Any]:
 
     @guarded(len(keys) + 2)
     def on_preset(preset_name, base_model):
-        path = training.preset_path(preset_name or None)
+        if not preset_name:  # the box emptied or left without a choice: the user's settings stay as they are
+            return ("", gr.update(), *[gr.update() for _ in keys])
+        path = training.preset_path(preset_name)
         values = form.values_of(path)
         new_base = form.preset_base(path) or base_model
         return ("", gr.update(value=new_base), *[gr.update(value=values[key]) for key in keys])
 
+    @guarded(None)
+    def on_dataset(name):
+        return f"{name}-lora" if name else gr.update()
+
     everything = [preset, base, *inputs.values()]
-    gr.on([c.change for c in everything], on_preview, everything, [status, toml])
-    preset.input(on_preset, [preset, base], [status, base, *inputs.values()])
-    start.click(on_start, [dataset, run_name, *everything], [status, toml])
-    return {"dataset": dataset, "base": base, "start": start}
+    # One preview at a time, the last edit's last: quick edits never leave an older preview on top.
+    preview = {"fn": on_preview, "inputs": everything, "outputs": [status, toml], "trigger_mode": "always_last"}
+    preview |= {"concurrency_limit": 1, "concurrency_id": "toml-preview", "show_progress": "hidden"}
+    gr.on([c.change for c in everything], **preview)
+    preset.select(on_preset, [preset, base], [status, base, *inputs.values()])
+    dataset.input(on_dataset, [dataset], [run_name])
+    done = start.click(on_start, [dataset, run_name, *everything], [status, toml], concurrency_id="toml-preview")
+    return {
+        "dataset": dataset,
+        "base": base,
+        "start": start,
+        "run_name": run_name,
+        "preview": preview,
+        "status": status,
+        "done": done,
+    }

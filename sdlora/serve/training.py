@@ -12,7 +12,7 @@ from sdlora.errors import UsageError
 from sdlora.fsutil import atomic_write_text
 from sdlora.serve import form
 from sdlora.serve.jobs import Jobs
-from sdlora.serve.runs import checkpoints, status
+from sdlora.serve.runs import checkpoints, failed_empty, status
 from sdlora.serve.workspace import Workspace, sanitise_name
 
 # Every text setting of the form, by what it holds (a test checks each text setting is in exactly one, so a new
@@ -75,16 +75,17 @@ def start(
     if not (data / layout.MANIFEST).is_file() and not data.is_dir():
         raise UsageError(f"datasets/{dataset}: no such dataset; prepare one first")
     run = workspace.path(sanitise_name(name, "run"), "runs")
-    if run.exists():
+    # A run that failed before its first checkpoint frees its name: train replaces what it left (--overwrite).
+    again = run.exists() and failed_empty(workspace, jobs, run.name)
+    if run.exists() and not again:
         raise UsageError(f"runs/{run.name} already exists; choose another name (or Resume it)")
     # A run stopped before train made its folder left nothing: its name is free again.
     jobs.refuse_active(f"runs/{run.name}")
     text = preview(workspace, preset, base, values)
     config_file = jobs.folder / f"{run.name}.config.toml"
     atomic_write_text(config_file, text)
-    job = jobs.submit(
-        f"runs/{run.name}", f"datasets/{data.name}", ["train", str(data), str(run), "--config", str(config_file)]
-    )
+    args = ["train", str(data), str(run), "--config", str(config_file), *(["--overwrite"] if again else [])]
+    job = jobs.submit(f"runs/{run.name}", f"datasets/{data.name}", args)
     return (
         status(workspace, jobs, run.name).line() if job.started else f"runs/{run.name}: queued behind the running run"
     )

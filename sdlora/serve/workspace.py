@@ -1,8 +1,10 @@
 """The web app's workspace: its folders, and the one check that every path it reads, writes or serves is inside.
 
 WORKSPACE holds photos/, datasets/, runs/, images/ and models/ (local base models), plus the app's own state in
-.sdlora-serve/ (job records and logs, the upload cache). Names typed in the page or carried by uploads never
-become paths directly: they are sanitised, and every path is resolved (symlinks followed) and must stay inside.
+.sdlora-serve/ (job records and logs, the upload cache). Base models may also live in a read-only folder outside
+it (`--models DIR`): read, never written, and checked like the workspace (a link in it must stay in it).
+Names typed in the page or carried by uploads never become paths directly: they are sanitised, and every path
+is resolved (symlinks followed) and must stay inside.
 """
 
 from __future__ import annotations
@@ -38,15 +40,19 @@ def sanitise_name(name: str, fallback: str = "untitled") -> str:
 @dataclass(frozen=True)
 class Workspace:
     root: Path
+    models: Path | None = None  # the read-only models folder given with --models, resolved
 
     @classmethod
-    def open(cls, root: Path) -> Workspace:
-        """The workspace at `root` (created with its folders if missing)."""
+    def open(cls, root: Path, models: Path | None = None) -> Workspace:
+        """The workspace at `root` (created with its folders if missing), with an optional read-only `models`
+        folder of base models outside it."""
         root = Path(root).expanduser()
         if root.exists() and not root.is_dir():
             raise UsageError(f"WORKSPACE {root}: is a file; give a folder")
+        if models is not None and not Path(models).expanduser().is_dir():
+            raise UsageError(f"--models {models}: no such folder; give the folder that holds your base models")
         root.mkdir(parents=True, exist_ok=True)
-        workspace = cls(root.resolve())
+        workspace = cls(root.resolve(), Path(models).expanduser().resolve() if models is not None else None)
         for name in (*FOLDERS, STATE):
             (workspace.root / name).mkdir(exist_ok=True)
         return workspace
@@ -58,6 +64,10 @@ class Workspace:
     def path(self, relative: str | Path, under: str | None = None) -> Path:
         """`relative` (a path typed or chosen in the page) resolved inside the workspace, or inside its folder
         `under`. Absolute paths, `..` and symlinks that lead out are refused with a one-line UsageError."""
+        return self.inside(self._joined(relative, under), under)
+
+    def _joined(self, relative: str | Path, under: str | None = None) -> Path:
+        """`relative` joined to the workspace (or `under`), not yet resolved: absolute paths and `..` refused."""
         text = str(relative).strip()
         if not text:
             raise UsageError("no path given")
@@ -68,8 +78,7 @@ class Workspace:
             raise UsageError(f"{text}: absolute paths are refused; give a path inside the workspace")
         if ".." in parts.parts:
             raise UsageError(f"{text}: '..' is refused; give a path inside the workspace")
-        top = self.root / under if under else self.root
-        return self.inside(top / parts, under)
+        return (self.root / under if under else self.root) / parts
 
     def inside(self, path: Path, under: str | None = None) -> Path:
         """`path` (absolute) with symlinks resolved, if it lies inside the workspace (or its folder `under`)."""
@@ -120,30 +129,52 @@ class Workspace:
         return names
 
     def base_models(self) -> list[str]:
-        """Local base models: folders and .safetensors files in models/ (workspace-relative)."""
-        top = self.root / "models"
+        """Local base models: folders and .safetensors files in models/ (workspace-relative) and in the --models
+        folder (absolute). Links are followed and kept only where they lead into one of the two."""
         found = []
-        for entry in sorted(top.iterdir()):
-            if entry.name.startswith("."):
-                continue
-            if entry.is_dir() or entry.suffix == ".safetensors":
+        for top, shown in ((self.root / "models", lambda p: f"models/{p.name}"), (self.models, str)):
+            for entry in sorted(top.iterdir()) if top is not None else []:  # models/ gone: a one-line error
+                if entry.name.startswith(".") or not (entry.is_dir() or entry.suffix == ".safetensors"):
+                    continue
                 try:
-                    found.append(self.relative(self.inside(entry, "models")))
+                    self.model_path(entry)
                 except UsageError:
                     continue
+                found.append(shown(entry))
         return found
 
+    def model_path(self, path: Path) -> Path:
+        """`path` (absolute) with links resolved, if it lies inside the workspace or the --models folder."""
+        try:
+            return self.inside(path)
+        except UsageError:
+            if self.models is None:
+                raise
+        try:
+            resolved = Path(path).resolve()
+        except (OSError, RuntimeError):
+            raise UsageError(f"{path}: can't be resolved (a link loop?); refused") from None
+        if resolved != self.models and self.models not in resolved.parents:
+            raise UsageError(f"{path}: leads outside the workspace and the --models folder {self.models}; refused")
+        return resolved
+
     def model_ref(self, value: str) -> str:
-        """A base-model choice as `sdlora` takes it: an absolute path for a file or folder in the workspace,
-        the id itself for a hub id (owner/name) that names no workspace path."""
+        """A base-model choice as `sdlora` takes it: an absolute path for a file or folder in the workspace or the
+        --models folder, the id itself for a hub id (owner/name) that names no workspace path. A typo under a
+        workspace folder (models/toy-bse) is an error now, not a hub id that fails a minute later."""
         text = value.strip()
         if not text:
             raise UsageError("choose a base model: a folder or file under models/, or a hub id such as owner/name")
-        if _HUB_ID.match(text) and not (self.root / text).exists():
+        first = text.split("/", 1)[0]
+        if _HUB_ID.match(text) and first not in (*FOLDERS, STATE) and not (self.root / text).exists():
             return text
-        path = self.path(text)
+        if self.models is not None and Path(text).is_absolute():
+            path = self.model_path(Path(text))
+        else:
+            path = self.model_path(self._joined(text))
         if not path.exists():
-            raise UsageError(f"{text}: no such model in the workspace (put it under models/) and not a hub id")
+            where = "models/" + (f" or {self.models}" if self.models is not None else "")
+            raise UsageError(f"{text}: no such model (put it under {where}; a hub id is owner/name)")
         return str(path)
 
     def take_upload(
