@@ -134,7 +134,7 @@ def test_klein_renders_from_reference_photos(tiny_models, photos, tmp_path):
 
 
 @pytest.mark.slow
-def test_flux_kontext_takes_one_reference_and_flux_none():
+def test_flux_kontext_takes_one_reference_and_flux_none(photos, tmp_path):
     from diffusers import FluxKontextPipeline
 
     pipe = families.get("flux").tiny_pipeline(0)
@@ -142,6 +142,13 @@ def test_flux_kontext_takes_one_reference_and_flux_none():
     assert families.detect(kontext).name == "flux"
     flux = families.get("flux")
     assert (families.references(flux, kontext), families.references(flux, pipe)) == (1, 0)
+    kontext.save_pretrained(tmp_path / "kontext")  # the whole command on a Kontext folder: one photo, recorded
+    record = generate(tmp_path / "kontext", tmp_path / "refs", "--reference", photos[0])
+    assert record["references"] == [str(photos[0])]
+    two = ["--reference", str(photos[0]), "--reference", str(photos[1]), "--out", str(tmp_path / "two")]
+    result = runner.invoke(app, ["generate", "--base", str(tmp_path / "kontext"), "--prompt", PROMPT, *two])
+    assert result.exit_code == 2 and "at most 1" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "two").exists()
 
 
 def train_args(data, out, base, *extra):
