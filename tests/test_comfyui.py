@@ -283,3 +283,18 @@ def test_refiner_pass_runs_diffusers_img2img_steps_with_a_second_checkpoint():
         assert graph[decoded["vae"][0]] is loaders[1] and graph[decoded["samples"][0]] in refined
     assert len(of_class(graph, "CLIPTextEncode")) == 4  # base: negative, prompt; refiner: negative, prompt
     assert workflow.REFINER_NOTE in graph["1"]["_meta"]["sdlora"]["notes"]
+
+
+def test_comfyui_inputs_are_a_runs_files_not_images_of_its_own(tmp_path):
+    from sdlora import layout
+    from sdlora.generate.output import first_free, written_by_generate
+
+    for name in ("0003-7.png", "comfyui-input-0009.png", "comfyui-mask-0009.png", "comfyui-input.png", "notes.png"):
+        (tmp_path / name).write_bytes(b"x")
+    assert layout.run_file(layout.COMFYUI_INPUT, 9) == "comfyui-input-0009.png"
+    assert layout.is_sheet("comfyui-input-0009.png") and layout.is_sheet("comfyui-mask.png")  # eval skips them
+    assert not layout.is_sheet("0003-7.png") and not layout.is_sheet("comfyui.json")
+    assert first_free(tmp_path) == 10
+    assert sorted(p.name for p in written_by_generate(tmp_path)) == [
+        "0003-7.png", "comfyui-input-0009.png", "comfyui-input.png", "comfyui-mask-0009.png"
+    ]  # fmt: skip

@@ -226,7 +226,7 @@ def _generate(
         call = {"call_kwargs": {"image": photos}}
     writer.write_config()
     if source is not None:  # the photo (and mask) the run's ComfyUI workflows load
-        repaint = call.get("mask_images") if source.face_mask is not None else None
+        repaint = ImageOps.invert(source.face_mask) if source.face_mask is not None else None  # as _runner's
         writer.comfyui_inputs(source.photo, repaint, g.strength if g.init_image else 1.0, bool(inpainting))
     total = len(prompts) * g.n
     compared = writer.plan_sheets(total, g.width_height, g.compare)
