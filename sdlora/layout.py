@@ -41,10 +41,13 @@ GRID = "grid.png"
 COMPARE = "compare.png"
 SHEETS = (GRID, COMPARE)
 COMFYUI_JSON = "comfyui.json"  # the run's ComfyUI workflow (API format): every image it wrote
+# --init-image / --keep-face: the photo as generate fitted it, and keep-face's mask (white: repainted), which the
+# run's workflows load from ComfyUI's input folder.
+COMFYUI_INPUT, COMFYUI_MASK = "comfyui-input.png", "comfyui-mask.png"
 # Its images, numbered through the folder: NNNN-SEED.png, its settings NNNN-SEED.json, a filmstrip NNNN-SEED-steps.png.
 GENERATED = re.compile(r"^(\d{4,})-\d+(-steps)?\.(png|json)$")
 # A run into a folder that already holds images names its config and sheets after its first image: grid-0004.png.
-RUN_FILE = re.compile(r"^(config|grid|compare|comfyui)(-(\d{4,}))?\.(json|png)$")
+RUN_FILE = re.compile(r"^(config|grid|compare|comfyui(?:-input|-mask)?)(-(\d{4,}))?\.(json|png)$")
 
 # The image files read as photos, datasets, references and generated images (prep reports every other file).
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".heic", ".heif"})
@@ -71,8 +74,8 @@ def generated_stem(index: int, seed: int) -> str:
 
 
 def run_file(name: str, first: int | None) -> str:
-    """A generate run's config.json, grid.png, compare.png or comfyui.json; `first` (the run's first image) for a
-    run into a folder that held earlier ones: 'grid-0004.png'."""
+    """A generate run's config.json, grid.png, compare.png, comfyui.json or ComfyUI input images; `first` (the
+    run's first image) for a run into a folder that held earlier ones: 'grid-0004.png'."""
     if first is None:
         return name
     stem, dot, suffix = name.partition(".")
@@ -81,9 +84,9 @@ def run_file(name: str, first: int | None) -> str:
 
 def is_sheet(name: str) -> bool:
     """Whether a file of a generate folder is a sheet of its other images (grid.png, compare-0004.png, a filmstrip
-    NNNN-SEED-steps.png), not an image of its own."""
+    NNNN-SEED-steps.png) or a ComfyUI input (the fitted photo, the mask), not an image of its own."""
     run_file, image = RUN_FILE.match(name), GENERATED.match(name)
-    return bool(run_file and run_file.group(1) in ("grid", "compare")) or bool(image and image.group(2))
+    return bool(run_file and run_file.group(1) not in ("config", "comfyui")) or bool(image and image.group(2))
 
 
 def sample_grid(step: int) -> str:

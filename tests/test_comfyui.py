@@ -179,3 +179,122 @@ def test_a_replacement_vae_decodes(family_pipe):
     assert workflow.problems(graph) == []
     (decode,) = of_class(graph, "VAEDecode")
     assert graph[decode["inputs"]["vae"][0]]["inputs"] == {"vae_name": "sdxl-vae-fp16-fix.safetensors"}
+
+
+def links_to(graph, link, class_type):
+    """The node `link` ([id, output]) points at, checked to be a `class_type`."""
+    target = graph[link[0]]
+    assert target["class_type"] == class_type, (link, target)
+    return target
+
+
+def test_img2img_samples_from_the_fitted_photo_at_the_strength(family_pipe):
+    family, pipe = family_pipe
+    parts = family.comfyui_parts(pipe, "owner/base", 64, 64, 3.0)
+    settings = workflow.Settings(10, 3.0, family.samplers[0], 64, 64)
+    photo = workflow.Photo("comfyui-input-0002.png", strength=0.55)
+    graph = workflow.build(parts, [], settings, [("x", 1), ("y", 2)], "a", photo=photo)
+    assert workflow.problems(graph) == [] and not [n for n in graph.values() if "batch_size" in n["inputs"]]
+    (load,) = of_class(graph, "LoadImage")
+    assert load["inputs"] == {"image": "comfyui-input-0002.png"}
+    (encode,) = of_class(graph, "VAEEncode")
+    assert graph[encode["inputs"]["pixels"][0]] is load
+    notes = graph["1"]["_meta"]["sdlora"]["notes"]
+    if of_class(graph, "KSampler"):
+        for sample in of_class(graph, "KSampler"):
+            assert sample["inputs"]["denoise"] == 0.55 and graph[sample["inputs"]["latent_image"][0]] is encode
+        assert workflow.IMG2IMG_NOTE in notes
+    else:  # a sigmas node: diffusers' own steps, the last int(10 x 0.55) = 5 of the 10
+        for sample in of_class(graph, "SamplerCustomAdvanced"):
+            assert graph[sample["inputs"]["latent_image"][0]] is encode
+            split = links_to(graph, sample["inputs"]["sigmas"], "SplitSigmas")
+            assert sample["inputs"]["sigmas"][1] == 1 and split["inputs"]["step"] == 5
+        assert workflow.IMG2IMG_NOTE not in notes
+    assert not of_class(graph, "ImageCompositeMasked")
+
+
+@pytest.mark.parametrize("inpainting_model", [False, True])
+def test_keep_face_inpaints_all_but_the_face_and_composites_it_back(family_pipe, inpainting_model):
+    family, pipe = family_pipe
+    parts = family.comfyui_parts(pipe, "owner/base", 64, 64, 3.0)
+    settings = workflow.Settings(6, 3.0, family.samplers[0], 64, 64)
+    photo = workflow.Photo("comfyui-input.png", 1.0, "comfyui-mask.png", inpainting_model)
+    graph = workflow.build(parts, [], settings, [("x", 1), ("y", 2), ("x", 3)], "a", photo=photo)
+    assert workflow.problems(graph) == []
+    (load,) = of_class(graph, "LoadImage")
+    (mask,) = of_class(graph, "LoadImageMask")
+    assert load["inputs"]["image"] == "comfyui-input.png"
+    assert mask["inputs"] == {"image": "comfyui-mask.png", "channel": "red"}  # white: what gets repainted
+    samples = of_class(graph, "KSampler") or of_class(graph, "SamplerCustomAdvanced")
+    assert len(samples) == 3 and all(s["inputs"].get("denoise", 1.0) == 1.0 for s in samples)
+    assert not of_class(graph, "SplitSigmas")
+    if inpainting_model:  # mask and masked photo as the model's input, no latent blending (diffusers' 9-channel)
+        conditioned = of_class(graph, "InpaintModelConditioning")
+        assert len(conditioned) == 2 and {c["inputs"]["noise_mask"] for c in conditioned} == {False}
+        assert all(graph[c["inputs"]["mask"][0]] is mask for c in conditioned)
+        if of_class(graph, "KSampler"):
+            for sample in samples:
+                assert [sample["inputs"][k][1] for k in ("positive", "negative", "latent_image")] == [0, 1, 2]
+                links_to(graph, sample["inputs"]["latent_image"], "InpaintModelConditioning")
+    else:  # the photo's latent, repainted where the mask is white (diffusers blends the kept part each step)
+        (noise_mask,) = of_class(graph, "SetLatentNoiseMask")
+        assert graph[noise_mask["inputs"]["mask"][0]] is mask
+        for sample in samples:
+            links_to(graph, sample["inputs"]["latent_image"], "SetLatentNoiseMask")
+    composites = of_class(graph, "ImageCompositeMasked")
+    assert len(composites) == 3
+    for composite in composites:  # the photo where the face is: the mask inverted
+        assert graph[composite["inputs"]["source"][0]] is load
+        assert graph[links_to(graph, composite["inputs"]["mask"], "InvertMask")["inputs"]["mask"][0]] is mask
+        links_to(graph, composite["inputs"]["destination"], "VAEDecode")
+    assert [links_to(graph, s["inputs"]["images"], "ImageCompositeMasked") for s in of_class(graph, "SaveImage")]
+    assert workflow.INPAINT_NOTE in graph["1"]["_meta"]["sdlora"]["notes"]
+
+
+def test_refiner_pass_runs_diffusers_img2img_steps_with_a_second_checkpoint():
+    family = families.get("sdxl")
+    from sdlora.families.comfyui import ComfyParts, loader
+
+    parts = ComfyParts(
+        nodes={"checkpoint": loader("CheckpointLoaderSimple", ckpt_name="sd_xl_base_1.0.safetensors")},
+        model=["checkpoint", 0], clip=["checkpoint", 1], vae=["checkpoint", 2], latent="EmptyLatentImage", cfg=5.0,
+    )  # fmt: skip
+    settings = workflow.Settings(30, 5.0, "dpmpp_2m_karras", 64, 64, "ugly")
+    refiner = workflow.Refiner("sd_xl_refiner_1.0.safetensors", 0.3, 30)
+    lora = workflow.LoraFile("alice.safetensors", 1.0, True, ("sks", "alice_emb"))
+    graph = workflow.build(parts, [lora], settings, [("sks smiling", 7), ("sks smiling", 8)], "a", refiner=refiner)
+    assert workflow.problems(graph) == [] and family.supports_refiner
+    loaders = of_class(graph, "CheckpointLoaderSimple")
+    assert [n["inputs"]["ckpt_name"] for n in loaders] == ["sd_xl_base_1.0.safetensors", refiner.checkpoint]
+    refined = of_class(graph, "KSamplerAdvanced")
+    assert [n["inputs"]["noise_seed"] for n in refined] == [7, 8]
+    for node in refined:
+        inputs = node["inputs"]
+        assert graph[inputs["model"][0]] is loaders[1]  # no LoRA on the refiner
+        assert (inputs["steps"], inputs["start_at_step"], inputs["end_at_step"]) == (30, 21, 10000)  # int(30 x 0.3)
+        assert (inputs["add_noise"], inputs["cfg"], inputs["sampler_name"]) == ("enable", 5.0, "dpmpp_2m")
+        assert links_to(graph, inputs["positive"], "CLIPTextEncode")["inputs"]["text"] == "sks smiling"
+        assert links_to(graph, inputs["negative"], "CLIPTextEncode")["inputs"]["text"] == "ugly"
+        encode = links_to(graph, inputs["latent_image"], "VAEEncode")["inputs"]
+        assert graph[encode["vae"][0]] is loaders[1]
+        assert graph[links_to(graph, encode["pixels"], "VAEDecode")["inputs"]["vae"][0]] is loaders[0]
+    for save in of_class(graph, "SaveImage"):
+        decoded = links_to(graph, save["inputs"]["images"], "VAEDecode")["inputs"]
+        assert graph[decoded["vae"][0]] is loaders[1] and graph[decoded["samples"][0]] in refined
+    assert len(of_class(graph, "CLIPTextEncode")) == 4  # base: negative, prompt; refiner: negative, prompt
+    assert workflow.REFINER_NOTE in graph["1"]["_meta"]["sdlora"]["notes"]
+
+
+def test_comfyui_inputs_are_a_runs_files_not_images_of_its_own(tmp_path):
+    from sdlora import layout
+    from sdlora.generate.output import first_free, written_by_generate
+
+    for name in ("0003-7.png", "comfyui-input-0009.png", "comfyui-mask-0009.png", "comfyui-input.png", "notes.png"):
+        (tmp_path / name).write_bytes(b"x")
+    assert layout.run_file(layout.COMFYUI_INPUT, 9) == "comfyui-input-0009.png"
+    assert layout.is_sheet("comfyui-input-0009.png") and layout.is_sheet("comfyui-mask.png")  # eval skips them
+    assert not layout.is_sheet("0003-7.png") and not layout.is_sheet("comfyui.json")
+    assert first_free(tmp_path) == 10
+    assert sorted(p.name for p in written_by_generate(tmp_path)) == [
+        "0003-7.png", "comfyui-input-0009.png", "comfyui-input.png", "comfyui-mask-0009.png"
+    ]  # fmt: skip

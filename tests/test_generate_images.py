@@ -34,6 +34,23 @@ def gen(*args: str):
     return runner.invoke(app, ["generate", *FAST, *args])
 
 
+def comfyui_run(out):
+    """The run's ComfyUI workflow (a sound graph of built-in nodes, the same as the image's `prompt` chunk's but
+    for the SaveImage prefix) and its nodes by class."""
+    import json
+
+    from sdlora.comfyui import workflow
+
+    graph = json.loads((out / "comfyui.json").read_text())
+    chunk = json.loads(Image.open(out / "0000-42.png").text["prompt"])
+    assert workflow.problems(graph) == [] and workflow.problems(chunk) == []
+    assert [n["class_type"] for n in chunk.values()] == [n["class_type"] for n in graph.values()]
+    by_class: dict = {}
+    for node in graph.values():
+        by_class.setdefault(node["class_type"], []).append(node["inputs"])
+    return graph, by_class
+
+
 @pytest.mark.slow
 def test_keep_face_keeps_the_photos_face_and_repaints_the_rest(tiny_sd1, astronaut, tmp_path):
     path, photo, face = astronaut
@@ -59,6 +76,13 @@ def test_keep_face_keeps_the_photos_face_and_repaints_the_rest(tiny_sd1, astrona
         assert np.abs(image[outside] - photo_a[outside]).mean() > 20  # everything else repainted
     assert np.abs(out[outside] - base[outside]).mean() > 3  # the LoRA changed the repainted part
     assert 0 < mask_a.astype(float).mean() / 255 < 0.3
+    # ComfyUI's inputs: the fitted photo and the mask of what is repainted (the face's mask inverted).
+    assert (pixels(tmp_path / "out" / "comfyui-input.png") == photo_a).all()
+    assert (np.asarray(Image.open(tmp_path / "out" / "comfyui-mask.png")) == 255 - mask_a).all()
+    _, nodes = comfyui_run(tmp_path / "out")
+    assert nodes["LoadImage"] == [{"image": "comfyui-input.png"}]
+    assert nodes["LoadImageMask"] == [{"image": "comfyui-mask.png", "channel": "red"}]
+    assert len(nodes["SetLatentNoiseMask"]) == len(nodes["ImageCompositeMasked"]) == 1
 
 
 def test_keep_face_without_a_face_is_one_clear_error(tiny_sd1, tmp_path):
@@ -88,6 +112,12 @@ def test_img2img_uses_the_init_image(tiny_sd1, astronaut, tmp_path):
     assert max_diff(tmp_path / "a" / png, tmp_path / "t" / png) > 10
     settings = parse_parameters(Image.open(tmp_path / "a" / png).text["parameters"])[2]
     assert settings["Denoising strength"] == "0.5"
+    fitted = keepface.fit(Image.open(path).convert("RGB"), 64, 64)[0]
+    assert (pixels(tmp_path / "a" / "comfyui-input.png") == pixels(fitted)).all()  # the photo as sdlora used it
+    assert not (tmp_path / "a" / "comfyui-mask.png").exists() and not (tmp_path / "t" / "comfyui-input.png").exists()
+    _, nodes = comfyui_run(tmp_path / "a")
+    assert nodes["LoadImage"] == [{"image": "comfyui-input.png"}] and len(nodes["VAEEncode"]) == 1
+    assert [k["denoise"] for k in nodes["KSampler"]] == [0.5] and "EmptyLatentImage" not in nodes
 
 
 @pytest.mark.slow
@@ -102,6 +132,11 @@ def test_sdxl_with_lora_and_refiner(tiny_sdxl, tmp_path):
     assert max_diff(tmp_path / "plain" / png, tmp_path / "refined" / png) > 5
     prompt, _, settings = parse_parameters(Image.open(tmp_path / "refined" / png).text["parameters"])
     assert prompt.startswith("zwx smiling") and settings["Refiner"] == tiny_sdxl.name
+    _, nodes = comfyui_run(tmp_path / "refined")
+    names = [n["ckpt_name"] for n in nodes["CheckpointLoaderSimple"]]
+    assert names == [f"{tiny_sdxl.name}.safetensors"] * 2  # the base, and the refiner (the same tiny model here)
+    (refine,) = nodes["KSamplerAdvanced"]
+    assert (refine["steps"], refine["start_at_step"], refine["noise_seed"]) == (4, 3, 42)  # max(2, ceil(1 / 0.3))
 
 
 def test_refiner_refused_on_sd1(tiny_sd1, tmp_path):
@@ -137,6 +172,8 @@ def test_keep_face_with_a_9_channel_inpainting_model(tiny_inpainting, astronaut,
     assert (mask_a == 255).sum() > 80
     assert (out[mask_a == 255] == photo_a[mask_a == 255]).all()
     assert np.abs(out[mask_a == 0] - photo_a[mask_a == 0]).mean() > 20
+    _, nodes = comfyui_run(tmp_path)  # the model takes the mask and masked photo: InpaintModelConditioning
+    assert [c["noise_mask"] for c in nodes["InpaintModelConditioning"]] == [False] and "SetLatentNoiseMask" not in nodes
 
 
 @pytest.mark.slow

@@ -62,6 +62,43 @@ class Settings:
     negative: str = ""
 
 
+@dataclass(frozen=True)
+class Photo:
+    """--init-image or --keep-face: the photo as sdlora fitted it to the render size, as ComfyUI's input folder
+    holds it; `mask` (keep-face) the image of what is repainted (white: all but the face)."""
+
+    image: str
+    strength: float = 1.0  # img2img's strength (diffusers) -> KSampler's denoise
+    mask: str | None = None
+    inpainting_model: bool = False  # the base takes the mask and masked photo as input (a 9-channel UNet, Fill)
+
+
+@dataclass(frozen=True)
+class Refiner:
+    """--refiner: an img2img pass of the decoded base image with a second checkpoint (no LoRA), `steps` steps of
+    which the last int(steps x strength) run, as diffusers' img2img does."""
+
+    checkpoint: str  # its file name in ComfyUI's checkpoints folder
+    strength: float
+    steps: int
+    note: str | None = None  # where the file name is a guess (families.comfyui.checkpoint_file)
+
+
+IMG2IMG_NOTE = (
+    "img2img: diffusers' strength S runs the last int(steps x S) steps of the steps-step schedule; ComfyUI's "
+    "denoise S runs all steps on the last S of a steps/S-step schedule (the same noise range, finer steps). For "
+    "diffusers' own sigmas use KSamplerAdvanced with start_at_step = steps - int(steps x S)"
+)
+INPAINT_NOTE = (
+    "keep-face: diffusers inpaints with the mask made binary (>= 0.5) at latent size, ComfyUI with the feathered "
+    "mask itself; the photo's face is then composited back with the feathered mask in both"
+)
+REFINER_NOTE = (
+    "refiner: KSamplerAdvanced runs the same steps of the refiner's schedule as diffusers' img2img at its strength;"
+    " sdlora hands the refiner the base's image rounded to 8 bits, ComfyUI its decoded floats"
+)
+
+
 def with_embeddings(prompt: str, loras: list[LoraFile]) -> str:
     """The prompt as ComfyUI asks for pivotal tokens: the trigger word (matched as sdlora's tokenizer rewrite does)
     becomes `embedding:NAME`, a word of its own (ComfyUI reads an embedding name up to the next space or comma)."""
@@ -86,11 +123,15 @@ def build(
     images: list[tuple[str, int]],
     prefix: str,
     vae: str | None = None,
+    photo: Photo | None = None,
+    refiner: Refiner | None = None,
 ) -> dict[str, dict[str, Any]]:
     """The API-format graph rendering each (prompt, seed) of `images` as image `prefix`_NNNN: loaders -> LoRAs ->
     sampling shift -> KSampler per image (or, where the family's schedule is a sigmas node, SamplerCustomAdvanced;
-    shared prompt encodings and latent) -> VAEDecode -> SaveImage. Node ids
-    are "1", "2", ... in that order; the first node's `_meta.sdlora` says what differs from sdlora's render."""
+    shared prompt encodings and latent) -> VAEDecode -> SaveImage. With a `photo` the latent is the photo's
+    (img2img at its strength, or keep-face's inpainting with the face composited back); with a `refiner` each image
+    passes through it before it is saved. Node ids are "1", "2", ... in that order; the first node's
+    `_meta.sdlora` says what differs from sdlora's render."""
     sampler, scheduler, differs = SAMPLERS[settings.sampler]
     nodes: dict[str, dict[str, Any]] = dict(parts.nodes)
     model, clip, decoder, said = parts.model, parts.clip, parts.vae, [*parts.notes, *([differs] if differs else [])]
@@ -111,35 +152,112 @@ def build(
         nodes["sampling"] = {**parts.sampling, "inputs": {**parts.sampling["inputs"], "model": model}}
         model = ["sampling", 0]
     nodes["negative"] = node("CLIPTextEncode", text=settings.negative, clip=clip)
-    nodes["latent"] = node(parts.latent, width=settings.width, height=settings.height, batch_size=1)
-    encoded: dict[str, list[Any]] = {}
+    if photo is None:
+        nodes["latent"] = node(parts.latent, width=settings.width, height=settings.height, batch_size=1)
+        latent = ["latent", 0]
+    else:
+        latent, notes = _photo_nodes(nodes, photo, decoder)
+        said += [note for note in notes if note != IMG2IMG_NOTE or parts.sigmas is None]  # SplitSigmas: exact
+    if refiner is not None:
+        said += _refiner_loader(nodes, refiner, settings.negative)
+    encoded: dict[str, tuple[str, list[Any], list[Any], list[Any]]] = {}  # prompt -> (key, positive, negative, latent)
     for index, (prompt, seed) in enumerate(images):
         if prompt not in encoded:
             key = f"prompt{len(encoded)}"
-            nodes[key] = node("CLIPTextEncode", text=with_embeddings(prompt, loras), clip=clip)
-            encoded[prompt] = [key, 0]
-            if parts.guidance is not None:
-                nodes[f"{key}g"] = {**parts.guidance, "inputs": {**parts.guidance["inputs"], "conditioning": [key, 0]}}
-                encoded[prompt] = [f"{key}g", 0]
-        conditioning = {"positive": encoded[prompt], "negative": ["negative", 0]}
+            positive = _encode(nodes, parts, key, with_embeddings(prompt, loras), clip)
+            encoded[prompt] = (key, positive, ["negative", 0], latent)
+            if photo is not None and photo.inpainting_model:  # the mask and masked photo go in with the prompts
+                links = {"vae": decoder, "pixels": ["photo", 0], "mask": ["mask", 0], "noise_mask": False}
+                nodes[f"{key}i"] = node(
+                    "InpaintModelConditioning", positive=positive, negative=["negative", 0], **links
+                )
+                encoded[prompt] = (key, [f"{key}i", 0], [f"{key}i", 1], [f"{key}i", 2])
+            if refiner is not None:  # the plain prompt: the LoRA and its embeddings are the base's
+                nodes[f"refiner_{key}"] = node("CLIPTextEncode", text=prompt, clip=["refiner", 1])
+        key, positive, negative, start = encoded[prompt]
+        conditioning = {"positive": positive, "negative": negative}
+        strength = photo.strength if photo is not None else 1.0
         if parts.sigmas is None:
             inputs = {"seed": seed, "steps": settings.steps, "cfg": parts.cfg, "sampler_name": sampler}
-            inputs |= {"scheduler": scheduler, "denoise": 1.0, "model": model, **conditioning}
-            nodes[f"sample{index}"] = node("KSampler", **inputs, latent_image=["latent", 0])
+            inputs |= {"scheduler": scheduler, "denoise": strength, "model": model, **conditioning}
+            nodes[f"sample{index}"] = node("KSampler", **inputs, latent_image=start)
         else:
             if "sigmas" not in nodes:
                 nodes["sampler"] = node("KSamplerSelect", sampler_name=sampler)
                 size = {"width": settings.width, "height": settings.height}
                 nodes["sigmas"] = node(parts.sigmas, steps=settings.steps, **size)
+                if strength < 1:  # diffusers' img2img: the last int(steps x strength) steps of the schedule
+                    skipped = settings.steps - int(settings.steps * strength)
+                    nodes["sigmas_img2img"] = node("SplitSigmas", sigmas=["sigmas", 0], step=skipped)
+            sigmas = ["sigmas_img2img", 1] if "sigmas_img2img" in nodes else ["sigmas", 0]
             nodes[f"noise{index}"] = node("RandomNoise", noise_seed=seed)
             nodes[f"guider{index}"] = node("CFGGuider", cfg=parts.cfg, model=model, **conditioning)
             links = {"noise": [f"noise{index}", 0], "guider": [f"guider{index}", 0], "sampler": ["sampler", 0]}
-            links |= {"sigmas": ["sigmas", 0], "latent_image": ["latent", 0]}
+            links |= {"sigmas": sigmas, "latent_image": start}
             nodes[f"sample{index}"] = node("SamplerCustomAdvanced", **links)
         nodes[f"decode{index}"] = node("VAEDecode", samples=[f"sample{index}", 0], vae=decoder)
-        nodes[f"save{index}"] = node("SaveImage", filename_prefix=f"{prefix}_{index:04d}", images=[f"decode{index}", 0])
+        image = [f"decode{index}", 0]
+        if refiner is not None:
+            image = _refine(nodes, refiner, index, f"refiner_{key}", seed, image, (sampler, scheduler, parts.cfg))
+        if photo is not None and photo.mask is not None:  # keep-face: the photo's own face back, feathered
+            inputs = {"destination": image, "source": ["photo", 0], "x": 0, "y": 0, "resize_source": False}
+            nodes[f"face{index}"] = node("ImageCompositeMasked", **inputs, mask=["face_mask", 0])
+            image = [f"face{index}", 0]
+        nodes[f"save{index}"] = node("SaveImage", filename_prefix=f"{prefix}_{index:04d}", images=image)
     about = {"version": __version__, "sampler": settings.sampler, "cfg": settings.cfg, "notes": said}
     return numbered(nodes, about)
+
+
+def _encode(nodes: dict[str, Any], parts: ComfyParts, key: str, text: str, clip: list[Any]) -> list[Any]:
+    """A positive prompt's encoding (through the family's distilled guidance node where it has one)."""
+    nodes[key] = node("CLIPTextEncode", text=text, clip=clip)
+    if parts.guidance is None:
+        return [key, 0]
+    nodes[f"{key}g"] = {**parts.guidance, "inputs": {**parts.guidance["inputs"], "conditioning": [key, 0]}}
+    return [f"{key}g", 0]
+
+
+def _photo_nodes(nodes: dict[str, Any], photo: Photo, vae: list[Any]) -> tuple[list[Any], list[str]]:
+    """The photo (and keep-face's mask) loaded from ComfyUI's input folder; the latent sampling starts from (an
+    inpainting model's comes from InpaintModelConditioning, per prompt) and what differs from sdlora's render."""
+    nodes["photo"] = node("LoadImage", image=photo.image)
+    if photo.mask is None:
+        nodes["photo_latent"] = node("VAEEncode", pixels=["photo", 0], vae=vae)
+        return ["photo_latent", 0], [IMG2IMG_NOTE] if photo.strength < 1 else []
+    nodes["mask"] = node("LoadImageMask", image=photo.mask, channel="red")  # white: repainted
+    nodes["face_mask"] = node("InvertMask", mask=["mask", 0])  # white: the photo's face, composited back
+    if photo.inpainting_model:
+        return [], [INPAINT_NOTE]
+    nodes["photo_latent"] = node("VAEEncode", pixels=["photo", 0], vae=vae)
+    nodes["photo_masked"] = node("SetLatentNoiseMask", samples=["photo_latent", 0], mask=["mask", 0])
+    return ["photo_masked", 0], [INPAINT_NOTE]
+
+
+def _refiner_loader(nodes: dict[str, Any], refiner: Refiner, negative: str) -> list[str]:
+    nodes["refiner"] = node("CheckpointLoaderSimple", ckpt_name=refiner.checkpoint)
+    nodes["refiner_negative"] = node("CLIPTextEncode", text=negative, clip=["refiner", 1])
+    return [REFINER_NOTE, *([f"refiner: {refiner.note}"] if refiner.note else [])]
+
+
+def _refine(
+    nodes: dict[str, Any], refiner: Refiner, index: int, key: str, seed: int, image: list[Any], how: tuple
+) -> list[Any]:
+    """The refiner pass of one decoded image (`key`: its prompt's refiner encoding): encoded with the refiner's VAE,
+    the last int(steps x strength) steps of its schedule, decoded."""
+    sampler, scheduler, cfg = how
+    nodes[f"refiner_encode{index}"] = node("VAEEncode", pixels=image, vae=["refiner", 2])
+    inputs = {"add_noise": "enable", "noise_seed": seed, "steps": refiner.steps, "cfg": cfg}
+    inputs |= {
+        "sampler_name": sampler,
+        "scheduler": scheduler,
+        "positive": [key, 0],
+        "negative": ["refiner_negative", 0],
+    }
+    inputs |= {"start_at_step": refiner.steps - int(refiner.steps * refiner.strength), "end_at_step": 10000}
+    inputs |= {"return_with_leftover_noise": "disable", "latent_image": [f"refiner_encode{index}", 0]}
+    nodes[f"refine{index}"] = node("KSamplerAdvanced", model=["refiner", 0], **inputs)
+    nodes[f"refiner_decode{index}"] = node("VAEDecode", samples=[f"refine{index}", 0], vae=["refiner", 2])
+    return [f"refiner_decode{index}", 0]
 
 
 def node(class_type: str, **inputs: Any) -> dict[str, Any]:

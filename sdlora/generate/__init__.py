@@ -18,7 +18,7 @@ from rich.console import Console
 from sdlora import families, fsutil, models
 from sdlora.config import MAX_IMAGES, Config, GenerateConfig
 from sdlora.errors import Interrupted, SdloraError, UsageError
-from sdlora.generate import keepface
+from sdlora.generate import comfyui, keepface
 from sdlora.generate.output import Job, Writer, check_out_dir
 from sdlora.generate.render import (
     Sampling,
@@ -218,11 +218,16 @@ def _generate(
             f"--refiner: a refiner pass is for {with_refiner} bases, and {config.model.base} is {family.name}"
         )
     refiner = _refiner(g.refiner, config.model.allow_pickle, family) if g.refiner else None
+    if refiner is not None:
+        writer.comfyui_refiner = comfyui.refiner(config, family, REFINER_STRENGTH)
     source = source.fitted(*g.width_height) if source is not None else None
     runner, call = _runner(pipe, family, g, source)
     if photos:  # --reference: every image of the run sees the same photos
         call = {"call_kwargs": {"image": photos}}
     writer.write_config()
+    if source is not None:  # the photo (and mask) the run's ComfyUI workflows load
+        repaint = ImageOps.invert(source.face_mask) if source.face_mask is not None else None  # as _runner's
+        writer.comfyui_inputs(source.photo, repaint, g.strength if g.init_image else 1.0, bool(inpainting))
     total = len(prompts) * g.n
     compared = writer.plan_sheets(total, g.width_height, g.compare)
     tokens = config.model.max_sequence_length

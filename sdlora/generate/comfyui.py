@@ -1,13 +1,15 @@
 """`sdlora generate`'s ComfyUI workflows: one per image (the PNG's `prompt` chunk, which ComfyUI opens when the
-image is dropped on it) and one per run (comfyui.json beside the images, every image of the run)."""
+image is dropped on it) and one per run (comfyui.json beside the images, every image of the run); from
+--init-image's or --keep-face's photo (written beside the images for ComfyUI's input folder) and through --refiner."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from sdlora.comfyui.workflow import LoraFile
+    from sdlora.comfyui.workflow import LoraFile, Photo, Refiner
     from sdlora.config import Config
     from sdlora.families.comfyui import ComfyParts
     from sdlora.lora.files import Lora
@@ -33,22 +35,30 @@ def lora_files(loras: list[Lora]) -> list[LoraFile]:
     return found
 
 
-def reproducible_run(config: Config) -> str | None:
-    """Why a workflow can't remake this run's images (it renders text to image from the base alone), or None."""
+def refiner(config: Config, family: Any, strength: float) -> Refiner:
+    """--refiner's pass as generate runs it: img2img at `strength`, at least one step however few --steps."""
+    from sdlora.comfyui.workflow import Refiner
+    from sdlora.families.comfyui import checkpoint_file
+
     g = config.generate
-    for setting, value in (("--init-image", g.init_image), ("--keep-face", g.keep_face), ("--refiner", g.refiner)):
-        if value:
-            return f"{setting}: a ComfyUI workflow of it is not written yet"
-    return None
+    name, note = checkpoint_file(str(g.refiner), dict(getattr(family, "comfyui_checkpoints", ())))
+    return Refiner(name, strength, max(g.steps, math.ceil(1 / strength)), note)
 
 
 def workflow(
-    parts: ComfyParts, config: Config, loras: list[LoraFile], images: list[tuple[str, int]], prefix: str
+    parts: ComfyParts,
+    config: Config,
+    loras: list[LoraFile],
+    images: list[tuple[str, int]],
+    prefix: str,
+    photo: Photo | None = None,
+    refiner: Refiner | None = None,
 ) -> dict[str, Any]:
-    """The graph that renders (prompt, seed) `images` with generate's settings."""
+    """The graph that renders (prompt, seed) `images` with generate's settings (from --init-image's or
+    --keep-face's `photo`, through the `refiner`)."""
     from sdlora.comfyui.workflow import Settings, build
 
     g = config.generate
     width, height = g.width_height
     settings = Settings(g.steps, g.cfg, g.scheduler, width, height, g.negative)
-    return build(parts, loras, settings, images, prefix=prefix, vae=config.model.vae)
+    return build(parts, loras, settings, images, prefix=prefix, vae=config.model.vae, photo=photo, refiner=refiner)

@@ -22,7 +22,7 @@ from sdlora.generate.render import a1111_sampler_name
 from sdlora.lora import files as lora_files
 
 if TYPE_CHECKING:
-    from sdlora.comfyui.workflow import LoraFile
+    from sdlora.comfyui.workflow import LoraFile, Photo, Refiner
     from sdlora.config import Config
     from sdlora.families.comfyui import ComfyParts
     from sdlora.lora.files import Lora
@@ -131,6 +131,8 @@ class Writer:
         self.comfyui: ComfyParts | None = None  # the family's ComfyUI loaders for the base (generate sets them)
         self.comfyui_jobs: list[Job] = []  # the images the run's workflow file renders
         self.comfyui_loras: list[LoraFile] | None = None
+        self.comfyui_photo: Photo | None = None  # --init-image / --keep-face (comfyui_inputs)
+        self.comfyui_refiner: Refiner | None = None  # --refiner (generate sets it)
 
     def start(self) -> None:
         """Called holding the lock: the marker (a folder of an earlier generate keeps its own), no leftovers, with
@@ -153,6 +155,23 @@ class Writer:
         text = json.dumps(self.config.model_dump(mode="json"), indent=2) + "\n"  # as sdlora.config.save
         with self._new(self.path(layout.CONFIG_JSON)) as path:
             fsutil.atomic_write_text(path, text, replace=False)
+
+    def comfyui_inputs(
+        self, photo: Image.Image, repaint: Image.Image | None, strength: float, inpainting: bool
+    ) -> None:
+        """The photo as generate fitted it (and keep-face's mask, white where it repaints) beside the images, under
+        the names the run's workflows load them by from ComfyUI's input folder."""
+        from sdlora.comfyui.workflow import Photo
+
+        names: list[str | None] = []
+        for image, name in ((photo, layout.COMFYUI_INPUT), (repaint, layout.COMFYUI_MASK)):
+            if image is None:
+                names.append(None)
+                continue
+            with self._new(self.path(name)) as path:
+                pngmeta.save_png(path, image, replace=False)
+            names.append(path.name)
+        self.comfyui_photo = Photo(str(names[0]), strength, names[1], inpainting)
 
     def plan_sheets(self, total: int, cell: tuple[int, int], compare: bool) -> int:
         """Size the grid (one row per prompt, n columns) and compare sheet (base | LoRA, one row per image) for
@@ -185,13 +204,14 @@ class Writer:
         """The ComfyUI workflow rendering `jobs` (noted for the run's file), or None where none can remake them."""
         from sdlora.generate import comfyui
 
-        if self.comfyui is None or comfyui.reproducible_run(self.config) is not None:
+        if self.comfyui is None:
             return None
         if self.comfyui_loras is None:
             self.comfyui_loras = comfyui.lora_files(self.loras)
         self.comfyui_jobs.extend(job for job in jobs if job not in self.comfyui_jobs)
         images = [(job.prompt, job.seed) for job in jobs]
-        return comfyui.workflow(self.comfyui, self.config, self.comfyui_loras, images, prefix)
+        extra = {"photo": self.comfyui_photo, "refiner": self.comfyui_refiner}
+        return comfyui.workflow(self.comfyui, self.config, self.comfyui_loras, images, prefix, **extra)
 
     def sheets(self) -> None:
         """The grid and, with --compare, the compare sheet (one row per seed: base model | LoRA); the run's ComfyUI

@@ -37,6 +37,7 @@ class StableDiffusionXL(UNetFamily):
     # (hub id, the single file its publishers give ComfyUI users)
     comfyui_checkpoints: tuple[tuple[str, str], ...] = (
         ("stabilityai/stable-diffusion-xl-base-1.0", "sd_xl_base_1.0.safetensors"),
+        ("stabilityai/stable-diffusion-xl-refiner-1.0", "sd_xl_refiner_1.0.safetensors"),
     )
 
     def claims(self, pipe: Any) -> bool:
