@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from sdlora import __version__, layout
-from sdlora.errors import SdloraError, UsageError
+from sdlora.errors import SdloraError, UsageError, printable
 
 MARKER, LOCK = layout.MARKER, layout.LOCK
 # Temporary names our writers use; anything matching them in a folder we own is a leftover of a killed run.
@@ -171,6 +171,19 @@ def describe(folder: Path) -> str:
         return f"a `sdlora {made_by}` {kind.get(made_by, 'output')}"
     names = contents(folder)
     return f"files sdlora did not write ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+
+
+def check_own_or_empty(folder: Path, command: str, option: str = "--out") -> None:
+    """`folder` is new, empty or an earlier `sdlora command`'s output; anything else is refused in one line that
+    says what it holds (a file, another command's output, files sdlora did not write)."""
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"{option} {printable(folder)}: is a file; give a folder")
+    made_by = owner(folder)
+    if made_by not in (None, command) or (made_by is None and contents(folder)):
+        raise UsageError(
+            f"{option} {printable(folder)}: holds {describe(folder)}; {command} writes only into a new or empty "
+            f"folder or one of its own: choose another {option}"
+        )
 
 
 def remove_stale_temporaries(folder: Path) -> list[Path]:

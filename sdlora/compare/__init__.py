@@ -88,14 +88,7 @@ def compare(
 
 def _check_out(out_dir: Path, inputs: list[Path]) -> None:
     """OUT is new, empty or an earlier compare's, and holds none of the inputs (nor sits in them)."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UsageError(f"--out {printable(out_dir)}: is a file; give a folder")
-    made_by = fsutil.owner(out_dir)
-    if made_by not in (None, "compare") or (made_by is None and fsutil.contents(out_dir)):
-        raise UsageError(
-            f"--out {printable(out_dir)}: holds {fsutil.describe(out_dir)}; compare writes only into a new or "
-            "empty folder or one of its own: choose another --out"
-        )
+    fsutil.check_own_or_empty(out_dir, "compare")
     root = out_dir.resolve()
     for path in inputs:
         where = path.resolve()

@@ -68,14 +68,7 @@ def written_by_generate(out_dir: Path) -> list[Path]:
 def check_out_dir(out_dir: Path, inputs: list[Path | None], first_image_bytes: int) -> None:
     """Before any model loads: --out is new, empty or an earlier generate's; holds none of the inputs; and its disk
     has room for the first image (lock creation then proves it writable)."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UsageError(f"--out {out_dir}: is a file; give a folder")
-    made_by = fsutil.owner(out_dir)
-    if made_by not in (None, "generate") or (made_by is None and fsutil.contents(out_dir)):
-        raise UsageError(
-            f"--out {out_dir}: holds {fsutil.describe(out_dir)}; generate writes only into a new or empty folder or "
-            "one of its own: choose another --out"
-        )
+    fsutil.check_own_or_empty(out_dir, "generate")
     root = out_dir.resolve()
     for path in inputs:
         if path is not None and (root == Path(path).resolve() or root in Path(path).resolve().parents):
