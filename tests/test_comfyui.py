@@ -179,3 +179,15 @@ def test_a_replacement_vae_decodes(family_pipe):
     assert workflow.problems(graph) == []
     (decode,) = of_class(graph, "VAEDecode")
     assert graph[decode["inputs"]["vae"][0]]["inputs"] == {"vae_name": "sdxl-vae-fp16-fix.safetensors"}
+
+
+def test_flux_dev_workflow_says_comfyui_pads_t5_to_256_tokens():
+    """Measured by bench/parity.py (tiny-flux-512): sdlora's dev renders at 512 T5 tokens differ from ComfyUI's."""
+    from sdlora.families.flux.tiny import tiny_flux_pipeline
+    from sdlora.testing import build_tiny_pipeline
+
+    flux = families.get("flux")
+    dev = flux.comfyui_parts(build_tiny_pipeline("flux"), "black-forest-labs/FLUX.1-dev", 64, 64, 3.5)
+    assert any("256 tokens" in note and "max_sequence_length = 256" in note for note in dev.notes)
+    schnell = flux.comfyui_parts(tiny_flux_pipeline(schnell=True), "black-forest-labs/FLUX.1-schnell", 64, 64, 0.0)
+    assert not any("256 tokens" in note for note in schnell.notes)  # schnell renders at 256 already
