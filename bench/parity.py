@@ -47,11 +47,23 @@ CASES = {
     "toy": "SD 1.x toy base (sdlora/demo/identity-base.safetensors: UNet 32-64-64, CLIP width 64, 4x VAE)",
     "tiny-sd1": "SD 1.x tiny test pipeline (sdlora.testing: UNet 32-64, CLIP width 32, 8x VAE)",
     "tiny-sdxl": "SDXL tiny test pipeline (sdlora.testing: UNet 32-64 with text_time, CLIP-L and CLIP-G width 32)",
+    "tiny-sd2": "SD 2.x tiny test pipeline (sdlora.testing: UNet 32-64, linear projections, v-prediction, CLIP "
+    "width 32): ComfyUI's own CLIP-H reading (penultimate layer, '!' padding)",
+    "tiny-sd2-pipeline-reading": "the same, ComfyUI's CLIP-H read as the tiny pipeline reads its encoder (last "
+    "layer, end-of-text padding: what the published SD 2.x encoder makes equal)",
     "tiny-flux": "FLUX.1 [dev] tiny test pipeline (sdlora.testing: 1 double + 1 single block, hidden 32, T5 and "
     "CLIP-L width 32, 4-channel AE)",
     "tiny-flux-512": "the same, sdlora's T5 at FLUX.1 [dev]'s default 512 tokens (ComfyUI pads to 256)",
 }
-FAMILY = {"toy": "sd1", "tiny-sd1": "sd1", "tiny-sdxl": "sdxl", "tiny-flux": "flux", "tiny-flux-512": "flux"}
+FAMILY = {
+    "toy": "sd1",
+    "tiny-sd1": "sd1",
+    "tiny-sdxl": "sdxl",
+    "tiny-sd2": "sd2",
+    "tiny-sd2-pipeline-reading": "sd2",
+    "tiny-flux": "flux",
+    "tiny-flux-512": "flux",
+}
 # Flux: T5 tokens as ComfyUI pads them (at least 256; diffusers' FluxPipeline pads dev to 512, see docs/parity.md)
 EXTRA = {"tiny-flux": ["--set", "model.max_sequence_length=256"]}
 LATENT_SCALE = {"toy": 4}  # the VAE's downsampling where it is not 8
@@ -185,7 +197,8 @@ def weight_diffs(family: str, theirs: dict[str, tuple[Any, Any]], base_file: Pat
     merged = parity_comfy.comfy_names(family, load_file(str(merged_file)))
     base = parity_comfy.comfy_names(family, load_file(str(base_file)))
     out: dict[str, Any] = {"weights_patched": len(theirs)}
-    for label, prefix in (("unet", "diffusion_model."), ("text_encoder", "clip_l."), ("text_encoder_2", "clip_g.")):
+    labels = (("unet", "diffusion_model."), ("text_encoder", "clip_l."), ("text_encoder", "clip_h."))
+    for label, prefix in (*labels, ("text_encoder_2", "clip_g.")):
         keys = [k for k in theirs if k.startswith(prefix)]
         if not keys:
             continue
@@ -223,7 +236,9 @@ class Collect(logging.Handler):
         self.messages.append(record.getMessage())
 
 
-def comfy_files(family: str, base: Path, workflow: dict[str, Any], root: Path) -> tuple[dict[str, Path], Any, Path]:
+def comfy_files(
+    family: str, base: Path, workflow: dict[str, Any], root: Path, reading: str = "comfyui"
+) -> tuple[dict[str, Path], Any, Path]:
     """The base's files where the workflow's loaders look for them ({ComfyUI folder kind: folder}), the context
     that lets ComfyUI load the tiny models, and the model file (checkpoint or transformer)."""
     import parity_comfy
@@ -237,7 +252,7 @@ def comfy_files(family: str, base: Path, workflow: dict[str, Any], root: Path) -
     from sdlora import testing
 
     ckpt = testing.write_single_file(base, root / "checkpoints" / loaders["CheckpointLoaderSimple"]["ckpt_name"])
-    return {"checkpoints": ckpt.parent}, parity_comfy.tiny_loading(family, base, root), ckpt
+    return {"checkpoints": ckpt.parent}, parity_comfy.tiny_loading(family, base, root, reading), ckpt
 
 
 def run_case(case: str, workdir: Path, steps: int, seeds: int) -> dict[str, Any]:
@@ -257,7 +272,8 @@ def run_case(case: str, workdir: Path, steps: int, seeds: int) -> dict[str, Any]
     train(dataset(root / "data"), base, out, steps, seeds, EXTRA.get(case, []), text=family != "flux")
     workflow = json.loads((out / "me.comfyui.json").read_text())
     assert not problems(workflow), problems(workflow)
-    folders, loading, ckpt_name = comfy_files(family, base, workflow, root)
+    reading = "pipeline" if case.endswith("pipeline-reading") else "comfyui"
+    folders, loading, ckpt_name = comfy_files(family, base, workflow, root, reading)
     folders["loras"] = out
     config = Config.model_validate_json((out / "config.json").read_text())
     items = samples(workflow)

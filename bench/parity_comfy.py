@@ -71,7 +71,7 @@ def group_norms(groups: int) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def tiny_loading(family: str, folder: Path, workdir: Path) -> Iterator[None]:
+def tiny_loading(family: str, folder: Path, workdir: Path, clip_reading: str = "comfyui") -> Iterator[None]:
     """While open, ComfyUI's checkpoint loader reads the tiny pipeline saved in diffusers `folder` (its configs)
     from its single file: the model class, CLIP config, VAE channels, group norms and latent scale given above."""
     import comfy.latent_formats
@@ -81,8 +81,8 @@ def tiny_loading(family: str, folder: Path, workdir: Path) -> Iterator[None]:
 
     unet = json.loads((folder / "unet/config.json").read_text())
     vae = json.loads((folder / "vae/config.json").read_text())
-    if family not in ("sd1", "sdxl"):
-        raise SystemExit(f"{family}: no tiny ComfyUI loading yet (SD 1.x and SDXL only)")
+    if family not in ("sd1", "sd2", "sdxl"):
+        raise SystemExit(f"{family}: no tiny ComfyUI loading here (SD 1.x, SD 2.x, SDXL; Flux: parity_flux)")
     clip_configs = {}
     for name in ("text_encoder", "text_encoder_2"):
         if (folder / name / "config.json").exists():
@@ -98,12 +98,14 @@ def tiny_loading(family: str, folder: Path, workdir: Path) -> Iterator[None]:
             config.unet_config["num_heads"] = unet["attention_head_dim"]  # diffusers' SD 1.x name for the heads
             config.latent_format = comfy.latent_formats.SD15(scale_factor=scale)
             target = sd1_clip_target(clip_configs["text_encoder"])
+        elif family == "sd2":
+            config = comfy.supported_models.SD20(unet_config)
+            config.unet_config |= {"num_heads": -1, "num_head_channels": head_width(unet)}
+            config.latent_format = comfy.latent_formats.SD15(scale_factor=scale)
+            target = sd2_clip_target(clip_configs["text_encoder"], as_pipeline=clip_reading == "pipeline")
         else:
             config = comfy.supported_models.SDXL(unet_config)
-            heads = unet["attention_head_dim"]  # diffusers' SDXL name for the head count per level
-            widths = {c // h for c, h in zip(unet["block_out_channels"], heads, strict=True)}
-            assert len(widths) == 1, f"per-level head widths differ: {widths}"
-            config.unet_config |= {"num_heads": -1, "num_head_channels": widths.pop()}
+            config.unet_config |= {"num_heads": -1, "num_head_channels": head_width(unet)}
             config.latent_format = comfy.latent_formats.SDXL()
             config.latent_format.scale_factor = scale
             target = sdxl_clip_target(clip_configs["text_encoder"], clip_configs["text_encoder_2"])
@@ -178,6 +180,33 @@ def sd1_clip_target(config: Path) -> Any:
     return comfy.supported_models_base.ClipTarget(
         comfy.sd1_clip.SD1Tokenizer, functools.partial(comfy.sd1_clip.SD1ClipModel, clip_model=clip_model)
     )
+
+
+def head_width(unet: dict[str, Any]) -> int:
+    """The one head width of a UNet whose diffusers config gives per-level head counts (SD 2.x, SDXL)."""
+    heads = unet["attention_head_dim"]
+    widths = {c // h for c, h in zip(unet["block_out_channels"], heads, strict=True)}
+    assert len(widths) == 1, f"per-level head widths differ: {widths}"
+    return widths.pop()
+
+
+def sd2_clip_target(config: Path, as_pipeline: bool) -> Any:
+    """ComfyUI's SD 2.x CLIP-H (sd2_clip: the penultimate layer with the final norm, `!` (id 0) padding) over the
+    tiny text encoder's config; `as_pipeline`: read as the tiny diffusers pipeline reads its encoder instead (the
+    last layer, padded with end-of-text), which the published SD 2.x text encoder makes the same as ComfyUI's."""
+    import comfy.sd1_clip
+    import comfy.supported_models_base
+
+    layer = {"layer": "last"} if as_pipeline else {"layer": "hidden", "layer_idx": -2}
+    clip_model = functools.partial(
+        comfy.sd1_clip.SDClipModel, **layer, textmodel_json_config=str(config),
+        special_tokens={"start": 49406, "end": 49407, "pad": 49407 if as_pipeline else 0},
+        return_projected_pooled=False,
+    )  # fmt: skip
+    token = functools.partial(comfy.sd1_clip.SDTokenizer, pad_with_end=as_pipeline, embedding_key="clip_h")
+    tokenizer = functools.partial(comfy.sd1_clip.SD1Tokenizer, clip_name="h", tokenizer=token)
+    clip = functools.partial(comfy.sd1_clip.SD1ClipModel, clip_name="h", clip_model=clip_model)
+    return comfy.supported_models_base.ClipTarget(tokenizer, clip)
 
 
 def sdxl_clip_target(config_l: Path, config_g: Path) -> Any:
@@ -307,7 +336,8 @@ def comfy_names(family: str, state_dict: dict[str, torch.Tensor]) -> dict[str, t
 
     if family == "flux":  # BFL's transformer file: the model alone
         return {"diffusion_model." + k: v for k, v in state_dict.items()}
-    config = {"sd1": comfy.supported_models.SD15, "sdxl": comfy.supported_models.SDXL}[family]({})
+    models = {"sd1": comfy.supported_models.SD15, "sd2": comfy.supported_models.SD20}
+    config = (models | {"sdxl": comfy.supported_models.SDXL})[family]({})
     unet = {
         "diffusion_model." + k.removeprefix("model.diffusion_model."): v
         for k, v in state_dict.items()
