@@ -5,13 +5,17 @@ has our stack plus ComfyUI's requirements (torchsde, scipy; torchvision is stubb
 
     git -C /work/.mirror/Comfy-Org+ComfyUI/repo archive HEAD | tar -x -C /tmp/comfyui   # (or cat-file each blob)
     PYTHONPATH=$PWD:$PWD/bench nice -n 15 /tmp/comfy-venv/bin/python bench/parity.py --comfyui /tmp/comfyui \
-        --case toy tiny-sd1 --json docs/bench-results/parity.json
+        --case tiny-sd1 tiny-sdxl tiny-sd2 tiny-flux toy --json docs/bench-results/parity.json
 
-Per case: the base saved as a diffusers folder and as the single file ComfyUI loads (the family's
-save_single_file); `sdlora train` (CLI, a few steps, LoRA on UNet and text encoder, rank 8 / alpha 4,
+Cases (CASES): SD 1.x tiny and toy, SDXL tiny, SD 2.x tiny (ComfyUI's CLIP-H reading, and the tiny pipeline's),
+FLUX.1 [dev] tiny (at ComfyUI's 256 T5 tokens, and at dev's default 512 in sdlora).
+Per case: the base saved as a diffusers folder and as the files ComfyUI loads (the family's save_single_file;
+Flux: BFL's transformer file, clip_l, t5xxl and ae as bench/parity_flux.py writes them); `sdlora train` (CLI, a
+few steps, LoRA on the denoiser and, SD 1.x/2.x/SDXL, the text encoders, rank 8 / alpha 4,
 `train.sample_like = "comfyui"`); then
 - ComfyUI: the run's workflow file executed node by node by ComfyUI's node classes (bench/parity_comfy.py:
-  CheckpointLoaderSimple, LoraLoader with the run's NAME.safetensors, CLIPTextEncode, KSampler, VAEDecode);
+  CheckpointLoaderSimple or UNETLoader/DualCLIPLoader/VAELoader, LoraLoader with the run's NAME.safetensors,
+  ModelSamplingDiscrete/ModelSamplingFlux, CLIPTextEncode, FluxGuidance, KSampler, VAEDecode);
 - sdlora: `render_images` with the run's sample settings (Sampling.for_training), the LoRA loaded as `generate`
   loads it, the same prompts and seeds;
 - diffusers: the base pipeline with `load_lora_weights` of NAME.safetensors (the file ComfyUI reads) rendered the
