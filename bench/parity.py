@@ -5,13 +5,17 @@ has our stack plus ComfyUI's requirements (torchsde, scipy; torchvision is stubb
 
     git -C /work/.mirror/Comfy-Org+ComfyUI/repo archive HEAD | tar -x -C /tmp/comfyui   # (or cat-file each blob)
     PYTHONPATH=$PWD:$PWD/bench nice -n 15 /tmp/comfy-venv/bin/python bench/parity.py --comfyui /tmp/comfyui \
-        --case toy tiny-sd1 --json docs/bench-results/parity.json
+        --case tiny-sd1 tiny-sdxl tiny-sd2 tiny-flux toy --json docs/bench-results/parity.json
 
-Per case: the base saved as a diffusers folder and as the single file ComfyUI loads (the family's
-save_single_file); `sdlora train` (CLI, a few steps, LoRA on UNet and text encoder, rank 8 / alpha 4,
+Cases (CASES): SD 1.x tiny and toy, SDXL tiny, SD 2.x tiny (ComfyUI's CLIP-H reading, and the tiny pipeline's),
+FLUX.1 [dev] tiny (at ComfyUI's 256 T5 tokens, and at dev's default 512 in sdlora).
+Per case: the base saved as a diffusers folder and as the files ComfyUI loads (the family's save_single_file;
+Flux: BFL's transformer file, clip_l, t5xxl and ae as bench/parity_flux.py writes them); `sdlora train` (CLI, a
+few steps, LoRA on the denoiser and, SD 1.x/2.x/SDXL, the text encoders, rank 8 / alpha 4,
 `train.sample_like = "comfyui"`); then
 - ComfyUI: the run's workflow file executed node by node by ComfyUI's node classes (bench/parity_comfy.py:
-  CheckpointLoaderSimple, LoraLoader with the run's NAME.safetensors, CLIPTextEncode, KSampler, VAEDecode);
+  CheckpointLoaderSimple or UNETLoader/DualCLIPLoader/VAELoader, LoraLoader with the run's NAME.safetensors,
+  ModelSamplingDiscrete/ModelSamplingFlux, CLIPTextEncode, FluxGuidance, KSampler, VAEDecode);
 - sdlora: `render_images` with the run's sample settings (Sampling.for_training), the LoRA loaded as `generate`
   loads it, the same prompts and seeds;
 - diffusers: the base pipeline with `load_lora_weights` of NAME.safetensors (the file ComfyUI reads) rendered the
@@ -40,17 +44,40 @@ import numpy as np
 STEPS = 40
 SEEDS = 4
 PROMPT = "a photo of sks person"
+# sdlora renders every sample prompt at the one seed generate.seed (so are the workflow's KSamplers): the images
+# differ by prompt; the first is the training caption.
+PROMPTS = (PROMPT, "a close-up photo of sks person", "a portrait of sks person, smiling", "sks person outdoors")
 CASES = {
     "toy": "SD 1.x toy base (sdlora/demo/identity-base.safetensors: UNet 32-64-64, CLIP width 64, 4x VAE)",
     "tiny-sd1": "SD 1.x tiny test pipeline (sdlora.testing: UNet 32-64, CLIP width 32, 8x VAE)",
+    "tiny-sdxl": "SDXL tiny test pipeline (sdlora.testing: UNet 32-64 with text_time, CLIP-L and CLIP-G width 32)",
+    "tiny-sd2": "SD 2.x tiny test pipeline (sdlora.testing: UNet 32-64, linear projections, v-prediction, CLIP "
+    "width 32): ComfyUI's own CLIP-H reading (penultimate layer, '!' padding)",
+    "tiny-sd2-pipeline-reading": "the same, ComfyUI's CLIP-H read as the tiny pipeline reads its encoder (last "
+    "layer, end-of-text padding: what the published SD 2.x encoder makes equal)",
+    "tiny-flux": "FLUX.1 [dev] tiny test pipeline (sdlora.testing: 1 double + 1 single block, hidden 32, T5 and "
+    "CLIP-L width 32, 4-channel AE)",
+    "tiny-flux-512": "the same, sdlora's T5 at FLUX.1 [dev]'s default 512 tokens (ComfyUI pads to 256)",
 }
+FAMILY = {
+    "toy": "sd1",
+    "tiny-sd1": "sd1",
+    "tiny-sdxl": "sdxl",
+    "tiny-sd2": "sd2",
+    "tiny-sd2-pipeline-reading": "sd2",
+    "tiny-flux": "flux",
+    "tiny-flux-512": "flux",
+}
+# Flux: T5 tokens as ComfyUI pads them (at least 256; diffusers' FluxPipeline pads dev to 512, see docs/parity.md)
+EXTRA = {"tiny-flux": ["--set", "model.max_sequence_length=256"]}
+LATENT_SCALE = {"toy": 4}  # the VAE's downsampling where it is not 8
 
 
 def base_folder(case: str, folder: Path) -> Path:
     from sdlora import testing
     from sdlora.demo.base import restore_packaged
 
-    return restore_packaged(folder) if case == "toy" else testing.save_tiny_pipeline("sd1", folder)
+    return restore_packaged(folder) if case == "toy" else testing.save_tiny_pipeline(FAMILY[case], folder)
 
 
 def dataset(folder: Path) -> Path:
@@ -66,19 +93,26 @@ def dataset(folder: Path) -> Path:
     return folder
 
 
-def train(data: Path, base: Path, out: Path, steps: int, seeds: int) -> None:
+def sample_prompts(n: int) -> list[str]:
+    return [
+        PROMPTS[i % len(PROMPTS)] + (f", take {i // len(PROMPTS) + 1}" if i >= len(PROMPTS) else "") for i in range(n)
+    ]
+
+
+def train(data: Path, base: Path, out: Path, steps: int, seeds: int, extra: list[str], text: bool) -> None:
     from typer.testing import CliRunner
 
     from sdlora.cli import app
 
     args = [
         "train", str(data), str(out), "--base", str(base), "--steps", str(steps), "--resolution", "64",
-        "--rank", "8", "--alpha", "4", "--lr", "3e-3", "--train-text-encoder", "--text-encoder-lr", "1e-3",
+        "--rank", "8", "--alpha", "4", "--lr", "3e-3",
         "--sample-every", str(steps), "--eval-every", "0", "--name", "me", "--no-pivotal", "--preservation", "none",
         "--set", "train.sample_steps=20", "--set", "generate.cfg=4.0", "--set", "train.sample_like='comfyui'",
-        "--set", f"train.sample_prompts={[PROMPT] * seeds!r}", "--set", "lora.targets='all'",
+        "--set", f"train.sample_prompts={sample_prompts(seeds)!r}", "--set", "lora.targets='all'",
     ]  # fmt: skip
-    result = CliRunner().invoke(app, args)
+    args += ["--train-text-encoder", "--text-encoder-lr", "1e-3"] if text else []
+    result = CliRunner().invoke(app, args + extra)
     if result.exit_code != 0:
         raise SystemExit(f"train failed:\n{result.output}")
 
@@ -90,7 +124,10 @@ def samples(workflow: dict[str, Any]) -> list[tuple[str, int, str]]:
         if spec["class_type"] != "SaveImage":
             continue
         sampler = workflow[workflow[spec["inputs"]["images"][0]]["inputs"]["samples"][0]]["inputs"]
-        prompt = workflow[sampler["positive"][0]]["inputs"]["text"]
+        positive = workflow[sampler["positive"][0]]["inputs"]
+        while "text" not in positive:  # FluxGuidance & co between the prompt and the sampler
+            positive = workflow[positive["conditioning"][0]]["inputs"]
+        prompt = positive["text"]
         out.append((prompt, sampler["seed"], spec["inputs"]["filename_prefix"]))
     return out
 
@@ -130,34 +167,42 @@ def sdlora_render(base: Path, lora: Path, config: Any, items: list[tuple[str, in
     pipe, family, adapters = load_for_rendering(ModelConfig(base=str(base)), [Lora(lora, 1.0, "me")])
     sampling = Sampling.for_training(config)
     images = render_images(pipe, [p for p, _, _ in items], [s for _, s, _ in items], sampling)
+    pipe.disable_lora()  # the base alone, same settings: how much the LoRA changes the images
+    without = render_images(pipe, [p for p, _, _ in items], [s for _, s, _ in items], sampling)
+    pipe.enable_lora()
     if fuse is not None:
         pipe.fuse_lora(adapter_names=adapters, lora_scale=1.0)
         pipe.unload_lora_weights()
         families.detect(pipe).save_single_file(pipe, fuse)
-    return [to_array(i) for i in images], sampling
+    return [to_array(i) for i in images], sampling, [to_array(i) for i in without]
 
 
 def diffusers_render(base: Path, lora: Path, sampling: Any, items: list[tuple[str, int, str]]) -> list[np.ndarray]:
-    """diffusers alone: from_pretrained, load_lora_weights(lora), sdlora's render settings."""
-    from diffusers import StableDiffusionPipeline
+    """diffusers alone: from_pretrained (the pipeline class of the folder), load_lora_weights(lora), sdlora's
+    render settings."""
+    from diffusers import DiffusionPipeline
 
     from sdlora.generate.render import render_images
 
-    pipe = StableDiffusionPipeline.from_pretrained(str(base), safety_checker=None, requires_safety_checker=False)
+    pipe = DiffusionPipeline.from_pretrained(str(base))
     pipe.load_lora_weights(str(lora.parent), weight_name=lora.name)
     pipe.set_progress_bar_config(disable=True)
     return [to_array(i) for i in render_images(pipe, [p for p, _, _ in items], [s for _, s, _ in items], sampling)]
 
 
-def weight_diffs(theirs: dict[str, tuple[Any, Any]], base: dict[str, Any], merged_file: Path) -> dict[str, Any]:
-    """ComfyUI's patched weights against sdlora's merged ones (`merged_file`, checkpoint names), per model: the
-    largest difference of the weights, and of the weight changes (each against its own base weight: ComfyUI holds
-    CLIP in fp16, so its CLIP weights differ from ours by fp16 rounding before any LoRA)."""
+def weight_diffs(family: str, theirs: dict[str, tuple[Any, Any]], base_file: Path, merged_file: Path) -> dict[str, Any]:
+    """ComfyUI's patched weights against sdlora's merged ones (`merged_file`, the base's single file written
+    again after diffusers' fuse_lora), both files read under ComfyUI's names by ComfyUI's own conversion; per
+    model: the largest difference of the weights, and of the weight changes (each against its own base weight:
+    ComfyUI holds CLIP in fp16, so its CLIP weights differ from ours by fp16 rounding before any LoRA)."""
+    import parity_comfy
     from safetensors.torch import load_file
 
-    merged = load_file(str(merged_file))
+    merged = parity_comfy.comfy_names(family, load_file(str(merged_file)))
+    base = parity_comfy.comfy_names(family, load_file(str(base_file)))
     out: dict[str, Any] = {"weights_patched": len(theirs)}
-    for label, prefix in (("unet", "model.diffusion_model."), ("text_encoder", "cond_stage_model.")):
+    labels = (("unet", "diffusion_model."), ("text_encoder", "clip_l."), ("text_encoder", "clip_h."))
+    for label, prefix in (*labels, ("text_encoder_2", "clip_g.")):
         keys = [k for k in theirs if k.startswith(prefix)]
         if not keys:
             continue
@@ -170,22 +215,20 @@ def weight_diffs(theirs: dict[str, tuple[Any, Any]], base: dict[str, Any], merge
     return out
 
 
-def recheck_weights(root: Path) -> dict[str, Any]:
+def recheck_weights(root: Path, family: str) -> dict[str, Any]:
     """weight_diffs for a case folder kept by --keep (its checkpoint, LoRA and merged.st), without training or
     rendering again: ComfyUI's CheckpointLoaderSimple and LoraLoader only."""
     import parity_comfy
 
     workflow = json.loads((root / "out/me.comfyui.json").read_text())
     ckpt_name = workflow["1"]["inputs"]["ckpt_name"]
-    with parity_comfy.tiny_loading("sd1", root / "base", root):
+    with parity_comfy.tiny_loading(family, root / "base", root):
         sub = {"1": workflow["1"]}
         sub["2"] = {"class_type": "LoraLoader", "inputs": {
             "lora_name": "me.safetensors", "strength_model": 1.0, "strength_clip": 1.0, "model": ["1", 0],
             "clip": ["1", 1]}}  # fmt: skip
         saved = parity_comfy.execute(sub, {"checkpoints": root / "checkpoints", "loras": root / "out"})
-    from safetensors.torch import load_file
-
-    return weight_diffs(saved["_weights"], load_file(str(root / "checkpoints" / ckpt_name)), root / "merged.st")
+    return weight_diffs(family, saved["_weights"], root / "checkpoints" / ckpt_name, root / "merged.st")
 
 
 class Collect(logging.Handler):
@@ -195,6 +238,25 @@ class Collect(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self.messages.append(record.getMessage())
+
+
+def comfy_files(
+    family: str, base: Path, workflow: dict[str, Any], root: Path, reading: str = "comfyui"
+) -> tuple[dict[str, Path], Any, Path]:
+    """The base's files where the workflow's loaders look for them ({ComfyUI folder kind: folder}), the context
+    that lets ComfyUI load the tiny models, and the model file (checkpoint or transformer)."""
+    import parity_comfy
+    import parity_flux
+
+    loaders = {n["class_type"]: n["inputs"] for n in workflow.values()}
+    if family == "flux":
+        name = loaders["UNETLoader"]["unet_name"]
+        folders = parity_flux.write_files(base, name, root)
+        return folders, parity_flux.tiny_loading(base, root), folders["diffusion_models"] / name
+    from sdlora import testing
+
+    ckpt = testing.write_single_file(base, root / "checkpoints" / loaders["CheckpointLoaderSimple"]["ckpt_name"])
+    return {"checkpoints": ckpt.parent}, parity_comfy.tiny_loading(family, base, root, reading), ckpt
 
 
 def run_case(case: str, workdir: Path, steps: int, seeds: int) -> dict[str, Any]:
@@ -208,44 +270,54 @@ def run_case(case: str, workdir: Path, steps: int, seeds: int) -> dict[str, Any]
     started = time.time()
     root = workdir / case
     base = base_folder(case, root / "base")
-    ckpts = root / "checkpoints"
-    ckpts.mkdir(parents=True)
+    (root / "checkpoints").mkdir(parents=True)
     out = root / "out"
-    train(dataset(root / "data"), base, out, steps, seeds)
+    family = FAMILY[case]
+    train(dataset(root / "data"), base, out, steps, seeds, EXTRA.get(case, []), text=family != "flux")
     workflow = json.loads((out / "me.comfyui.json").read_text())
     assert not problems(workflow), problems(workflow)
-    ckpt_name = workflow["1"]["inputs"]["ckpt_name"]  # the name the workflow asks ComfyUI's checkpoints folder for
-    from sdlora import testing
-
-    testing.write_single_file(base, ckpts / ckpt_name)
+    reading = "pipeline" if case.endswith("pipeline-reading") else "comfyui"
+    folders, loading, ckpt_name = comfy_files(family, base, workflow, root, reading)
+    folders["loras"] = out
     config = Config.model_validate_json((out / "config.json").read_text())
     items = samples(workflow)
 
     collect = Collect()
     logging.getLogger().addHandler(collect)
     try:
-        with parity_comfy.tiny_loading("sd1", base, root), parity_comfy.recorded_noise() as noise:
-            comfy = parity_comfy.execute(workflow, {"checkpoints": ckpts, "loras": out})
+        with loading, parity_comfy.recorded_noise() as noise:
+            comfy = parity_comfy.execute(workflow, folders)
     finally:
         logging.getLogger().removeHandler(collect)
     lora_keys = load_file(str(out / "me.safetensors"))
     not_loaded = [m for m in collect.messages if m.startswith("lora key not loaded")]
 
-    ours, sampling = sdlora_render(base, out / "pytorch_lora_weights.safetensors", config, items, root / "merged.st")
-    weights = weight_diffs(comfy["_weights"], load_file(str(ckpts / ckpt_name)), root / "merged.st")
-    latent = [1, 4] + [sampling.height // 8, sampling.width // 8]
-    if case == "toy":
-        latent[2:] = [sampling.height // 4, sampling.width // 4]
+    ours, sampling, without = sdlora_render(
+        base, out / "pytorch_lora_weights.safetensors", config, items, root / "merged.st"
+    )
+    weights = weight_diffs(family, comfy["_weights"], ckpt_name, root / "merged.st")
+    factor = LATENT_SCALE.get(case, 8)
+    latent = [1, 4, sampling.height // factor, sampling.width // factor]
     noise_equal = all(
         torch.equal(n, torch.randn(latent, generator=torch.Generator().manual_seed(seed))) for seed, n in noise
     )
     theirs = [to_array(comfy[prefix]) for _, _, prefix in items]
-    plain = diffusers_render(base, out / "me.safetensors", sampling, items)
+    try:
+        plain, diffusers_file = diffusers_render(base, out / "me.safetensors", sampling, items), "me.safetensors"
+    except (AssertionError, ValueError) as error:  # diffusers' kohya Flux converter assumes FLUX.1's widths (3072)
+        diffusers_note = f"load_lora_weights(me.safetensors) failed: {type(error).__name__} {error}".strip()
+        plain = diffusers_render(base, out / "pytorch_lora_weights.safetensors", sampling, items)
+        diffusers_file = f"pytorch_lora_weights.safetensors ({diffusers_note})"
     result = {
         "case": case,
+        "family": FAMILY[case],
         "about": CASES[case],
         "steps_trained": steps,
-        "sampling": {"sampler": sampling.scheduler, "steps": sampling.steps, "cfg": sampling.cfg},
+        "sampling": {
+            "sampler": workflow["1"]["_meta"]["sdlora"]["sampler"],
+            "steps": sampling.steps,
+            "cfg": sampling.cfg,
+        },
         "workflow_nodes": sorted({n["class_type"] for n in workflow.values()}),
         "lora_keys_in_file": len(lora_keys),
         "lora_keys_used": len(lora_keys) - len(not_loaded),
@@ -254,6 +326,8 @@ def run_case(case: str, workdir: Path, steps: int, seeds: int) -> dict[str, Any]
         "noise_equal": noise_equal and len(noise) == len(items),
         "comfyui_vs_sdlora": image_diff(theirs, ours),
         "diffusers_vs_sdlora": image_diff(plain, ours),
+        "diffusers_file": diffusers_file,
+        "lora_effect": image_diff(without, ours),  # sdlora's base alone vs with the LoRA, the same settings
         "seconds": round(time.time() - started, 1),
     }
     if case == "toy":
@@ -271,7 +345,7 @@ def main() -> None:
     parser.add_argument("--comfyui", type=Path, required=True, help="a ComfyUI checkout (upstream)")
     parser.add_argument("--case", nargs="+", choices=list(CASES), default=list(CASES))
     parser.add_argument("--steps", type=int, default=STEPS)
-    parser.add_argument("--seeds", type=int, default=SEEDS, help="images per case (one sample prompt per seed)")
+    parser.add_argument("--seeds", type=int, default=SEEDS, help="images per case (sample prompts, one seed)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--keep", type=Path, help="work in this folder (kept) instead of a temporary one")
     parser.add_argument("--recheck-weights", type=Path, help="only the weight comparison, for a --keep case folder")
@@ -280,7 +354,8 @@ def main() -> None:
 
     parity_comfy.import_comfy(options.comfyui)
     if options.recheck_weights:
-        print(json.dumps(recheck_weights(options.recheck_weights), indent=2))
+        case = options.case[0] if len(options.case) == 1 else "tiny-sd1"
+        print(json.dumps(recheck_weights(options.recheck_weights, FAMILY[case]), indent=2))
         return
     results = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -303,8 +378,12 @@ def table(results: list[dict[str, Any]]) -> str:
         ident = r.get("identity")
         who = f"{ident['sdlora']['exact']} {ident['sdlora']['agreement']:.2f} / " if ident else "n/a"
         who += f"{ident['comfyui']['exact']} {ident['comfyui']['agreement']:.2f}" if ident else ""
-        w = f"UNet {r['unet']['max_weight_diff']:.1e}, CLIP {r['text_encoder']['max_weight_diff']:.1e} "
-        w += f"(change {r['text_encoder']['max_change_diff']:.1e})"
+        names = (("unet", "model"), ("text_encoder", "CLIP"), ("text_encoder_2", "CLIP-G"))
+        w = ", ".join(
+            f"{label} {r[k]['max_weight_diff']:.1e} (change {r[k]['max_change_diff']:.1e})"
+            for k, label in names
+            if k in r
+        )
         rows.append(
             f"| {r['case']} | {r['lora_keys_used']} / {r['lora_keys_in_file']} | {w} "
             f"| {c['max']:.3f} / {c['mean']:.4f} | {d['max']:.3f} / {d['mean']:.4f} | {who} |"

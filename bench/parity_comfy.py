@@ -71,48 +71,84 @@ def group_norms(groups: int) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def tiny_loading(family: str, folder: Path, workdir: Path) -> Iterator[None]:
+def tiny_loading(family: str, folder: Path, workdir: Path, clip_reading: str = "comfyui") -> Iterator[None]:
     """While open, ComfyUI's checkpoint loader reads the tiny pipeline saved in diffusers `folder` (its configs)
     from its single file: the model class, CLIP config, VAE channels, group norms and latent scale given above."""
     import comfy.latent_formats
     import comfy.model_detection
     import comfy.sd
-    import comfy.sd1_clip
     import comfy.supported_models
-    import comfy.supported_models_base
 
     unet = json.loads((folder / "unet/config.json").read_text())
     vae = json.loads((folder / "vae/config.json").read_text())
-    text = json.loads((folder / "text_encoder/config.json").read_text())
-    clip_config = workdir / "clip_config.json"
-    clip_config.write_text(json.dumps(text))
-    if family != "sd1":
-        raise SystemExit(f"{family}: no tiny ComfyUI loading yet (SD 1.x only)")
+    if family not in ("sd1", "sd2", "sdxl"):
+        raise SystemExit(f"{family}: no tiny ComfyUI loading here (SD 1.x, SD 2.x, SDXL; Flux: parity_flux)")
+    clip_configs = {}
+    for name in ("text_encoder", "text_encoder_2"):
+        if (folder / name / "config.json").exists():
+            clip_configs[name] = workdir / f"{name}_config.json"
+            clip_configs[name].write_text((folder / name / "config.json").read_text())
     original_detect = comfy.model_detection.model_config_from_unet
-    original_vae = comfy.sd.VAE.__init__
+    scale = vae.get("scaling_factor", 0.18215)
 
     def detect(state_dict, prefix, *args, **kwargs):
         unet_config = comfy.model_detection.detect_unet_config(state_dict, prefix)
-        config = comfy.supported_models.SD15(unet_config)
-        config.unet_config["num_heads"] = unet["attention_head_dim"]  # diffusers' SD 1.x name for the head count
-        config.latent_format = comfy.latent_formats.SD15(scale_factor=vae.get("scaling_factor", 0.18215))
+        if family == "sd1":
+            config = comfy.supported_models.SD15(unet_config)
+            config.unet_config["num_heads"] = unet["attention_head_dim"]  # diffusers' SD 1.x name for the heads
+            config.latent_format = comfy.latent_formats.SD15(scale_factor=scale)
+            target = sd1_clip_target(clip_configs["text_encoder"])
+        elif family == "sd2":
+            config = comfy.supported_models.SD20(unet_config)
+            config.unet_config |= {"num_heads": -1, "num_head_channels": head_width(unet)}
+            config.latent_format = comfy.latent_formats.SD15(scale_factor=scale)
+            target = sd2_clip_target(clip_configs["text_encoder"], as_pipeline=clip_reading == "pipeline")
+        else:
+            config = comfy.supported_models.SDXL(unet_config)
+            config.unet_config |= {"num_heads": -1, "num_head_channels": head_width(unet)}
+            config.latent_format = comfy.latent_formats.SDXL()
+            config.latent_format.scale_factor = scale
+            target = sdxl_clip_target(clip_configs["text_encoder"], clip_configs["text_encoder_2"])
         get_model = config.get_model
 
         def build(*a, **k):
             with group_norms(unet.get("norm_num_groups", 32)):
-                return get_model(*a, **k)
+                model = get_model(*a, **k)
+            if family == "sdxl":  # ComfyUI's SDXL embeds each time id in 256 channels; the tiny UNet in fewer
+                from comfy.ldm.modules.diffusionmodules.openaimodel import Timestep
 
-        clip_model = functools.partial(
-            comfy.sd1_clip.SDClipModel,
-            textmodel_json_config=str(clip_config),
-            return_projected_pooled=False,
-        )
-        target = comfy.supported_models_base.ClipTarget(
-            comfy.sd1_clip.SD1Tokenizer, functools.partial(comfy.sd1_clip.SD1ClipModel, clip_model=clip_model)
-        )
+                model.embedder = Timestep(unet["addition_time_embed_dim"])
+            return model
+
         config.get_model = build
         config.clip_target = lambda state_dict={}: target  # noqa: B006 (ComfyUI's own signature)
         return config
+
+    import nodes
+
+    factor = 2 ** (len(vae["block_out_channels"]) - 1)
+    original_latent = nodes.EmptyLatentImage.generate
+
+    def empty_latent(self, width, height, batch_size=1):  # ComfyUI's divides by 8; the toy VAE downsamples 4x
+        return ({"samples": torch.zeros([batch_size, 4, height // factor, width // factor])},)
+
+    comfy.model_detection.model_config_from_unet = detect
+    nodes.EmptyLatentImage.generate = empty_latent
+    try:
+        with vae_loading(folder):
+            yield
+    finally:
+        comfy.model_detection.model_config_from_unet = original_detect
+        nodes.EmptyLatentImage.generate = original_latent
+
+
+@contextlib.contextmanager
+def vae_loading(folder: Path) -> Iterator[None]:
+    """While open, ComfyUI's VAE is built with the channels and GroupNorm groups of the tiny VAE in `folder`."""
+    import comfy.sd
+
+    vae = json.loads((folder / "vae/config.json").read_text())
+    original_vae = comfy.sd.VAE.__init__
 
     def vae_init(self, sd=None, device=None, config=None, dtype=None, metadata=None):
         channels = vae["block_out_channels"]
@@ -126,23 +162,78 @@ def tiny_loading(family: str, folder: Path, workdir: Path) -> Iterator[None]:
             original_vae(self, sd=sd, device=device, config={"params": params}, dtype=dtype, metadata=metadata)
         self.downscale_ratio = self.upscale_ratio = 2 ** (len(channels) - 1)
 
-    import nodes
-
-    factor = 2 ** (len(vae["block_out_channels"]) - 1)
-    original_latent = nodes.EmptyLatentImage.generate
-
-    def empty_latent(self, width, height, batch_size=1):  # ComfyUI's divides by 8; the toy VAE downsamples 4x
-        return ({"samples": torch.zeros([batch_size, 4, height // factor, width // factor])},)
-
-    comfy.model_detection.model_config_from_unet = detect
     comfy.sd.VAE.__init__ = vae_init
-    nodes.EmptyLatentImage.generate = empty_latent
     try:
         yield
     finally:
-        comfy.model_detection.model_config_from_unet = original_detect
         comfy.sd.VAE.__init__ = original_vae
-        nodes.EmptyLatentImage.generate = original_latent
+
+
+def sd1_clip_target(config: Path) -> Any:
+    """ComfyUI's SD 1.x CLIP (CLIP-L, last layer) over the tiny text encoder's config."""
+    import comfy.sd1_clip
+    import comfy.supported_models_base
+
+    clip_model = functools.partial(
+        comfy.sd1_clip.SDClipModel, textmodel_json_config=str(config), return_projected_pooled=False
+    )
+    return comfy.supported_models_base.ClipTarget(
+        comfy.sd1_clip.SD1Tokenizer, functools.partial(comfy.sd1_clip.SD1ClipModel, clip_model=clip_model)
+    )
+
+
+def head_width(unet: dict[str, Any]) -> int:
+    """The one head width of a UNet whose diffusers config gives per-level head counts (SD 2.x, SDXL)."""
+    heads = unet["attention_head_dim"]
+    widths = {c // h for c, h in zip(unet["block_out_channels"], heads, strict=True)}
+    assert len(widths) == 1, f"per-level head widths differ: {widths}"
+    return widths.pop()
+
+
+def sd2_clip_target(config: Path, as_pipeline: bool) -> Any:
+    """ComfyUI's SD 2.x CLIP-H (sd2_clip: the penultimate layer with the final norm, `!` (id 0) padding) over the
+    tiny text encoder's config; `as_pipeline`: read as the tiny diffusers pipeline reads its encoder instead (the
+    last layer, padded with end-of-text), which the published SD 2.x text encoder makes the same as ComfyUI's."""
+    import comfy.sd1_clip
+    import comfy.supported_models_base
+
+    layer = {"layer": "last"} if as_pipeline else {"layer": "hidden", "layer_idx": -2}
+    clip_model = functools.partial(
+        comfy.sd1_clip.SDClipModel, **layer, textmodel_json_config=str(config),
+        special_tokens={"start": 49406, "end": 49407, "pad": 49407 if as_pipeline else 0},
+        return_projected_pooled=False,
+    )  # fmt: skip
+    token = functools.partial(comfy.sd1_clip.SDTokenizer, pad_with_end=as_pipeline, embedding_key="clip_h")
+    tokenizer = functools.partial(comfy.sd1_clip.SD1Tokenizer, clip_name="h", tokenizer=token)
+    clip = functools.partial(comfy.sd1_clip.SD1ClipModel, clip_name="h", clip_model=clip_model)
+    return comfy.supported_models_base.ClipTarget(tokenizer, clip)
+
+
+def sdxl_clip_target(config_l: Path, config_g: Path) -> Any:
+    """ComfyUI's SDXL CLIP (sdxl_clip.SDXLClipModel: clip_l and clip_g, penultimate layer, clip_g's pooled
+    projection, its "!" padding) over the tiny text encoders' configs: only the configs are swapped."""
+    import comfy.sd1_clip
+    import comfy.sdxl_clip
+    import comfy.supported_models_base
+
+    class TinySDXLClip(comfy.sdxl_clip.SDXLClipModel):
+        def __init__(self, device="cpu", dtype=None, model_options={}):  # noqa: B006 (ComfyUI's signature)
+            torch.nn.Module.__init__(self)
+            common = {"layer": "hidden", "layer_idx": -2, "device": device, "dtype": dtype}
+            common["layer_norm_hidden_state"] = False
+            self.clip_l = comfy.sd1_clip.SDClipModel(
+                **common, textmodel_json_config=str(config_l), model_options=model_options
+            )
+            self.clip_g = comfy.sd1_clip.SDClipModel(
+                **common,
+                textmodel_json_config=str(config_g),
+                special_tokens={"start": 49406, "end": 49407, "pad": 0},
+                return_projected_pooled=True,
+                model_options={**model_options, "model_name": "clip_g"},
+            )
+            self.dtypes = {dtype}
+
+    return comfy.supported_models_base.ClipTarget(comfy.sdxl_clip.SDXLTokenizer, TinySDXLClip)
 
 
 def node_classes() -> dict[str, Any]:
@@ -153,6 +244,10 @@ def node_classes() -> dict[str, Any]:
         from comfy_extras import nodes_model_advanced
 
         classes |= getattr(nodes_model_advanced, "NODE_CLASS_MAPPINGS", {})
+    with contextlib.suppress(Exception):  # FluxGuidance, EmptySD3LatentImage
+        from comfy_extras import nodes_flux, nodes_sd3
+
+        classes |= {"FluxGuidance": nodes_flux.FluxGuidance, "EmptySD3LatentImage": nodes_sd3.EmptySD3LatentImage}
     return classes
 
 
@@ -181,7 +276,10 @@ def execute(workflow: dict[str, dict[str, Any]], folders: dict[str, Path]) -> di
             done[key] = ()
             return ()
         cls = classes[spec["class_type"]]
-        done[key] = getattr(cls(), cls.FUNCTION)(**inputs)
+        if hasattr(cls, "FUNCTION"):
+            done[key] = getattr(cls(), cls.FUNCTION)(**inputs)
+        else:  # ComfyUI's V3 nodes (comfy_api io.ComfyNode): a classmethod `execute` giving a NodeOutput
+            done[key] = cls.execute(**inputs).result
         if spec["class_type"] in ("LoraLoader", "LoraLoaderModelOnly"):  # before sampling patches in place
             saved["_weights"] = patched_weights(done[key][0], done[key][1] if len(done[key]) > 1 else None)
         return done[key]
@@ -213,21 +311,36 @@ def recorded_noise() -> Iterator[list[tuple[int, torch.Tensor]]]:
 
 
 def patched_weights(model: Any, clip: Any) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """{checkpoint name: (ComfyUI's weight, the weight it samples with)} for every weight its LoRA loader patched:
-    the patches applied by comfy.lora.calculate_weight, under the checkpoint's names (model.diffusion_model.*,
-    cond_stage_model.transformer.*). Call it before sampling: ComfyUI patches its weights in place to sample."""
+    """{ComfyUI's name: (ComfyUI's weight, the weight it samples with)} for every weight its LoRA loader patched:
+    the patches applied by comfy.lora.calculate_weight, under ComfyUI's module names (diffusion_model.*,
+    clip_l.transformer.*, clip_g.transformer.*; `comfy_names` maps a checkpoint to them). Call it before
+    sampling: ComfyUI patches its weights in place to sample."""
     import comfy.lora
     import comfy.utils
 
     out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    for patcher, prefix, strip in (
-        (model, "model.diffusion_model.", "diffusion_model."),
-        (clip.patcher if clip is not None else None, "cond_stage_model.transformer.", "clip_l.transformer."),
-    ):
+    for patcher in (model, clip.patcher if clip is not None else None):
         if patcher is None:
             continue
         for key, patches in patcher.patches.items():
             weight = comfy.utils.get_attr(patcher.model, key).detach().float()
             merged = comfy.lora.calculate_weight(patches, weight.clone(), key)
-            out[prefix + key.removeprefix(strip)] = (weight, merged)
+            out[key] = (weight, merged)
     return out
+
+
+def comfy_names(family: str, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A single-file checkpoint's weights under ComfyUI's module names, converted by ComfyUI's own code (the
+    family's process_clip_state_dict: SDXL's OpenCLIP in_proj split into q/k/v, ...)."""
+    import comfy.supported_models
+
+    if family == "flux":  # BFL's transformer file: the model alone
+        return {"diffusion_model." + k: v for k, v in state_dict.items()}
+    models = {"sd1": comfy.supported_models.SD15, "sd2": comfy.supported_models.SD20}
+    config = (models | {"sdxl": comfy.supported_models.SDXL})[family]({})
+    unet = {
+        "diffusion_model." + k.removeprefix("model.diffusion_model."): v
+        for k, v in state_dict.items()
+        if k.startswith("model.diffusion_model.")
+    }
+    return unet | config.process_clip_state_dict(dict(state_dict))

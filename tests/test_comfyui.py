@@ -298,3 +298,15 @@ def test_comfyui_inputs_are_a_runs_files_not_images_of_its_own(tmp_path):
     assert sorted(p.name for p in written_by_generate(tmp_path)) == [
         "0003-7.png", "comfyui-input-0009.png", "comfyui-input.png", "comfyui-mask-0009.png"
     ]  # fmt: skip
+
+
+def test_flux_dev_workflow_says_comfyui_pads_t5_to_256_tokens():
+    """Measured by bench/parity.py (tiny-flux-512): sdlora's dev renders at 512 T5 tokens differ from ComfyUI's."""
+    from sdlora.families.flux.tiny import tiny_flux_pipeline
+    from sdlora.testing import build_tiny_pipeline
+
+    flux = families.get("flux")
+    dev = flux.comfyui_parts(build_tiny_pipeline("flux"), "black-forest-labs/FLUX.1-dev", 64, 64, 3.5)
+    assert any("256 tokens" in note and "max_sequence_length = 256" in note for note in dev.notes)
+    schnell = flux.comfyui_parts(tiny_flux_pipeline(schnell=True), "black-forest-labs/FLUX.1-schnell", 64, 64, 0.0)
+    assert not any("256 tokens" in note for note in schnell.notes)  # schnell renders at 256 already

@@ -36,6 +36,12 @@ COMFYUI_CHECKPOINTS = {
     "black-forest-labs/FLUX.1-schnell": "flux1-schnell.safetensors",
 }
 FILES_NOTE = "clip_l, t5xxl_fp16: comfyanonymous/flux_text_encoders; ae.safetensors: the base's own repository"
+# ComfyUI pads T5 prompts to 256 tokens (at least), diffusers' FluxPipeline to max_sequence_length: for dev 512 by
+# default, and T5 and the transformer attend to the padding (docs/parity.md: up to 10/255 apart on the tiny Flux).
+T5_NOTE = (
+    "T5 prompts: ComfyUI pads them to 256 tokens, sdlora renders FLUX.1 [dev] with 512 unless "
+    "model.max_sequence_length = 256 (set it for renders ComfyUI reproduces)"
+)
 DEFAULT_TIMESTEPS = ("shift", 3.1582)  # kohya's recommendation for Flux.1 person LoRAs
 
 
@@ -186,7 +192,8 @@ class Flux:
             sampling=sampling,
             guidance=loader("FluxGuidance", guidance=cfg) if dev else None,
             notes=((note,) if note else ())
-            + (FILES_NOTE, "the negative prompt is unused: no true CFG, as in diffusers"),
+            + (FILES_NOTE, "the negative prompt is unused: no true CFG, as in diffusers")
+            + ((T5_NOTE,) if dev else ()),
         )
 
     def render_from_cache(self, pipe: Any, rows: dict[str, Conditioning]) -> None:
