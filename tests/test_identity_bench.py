@@ -163,3 +163,33 @@ def test_benchmark_main_filters_the_grid_and_keeps_the_subject_number(tmp_path):
     assert {r["setting"] for r in results["rows"]} == {"base"} and len(results["rows"]) == 3  # its three subjects
     assert 0 <= results["base"]["class_validity"] <= 1 and results["base"]["reconstruction_exact"] > 0.9
     assert sorted(p.name for p in (alone / "work").iterdir()) == ["base-images"]
+
+
+def test_editability_counts_the_asked_change_with_everything_else_kept():
+    """Scripted renders with known attributes: the asked edit of the subject counts; the unchanged subject, the
+    edit with the background also changed, or the edit on a stranger do not."""
+    from bench.identity import edits, run
+
+    rng = random.Random(9)
+    subject = world.Identity("tan", "red", "long", "green", False, "mint")
+    prompts = run.prompts_for(subject)
+    assert prompts["edit_hair"] == "a photo of sks person with blue hair"
+    assert prompts["edit_style"] == "a photo of sks person with tall hair"
+    assert prompts["edit_eyes"] == "a photo of sks person with brown eyes"
+    asked = {a: edits.target(subject, a) for a in edits.EDITABLE}
+    good = {key: [world.render(asked[a], rng) for _ in range(4)] for a, key in edits.EDITABLE.items()}
+    metrics = run.score({"identity": [world.render(subject, rng)], **good}, subject)
+    assert metrics["editability"] == 1.0 and metrics["fidelity"] == 1.0
+    assert metrics["edit"] == dict.fromkeys(edits.EDITABLE, 1.0)
+    stranger = world.Identity("dark", "blonde", "tall", "blue", False, "lilac")
+    bad = {
+        "glasses": [world.render(subject, rng)] * 2,  # the change not shown
+        "edit_hair": [world.render(world.Identity(**(asked["hair"].as_dict() | {"background": "sky"})), rng)],
+        "edit_style": [world.render(world.Identity(**(stranger.as_dict() | {"style": "tall"})), rng)],
+        "edit_eyes": [world.render(asked["eyes"], rng), world.render(subject, rng)],  # one of two
+    }
+    metrics = run.score({"identity": [world.render(subject, rng)], **bad}, subject)
+    assert metrics["edit"] == {"glasses": 0.0, "hair": 0.0, "style": 0.0, "eyes": 0.5}
+    assert metrics["editability"] == pytest.approx(0.125)
+    # a subject who already wears glasses cannot be asked to take them off (no caption word): not scored
+    assert edits.target(world.Identity(**(subject.as_dict() | {"glasses": True})), "glasses") is None

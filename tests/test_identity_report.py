@@ -70,3 +70,20 @@ def test_report_merges_files_and_refuses_another_base(tmp_path):
         report.load_rows([grid, other])
     with pytest.raises(ValueError, match="different seed counts"):
         report.load_rows([grid, _results(tmp_path / "few.json", BASE, seeds=8)])
+
+
+def test_editability_is_reported_beside_identity_and_bleed_and_older_results_show_a_dash(tmp_path):
+    rows = [{**r, "editability": 0.1} for r in BASE]
+    rows += [{**_row(s, "edits", 800, 0.5, 0.0, 0.5), "editability": e} for s, e in ((0, 0.6), (1, 0.2))]
+    rows += [_row(s, "old", 800, 0.5, 0.0, 0.5) for s in (0, 1)]  # written before editability existed
+    cells = {(c.setting, c.step): c for c in report.cells(rows, 64)}
+    assert cells["edits", 800].mean["editability"] == pytest.approx(0.4)
+    assert cells["edits", 800].se["editability"] == pytest.approx(math.sqrt((0.24 + 0.16) / 64) / 2)
+    table = report.averaged_table(list(cells.values())).splitlines()
+    assert table[0].split(" | ")[5:7] == ["bleed", "editability"]
+    assert "| edits | 800 | 50 ± 4% | 90% | 50 ± 4% | 0 ± 0% | 40 ± 4% |" in table[3]
+    assert "| old | 800 | 50 ± 4% | 90% | 50 ± 4% | 0 ± 0% | - |" in table[4]
+    text = report.report([_results(tmp_path / "r.json", rows)], tmp_path / "out")
+    assert "editability s0 | editability s1" in text
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert "<th>editability</th>" in page and "<td>40 ± 4%</td>" in page and "methods.png" in page

@@ -66,8 +66,14 @@ def spec_of(record: dict) -> BaseSpec:
 def held_out_subjects(base_dir: Path) -> tuple[world.Identity, ...]:
     """The subjects the base in `base_dir` never saw (a folder without a record: the legacy two)."""
     path = Path(base_dir) / "identity_base.json"
-    count = spec_of(json.loads(path.read_text())).held_out if path.is_file() else LEGACY["held_out"]
-    return SUBJECTS[:count]
+    spec = json.loads(path.read_text())["spec"] if path.is_file() else {}
+    return SUBJECTS[: spec.get("held_out", LEGACY["held_out"])]  # any builder's spec (UNet: BaseSpec, DiT: DitSpec)
+
+
+def is_flow(base_dir: Path) -> bool:
+    """Whether `base_dir` holds a flow-matching base (the DiT builder's, dit.py) rather than the UNet one."""
+    path = Path(base_dir) / "identity_base.json"
+    return path.is_file() and json.loads(path.read_text())["spec"].get("kind", "unet") != "unet"
 
 
 TINY = BaseSpec(
@@ -352,20 +358,9 @@ def train_denoiser(
         ids = tokenizer(prompt, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
         return ids[0].to(device)
 
-    modules = torch.nn.ModuleList([unet, text_encoder])
-    params = list(modules.parameters())
-    optimizer = torch.optim.AdamW(params, lr=spec.lr)
-    averaged = None
-    if spec.ema:
-        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
-        averaged = AveragedModel(modules, multi_avg_fn=get_ema_multi_avg_fn(spec.ema), use_buffers=True)
     alphas = sched.alphas_cumprod.to(device)
-    start = state.load_denoiser(modules, averaged, optimizer, rng) if state else 0
-    meter = _Meter(log, start, spec.unet_steps, "unet")
-    step = start - 1
-    for step in range(start, spec.unet_steps):
-        _cosine(optimizer, spec.lr, step / spec.unet_steps)
+
+    def step_loss():
         index = torch.randint(len(pool), (spec.batch,))
         x0 = latents[index.to(device)]
         prompts = ["" if rng.random() < 0.1 else caption(pool[int(i)], rng) for i in index]
@@ -375,7 +370,33 @@ def train_denoiser(
         a = alphas[t].view(-1, 1, 1, 1)
         # Forward diffusion: x_t = sqrt(a) x0 + sqrt(1 - a) eps; the UNet predicts eps.
         noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        loss = torch.nn.functional.mse_loss(unet(noisy, t, encoder_hidden_states=cond).sample, noise)
+        return torch.nn.functional.mse_loss(unet(noisy, t, encoder_hidden_states=cond).sample, noise)
+
+    (unet, text_encoder), steps = train_loop(spec, [unet, text_encoder], step_loss, rng, log, deadline, state)
+    return unet, text_encoder, steps
+
+
+def train_loop(spec, models, step_loss, rng, log, deadline=float("inf"), state=None, name="unet"):
+    """spec.unet_steps of AdamW on `models` together (cosine learning rate from spec.lr, gradients clipped at 1)
+    minimising `step_loss()` (which draws its own batch); the models holding their moving averages (spec.ema; 0
+    keeps the last weights) and the steps done. `state` (a progress.Progress) restores a saved state first, then
+    saves every few minutes and when cut short by `deadline`."""
+    import torch
+
+    modules = torch.nn.ModuleList(models)
+    params = list(modules.parameters())
+    optimizer = torch.optim.AdamW(params, lr=spec.lr)
+    averaged = None
+    if spec.ema:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        averaged = AveragedModel(modules, multi_avg_fn=get_ema_multi_avg_fn(spec.ema), use_buffers=True)
+    start = state.load_denoiser(modules, averaged, optimizer, rng) if state else 0
+    meter = _Meter(log, start, spec.unet_steps, name)
+    step = start - 1
+    for step in range(start, spec.unet_steps):
+        _cosine(optimizer, spec.lr, step / spec.unet_steps)
+        loss = step_loss()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -387,11 +408,11 @@ def train_denoiser(
         if state and step + 1 < spec.unet_steps:
             state.save_denoiser(step + 1, modules, averaged, optimizer, rng, force=cut)
         if cut:
-            log(f"unet: stopped by the time limit after {step + 1} of {spec.unet_steps} steps")
+            log(f"{name}: stopped by the time limit after {step + 1} of {spec.unet_steps} steps")
             break
     if averaged is not None:
         modules = averaged.module
-    return modules[0], modules[1], step + 1
+    return list(modules), step + 1
 
 
 class _Meter:

@@ -4,7 +4,8 @@
 
 reads the rows of one or more `results.json` (a methods grid and a run of combinations, say: the base rows must
 agree) and writes `DIR/report.md` (the averaged table with standard errors, the per-subject table, the goal's
-check) and `DIR/methods.png` (one panel per setting: exact identity, bleed and class validity against steps).
+check), the same as `DIR/report.html`, and `DIR/methods.png` (one panel per setting: exact identity, bleed,
+class validity and editability against steps).
 
 Standard errors: every share is a count out of the run's seeds (64 images per prompt and subject), so a subject's
 share p has the binomial error sqrt(p (1 - p) / n); the mean of k subjects' shares has sqrt(sum p_i (1 - p_i) / n) / k.
@@ -23,6 +24,8 @@ from pathlib import Path
 # than 5 points under the base's.
 GOAL_EXACT, GOAL_BLEED, GOAL_CLASS_DROP = 0.40, 0.05, 0.05
 SHARES = ("exact", "validity", "bleed", "class_validity", "fidelity")
+# Shares that results written before they existed lack (their cells show "-"): editability (bench/identity/edits.py)
+LATER_SHARES = ("editability",)
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,11 @@ def cells(rows: list[dict], seeds: int) -> list[Cell]:
                 continue
             mean = {k: _mean([m[k] for m in members]) for k in (*SHARES, "attribute_accuracy", "soft_agreement")}
             se = {k: math.sqrt(sum(m[k] * (1 - m[k]) for m in members) / seeds) / len(members) for k in SHARES}
+            for k in LATER_SHARES:  # a mean and its error only where every subject has the share
+                values = [m.get(k) for m in members]
+                known = None not in values
+                mean[k] = _mean(values) if known else float("nan")
+                se[k] = math.sqrt(sum(v * (1 - v) for v in values) / seeds) / len(values) if known else float("nan")
             base_class = _mean([base[m["subject"]]["class_validity"] for m in members])
             out.append(Cell(setting, step, subjects, mean, se, base_class - mean["class_validity"]))
     return out
@@ -83,34 +91,39 @@ def _mean(values: list[float | None]) -> float:
 
 
 def _pct(value: float, se: float | None = None) -> str:
+    if math.isnan(value):
+        return "-"
     return f"{100 * value:.0f}%" if se is None else f"{100 * value:.0f} ± {100 * se:.0f}%"
 
 
 def averaged_table(all_cells: list[Cell]) -> str:
-    head = "| setting | step | exact | attributes | validity | bleed | class validity (vs base) | fidelity | goal |"
-    lines = [head, "|" + "---|" * 9]
+    head = "| setting | step | exact | attributes | validity | bleed | editability | class validity (vs base) |"
+    lines = [head + " fidelity | goal |", "|" + "---|" * 10]
     for c in all_cells:
         drop = f"{_pct(c.mean['class_validity'], c.se['class_validity'])} ({100 * -c.class_drop:+.0f})"
         lines.append(
             f"| {c.setting} | {c.step} | {_pct(c.mean['exact'], c.se['exact'])} | {_pct(c.mean['attribute_accuracy'])}"
-            f" | {_pct(c.mean['validity'], c.se['validity'])} | {_pct(c.mean['bleed'], c.se['bleed'])} | {drop}"
+            f" | {_pct(c.mean['validity'], c.se['validity'])} | {_pct(c.mean['bleed'], c.se['bleed'])}"
+            f" | {_pct(c.mean['editability'], c.se['editability'])} | {drop}"
             f" | {_pct(c.mean['fidelity'], c.se['fidelity'])} | {'yes' if c.meets() else ''} |"
         )
     return "\n".join(lines)
 
 
 def subject_table(rows: list[dict]) -> str:
-    """Exact identity, bleed and class validity of every (setting, step), one column group per subject."""
+    """Exact identity, bleed, editability and class validity of every (setting, step), one column group per
+    subject."""
     subjects = sorted({r["subject"] for r in rows})
-    cols = [f"{k} s{s}" for k in ("exact", "bleed", "class validity") for s in subjects]
+    shown = ("exact", "bleed", "editability", "class_validity")
+    cols = [f"{k.replace('_', ' ')} s{s}" for k in shown for s in subjects]
     lines = ["| setting | step | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 2)]
     found = {(r["setting"], r["step"], r["subject"]): r for r in rows}
     for setting, step in dict.fromkeys((r["setting"], r["step"]) for r in rows):
         values = []
-        for key in ("exact", "bleed", "class_validity"):
+        for key in shown:
             for s in subjects:
                 row = found.get((setting, step, s))
-                values.append(_pct(row[key]) if row else "-")
+                values.append(_pct(row[key]) if row and row.get(key) is not None else "-")
         lines.append(f"| {setting} | {step} | " + " | ".join(values) + " |")
     return "\n".join(lines)
 
@@ -165,8 +178,11 @@ def plot(all_cells: list[Cell], path: Path) -> None:
         mine = [base] + [c for c in all_cells if c.setting == setting]
         steps = [c.step for c in mine]
         curves = (("exact", "exact", "C0"), ("bleed", "bleed", "C3"), ("class_validity", "class valid", "C2"))
+        curves += (("editability", "editability", "C1"),)
         for key, label, colour in curves:
             ys = [c.mean[key] for c in mine]
+            if all(math.isnan(y) for y in ys):  # results from before the share existed
+                continue
             ax.errorbar(steps, ys, yerr=[c.se[key] for c in mine], marker="o", ms=3, color=colour, label=label)
         ax.axhline(GOAL_EXACT, color="C0", lw=0.6, ls=":")
         ax.axhline(GOAL_BLEED, color="C3", lw=0.6, ls=":")
@@ -199,7 +215,29 @@ def report(files: list[Path], out: Path) -> str:
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.md").write_text(text + "\n")
     plot(all_cells, out / "methods.png")
+    (out / "report.html").write_text(html(text, "methods.png"))
     return text
+
+
+def html(text: str, image: str) -> str:
+    """The report's markdown (paragraphs and pipe tables) as one HTML page, with the curves image under it."""
+    from html import escape
+
+    parts = []
+    for block in text.split("\n\n"):
+        lines = block.splitlines()
+        if not lines[0].startswith("|"):
+            parts.append(f"<p>{escape(block)}</p>")
+            continue
+        cells = [[escape(c.strip()) for c in line.strip("|").split("|")] for line in lines if "---|" not in line]
+        head = "".join(f"<th>{c}</th>" for c in cells[0])
+        body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in cells[1:])
+        parts.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+    style = "body{font-family:sans-serif}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 6px}"
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>identity benchmark</title><style>{style}</style>"
+        f"</head><body>{''.join(parts)}<img src='{escape(image)}' alt='curves per setting'></body></html>\n"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

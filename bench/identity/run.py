@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from bench.identity import base
+from bench.identity import base, edits
 from bench.identity import captions as caption_study
 from sdlora.faces import toyworld as world
 
@@ -27,6 +27,11 @@ PROMPTS = {
     "class": base.CLASS_PROMPT,  # must NOT give the subject (bleed)
     "glasses": f"a photo of {TRIGGER} with glasses",  # the subject, wearing glasses (prompt fidelity)
 }
+
+
+def prompts_for(subject: world.Identity) -> dict[str, str]:
+    """Every prompt of a subject's run, in render order: PROMPTS, then its edits (edits.py: one change asked)."""
+    return PROMPTS | edits.prompts(subject, TRIGGER)
 
 
 @dataclass(frozen=True)
@@ -172,7 +177,8 @@ def make_config(base_dir: Path, setting: Setting, scale: Scale, class_dir: Path 
         "generate.n": scale.seeds,
         "generate.batch_size": scale.seeds,
         "generate.steps": scale.sample_steps,
-        "generate.scheduler": "ddim",  # the base's samples were most often valid with DDIM (20 steps: 17%)
+        # the UNet base's samples were most often valid with DDIM (20 steps: 17%); a flow base samples with Euler
+        "generate.scheduler": "flow_euler" if base.is_flow(base_dir) else "ddim",
         "generate.cfg": scale.cfg,
         "generate.size": f"{world.SIZE}x{world.SIZE}",
         "generate.seed": 1000,
@@ -214,15 +220,23 @@ def train_lora(config: Any, dataset: Path, out: Path) -> dict[int, Path]:
 
 
 def render_prompts(
-    config: Any, lora: Path | None, out: Path, keys: tuple[str, ...] = tuple(PROMPTS)
+    config: Any,
+    lora: Path | None,
+    out: Path,
+    keys: tuple[str, ...] = tuple(PROMPTS),
+    table: dict[str, str] = PROMPTS,
+    first: int = 0,
 ) -> dict[str, list[Path]]:
-    """`sdlora generate` of the benchmark prompts `keys` (default: all) at the config's fixed seeds; {prompt key:
-    image paths}. Prompt-major with seeds from generate.seed on: the first prompt's images do not depend on the
-    others being rendered after them."""
+    """`sdlora generate` of the prompts `keys` of `table` (default: all of PROMPTS) at the config's fixed seeds;
+    {prompt key: image paths}. Prompt-major with seeds from generate.seed on: the first prompt's images do not
+    depend on the others being rendered after them; `first` prompts' seeds are skipped (to render the later
+    prompts of a longer list alone, at the seeds they have in it)."""
     from sdlora.generate import generate
 
-    prompts = [PROMPTS[key] for key in keys]
-    g = config.generate.model_copy(update={"prompts": prompts, "loras": [str(lora)] if lora else []})
+    prompts = [table[key] for key in keys]
+    seed = config.generate.seed + first * config.generate.n
+    update = {"prompts": prompts, "loras": [str(lora)] if lora else [], "seed": seed}
+    g = config.generate.model_copy(update=update)
     paths = generate(config.model_copy(update={"generate": g}), out)
     pngs = sorted(p for p in paths if p.suffix == ".png" and p.stem[:4].isdigit())
     n = config.generate.n
@@ -241,6 +255,7 @@ def score(images: dict[str, list[Any]], subject: world.Identity) -> dict[str, An
         return [world.read(Image.open(i) if isinstance(i, str | Path) else i) for i in images.get(key, [])]
 
     ident, cls, glasses = readings("identity"), readings("class"), readings("glasses")
+    edit_readings = {key: readings(key) for key in edits.EDITABLE.values()}
     valid = [r.identity for r in ident if r.valid]
     with_glasses = world.Identity(**(subject.as_dict() | {"glasses": True}))
     result = {
@@ -260,6 +275,7 @@ def score(images: dict[str, list[Any]], subject: world.Identity) -> dict[str, An
         "fidelity": _share(glasses, lambda r: r.valid and r.identity == with_glasses),
         "glasses_rate": _share(glasses, lambda r: r.valid and r.identity.glasses),
         "glasses_validity": _share(glasses, lambda r: r.valid),
+        **edits.score(edit_readings, subject),
     }
     result.update(caption_study.person_metrics({"identity": ident, "class": cls, "glasses": glasses}, subject))
     return result
@@ -283,9 +299,12 @@ def run_subject(
     setting: Setting,
     scale: Scale,
     work: Path,
-    keys: tuple[str, ...] = tuple(PROMPTS),
+    keys: tuple[str, ...] | None = None,
 ) -> list[dict]:
-    """Prep, train and score one (subject, setting) on the prompts `keys`: one row per checkpoint."""
+    """Prep, train and score one (subject, setting) on the prompts `keys` (default: all, edits included): one row
+    per checkpoint."""
+    table_ = prompts_for(subject)
+    keys = tuple(table_) if keys is None else keys
     classes = class_renders(subject, scale.class_images, work / "class", seed=7) if setting.prior else None
     config = make_config(base_dir, setting, scale, classes)
     dataset = prep_subject(subject, work, config, scale, seed=11, captions=setting.captions)
@@ -296,7 +315,7 @@ def run_subject(
     for step, lora in sorted(files.items()):
         if step not in scale.checkpoints:
             continue
-        metrics = score(render_prompts(config, lora, work / f"images-{step}", keys), subject)
+        metrics = score(render_prompts(config, lora, work / f"images-{step}", keys, table_), subject)
         row = {"setting": setting.name, **asdict(setting), "step": step, "train_s": round(train_s), **metrics}
         row["options"] = dict(setting.options)
         rows.append(row)
@@ -308,13 +327,21 @@ def base_rows(
     subjects: dict[int, world.Identity],
     scale: Scale,
     work: Path,
-    keys: tuple[str, ...] = tuple(PROMPTS),
+    keys: tuple[str, ...] | None = None,
 ) -> list[dict]:
     """Step 0: the base model alone, scored against each subject ({subject number: identity}; same seeds and
-    prompts)."""
+    prompts as the subject's runs). The shared prompts are rendered once; each subject's edits after them, at the
+    seeds they have in a run (into base-images/edits-sN)."""
     config = make_config(base_dir, REDUCED[0], scale, None)
-    paths = render_prompts(config, None, work / "base-images", keys)
-    return [{"subject": i, "setting": "base", "step": 0, **score(paths, s)} for i, s in subjects.items()]
+    shared = tuple(k for k in PROMPTS if keys is None or k in keys)
+    paths = render_prompts(config, None, work / "base-images", shared)
+    rows = []
+    for i, s in subjects.items():
+        mine = [k for k in edits.prompts(s, TRIGGER) if keys is None or k in keys]
+        folder = work / "base-images" / f"edits-s{i}"
+        extra = render_prompts(config, None, folder, tuple(mine), prompts_for(s), len(PROMPTS)) if mine else {}
+        rows.append({"subject": i, "setting": "base", "step": 0, **score(paths | extra, s)})
+    return rows
 
 
 # The smoke test's cell (tests/test_identity_bench.py): cheap, and the benchmark measured a clear gain for it.
@@ -327,7 +354,7 @@ def smoke(
 ) -> tuple[dict, dict]:
     """Subject 0's base row and its LoRA's row after SMOKE_STEP steps of the SMOKE setting (at `lr`), on the
     prompts `keys`: by default the identity prompt alone (the smoke test reads its soft agreement; the images are
-    the ones a full row renders first); keys=tuple(PROMPTS) for every metric.
+    the ones a full row renders first); keys=None for every metric, edits included.
 
     python -c "from bench.identity import run; print(run.smoke(BASE, WORK, lr=1e-7))"   (a LoRA that learns nothing)
     """
@@ -364,7 +391,8 @@ def vae_check(base_dir: Path, count: int = 200, seed: int = 5) -> dict[str, floa
 
 def table(rows: list[dict]) -> str:
     """Markdown table, one line per (setting, step), averaged over subjects."""
-    keys = ["exact", "attribute_accuracy", "validity", "bleed", "class_validity", "fidelity", "glasses_rate"]
+    keys = ["exact", "attribute_accuracy", "validity", "bleed", "editability", "class_validity", "fidelity"]
+    keys += ["glasses_rate"]
     keys += ["soft_agreement", "class_soft_agreement"]
     if any(row.get("captions") for row in rows):  # the caption study: the person-level metrics first
         keys = list(caption_study.METRICS)
@@ -375,7 +403,7 @@ def table(rows: list[dict]) -> str:
     for (setting, step), members in groups.items():
         cells = []
         for key in keys:
-            values = [m[key] for m in members if m[key] is not None]
+            values = [m[key] for m in members if m.get(key) is not None]  # older results: no editability
             cells.append(f"{100 * sum(values) / len(values):.0f}%" if values else "-")
         lines.append(f"| {setting} | {step} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -409,18 +437,20 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     panels = (("exact", "exact identity"), ("attribute_accuracy", "attribute accuracy"), ("bleed", "bleed"))
-    panels += (("validity", "validity (trigger)"), ("class_validity", "validity (class)"), ("fidelity", "fidelity"))
-    fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
-    base_mean = {k: _mean([r[k] for r in rows if r["setting"] == "base"]) for k, _ in panels}
-    for ax, (key, label) in zip(axes.flat, panels, strict=True):
+    panels += (("editability", "editability (one change asked)"), ("validity", "validity (trigger)"))
+    panels += (("class_validity", "validity (class)"), ("fidelity", "fidelity (glasses)"))
+    fig, axes = plt.subplots(2, 4, figsize=(17, 6.5))
+    base_mean = {k: _mean([r.get(k) for r in rows if r["setting"] == "base"]) for k, _ in panels}
+    for ax, (key, label) in zip(axes.flat, panels, strict=False):
         for setting in dict.fromkeys(r["setting"] for r in rows if r["setting"] != "base"):
             steps = sorted({r["step"] for r in rows if r["setting"] == setting})
-            ys = [_mean([r[key] for r in rows if r["setting"] == setting and r["step"] == s]) for s in steps]
+            ys = [_mean([r.get(key) for r in rows if r["setting"] == setting and r["step"] == s]) for s in steps]
             ax.plot([0, *steps], [base_mean[key], *ys], marker="o", label=setting)
         ax.set_title(label, fontsize=9)
         ax.set_ylim(0, 1)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
+    axes.flat[-1].axis("off")
     axes.flat[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=90)

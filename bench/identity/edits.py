@@ -1,0 +1,63 @@
+"""Editability: does the LoRA's person follow a prompt that asks for one change, and keep everything else?
+
+For each attribute the base can be asked to change (its captions name it: glasses, hair colour, hair style, eye
+colour), the benchmark renders "a photo of sks person <phrase>" with a value the subject does not have, and counts
+the images decoded as exactly the subject with that one attribute changed: the change shown, every other attribute
+of the person (skin, the other hair attribute, eyes, glasses, background) kept. An image of the unchanged subject,
+of the change on a stranger, or of the change with a second attribute lost counts as a miss.
+
+Skin tone is the person, not an edit; the background has no caption word in the base's training captions
+(base.caption), so it cannot be asked for and is not scored.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sdlora.faces import toyworld as world
+
+# attribute -> the benchmark's prompt key for it (the glasses edit is the original fidelity prompt)
+EDITABLE = {"glasses": "glasses", "hair": "edit_hair", "style": "edit_style", "eyes": "edit_eyes"}
+_VALUES = {"hair": tuple(world.HAIR), "style": world.STYLES, "eyes": tuple(world.EYES)}
+
+
+def target(subject: world.Identity, attribute: str) -> world.Identity | None:
+    """The subject with `attribute` changed to the next value of the world's list (glasses: put on); None where the
+    base has no word for the change (taking glasses off)."""
+    if attribute == "glasses":
+        return None if subject.glasses else world.Identity(**(subject.as_dict() | {"glasses": True}))
+    values = _VALUES[attribute]
+    now = values.index(getattr(subject, attribute))
+    return world.Identity(**(subject.as_dict() | {attribute: values[(now + 1) % len(values)]}))
+
+
+def phrase(changed: world.Identity, attribute: str) -> str:
+    """The caption phrase that asks for `changed`'s value of `attribute` (the base's own words, base.caption)."""
+    return {
+        "glasses": "with glasses",
+        "hair": f"with {changed.hair} hair",
+        "style": f"with {changed.style} hair",
+        "eyes": f"with {changed.eyes} eyes",
+    }[attribute]
+
+
+def prompts(subject: world.Identity, trigger: str) -> dict[str, str]:
+    """{prompt key: prompt} of the subject's edits, other than glasses (the fixed "glasses" prompt asks for it)."""
+    out = {}
+    for attribute, key in EDITABLE.items():
+        changed = target(subject, attribute)
+        if changed is not None and key != "glasses":
+            out[key] = f"a photo of {trigger} {phrase(changed, attribute)}"
+    return out
+
+
+def score(readings: dict[str, list[world.Reading]], subject: world.Identity) -> dict[str, Any]:
+    """{"editability": mean over the scored attributes, "edit": {attribute: share}}: the share of a prompt's images
+    decoded as exactly the asked edit of the subject. Attributes whose prompt was not rendered are None."""
+    per: dict[str, float | None] = {}
+    for attribute, key in EDITABLE.items():
+        changed, images = target(subject, attribute), readings.get(key) or []
+        ok = changed is not None and images
+        per[attribute] = sum(r.valid and r.identity == changed for r in images) / len(images) if ok else None
+    scored = [v for v in per.values() if v is not None]
+    return {"editability": sum(scored) / len(scored) if scored else None, "edit": per}
