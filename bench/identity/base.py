@@ -101,16 +101,27 @@ def ensure_base(
 ) -> Path:
     """The base model folder for `spec`: the cached one, or a freshly trained one (written atomically). A build
     that was cut short (its state saved beside the folder) continues, and its folder is replaced when it ends."""
+    folder = Path(folder) if folder else cache_dir(spec)
+    return build_resumable(
+        folder,
+        asdict(spec),
+        log,
+        lambda tmp, state: train_base(spec, tmp, log, max_seconds=max_seconds, state=state, threads=threads),
+    )
+
+
+def build_resumable(folder: Path, spec: dict[str, Any], log, train) -> Path:
+    """`folder` as it is when built, else `train(tmp, state)` into a temporary folder renamed into place, its
+    resumable state beside `folder` (cleared when `train` says it finished; a cut-short build continues)."""
     from sdlora.fsutil import atomic_dir
 
-    folder = Path(folder) if folder else cache_dir(spec)
     saved = progress.folder_for(folder)
     if (folder / "model_index.json").is_file() and not saved.is_dir():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
-    state = progress.Progress(saved, asdict(spec), log)
+    state = progress.Progress(saved, spec, log)
     with atomic_dir(folder) as tmp:
-        finished = train_base(spec, tmp, log, max_seconds=max_seconds, state=state, threads=threads)
+        finished = train(tmp, state)
     if finished:
         state.clear()
     return folder

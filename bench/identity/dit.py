@@ -164,19 +164,8 @@ def train_dit(spec: DitSpec, out: Path, log=print, max_seconds: float = 0, state
 
 def ensure_dit(spec: DitSpec, folder: Path, log=print, max_seconds: float = 0, threads: int = 1, vae_from=None):
     """Build the DiT base into `folder`, or continue a build of it that was cut short (its state beside it)."""
-    from sdlora.fsutil import atomic_dir
-
-    folder = Path(folder)
-    saved = progress.folder_for(folder)
-    if (folder / "model_index.json").is_file() and not saved.is_dir():
-        return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    state = progress.Progress(saved, asdict(spec), log)
-    with atomic_dir(folder) as tmp:
-        finished = train_dit(spec, tmp, log, max_seconds, state, threads, vae_from)
-    if finished:
-        state.clear()
-    return folder
+    train = lambda tmp, state: train_dit(spec, tmp, log, max_seconds, state, threads, vae_from)  # noqa: E731
+    return base.build_resumable(Path(folder), asdict(spec), log, train)
 
 
 def main(argv: list[str] | None = None) -> None:
