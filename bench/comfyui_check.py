@@ -38,6 +38,7 @@ from typing import Any
 import comfyui_dit
 import torch
 from _models import CLIP_COMMON, CLIP_G, CLIP_L, SD15_UNET, SDXL_UNET
+from comfyui_dit import Collect
 from flux_models import flux_transformer
 
 RANK, ALPHA = 8, 4.0
@@ -111,15 +112,6 @@ def original_checkpoint(family: str, unet, encoders) -> dict:
     else:
         checkpoint |= {f"cond_stage_model.transformer.{k}": v for k, v in te_sds[0].items()}
     return checkpoint
-
-
-class Collect(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
 
 
 def check_deltas(patcher, lora: dict, peft_scale: float | None = None) -> tuple[int, float]:

@@ -267,6 +267,8 @@ def not_loaded(messages: list[str]) -> tuple[int, list[str]]:
 
 
 class Collect(logging.Handler):
+    """ComfyUI's warnings while it loads (keys it did not load are logged, not raised); the bench scripts share it."""
+
     def __init__(self) -> None:
         super().__init__(logging.WARNING)
         self.messages: list[str] = []

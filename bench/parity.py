@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from comfyui_dit import Collect
 
 STEPS = 40
 SEEDS = 4
@@ -229,15 +230,6 @@ def recheck_weights(root: Path, family: str) -> dict[str, Any]:
             "clip": ["1", 1]}}  # fmt: skip
         saved = parity_comfy.execute(sub, {"checkpoints": root / "checkpoints", "loras": root / "out"})
     return weight_diffs(family, saved["_weights"], root / "checkpoints" / ckpt_name, root / "merged.st")
-
-
-class Collect(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
 
 
 def comfy_files(
