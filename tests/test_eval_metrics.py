@@ -241,6 +241,56 @@ def test_pick_best_bleed_floor_and_fallbacks():
     assert step == 150 and "no faces" in why
 
 
+def test_pick_best_ranks_recognised_rate_first_with_a_one_standard_error_band():
+    def row(step: int, identity: float, recognised: int, images: int | None = 64) -> dict:
+        return {"step": step, "identity": identity, "recognised_rate": recognised / 64, "images": images}
+
+    # Identity saturates while recognition still climbs (the benchmark's pivotal + class images, subject 0): the
+    # old rule, best identity first, kept step 800 (47 of 64 recognised) over 1500 (57 of 64), 4 SE apart.
+    saturated = [row(400, 0.964, 40), row(800, 0.997, 47), row(1500, 0.989, 57)]
+    step, why = pick_best(saturated, 0.0, 1.0)
+    assert step == 1500 and "recognised rate first" in why and "89% ± 4%" in why
+    # Within one SE of the best rate (35 vs 37 of 64: 2 images, SE 3.96) identity decides ...
+    close = [row(100, 0.9, 35), row(200, 0.7, 37)]
+    assert pick_best(close, 0.0, 1.0)[0] == 100
+    assert pick_best([row(100, 0.9, 32), row(200, 0.7, 37)], 0.0, 1.0)[0] == 200  # 5 images: beyond it
+    # ... without the image count there is no band; with nothing recognised, identity alone decides.
+    assert pick_best([dict(r, images=None) for r in close], 0.0, 1.0)[0] == 200
+    assert pick_best([row(100, 0.5, 0), row(200, 0.6, 0), row(300, 0.55, 0)], 0.0, 1.0)[0] == 200
+
+
+def test_pick_best_moves_only_to_the_newest_step_and_stays_in_the_band():
+    """What sdlora train relies on: over any prefix of the rows the choice is the previous one or the newest step
+    (best/ holds only the kept step's files), and it is always within one SE of the best recognised rate."""
+    import random
+
+    rng = random.Random(7)
+    for _ in range(300):
+        images = rng.choice([10, 40, 64])
+        rows = [
+            {
+                "step": 100 * (i + 1),
+                "identity": None if rng.random() < 0.1 else rng.random(),  # None: no face at that step
+                "recognised_rate": rng.randint(0, images) / images,
+                "images": images,
+                "diversity": rng.choice([0.05, 0.3, 0.4]),
+                "bleed": rng.choice([None, 0.0, 0.2]),
+            }
+            for i in range(rng.randint(1, 8))
+        ]
+        chosen = None
+        for end in range(1, len(rows) + 1):
+            step = pick_best(rows[:end], 0.1, 0.1)[0]
+            assert chosen is None or step in (chosen, rows[end - 1]["step"]), rows[:end]
+            chosen = step
+        pool = [r for r in rows if r["identity"] is not None and (r["diversity"] >= 0.1 and (r["bleed"] or 0) <= 0.1)]
+        pool = pool or [r for r in rows if r["identity"] is not None]
+        if pool:
+            top = max(r["recognised_rate"] for r in pool)
+            kept = next(r for r in rows if r["step"] == chosen)
+            assert kept in pool and top - kept["recognised_rate"] <= (top * (1 - top) / images) ** 0.5 + 1e-12
+
+
 def test_plot_identity_writes_png(tmp_path):
     rows = ROWS + [{"step": 400, "identity": None, "recognised_rate": 0.0, "diversity": 0.2, "bleed": None}]
     path = plot_identity(rows, tmp_path / "identity.png")

@@ -257,3 +257,38 @@ def test_resume_from_an_older_checkpoint_takes_best_from_that_checkpoint(tmp_pat
     evaluation.rows = rows + [{"step": 3, "identity": 0.9, "diversity": 0.3}]  # best is step 3: no files left
     _restore_best(evaluation)
     assert not (tmp_path / "best").exists()
+
+
+def test_best_dir_follows_pick_best_at_every_evaluated_step(tmp_path, monkeypatch):
+    """sdlora train's best/ under the rule: recognised rate first, one standard error tied on identity. Identity
+    saturates while recognition climbs; the old rule (best identity) would end on step 5."""
+    from types import SimpleNamespace
+
+    from sdlora.train import identity
+
+    script = [  # 40 images per step (eval.n 4 x the 10 standard prompts)
+        {"identity": 0.90, "recognised_rate": 10 / 40},
+        {"identity": 0.99, "recognised_rate": 24 / 40},
+        {"identity": 0.97, "recognised_rate": 36 / 40},  # beyond the band of step 2: kept
+        {"identity": 0.98, "recognised_rate": 35 / 40},  # in the band of step 3 (SE 1.9 images), more identity: kept
+        {"identity": 0.995, "recognised_rate": 30 / 40},  # the best identity, 6 images behind: not kept
+    ]
+    monkeypatch.setattr(
+        identity, "_score", lambda evaluation, run: {**script[len(evaluation.rows)], "images": 40, "diversity": 0.3}
+    )
+    monkeypatch.setattr("sdlora.evaluation.run.plot_identity", lambda rows, path: path)
+    run = SimpleNamespace(accelerator=SimpleNamespace(print=lambda *args: None))
+    evaluation = identity.TrainEval(tmp_path, 1, len(script), True, Config(), "sks person")
+    kept = []
+    for step in range(1, len(script) + 1):
+        identity.evaluate_step(
+            evaluation, run, step, lambda folder, step=step: (folder / "a.safetensors").write_text(str(step))
+        )
+        kept.append(identity.best_step(tmp_path))
+        assert (tmp_path / "best" / "a.safetensors").read_text() == str(kept[-1])
+        assert kept[-1] == pick_best(read_eval_rows(tmp_path), 0.1, 1.0)[0]
+    assert kept == [1, 2, 3, 4, 4]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert (
+        summary["best_step"] == 4 and "recognised rate first" in summary["why"] and "no step met" not in summary["why"]
+    )

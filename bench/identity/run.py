@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from bench.identity import base, edits
+from bench.identity import base, edits, picks
 from bench.identity import captions as caption_study
 from sdlora.faces import toyworld as world
 
@@ -409,26 +409,6 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def best_steps(rows: list[dict], max_bleed: float = 0.05) -> list[dict]:
-    """sdlora's pick_best (the eval issue's checkpoint choice) fed the decoder's numbers, against the measured
-    best step: the most exact identity among steps with bleed <= max_bleed (ties: the earlier step)."""
-    from sdlora.evaluation.checkpoints import pick_best
-
-    out = []
-    runs = dict.fromkeys((r["setting"], r["subject"]) for r in rows if r["setting"] != "base")
-    for setting, subject in runs:
-        mine = [r for r in rows if r["setting"] == setting and r["subject"] == subject]
-        metrics = [
-            {"step": r["step"], "identity": r["attribute_accuracy"], "recognised_rate": r["exact"], "bleed": r["bleed"]}
-            for r in mine
-        ]
-        picked, why = pick_best(metrics, min_diversity=0.0, max_bleed=max_bleed)
-        ok = [r for r in mine if r["bleed"] <= max_bleed] or mine
-        measured = max(ok, key=lambda r: (r["exact"], -r["step"]))["step"]
-        out.append({"setting": setting, "subject": subject, "picked": picked, "measured": measured, "why": why})
-    return out
-
-
 def plot(rows: list[dict], path: Path) -> None:
     """Identity (exact), bleed and validity against steps, one line per setting (mean over subjects)."""
     import matplotlib
@@ -526,8 +506,10 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{setting.name} subject {index}: {rows[-1]}", flush=True)
             write_results(args.out, scale, checks, rows)
     print(table(rows))
-    for pick in best_steps(rows):
+    picked = picks.agreement(rows, scale.seeds)
+    for pick in picked:
         print(f"{pick['setting']} s{pick['subject']}: pick_best {pick['picked']}, measured best {pick['measured']}")
+    print(picks.rate_line(picked))
 
 
 def _slug(setting: Setting) -> str:
@@ -552,7 +534,7 @@ def _set_threads(threads: int) -> None:
 
 def write_results(out: Path, scale: Scale, checks: dict, rows: list[dict]) -> None:
     """table.md, results.json and curves.png of the rows so far."""
-    results = {"scale": asdict(scale), "base": checks, "rows": rows, "best_steps": best_steps(rows)}
+    results = {"scale": asdict(scale), "base": checks, "rows": rows, "best_steps": picks.agreement(rows, scale.seeds)}
     (out / "results.json").write_text(json.dumps(results, indent=1))
     (out / "table.md").write_text(table(rows) + "\n")
     plot(rows, out / "curves.png")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -73,37 +74,81 @@ def plot_identity(rows: Sequence[dict[str, Any]], path: Path) -> Path:
 
 
 def pick_best(rows: Sequence[dict[str, Any]], min_diversity: float, max_bleed: float) -> tuple[int, str]:
-    """The step with the best identity among those with diversity >= min_diversity and bleed <= max_bleed,
-    and a sentence saying why. Ties go to the higher recognised_rate, then the earlier step."""
+    """The step to keep among those with diversity >= min_diversity and bleed <= max_bleed, and a sentence saying
+    why: the best recognised rate, where steps within one standard error of the best rate count as tied and the
+    best identity (then recognised rate, then the earlier step) wins among them.
+
+    Recognised rate comes first because it is the share of ALL images that show the person; identity is a mean
+    over the images with a face only, so a step that draws fewer faces, or fewer faces at all, can top it, and it
+    saturates near its ceiling while the recognised rate still climbs. Differences in recognised rate under one
+    standard error, sqrt(p (1 - p) / images) of the best rate p over the `images` the step was scored on, are
+    noise: there the smoother identity decides (no `images`: no band). The steps are walked in order, as
+    `sdlora train` sees them: the kept step changes only to a later one that is better recognised beyond the band,
+    or is in the band with more identity, so the choice over any prefix of the rows is the previous choice or the
+    newest step, and best/ always holds its files."""
     if not rows:
         raise ValueError("pick_best needs at least one metrics row")
-    scored = [row for row in rows if row.get("identity") is not None]
+    scored = sorted((row for row in rows if row.get("identity") is not None), key=lambda row: row["step"])
     if not scored:
         last = max(row["step"] for row in rows)
         return last, f"no faces were detected at any evaluated step; keeping the last step ({last})"
     eligible = [row for row in scored if _passes(row, min_diversity, max_bleed)]
-    pool = eligible or scored
-
-    def rank(row: dict[str, Any]) -> tuple[float, float, int]:
-        return (row["identity"], row.get("recognised_rate") or 0.0, -row["step"])
-
-    best = max(pool, key=rank)
+    best, top = _walk(eligible or scored)
+    band = f"recognised rate first, steps within one standard error of the best ({_band(top)}) tied on identity"
     facts = (
-        f"identity {best['identity']:.3f}, recognised {100 * (best.get('recognised_rate') or 0):.0f}%, "
+        f"identity {best['identity']:.3f}, recognised {100 * _recognised(best):.0f}%, "
         f"diversity {_fmt(best.get('diversity'))}, bleed {_fmt(best.get('bleed'))}"
     )
     floors = f"diversity >= {min_diversity:g} and bleed <= {max_bleed:g}"
     if not eligible:
         return best["step"], (
-            f"step {best['step']} has the best identity ({facts}), but no step met {floors}: "
+            f"step {best['step']} is the best ({band}; {facts}), but no step met {floors}: "
             "lower the floors or check the samples"
         )
-    excluded = [row for row in scored if row not in eligible and row["identity"] > best["identity"]]
-    why = f"step {best['step']} has the best identity among the {len(eligible)} steps with {floors} ({facts})"
+    excluded = [row for row in scored if row not in eligible and _beats(row, best, top)]
+    why = f"step {best['step']} is the best of the {len(eligible)} steps with {floors} ({band}; {facts})"
     if excluded:
         steps = ", ".join(str(row["step"]) for row in excluded)
         why += f"; step(s) {steps} scored higher identity but failed the floors"
     return best["step"], why
+
+
+def _walk(pool: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the kept step, the best-recognised step) after walking `pool` in step order (see pick_best)."""
+    kept = top = pool[0]
+    for row in pool[1:]:
+        if _recognised(row) > _recognised(top):
+            top = row
+        floor = _recognised(top) - _standard_error(top)
+        if _recognised(kept) < floor:
+            kept = top  # only a new best rate lifts the floor, so `top` is this row: its files are the ones at hand
+        elif _recognised(row) >= floor and _likeness(row) > _likeness(kept):
+            kept = row
+    return kept, top
+
+
+def _beats(row: dict[str, Any], kept: dict[str, Any], top: dict[str, Any]) -> bool:
+    """Would `row` rank above the kept step (the band of the best rate `top`)?"""
+    gap = _recognised(row) - _recognised(kept)
+    return gap > _standard_error(top) or (abs(gap) <= _standard_error(top) and _likeness(row) > _likeness(kept))
+
+
+def _recognised(row: dict[str, Any]) -> float:
+    return row.get("recognised_rate") or 0.0
+
+
+def _likeness(row: dict[str, Any]) -> tuple[float, float]:
+    return row["identity"], _recognised(row)
+
+
+def _standard_error(row: dict[str, Any]) -> float:
+    """The binomial standard error of the row's recognised rate (0 when the row does not say how many images)."""
+    images, rate = row.get("images") or 0, _recognised(row)
+    return math.sqrt(rate * (1 - rate) / images) if images > 0 else 0.0
+
+
+def _band(top: dict[str, Any]) -> str:
+    return f"{100 * _recognised(top):.0f}% ± {100 * _standard_error(top):.0f}%"
 
 
 def _passes(row: dict[str, Any], min_diversity: float, max_bleed: float) -> bool:

@@ -2,9 +2,10 @@
 
 At each evaluated step the main process renders `sdlora eval`'s standard prompt set with the LoRA being trained,
 scores it against the dataset's photos, appends {"step": N, "eval": {...}} to metrics.jsonl and redraws
-identity.png. When the step becomes the best one (`pick_best`: best identity within the diversity and bleed
-floors), its LoRA files are written to OUT_DIR/best/ at once, so pruned checkpoints never lose it; at the last
-step summary.json says which step won and why.
+identity.png. When the step becomes the best one (`pick_best`: within the diversity and bleed floors, the best
+recognised rate, steps within one standard error of it tied on identity), its LoRA files are written to
+OUT_DIR/best/ at once, so pruned checkpoints never lose it; at the last step summary.json says which step won and
+why. pick_best only ever moves to the newest step, so best/ always holds the chosen step's files.
 """
 
 from __future__ import annotations
