@@ -209,6 +209,30 @@ def test_runs_started_from_the_command_line_are_found_from_their_files(ws):
         training.resume(ws, jobs, "half")
 
 
+def test_best_step_without_best_json_follows_pick_best(tmp_path):
+    """A run whose best/best.json can't be read: the page shows the step sdlora train's rule keeps (recognised rate
+    first, with the run's floors), not the highest identity."""
+    from sdlora.evaluation.checkpoints import pick_best
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    scores = [  # step 2 has the highest identity, step 3 is recognised far more often; step 4 bleeds
+        {"step": 2, "eval": {"identity": 0.99, "recognised_rate": 0.20, "bleed": 0.0, "images": 64}},
+        {"step": 3, "eval": {"identity": 0.95, "recognised_rate": 0.80, "bleed": 0.0, "images": 64}},
+        {"step": 4, "eval": {"identity": 0.97, "recognised_rate": 0.95, "bleed": 0.5, "images": 64}},
+    ]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(s) + "\n" for s in scores))
+    (folder / "config.json").write_text(json.dumps({"eval": {"min_diversity": 0.0, "max_bleed": 0.1}}))
+    tail = runs.Tail()
+    tail.update(folder)
+    assert runs.best_step(tail, folder) == 3 == pick_best([{"step": s["step"], **s["eval"]} for s in scores], 0, 0.1)[0]
+    (folder / "config.json").write_text("{damaged")  # no floors: bleed no longer rules step 4 out
+    assert runs.best_step(tail, folder) == 4
+    (folder / "best").mkdir()
+    (folder / "best" / "best.json").write_text(json.dumps({"step": 2}))  # what best/ holds wins
+    assert runs.best_step(tail, folder) == 2
+
+
 def test_the_live_tail_reads_only_new_lines_and_new_samples(tmp_path):
     folder = tmp_path / "run"
     (folder / "samples").mkdir(parents=True)

@@ -271,11 +271,20 @@ def sample_files(folder: Path, names: list[str]) -> list[Path]:
 
 
 def best_step(tail: Tail, folder: Path) -> int | None:
-    """The step best/ holds (best/best.json), else the highest identity seen."""
+    """The step best/ holds (best/best.json), else the one sdlora train's rule (pick_best) would keep among the
+    steps scored so far, with the run's floors (none when its config.json can't be read)."""
+    from sdlora.evaluation.checkpoints import pick_best
+
     with contextlib.suppress(KeyError, TypeError, ValueError):
         return int(_read_json(folder, f"{layout.BEST}/{layout.BEST_FILE}")["step"])
-    scored = [e for e in tail.evals if e["eval"].get("identity") is not None]
-    return max(scored, key=lambda e: e["eval"]["identity"])["step"] if scored else None
+    rows = [{"step": e["step"], **e["eval"]} for e in tail.evals if e["eval"].get("identity") is not None]
+    if not rows:
+        return None
+    floors = run_config(folder).get("eval")
+    floors = floors if isinstance(floors, dict) else {}
+    with contextlib.suppress(TypeError, ValueError):
+        return pick_best(rows, float(floors.get("min_diversity", 0.0)), float(floors.get("max_bleed", 1.0)))[0]
+    return pick_best(rows, 0.0, 1.0)[0]
 
 
 def summary(folder: Path) -> dict[str, Any] | None:
