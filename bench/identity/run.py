@@ -183,6 +183,8 @@ def make_config(base_dir: Path, setting: Setting, scale: Scale, class_dir: Path 
         "generate.size": f"{world.SIZE}x{world.SIZE}",
         "generate.seed": 1000,
     }
+    if base.is_flow(base_dir):  # the DiT base samples and trains with shift 3, which sdlora reads as Z-Image-Turbo's:
+        options["model.allow_distilled"] = True  # it is trained from scratch at that shift, not distilled
     options.update(dict(setting.options))
     return load(None, options)
 
@@ -350,15 +352,22 @@ SMOKE_STEP = 100
 
 
 def smoke(
-    base_dir: Path, work: Path, lr: float = SMOKE.lr, seeds: int = 64, keys: tuple[str, ...] = ("identity",)
+    base_dir: Path,
+    work: Path,
+    lr: float = SMOKE.lr,
+    seeds: int = 64,
+    keys: tuple[str, ...] = ("identity",),
+    steps: int = SMOKE_STEP,
+    sample_steps: int = Scale.sample_steps,
 ) -> tuple[dict, dict]:
-    """Subject 0's base row and its LoRA's row after SMOKE_STEP steps of the SMOKE setting (at `lr`), on the
-    prompts `keys`: by default the identity prompt alone (the smoke test reads its soft agreement; the images are
-    the ones a full row renders first); keys=None for every metric, edits included.
+    """Subject 0's base row and its LoRA's row after `steps` steps of the SMOKE setting (at `lr`), on the prompts
+    `keys`: by default the identity prompt alone (the smoke test reads its soft agreement; the images are the ones a
+    full row renders first); keys=None for every metric, edits included. The DiT base's smoke test takes fewer
+    steps, seeds and sampling steps (tests/test_identity_dit.py).
 
     python -c "from bench.identity import run; print(run.smoke(BASE, WORK, lr=1e-7))"   (a LoRA that learns nothing)
     """
-    scale = Scale(seeds=seeds, checkpoints=(SMOKE_STEP,))
+    scale = Scale(seeds=seeds, sample_steps=sample_steps, checkpoints=(steps,))
     subject = base.SUBJECTS[0]
     (before,) = base_rows(base_dir, {0: subject}, scale, work / "base-run", keys)
     setting = Setting(SMOKE.prior, SMOKE.text_encoder, SMOKE.rank, lr)
@@ -451,7 +460,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only-subject", type=int, help="run this subject (0-based) alone")
     parser.add_argument("--steps", type=int, nargs="+", default=list(Scale.checkpoints))
     parser.add_argument("--seeds", type=int, default=Scale.seeds)
-    parser.add_argument("--base", type=Path, help="a base model folder (default: build or find the cached one)")
+    parser.add_argument(
+        "--base", type=Path, help="a base folder, or a packaged base file (restored into OUT/base); default: built"
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: fastest on a shared 2-core box)")
     parser.add_argument("--rank", type=int, help="only the grid's settings of this rank")
     parser.add_argument("--lr", type=float, help="only the grid's settings of this learning rate")
@@ -478,7 +489,7 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.set_num_threads(args.threads)
     scale = Scale(checkpoints=tuple(args.steps), seeds=args.seeds)
-    base_dir = args.base or base.ensure_base()
+    base_dir = base_folder(args.base, args.out / "base") if args.base else base.ensure_base()
     unseen = base.held_out_subjects(base_dir)
     numbers = range(args.subjects or len(unseen)) if args.only_subject is None else [args.only_subject]
     if max(numbers) >= len(unseen):
@@ -510,6 +521,14 @@ def main(argv: list[str] | None = None) -> None:
     for pick in picked:
         print(f"{pick['setting']} s{pick['subject']}: pick_best {pick['picked']}, measured best {pick['measured']}")
     print(picks.rate_line(picked))
+
+
+def base_folder(path: Path, folder: Path) -> Path:
+    """The base at `path`: a diffusers folder as it is, or a packaged base file (sdlora/demo/identity-base or
+    identity-dit.safetensors: the UNet or the DiT base) restored into `folder`."""
+    from sdlora.demo.base import restore
+
+    return restore(path, folder) if path.is_file() and path.suffix == ".safetensors" else path
 
 
 def _slug(setting: Setting) -> str:
