@@ -8,7 +8,8 @@ has our stack plus ComfyUI's requirements (torchsde, scipy; torchvision is stubb
         --case tiny-sd1 tiny-sdxl tiny-sd2 tiny-flux toy --json docs/bench-results/parity.json
 
 Cases (CASES): SD 1.x tiny and toy, SDXL tiny, SD 2.x tiny (ComfyUI's CLIP-H reading, and the tiny pipeline's),
-FLUX.1 [dev] tiny (at ComfyUI's 256 T5 tokens, and at dev's default 512 in sdlora).
+FLUX.1 [dev] tiny (at ComfyUI's 256 T5 tokens, and at dev's default 512 in sdlora); Z-Image (Base, Turbo) and FLUX.2
+[klein] (base, distilled) tiny, through the pip-installable fork (`--comfyui FORK`: bench/parity_zimage.py).
 Per case: the base saved as a diffusers folder and as the files ComfyUI loads (the family's save_single_file;
 Flux: BFL's transformer file, clip_l, t5xxl and ae as bench/parity_flux.py writes them); `sdlora train` (CLI, a
 few steps, LoRA on the denoiser and, SD 1.x/2.x/SDXL, the text encoders, rank 8 / alpha 4,
@@ -72,12 +73,44 @@ FAMILY = {
 # Flux: T5 tokens as ComfyUI pads them (at least 256; diffusers' FluxPipeline pads dev to 512, see docs/parity.md)
 EXTRA = {"tiny-flux": ["--set", "model.max_sequence_length=256"]}
 LATENT_SCALE = {"toy": 4}  # the VAE's downsampling where it is not 8
+# Z-Image and FLUX.2 [klein]: through the pip-installable fork of ComfyUI (--comfyui FORK; bench/parity_zimage.py),
+# the transformer alone trained (neither family trains its Qwen3); Turbo: the distilled checkpoint's own workflow.
+CASES |= {
+    "tiny-zimage": "Z-Image (Base) tiny test pipeline (sdlora.families.zimage.tiny: 2 layers + 1 refiner layer each "
+    "side, width 32, Qwen3 2 layers of width 16, 4-channel FLUX.1 AE)",
+    "tiny-zimage-turbo": "the same with Z-Image-Turbo's scheduler (shift 3) and CFG off, trained with "
+    "--allow-distilled: the workflow of the checkpoint users render with",
+    "tiny-klein": "FLUX.2 [klein] (base) tiny test pipeline (sdlora.families.klein.tiny: 1 double + 2 single "
+    "blocks, width 32, Qwen3 28 layers of width 16, 4-channel AutoencoderKLFlux2 with batch-norm statistics)",
+    "tiny-klein-distilled": "the same as klein's step-distilled checkpoint (the pipeline's is_distilled: CFG off), "
+    "trained with --allow-distilled",
+}
+FAMILY |= {
+    "tiny-zimage": "zimage",
+    "tiny-zimage-turbo": "zimage",
+    "tiny-klein": "klein",
+    "tiny-klein-distilled": "klein",
+}
+EXTRA |= {
+    "tiny-zimage-turbo": ["--allow-distilled", "--set", "generate.cfg=0.0"],
+    "tiny-klein-distilled": ["--allow-distilled", "--set", "generate.cfg=1.0"],
+}
+BASES = {  # (module, builder, its arguments): a tiny pipeline with other settings than its family's tiny_pipeline
+    "tiny-zimage-turbo": ("sdlora.families.zimage.tiny", "tiny_zimage_pipeline", {"turbo": True}),
+    "tiny-klein-distilled": ("sdlora.families.klein.tiny", "tiny_klein_pipeline", {"distilled": True}),
+}
 
 
 def base_folder(case: str, folder: Path) -> Path:
+    import importlib
+
     from sdlora import testing
     from sdlora.demo.base import restore_packaged
 
+    if case in BASES:
+        module, name, kwargs = BASES[case]
+        getattr(importlib.import_module(module), name)(**kwargs).save_pretrained(folder, safe_serialization=True)
+        return folder
     return restore_packaged(folder) if case == "toy" else testing.save_tiny_pipeline(FAMILY[case], folder)
 
 
@@ -125,6 +158,9 @@ def samples(workflow: dict[str, Any]) -> list[tuple[str, int, str]]:
         if spec["class_type"] != "SaveImage":
             continue
         sampler = workflow[workflow[spec["inputs"]["images"][0]]["inputs"]["samples"][0]]["inputs"]
+        if "guider" in sampler:  # SamplerCustomAdvanced: the seed in RandomNoise, the prompts in CFGGuider
+            seed = workflow[sampler["noise"][0]]["inputs"]["noise_seed"]
+            sampler = workflow[sampler["guider"][0]]["inputs"] | {"seed": seed}
         positive = workflow[sampler["positive"][0]]["inputs"]
         while "text" not in positive:  # FluxGuidance & co between the prompt and the sampler
             positive = workflow[positive["conditioning"][0]]["inputs"]
@@ -239,7 +275,12 @@ def comfy_files(
     that lets ComfyUI load the tiny models, and the model file (checkpoint or transformer)."""
     import parity_comfy
     import parity_flux
+    import parity_zimage
 
+    if family in parity_zimage.FAMILIES:
+        folders = parity_zimage.write_files(family, base, workflow, root)
+        unet = next(n["inputs"]["unet_name"] for n in workflow.values() if n["class_type"] == "UNETLoader")
+        return folders, parity_zimage.tiny_loading(family, base), folders["diffusion_models"] / unet
     loaders = {n["class_type"]: n["inputs"] for n in workflow.values()}
     if family == "flux":
         name = loaders["UNETLoader"]["unet_name"]
@@ -253,6 +294,7 @@ def comfy_files(
 
 def run_case(case: str, workdir: Path, steps: int, seeds: int) -> dict[str, Any]:
     import parity_comfy
+    import parity_zimage
     import torch
     from safetensors.torch import load_file
 
@@ -265,7 +307,7 @@ def run_case(case: str, workdir: Path, steps: int, seeds: int) -> dict[str, Any]
     (root / "checkpoints").mkdir(parents=True)
     out = root / "out"
     family = FAMILY[case]
-    train(dataset(root / "data"), base, out, steps, seeds, EXTRA.get(case, []), text=family != "flux")
+    train(dataset(root / "data"), base, out, steps, seeds, EXTRA.get(case, []), text=family in ("sd1", "sd2", "sdxl"))
     workflow = json.loads((out / "me.comfyui.json").read_text())
     assert not problems(workflow), problems(workflow)
     reading = "pipeline" if case.endswith("pipeline-reading") else "comfyui"
@@ -288,8 +330,8 @@ def run_case(case: str, workdir: Path, steps: int, seeds: int) -> dict[str, Any]
         base, out / "pytorch_lora_weights.safetensors", config, items, root / "merged.st"
     )
     weights = weight_diffs(family, comfy["_weights"], ckpt_name, root / "merged.st")
-    factor = LATENT_SCALE.get(case, 8)
-    latent = [1, 4, sampling.height // factor, sampling.width // factor]
+    channels, factor = parity_zimage.LATENT.get(family, (4, LATENT_SCALE.get(case, 8)))
+    latent = [1, channels, sampling.height // factor, sampling.width // factor]
     noise_equal = all(
         torch.equal(n, torch.randn(latent, generator=torch.Generator().manual_seed(seed))) for seed, n in noise
     )
@@ -334,7 +376,7 @@ def run_case(case: str, workdir: Path, steps: int, seeds: int) -> dict[str, Any]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--comfyui", type=Path, required=True, help="a ComfyUI checkout (upstream)")
+    parser.add_argument("--comfyui", type=Path, required=True, help="a ComfyUI checkout (upstream, or the fork)")
     parser.add_argument("--case", nargs="+", choices=list(CASES), default=list(CASES))
     parser.add_argument("--steps", type=int, default=STEPS)
     parser.add_argument("--seeds", type=int, default=SEEDS, help="images per case (sample prompts, one seed)")
@@ -343,8 +385,10 @@ def main() -> None:
     parser.add_argument("--recheck-weights", type=Path, help="only the weight comparison, for a --keep case folder")
     options = parser.parse_args()
     import parity_comfy
+    import parity_zimage
 
-    parity_comfy.import_comfy(options.comfyui)
+    fork = (options.comfyui / "comfy/cmd").is_dir()  # the pip-installable fork (Z-Image, klein): its own layout
+    (parity_zimage.import_fork if fork else parity_comfy.import_comfy)(options.comfyui)
     if options.recheck_weights:
         case = options.case[0] if len(options.case) == 1 else "tiny-sd1"
         print(json.dumps(recheck_weights(options.recheck_weights, FAMILY[case]), indent=2))
