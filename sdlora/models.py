@@ -129,7 +129,13 @@ def components_root(model: ModelConfig) -> str:
 def load_component(model: ModelConfig, name: str, torch_dtype: Any = None) -> Any:
     """One component of the base (pipeline attribute `name`: a text encoder, a tokenizer), loaded alone from its
     subfolder with the class model_index.json names: what `from_pretrained` of the whole pipeline would load."""
+    from sdlora import families
+
     root = components_root(model)
+    # Qwen-Image-Edit's processor needs torchvision: sdlora's stand-in where it is missing (families.stand_ins).
+    stand_in = families.stand_ins(root, {}).get(name) if name == "processor" else None
+    if stand_in is not None:
+        return stand_in
     try:
         kwargs: dict[str, Any] = {"dtype": torch_dtype} if torch_dtype is not None else {}
         return _component_class(root, name).from_pretrained(root, subfolder=name, **kwargs)

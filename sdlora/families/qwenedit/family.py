@@ -16,7 +16,13 @@ from typing import Any
 from sdlora.errors import UsageError
 from sdlora.families import Conditioning, pipeline_class
 from sdlora.families.flow import denoiser_config
-from sdlora.families.qwenimage.family import CachedPrompts, QwenImage, pack, unpack
+from sdlora.families.qwenimage.family import (
+    CachedPrompts,
+    QwenImage,
+    pack,
+    packed,
+    unpack,
+)
 
 # QwenImageEditPlusPipeline's template and its 64 tokens before the user turn. Without pictures it is the prompt a
 # text-to-image render and a training run without control images use (for the first Edit too, whose own template
@@ -28,6 +34,8 @@ TEMPLATE = (
     "<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
 )
 PICTURE = "Picture {}: <|vision_start|><|image_pad|><|vision_end|>"  # Edit-Plus: one per image, before the prompt
+# QwenImageEditPipeline's (the first Edit): its one picture is in the template, without "Picture 1: ".
+FIRST_EDIT_TEMPLATE = TEMPLATE.replace("user\n{}", "user\n<|vision_start|><|image_pad|><|vision_end|>{}")
 DROP = 64
 # The Edit pipelines and how many reference images each takes (Edit-Plus: "1-3 images are recommended").
 REFERENCES = (("QwenImageEditPlusPipeline", 3), ("QwenImageEditPipeline", 1))
@@ -71,6 +79,31 @@ class QwenImageEdit(QwenImage):
 
     def modelspec_architecture(self, prediction_type: str, variant: str = "") -> str:
         return "Qwen-Image-Edit/lora"
+
+    def encode_with_pictures(self, pipe: Any, encoder: Any, prompts: list[str], pictures: list[Any]) -> Conditioning:
+        """As the Edit pipeline `pipe` (its class and processor; `encoder`: its Qwen2.5-VL) encodes each prompt with
+        its one input image (PIL, as given to the pipeline, scaled here as its __call__ scales it for the prompt:
+        vl_picture): Edit-Plus puts "Picture 1: " and the image before the prompt, the first Edit its template's one
+        picture; the last hidden layer, the template's 64 tokens dropped. "prompt_embeds" (B, L, D) and
+        "prompt_mask" (B, L), rows zero-padded to the longest and not cut (the pipeline cuts none)."""
+        plus = pipeline_class(pipe) != "QwenImageEditPipeline"
+        if plus:
+            texts = [self.template.format(PICTURE.format(1) + prompt) for prompt in prompts]
+        else:
+            texts = [FIRST_EDIT_TEMPLATE.format(prompt) for prompt in prompts]
+        images = [vl_picture(picture, plus) for picture in pictures]
+        device = next(encoder.parameters()).device
+        inputs = pipe.processor(text=texts, images=images, padding=True, return_tensors="pt").to(device)
+        hidden = encoder(
+            input_ids=inputs["input_ids"],
+            attention_mask=inputs["attention_mask"],
+            pixel_values=inputs["pixel_values"],
+            image_grid_thw=inputs["image_grid_thw"],
+            output_hidden_states=True,
+        )
+        masks = inputs["attention_mask"]
+        rows = [row[keep.bool()][self.drop :] for row, keep in zip(hidden.hidden_states[-1], masks, strict=True)]
+        return packed(rows, max(len(row) for row in rows), encoder.dtype)
 
     def predict(
         self,
@@ -138,6 +171,22 @@ class QwenImageEdit(QwenImage):
 
     def load_single_file(self, path: Any, config: str | None, kwargs: dict[str, Any]) -> Any:
         raise UsageError(f"{path}: give Qwen-Image-Edit as a diffusers folder or hub id (Qwen/Qwen-Image-Edit-2511)")
+
+
+def vl_picture(picture: Any, plus: bool) -> Any:
+    """An input image as the Edit pipeline's __call__ scales it for the VL prompt: Edit-Plus to about
+    CONDITION_IMAGE_SIZE (384^2) px, the first Edit to about 1024^2 px, the aspect ratio kept, sides multiples of
+    32 (read from diffusers' modules at each call)."""
+    from diffusers.image_processor import VaeImageProcessor
+    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit as edit
+    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as edit_plus
+
+    ratio = picture.width / picture.height
+    if plus:
+        width, height = edit_plus.calculate_dimensions(edit_plus.CONDITION_IMAGE_SIZE, ratio)
+    else:
+        width, height, _ = edit.calculate_dimensions(1024 * 1024, ratio)
+    return VaeImageProcessor().resize(picture, height, width)
 
 
 def torch_cat(parts: list[Any]) -> Any:

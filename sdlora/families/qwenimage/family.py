@@ -75,6 +75,19 @@ def channel_stats(vae: Any, like: Any) -> tuple[Any, Any]:
     return mean, inv_std
 
 
+def packed(rows: list[Any], length: int, dtype: Any) -> Conditioning:
+    """Rows of hidden states ((n_i, D) each, the template's tokens dropped) cut to `length` and left-packed into
+    "prompt_embeds" (B, length, D) in `dtype`, zero-padded, with "prompt_mask" (B, length) int64, 1 on real tokens."""
+    import torch
+
+    embeds = rows[0].new_zeros(len(rows), length, rows[0].shape[-1])
+    masks = torch.zeros(len(rows), length, dtype=torch.long, device=rows[0].device)
+    for i, row in enumerate(rows):
+        row = row[:length]
+        embeds[i, : len(row)], masks[i, : len(row)] = row, 1
+    return {"prompt_embeds": embeds.to(dtype), "prompt_mask": masks}
+
+
 # The single files Comfy-Org publishes (ComfyUI's models/diffusion_models, text_encoders, vae).
 COMFYUI_CHECKPOINTS = {
     "Qwen/Qwen-Image": "qwen_image_bf16.safetensors",
@@ -178,8 +191,6 @@ class QwenImage:
         and zero-padded): "prompt_embeds" (B, L, D) and "prompt_mask" (B, L) int64, 1 on real tokens. With
         `max_sequence_length` both are cut or zero-padded to exactly that length, so that rows of different batches
         cache and concatenate (predict trims the padding again). {} when the encoder is given as None."""
-        import torch
-
         tokenizer, encoder = tokenizers[0], encoders[0]
         if encoder is None:
             return {}
@@ -191,12 +202,7 @@ class QwenImage:
         states = hidden.hidden_states[-1]
         rows = [row[keep.bool()][self.drop :] for row, keep in zip(states, mask, strict=True)]
         length = max_sequence_length or min(max(len(row) for row in rows), TOKENIZER_MAX)
-        embeds = states.new_zeros(len(rows), length, states.shape[-1])
-        masks = torch.zeros(len(rows), length, dtype=torch.long, device=device)
-        for i, row in enumerate(rows):
-            row = row[:length]
-            embeds[i, : len(row)], masks[i, : len(row)] = row, 1
-        return {"prompt_embeds": embeds.to(encoder.dtype), "prompt_mask": masks}
+        return packed(rows, length, encoder.dtype)
 
     def comfyui_parts(self, pipe: Any, base: str, width: int, height: int, cfg: float) -> ComfyParts:
         """UNETLoader + CLIPLoader (Qwen2.5-VL, ComfyUI's type "qwen_image") + VAELoader, and the pipeline's
