@@ -347,3 +347,37 @@ def test_edit_training_looks_up_each_prompt_with_its_control_image(tiny_models, 
                 torch.testing.assert_close(batch.cond["prompt_embeds"][row, :n], embeds, atol=1e-5, rtol=1e-4)
                 seen.add((prompt, bool(flipped)))
     assert {prompt for prompt, _ in seen} == {PROMPT, ""} and {f for _, f in seen} == {True, False}
+
+
+def test_a_single_file_edit_transformer_loads_with_its_edit_config(tiny_models, tmp_path):
+    """Comfy-Org's Edit transformer file (Qwen-Image's names, bare or under ComfyUI's prefix) with
+    model.single_file_config naming an Edit folder: the Edit pipeline, its family and 2511's zero_cond_t from the
+    config, the file's weights; without the config, one line naming it."""
+    import torch
+    from safetensors.torch import save_file
+
+    from sdlora.testing import write_single_file
+
+    base = tiny_models["qwenedit"]
+    path = write_single_file(base, tmp_path / "qwen_image_edit_2511_bf16.safetensors")
+    state = load_file(str(path))
+    assert families.detect_checkpoint(set(state)).name == "qwenimage"  # the keys alone can't tell
+    prefixed = tmp_path / "comfy.safetensors"
+    save_file({f"model.diffusion_model.{k}": v for k, v in state.items()}, str(prefixed))
+    config = models_config(path).model_copy(update={"single_file_config": str(base)})
+    assert models.peek_family(config).name == "qwenedit"
+    for file in (path, prefixed):
+        pipe = models.load_base(config.model_copy(update={"base": str(file)}))
+        family = families.detect(pipe)
+        assert (type(pipe).__name__, family.name, family.variant(pipe)) == (
+            "QwenImageEditPlusPipeline",
+            "qwenedit",
+            "2511",
+        )
+        assert type(pipe.processor).__name__ == "VLProcessor"
+        loaded = pipe.transformer.state_dict()
+        assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state)
+    args = ["generate", "--base", str(path), "--prompt", PROMPT, "--out", str(tmp_path / "out")]
+    result = runner.invoke(app, args)
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code != 0 and len(lines) == 1 and "single_file_config=Qwen/Qwen-Image-Edit-2511" in lines[0]

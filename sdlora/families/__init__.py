@@ -121,6 +121,9 @@ class Files(Protocol):
     """What the family's files say and hold: kohya names and metadata, ComfyUI's diffusers file, single files."""
 
     single_file_pipeline: str  # diffusers pipeline class that reads this family's original-format checkpoints
+    # The family whose tensor names this family's single files use, told apart by model.single_file_config
+    # (Qwen-Image-Edit's transformer file: "qwenimage"); "" for its own.
+    checkpoint_of: str
     kohya_implementation: str  # kohya's `modelspec.implementation`
     comfyui_diffusers_file: bool  # diffusers file written for ComfyUI too (lora.peft.save_diffusers for_comfyui)
     # The adapter kinds (lora.kind) its LoRA files can hold; None: every kind of sdlora.lora.kinds.KINDS.

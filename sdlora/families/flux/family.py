@@ -79,6 +79,7 @@ class Flux:
     trainable_text_encoders: tuple[str, ...] = ("text_encoder",)  # T5 is never trained
     text_width: int = 4096  # T5-XXL's hidden states
     single_file_pipeline: str = "FluxPipeline"
+    checkpoint_of: str = ""  # its single files have their own names
     supports_refiner: bool = False
     vae_fp32: bool = False
     kohya_implementation: str = "https://github.com/black-forest-labs/flux"

@@ -110,6 +110,7 @@ class Klein:
     trainable_text_encoders: tuple[str, ...] = ()
     text_width: int = 7680  # klein-4B: three Qwen3-4B layers of 2560 (klein-9B: 12288)
     single_file_pipeline: str = "Flux2KleinPipeline"
+    checkpoint_of: str = ""  # its single files have their own names
     supports_refiner: bool = False
     vae_fp32: bool = False
     kohya_implementation: str = "https://github.com/black-forest-labs/flux2"

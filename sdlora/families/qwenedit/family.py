@@ -21,6 +21,7 @@ from sdlora.families.qwenimage.family import (
     QwenImage,
     pack,
     packed,
+    single_file_transformer,
     unpack,
 )
 
@@ -48,6 +49,7 @@ class QwenImageEdit(QwenImage):
     name: str = "qwenedit"
     label: str = "Qwen-Image-Edit"
     single_file_pipeline: str = "QwenImageEditPlusPipeline"
+    checkpoint_of: str = "qwenimage"  # Comfy-Org's Edit transformer file: Qwen-Image's names (load_single_file)
     kohya_versions: tuple[str, ...] = ("qwen_image_edit", "qwen-image-edit")
     modelspec_prefix: str = "Qwen-Image-Edit"  # musubi-tuner's ARCH_QWEN_IMAGE_EDIT
     reference_pipelines: tuple[tuple[str, int], ...] = REFERENCES
@@ -170,7 +172,20 @@ class QwenImageEdit(QwenImage):
         return tiny_qwenedit_pipeline(seed=seed)
 
     def load_single_file(self, path: Any, config: str | None, kwargs: dict[str, Any]) -> Any:
-        raise UsageError(f"{path}: give Qwen-Image-Edit as a diffusers folder or hub id (Qwen/Qwen-Image-Edit-2511)")
+        """Comfy-Org's Edit transformer file (ComfyUI's diffusion_models, Qwen-Image's names) with the rest of the
+        Edit pipeline `config` (its processor, and its transformer config: 2511's zero_cond_t)."""
+        from diffusers import DiffusionPipeline
+
+        from sdlora.families.qwenedit.processor import load_kwargs
+
+        if config is None:
+            raise UsageError(
+                f"{path}: a Qwen-Image-Edit single file holds the transformer only; name a diffusers Edit folder or "
+                "hub id for the rest and the configs: --set model.single_file_config=Qwen/Qwen-Image-Edit-2511"
+            )
+        transformer, kwargs = single_file_transformer(path, config, kwargs)
+        stand_ins = {name: part for name, part in load_kwargs(config).items() if name not in kwargs}
+        return DiffusionPipeline.from_pretrained(config, transformer=transformer, **stand_ins, **kwargs)
 
 
 def vl_picture(picture: Any, plus: bool) -> Any:

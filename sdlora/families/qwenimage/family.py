@@ -112,6 +112,7 @@ class QwenImage:
     trainable_text_encoders: tuple[str, ...] = ()
     text_width: int = 3584  # Qwen2.5-VL-7B's hidden states
     single_file_pipeline: str = "QwenImagePipeline"
+    checkpoint_of: str = ""  # its single files have their own names
     supports_refiner: bool = False
     vae_fp32: bool = False
     kohya_implementation: str = "https://github.com/QwenLM/Qwen-Image"
@@ -329,26 +330,15 @@ class QwenImage:
     def load_single_file(self, path: Any, config: str | None, kwargs: dict[str, Any]) -> Any:
         """A transformer-only file (`qwen_image_bf16.safetensors`, diffusers' names, bare or under ComfyUI's
         `model.diffusion_model.`) with the rest of `config`'s pipeline."""
-        from diffusers import QwenImagePipeline, QwenImageTransformer2DModel
+        from diffusers import QwenImagePipeline
 
         if config is None:
             raise UsageError(
                 f"{path}: a Qwen-Image single file holds the transformer only; name a diffusers Qwen-Image folder or "
-                "hub id for the rest and the configs: --set model.single_file_config=Qwen/Qwen-Image"
+                "hub id for the rest and the configs: --set model.single_file_config=Qwen/Qwen-Image (an Edit "
+                "model's file: =Qwen/Qwen-Image-Edit-2511)"
             )
-        kwargs = dict(kwargs)
-        options = {k: kwargs[k] for k in ("torch_dtype",) if kwargs.get(k) is not None}
-        if kwargs.get("quantization_config") is not None:  # the pipeline's: the transformer's own part
-            from diffusers import BitsAndBytesConfig
-
-            options["quantization_config"] = BitsAndBytesConfig(**kwargs.pop("quantization_config").quant_kwargs)
-        try:
-            transformer = QwenImageTransformer2DModel.from_single_file(
-                keys.transformer_state(path), config=config, subfolder="transformer", **options
-            )
-        except (KeyError, ValueError, RuntimeError) as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
-            raise SdloraError(f"{path}: not the Qwen-Image transformer of {config} ({first})") from None
+        transformer, kwargs = single_file_transformer(path, config, kwargs)
         return QwenImagePipeline.from_pretrained(config, transformer=transformer, **kwargs)
 
     def save_single_file(self, pipe: Any, path: Any) -> None:
@@ -371,6 +361,28 @@ class QwenImage:
         from sdlora.families.qwenimage.tiny import tiny_qwenimage_pipeline
 
         return tiny_qwenimage_pipeline(seed=seed)
+
+
+def single_file_transformer(path: Any, config: str, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """The transformer of a transformer-only file with `config`'s transformer config (Edit-2511's zero_cond_t
+    too), and the pipeline's from_pretrained arguments left for the rest (a quantization config is the
+    transformer's)."""
+    from diffusers import QwenImageTransformer2DModel
+
+    kwargs = dict(kwargs)
+    options = {k: kwargs[k] for k in ("torch_dtype",) if kwargs.get(k) is not None}
+    if kwargs.get("quantization_config") is not None:  # the pipeline's: the transformer's own part
+        from diffusers import BitsAndBytesConfig
+
+        options["quantization_config"] = BitsAndBytesConfig(**kwargs.pop("quantization_config").quant_kwargs)
+    try:
+        transformer = QwenImageTransformer2DModel.from_single_file(
+            keys.transformer_state(path), config=config, subfolder="transformer", **options
+        )
+    except (KeyError, ValueError, RuntimeError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
+        raise SdloraError(f"{path}: not the Qwen-Image transformer of {config} ({first})") from None
+    return transformer, kwargs
 
 
 @dataclass(frozen=True)

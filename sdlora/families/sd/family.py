@@ -78,6 +78,7 @@ class UNetFamily:
     samplers: tuple[str, ...] = UNET_SAMPLERS
     guidance_label: str | None = None
     size_multiple: int = 8
+    checkpoint_of: str = ""  # its single files have their own names
     stage_frozen: bool = False
     comfyui_diffusers_file: bool = False  # ComfyUI reads no diffusers-format SD keys at all
     photo_pipeline: str | None = None  # diffusers' AutoPipelineForImage2Image/ForInpainting pick them

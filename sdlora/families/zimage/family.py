@@ -47,6 +47,7 @@ class ZImage:
     trainable_text_encoders: tuple[str, ...] = ()
     text_width: int = 2560  # Qwen3-4B's hidden states
     single_file_pipeline: str = "ZImagePipeline"
+    checkpoint_of: str = ""  # its single files have their own names
     supports_refiner: bool = False
     vae_fp32: bool = False
     kohya_implementation: str = "https://github.com/Tongyi-MAI/Z-Image"
