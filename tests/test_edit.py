@@ -63,6 +63,23 @@ def test_reference_photos_render_and_are_recorded(tiny_models, photos, tmp_path)
     image = tmp_path / "refs" / "0000-42.png"
     assert np.asarray(Image.open(image)).std() > 0
     assert max_diff(image, tmp_path / "text" / "0000-42.png") > 0  # the photos steer the image
+    comfyui_loads_the_references(tmp_path / "refs", photos[:2], "TextEncodeQwenImageEditPlus")
+
+
+def comfyui_loads_the_references(out, photos, encoder):
+    """The run's ComfyUI workflow is sound, loads the photos saved beside the images (comfyui-reference-N.png, the
+    photos' pixels) into `encoder` and renders with the run's steps and seed."""
+    from sdlora.comfyui import workflow
+
+    graph = json.loads((out / "comfyui.json").read_text())
+    assert workflow.problems(graph) == []
+    names = [node["inputs"]["image"] for node in graph.values() if node["class_type"] == "LoadImage"]
+    assert names == [f"comfyui-reference-{i}.png" for i in range(1, len(photos) + 1)]
+    for name, photo in zip(names, photos, strict=True):
+        assert max_diff(out / name, photo) == 0
+    assert any(node["class_type"] == encoder for node in graph.values())
+    (noise,) = [n["inputs"] for n in graph.values() if n["class_type"] in ("KSampler", "RandomNoise")]
+    assert noise.get("seed", noise.get("noise_seed")) == 42
 
 
 def models_config(base):
@@ -130,6 +147,7 @@ def test_klein_renders_from_reference_photos(tiny_models, photos, tmp_path):
     record = generate(tiny_models["klein"], tmp_path / "refs", "--reference", photos[0])
     generate(tiny_models["klein"], tmp_path / "text")
     assert record["references"] == [str(photos[0])]
+    comfyui_loads_the_references(tmp_path / "refs", photos[:1], "ReferenceLatent")
     assert max_diff(tmp_path / "refs" / "0000-42.png", tmp_path / "text" / "0000-42.png") > 0
 
 

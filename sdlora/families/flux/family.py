@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from sdlora.errors import UsageError
-from sdlora.families import Conditioning
+from sdlora.families import Conditioning, pipeline_class
 from sdlora.families.comfyui import ComfyParts, checkpoint_file, loader
 from sdlora.families.flow import cached_rows, denoiser_config, model_class
 from sdlora.families.flux.keys import BFL_MARKER, bfl_module
@@ -177,6 +177,7 @@ class Flux:
         else:  # ComfyUI's schnell default shifts by e; the pipeline's scheduler by its static `shift` (1: none)
             sampling = loader("ModelSamplingAuraFlow", shift=float(config.get("shift", 1.0)))
         dev = self.variant(pipe) == "dev"
+        kontext = pipeline_class(pipe) in dict(self.reference_pipelines)
         return ComfyParts(
             nodes={
                 "unet": loader("UNETLoader", unet_name=name, weight_dtype="default"),
@@ -195,6 +196,9 @@ class Flux:
             notes=((note,) if note else ())
             + (FILES_NOTE, "the negative prompt is unused: no true CFG, as in diffusers")
             + ((T5_NOTE,) if dev else ()),
+            references="ReferenceLatent" if kontext else None,
+            # FLUX.1 Kontext's photo: scaled to the preferred size nearest its aspect, as diffusers' _auto_resize
+            reference_scale=loader("FluxKontextImageScale") if kontext else None,
         )
 
     def render_from_cache(self, pipe: Any, rows: dict[str, Conditioning]) -> None:

@@ -99,6 +99,12 @@ def text_ids(prompt_embeds: Any) -> Any:
     return ids.unsqueeze(0).expand(b, -1, -1).to(prompt_embeds.device)
 
 
+REFERENCE_NOTE = (
+    "reference photos: diffusers scales one over 1 megapixel down to 1 megapixel and cuts its sides to multiples "
+    "of 16 before encoding it; ComfyUI's VAEEncode takes it as saved (comfyui-reference-N.png)"
+)
+
+
 @dataclass(frozen=True)
 class Klein:
     name: str = "klein"
@@ -256,6 +262,8 @@ class Klein:
             cfg=1.0 if self.is_distilled(pipe) else true_cfg(cfg),
             sigmas="Flux2Scheduler",
             notes=((note,) if note else ()) + (f"{text}: the Qwen3 text encoder of this klein size",),
+            references="ReferenceLatent",  # each photo's latent on both prompts, as the pipeline's image tokens
+            reference_notes=(REFERENCE_NOTE,),
         )
 
     def render_from_cache(self, pipe: Any, rows: dict[str, Conditioning]) -> None:

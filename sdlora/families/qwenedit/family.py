@@ -15,6 +15,7 @@ from typing import Any
 
 from sdlora.errors import UsageError
 from sdlora.families import Conditioning, pipeline_class
+from sdlora.families.comfyui import loader
 from sdlora.families.flow import denoiser_config
 from sdlora.families.qwenimage.family import (
     CachedPrompts,
@@ -42,6 +43,16 @@ DROP = 64
 REFERENCES = (("QwenImageEditPlusPipeline", 3), ("QwenImageEditPipeline", 1))
 TEXT_RUNNER = "QwenImageEditTextPipeline"  # text_to_image's QwenImagePipeline on an Edit model's weights
 LAYERED = ("use_layer3d_rope", "use_additional_t_cond")  # Qwen-Image-Layered: its own RoPE and timestep input
+COMFYUI_TEXT_NOTE = (
+    "without reference photos ComfyUI's CLIPTextEncode encodes with Qwen-Image's prompt template, sdlora with the "
+    "Edit model's (TextEncodeQwenImageEditPlus without images uses it)"
+)
+COMFYUI_PLUS_NOTE = (
+    "reference photos: ComfyUI scales them by area to ~384^2 px for the prompt and ~1024^2 px (sides multiples of "
+    "8) for the latents, diffusers with Lanczos to sides multiples of 32"
+)
+METHOD_NODE = "FluxKontextMultiReferenceLatentMethod"  # ComfyUI's choice of how reference tokens are conditioned
+COMFYUI_EDIT_NOTE = "reference photo: ComfyUI scales it by area to ~1024^2 px, diffusers with Lanczos"
 
 
 @dataclass(frozen=True)
@@ -160,11 +171,19 @@ class QwenImageEdit(QwenImage):
         return runner
 
     def comfyui_parts(self, pipe: Any, base: str, width: int, height: int, cfg: float) -> Any:
-        """Qwen-Image's nodes (the same loaders) for the text-to-image render; its notes say the references are not
-        in the workflow."""
+        """Qwen-Image's nodes (the same loaders); reference photos through the Edit prompt encoder with the VAE
+        (TextEncodeQwenImageEditPlus, or the first Edit's TextEncodeQwenImageEdit), on 2511 with its reference
+        method (zero_cond_t: the photos' tokens at t = 0, ComfyUI's index_timestep_zero)."""
         parts = super().comfyui_parts(pipe, base, width, height, cfg)
-        note = "Qwen-Image-Edit's reference images are not in this workflow (TextEncodeQwenImageEditPlus takes them)"
-        return replace(parts, notes=(*parts.notes, note))
+        plus = pipeline_class(pipe) != "QwenImageEditPipeline"
+        method = "index_timestep_zero" if self.variant(pipe) == "2511" else None
+        return replace(
+            parts,
+            notes=(*parts.notes, COMFYUI_TEXT_NOTE),
+            references="TextEncodeQwenImageEditPlus" if plus else "TextEncodeQwenImageEdit",
+            reference_method=loader(METHOD_NODE, reference_latents_method=method) if method else None,
+            reference_notes=(COMFYUI_PLUS_NOTE if plus else COMFYUI_EDIT_NOTE,),
+        )
 
     def tiny_pipeline(self, seed: int) -> Any:
         from sdlora.families.qwenedit.tiny import tiny_qwenedit_pipeline
