@@ -379,6 +379,7 @@ def test_a_single_file_edit_transformer_loads_with_its_edit_config(tiny_models, 
     base = tiny_models["qwenedit"]
     path = write_single_file(base, tmp_path / "qwen_image_edit_2511_bf16.safetensors")
     state = load_file(str(path))
+    assert state.pop("__index_timestep_zero__").numel() == 0  # ComfyUI's sign of 2511 (comfy/model_detection.py)
     assert families.detect_checkpoint(set(state)).name == "qwenimage"  # the keys alone can't tell
     prefixed = tmp_path / "comfy.safetensors"
     save_file({f"model.diffusion_model.{k}": v for k, v in state.items()}, str(prefixed))

@@ -51,6 +51,7 @@ COMFYUI_PLUS_NOTE = (
     "reference photos: ComfyUI scales them by area to ~384^2 px for the prompt and ~1024^2 px (sides multiples of "
     "8) for the latents, diffusers with Lanczos to sides multiples of 32"
 )
+ZERO_COND_KEY = "__index_timestep_zero__"  # in a 2511 transformer file: ComfyUI's sign of zero_cond_t
 METHOD_NODE = "FluxKontextMultiReferenceLatentMethod"  # ComfyUI's choice of how reference tokens are conditioned
 COMFYUI_EDIT_NOTE = "reference photo: ComfyUI scales it by area to ~1024^2 px, diffusers with Lanczos"
 
@@ -184,6 +185,18 @@ class QwenImageEdit(QwenImage):
             reference_method=loader(METHOD_NODE, reference_latents_method=method) if method else None,
             reference_notes=(COMFYUI_PLUS_NOTE if plus else COMFYUI_EDIT_NOTE,),
         )
+
+    def save_single_file(self, pipe: Any, path: Any) -> None:
+        """The transformer alone under Qwen-Image's names, as Comfy-Org ships the Edit transformer; 2511's with the
+        empty `__index_timestep_zero__` tensor by which ComfyUI tells it (comfy/model_detection.py; diffusers'
+        loader ignores it)."""
+        import torch
+        from safetensors.torch import save_file
+
+        state = {k: v.contiguous() for k, v in pipe.transformer.state_dict().items()}
+        if self.variant(pipe) == "2511":
+            state[ZERO_COND_KEY] = torch.tensor([])
+        save_file(state, str(path))
 
     def tiny_pipeline(self, seed: int) -> Any:
         from sdlora.families.qwenedit.tiny import tiny_qwenedit_pipeline

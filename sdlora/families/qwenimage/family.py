@@ -336,7 +336,7 @@ class QwenImage:
             raise UsageError(
                 f"{path}: a Qwen-Image single file holds the transformer only; name a diffusers Qwen-Image folder or "
                 "hub id for the rest and the configs: --set model.single_file_config=Qwen/Qwen-Image (an Edit "
-                "model's file: =Qwen/Qwen-Image-Edit-2511)"
+                "model's file: --set model.single_file_config=Qwen/Qwen-Image-Edit-2511)"
             )
         transformer, kwargs = single_file_transformer(path, config, kwargs)
         return QwenImagePipeline.from_pretrained(config, transformer=transformer, **kwargs)
