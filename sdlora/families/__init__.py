@@ -76,6 +76,11 @@ class TextConditioning(Protocol):
         """The pipeline's own text conditioning of `prompts` (gradients flow; a None encoder of a staged family is
         left out; `max_sequence_length`: T5 tokens)."""
 
+    def encode_with_pictures(self, pipe: Any, encoder: Any, prompts: list[str], pictures: list[Any]) -> Conditioning:
+        """An edit model's conditioning of each prompt with its one input image (PIL), as its pipeline `pipe` (its
+        class and processor; `encoder`: its frozen text encoder) encodes them at inference: edit training's
+        captions with their control images. A UsageError for families without edit_training."""
+
     def text_encoder_targets(self) -> list[str]:
         """LoRA target module names of the text encoders."""
 

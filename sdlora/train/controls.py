@@ -55,8 +55,6 @@ def build_cache(family: Any, pipe: Any, encoder: Any, examples: list[Example], t
     edit pipeline `pipe` would (`encoder`: the frozen text encoder, wherever it is held)."""
     import torch
 
-    from sdlora.train.batches import concat
-
     wanted_pairs = pairs(examples, train.resolutions or [train.resolution], train.flip)
     keys, parts = list(wanted_pairs), []
     with torch.no_grad():
@@ -64,21 +62,20 @@ def build_cache(family: Any, pipe: Any, encoder: Any, examples: list[Example], t
             chunk = [wanted_pairs[k] for k in keys[start : start + CHUNK]]
             pictures = [picture(example, size, flipped) for _, example, size, flipped in chunk]
             parts.append(family.encode_with_pictures(pipe, encoder, [prompt for prompt, *_ in chunk], pictures))
-    return {"prompts": {k: i for i, k in enumerate(keys)}, "cond": concat(padded(parts))}
+    return {"prompts": {k: i for i, k in enumerate(keys)}, "cond": stacked(parts)}
 
 
 def join(table: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     """One table of both: rows zero-padded to the longer length (the denoiser trims padding per batch), `extra`'s
     after `table`'s."""
-    from sdlora.train.batches import concat
-
     offset = next(iter(table["cond"].values())).shape[0]
     prompts = {**table["prompts"], **{k: offset + i for k, i in extra["prompts"].items()}}
-    return {"prompts": prompts, "cond": concat(padded([table["cond"], extra["cond"]]))}
+    return {"prompts": prompts, "cond": stacked([table["cond"], extra["cond"]])}
 
 
-def padded(parts: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each part's (N, L, ...) tensors zero-padded along L to the longest part's."""
+def stacked(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """The parts' rows in one table: each part's (N, L, ...) tensors zero-padded along L to the longest part's,
+    concatenated along N."""
     import torch
 
     length = max(value.shape[1] for part in parts for value in part.values())
@@ -87,4 +84,4 @@ def padded(parts: list[dict[str, Any]]) -> list[dict[str, Any]]:
         extra = value.new_zeros(value.shape[0], length - value.shape[1], *value.shape[2:])
         return torch.cat([value, extra], dim=1)
 
-    return [{name: pad(value) for name, value in part.items()} for part in parts]
+    return {name: torch.cat([pad(part[name]) for part in parts]) for name in parts[0]}

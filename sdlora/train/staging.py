@@ -110,11 +110,11 @@ def encode_first(config: Config, plan: Plan, accelerator: Any, torch_dtype: Any)
     if not frozen_encoders(config, family):
         return None
     tokenizers = [name.replace("text_encoder", "tokenizer") for name in family.text_encoders]
-    if controls.wanted(plan.examples, family):  # the edit pipeline's processor, and its class (its prompt template)
-        tokenizers.append("processor")
+    edit = controls.wanted(plan.examples, family)
     light = SimpleNamespace(**{name: models.load_component(config.model, name) for name in tokenizers})
-    # model_index.json as a loaded pipeline's `config`: its `_class_name` says which Edit pipeline (its template)
-    light.config = FrozenDict(DiffusionPipeline.load_config(models.components_root(config.model)))
+    if edit:  # the Edit pipeline's processor, and model_index.json as its `config` (which pipeline: its template)
+        light.processor = models.load_component(config.model, "processor")
+        light.config = FrozenDict(DiffusionPipeline.load_config(models.components_root(config.model)))
     setattr(light, family.denoiser, SimpleNamespace(config=models.component_config(config.model, family.denoiser)))
     return encode_apart(config, plan, light, family, accelerator, torch_dtype)
 

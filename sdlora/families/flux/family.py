@@ -143,6 +143,9 @@ class Flux:
     def generate_defaults(self, pipe: Any) -> dict[str, Any]:
         return dict(GENERATE_DEFAULTS[self.variant(pipe)])
 
+    def encode_with_pictures(self, pipe: Any, encoder: Any, prompts: list[str], pictures: list[Any]) -> Conditioning:
+        raise UsageError(f"{self.label} bases take no control images (edit_training)")
+
     def encode_prompts(
         self,
         tokenizers: Sequence[Any],

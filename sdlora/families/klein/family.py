@@ -201,6 +201,9 @@ class Klein:
         own = {"generate.scheduler": "flow_euler", "train.timestep_shift": UNSHIFTED}
         return {**GENERATE_DEFAULTS[kind], **own}
 
+    def encode_with_pictures(self, pipe: Any, encoder: Any, prompts: list[str], pictures: list[Any]) -> Conditioning:
+        raise UsageError(f"{self.label} bases take no control images (edit_training)")
+
     def encode_prompts(
         self,
         tokenizers: Sequence[Any],

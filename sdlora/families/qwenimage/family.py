@@ -180,6 +180,9 @@ class QwenImage:
         """50 steps, true CFG 4 (against generate.negative, "" by default); training sigmas unshifted (UNSHIFTED)."""
         return {**GENERATE_DEFAULTS, "train.timestep_shift": UNSHIFTED}
 
+    def encode_with_pictures(self, pipe: Any, encoder: Any, prompts: list[str], pictures: list[Any]) -> Conditioning:
+        raise UsageError(f"{self.label} bases take no control images (edit_training)")
+
     def encode_prompts(
         self,
         tokenizers: Sequence[Any],

@@ -155,6 +155,9 @@ class UNetFamily:
     def ui_lora_state(self, denoiser: Any, text_encoders: Sequence[Any], adapter: str, dtype: Any) -> dict | None:
         return None  # kohya's names: what A1111, Forge and ComfyUI read
 
+    def encode_with_pictures(self, pipe: Any, encoder: Any, prompts: list[str], pictures: list[Any]) -> Conditioning:
+        raise UsageError(f"{self.label} bases take no control images (edit_training)")
+
 
 def one_prefix_each(prefixes: list[str], family: str) -> list[str]:
     if len(set(prefixes)) != len(prefixes):

@@ -116,6 +116,9 @@ class ZImage:
         own = {"generate.scheduler": "flow_euler", "train.timestep_shift": shift}
         return {**GENERATE_DEFAULTS[self.variant(pipe)], **own}
 
+    def encode_with_pictures(self, pipe: Any, encoder: Any, prompts: list[str], pictures: list[Any]) -> Conditioning:
+        raise UsageError(f"{self.label} bases take no control images (edit_training)")
+
     def encode_prompts(
         self,
         tokenizers: Sequence[Any],
