@@ -4,9 +4,11 @@ and as VAE latent tokens appended after the target's tokens at about 1024x1024; 
 target's tokens alone. Edit-2511 sets the transformer's `zero_cond_t` (reference tokens modulated at t = 0).
 
 Everything else is Qwen-Image's (sdlora.families.qwenimage): this family is that dataclass with its own names,
-template and detection, and the two things an edit model adds: control tokens in `predict` and a text-to-image
-pipeline for renders without references (the Edit pipelines need an image). Subclassed rather than copied, as
-SD 1.x/2.x and SDXL share UNetFamily."""
+template and detection, and what an edit model adds: a prompt encoded with its picture (`encode_with_pictures`,
+edit training's control images), control tokens in `predict`, a text-to-image pipeline for renders without
+references (the Edit pipelines need an image), single files that hold the transformer under Qwen-Image's names
+(`load_single_file`, with an Edit folder's configs) and ComfyUI's reference nodes. Subclassed rather than copied,
+as SD 1.x/2.x and SDXL share UNetFamily."""
 
 from __future__ import annotations
 
@@ -65,7 +67,7 @@ class QwenImageEdit(QwenImage):
     kohya_versions: tuple[str, ...] = ("qwen_image_edit", "qwen-image-edit")
     modelspec_prefix: str = "Qwen-Image-Edit"  # musubi-tuner's ARCH_QWEN_IMAGE_EDIT
     reference_pipelines: tuple[tuple[str, int], ...] = REFERENCES
-    edit_training: bool = True  # control images' latent tokens after the target's (predict)
+    edit_training: bool = True  # control images in the prompt (encode_with_pictures), their tokens in predict
     template: str = TEMPLATE
     drop: int = DROP
 
