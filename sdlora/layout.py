@@ -44,10 +44,11 @@ COMFYUI_JSON = "comfyui.json"  # the run's ComfyUI workflow (API format): every 
 # --init-image / --keep-face: the photo as generate fitted it, and keep-face's mask (white: repainted), which the
 # run's workflows load from ComfyUI's input folder.
 COMFYUI_INPUT, COMFYUI_MASK = "comfyui-input.png", "comfyui-mask.png"
+COMFYUI_REFERENCE = "comfyui-reference-{}.png"  # --reference: photo N (1-3) as the run's workflows load it
 # Its images, numbered through the folder: NNNN-SEED.png, its settings NNNN-SEED.json, a filmstrip NNNN-SEED-steps.png.
 GENERATED = re.compile(r"^(\d{4,})-\d+(-steps)?\.(png|json)$")
 # A run into a folder that already holds images names its config and sheets after its first image: grid-0004.png.
-RUN_FILE = re.compile(r"^(config|grid|compare|comfyui(?:-input|-mask)?)(-(\d{4,}))?\.(json|png)$")
+RUN_FILE = re.compile(r"^(config|grid|compare|comfyui(?:-input|-mask|-reference-\d)?)(-(\d{4,}))?\.(json|png)$")
 
 # The image files read as photos, datasets, references and generated images (prep reports every other file).
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".heic", ".heif"})
@@ -84,7 +85,8 @@ def run_file(name: str, first: int | None) -> str:
 
 def is_sheet(name: str) -> bool:
     """Whether a file of a generate folder is a sheet of its other images (grid.png, compare-0004.png, a filmstrip
-    NNNN-SEED-steps.png) or a ComfyUI input (the fitted photo, the mask), not an image of its own."""
+    NNNN-SEED-steps.png) or a ComfyUI input (the fitted photo, the mask, a reference photo), not an image of its
+    own."""
     run_file, image = RUN_FILE.match(name), GENERATED.match(name)
     return bool(run_file and run_file.group(1) not in ("config", "comfyui")) or bool(image and image.group(2))
 

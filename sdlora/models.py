@@ -129,7 +129,13 @@ def components_root(model: ModelConfig) -> str:
 def load_component(model: ModelConfig, name: str, torch_dtype: Any = None) -> Any:
     """One component of the base (pipeline attribute `name`: a text encoder, a tokenizer), loaded alone from its
     subfolder with the class model_index.json names: what `from_pretrained` of the whole pipeline would load."""
+    from sdlora import families
+
     root = components_root(model)
+    # Qwen-Image-Edit's processor needs torchvision: sdlora's stand-in where it is missing (families.stand_ins).
+    stand_in = families.stand_ins(root, {}).get(name) if name == "processor" else None
+    if stand_in is not None:
+        return stand_in
     try:
         kwargs: dict[str, Any] = {"dtype": torch_dtype} if torch_dtype is not None else {}
         return _component_class(root, name).from_pretrained(root, subfolder=name, **kwargs)
@@ -179,7 +185,10 @@ def peek_base(model: ModelConfig) -> tuple[Family, Any]:
     path = Path(base).expanduser()
     if path.is_file():
         config = model.single_file_config
-        return _checkpoint_family(path), _folder_peek(resolve(config), config)[1] if config else SimpleNamespace()
+        if not config:
+            return _checkpoint_family(path), SimpleNamespace()
+        family, stand_in = _folder_peek(resolve(config), config)
+        return _of_config(_checkpoint_family(path), family), stand_in
     return _folder_peek(resolve(base), base)  # resolve before the heavy imports: a wrong --base fails in a second
 
 
@@ -363,7 +372,7 @@ def _from_single_file(path: Path, config: str | None, kwargs: dict[str, Any]) ->
 
     family = _checkpoint_family(path)
     if config and _known_checkpoint_family(path) is not None:
-        _check_same_family(path, family, config)
+        family = _check_same_family(path, family, config)
     own = family.load_single_file(path, config, kwargs)  # families whose files diffusers can't read as a whole
     if own is not None:
         return own
@@ -377,17 +386,26 @@ def _from_single_file(path: Path, config: str | None, kwargs: dict[str, Any]) ->
         ) from exc
 
 
-def _check_same_family(path: Path, family: Family, config: str) -> None:
-    """A single file's keys and its model.single_file_config must be one family: diffusers maps one onto the other
-    with no check and fails deep inside (an SD 1.x file with a Flux.1 config raised a TypeError)."""
+def _of_config(family: Family, other: Family) -> Family:
+    """The family of a single file whose keys say `family`, given with a config of family `other`: `other` where
+    its files carry `family`'s names (a Qwen-Image-Edit transformer file), else `family`."""
+    return other if other.checkpoint_of == family.name else family
+
+
+def _check_same_family(path: Path, family: Family, config: str) -> Family:
+    """A single file's keys and its model.single_file_config must be one family (or the config's family's files
+    carry the keys' family's names: _of_config): diffusers maps one onto the other with no check and fails deep
+    inside (an SD 1.x file with a Flux.1 config raised a TypeError). Returns the family."""
     from sdlora.errors import printable
 
     other = _folder_family(config, config)
+    family = _of_config(family, other)
     if other.name != family.name:
         raise UsageError(
             f"{printable(path)}: the checkpoint is {family.label}, but model.single_file_config {printable(config)} "
             f"is {other.label}; give a diffusers folder or hub id of the same family ({family.label})"
         )
+    return family
 
 
 def load_vae(vae: str, *, torch_dtype: Any = None, allow_pickle: bool = False) -> Any:

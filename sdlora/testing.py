@@ -56,6 +56,6 @@ def write_single_file(folder: Path, path: Path) -> Path:
 
     from sdlora import families
 
-    pipe = DiffusionPipeline.from_pretrained(str(folder))
+    pipe = DiffusionPipeline.from_pretrained(str(folder), **families.stand_ins(str(folder), {}))
     families.detect(pipe).save_single_file(pipe, Path(path))
     return Path(path)

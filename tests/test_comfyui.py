@@ -310,3 +310,88 @@ def test_flux_dev_workflow_says_comfyui_pads_t5_to_256_tokens():
     assert any("256 tokens" in note and "max_sequence_length = 256" in note for note in dev.notes)
     schnell = flux.comfyui_parts(tiny_flux_pipeline(schnell=True), "black-forest-labs/FLUX.1-schnell", 64, 64, 0.0)
     assert not any("256 tokens" in note for note in schnell.notes)  # schnell renders at 256 already
+
+
+def reference_pipelines():
+    """Each kind of pipeline that takes generate --reference's photos: Qwen-Image-Edit-2511 (Edit-Plus), the first
+    Edit, FLUX.2 [klein], FLUX.1 Kontext (tiny, random weights)."""
+    from diffusers import FluxKontextPipeline, QwenImageEditPipeline
+
+    edit = families.get("qwenedit").tiny_pipeline(0)
+    parts = ("scheduler", "vae", "text_encoder", "tokenizer", "processor", "transformer")
+    first = QwenImageEditPipeline(**{name: getattr(edit, name) for name in parts})
+    kontext = FluxKontextPipeline.from_pipe(families.get("flux").tiny_pipeline(0))
+    return {"2511": edit, "first edit": first, "klein": families.get("klein").tiny_pipeline(0), "kontext": kontext}
+
+
+@pytest.fixture(scope="module")
+def with_references():
+    return reference_pipelines()
+
+
+@pytest.mark.parametrize("kind", ["2511", "first edit", "klein", "kontext"])
+def test_a_reference_workflow_loads_its_photos_into_both_prompts(with_references, kind):
+    """generate --reference's workflow: a sound graph of built-in nodes with the run's settings, each photo loaded
+    from ComfyUI's input folder and reaching the positive and the negative prompt as the base takes it (the Edit
+    prompt encoder with the VAE, or a VAE latent through ReferenceLatent)."""
+    pipe = with_references[kind]
+    family = families.detect(pipe)
+    count = families.references(family, pipe)
+    names = [f"comfyui-reference-{i}.png" for i in range(1, count + 1)]
+    settings = workflow.Settings(7, 4.5, family.samplers[0], 96, 64, "blurry")
+    parts = family.comfyui_parts(pipe, "owner/some-edit-base", 96, 64, 4.5)
+    images = [("a photo of this person as an astronaut", 42), ("this person, an oil painting", 43)]
+    graph = workflow.build(parts, [], settings, images, prefix="refs", references=names)
+    assert workflow.problems(graph) == []
+    assert [node["inputs"] for node in of_class(graph, "LoadImage")] == [{"image": name} for name in names]
+    loaded = {key for key, node in graph.items() if node["class_type"] == "LoadImage"}
+    (decode,) = {tuple(node["inputs"]["vae"]) for node in of_class(graph, "VAEDecode")}
+
+    def photos_behind(link):
+        """The LoadImage nodes a conditioning link depends on, following links back."""
+        seen, todo = set(), [link[0]]
+        while todo:
+            key = todo.pop()
+            seen.add(key)
+            todo += [v[0] for v in graph[key]["inputs"].values() if isinstance(v, list) and v[0] not in seen]
+        return seen & loaded
+
+    samplers = of_class(graph, "KSampler") or of_class(graph, "CFGGuider")
+    assert len(samplers) == 2
+    for sampler in samplers:
+        assert photos_behind(sampler["inputs"]["positive"]) == loaded == photos_behind(sampler["inputs"]["negative"])
+    if parts.references == workflow.REFERENCE_LATENT:
+        assert len(of_class(graph, "ReferenceLatent")) == 3 * count  # the negative's and two prompts'
+        assert {tuple(node["inputs"]["vae"]) for node in of_class(graph, "VAEEncode")} == {decode}
+        texts = [node["inputs"]["text"] for node in of_class(graph, "CLIPTextEncode")]
+    else:  # Qwen-Image-Edit: the prompt encoder takes the photos and the VAE
+        encoders = of_class(graph, parts.references)
+        assert {tuple(node["inputs"]["vae"]) for node in encoders} == {decode}
+        texts = [node["inputs"]["prompt"] for node in encoders]
+        assert not of_class(graph, "CLIPTextEncode")
+    assert texts == ["blurry", *(prompt for prompt, _ in images)]
+    if kind == "kontext":
+        assert len(of_class(graph, "FluxKontextImageScale")) == count == 1
+    methods = [
+        node["inputs"]["reference_latents_method"] for node in of_class(graph, "FluxKontextMultiReferenceLatentMethod")
+    ]
+    zero_cond_t = getattr(pipe.transformer.config, "zero_cond_t", False)  # 2511's (the tiny first Edit shares it)
+    assert methods == (["index_timestep_zero"] * 3 if zero_cond_t else [])
+    if samplers[0]["class_type"] == "KSampler":
+        assert [s["inputs"]["seed"] for s in samplers] == [42, 43] and {s["inputs"]["steps"] for s in samplers} == {7}
+    else:
+        assert [n["inputs"]["noise_seed"] for n in of_class(graph, "RandomNoise")] == [42, 43]
+    assert set(parts.reference_notes) <= set(graph["1"]["_meta"]["sdlora"]["notes"])
+    without = workflow.build(parts, [], settings, images, prefix="refs")
+    assert not of_class(without, "LoadImage") and workflow.problems(without) == []
+
+
+def test_reference_photos_are_a_runs_files_not_images_of_its_own(tmp_path):
+    from sdlora import layout
+    from sdlora.generate.output import written_by_generate
+
+    assert layout.run_file(layout.COMFYUI_REFERENCE.format(2), 9) == "comfyui-reference-2-0009.png"
+    for name in ("comfyui-reference-1.png", "comfyui-reference-2-0009.png"):
+        (tmp_path / name).write_bytes(b"x")
+        assert layout.is_sheet(name)  # eval skips them
+    assert len(written_by_generate(tmp_path)) == 2  # a later run into the folder knows them as generate's

@@ -63,6 +63,23 @@ def test_reference_photos_render_and_are_recorded(tiny_models, photos, tmp_path)
     image = tmp_path / "refs" / "0000-42.png"
     assert np.asarray(Image.open(image)).std() > 0
     assert max_diff(image, tmp_path / "text" / "0000-42.png") > 0  # the photos steer the image
+    comfyui_loads_the_references(tmp_path / "refs", photos[:2], "TextEncodeQwenImageEditPlus")
+
+
+def comfyui_loads_the_references(out, photos, encoder):
+    """The run's ComfyUI workflow is sound, loads the photos saved beside the images (comfyui-reference-N.png, the
+    photos' pixels) into `encoder` and renders with the run's steps and seed."""
+    from sdlora.comfyui import workflow
+
+    graph = json.loads((out / "comfyui.json").read_text())
+    assert workflow.problems(graph) == []
+    names = [node["inputs"]["image"] for node in graph.values() if node["class_type"] == "LoadImage"]
+    assert names == [f"comfyui-reference-{i}.png" for i in range(1, len(photos) + 1)]
+    for name, photo in zip(names, photos, strict=True):
+        assert max_diff(out / name, photo) == 0
+    assert any(node["class_type"] == encoder for node in graph.values())
+    (noise,) = [n["inputs"] for n in graph.values() if n["class_type"] in ("KSampler", "RandomNoise")]
+    assert noise.get("seed", noise.get("noise_seed")) == 42
 
 
 def models_config(base):
@@ -130,6 +147,7 @@ def test_klein_renders_from_reference_photos(tiny_models, photos, tmp_path):
     record = generate(tiny_models["klein"], tmp_path / "refs", "--reference", photos[0])
     generate(tiny_models["klein"], tmp_path / "text")
     assert record["references"] == [str(photos[0])]
+    comfyui_loads_the_references(tmp_path / "refs", photos[:1], "ReferenceLatent")
     assert max_diff(tmp_path / "refs" / "0000-42.png", tmp_path / "text" / "0000-42.png") > 0
 
 
@@ -257,3 +275,128 @@ def test_control_images_come_from_the_manifest_or_a_folder_and_need_an_edit_mode
     write_manifest(folder / "manifest.jsonl", [entry])
     (example,) = train_data.load_examples(folder, "x")
     assert example.control == folder / "ctl" / "img1.png"
+
+
+EDIT_PARTS = ("scheduler", "vae", "text_encoder", "tokenizer", "processor", "transformer")
+
+
+def pipeline_picture(pipe, image):
+    """An input image as QwenImageEditPlusPipeline's __call__ hands it to encode_prompt: scaled to
+    CONDITION_IMAGE_SIZE's area, sides multiples of 32."""
+    import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus as plus
+
+    width, height = plus.calculate_dimensions(plus.CONDITION_IMAGE_SIZE, image.width / image.height)
+    return pipe.image_processor.resize(image, height, width)
+
+
+def test_an_edit_prompt_with_its_control_image_is_encoded_as_the_pipeline_does(photos):
+    """Edit training's conditioning of (prompt, control image): the Edit-Plus pipeline's own
+    encode_prompt(prompt, image=...) of the image as its __call__ scales it, the first Edit's likewise (its template's
+    one picture at ~1024^2 px), and not the text-only encoding."""
+    import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit as edit
+    import torch
+    from diffusers import QwenImageEditPipeline
+
+    from sdlora.families.qwenedit.family import FIRST_EDIT_TEMPLATE
+
+    family = families.get("qwenedit")
+    pipe = family.tiny_pipeline(0)
+    picture = Image.open(photos[0]).convert("RGB").resize((48, 64))
+    with torch.no_grad():
+        ours = family.encode_with_pictures(pipe, pipe.text_encoder, [PROMPT, ""], [picture, picture])
+        theirs = [pipe.encode_prompt(prompt, image=[pipeline_picture(pipe, picture)])[0][0] for prompt in (PROMPT, "")]
+        text = family.encode_prompts([pipe.tokenizer], [pipe.text_encoder], [PROMPT])
+        first = QwenImageEditPipeline(**{name: getattr(pipe, name) for name in EDIT_PARTS})
+        ours_first = family.encode_with_pictures(first, pipe.text_encoder, [PROMPT], [picture])["prompt_embeds"]
+        w, h, _ = edit.calculate_dimensions(1024 * 1024, 48 / 64)
+        theirs_first, _ = first.encode_prompt(PROMPT, image=first.image_processor.resize(picture, h, w))
+    for row, expected in enumerate(theirs):
+        n = len(expected)
+        assert ours["prompt_mask"][row].sum() == n and ours["prompt_mask"][row, :n].all()
+        torch.testing.assert_close(ours["prompt_embeds"][row, :n], expected, atol=1e-5, rtol=1e-4)
+    n = int(text["prompt_mask"][0].sum())
+    assert len(theirs[0]) > n  # the picture's tokens come before the prompt's
+    assert not torch.allclose(theirs[0][-n:], text["prompt_embeds"][0, :n], atol=1e-3)  # not the text-only one
+    assert first.prompt_template_encode == FIRST_EDIT_TEMPLATE
+    torch.testing.assert_close(ours_first, theirs_first, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_edit_training_looks_up_each_prompt_with_its_control_image(tiny_models, tmp_path):
+    """What training feeds the transformer for examples with control images (cached by staging before the denoiser
+    loads, looked up per micro-batch, with flips and caption dropout) is the Edit pipeline's own encoding of the
+    prompt with the control image as cut (and mirrored) for training."""
+    import torch
+    from accelerate import Accelerator
+    from PIL import ImageOps
+
+    from sdlora.config import Config
+    from sdlora.train import data as train_data
+    from sdlora.train import staging
+    from sdlora.train.batches import Batches, image_sets
+    from sdlora.train.state import Plan
+
+    base, folder = tiny_models["qwenedit"], subject_set(tmp_path / "data")
+    controls = control_images(folder, tmp_path / "controls")
+    config = Config().model_copy(update={"model": models_config(base)})
+    train = config.train.model_copy(update={"resolution": 64, "flip": True, "caption_dropout": 0.5})
+    train = train.model_copy(update={"sample_every": 0, "eval_every": 0, "preservation": "none"})
+    config = config.model_copy(update={"train": train})
+    examples = train_data.load_examples(folder, "x", controls)
+    plan = Plan(folder, tmp_path / "out", examples, "sks person", "no", None, "person", config=config)
+    cached = staging.encode_first(config, plan, Accelerator(cpu=True), None)
+    pipe = models.load_base(config.model)
+    family = families.detect(pipe)
+    instances, _, control_set = image_sets(examples, None, train, pipe.vae, family)
+    objective = family.objective(pipe.scheduler, "cpu")
+    settings = dict(seed=0, batch_size=4, num_processes=1, rank=0, noise_offset=0.0, caption_dropout=0.5)
+    batches = Batches(instances, None, class_prompt="", text_cache=cached.captions, controls=control_set,
+                      objective=objective, **settings)  # fmt: skip
+    seen = set()
+    with torch.no_grad():
+        for k in range(2):
+            batch = batches.micro_batch(k, torch.device("cpu"))
+            for row, prompt, (i, flipped) in zip(range(4), batch.prompts, batches.order.batch(k), strict=True):
+                image = ImageOps.fit(Image.open(examples[i].control).convert("RGB"), (64, 64), Image.Resampling.LANCZOS)
+                image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flipped else image
+                embeds = pipe.encode_prompt(prompt, image=[pipeline_picture(pipe, image)])[0][0]
+                n = len(embeds)
+                assert batch.cond["prompt_mask"][row].sum() == n and batch.cond["prompt_mask"][row, :n].all()
+                torch.testing.assert_close(batch.cond["prompt_embeds"][row, :n], embeds, atol=1e-5, rtol=1e-4)
+                seen.add((prompt, bool(flipped)))
+    assert {prompt for prompt, _ in seen} == {PROMPT, ""} and {f for _, f in seen} == {True, False}
+
+
+def test_a_single_file_edit_transformer_loads_with_its_edit_config(tiny_models, tmp_path):
+    """Comfy-Org's Edit transformer file (Qwen-Image's names, bare or under ComfyUI's prefix) with
+    model.single_file_config naming an Edit folder: the Edit pipeline, its family and 2511's zero_cond_t from the
+    config, the file's weights; without the config, one line naming it."""
+    import torch
+    from safetensors.torch import save_file
+
+    from sdlora.testing import write_single_file
+
+    base = tiny_models["qwenedit"]
+    path = write_single_file(base, tmp_path / "qwen_image_edit_2511_bf16.safetensors")
+    state = load_file(str(path))
+    assert state.pop("__index_timestep_zero__").numel() == 0  # ComfyUI's sign of 2511 (comfy/model_detection.py)
+    assert families.detect_checkpoint(set(state)).name == "qwenimage"  # the keys alone can't tell
+    prefixed = tmp_path / "comfy.safetensors"
+    save_file({f"model.diffusion_model.{k}": v for k, v in state.items()}, str(prefixed))
+    config = models_config(path).model_copy(update={"single_file_config": str(base)})
+    assert models.peek_family(config).name == "qwenedit"
+    for file in (path, prefixed):
+        pipe = models.load_base(config.model_copy(update={"base": str(file)}))
+        family = families.detect(pipe)
+        assert (type(pipe).__name__, family.name, family.variant(pipe)) == (
+            "QwenImageEditPlusPipeline",
+            "qwenedit",
+            "2511",
+        )
+        assert type(pipe.processor).__name__ == "VLProcessor"
+        loaded = pipe.transformer.state_dict()
+        assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state)
+    args = ["generate", "--base", str(path), "--prompt", PROMPT, "--out", str(tmp_path / "out")]
+    result = runner.invoke(app, args)
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code != 0 and len(lines) == 1 and "single_file_config=Qwen/Qwen-Image-Edit-2511" in lines[0]

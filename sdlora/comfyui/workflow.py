@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from sdlora import __version__
+from sdlora.errors import SdloraError
 from sdlora.families.comfyui import ComfyParts, checkpoint_file
 from sdlora.fsutil import atomic_write_text
 
@@ -38,6 +39,11 @@ REPRODUCIBLE_DEFAULT = "dpmpp_2m_karras"
 def reproducible(sampler: str) -> bool:
     """Whether ComfyUI has the same sampler on the same sigmas as ours called `sampler`."""
     return SAMPLERS[sampler][2] is None
+
+
+REFERENCE_LATENT = "ReferenceLatent"  # ComfyParts.references: photos as latents on the conditioning
+# The image inputs of the prompt encoders that take reference photos (ComfyParts.references), in order.
+ENCODER_IMAGES = {"TextEncodeQwenImageEditPlus": ("image1", "image2", "image3"), "TextEncodeQwenImageEdit": ("image",)}
 
 
 @dataclass(frozen=True)
@@ -125,13 +131,15 @@ def build(
     vae: str | None = None,
     photo: Photo | None = None,
     refiner: Refiner | None = None,
+    references: list[str] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """The API-format graph rendering each (prompt, seed) of `images` as image `prefix`_NNNN: loaders -> LoRAs ->
     sampling shift -> KSampler per image (or, where the family's schedule is a sigmas node, SamplerCustomAdvanced;
     shared prompt encodings and latent) -> VAEDecode -> SaveImage. With a `photo` the latent is the photo's
     (img2img at its strength, or keep-face's inpainting with the face composited back); with a `refiner` each image
-    passes through it before it is saved. Node ids are "1", "2", ... in that order; the first node's
-    `_meta.sdlora` says what differs from sdlora's render."""
+    passes through it before it is saved; `references` (generate --reference: file names in ComfyUI's input folder)
+    reach every prompt as the family takes them (ComfyParts.references). Node ids are "1", "2", ... in that order;
+    the first node's `_meta.sdlora` says what differs from sdlora's render."""
     sampler, scheduler, differs = SAMPLERS[settings.sampler]
     nodes: dict[str, dict[str, Any]] = dict(parts.nodes)
     model, clip, decoder, said = parts.model, parts.clip, parts.vae, [*parts.notes, *([differs] if differs else [])]
@@ -151,7 +159,9 @@ def build(
     if parts.sampling is not None:
         nodes["sampling"] = {**parts.sampling, "inputs": {**parts.sampling["inputs"], "model": model}}
         model = ["sampling", 0]
-    nodes["negative"] = node("CLIPTextEncode", text=settings.negative, clip=clip)
+    refs = _reference_nodes(nodes, parts, references or [], decoder)
+    said += list(parts.reference_notes) if refs else []
+    negative = _prompt(nodes, parts, "negative", settings.negative, clip, (refs, decoder))
     if photo is None:
         nodes["latent"] = node(parts.latent, width=settings.width, height=settings.height, batch_size=1)
         latent = ["latent", 0]
@@ -164,13 +174,11 @@ def build(
     for index, (prompt, seed) in enumerate(images):
         if prompt not in encoded:
             key = f"prompt{len(encoded)}"
-            positive = _encode(nodes, parts, key, with_embeddings(prompt, loras), clip)
-            encoded[prompt] = (key, positive, ["negative", 0], latent)
+            positive = _encode(nodes, parts, key, with_embeddings(prompt, loras), clip, (refs, decoder))
+            encoded[prompt] = (key, positive, negative, latent)
             if photo is not None and photo.inpainting_model:  # the mask and masked photo go in with the prompts
                 links = {"vae": decoder, "pixels": ["photo", 0], "mask": ["mask", 0], "noise_mask": False}
-                nodes[f"{key}i"] = node(
-                    "InpaintModelConditioning", positive=positive, negative=["negative", 0], **links
-                )
+                nodes[f"{key}i"] = node("InpaintModelConditioning", positive=positive, negative=negative, **links)
                 encoded[prompt] = (key, [f"{key}i", 0], [f"{key}i", 1], [f"{key}i", 2])
             if refiner is not None:  # the plain prompt: the LoRA and its embeddings are the base's
                 nodes[f"refiner_{key}"] = node("CLIPTextEncode", text=prompt, clip=["refiner", 1])
@@ -208,13 +216,54 @@ def build(
     return numbered(nodes, about)
 
 
-def _encode(nodes: dict[str, Any], parts: ComfyParts, key: str, text: str, clip: list[Any]) -> list[Any]:
+def _encode(nodes: dict[str, Any], parts: ComfyParts, key: str, text: str, clip: list[Any], refs: tuple) -> list[Any]:
     """A positive prompt's encoding (through the family's distilled guidance node where it has one)."""
-    nodes[key] = node("CLIPTextEncode", text=text, clip=clip)
+    encoded = _prompt(nodes, parts, key, text, clip, refs)
     if parts.guidance is None:
-        return [key, 0]
-    nodes[f"{key}g"] = {**parts.guidance, "inputs": {**parts.guidance["inputs"], "conditioning": [key, 0]}}
+        return encoded
+    nodes[f"{key}g"] = {**parts.guidance, "inputs": {**parts.guidance["inputs"], "conditioning": encoded}}
     return [f"{key}g", 0]
+
+
+def _reference_nodes(nodes: dict[str, Any], parts: ComfyParts, names: list[str], vae: list[Any]) -> list[list[Any]]:
+    """Each reference photo loaded from ComfyUI's input folder (scaled as the pipeline scales it): its image, or
+    where the base takes references as latents (ReferenceLatent) its VAE latent. [] without photos."""
+    if names and parts.references is None:
+        raise SdloraError("--reference: this base's ComfyUI nodes take no reference photos")
+    links = []
+    for i, name in enumerate(names, start=1):
+        nodes[f"reference{i}"] = node("LoadImage", image=name)
+        image = [f"reference{i}", 0]
+        if parts.reference_scale is not None:
+            scale = parts.reference_scale
+            nodes[f"reference{i}_scaled"] = {**scale, "inputs": {**scale["inputs"], "image": image}}
+            image = [f"reference{i}_scaled", 0]
+        if parts.references == REFERENCE_LATENT:
+            nodes[f"reference{i}_latent"] = node("VAEEncode", pixels=image, vae=vae)
+            image = [f"reference{i}_latent", 0]
+        links.append(image)
+    return links
+
+
+def _prompt(nodes: dict[str, Any], parts: ComfyParts, key: str, text: str, clip: list[Any], refs: tuple) -> list[Any]:
+    """A prompt's conditioning: CLIPTextEncode, or with reference photos (`refs`: their links and the VAE) the
+    family's encoder that takes them, or CLIPTextEncode followed by one ReferenceLatent per photo; then the
+    family's reference method (Edit-2511's)."""
+    links, vae = refs
+    if links and parts.references != REFERENCE_LATENT:
+        images = dict(zip(ENCODER_IMAGES[str(parts.references)], links, strict=False))
+        nodes[key] = node(str(parts.references), prompt=text, clip=clip, vae=vae, **images)
+    else:
+        nodes[key] = node("CLIPTextEncode", text=text, clip=clip)
+    out = [key, 0]
+    for i, latent in enumerate(links if parts.references == REFERENCE_LATENT else [], start=1):
+        nodes[f"{key}_reference{i}"] = node(REFERENCE_LATENT, conditioning=out, latent=latent)
+        out = [f"{key}_reference{i}", 0]
+    if links and parts.reference_method is not None:
+        method = parts.reference_method
+        nodes[f"{key}_method"] = {**method, "inputs": {**method["inputs"], "conditioning": out}}
+        out = [f"{key}_method", 0]
+    return out
 
 
 def _photo_nodes(nodes: dict[str, Any], photo: Photo, vae: list[Any]) -> tuple[list[Any], list[str]]:

@@ -76,6 +76,11 @@ class TextConditioning(Protocol):
         """The pipeline's own text conditioning of `prompts` (gradients flow; a None encoder of a staged family is
         left out; `max_sequence_length`: T5 tokens)."""
 
+    def encode_with_pictures(self, pipe: Any, encoder: Any, prompts: list[str], pictures: list[Any]) -> Conditioning:
+        """An edit model's conditioning of each prompt with its one input image (PIL), as its pipeline `pipe` (its
+        class and processor; `encoder`: its frozen text encoder) encodes them at inference: edit training's
+        captions with their control images. A UsageError for families without edit_training."""
+
     def text_encoder_targets(self) -> list[str]:
         """LoRA target module names of the text encoders."""
 
@@ -121,6 +126,9 @@ class Files(Protocol):
     """What the family's files say and hold: kohya names and metadata, ComfyUI's diffusers file, single files."""
 
     single_file_pipeline: str  # diffusers pipeline class that reads this family's original-format checkpoints
+    # The family whose tensor names this family's single files use, told apart by model.single_file_config
+    # (Qwen-Image-Edit's transformer file: "qwenimage"); "" for its own.
+    checkpoint_of: str
     kohya_implementation: str  # kohya's `modelspec.implementation`
     comfyui_diffusers_file: bool  # diffusers file written for ComfyUI too (lora.peft.save_diffusers for_comfyui)
     # The adapter kinds (lora.kind) its LoRA files can hold; None: every kind of sdlora.lora.kinds.KINDS.

@@ -32,6 +32,14 @@ class ComfyParts:
     # (RandomNoise, CFGGuider, KSamplerSelect) on its sigmas instead of KSampler's scheduler. None: KSampler.
     sigmas: str | None = None
     notes: tuple[str, ...] = field(default=())  # what differs from sdlora's render, or which file to fetch
+    # generate --reference's photos, where the base takes them: the prompt encoder node that takes them with the VAE
+    # (Qwen-Image-Edit: TextEncodeQwenImageEditPlus, image1..3; the first Edit: TextEncodeQwenImageEdit, image), or
+    # "ReferenceLatent" (each photo VAE-encoded and chained onto both prompts' conditioning: FLUX.1 Kontext,
+    # FLUX.2 [klein]); None where it takes none.
+    references: str | None = None
+    reference_scale: dict[str, Any] | None = None  # a node taking "image": each photo scaled as the pipeline does
+    reference_method: dict[str, Any] | None = None  # a node taking "conditioning", after the photos (Edit-2511's)
+    reference_notes: tuple[str, ...] = field(default=())  # what differs, said where the run has photos
 
 
 def checkpoint_file(base: str, known: dict[str, str]) -> tuple[str, str | None]:

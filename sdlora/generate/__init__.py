@@ -228,6 +228,8 @@ def _generate(
     if source is not None:  # the photo (and mask) the run's ComfyUI workflows load
         repaint = ImageOps.invert(source.face_mask) if source.face_mask is not None else None  # as _runner's
         writer.comfyui_inputs(source.photo, repaint, g.strength if g.init_image else 1.0, bool(inpainting))
+    if photos:  # the reference photos the run's ComfyUI workflows load
+        writer.comfyui_reference_photos(photos)
     total = len(prompts) * g.n
     compared = writer.plan_sheets(total, g.width_height, g.compare)
     tokens = config.model.max_sequence_length

@@ -1,6 +1,7 @@
 """`sdlora generate`'s ComfyUI workflows: one per image (the PNG's `prompt` chunk, which ComfyUI opens when the
 image is dropped on it) and one per run (comfyui.json beside the images, every image of the run); from
---init-image's or --keep-face's photo (written beside the images for ComfyUI's input folder) and through --refiner."""
+--init-image's or --keep-face's photo or with --reference's photos (written beside the images for ComfyUI's input
+folder) and through --refiner."""
 
 from __future__ import annotations
 
@@ -53,12 +54,14 @@ def workflow(
     prefix: str,
     photo: Photo | None = None,
     refiner: Refiner | None = None,
+    references: list[str] | None = None,
 ) -> dict[str, Any]:
     """The graph that renders (prompt, seed) `images` with generate's settings (from --init-image's or
-    --keep-face's `photo`, through the `refiner`)."""
+    --keep-face's `photo`, through the `refiner`, with --reference's photos saved as `references`)."""
     from sdlora.comfyui.workflow import Settings, build
 
     g = config.generate
     width, height = g.width_height
     settings = Settings(g.steps, g.cfg, g.scheduler, width, height, g.negative)
-    return build(parts, loras, settings, images, prefix=prefix, vae=config.model.vae, photo=photo, refiner=refiner)
+    extra = {"photo": photo, "refiner": refiner, "references": references}
+    return build(parts, loras, settings, images, prefix=prefix, vae=config.model.vae, **extra)

@@ -126,6 +126,7 @@ class Writer:
         self.comfyui_loras: list[LoraFile] | None = None
         self.comfyui_photo: Photo | None = None  # --init-image / --keep-face (comfyui_inputs)
         self.comfyui_refiner: Refiner | None = None  # --refiner (generate sets it)
+        self.comfyui_references: list[str] | None = None  # --reference's photos (comfyui_reference_photos)
 
     def start(self) -> None:
         """Called holding the lock: the marker (a folder of an earlier generate keeps its own), no leftovers, with
@@ -166,6 +167,16 @@ class Writer:
             names.append(path.name)
         self.comfyui_photo = Photo(str(names[0]), strength, names[1], inpainting)
 
+    def comfyui_reference_photos(self, photos: list[Image.Image]) -> None:
+        """--reference's photos beside the images (comfyui-reference-N.png), under the names the run's workflows load
+        them by from ComfyUI's input folder."""
+        names = []
+        for number, photo in enumerate(photos, start=1):
+            with self._new(self.path(layout.COMFYUI_REFERENCE.format(number))) as path:
+                pngmeta.save_png(path, photo, replace=False)
+            names.append(path.name)
+        self.comfyui_references = names
+
     def plan_sheets(self, total: int, cell: tuple[int, int], compare: bool) -> int:
         """Size the grid (one row per prompt, n columns) and compare sheet (base | LoRA, one row per image) for
         `total` images of `cell` px; returns how many images the compare sheet shows (their base renders)."""
@@ -203,7 +214,7 @@ class Writer:
             self.comfyui_loras = comfyui.lora_files(self.loras)
         self.comfyui_jobs.extend(job for job in jobs if job not in self.comfyui_jobs)
         images = [(job.prompt, job.seed) for job in jobs]
-        extra = {"photo": self.comfyui_photo, "refiner": self.comfyui_refiner}
+        extra = {"photo": self.comfyui_photo, "refiner": self.comfyui_refiner, "references": self.comfyui_references}
         return comfyui.workflow(self.comfyui, self.config, self.comfyui_loras, images, prefix, **extra)
 
     def sheets(self) -> None:

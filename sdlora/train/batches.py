@@ -175,7 +175,7 @@ class Batches:
                 masks = torch.cat([masks, torch.ones(len(class_slots), *masks.shape[1:])])
         cond = None
         if self.text_cache is not None:
-            rows = torch.tensor([self.text_cache["prompts"][p] for p in prompts])
+            rows = torch.tensor([self.text_cache["prompts"][key] for key in self._text_keys(prompts, slots)])
             cond = select(self.text_cache["cond"], rows.to(device))
         weights = None
         if masks is not None:
@@ -194,6 +194,20 @@ class Batches:
             pixel_weights=weights,
             control=None if self.controls is None else self.controls.latents(slots).float().to(device),
         )
+
+    def _text_keys(self, prompts: list[str], slots: list[tuple[int, int]]) -> list[Any]:
+        """The text cache's key of each prompt: the prompt, or with control images (edit training) the prompt with
+        its example's control image as cut and flipped (sdlora.train.controls)."""
+        if self.controls is None:
+            return prompts
+        from sdlora.train import controls
+
+        images = self.instances
+        keyed = [
+            controls.key(prompt, images.examples[i], images.sizes[i], bool(f))
+            for prompt, (i, f) in zip(prompts, slots, strict=False)
+        ]
+        return keyed + prompts[len(slots) :]  # (class images have no control images: check_controls)
 
     def _draw(self, images: ImageSet, slots: list[tuple[int, int]], generator: torch.Generator, mine: slice):
         """Latents, noise, timesteps and prompts of this rank's slots; the noise is drawn for the global batch."""

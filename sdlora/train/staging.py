@@ -13,6 +13,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from sdlora.train import controls
+
 if TYPE_CHECKING:
     from sdlora.config import Config
     from sdlora.families import Family
@@ -99,13 +101,20 @@ def encode_first(config: Config, plan: Plan, accelerator: Any, torch_dtype: Any)
     None for families that keep their encoders."""
     from types import SimpleNamespace
 
+    from diffusers import DiffusionPipeline
+    from diffusers.configuration_utils import FrozenDict
+
     from sdlora import models
 
     family = models.peek_family(config.model)
     if not frozen_encoders(config, family):
         return None
     tokenizers = [name.replace("text_encoder", "tokenizer") for name in family.text_encoders]
+    edit = controls.wanted(plan.examples, family)
     light = SimpleNamespace(**{name: models.load_component(config.model, name) for name in tokenizers})
+    if edit:  # the Edit pipeline's processor, and model_index.json as its `config` (which pipeline: its template)
+        light.processor = models.load_component(config.model, "processor")
+        light.config = FrozenDict(DiffusionPipeline.load_config(models.components_root(config.model)))
     setattr(light, family.denoiser, SimpleNamespace(config=models.component_config(config.model, family.denoiser)))
     return encode_apart(config, plan, light, family, accelerator, torch_dtype)
 
@@ -141,13 +150,15 @@ def encode_apart(
     batches = render_batches(config, plan)
     tokenizers = families.tokenizers(pipe, family)
     tokens = family.sequence_length(pipe, config.model.max_sequence_length)
-    parts, rows = [], {}
+    parts, rows, edits = [], {}, None
     for name in names:
         encoder = getattr(pipe, name, None) or models.load_text_encoder(config.model, name, torch_dtype)
         release(pipe, [name])  # the pipeline never holds it: the local name is its only reference
         encoder.requires_grad_(False).to(device)
         alone = [encoder if other == name else None for other in family.text_encoders]
         parts.append(build_text_cache(family, tokenizers, alone, prompts, tokens))
+        if controls.wanted(plan.examples, family) and edits is None:  # the captions with control images too
+            edits = controls.build_cache(family, pipe, encoder, plan.examples, config.train)
         with torch.no_grad(), accelerator.autocast():  # as the renders run: under the accelerator's autocast
             for batch in batches:
                 cond = family.encode_prompts(tokenizers, alone, batch, tokens)
@@ -160,4 +171,5 @@ def encode_apart(
         if device.type == "cuda":
             torch.cuda.empty_cache()
     merged = {prompt: {k: v for part in by_name.values() for k, v in part.items()} for prompt, by_name in rows.items()}
-    return Cached(merge_text_caches(parts), merged)
+    captions = merge_text_caches(parts)
+    return Cached(captions if edits is None else controls.join(captions, edits), merged)

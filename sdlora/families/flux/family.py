@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from sdlora.errors import UsageError
-from sdlora.families import Conditioning
+from sdlora.families import Conditioning, pipeline_class
 from sdlora.families.comfyui import ComfyParts, checkpoint_file, loader
 from sdlora.families.flow import cached_rows, denoiser_config, model_class
 from sdlora.families.flux.keys import BFL_MARKER, bfl_module
@@ -79,6 +79,7 @@ class Flux:
     trainable_text_encoders: tuple[str, ...] = ("text_encoder",)  # T5 is never trained
     text_width: int = 4096  # T5-XXL's hidden states
     single_file_pipeline: str = "FluxPipeline"
+    checkpoint_of: str = ""  # its single files have their own names
     supports_refiner: bool = False
     vae_fp32: bool = False
     kohya_implementation: str = "https://github.com/black-forest-labs/flux"
@@ -142,6 +143,9 @@ class Flux:
     def generate_defaults(self, pipe: Any) -> dict[str, Any]:
         return dict(GENERATE_DEFAULTS[self.variant(pipe)])
 
+    def encode_with_pictures(self, pipe: Any, encoder: Any, prompts: list[str], pictures: list[Any]) -> Conditioning:
+        raise UsageError(f"{self.label} bases take no control images (edit_training)")
+
     def encode_prompts(
         self,
         tokenizers: Sequence[Any],
@@ -176,6 +180,7 @@ class Flux:
         else:  # ComfyUI's schnell default shifts by e; the pipeline's scheduler by its static `shift` (1: none)
             sampling = loader("ModelSamplingAuraFlow", shift=float(config.get("shift", 1.0)))
         dev = self.variant(pipe) == "dev"
+        kontext = pipeline_class(pipe) in dict(self.reference_pipelines)
         return ComfyParts(
             nodes={
                 "unet": loader("UNETLoader", unet_name=name, weight_dtype="default"),
@@ -194,6 +199,9 @@ class Flux:
             notes=((note,) if note else ())
             + (FILES_NOTE, "the negative prompt is unused: no true CFG, as in diffusers")
             + ((T5_NOTE,) if dev else ()),
+            references="ReferenceLatent" if kontext else None,
+            # FLUX.1 Kontext's photo: scaled to the preferred size nearest its aspect, as diffusers' _auto_resize
+            reference_scale=loader("FluxKontextImageScale") if kontext else None,
         )
 
     def render_from_cache(self, pipe: Any, rows: dict[str, Conditioning]) -> None:

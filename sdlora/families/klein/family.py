@@ -99,6 +99,12 @@ def text_ids(prompt_embeds: Any) -> Any:
     return ids.unsqueeze(0).expand(b, -1, -1).to(prompt_embeds.device)
 
 
+REFERENCE_NOTE = (
+    "reference photos: diffusers scales one over 1 megapixel down to 1 megapixel and cuts its sides to multiples "
+    "of 16 before encoding it; ComfyUI's VAEEncode takes it as saved (comfyui-reference-N.png)"
+)
+
+
 @dataclass(frozen=True)
 class Klein:
     name: str = "klein"
@@ -110,6 +116,7 @@ class Klein:
     trainable_text_encoders: tuple[str, ...] = ()
     text_width: int = 7680  # klein-4B: three Qwen3-4B layers of 2560 (klein-9B: 12288)
     single_file_pipeline: str = "Flux2KleinPipeline"
+    checkpoint_of: str = ""  # its single files have their own names
     supports_refiner: bool = False
     vae_fp32: bool = False
     kohya_implementation: str = "https://github.com/black-forest-labs/flux2"
@@ -194,6 +201,9 @@ class Klein:
         own = {"generate.scheduler": "flow_euler", "train.timestep_shift": UNSHIFTED}
         return {**GENERATE_DEFAULTS[kind], **own}
 
+    def encode_with_pictures(self, pipe: Any, encoder: Any, prompts: list[str], pictures: list[Any]) -> Conditioning:
+        raise UsageError(f"{self.label} bases take no control images (edit_training)")
+
     def encode_prompts(
         self,
         tokenizers: Sequence[Any],
@@ -255,6 +265,8 @@ class Klein:
             cfg=1.0 if self.is_distilled(pipe) else true_cfg(cfg),
             sigmas="Flux2Scheduler",
             notes=((note,) if note else ()) + (f"{text}: the Qwen3 text encoder of this klein size",),
+            references="ReferenceLatent",  # each photo's latent on both prompts, as the pipeline's image tokens
+            reference_notes=(REFERENCE_NOTE,),
         )
 
     def render_from_cache(self, pipe: Any, rows: dict[str, Conditioning]) -> None:

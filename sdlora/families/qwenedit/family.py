@@ -4,9 +4,11 @@ and as VAE latent tokens appended after the target's tokens at about 1024x1024; 
 target's tokens alone. Edit-2511 sets the transformer's `zero_cond_t` (reference tokens modulated at t = 0).
 
 Everything else is Qwen-Image's (sdlora.families.qwenimage): this family is that dataclass with its own names,
-template and detection, and the two things an edit model adds: control tokens in `predict` and a text-to-image
-pipeline for renders without references (the Edit pipelines need an image). Subclassed rather than copied, as
-SD 1.x/2.x and SDXL share UNetFamily."""
+template and detection, and what an edit model adds: a prompt encoded with its picture (`encode_with_pictures`,
+edit training's control images), control tokens in `predict`, a text-to-image pipeline for renders without
+references (the Edit pipelines need an image), single files that hold the transformer under Qwen-Image's names
+(`load_single_file`, with an Edit folder's configs) and ComfyUI's reference nodes. Subclassed rather than copied,
+as SD 1.x/2.x and SDXL share UNetFamily."""
 
 from __future__ import annotations
 
@@ -15,8 +17,16 @@ from typing import Any
 
 from sdlora.errors import UsageError
 from sdlora.families import Conditioning, pipeline_class
+from sdlora.families.comfyui import loader
 from sdlora.families.flow import denoiser_config
-from sdlora.families.qwenimage.family import CachedPrompts, QwenImage, pack, unpack
+from sdlora.families.qwenimage.family import (
+    CachedPrompts,
+    QwenImage,
+    pack,
+    packed,
+    single_file_transformer,
+    unpack,
+)
 
 # QwenImageEditPlusPipeline's template and its 64 tokens before the user turn. Without pictures it is the prompt a
 # text-to-image render and a training run without control images use (for the first Edit too, whose own template
@@ -28,11 +38,24 @@ TEMPLATE = (
     "<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
 )
 PICTURE = "Picture {}: <|vision_start|><|image_pad|><|vision_end|>"  # Edit-Plus: one per image, before the prompt
+# QwenImageEditPipeline's (the first Edit): its one picture is in the template, without "Picture 1: ".
+FIRST_EDIT_TEMPLATE = TEMPLATE.replace("user\n{}", "user\n<|vision_start|><|image_pad|><|vision_end|>{}")
 DROP = 64
 # The Edit pipelines and how many reference images each takes (Edit-Plus: "1-3 images are recommended").
 REFERENCES = (("QwenImageEditPlusPipeline", 3), ("QwenImageEditPipeline", 1))
 TEXT_RUNNER = "QwenImageEditTextPipeline"  # text_to_image's QwenImagePipeline on an Edit model's weights
 LAYERED = ("use_layer3d_rope", "use_additional_t_cond")  # Qwen-Image-Layered: its own RoPE and timestep input
+COMFYUI_TEXT_NOTE = (
+    "without reference photos ComfyUI's CLIPTextEncode encodes with Qwen-Image's prompt template, sdlora with the "
+    "Edit model's (TextEncodeQwenImageEditPlus without images uses it)"
+)
+COMFYUI_PLUS_NOTE = (
+    "reference photos: ComfyUI scales them by area to ~384^2 px for the prompt and ~1024^2 px (sides multiples of "
+    "8) for the latents, diffusers with Lanczos to sides multiples of 32"
+)
+ZERO_COND_KEY = "__index_timestep_zero__"  # in a 2511 transformer file: ComfyUI's sign of zero_cond_t
+METHOD_NODE = "FluxKontextMultiReferenceLatentMethod"  # ComfyUI's choice of how reference tokens are conditioned
+COMFYUI_EDIT_NOTE = "reference photo: ComfyUI scales it by area to ~1024^2 px, diffusers with Lanczos"
 
 
 @dataclass(frozen=True)
@@ -40,10 +63,11 @@ class QwenImageEdit(QwenImage):
     name: str = "qwenedit"
     label: str = "Qwen-Image-Edit"
     single_file_pipeline: str = "QwenImageEditPlusPipeline"
+    checkpoint_of: str = "qwenimage"  # Comfy-Org's Edit transformer file: Qwen-Image's names (load_single_file)
     kohya_versions: tuple[str, ...] = ("qwen_image_edit", "qwen-image-edit")
     modelspec_prefix: str = "Qwen-Image-Edit"  # musubi-tuner's ARCH_QWEN_IMAGE_EDIT
     reference_pipelines: tuple[tuple[str, int], ...] = REFERENCES
-    edit_training: bool = True  # control images' latent tokens after the target's (predict)
+    edit_training: bool = True  # control images in the prompt (encode_with_pictures), their tokens in predict
     template: str = TEMPLATE
     drop: int = DROP
 
@@ -71,6 +95,31 @@ class QwenImageEdit(QwenImage):
 
     def modelspec_architecture(self, prediction_type: str, variant: str = "") -> str:
         return "Qwen-Image-Edit/lora"
+
+    def encode_with_pictures(self, pipe: Any, encoder: Any, prompts: list[str], pictures: list[Any]) -> Conditioning:
+        """As the Edit pipeline `pipe` (its class and processor; `encoder`: its Qwen2.5-VL) encodes each prompt with
+        its one input image (PIL, as given to the pipeline, scaled here as its __call__ scales it for the prompt:
+        vl_picture): Edit-Plus puts "Picture 1: " and the image before the prompt, the first Edit its template's one
+        picture; the last hidden layer, the template's 64 tokens dropped. "prompt_embeds" (B, L, D) and
+        "prompt_mask" (B, L), rows zero-padded to the longest and not cut (the pipeline cuts none)."""
+        plus = pipeline_class(pipe) != "QwenImageEditPipeline"
+        if plus:
+            texts = [self.template.format(PICTURE.format(1) + prompt) for prompt in prompts]
+        else:
+            texts = [FIRST_EDIT_TEMPLATE.format(prompt) for prompt in prompts]
+        images = [vl_picture(picture, plus) for picture in pictures]
+        device = next(encoder.parameters()).device
+        inputs = pipe.processor(text=texts, images=images, padding=True, return_tensors="pt").to(device)
+        hidden = encoder(
+            input_ids=inputs["input_ids"],
+            attention_mask=inputs["attention_mask"],
+            pixel_values=inputs["pixel_values"],
+            image_grid_thw=inputs["image_grid_thw"],
+            output_hidden_states=True,
+        )
+        masks = inputs["attention_mask"]
+        rows = [row[keep.bool()][self.drop :] for row, keep in zip(hidden.hidden_states[-1], masks, strict=True)]
+        return packed(rows, max(len(row) for row in rows), encoder.dtype)
 
     def predict(
         self,
@@ -125,11 +174,31 @@ class QwenImageEdit(QwenImage):
         return runner
 
     def comfyui_parts(self, pipe: Any, base: str, width: int, height: int, cfg: float) -> Any:
-        """Qwen-Image's nodes (the same loaders) for the text-to-image render; its notes say the references are not
-        in the workflow."""
+        """Qwen-Image's nodes (the same loaders); reference photos through the Edit prompt encoder with the VAE
+        (TextEncodeQwenImageEditPlus, or the first Edit's TextEncodeQwenImageEdit), on 2511 with its reference
+        method (zero_cond_t: the photos' tokens at t = 0, ComfyUI's index_timestep_zero)."""
         parts = super().comfyui_parts(pipe, base, width, height, cfg)
-        note = "Qwen-Image-Edit's reference images are not in this workflow (TextEncodeQwenImageEditPlus takes them)"
-        return replace(parts, notes=(*parts.notes, note))
+        plus = pipeline_class(pipe) != "QwenImageEditPipeline"
+        method = "index_timestep_zero" if self.variant(pipe) == "2511" else None
+        return replace(
+            parts,
+            notes=(*parts.notes, COMFYUI_TEXT_NOTE),
+            references="TextEncodeQwenImageEditPlus" if plus else "TextEncodeQwenImageEdit",
+            reference_method=loader(METHOD_NODE, reference_latents_method=method) if method else None,
+            reference_notes=(COMFYUI_PLUS_NOTE if plus else COMFYUI_EDIT_NOTE,),
+        )
+
+    def save_single_file(self, pipe: Any, path: Any) -> None:
+        """The transformer alone under Qwen-Image's names, as Comfy-Org ships the Edit transformer; 2511's with the
+        empty `__index_timestep_zero__` tensor by which ComfyUI tells it (comfy/model_detection.py; diffusers'
+        loader ignores it)."""
+        import torch
+        from safetensors.torch import save_file
+
+        state = {k: v.contiguous() for k, v in pipe.transformer.state_dict().items()}
+        if self.variant(pipe) == "2511":
+            state[ZERO_COND_KEY] = torch.tensor([])
+        save_file(state, str(path))
 
     def tiny_pipeline(self, seed: int) -> Any:
         from sdlora.families.qwenedit.tiny import tiny_qwenedit_pipeline
@@ -137,7 +206,36 @@ class QwenImageEdit(QwenImage):
         return tiny_qwenedit_pipeline(seed=seed)
 
     def load_single_file(self, path: Any, config: str | None, kwargs: dict[str, Any]) -> Any:
-        raise UsageError(f"{path}: give Qwen-Image-Edit as a diffusers folder or hub id (Qwen/Qwen-Image-Edit-2511)")
+        """Comfy-Org's Edit transformer file (ComfyUI's diffusion_models, Qwen-Image's names) with the rest of the
+        Edit pipeline `config` (its processor, and its transformer config: 2511's zero_cond_t)."""
+        from diffusers import DiffusionPipeline
+
+        from sdlora.families.qwenedit.processor import load_kwargs
+
+        if config is None:
+            raise UsageError(
+                f"{path}: a Qwen-Image-Edit single file holds the transformer only; name a diffusers Edit folder or "
+                "hub id for the rest and the configs: --set model.single_file_config=Qwen/Qwen-Image-Edit-2511"
+            )
+        transformer, kwargs = single_file_transformer(path, config, kwargs)
+        stand_ins = {name: part for name, part in load_kwargs(config).items() if name not in kwargs}
+        return DiffusionPipeline.from_pretrained(config, transformer=transformer, **stand_ins, **kwargs)
+
+
+def vl_picture(picture: Any, plus: bool) -> Any:
+    """An input image as the Edit pipeline's __call__ scales it for the VL prompt: Edit-Plus to about
+    CONDITION_IMAGE_SIZE (384^2) px, the first Edit to about 1024^2 px, the aspect ratio kept, sides multiples of
+    32 (read from diffusers' modules at each call)."""
+    from diffusers.image_processor import VaeImageProcessor
+    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit as edit
+    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as edit_plus
+
+    ratio = picture.width / picture.height
+    if plus:
+        width, height = edit_plus.calculate_dimensions(edit_plus.CONDITION_IMAGE_SIZE, ratio)
+    else:
+        width, height, _ = edit.calculate_dimensions(1024 * 1024, ratio)
+    return VaeImageProcessor().resize(picture, height, width)
 
 
 def torch_cat(parts: list[Any]) -> Any:

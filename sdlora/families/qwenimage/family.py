@@ -75,6 +75,19 @@ def channel_stats(vae: Any, like: Any) -> tuple[Any, Any]:
     return mean, inv_std
 
 
+def packed(rows: list[Any], length: int, dtype: Any) -> Conditioning:
+    """Rows of hidden states ((n_i, D) each, the template's tokens dropped) cut to `length` and left-packed into
+    "prompt_embeds" (B, length, D) in `dtype`, zero-padded, with "prompt_mask" (B, length) int64, 1 on real tokens."""
+    import torch
+
+    embeds = rows[0].new_zeros(len(rows), length, rows[0].shape[-1])
+    masks = torch.zeros(len(rows), length, dtype=torch.long, device=rows[0].device)
+    for i, row in enumerate(rows):
+        row = row[:length]
+        embeds[i, : len(row)], masks[i, : len(row)] = row, 1
+    return {"prompt_embeds": embeds.to(dtype), "prompt_mask": masks}
+
+
 # The single files Comfy-Org publishes (ComfyUI's models/diffusion_models, text_encoders, vae).
 COMFYUI_CHECKPOINTS = {
     "Qwen/Qwen-Image": "qwen_image_bf16.safetensors",
@@ -99,6 +112,7 @@ class QwenImage:
     trainable_text_encoders: tuple[str, ...] = ()
     text_width: int = 3584  # Qwen2.5-VL-7B's hidden states
     single_file_pipeline: str = "QwenImagePipeline"
+    checkpoint_of: str = ""  # its single files have their own names
     supports_refiner: bool = False
     vae_fp32: bool = False
     kohya_implementation: str = "https://github.com/QwenLM/Qwen-Image"
@@ -166,6 +180,9 @@ class QwenImage:
         """50 steps, true CFG 4 (against generate.negative, "" by default); training sigmas unshifted (UNSHIFTED)."""
         return {**GENERATE_DEFAULTS, "train.timestep_shift": UNSHIFTED}
 
+    def encode_with_pictures(self, pipe: Any, encoder: Any, prompts: list[str], pictures: list[Any]) -> Conditioning:
+        raise UsageError(f"{self.label} bases take no control images (edit_training)")
+
     def encode_prompts(
         self,
         tokenizers: Sequence[Any],
@@ -178,8 +195,6 @@ class QwenImage:
         and zero-padded): "prompt_embeds" (B, L, D) and "prompt_mask" (B, L) int64, 1 on real tokens. With
         `max_sequence_length` both are cut or zero-padded to exactly that length, so that rows of different batches
         cache and concatenate (predict trims the padding again). {} when the encoder is given as None."""
-        import torch
-
         tokenizer, encoder = tokenizers[0], encoders[0]
         if encoder is None:
             return {}
@@ -191,12 +206,7 @@ class QwenImage:
         states = hidden.hidden_states[-1]
         rows = [row[keep.bool()][self.drop :] for row, keep in zip(states, mask, strict=True)]
         length = max_sequence_length or min(max(len(row) for row in rows), TOKENIZER_MAX)
-        embeds = states.new_zeros(len(rows), length, states.shape[-1])
-        masks = torch.zeros(len(rows), length, dtype=torch.long, device=device)
-        for i, row in enumerate(rows):
-            row = row[:length]
-            embeds[i, : len(row)], masks[i, : len(row)] = row, 1
-        return {"prompt_embeds": embeds.to(encoder.dtype), "prompt_mask": masks}
+        return packed(rows, length, encoder.dtype)
 
     def comfyui_parts(self, pipe: Any, base: str, width: int, height: int, cfg: float) -> ComfyParts:
         """UNETLoader + CLIPLoader (Qwen2.5-VL, ComfyUI's type "qwen_image") + VAELoader, and the pipeline's
@@ -323,26 +333,15 @@ class QwenImage:
     def load_single_file(self, path: Any, config: str | None, kwargs: dict[str, Any]) -> Any:
         """A transformer-only file (`qwen_image_bf16.safetensors`, diffusers' names, bare or under ComfyUI's
         `model.diffusion_model.`) with the rest of `config`'s pipeline."""
-        from diffusers import QwenImagePipeline, QwenImageTransformer2DModel
+        from diffusers import QwenImagePipeline
 
         if config is None:
             raise UsageError(
                 f"{path}: a Qwen-Image single file holds the transformer only; name a diffusers Qwen-Image folder or "
-                "hub id for the rest and the configs: --set model.single_file_config=Qwen/Qwen-Image"
+                "hub id for the rest and the configs: --set model.single_file_config=Qwen/Qwen-Image (an Edit "
+                "model's file: --set model.single_file_config=Qwen/Qwen-Image-Edit-2511)"
             )
-        kwargs = dict(kwargs)
-        options = {k: kwargs[k] for k in ("torch_dtype",) if kwargs.get(k) is not None}
-        if kwargs.get("quantization_config") is not None:  # the pipeline's: the transformer's own part
-            from diffusers import BitsAndBytesConfig
-
-            options["quantization_config"] = BitsAndBytesConfig(**kwargs.pop("quantization_config").quant_kwargs)
-        try:
-            transformer = QwenImageTransformer2DModel.from_single_file(
-                keys.transformer_state(path), config=config, subfolder="transformer", **options
-            )
-        except (KeyError, ValueError, RuntimeError) as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
-            raise SdloraError(f"{path}: not the Qwen-Image transformer of {config} ({first})") from None
+        transformer, kwargs = single_file_transformer(path, config, kwargs)
         return QwenImagePipeline.from_pretrained(config, transformer=transformer, **kwargs)
 
     def save_single_file(self, pipe: Any, path: Any) -> None:
@@ -365,6 +364,28 @@ class QwenImage:
         from sdlora.families.qwenimage.tiny import tiny_qwenimage_pipeline
 
         return tiny_qwenimage_pipeline(seed=seed)
+
+
+def single_file_transformer(path: Any, config: str, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """The transformer of a transformer-only file with `config`'s transformer config (Edit-2511's zero_cond_t
+    too), and the pipeline's from_pretrained arguments left for the rest (a quantization config is the
+    transformer's)."""
+    from diffusers import QwenImageTransformer2DModel
+
+    kwargs = dict(kwargs)
+    options = {k: kwargs[k] for k in ("torch_dtype",) if kwargs.get(k) is not None}
+    if kwargs.get("quantization_config") is not None:  # the pipeline's: the transformer's own part
+        from diffusers import BitsAndBytesConfig
+
+        options["quantization_config"] = BitsAndBytesConfig(**kwargs.pop("quantization_config").quant_kwargs)
+    try:
+        transformer = QwenImageTransformer2DModel.from_single_file(
+            keys.transformer_state(path), config=config, subfolder="transformer", **options
+        )
+    except (KeyError, ValueError, RuntimeError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
+        raise SdloraError(f"{path}: not the Qwen-Image transformer of {config} ({first})") from None
+    return transformer, kwargs
 
 
 @dataclass(frozen=True)

@@ -78,6 +78,7 @@ class UNetFamily:
     samplers: tuple[str, ...] = UNET_SAMPLERS
     guidance_label: str | None = None
     size_multiple: int = 8
+    checkpoint_of: str = ""  # its single files have their own names
     stage_frozen: bool = False
     comfyui_diffusers_file: bool = False  # ComfyUI reads no diffusers-format SD keys at all
     photo_pipeline: str | None = None  # diffusers' AutoPipelineForImage2Image/ForInpainting pick them
@@ -153,6 +154,9 @@ class UNetFamily:
 
     def ui_lora_state(self, denoiser: Any, text_encoders: Sequence[Any], adapter: str, dtype: Any) -> dict | None:
         return None  # kohya's names: what A1111, Forge and ComfyUI read
+
+    def encode_with_pictures(self, pipe: Any, encoder: Any, prompts: list[str], pictures: list[Any]) -> Conditioning:
+        raise UsageError(f"{self.label} bases take no control images (edit_training)")
 
 
 def one_prefix_each(prefixes: list[str], family: str) -> list[str]:

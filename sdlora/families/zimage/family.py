@@ -47,6 +47,7 @@ class ZImage:
     trainable_text_encoders: tuple[str, ...] = ()
     text_width: int = 2560  # Qwen3-4B's hidden states
     single_file_pipeline: str = "ZImagePipeline"
+    checkpoint_of: str = ""  # its single files have their own names
     supports_refiner: bool = False
     vae_fp32: bool = False
     kohya_implementation: str = "https://github.com/Tongyi-MAI/Z-Image"
@@ -114,6 +115,9 @@ class ZImage:
         shift = float(pipe.scheduler.config.get("shift", 6.0))
         own = {"generate.scheduler": "flow_euler", "train.timestep_shift": shift}
         return {**GENERATE_DEFAULTS[self.variant(pipe)], **own}
+
+    def encode_with_pictures(self, pipe: Any, encoder: Any, prompts: list[str], pictures: list[Any]) -> Conditioning:
+        raise UsageError(f"{self.label} bases take no control images (edit_training)")
 
     def encode_prompts(
         self,
