@@ -11,7 +11,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic_core import PydanticSerializationError
 
 from sdlora.errors import UsageError, printable
-from sdlora.evaluation import edits
+from sdlora.evaluation.edits import JUDGED_BY, EditSummary
+from sdlora.evaluation.edits import READING as EDIT_READING
 from sdlora.evaluation.metrics import READINGS, ImageScore, Summary, reading
 from sdlora.fsutil import atomic_dir, atomic_write_text, read_marker
 
@@ -33,7 +34,7 @@ class EvalResult(BaseModel):
     lora: str | None = None
     trigger: str | None = None
     summary: Summary
-    edits: edits.EditSummary | None = Field(
+    edits: EditSummary | None = Field(
         None, exclude_if=lambda value: value is None, description="Editability; absent where it was not judged."
     )
     images: list[ImageScore]
@@ -99,11 +100,11 @@ def summary_rows(result: EvalResult) -> list[tuple[str, str, str, str]]:
     rows = [(key, _value(result, key), *reading(key, result.threshold)) for key in SUMMARY_ROWS]
     found = result.edits
     if found is not None:
-        meaning, good = edits.READING
+        meaning, good = EDIT_READING
         each = ", ".join(f"{phrase} {share:.2f}" for phrase, share in found.by_edit.items())
         value = f"{found.editability:.3f} ({found.edited}/{found.images}; {each})"
         at = SUMMARY_ROWS.index("bleed") + 1
-        rows.insert(at, ("editability", value, meaning.format(judge=edits.JUDGED_BY[found.judge]), good))
+        rows.insert(at, ("editability", value, meaning.format(judge=JUDGED_BY[found.judge]), good))
     return rows
 
 
