@@ -99,13 +99,13 @@ def _prepare(evaluation: TrainEval, plan: Any, asked: bool) -> str | None:
     from sdlora.train import checkpoint
 
     evaluation.backend = face_backend(evaluation.config.eval.face_model)
-    evaluation.scorer = _edit_scorer(evaluation)
     try:
         evaluation.reference = reference_set(plan.dataset_dir, evaluation.backend)
     except SdloraError as exc:
         if asked:
             raise SdloraError(f"--eval-every: {exc}; pass --eval-every 0 to train without it") from None
         return f"identity evaluation off: {exc}"
+    evaluation.scorer = _edit_scorer(evaluation)
     resumed = checkpoint.read_step(plan.resume_from) if plan.resume_from is not None else 0
     # Rows of steps after the resumed checkpoint are redone (the monitor drops them from metrics.jsonl too).
     evaluation.rows = [row for row in read_eval_rows(plan.out_dir) if row["step"] <= resumed]
@@ -123,7 +123,11 @@ def _edit_scorer(evaluation: TrainEval) -> Any:
         return None
     from sdlora.evaluation.clip import ClipScorer
 
-    return ClipScorer(clip)
+    try:
+        return ClipScorer(clip)
+    except SdloraError as exc:  # identity is still scored; only editability goes
+        print(f"note: editability off during training: {exc}")
+        return None
 
 
 def _share(accelerator: Any, outcome: Any) -> Any:
