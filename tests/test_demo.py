@@ -143,6 +143,8 @@ def test_demo_runs_every_stage(tmp_path):
     # per image, so the group prompts find no other face and bleed is never measured (issue 32's empty panel).
     measured = [key for key, _ in PLOTTED if any(row.get(key) is not None for row in rows)]
     assert "bleed" not in measured and Image.open(lora / "identity.png").size[1] == 220 * len(measured)
+    # Editability (issue 32): the toy decoder judges the edit prompts, so it is measured and has its panel.
+    assert "editability" in measured and all(0.0 <= row["editability"] <= 1.0 for row in rows)
     best = json.loads((lora / "best" / "best.json").read_text())
     assert best["step"] in (14, 28, 40) and (lora / "best" / "pytorch_lora_weights.safetensors").is_file()
     (workflow,) = (lora / "best").glob("*.comfyui.json")  # best/'s own ComfyUI workflow, with pivotal tokens

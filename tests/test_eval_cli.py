@@ -172,6 +172,17 @@ def test_score_checkpoint_for_training(dataset, tiny_sd1):
     assert 0.0 <= metrics["diversity"] <= 1.0
     again = score_checkpoint(pipe, reference, backend, ["a photo of zwx person"] * 2, [0, 1], sampling)
     assert again == metrics  # fixed prompts and seeds: comparable across steps
+    assert "editability" not in metrics  # dlib without CLIP cannot judge an edit: no number at all
+
+    class Clip:  # sees glasses everywhere
+        def score(self, pictures, texts):
+            return [0.3 if "glasses" in text else 0.2 for text in texts]
+
+    prompts = ["a photo of zwx person", "a photo of zwx person with glasses"]
+    texts = ["a photo of a person", "a photo of a person with glasses"]
+    edited = score_checkpoint(pipe, reference, backend, prompts, [0, 1], sampling, scorer=Clip(), clip_texts=texts)
+    # CLIP prefers the glasses, but the tiny model draws no face: not the person, so not edited.
+    assert edited["editability"] == 0.0 and edited["images"] == 1  # identity leaves the edit image out
 
 
 @pytest.mark.parametrize(

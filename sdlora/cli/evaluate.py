@@ -43,14 +43,19 @@ def eval_command(
         ),
     ] = None,
     clip: Annotated[
-        str | None, typer.Option("--clip", help="CLIP model (hub id or folder) for prompt fidelity; off if unset.")
+        str | None,
+        typer.Option(
+            "--clip",
+            help="CLIP model (hub id or folder) for prompt fidelity, and to judge the edit prompts with real faces "
+            "(editability); off if unset.",
+        ),
     ] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write every number to this JSON file.")] = None,
     report: Annotated[Path | None, typer.Option("--report", help="Write an HTML report into this folder.")] = None,
     config_file: ConfigOpt = None,
     sets: SetOpt = None,
 ) -> None:
-    """Measure whether the person was learned: face rate, identity, diversity, bleed and prompt fidelity."""
+    """Measure whether the person was learned: face rate, identity, diversity, bleed, editability, prompt fidelity."""
     from sdlora.evaluation.run import evaluate
 
     options = settings_of(locals(), EVAL_OPTIONS)

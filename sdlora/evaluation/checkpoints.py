@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sdlora.evaluation import edits
 from sdlora.evaluation.metrics import Reference, score_images
 from sdlora.faces.backends import FaceBackend
 from sdlora.fsutil import atomic_path
@@ -19,6 +20,7 @@ PLOTTED = (
     ("recognised_rate", "recognised rate"),
     ("diversity", "diversity (pHash spread)"),
     ("bleed", "bleed"),
+    ("editability", "editability (one change asked)"),  # only where measured (evaluation/edits.py)
 )
 
 
@@ -31,8 +33,12 @@ def score_checkpoint(
     sampling: Sampling,
     *,
     threshold: float | None = None,
+    scorer: Any = None,
+    clip_texts: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """Render the fixed validation set with `pipe` (LoRA already loaded) and return the summary metrics.
+    """Render the fixed validation set with `pipe` (LoRA already loaded) and return the summary metrics, with
+    "editability" where the edit prompts among `prompts` were judged (by the face model, or by `scorer`, a
+    clip.ClipScorer reading `clip_texts`).
 
     `reference` comes from `build_reference` once per run; fixed prompts and seeds make steps comparable.
     """
@@ -40,14 +46,28 @@ def score_checkpoint(
 
     images = render_images(pipe, list(prompts), list(seeds), sampling)
     names = [f"{i:03d}.png" for i in range(len(images))]
-    _, summary = score_images(
-        images, names, reference, backend, threshold or backend.threshold, prompts=list(prompts), seeds=list(seeds)
+    preferences = None
+    if scorer is not None and clip_texts is not None:
+        from sdlora.evaluation.clip import edit_preferences
+
+        preferences = edit_preferences(scorer, images, list(clip_texts), list(prompts))
+    scores, summary = score_images(
+        images,
+        names,
+        reference,
+        backend,
+        threshold or backend.threshold,
+        prompts=list(prompts),
+        seeds=list(seeds),
+        preferences=preferences,
     )
-    return summary.model_dump()
+    found = edits.summarise(scores, edits.judge_of(backend, scorer is not None))
+    return summary.model_dump() | ({"editability": found.editability} if found is not None else {})
 
 
 def plot_identity(rows: Sequence[dict[str, Any]], path: Path) -> Path:
-    """Draw identity, recognised_rate, diversity and bleed against `step` (metrics.jsonl rows) to `path`."""
+    """Draw identity, recognised_rate, diversity, bleed and editability against `step` (metrics.jsonl rows) to
+    `path`: a panel for each metric measured at some step."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display: render to a file only

@@ -1,4 +1,5 @@
-"""Prompt fidelity: CLIP cosine similarity between each image and its prompt (transformers' CLIPModel)."""
+"""Prompt fidelity: CLIP cosine similarity between each image and its prompt (transformers' CLIPModel), and whether
+CLIP sees an edit prompt's change (it prefers the prompt to the same prompt without the change)."""
 
 from __future__ import annotations
 
@@ -38,3 +39,30 @@ class ClipScorer:
             text_emb = torch.nn.functional.normalize(out.text_embeds, dim=-1)
             scores += (image_emb * text_emb).sum(-1).tolist()
         return scores
+
+
+def edit_preferences(
+    scorer: ClipScorer,
+    images: Sequence[Any],
+    texts: Sequence[str | None],
+    prompts: Sequence[str | None],
+    similarities: Sequence[float | None] | None = None,
+) -> list[bool | None]:
+    """For each image whose prompt asks one change (edits.find): whether CLIP matches it better to its text than
+    to the same text without the change; None for the others. `similarities`: image-text scores already made."""
+    from sdlora.evaluation import edits
+
+    known = similarities or [None] * len(images)
+    asked = [(i, edits.find(prompts[i])) for i in range(len(images))]
+    asked = [(i, edit) for i, edit in asked if edit is not None and texts[i]]
+    preferences: list[bool | None] = [None] * len(images)
+    if not asked:
+        return preferences
+    pictures = [images[i] for i, _ in asked]
+    missing = [i for i, _ in asked if known[i] is None]
+    scored = scorer.score([images[i] for i in missing], [str(texts[i]) for i in missing]) if missing else []
+    fresh = dict(zip(missing, scored, strict=True))
+    plain = scorer.score(pictures, [edits.without(str(texts[i]), edit) for i, edit in asked])
+    for (i, _), without in zip(asked, plain, strict=True):
+        preferences[i] = bool((known[i] if known[i] is not None else fresh[i]) > without)
+    return preferences

@@ -15,6 +15,9 @@ Definitions (all distances in the face model's own units; `threshold` is its sam
   to one composition gives images that hash alike, whatever the prompt. Face embeddings are built to ignore
   pose, light and background, so their spread (face_spread, also reported) cannot see that collapse alone;
 - memorised_rate: share of images within `copy_distance` pHash bits of a reference photo.
+Images whose prompt asks one change ("with glasses": edits.py) are judged for it (ImageScore.edited) and left out
+of these numbers (to the toy decoder, the person with the asked glasses is another person); their editability is
+edits.summarise's.
 """
 
 from __future__ import annotations
@@ -27,11 +30,16 @@ from dataclasses import dataclass, field
 import numpy
 from pydantic import BaseModel, ConfigDict, Field
 
+from sdlora.evaluation import edits
 from sdlora.faces.backends import FaceBackend, FoundFace
 
 HASH_BITS = 64
 # pHash distance at or under which an image is a copy of a reference photo: prep's duplicate default (6 bits).
 COPY_DISTANCE = 6 / HASH_BITS
+
+
+def _absent(value: object) -> bool:
+    return value is None
 
 
 class ImageScore(BaseModel):
@@ -51,6 +59,11 @@ class ImageScore(BaseModel):
     other_matches: int = Field(0, description="Other faces that match the subject (bleed).")
     reference_hash_distance: float | None = Field(None, description="pHash distance to the closest reference photo.")
     prompt_fidelity: float | None = Field(None, description="CLIP cosine similarity of image and prompt.")
+    # Only on images whose prompt asks one change (edits.py); absent from the JSON elsewhere.
+    edit: str | None = Field(None, exclude_if=_absent, description="The change the prompt asks for (its phrase).")
+    edited: bool | None = Field(
+        None, exclude_if=_absent, description="Shows the change and is still the person; absent: not judged."
+    )
 
 
 class Summary(BaseModel):
@@ -157,13 +170,19 @@ def score_images(
     prompts: Sequence[str | None] | None = None,
     seeds: Sequence[int | None] | None = None,
     fidelity: Sequence[float | None] | None = None,
+    preferences: Sequence[bool | None] | None = None,
     progress=None,
 ) -> tuple[list[ImageScore], Summary]:
-    """Score each PIL image against the reference set, then summarise. `progress(i)` after each image."""
+    """Score each PIL image against the reference set, then summarise. `progress(i)` after each image.
+
+    Images whose prompt asks one change (edits.find) are judged for it (`preferences[i]`: CLIP prefers the prompt
+    with the change) and left out of the summary, unless every image is one (edits.py says why)."""
     count = len(images)
     prompts = prompts or [None] * count
     seeds = seeds or [None] * count
     fidelity = fidelity or [None] * count
+    preferences = preferences or [None] * count
+    subject = edits.subject_of(reference.embeddings)
     scores, subjects, hashes = [], [], []
     for i, image in enumerate(images):
         faces = backend.faces(image)
@@ -171,6 +190,10 @@ def score_images(
         bits = phash_bits(image)
         hashes.append(bits)
         nearest = min((hash_distance(bits, ref) for ref in reference.hashes), default=None)
+        face = _subject_embedding(faces, found.get("subject_box"))
+        edit = edits.find(prompts[i])
+        recognised = bool(found.get("recognised"))
+        edited = edits.judge(edit, backend, subject, face, recognised, preferences[i]) if edit else None
         scores.append(
             ImageScore(
                 image=names[i],
@@ -178,13 +201,17 @@ def score_images(
                 seed=seeds[i],
                 reference_hash_distance=nearest,
                 prompt_fidelity=fidelity[i],
+                edit=edit.phrase if edit else None,
+                edited=edited,
                 **found,
             )
         )
-        subjects.append(_subject_embedding(faces, found.get("subject_box")))
+        subjects.append(face)
         if progress is not None:
             progress(i)
-    return scores, summarise(scores, subjects, hashes, backend, COPY_DISTANCE)
+    kept = [i for i, score in enumerate(scores) if score.edit is None] or list(range(count))
+    pick = [scores[i] for i in kept], [subjects[i] for i in kept], [hashes[i] for i in kept]
+    return scores, summarise(*pick, backend, COPY_DISTANCE)
 
 
 def _subject_embedding(faces: Sequence[FoundFace], box) -> numpy.ndarray | None:

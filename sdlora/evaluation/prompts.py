@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from sdlora.evaluation import edits
+
 # Portraits, full-body shots, scenes and styles test whether the face survives away from the training
 # framing; the group prompts are where bleed shows (other people taking the subject's face).
 STANDARD_PROMPTS = (
@@ -16,6 +18,14 @@ STANDARD_PROMPTS = (
     "{trigger} with two friends at a party",
     "a group photo of {trigger} and three colleagues in an office",
 )
+# The edit prompts (edits.py: one change asked) rendered after the standard ones where editability can be judged.
+# Two hair colours, so that at least one is a change for anyone. No background: the toy base never saw a word
+# for it (bench/identity/edits.py), so its miss would say nothing about the LoRA.
+EDIT_PROMPTS = (
+    "a photo of {trigger} with glasses",
+    "a photo of {trigger} with blonde hair",
+    "a photo of {trigger} with black hair",
+)
 # What CLIP reads in place of the trigger: the rare token means nothing to it.
 CLIP_SUBJECT = "a person"
 
@@ -29,3 +39,9 @@ def expand(templates: list[str], n: int, seed: int, trigger: str) -> tuple[list[
 
 def clip_text(template: str) -> str:
     return template.replace("{trigger}", CLIP_SUBJECT)
+
+
+def default_templates(face_model: str, clip: str | None) -> list[str]:
+    """The prompts `sdlora eval --lora` and scoring during training render: the standard set, then the edit
+    prompts where the face model or CLIP can judge them (never rendered only to go unjudged)."""
+    return list(STANDARD_PROMPTS) + (list(EDIT_PROMPTS) if edits.judgeable(face_model, clip) else [])

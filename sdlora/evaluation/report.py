@@ -11,6 +11,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic_core import PydanticSerializationError
 
 from sdlora.errors import UsageError, printable
+from sdlora.evaluation.edits import JUDGED_BY, EditSummary
+from sdlora.evaluation.edits import READING as EDIT_READING
 from sdlora.evaluation.metrics import READINGS, ImageScore, Summary, reading
 from sdlora.fsutil import atomic_dir, atomic_write_text, read_marker
 
@@ -32,6 +34,9 @@ class EvalResult(BaseModel):
     lora: str | None = None
     trigger: str | None = None
     summary: Summary
+    edits: EditSummary | None = Field(
+        None, exclude_if=lambda value: value is None, description="Editability; absent where it was not judged."
+    )
     images: list[ImageScore]
     notes: list[str] = Field(default_factory=list)
 
@@ -89,6 +94,20 @@ def _value(result: EvalResult, key: str) -> str:
     return value
 
 
+def summary_rows(result: EvalResult) -> list[tuple[str, str, str, str]]:
+    """(metric, value, what it means, what good looks like) of every summary number; editability after bleed, only
+    where it was measured."""
+    rows = [(key, _value(result, key), *reading(key, result.threshold)) for key in SUMMARY_ROWS]
+    found = result.edits
+    if found is not None:
+        meaning, good = EDIT_READING
+        each = ", ".join(f"{phrase} {share:.2f}" for phrase, share in found.by_edit.items())
+        value = f"{found.editability:.3f} ({found.edited}/{found.images}; {each})"
+        at = SUMMARY_ROWS.index("bleed") + 1
+        rows.insert(at, ("editability", value, meaning.format(judge=JUDGED_BY[found.judge]), good))
+    return rows
+
+
 def print_table(result: EvalResult, console: Any = None) -> None:
     """Per-prompt rows and the summary, as rich tables."""
     from rich.console import Console
@@ -99,16 +118,20 @@ def print_table(result: EvalResult, console: Any = None) -> None:
     # raise MarkupError after all the scoring.
     console = console or Console()
     per_prompt = Table(title="per prompt")
-    for column in ("prompt", "images", "faces", "identity", "recognised"):
+    columns = ("prompt", "images", "faces", "identity", "recognised") + (("edited",) if result.edits else ())
+    for column in columns:
         per_prompt.add_column(column, justify="left" if column == "prompt" else "right")
     for prompt, rows in _by_prompt(result.images).items():
         sims = [r.similarity for r in rows if r.similarity is not None]
+        judged = [r.edited for r in rows if r.edited is not None]
+        edited = (f"{sum(judged)}/{len(judged)}" if judged else "-",) if result.edits else ()
         per_prompt.add_row(
             Text(printable(prompt)),
             str(len(rows)),
             str(sum(1 for r in rows if r.faces)),
             _fmt(sum(sims) / len(sims) if sims else None),
             f"{sum(r.recognised for r in rows)}/{len(rows)}",
+            *edited,
         )
     console.print(per_prompt)
     summary = Table(title=Text(summary_title(result)))
@@ -116,8 +139,8 @@ def print_table(result: EvalResult, console: Any = None) -> None:
     summary.add_column("value", justify="right")
     summary.add_column("what it means")
     summary.add_column("good")
-    for key in SUMMARY_ROWS:
-        summary.add_row(key, _value(result, key), *reading(key, result.threshold))
+    for row in summary_rows(result):
+        summary.add_row(*row)
     console.print(summary)
     for note in result.notes:
         console.print(Text(f"note: {printable(note)}"))
@@ -173,10 +196,8 @@ table.summary td, table.summary th { padding: 2px 10px; text-align: left; }
 def render_html(result: EvalResult, image_names: Sequence[str], ref_names: Sequence[str]) -> str:
     esc = _esc
     rows = "".join(
-        f"<tr><th>{key}</th><td>{esc(_value(result, key))}</td>"
-        + "".join(f"<td>{esc(text)}</td>" for text in reading(key, result.threshold))
-        + "</tr>"
-        for key in SUMMARY_ROWS
+        f"<tr><th>{key}</th>" + "".join(f"<td>{esc(text)}</td>" for text in texts) + "</tr>"
+        for key, *texts in summary_rows(result)
     )
     head = "<tr><th>metric</th><th>value</th><th>what it means</th><th>good</th></tr>"
     cards = "".join(_card(score, name) for score, name in zip(result.images, image_names, strict=True))
@@ -204,6 +225,16 @@ def _card(score: ImageScore, name: str) -> str:
         f"similarity {_fmt(score.similarity)} &middot; distance {_fmt(score.distance)}",
         f"other faces {score.other_faces}, matching {score.other_matches}" if score.other_faces else "",
         f"CLIP {_fmt(score.prompt_fidelity)}" if score.prompt_fidelity is not None else "",
+        _edit_line(score),
     ]
     body = "<br>".join(line for line in lines if line)
     return f'<div class="card"><img src="{esc(name)}" alt="{esc(score.image)}"><div>{body}</div></div>'
+
+
+def _edit_line(score: ImageScore) -> str:
+    if score.edit is None:
+        return ""
+    asked = f"asked {_esc(score.edit)}: "
+    if score.edited is None:
+        return asked + "not judged"
+    return asked + ('<span class="ok">edited</span>' if score.edited else '<span class="no">not edited</span>')

@@ -17,9 +17,10 @@ from PIL import Image
 from sdlora import fsutil, layout
 from sdlora.config import Config
 from sdlora.errors import SdloraError, UsageError
+from sdlora.evaluation import edits
 from sdlora.evaluation.checkpoints import pick_best, plot_identity, score_checkpoint
 from sdlora.evaluation.metrics import Reference, build_reference, score_images
-from sdlora.evaluation.prompts import STANDARD_PROMPTS, clip_text, expand
+from sdlora.evaluation.prompts import clip_text, default_templates, expand
 from sdlora.evaluation.report import SCHEMA, EvalResult, print_table, write_json, write_report
 from sdlora.faces.backends import FaceBackend, face_backend
 from sdlora.models import check_base
@@ -74,7 +75,9 @@ def _lora_inputs(config: Config, lora: Path, prompts_file: Path | None) -> tuple
     adapter = parse_lora(str(lora))
     check_finite(adapter)
     check_base(config.model.base, config.model.allow_pickle, config.model.single_file_config)  # asks the hub last
-    return adapter, read_prompts(prompts_file) if prompts_file else list(STANDARD_PROMPTS)
+    if prompts_file is not None:
+        return adapter, read_prompts(prompts_file)
+    return adapter, default_templates(config.eval.face_model, config.eval.clip)
 
 
 def _evaluate(
@@ -100,8 +103,10 @@ def _evaluate(
         pictures, prompts, seeds, templates, trigger = _generate(config, adapter, templates, notes, stream)
         names = [f"images/{i:03d}.png" for i in range(len(pictures))]
         clip_texts = [clip_text(t) for t in templates]
-    fidelity = _fidelity(config.eval.clip, pictures, clip_texts, notes)
-    scores, summary = _score(pictures, names, ref, backend, threshold, prompts, seeds, fidelity)
+    fidelity, preferences = _fidelity(config.eval.clip, pictures, clip_texts, notes, prompts)
+    scores, summary = _score(pictures, names, ref, backend, threshold, prompts, seeds, fidelity, preferences)
+    edit_summary = edits.summarise(scores, edits.judge_of(backend, bool(config.eval.clip)))
+    notes += [line for line in [edits.note(scores, edit_summary, backend.name)] if line]
     if summary.images_with_face == 0:
         notes.append("no face was detected in any scored image: identity, bleed and face_spread are undefined")
     result = EvalResult(
@@ -112,6 +117,7 @@ def _evaluate(
         lora=str(lora) if lora else None,
         trigger=trigger,
         summary=summary,
+        edits=edit_summary,
         images=scores,
         notes=notes,
     )
@@ -301,11 +307,14 @@ def _stream_image(stream: Path | None, index: int, image: Image.Image, prompt: s
     pngmeta.save_json(stream / f"{index:03d}.json", {"prompt": prompt, "seed": seed, "key": key})
 
 
-def _fidelity(clip: str | None, pictures: list, texts: list[str | None], notes: list[str]) -> list[float | None]:
+def _fidelity(
+    clip: str | None, pictures: list, texts: list[str | None], notes: list[str], prompts: list[str | None]
+) -> tuple[list[float | None], list[bool | None]]:
+    """CLIP's (similarity of image and text, whether it prefers an edit prompt's text to it without the edit)."""
     if not clip:
         notes.append("prompt_fidelity skipped: no CLIP model given (--clip HUB_ID_OR_FOLDER)")
-        return [None] * len(pictures)
-    from sdlora.evaluation.clip import ClipScorer
+        return [None] * len(pictures), [None] * len(pictures)
+    from sdlora.evaluation.clip import ClipScorer, edit_preferences
 
     scorer = ClipScorer(clip)
     known = [i for i, text in enumerate(texts) if text]
@@ -314,10 +323,10 @@ def _fidelity(clip: str | None, pictures: list, texts: list[str | None], notes: 
         scores[i] = value
     if len(known) < len(pictures):
         notes.append(f"prompt_fidelity covers {len(known)} of {len(pictures)} images (the rest have no prompt)")
-    return scores
+    return scores, edit_preferences(scorer, pictures, texts, prompts, scores)
 
 
-def _score(pictures, names, ref, backend: FaceBackend, threshold: float, prompts, seeds, fidelity):
+def _score(pictures, names, ref, backend: FaceBackend, threshold: float, prompts, seeds, fidelity, preferences=None):
     from rich.console import Console
     from rich.progress import Progress
 
@@ -332,6 +341,7 @@ def _score(pictures, names, ref, backend: FaceBackend, threshold: float, prompts
             prompts=prompts,
             seeds=seeds,
             fidelity=fidelity,
+            preferences=preferences,
             progress=lambda _: progress.advance(task),
         )
 
@@ -345,7 +355,7 @@ def score_folder(
     pictures, names, prompts, seeds = _read_images(folder)
     notes: list[str] = []
     texts = clip_texts if clip_texts is not None and len(clip_texts) == len(pictures) else prompts
-    fidelity = _fidelity(config.eval.clip, pictures, texts, notes)
+    fidelity, preferences = _fidelity(config.eval.clip, pictures, texts, notes, prompts)
     threshold = config.eval.threshold or backend.threshold
-    scores, summary = _score(pictures, names, ref, backend, threshold, prompts, seeds, fidelity)
+    scores, summary = _score(pictures, names, ref, backend, threshold, prompts, seeds, fidelity, preferences)
     return summary, scores, pictures, notes

@@ -29,7 +29,8 @@ class FoundFace:
 
 
 class FaceBackend(Protocol):
-    """What the metrics need from a face model: faces with embeddings, and when two are the same person."""
+    """What the metrics need from a face model: faces with embeddings, and when two are the same person. A model
+    that reads attributes (the toy one) also has `edit_target`, so that edit prompts are judged by it."""
 
     name: str
     threshold: float  # distance under which two faces are the same person
@@ -129,6 +130,21 @@ class ToyBackend:
 
     def distance(self, a: numpy.ndarray, b: numpy.ndarray) -> float:
         return float(numpy.count_nonzero(numpy.asarray(a) != numpy.asarray(b))) / len(a)
+
+    def edit_target(self, subject: numpy.ndarray, attribute: str, value: object) -> numpy.ndarray | None:
+        """The embedding of `subject` with `attribute` set to `value`: what an image of that one change reads as
+        (sdlora/evaluation/edits.py). None when it is no change (the subject has it) or the world has no such value."""
+        from sdlora.faces import toyworld
+
+        values = toyworld.VALUES.get(attribute, [])
+        if not any(v == value and type(v) is type(value) for v in values):
+            return None
+        index, code = toyworld.ATTRIBUTES.index(attribute), values.index(value)
+        if subject[index] == code:
+            return None
+        target = numpy.array(subject, dtype=float)
+        target[index] = code
+        return target
 
 
 def face_backend(name: str) -> FaceBackend:

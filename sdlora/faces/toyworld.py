@@ -31,6 +31,15 @@ BACKGROUND = {"sky": (150, 196, 236), "mint": (168, 226, 176), "lilac": (206, 17
 FRAME = (10, 10, 10)
 MOUTH = (150, 40, 50)
 ATTRIBUTES = ("skin", "hair", "style", "eyes", "glasses", "background")
+# Each attribute's values in code order (attribute_codes: a value's code is its index here).
+VALUES = {
+    "skin": list(SKIN),
+    "hair": list(HAIR),
+    "style": list(STYLES),
+    "eyes": list(EYES),
+    "glasses": [False, True],
+    "background": list(BACKGROUND),
+}
 
 
 @dataclass(frozen=True)
@@ -211,9 +220,7 @@ def decode(image: Image.Image) -> Identity | None:
 
 def attribute_codes(identity: Identity) -> numpy.ndarray:
     """(6,) int: the index of each attribute's value in its table (ATTRIBUTES order), the toy face embedding."""
-    tables = (list(SKIN), list(HAIR), list(STYLES), list(EYES), [False, True], list(BACKGROUND))
-    values = [getattr(identity, a) for a in ATTRIBUTES]
-    return numpy.array([table.index(v) for table, v in zip(tables, values, strict=True)], numpy.int64)
+    return numpy.array([VALUES[a].index(getattr(identity, a)) for a in ATTRIBUTES], numpy.int64)
 
 
 def agreement(found: Identity, subject: Identity) -> float:

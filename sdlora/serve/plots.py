@@ -1,4 +1,5 @@
-"""The Runs page's curves (matplotlib, Agg): loss, learning rate, identity with the best step marked."""
+"""The Runs page's curves (matplotlib, Agg): loss, learning rate, identity (and editability) with the best step
+marked."""
 
 from __future__ import annotations
 
@@ -31,10 +32,11 @@ def curve(records: list[dict], key: str, title: str) -> Any:
 
 
 def identity(evals: list[dict], best: int | None) -> Any:
-    """Identity (and recognised rate) at each scored step; the best step (what best/ holds) as a line."""
+    """Identity (and recognised rate, and editability where it was measured) at each scored step; the best step
+    (what best/ holds) as a line. A metric never measured gets no line (and no legend entry)."""
     figure, axes = _figure("identity (0.5 = same-person threshold)")
     steps = [e["step"] for e in evals]
-    for key in ("identity", "recognised_rate"):
+    for key in ("identity", "recognised_rate", "editability"):
         values = [e["eval"].get(key) for e in evals]
         if any(v is not None for v in values):
             axes.plot(steps, [float("nan") if v is None else v for v in values], marker="o", label=key)

@@ -32,9 +32,12 @@ class Evaluation:
     json: str
     threshold: float | None = None
     face_model: str = ""
+    edits: dict[str, Any] | None = None  # eval.json's "edits" (editability), where it was measured
 
     def explained(self) -> list[list[str]]:
-        """The report's summary table: [metric, value, what it means, what good looks like] per number."""
+        """The report's summary table: [metric, value, what it means, what good looks like] per number
+        (editability after bleed, only where it was measured)."""
+        from sdlora.evaluation.edits import JUDGED_BY, READING
         from sdlora.evaluation.metrics import READINGS, reading
 
         rows = []
@@ -42,6 +45,10 @@ class Evaluation:
             value = self.summary.get(key)
             shown = "-" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
             rows.append([key, shown, *reading(key, self.threshold if self.threshold is not None else 0.0)])
+            if key == "bleed" and self.edits:
+                judge = JUDGED_BY.get(self.edits.get("judge", ""), "")
+                value = f"{self.edits['editability']:.3f} ({self.edits.get('edited')}/{self.edits.get('images')})"
+                rows.append(["editability", value, READING[0].format(judge=judge), READING[1]])
         return rows
 
 
@@ -215,6 +222,7 @@ def evaluate(
     data = json.loads(json_path.read_text(encoding="utf-8"))
     return Evaluation(
         summary=data.get("summary", {}),
+        edits=data.get("edits"),
         threshold=data.get("threshold"),
         face_model=data.get("face_model", ""),
         notes=list(data.get("notes", [])),

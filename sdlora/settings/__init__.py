@@ -246,7 +246,11 @@ class EvalConfig(Section):
     )
     n: int = Field(4, gt=0, le=MAX_IMAGES, description="Images per evaluation prompt.")
     seed: int = Field(0, ge=0, le=MAX_SEED, description="First seed of the evaluation images.")
-    clip: str | None = Field(None, description="CLIP model (hub id or folder) for prompt fidelity; skipped if unset.")
+    clip: str | None = Field(
+        None,
+        description="CLIP model (hub id or folder) for prompt fidelity; skipped if unset. With dlib or insightface "
+        "it also judges the edit prompts (editability), in eval and in scoring during training (on the CPU).",
+    )
     min_diversity: float = Field(
         0.1,
         ge=0,

@@ -1,11 +1,12 @@
 """Identity evaluation during `sdlora train`: score the fixed validation set, log it, keep the best step's LoRA files.
 
-At each evaluated step the main process renders `sdlora eval`'s standard prompt set with the LoRA being trained,
-scores it against the dataset's photos, appends {"step": N, "eval": {...}} to metrics.jsonl and redraws
-identity.png. When the step becomes the best one (`pick_best`: within the diversity and bleed floors, the best
-recognised rate, steps within one standard error of it tied on identity), its LoRA files are written to
-OUT_DIR/best/ at once, so pruned checkpoints never lose it; at the last step summary.json says which step won and
-why. pick_best only ever moves to the newest step, so best/ always holds the chosen step's files.
+At each evaluated step the main process renders `sdlora eval`'s standard prompt set (and its edit prompts where
+editability can be judged: evaluation/edits.py) with the LoRA being trained, scores it against the dataset's
+photos, appends {"step": N, "eval": {...}} to metrics.jsonl and redraws identity.png. When the step becomes the
+best one (`pick_best`: within the diversity and bleed floors, the best recognised rate, steps within one standard
+error of it tied on identity), its LoRA files are written to OUT_DIR/best/ at once, so pruned checkpoints never
+lose it; at the last step summary.json says which step won and why. pick_best only ever moves to the newest step,
+so best/ always holds the chosen step's files.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ class TrainEval:
     trigger: str
     reference: Any = None  # sdlora.evaluation.metrics.Reference
     backend: Any = None  # sdlora.faces.backends.FaceBackend
+    scorer: Any = None  # sdlora.evaluation.clip.ClipScorer where eval.clip judges the edit prompts (real faces)
     rows: list[dict[str, Any]] = field(default_factory=list)  # eval rows so far, flattened: {"step": N, **summary}
 
     def due(self, step: int) -> bool:
@@ -104,11 +106,29 @@ def _prepare(evaluation: TrainEval, plan: Any, asked: bool) -> str | None:
         if asked:
             raise SdloraError(f"--eval-every: {exc}; pass --eval-every 0 to train without it") from None
         return f"identity evaluation off: {exc}"
+    evaluation.scorer = _edit_scorer(evaluation)
     resumed = checkpoint.read_step(plan.resume_from) if plan.resume_from is not None else 0
     # Rows of steps after the resumed checkpoint are redone (the monitor drops them from metrics.jsonl too).
     evaluation.rows = [row for row in read_eval_rows(plan.out_dir) if row["step"] <= resumed]
     _restore_best(evaluation)
     return None
+
+
+def _edit_scorer(evaluation: TrainEval) -> Any:
+    """CLIP on the CPU, to judge the edit prompts' images, where eval.clip is set and the face model cannot read
+    the change itself (evaluation/edits.py); None otherwise."""
+    from sdlora.evaluation import edits
+
+    clip = evaluation.config.eval.clip
+    if not clip or edits.judge_of(evaluation.backend, clip=False) is not None:
+        return None
+    from sdlora.evaluation.clip import ClipScorer
+
+    try:
+        return ClipScorer(clip)
+    except SdloraError as exc:  # identity is still scored; only editability goes
+        print(f"note: editability off during training: {exc}")
+        return None
 
 
 def _share(accelerator: Any, outcome: Any) -> Any:
@@ -214,13 +234,14 @@ def _score(evaluation: TrainEval, run: Any) -> dict[str, Any]:
     """Render the validation set with the LoRA in training and score it; no effect on the training's RNG."""
     import torch
 
-    from sdlora.evaluation.prompts import STANDARD_PROMPTS, expand
+    from sdlora.evaluation.prompts import clip_text, default_templates, expand
     from sdlora.evaluation.run import score_checkpoint
     from sdlora.generate.render import Sampling
     from sdlora.train import outputs
 
     config = evaluation.config
-    _, prompts, seeds = expand(list(STANDARD_PROMPTS), config.eval.n, config.eval.seed, evaluation.trigger)
+    templates = default_templates(config.eval.face_model, config.eval.clip)
+    repeated, prompts, seeds = expand(templates, config.eval.n, config.eval.seed, evaluation.trigger)
     cuda = run.accelerator.device.type == "cuda"
     devices = [run.accelerator.device] if cuda else []
     with torch.random.fork_rng(devices=devices), outputs.rendering(run):
@@ -232,6 +253,8 @@ def _score(evaluation: TrainEval, run: Any) -> dict[str, Any]:
             seeds,
             Sampling.for_training(config),
             threshold=config.eval.threshold,
+            scorer=evaluation.scorer,
+            clip_texts=[clip_text(t) for t in repeated],
         )
 
 
@@ -281,7 +304,8 @@ def _facts(metrics: dict[str, Any]) -> str:
         value = metrics.get(key)
         return "-" if value is None else f"{value:.3f}"
 
+    edited = f", editability {fmt('editability')}" if "editability" in metrics else ""
     return (
         f"face_rate {fmt('face_rate')}, identity {fmt('identity')}, recognised {fmt('recognised_rate')}, "
-        f"diversity {fmt('diversity')}, bleed {fmt('bleed')}"
+        f"diversity {fmt('diversity')}, bleed {fmt('bleed')}{edited}"
     )

@@ -72,7 +72,7 @@ def render_batches(config: Config, plan: Plan) -> list[list[str]]:
     render (the class images of prior preservation), identity scoring's prompt set where scoring is on
     (identity.cadence: by default only on a prep dataset); then the negative prompts as each of those batches
     encodes them (true CFG's renders need them)."""
-    from sdlora.evaluation.prompts import STANDARD_PROMPTS, expand
+    from sdlora.evaluation.prompts import default_templates, expand
     from sdlora.train import identity, methods
 
     tc, size, trigger = config.train, config.generate.batch_size, plan.trigger
@@ -80,7 +80,8 @@ def render_batches(config: Config, plan: Plan) -> list[list[str]]:
     for method in methods.active(tc):
         lists += method.rendered_prompts(config, plan)
     if identity.cadence(config, plan.dataset_dir)[0] is not None:
-        lists.append(expand(list(STANDARD_PROMPTS), config.eval.n, config.eval.seed, trigger)[1])
+        templates = default_templates(config.eval.face_model, config.eval.clip)
+        lists.append(expand(templates, config.eval.n, config.eval.seed, trigger)[1])
     batches = [prompts[i : i + size] for prompts in lists for i in range(0, len(prompts), size)]
     negatives = sorted({config.generate.negative, ""})  # the grids' negative prompt; class images render with ""
     return batches + [[negative] * len(batch) for batch in batches for negative in negatives]
