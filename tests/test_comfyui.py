@@ -79,7 +79,8 @@ def test_workflow_is_a_sound_graph_of_built_in_nodes_with_the_settings(family_pi
             assert inputs["denoise"] == 1.0
         latent = graph[samplers[0]["inputs"]["latent_image"][0]]["inputs"]
     assert (latent["width"], latent["height"], latent["batch_size"]) == (96, 64, 1)
-    texts = [node["inputs"]["text"] for node in of_class(graph, "CLIPTextEncode")]
+    prompt_class, text = family.comfyui_parts(pipe, "owner/some-base", 96, 64, 4.5).prompt_node
+    texts = [node["inputs"][text] for node in of_class(graph, prompt_class)]
     assert texts == ["blurry", "a photo of embedding:alice_emb person", "embedding:alice_emb, an oil painting"]
     loras = of_class(graph, "LoraLoader") + of_class(graph, "LoraLoaderModelOnly")
     assert [lora["inputs"]["lora_name"] for lora in loras] == ["alice.safetensors"]
@@ -310,3 +311,18 @@ def test_flux_dev_workflow_says_comfyui_pads_t5_to_256_tokens():
     assert any("256 tokens" in note and "max_sequence_length = 256" in note for note in dev.notes)
     schnell = flux.comfyui_parts(tiny_flux_pipeline(schnell=True), "black-forest-labs/FLUX.1-schnell", 64, 64, 0.0)
     assert not any("256 tokens" in note for note in schnell.notes)  # schnell renders at 256 already
+
+
+def test_qwen_image_edit_encodes_prompts_with_its_edit_template():
+    """CLIPTextEncode wraps a prompt in Qwen-Image's template; sdlora renders an Edit model with the Edit template
+    (bench/parity.py tiny-qwenedit), which ComfyUI's TextEncodeQwenImageEditPlus applies when given no image."""
+    from sdlora.families.qwenedit.family import TEMPLATE
+
+    edit = families.get("qwenedit")
+    graph, _ = render(edit, edit.tiny_pipeline(0))
+    assert not of_class(graph, "CLIPTextEncode") and workflow.problems(graph) == []
+    encoders = of_class(graph, "TextEncodeQwenImageEditPlus")
+    assert [set(n["inputs"]) for n in encoders] == [{"clip", "prompt"}] * 3  # no image, no VAE: text alone
+    assert edit.template == TEMPLATE != families.get("qwenimage").template
+    graph, _ = render(families.get("qwenimage"), families.get("qwenimage").tiny_pipeline(0))
+    assert len(of_class(graph, "CLIPTextEncode")) == 3 and not of_class(graph, "TextEncodeQwenImageEditPlus")

@@ -151,7 +151,7 @@ def build(
     if parts.sampling is not None:
         nodes["sampling"] = {**parts.sampling, "inputs": {**parts.sampling["inputs"], "model": model}}
         model = ["sampling", 0]
-    nodes["negative"] = node("CLIPTextEncode", text=settings.negative, clip=clip)
+    nodes["negative"] = node(parts.prompt_node[0], **{parts.prompt_node[1]: settings.negative}, clip=clip)
     if photo is None:
         nodes["latent"] = node(parts.latent, width=settings.width, height=settings.height, batch_size=1)
         latent = ["latent", 0]
@@ -210,7 +210,7 @@ def build(
 
 def _encode(nodes: dict[str, Any], parts: ComfyParts, key: str, text: str, clip: list[Any]) -> list[Any]:
     """A positive prompt's encoding (through the family's distilled guidance node where it has one)."""
-    nodes[key] = node("CLIPTextEncode", text=text, clip=clip)
+    nodes[key] = node(parts.prompt_node[0], **{parts.prompt_node[1]: text}, clip=clip)
     if parts.guidance is None:
         return [key, 0]
     nodes[f"{key}g"] = {**parts.guidance, "inputs": {**parts.guidance["inputs"], "conditioning": [key, 0]}}

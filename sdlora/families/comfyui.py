@@ -32,6 +32,9 @@ class ComfyParts:
     # (RandomNoise, CFGGuider, KSamplerSelect) on its sigmas instead of KSampler's scheduler. None: KSampler.
     sigmas: str | None = None
     notes: tuple[str, ...] = field(default=())  # what differs from sdlora's render, or which file to fetch
+    # The node that encodes a prompt (it takes "clip") and the name of its text input: where the family's prompt
+    # template is not the one CLIPTextEncode applies (Qwen-Image-Edit's: TextEncodeQwenImageEditPlus, no image).
+    prompt_node: tuple[str, str] = ("CLIPTextEncode", "text")
 
 
 def checkpoint_file(base: str, known: dict[str, str]) -> tuple[str, str | None]:

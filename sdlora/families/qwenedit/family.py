@@ -125,11 +125,12 @@ class QwenImageEdit(QwenImage):
         return runner
 
     def comfyui_parts(self, pipe: Any, base: str, width: int, height: int, cfg: float) -> Any:
-        """Qwen-Image's nodes (the same loaders) for the text-to-image render; its notes say the references are not
-        in the workflow."""
+        """Qwen-Image's nodes (the same loaders) for the text-to-image render, the prompts encoded by
+        TextEncodeQwenImageEditPlus without an image: the Edit template this family renders with (CLIPTextEncode
+        applies Qwen-Image's); its notes say the references are not in the workflow."""
         parts = super().comfyui_parts(pipe, base, width, height, cfg)
         note = "Qwen-Image-Edit's reference images are not in this workflow (TextEncodeQwenImageEditPlus takes them)"
-        return replace(parts, notes=(*parts.notes, note))
+        return replace(parts, notes=(*parts.notes, note), prompt_node=("TextEncodeQwenImageEditPlus", "prompt"))
 
     def tiny_pipeline(self, seed: int) -> Any:
         from sdlora.families.qwenedit.tiny import tiny_qwenedit_pipeline
