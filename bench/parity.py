@@ -72,6 +72,16 @@ FAMILY = {
 # Flux: T5 tokens as ComfyUI pads them (at least 256; diffusers' FluxPipeline pads dev to 512, see docs/parity.md)
 EXTRA = {"tiny-flux": ["--set", "model.max_sequence_length=256"]}
 LATENT_SCALE = {"toy": 4}  # the VAE's downsampling where it is not 8
+# Qwen-Image (bench/parity_qwen.py): rendered by the pip-installable fork's code (upstream's snapshot predates it);
+# --comfyui names the fork's checkout, --fork-path its comfy_extras export and its node modules' requirements.
+CASES["tiny-qwenimage"] = (
+    "Qwen-Image tiny test pipeline (sdlora.families.qwenimage.tiny: 2 blocks of 3 heads x 16, Qwen2.5-VL width 16 "
+    "behind the byte-level Qwen tokenizer, 4-channel 3D-causal VAE)"
+)
+CASES["tiny-qwenedit"] = "Qwen-Image-Edit tiny test pipeline (sdlora.families.qwenedit.tiny), trained text-to-image"
+FAMILY |= {"tiny-qwenimage": "qwenimage", "tiny-qwenedit": "qwenedit"}
+FORK_FAMILIES = ("qwenimage", "qwenedit")
+TEXT_ENCODER_LORA = ("sd1", "sd2", "sdxl")  # the other families train the transformer only
 
 
 def base_folder(case: str, folder: Path) -> Path:
@@ -126,9 +136,9 @@ def samples(workflow: dict[str, Any]) -> list[tuple[str, int, str]]:
             continue
         sampler = workflow[workflow[spec["inputs"]["images"][0]]["inputs"]["samples"][0]]["inputs"]
         positive = workflow[sampler["positive"][0]]["inputs"]
-        while "text" not in positive:  # FluxGuidance & co between the prompt and the sampler
+        while "text" not in positive and "prompt" not in positive:  # FluxGuidance & co between prompt and sampler
             positive = workflow[positive["conditioning"][0]]["inputs"]
-        prompt = positive["text"]
+        prompt = positive.get("text", positive.get("prompt"))  # CLIPTextEncode's, TextEncodeQwenImageEditPlus's
         out.append((prompt, sampler["seed"], spec["inputs"]["filename_prefix"]))
     return out
 
@@ -183,9 +193,11 @@ def diffusers_render(base: Path, lora: Path, sampling: Any, items: list[tuple[st
     render settings."""
     from diffusers import DiffusionPipeline
 
+    from sdlora.families import stand_ins
     from sdlora.generate.render import render_images
 
-    pipe = DiffusionPipeline.from_pretrained(str(base))
+    # stand_ins: Qwen-Image-Edit's processor without torchvision ({} for the others)
+    pipe = DiffusionPipeline.from_pretrained(str(base), **stand_ins(str(base), {}))
     pipe.load_lora_weights(str(lora.parent), weight_name=lora.name)
     pipe.set_progress_bar_config(disable=True)
     return [to_array(i) for i in render_images(pipe, [p for p, _, _ in items], [s for _, s, _ in items], sampling)]
@@ -241,6 +253,12 @@ def comfy_files(
     import parity_flux
 
     loaders = {n["class_type"]: n["inputs"] for n in workflow.values()}
+    if family in FORK_FAMILIES:
+        import parity_qwen
+
+        from sdlora import families
+
+        return parity_qwen.comfy_files(base, workflow, root, families.get(family).drop)
     if family == "flux":
         name = loaders["UNETLoader"]["unet_name"]
         folders = parity_flux.write_files(base, name, root)
@@ -265,7 +283,7 @@ def run_case(case: str, workdir: Path, steps: int, seeds: int) -> dict[str, Any]
     (root / "checkpoints").mkdir(parents=True)
     out = root / "out"
     family = FAMILY[case]
-    train(dataset(root / "data"), base, out, steps, seeds, EXTRA.get(case, []), text=family != "flux")
+    train(dataset(root / "data"), base, out, steps, seeds, EXTRA.get(case, []), text=family in TEXT_ENCODER_LORA)
     workflow = json.loads((out / "me.comfyui.json").read_text())
     assert not problems(workflow), problems(workflow)
     reading = "pipeline" if case.endswith("pipeline-reading") else "comfyui"
@@ -290,8 +308,9 @@ def run_case(case: str, workdir: Path, steps: int, seeds: int) -> dict[str, Any]
     weights = weight_diffs(family, comfy["_weights"], ckpt_name, root / "merged.st")
     factor = LATENT_SCALE.get(case, 8)
     latent = [1, 4, sampling.height // factor, sampling.width // factor]
-    noise_equal = all(
-        torch.equal(n, torch.randn(latent, generator=torch.Generator().manual_seed(seed))) for seed, n in noise
+    noise_equal = all(  # Qwen-Image's ComfyUI latent is 5-D (B, C, 1, H, W): the same values
+        torch.equal(n.reshape(latent), torch.randn(latent, generator=torch.Generator().manual_seed(seed)))
+        for seed, n in noise
     )
     theirs = [to_array(comfy[prefix]) for _, _, prefix in items]
     try:
@@ -322,6 +341,14 @@ def run_case(case: str, workdir: Path, steps: int, seeds: int) -> dict[str, Any]
         "lora_effect": image_diff(without, ours),  # sdlora's base alone vs with the LoRA, the same settings
         "seconds": round(time.time() - started, 1),
     }
+    if family in FORK_FAMILIES:  # what the difference is made of (docs/parity.md)
+        import parity_qwen
+
+        others = {}  # the Edit workflow as written before: its prompts through CLIPTextEncode (Qwen-Image's template)
+        if family == "qwenedit":
+            others["comfyui_clip_text_encode"] = parity_qwen.with_clip_text_encode(workflow, base, folders, root)
+        lora = out / "pytorch_lora_weights.safetensors"
+        result["explained"] = parity_qwen.explain(base, lora, items, sampling, theirs, others)
     if case == "toy":
         result["identity"] = {"sdlora": identity(ours), "comfyui": identity(theirs), "diffusers": identity(plain)}
     with contextlib.suppress(Exception):
@@ -334,7 +361,8 @@ def run_case(case: str, workdir: Path, steps: int, seeds: int) -> dict[str, Any]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--comfyui", type=Path, required=True, help="a ComfyUI checkout (upstream)")
+    parser.add_argument("--comfyui", type=Path, required=True, help="a ComfyUI checkout (upstream, or the fork)")
+    parser.add_argument("--fork-path", type=Path, nargs="*", default=[], help="the fork's comfy_extras, its needs")
     parser.add_argument("--case", nargs="+", choices=list(CASES), default=list(CASES))
     parser.add_argument("--steps", type=int, default=STEPS)
     parser.add_argument("--seeds", type=int, default=SEEDS, help="images per case (sample prompts, one seed)")
@@ -344,7 +372,12 @@ def main() -> None:
     options = parser.parse_args()
     import parity_comfy
 
-    parity_comfy.import_comfy(options.comfyui)
+    if any(FAMILY[case] in FORK_FAMILIES for case in options.case):
+        import parity_qwen
+
+        parity_qwen.import_fork(options.comfyui, options.fork_path)
+    else:
+        parity_comfy.import_comfy(options.comfyui)
     if options.recheck_weights:
         case = options.case[0] if len(options.case) == 1 else "tiny-sd1"
         print(json.dumps(recheck_weights(options.recheck_weights, FAMILY[case]), indent=2))
