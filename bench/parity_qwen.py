@@ -370,8 +370,9 @@ def explain(
     step, each against ComfyUI's images (`theirs`, uint8 (H, W, 3)) and the latents ComfyUI decoded (LATENTS beside
     the base folder): as sdlora renders; the base alone; the sigmas not stretched to end at shift_terminal; and then
     also true CFG's result not rescaled to the conditional prediction's norm. `others`: {label: (images, latents)}
-    of other ComfyUI renders, each compared with sdlora's render as it is. Latent differences are relative to the
-    largest latent value: the tiny VAE's images change little with the latents, the latents show more."""
+    of other ComfyUI renders, each compared with sdlora's render as it is and with both taken out. Latent
+    differences are relative to the largest latent value: the tiny VAE's images change little with the latents, the
+    latents show more."""
     import numpy as np
     from diffusers import FlowMatchEulerDiscreteScheduler
 
@@ -409,7 +410,9 @@ def explain(
     pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config({**pipe.scheduler.config, "shift_terminal": None})
     out["without_shift_terminal"] = diff(render(), comfy)
     with without_cfg_renorm() as calls:
-        out["without_shift_terminal_and_cfg_renorm"] = diff(render(), comfy)
+        plain = render()
+    out["without_shift_terminal_and_cfg_renorm"] = diff(plain, comfy)
+    out |= {f"{label}_vs_without_both": diff(plain, other) for label, other in (others or {}).items()}
     out["cfg_renorms_skipped"] = len(calls) // 2  # two norms per step and batch
     return out
 

@@ -316,13 +316,17 @@ def test_flux_dev_workflow_says_comfyui_pads_t5_to_256_tokens():
 def test_qwen_image_edit_encodes_prompts_with_its_edit_template():
     """CLIPTextEncode wraps a prompt in Qwen-Image's template; sdlora renders an Edit model with the Edit template
     (bench/parity.py tiny-qwenedit), which ComfyUI's TextEncodeQwenImageEditPlus applies when given no image."""
-    from sdlora.families.qwenedit.family import TEMPLATE
+    from types import SimpleNamespace
 
+    from sdlora.families.qwenedit.family import TEMPLATE
+    from sdlora.families.qwenimage.tiny import qwenimage_scheduler
+
+    pipe = SimpleNamespace(scheduler=qwenimage_scheduler())  # what the workflow reads of the pipeline: the shift
     edit = families.get("qwenedit")
-    graph, _ = render(edit, edit.tiny_pipeline(0))
+    graph, _ = render(edit, pipe)
     assert not of_class(graph, "CLIPTextEncode") and workflow.problems(graph) == []
     encoders = of_class(graph, "TextEncodeQwenImageEditPlus")
     assert [set(n["inputs"]) for n in encoders] == [{"clip", "prompt"}] * 3  # no image, no VAE: text alone
     assert edit.template == TEMPLATE != families.get("qwenimage").template
-    graph, _ = render(families.get("qwenimage"), families.get("qwenimage").tiny_pipeline(0))
+    graph, _ = render(families.get("qwenimage"), pipe)
     assert len(of_class(graph, "CLIPTextEncode")) == 3 and not of_class(graph, "TextEncodeQwenImageEditPlus")
