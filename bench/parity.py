@@ -8,7 +8,9 @@ has our stack plus ComfyUI's requirements (torchsde, scipy; torchvision is stubb
         --case tiny-sd1 tiny-sdxl tiny-sd2 tiny-flux toy --json docs/bench-results/parity.json
 
 Cases (CASES): SD 1.x tiny and toy, SDXL tiny, SD 2.x tiny (ComfyUI's CLIP-H reading, and the tiny pipeline's),
-FLUX.1 [dev] tiny (at ComfyUI's 256 T5 tokens, and at dev's default 512 in sdlora).
+FLUX.1 [dev] tiny (at ComfyUI's 256 T5 tokens, and at dev's default 512 in sdlora). Qwen-Image and Qwen-Image-Edit
+tiny (bench/parity_qwen.py) run on the pip-installable fork: --comfyui its checkout, --fork-path its comfy_extras
+export and its nodes' own requirements (docs/parity.md has the command).
 Per case: the base saved as a diffusers folder and as the files ComfyUI loads (the family's save_single_file;
 Flux: BFL's transformer file, clip_l, t5xxl and ae as bench/parity_flux.py writes them); `sdlora train` (CLI, a
 few steps, LoRA on the denoiser and, SD 1.x/2.x/SDXL, the text encoders, rank 8 / alpha 4,
@@ -258,7 +260,7 @@ def comfy_files(
 
         from sdlora import families
 
-        return parity_qwen.comfy_files(base, workflow, root, families.get(family).drop)
+        return parity_qwen.comfy_files(base, workflow, root, families.get(family))
     if family == "flux":
         name = loaders["UNETLoader"]["unet_name"]
         folders = parity_flux.write_files(base, name, root)

@@ -11,7 +11,7 @@ The workflow sdlora writes for Qwen-Image loads three files (UNETLoader: the tra
 which are ComfyUI's; CLIPLoader type qwen_image: qwen_2.5_vl_7b.safetensors; VAELoader: qwen_image_vae.safetensors).
 `write_files` writes them from a diffusers folder: the transformer by the family's own single-file writer,
 Qwen2.5-VL's language model under the names of Comfy-Org's file (model.layers..., no vision tower: text-to-image
-never runs it), the VAE under the Wan 2.1 names ComfyUI reads (`wan_names`). `tiny_loading` then hands the fork,
+never runs it), the VAE under the Wan 2.1 names ComfyUI reads (`wan_name`). `tiny_loading` then hands the fork,
 for these tiny files:
 - its Qwen-Image model class over the DiT config it detects from the file, with the tiny widths it assumes for
   the published model (heads, head width, text width, RoPE axes, output channels);
@@ -19,11 +19,14 @@ for these tiny files:
 - its Qwen2.5-VL text encoder (llama.Qwen25_7BVLI, Llama2_) over the tiny config (head width and RoPE sections are
   class attributes there, so a subclass sets them), recognised as Qwen2.5-VL-7B (detect_te_model tells it by the
   7B's key width), behind the tiny byte-level Qwen tokenizer with its pad id;
-- the template's end at token 34 (DROP), which ComfyUI's own search (the second <|im_start|>, then "user\\n")
-  finds with the real Qwen tokenizer (`template_end_real` checks it); the tiny tokenizer spells the template one
-  byte a token, so the search finds no real id there;
+- the template's end at the family's drop (34; the Edit template's 64), where ComfyUI's own search (the second
+  <|im_start|>, then "user\\n") ends it with the real Qwen tokenizer (`template_end_real`, checked each run); the
+  tiny tokenizer spells the template one byte a token, so the search finds no real id there;
 - the Wan 2.1 VAE at the tiny channels (base 8, one residual block per level, multipliers 1, 4 latent channels).
-Key mapping, LoRA patching, text encoding, the model, ModelSamplingAuraFlow, KSampler and decoding are the fork's.
+Key mapping, LoRA patching, text encoding (CLIPTextEncode; TextEncodeQwenImageEditPlus for the Edit model), the
+model, ModelSamplingAuraFlow, KSampler and decoding are the fork's. `explain` takes sdlora's render apart against
+ComfyUI's, in images and in the latents each decodes; `with_clip_text_encode` renders an Edit workflow as it was
+written before TextEncodeQwenImageEditPlus.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import types
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import torch
 
@@ -303,27 +307,18 @@ def tiny_loading(folder: Path, drop: int, latents: Path) -> Iterator[None]:
         "vae_init": comfy.sd.VAE.__init__,
         "decode": comfy.sd.VAE.decode,
         "detect_te": comfy.sd.detect_te_model,
-        "te": qwen_image.te,
-        "words": qwen_image.Qwen25_7BVLITokenizer,
     }
-    comfy.model_detection.model_config_from_unet = detect
-    wan_vae.WanVAE = functools.wraps(original["wan"])(wan)
-    comfy.sd.VAE.__init__ = vae_init
-    comfy.sd.VAE.decode = decode
-    comfy.sd.detect_te_model = detect_te
-    qwen_image.te = te
-    qwen_image.Qwen25_7BVLITokenizer = Words
-    try:
-        yield
-    finally:
-        comfy.model_detection.model_config_from_unet = original["detect"]
-        wan_vae.WanVAE = original["wan"]
-        comfy.sd.VAE.__init__ = original["vae_init"]
-        comfy.sd.VAE.decode = original["decode"]
-        torch.save(decoded, latents)
-        comfy.sd.detect_te_model = original["detect_te"]
-        qwen_image.te = original["te"]
-        qwen_image.Qwen25_7BVLITokenizer = original["words"]
+    patches = [(comfy.model_detection, "model_config_from_unet", detect), (wan_vae, "WanVAE", wan)]
+    patches += [(comfy.sd.VAE, "__init__", vae_init), (comfy.sd.VAE, "decode", decode)]
+    patches += [(comfy.sd, "detect_te_model", detect_te), (qwen_image, "te", te)]
+    patches += [(qwen_image, "Qwen25_7BVLITokenizer", Words)]
+    with contextlib.ExitStack() as stack:
+        for target, name, new in patches:
+            stack.enter_context(mock.patch.object(target, name, new))
+        try:
+            yield
+        finally:
+            torch.save(decoded, latents)
 
 
 def _with_dtype(cls: type, dtype_llama: Any, device: str = "cpu", dtype: Any = None, model_options: Any = None) -> Any:
@@ -331,8 +326,12 @@ def _with_dtype(cls: type, dtype_llama: Any, device: str = "cpu", dtype: Any = N
     return cls(device=device, dtype=dtype_llama or dtype, model_options=model_options)
 
 
-def comfy_files(base: Path, workflow: dict[str, Any], root: Path, drop: int) -> tuple[dict[str, Path], Any, Path]:
-    """parity.comfy_files for Qwen-Image: the folders, the loading context, the transformer file."""
+def comfy_files(base: Path, workflow: dict[str, Any], root: Path, family: Any) -> tuple[dict[str, Path], Any, Path]:
+    """parity.comfy_files for Qwen-Image and -Edit: the folders, the loading context, the transformer file. The
+    template's end is the family's drop, checked to be where ComfyUI's search ends it with the real tokenizer."""
+    drop = template_end_real(family.template)
+    if drop != family.drop:
+        raise SystemExit(f"{family.name}: ComfyUI cuts the template at {drop}, the pipeline at {family.drop}")
     name = next(n["inputs"]["unet_name"] for n in workflow.values() if n["class_type"] == "UNETLoader")
     folders = write_files(base, name, root)
     return folders, tiny_loading(base, drop, root / LATENTS), folders["diffusion_models"] / name
