@@ -9,7 +9,9 @@ has our stack plus ComfyUI's requirements (torchsde, scipy; torchvision is stubb
 
 Cases (CASES): SD 1.x tiny and toy, SDXL tiny, SD 2.x tiny (ComfyUI's CLIP-H reading, and the tiny pipeline's),
 FLUX.1 [dev] tiny (at ComfyUI's 256 T5 tokens, and at dev's default 512 in sdlora); Z-Image (Base, Turbo) and FLUX.2
-[klein] (base, distilled) tiny, through the pip-installable fork (`--comfyui FORK`: bench/parity_zimage.py).
+[klein] (base, distilled) tiny, through the pip-installable fork (`--comfyui FORK`: bench/parity_zimage.py);
+Qwen-Image and Qwen-Image-Edit tiny (bench/parity_qwen.py) on the fork too, with --fork-path its nodes' own
+requirements (docs/parity.md has the commands).
 Per case: the base saved as a diffusers folder and as the files ComfyUI loads (the family's save_single_file;
 Flux: BFL's transformer file, clip_l, t5xxl and ae as bench/parity_flux.py writes them); `sdlora train` (CLI, a
 few steps, LoRA on the denoiser and, SD 1.x/2.x/SDXL, the text encoders, rank 8 / alpha 4,
@@ -99,6 +101,16 @@ BASES = {  # (module, builder, its arguments): a tiny pipeline with other settin
     "tiny-zimage-turbo": ("sdlora.families.zimage.tiny", "tiny_zimage_pipeline", {"turbo": True}),
     "tiny-klein-distilled": ("sdlora.families.klein.tiny", "tiny_klein_pipeline", {"distilled": True}),
 }
+# Qwen-Image (bench/parity_qwen.py): rendered by the pip-installable fork's code (upstream's snapshot predates it);
+# --comfyui names the fork's checkout, --fork-path its comfy_extras export and its node modules' requirements.
+CASES["tiny-qwenimage"] = (
+    "Qwen-Image tiny test pipeline (sdlora.families.qwenimage.tiny: 2 blocks of 3 heads x 16, Qwen2.5-VL width 16 "
+    "behind the byte-level Qwen tokenizer, 4-channel 3D-causal VAE)"
+)
+CASES["tiny-qwenedit"] = "Qwen-Image-Edit tiny test pipeline (sdlora.families.qwenedit.tiny), trained text-to-image"
+FAMILY |= {"tiny-qwenimage": "qwenimage", "tiny-qwenedit": "qwenedit"}
+FORK_FAMILIES = ("qwenimage", "qwenedit")
+TEXT_ENCODER_LORA = ("sd1", "sd2", "sdxl")  # the other families train the transformer only
 
 
 def base_folder(case: str, folder: Path) -> Path:
@@ -162,9 +174,9 @@ def samples(workflow: dict[str, Any]) -> list[tuple[str, int, str]]:
             seed = workflow[sampler["noise"][0]]["inputs"]["noise_seed"]
             sampler = workflow[sampler["guider"][0]]["inputs"] | {"seed": seed}
         positive = workflow[sampler["positive"][0]]["inputs"]
-        while "text" not in positive:  # FluxGuidance & co between the prompt and the sampler
+        while "text" not in positive and "prompt" not in positive:  # FluxGuidance & co between prompt and sampler
             positive = workflow[positive["conditioning"][0]]["inputs"]
-        prompt = positive["text"]
+        prompt = positive.get("text", positive.get("prompt"))  # CLIPTextEncode's, TextEncodeQwenImageEditPlus's
         out.append((prompt, sampler["seed"], spec["inputs"]["filename_prefix"]))
     return out
 
@@ -219,9 +231,11 @@ def diffusers_render(base: Path, lora: Path, sampling: Any, items: list[tuple[st
     render settings."""
     from diffusers import DiffusionPipeline
 
+    from sdlora.families import stand_ins
     from sdlora.generate.render import render_images
 
-    pipe = DiffusionPipeline.from_pretrained(str(base))
+    # stand_ins: Qwen-Image-Edit's processor without torchvision ({} for the others)
+    pipe = DiffusionPipeline.from_pretrained(str(base), **stand_ins(str(base), {}))
     pipe.load_lora_weights(str(lora.parent), weight_name=lora.name)
     pipe.set_progress_bar_config(disable=True)
     return [to_array(i) for i in render_images(pipe, [p for p, _, _ in items], [s for _, s, _ in items], sampling)]
@@ -282,6 +296,12 @@ def comfy_files(
         unet = next(n["inputs"]["unet_name"] for n in workflow.values() if n["class_type"] == "UNETLoader")
         return folders, parity_zimage.tiny_loading(family, base), folders["diffusion_models"] / unet
     loaders = {n["class_type"]: n["inputs"] for n in workflow.values()}
+    if family in FORK_FAMILIES:
+        import parity_qwen
+
+        from sdlora import families
+
+        return parity_qwen.comfy_files(base, workflow, root, families.get(family))
     if family == "flux":
         name = loaders["UNETLoader"]["unet_name"]
         folders = parity_flux.write_files(base, name, root)
@@ -307,7 +327,7 @@ def run_case(case: str, workdir: Path, steps: int, seeds: int) -> dict[str, Any]
     (root / "checkpoints").mkdir(parents=True)
     out = root / "out"
     family = FAMILY[case]
-    train(dataset(root / "data"), base, out, steps, seeds, EXTRA.get(case, []), text=family in ("sd1", "sd2", "sdxl"))
+    train(dataset(root / "data"), base, out, steps, seeds, EXTRA.get(case, []), text=family in TEXT_ENCODER_LORA)
     workflow = json.loads((out / "me.comfyui.json").read_text())
     assert not problems(workflow), problems(workflow)
     reading = "pipeline" if case.endswith("pipeline-reading") else "comfyui"
@@ -332,8 +352,9 @@ def run_case(case: str, workdir: Path, steps: int, seeds: int) -> dict[str, Any]
     weights = weight_diffs(family, comfy["_weights"], ckpt_name, root / "merged.st")
     channels, factor = parity_zimage.LATENT.get(family, (4, LATENT_SCALE.get(case, 8)))
     latent = [1, channels, sampling.height // factor, sampling.width // factor]
-    noise_equal = all(
-        torch.equal(n, torch.randn(latent, generator=torch.Generator().manual_seed(seed))) for seed, n in noise
+    noise_equal = all(  # Qwen-Image's ComfyUI latent is 5-D (B, C, 1, H, W): the same values
+        torch.equal(n.reshape(latent), torch.randn(latent, generator=torch.Generator().manual_seed(seed)))
+        for seed, n in noise
     )
     theirs = [to_array(comfy[prefix]) for _, _, prefix in items]
     try:
@@ -364,6 +385,14 @@ def run_case(case: str, workdir: Path, steps: int, seeds: int) -> dict[str, Any]
         "lora_effect": image_diff(without, ours),  # sdlora's base alone vs with the LoRA, the same settings
         "seconds": round(time.time() - started, 1),
     }
+    if family in FORK_FAMILIES:  # what the difference is made of (docs/parity.md)
+        import parity_qwen
+
+        others = {}  # the Edit workflow as written before: its prompts through CLIPTextEncode (Qwen-Image's template)
+        if family == "qwenedit":
+            others["comfyui_clip_text_encode"] = parity_qwen.with_clip_text_encode(workflow, base, folders, root)
+        lora = out / "pytorch_lora_weights.safetensors"
+        result["explained"] = parity_qwen.explain(base, lora, items, sampling, theirs, others)
     if case == "toy":
         result["identity"] = {"sdlora": identity(ours), "comfyui": identity(theirs), "diffusers": identity(plain)}
     with contextlib.suppress(Exception):
@@ -377,6 +406,7 @@ def run_case(case: str, workdir: Path, steps: int, seeds: int) -> dict[str, Any]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--comfyui", type=Path, required=True, help="a ComfyUI checkout (upstream, or the fork)")
+    parser.add_argument("--fork-path", type=Path, nargs="*", default=[], help="the fork's comfy_extras, its needs")
     parser.add_argument("--case", nargs="+", choices=list(CASES), default=list(CASES))
     parser.add_argument("--steps", type=int, default=STEPS)
     parser.add_argument("--seeds", type=int, default=SEEDS, help="images per case (sample prompts, one seed)")
@@ -387,8 +417,13 @@ def main() -> None:
     import parity_comfy
     import parity_zimage
 
-    fork = (options.comfyui / "comfy/cmd").is_dir()  # the pip-installable fork (Z-Image, klein): its own layout
-    (parity_zimage.import_fork if fork else parity_comfy.import_comfy)(options.comfyui)
+    fork = (options.comfyui / "comfy/cmd").is_dir()  # the pip-installable fork: its own layout
+    if any(FAMILY[case] in FORK_FAMILIES for case in options.case):
+        import parity_qwen
+
+        parity_qwen.import_fork(options.comfyui, options.fork_path)
+    else:
+        (parity_zimage.import_fork if fork else parity_comfy.import_comfy)(options.comfyui)
     if options.recheck_weights:
         case = options.case[0] if len(options.case) == 1 else "tiny-sd1"
         print(json.dumps(recheck_weights(options.recheck_weights, FAMILY[case]), indent=2))

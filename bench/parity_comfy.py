@@ -334,7 +334,7 @@ def comfy_names(family: str, state_dict: dict[str, torch.Tensor]) -> dict[str, t
     family's process_clip_state_dict: SDXL's OpenCLIP in_proj split into q/k/v, ...)."""
     import comfy.supported_models
 
-    if family not in ("sd1", "sd2", "sdxl"):  # a DiT's transformer file (BFL's, Z-Image's): the model alone
+    if family not in ("sd1", "sd2", "sdxl"):  # a DiT's transformer file (BFL's, Z-Image's, Qwen-Image's): the model
         return {"diffusion_model." + k: v for k, v in state_dict.items()}
     models = {"sd1": comfy.supported_models.SD15, "sd2": comfy.supported_models.SD20}
     config = (models | {"sdxl": comfy.supported_models.SDXL})[family]({})

@@ -79,7 +79,8 @@ def test_workflow_is_a_sound_graph_of_built_in_nodes_with_the_settings(family_pi
             assert inputs["denoise"] == 1.0
         latent = graph[samplers[0]["inputs"]["latent_image"][0]]["inputs"]
     assert (latent["width"], latent["height"], latent["batch_size"]) == (96, 64, 1)
-    texts = [node["inputs"]["text"] for node in of_class(graph, "CLIPTextEncode")]
+    prompt_class, text = family.comfyui_parts(pipe, "owner/some-base", 96, 64, 4.5).prompt_node
+    texts = [node["inputs"][text] for node in of_class(graph, prompt_class)]
     assert texts == ["blurry", "a photo of embedding:alice_emb person", "embedding:alice_emb, an oil painting"]
     loras = of_class(graph, "LoraLoader") + of_class(graph, "LoraLoaderModelOnly")
     assert [lora["inputs"]["lora_name"] for lora in loras] == ["alice.safetensors"]
@@ -395,3 +396,23 @@ def test_reference_photos_are_a_runs_files_not_images_of_its_own(tmp_path):
         (tmp_path / name).write_bytes(b"x")
         assert layout.is_sheet(name)  # eval skips them
     assert len(written_by_generate(tmp_path)) == 2  # a later run into the folder knows them as generate's
+
+
+def test_qwen_image_edit_encodes_prompts_with_its_edit_template():
+    """CLIPTextEncode wraps a prompt in Qwen-Image's template; sdlora renders an Edit model with the Edit template
+    (bench/parity.py tiny-qwenedit), which ComfyUI's TextEncodeQwenImageEditPlus applies when given no image."""
+    from types import SimpleNamespace
+
+    from sdlora.families.qwenedit.family import TEMPLATE
+    from sdlora.families.qwenimage.tiny import qwenimage_scheduler
+
+    # what the workflow reads of the pipeline: the shift, and 2511's zero_cond_t (its reference method)
+    pipe = SimpleNamespace(scheduler=qwenimage_scheduler(), transformer=SimpleNamespace(config={"zero_cond_t": True}))
+    edit = families.get("qwenedit")
+    graph, _ = render(edit, pipe)
+    assert not of_class(graph, "CLIPTextEncode") and workflow.problems(graph) == []
+    encoders = of_class(graph, "TextEncodeQwenImageEditPlus")
+    assert [set(n["inputs"]) for n in encoders] == [{"clip", "prompt"}] * 3  # no image, no VAE: text alone
+    assert edit.template == TEMPLATE != families.get("qwenimage").template
+    graph, _ = render(families.get("qwenimage"), pipe)
+    assert len(of_class(graph, "CLIPTextEncode")) == 3 and not of_class(graph, "TextEncodeQwenImageEditPlus")

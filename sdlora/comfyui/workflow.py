@@ -246,15 +246,15 @@ def _reference_nodes(nodes: dict[str, Any], parts: ComfyParts, names: list[str],
 
 
 def _prompt(nodes: dict[str, Any], parts: ComfyParts, key: str, text: str, clip: list[Any], refs: tuple) -> list[Any]:
-    """A prompt's conditioning: CLIPTextEncode, or with reference photos (`refs`: their links and the VAE) the
-    family's encoder that takes them, or CLIPTextEncode followed by one ReferenceLatent per photo; then the
-    family's reference method (Edit-2511's)."""
+    """A prompt's conditioning: the family's prompt node (CLIPTextEncode, or the Edit template's encoder), or with
+    reference photos (`refs`: their links and the VAE) the family's encoder that takes them, or the prompt node
+    followed by one ReferenceLatent per photo; then the family's reference method (Edit-2511's)."""
     links, vae = refs
     if links and parts.references != REFERENCE_LATENT:
         images = dict(zip(ENCODER_IMAGES[str(parts.references)], links, strict=False))
         nodes[key] = node(str(parts.references), prompt=text, clip=clip, vae=vae, **images)
     else:
-        nodes[key] = node("CLIPTextEncode", text=text, clip=clip)
+        nodes[key] = node(parts.prompt_node[0], **{parts.prompt_node[1]: text}, clip=clip)
     out = [key, 0]
     for i, latent in enumerate(links if parts.references == REFERENCE_LATENT else [], start=1):
         nodes[f"{key}_reference{i}"] = node(REFERENCE_LATENT, conditioning=out, latent=latent)

@@ -40,6 +40,9 @@ class ComfyParts:
     reference_scale: dict[str, Any] | None = None  # a node taking "image": each photo scaled as the pipeline does
     reference_method: dict[str, Any] | None = None  # a node taking "conditioning", after the photos (Edit-2511's)
     reference_notes: tuple[str, ...] = field(default=())  # what differs, said where the run has photos
+    # The node that encodes a prompt (it takes "clip") and the name of its text input: where the family's prompt
+    # template is not the one CLIPTextEncode applies (Qwen-Image-Edit's: TextEncodeQwenImageEditPlus, no image).
+    prompt_node: tuple[str, str] = ("CLIPTextEncode", "text")
 
 
 def checkpoint_file(base: str, known: dict[str, str]) -> tuple[str, str | None]:

@@ -45,10 +45,6 @@ DROP = 64
 REFERENCES = (("QwenImageEditPlusPipeline", 3), ("QwenImageEditPipeline", 1))
 TEXT_RUNNER = "QwenImageEditTextPipeline"  # text_to_image's QwenImagePipeline on an Edit model's weights
 LAYERED = ("use_layer3d_rope", "use_additional_t_cond")  # Qwen-Image-Layered: its own RoPE and timestep input
-COMFYUI_TEXT_NOTE = (
-    "without reference photos ComfyUI's CLIPTextEncode encodes with Qwen-Image's prompt template, sdlora with the "
-    "Edit model's (TextEncodeQwenImageEditPlus without images uses it)"
-)
 COMFYUI_PLUS_NOTE = (
     "reference photos: ComfyUI scales them by area to ~384^2 px for the prompt and ~1024^2 px (sides multiples of "
     "8) for the latents, diffusers with Lanczos to sides multiples of 32"
@@ -182,7 +178,7 @@ class QwenImageEdit(QwenImage):
         method = "index_timestep_zero" if self.variant(pipe) == "2511" else None
         return replace(
             parts,
-            notes=(*parts.notes, COMFYUI_TEXT_NOTE),
+            prompt_node=("TextEncodeQwenImageEditPlus", "prompt"),  # the Edit template (CLIPTextEncode: Qwen-Image's)
             references="TextEncodeQwenImageEditPlus" if plus else "TextEncodeQwenImageEdit",
             reference_method=loader(METHOD_NODE, reference_latents_method=method) if method else None,
             reference_notes=(COMFYUI_PLUS_NOTE if plus else COMFYUI_EDIT_NOTE,),

@@ -94,6 +94,8 @@ COMFYUI_CHECKPOINTS = {
     "Qwen/Qwen-Image-2512": "qwen_image_2512_bf16.safetensors",
 }
 COMFYUI_TEXT_ENCODER = "qwen_2.5_vl_7b.safetensors"
+# Measured by bench/parity.py (tiny-qwenimage, docs/parity.md): with these two taken out of sdlora's render, the
+# fork's latents equal sdlora's to 4e-7 (prompt template and its cut, shift, true CFG scale, normalisation: the same).
 COMFYUI_NOTES = (
     "qwen_2.5_vl_7b.safetensors and qwen_image_vae.safetensors: Comfy-Org/Qwen-Image_ComfyUI's split_files",
     "the pipeline stretches its sigmas to end at shift_terminal (0.02) and rescales true CFG's result to the "
