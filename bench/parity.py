@@ -72,13 +72,36 @@ FAMILY = {
 # Flux: T5 tokens as ComfyUI pads them (at least 256; diffusers' FluxPipeline pads dev to 512, see docs/parity.md)
 EXTRA = {"tiny-flux": ["--set", "model.max_sequence_length=256"]}
 LATENT_SCALE = {"toy": 4}  # the VAE's downsampling where it is not 8
+# FLUX.1 [schnell]; a LoRA on Flux's CLIP-L too (LoraLoader); pivotal tuning through the workflow (embedding:me_emb,
+# the demo's recipe on the toy base, one prompt at seeds generate.seed + i: the workflow's KSampler seeds set so).
+CASES |= {
+    "tiny-flux-schnell": "FLUX.1 [schnell] tiny (the tiny Flux without guidance embedding, its scheduler's static "
+    "shift 1)",
+    "tiny-flux-te": "FLUX.1 [dev] tiny with a LoRA on CLIP-L too (--train-text-encoder; T5 never trains), 256 T5 "
+    "tokens",
+    "toy-pivotal": "SD 1.x toy base, the demo's recipe (pivotal tuning, rank 16 / alpha 16, batch 4, lr 3e-3, 300 "
+    "steps, class-image preservation): embedding:me_emb in the workflow, one prompt at 8 seeds",
+}
+FAMILY |= {"tiny-flux-schnell": "flux", "tiny-flux-te": "flux", "toy-pivotal": "sd1"}
+DEMO = ("lora.rank=16", "lora.alpha=16.0", "train.batch_size=4", "train.pivotal=true", "train.steps=300",
+        "train.sample_every=300", "train.pivotal_learning_rate=3e-3", "train.preservation='auto'",
+        "lora.targets='attention'")  # fmt: skip
+EXTRA |= {"tiny-flux-te": EXTRA["tiny-flux"], "toy-pivotal": [a for s in DEMO for a in ("--set", s)]}
+LATENT_SCALE |= {"toy-pivotal": 4}
+TEXT = {"tiny-flux-te"}  # Flux cases whose LoRA covers CLIP-L
+SEEDED = {"toy-pivotal"}
 
 
 def base_folder(case: str, folder: Path) -> Path:
     from sdlora import testing
     from sdlora.demo.base import restore_packaged
 
-    return restore_packaged(folder) if case == "toy" else testing.save_tiny_pipeline(FAMILY[case], folder)
+    if case == "tiny-flux-schnell":
+        from sdlora.families.flux.tiny import tiny_flux_pipeline
+
+        tiny_flux_pipeline(schnell=True).save_pretrained(folder, safe_serialization=True)
+        return folder
+    return restore_packaged(folder) if case.startswith("toy") else testing.save_tiny_pipeline(FAMILY[case], folder)
 
 
 def dataset(folder: Path) -> Path:
@@ -172,9 +195,14 @@ def sdlora_render(base: Path, lora: Path, config: Any, items: list[tuple[str, in
     without = render_images(pipe, [p for p, _, _ in items], [s for _, s, _ in items], sampling)
     pipe.enable_lora()
     if fuse is not None:
-        pipe.fuse_lora(adapter_names=adapters, lora_scale=1.0)
+        # every model that can hold LoRA (Flux's fuse_lora fuses the transformer only by default, not CLIP-L)
+        pipe.fuse_lora(components=list(pipe._lora_loadable_modules), adapter_names=adapters, lora_scale=1.0)
         pipe.unload_lora_weights()
         families.detect(pipe).save_single_file(pipe, fuse)
+        if families.detect(pipe).name == "flux":  # CLIP-L beside it (its LoRA's weights, merged; else the base's)
+            import parity_flux
+
+            parity_flux.with_clip_l(fuse, parity_flux.clip_state(pipe), fuse)
     return [to_array(i) for i in images], sampling, [to_array(i) for i in without]
 
 
@@ -244,7 +272,11 @@ def comfy_files(
     if family == "flux":
         name = loaders["UNETLoader"]["unet_name"]
         folders = parity_flux.write_files(base, name, root)
-        return folders, parity_flux.tiny_loading(base, root), folders["diffusion_models"] / name
+        from safetensors.torch import load_file
+
+        clip = load_file(str(folders["text_encoders"] / parity_flux.CLIP_L))
+        both = parity_flux.with_clip_l(folders["diffusion_models"] / name, clip, root / "base-and-clip.st")
+        return folders, parity_flux.tiny_loading(base, root), both
     from sdlora import testing
 
     ckpt = testing.write_single_file(base, root / "checkpoints" / loaders["CheckpointLoaderSimple"]["ckpt_name"])
@@ -265,12 +297,15 @@ def run_case(case: str, workdir: Path, steps: int, seeds: int) -> dict[str, Any]
     (root / "checkpoints").mkdir(parents=True)
     out = root / "out"
     family = FAMILY[case]
-    train(dataset(root / "data"), base, out, steps, seeds, EXTRA.get(case, []), text=family != "flux")
+    extra = EXTRA.get(case, []) + (["--set", f"train.sample_prompts={[PROMPT] * seeds!r}"] if case in SEEDED else [])
+    train(dataset(root / "data"), base, out, steps, seeds, extra, text=family != "flux" or case in TEXT)
     workflow = json.loads((out / "me.comfyui.json").read_text())
+    for i, spec in enumerate(n for n in workflow.values() if case in SEEDED and n["class_type"] == "KSampler"):
+        spec["inputs"]["seed"] += i  # the seed a user varies: the same prompt at seeds generate.seed + i
     assert not problems(workflow), problems(workflow)
     reading = "pipeline" if case.endswith("pipeline-reading") else "comfyui"
     folders, loading, ckpt_name = comfy_files(family, base, workflow, root, reading)
-    folders["loras"] = out
+    folders["loras"] = folders["embeddings"] = out  # NAME.safetensors, and pivotal tuning's NAME_emb.safetensors
     config = Config.model_validate_json((out / "config.json").read_text())
     items = samples(workflow)
 
@@ -304,7 +339,7 @@ def run_case(case: str, workdir: Path, steps: int, seeds: int) -> dict[str, Any]
         "case": case,
         "family": FAMILY[case],
         "about": CASES[case],
-        "steps_trained": steps,
+        "steps_trained": config.train.steps,
         "sampling": {
             "sampler": workflow["1"]["_meta"]["sdlora"]["sampler"],
             "steps": sampling.steps,
@@ -322,7 +357,7 @@ def run_case(case: str, workdir: Path, steps: int, seeds: int) -> dict[str, Any]
         "lora_effect": image_diff(without, ours),  # sdlora's base alone vs with the LoRA, the same settings
         "seconds": round(time.time() - started, 1),
     }
-    if case == "toy":
+    if case.startswith("toy"):
         result["identity"] = {"sdlora": identity(ours), "comfyui": identity(theirs), "diffusers": identity(plain)}
     with contextlib.suppress(Exception):
         from PIL import Image

@@ -334,8 +334,8 @@ def comfy_names(family: str, state_dict: dict[str, torch.Tensor]) -> dict[str, t
     family's process_clip_state_dict: SDXL's OpenCLIP in_proj split into q/k/v, ...)."""
     import comfy.supported_models
 
-    if family == "flux":  # BFL's transformer file: the model alone
-        return {"diffusion_model." + k: v for k, v in state_dict.items()}
+    if family == "flux":  # BFL's transformer file (parity_flux.with_clip_l: and CLIP-L under ComfyUI's names)
+        return {k if k.startswith("clip_l.") else "diffusion_model." + k: v for k, v in state_dict.items()}
     models = {"sd1": comfy.supported_models.SD15, "sd2": comfy.supported_models.SD20}
     config = (models | {"sdxl": comfy.supported_models.SDXL})[family]({})
     unet = {
