@@ -33,6 +33,7 @@ import argparse
 import contextlib
 import json
 import logging
+import re
 import shutil
 import tempfile
 import time
@@ -141,8 +142,12 @@ def train(data: Path, base: Path, out: Path, steps: int, seeds: int, extra: list
         raise SystemExit(f"train failed:\n{result.output}")
 
 
-def samples(workflow: dict[str, Any]) -> list[tuple[str, int, str]]:
-    """(prompt, seed, SaveImage prefix) of each image of an API-format workflow, in order."""
+def samples(workflow: dict[str, Any], emb: Path) -> list[tuple[str, int, str]]:
+    """(prompt, seed, SaveImage prefix) of each image of an API-format workflow, in order; the prompt as sdlora
+    writes it (pivotal tuning's `embedding:NAME_emb` back to the trigger word of `emb`, where it exists)."""
+    from sdlora.lora import embeddings
+
+    found = embeddings.read(emb) if emb.exists() else None
     out = []
     for spec in workflow.values():
         if spec["class_type"] != "SaveImage":
@@ -151,7 +156,7 @@ def samples(workflow: dict[str, Any]) -> list[tuple[str, int, str]]:
         positive = workflow[sampler["positive"][0]]["inputs"]
         while "text" not in positive:  # FluxGuidance & co between the prompt and the sampler
             positive = workflow[positive["conditioning"][0]]["inputs"]
-        prompt = positive["text"]
+        prompt = positive["text"].replace(f"embedding:{emb.stem}", found.word) if found else positive["text"]
         out.append((prompt, sampler["seed"], spec["inputs"]["filename_prefix"]))
     return out
 
@@ -207,16 +212,24 @@ def sdlora_render(base: Path, lora: Path, config: Any, items: list[tuple[str, in
 
 
 def diffusers_render(base: Path, lora: Path, sampling: Any, items: list[tuple[str, int, str]]) -> list[np.ndarray]:
-    """diffusers alone: from_pretrained (the pipeline class of the folder), load_lora_weights(lora), sdlora's
+    """diffusers alone: from_pretrained (the pipeline class of the folder), load_lora_weights(lora) and, with
+    pivotal tuning, load_textual_inversion of me_emb.safetensors (the trigger word written as its token), sdlora's
     render settings."""
     from diffusers import DiffusionPipeline
 
     from sdlora.generate.render import render_images
+    from sdlora.lora import embeddings
 
     pipe = DiffusionPipeline.from_pretrained(str(base))
     pipe.load_lora_weights(str(lora.parent), weight_name=lora.name)
     pipe.set_progress_bar_config(disable=True)
-    return [to_array(i) for i in render_images(pipe, [p for p, _, _ in items], [s for _, s, _ in items], sampling)]
+    prompts = [p for p, _, _ in items]
+    emb = lora.with_name("me_emb.safetensors")
+    found = embeddings.read(emb) if emb.exists() else None
+    if found is not None:  # pivotal tuning: diffusers' textual inversion of the vectors, named as the file is
+        pipe.load_textual_inversion(found.vectors["clip_l"], token="me_emb")
+        prompts = [re.sub(rf"\b{re.escape(found.word)}\b", "me_emb", p) for p in prompts]
+    return [to_array(i) for i in render_images(pipe, prompts, [s for _, s, _ in items], sampling)]
 
 
 def weight_diffs(family: str, theirs: dict[str, tuple[Any, Any]], base_file: Path, merged_file: Path) -> dict[str, Any]:
@@ -293,12 +306,12 @@ def run_case(case: str, workdir: Path, steps: int, seeds: int) -> dict[str, Any]
 
     started = time.time()
     root = workdir / case
-    base = base_folder(case, root / "base")
-    (root / "checkpoints").mkdir(parents=True)
-    out = root / "out"
-    family = FAMILY[case]
-    extra = EXTRA.get(case, []) + (["--set", f"train.sample_prompts={[PROMPT] * seeds!r}"] if case in SEEDED else [])
-    train(dataset(root / "data"), base, out, steps, seeds, extra, text=family != "flux" or case in TEXT)
+    out, base, family = root / "out", root / "base", FAMILY[case]
+    if not (out / "me.comfyui.json").exists():  # else a run --keep kept: measured again, not trained again
+        base = base_folder(case, base)
+        (root / "checkpoints").mkdir(parents=True)
+        extra = EXTRA.get(case, []) + (["--set", f"train.sample_prompts={[PROMPT] * seeds!r}"] * (case in SEEDED))
+        train(dataset(root / "data"), base, out, steps, seeds, extra, text=family != "flux" or case in TEXT)
     workflow = json.loads((out / "me.comfyui.json").read_text())
     for i, spec in enumerate(n for n in workflow.values() if case in SEEDED and n["class_type"] == "KSampler"):
         spec["inputs"]["seed"] += i  # the seed a user varies: the same prompt at seeds generate.seed + i
@@ -307,7 +320,7 @@ def run_case(case: str, workdir: Path, steps: int, seeds: int) -> dict[str, Any]
     folders, loading, ckpt_name = comfy_files(family, base, workflow, root, reading)
     folders["loras"] = folders["embeddings"] = out  # NAME.safetensors, and pivotal tuning's NAME_emb.safetensors
     config = Config.model_validate_json((out / "config.json").read_text())
-    items = samples(workflow)
+    items = samples(workflow, out / "me_emb.safetensors")
 
     collect = Collect()
     logging.getLogger().addHandler(collect)
@@ -374,7 +387,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=STEPS)
     parser.add_argument("--seeds", type=int, default=SEEDS, help="images per case (sample prompts, one seed)")
     parser.add_argument("--json", type=Path, help="also write the results here")
-    parser.add_argument("--keep", type=Path, help="work in this folder (kept) instead of a temporary one")
+    parser.add_argument(
+        "--keep", type=Path, help="work in this folder (kept) instead of a temporary one; a case trained there "
+        "before is measured again without training",
+    )  # fmt: skip
     parser.add_argument("--recheck-weights", type=Path, help="only the weight comparison, for a --keep case folder")
     options = parser.parse_args()
     import parity_comfy

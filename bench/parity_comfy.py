@@ -177,8 +177,11 @@ def sd1_clip_target(config: Path) -> Any:
     clip_model = functools.partial(
         comfy.sd1_clip.SDClipModel, textmodel_json_config=str(config), return_projected_pooled=False
     )
+    width = json.loads(config.read_text())["hidden_size"]  # an `embedding:` file's vectors must have it (not 768)
+    token = functools.partial(comfy.sd1_clip.SDTokenizer, embedding_size=width)
     return comfy.supported_models_base.ClipTarget(
-        comfy.sd1_clip.SD1Tokenizer, functools.partial(comfy.sd1_clip.SD1ClipModel, clip_model=clip_model)
+        functools.partial(comfy.sd1_clip.SD1Tokenizer, tokenizer=token),
+        functools.partial(comfy.sd1_clip.SD1ClipModel, clip_model=clip_model),
     )
 
 
