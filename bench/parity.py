@@ -8,7 +8,8 @@ has our stack plus ComfyUI's requirements (torchsde, scipy; torchvision is stubb
         --case tiny-sd1 tiny-sdxl tiny-sd2 tiny-flux toy --json docs/bench-results/parity.json
 
 Cases (CASES): SD 1.x tiny and toy, SDXL tiny, SD 2.x tiny (ComfyUI's CLIP-H reading, and the tiny pipeline's),
-FLUX.1 [dev] tiny (at ComfyUI's 256 T5 tokens, and at dev's default 512 in sdlora).
+FLUX.1 [dev] tiny (at ComfyUI's 256 T5 tokens, and at dev's default 512 in sdlora); FLUX.1 [schnell] tiny; Flux with
+a CLIP-L LoRA (LoraLoader); the toy base with pivotal tuning (the demo's recipe, `embedding:me_emb`, 8 seeds).
 Per case: the base saved as a diffusers folder and as the files ComfyUI loads (the family's save_single_file;
 Flux: BFL's transformer file, clip_l, t5xxl and ae as bench/parity_flux.py writes them); `sdlora train` (CLI, a
 few steps, LoRA on the denoiser and, SD 1.x/2.x/SDXL, the text encoders, rank 8 / alpha 4,
