@@ -8,10 +8,11 @@ has our stack plus ComfyUI's requirements (torchsde, scipy; torchvision is stubb
         --case tiny-sd1 tiny-sdxl tiny-sd2 tiny-flux toy --json docs/bench-results/parity.json
 
 Cases (CASES): SD 1.x tiny and toy, SDXL tiny, SD 2.x tiny (ComfyUI's CLIP-H reading, and the tiny pipeline's),
-FLUX.1 [dev] tiny (at ComfyUI's 256 T5 tokens, and at dev's default 512 in sdlora); Z-Image (Base, Turbo) and FLUX.2
-[klein] (base, distilled) tiny, through the pip-installable fork (`--comfyui FORK`: bench/parity_zimage.py);
-Qwen-Image and Qwen-Image-Edit tiny (bench/parity_qwen.py) on the fork too, with --fork-path its nodes' own
-requirements (docs/parity.md has the commands).
+FLUX.1 [dev] tiny (at ComfyUI's 256 T5 tokens, and at dev's default 512 in sdlora); FLUX.1 [schnell] tiny; Flux with
+a CLIP-L LoRA (LoraLoader); the toy base with pivotal tuning (the demo's recipe, `embedding:me_emb`, 8 seeds);
+Z-Image (Base, Turbo) and FLUX.2 [klein] (base, distilled) tiny, through the pip-installable fork (`--comfyui
+FORK`: bench/parity_zimage.py); Qwen-Image and Qwen-Image-Edit tiny (bench/parity_qwen.py) on the fork too, with
+--fork-path its nodes' own requirements (docs/parity.md has the commands).
 Per case: the base saved as a diffusers folder and as the files ComfyUI loads (the family's save_single_file;
 Flux: BFL's transformer file, clip_l, t5xxl and ae as bench/parity_flux.py writes them); `sdlora train` (CLI, a
 few steps, LoRA on the denoiser and, SD 1.x/2.x/SDXL, the text encoders, rank 8 / alpha 4,
@@ -36,6 +37,7 @@ import argparse
 import contextlib
 import json
 import logging
+import re
 import shutil
 import tempfile
 import time
@@ -111,6 +113,25 @@ CASES["tiny-qwenedit"] = "Qwen-Image-Edit tiny test pipeline (sdlora.families.qw
 FAMILY |= {"tiny-qwenimage": "qwenimage", "tiny-qwenedit": "qwenedit"}
 FORK_FAMILIES = ("qwenimage", "qwenedit")
 TEXT_ENCODER_LORA = ("sd1", "sd2", "sdxl")  # the other families train the transformer only
+# FLUX.1 [schnell]; a LoRA on Flux's CLIP-L too (LoraLoader); pivotal tuning through the workflow (embedding:me_emb,
+# the demo's recipe on the toy base, one prompt at seeds generate.seed + i: the workflow's KSampler seeds set so).
+CASES |= {
+    "tiny-flux-schnell": "FLUX.1 [schnell] tiny (the tiny Flux without guidance embedding, its scheduler's static "
+    "shift 1)",
+    "tiny-flux-te": "FLUX.1 [dev] tiny with a LoRA on CLIP-L too (--train-text-encoder; T5 never trains), 256 T5 "
+    "tokens",
+    "toy-pivotal": "SD 1.x toy base, the demo's recipe (pivotal tuning, rank 16 / alpha 16, batch 4, lr 3e-3, 300 "
+    "steps, class-image preservation): embedding:me_emb in the workflow, one prompt at 8 seeds",
+}
+FAMILY |= {"tiny-flux-schnell": "flux", "tiny-flux-te": "flux", "toy-pivotal": "sd1"}
+DEMO = ("lora.rank=16", "lora.alpha=16.0", "train.batch_size=4", "train.pivotal=true", "train.steps=300",
+        "train.sample_every=300", "train.pivotal_learning_rate=3e-3", "train.preservation='auto'",
+        "lora.targets='attention'")  # fmt: skip
+EXTRA |= {"tiny-flux-te": EXTRA["tiny-flux"], "toy-pivotal": [a for s in DEMO for a in ("--set", s)]}
+LATENT_SCALE |= {"toy-pivotal": 4}
+TEXT = {"tiny-flux-te"}  # Flux cases whose LoRA covers CLIP-L
+SEEDED = {"toy-pivotal"}
+BASES["tiny-flux-schnell"] = ("sdlora.families.flux.tiny", "tiny_flux_pipeline", {"schnell": True})
 
 
 def base_folder(case: str, folder: Path) -> Path:
@@ -123,7 +144,7 @@ def base_folder(case: str, folder: Path) -> Path:
         module, name, kwargs = BASES[case]
         getattr(importlib.import_module(module), name)(**kwargs).save_pretrained(folder, safe_serialization=True)
         return folder
-    return restore_packaged(folder) if case == "toy" else testing.save_tiny_pipeline(FAMILY[case], folder)
+    return restore_packaged(folder) if case.startswith("toy") else testing.save_tiny_pipeline(FAMILY[case], folder)
 
 
 def dataset(folder: Path) -> Path:
@@ -163,8 +184,12 @@ def train(data: Path, base: Path, out: Path, steps: int, seeds: int, extra: list
         raise SystemExit(f"train failed:\n{result.output}")
 
 
-def samples(workflow: dict[str, Any]) -> list[tuple[str, int, str]]:
-    """(prompt, seed, SaveImage prefix) of each image of an API-format workflow, in order."""
+def samples(workflow: dict[str, Any], emb: Path) -> list[tuple[str, int, str]]:
+    """(prompt, seed, SaveImage prefix) of each image of an API-format workflow, in order; the prompt as sdlora
+    writes it (pivotal tuning's `embedding:NAME_emb` back to the trigger word of `emb`, where it exists)."""
+    from sdlora.lora import embeddings
+
+    found = embeddings.read(emb) if emb.exists() else None
     out = []
     for spec in workflow.values():
         if spec["class_type"] != "SaveImage":
@@ -177,6 +202,7 @@ def samples(workflow: dict[str, Any]) -> list[tuple[str, int, str]]:
         while "text" not in positive and "prompt" not in positive:  # FluxGuidance & co between prompt and sampler
             positive = workflow[positive["conditioning"][0]]["inputs"]
         prompt = positive.get("text", positive.get("prompt"))  # CLIPTextEncode's, TextEncodeQwenImageEditPlus's
+        prompt = prompt.replace(f"embedding:{emb.stem}", found.word) if found else prompt
         out.append((prompt, sampler["seed"], spec["inputs"]["filename_prefix"]))
     return out
 
@@ -220,25 +246,38 @@ def sdlora_render(base: Path, lora: Path, config: Any, items: list[tuple[str, in
     without = render_images(pipe, [p for p, _, _ in items], [s for _, s, _ in items], sampling)
     pipe.enable_lora()
     if fuse is not None:
-        pipe.fuse_lora(adapter_names=adapters, lora_scale=1.0)
+        # every model that can hold LoRA (Flux's fuse_lora fuses the transformer only by default, not CLIP-L)
+        pipe.fuse_lora(components=list(pipe._lora_loadable_modules), adapter_names=adapters, lora_scale=1.0)
         pipe.unload_lora_weights()
         families.detect(pipe).save_single_file(pipe, fuse)
+        if families.detect(pipe).name == "flux":  # CLIP-L beside it (its LoRA's weights, merged; else the base's)
+            import parity_flux
+
+            parity_flux.with_clip_l(fuse, parity_flux.clip_state(pipe), fuse)
     return [to_array(i) for i in images], sampling, [to_array(i) for i in without]
 
 
 def diffusers_render(base: Path, lora: Path, sampling: Any, items: list[tuple[str, int, str]]) -> list[np.ndarray]:
-    """diffusers alone: from_pretrained (the pipeline class of the folder), load_lora_weights(lora), sdlora's
+    """diffusers alone: from_pretrained (the pipeline class of the folder), load_lora_weights(lora) and, with
+    pivotal tuning, load_textual_inversion of me_emb.safetensors (the trigger word written as its token), sdlora's
     render settings."""
     from diffusers import DiffusionPipeline
 
     from sdlora.families import stand_ins
     from sdlora.generate.render import render_images
+    from sdlora.lora import embeddings
 
     # stand_ins: Qwen-Image-Edit's processor without torchvision ({} for the others)
     pipe = DiffusionPipeline.from_pretrained(str(base), **stand_ins(str(base), {}))
     pipe.load_lora_weights(str(lora.parent), weight_name=lora.name)
     pipe.set_progress_bar_config(disable=True)
-    return [to_array(i) for i in render_images(pipe, [p for p, _, _ in items], [s for _, s, _ in items], sampling)]
+    prompts = [p for p, _, _ in items]
+    emb = lora.with_name("me_emb.safetensors")
+    found = embeddings.read(emb) if emb.exists() else None
+    if found is not None:  # pivotal tuning: diffusers' textual inversion of the vectors, named as the file is
+        pipe.load_textual_inversion(found.vectors["clip_l"], token="me_emb")
+        prompts = [re.sub(rf"\b{re.escape(found.word)}\b", "me_emb", p) for p in prompts]
+    return [to_array(i) for i in render_images(pipe, prompts, [s for _, s, _ in items], sampling)]
 
 
 def weight_diffs(family: str, theirs: dict[str, tuple[Any, Any]], base_file: Path, merged_file: Path) -> dict[str, Any]:
@@ -305,7 +344,11 @@ def comfy_files(
     if family == "flux":
         name = loaders["UNETLoader"]["unet_name"]
         folders = parity_flux.write_files(base, name, root)
-        return folders, parity_flux.tiny_loading(base, root), folders["diffusion_models"] / name
+        from safetensors.torch import load_file
+
+        clip = load_file(str(folders["text_encoders"] / parity_flux.CLIP_L))
+        both = parity_flux.with_clip_l(folders["diffusion_models"] / name, clip, root / "base-and-clip.st")
+        return folders, parity_flux.tiny_loading(base, root), both
     from sdlora import testing
 
     ckpt = testing.write_single_file(base, root / "checkpoints" / loaders["CheckpointLoaderSimple"]["ckpt_name"])
@@ -323,18 +366,21 @@ def run_case(case: str, workdir: Path, steps: int, seeds: int) -> dict[str, Any]
 
     started = time.time()
     root = workdir / case
-    base = base_folder(case, root / "base")
-    (root / "checkpoints").mkdir(parents=True)
-    out = root / "out"
-    family = FAMILY[case]
-    train(dataset(root / "data"), base, out, steps, seeds, EXTRA.get(case, []), text=family in TEXT_ENCODER_LORA)
+    out, base, family = root / "out", root / "base", FAMILY[case]
+    if not (out / "me.comfyui.json").exists():  # else a run --keep kept: measured again, not trained again
+        base = base_folder(case, base)
+        (root / "checkpoints").mkdir(parents=True)
+        extra = EXTRA.get(case, []) + (["--set", f"train.sample_prompts={[PROMPT] * seeds!r}"] * (case in SEEDED))
+        train(dataset(root / "data"), base, out, steps, seeds, extra, text=family in TEXT_ENCODER_LORA or case in TEXT)
     workflow = json.loads((out / "me.comfyui.json").read_text())
+    for i, spec in enumerate(n for n in workflow.values() if case in SEEDED and n["class_type"] == "KSampler"):
+        spec["inputs"]["seed"] += i  # the seed a user varies: the same prompt at seeds generate.seed + i
     assert not problems(workflow), problems(workflow)
     reading = "pipeline" if case.endswith("pipeline-reading") else "comfyui"
     folders, loading, ckpt_name = comfy_files(family, base, workflow, root, reading)
-    folders["loras"] = out
+    folders["loras"] = folders["embeddings"] = out  # NAME.safetensors, and pivotal tuning's NAME_emb.safetensors
     config = Config.model_validate_json((out / "config.json").read_text())
-    items = samples(workflow)
+    items = samples(workflow, out / "me_emb.safetensors")
 
     collect = Collect()
     logging.getLogger().addHandler(collect)
@@ -367,7 +413,7 @@ def run_case(case: str, workdir: Path, steps: int, seeds: int) -> dict[str, Any]
         "case": case,
         "family": FAMILY[case],
         "about": CASES[case],
-        "steps_trained": steps,
+        "steps_trained": config.train.steps,
         "sampling": {
             "sampler": workflow["1"]["_meta"]["sdlora"]["sampler"],
             "steps": sampling.steps,
@@ -393,7 +439,7 @@ def run_case(case: str, workdir: Path, steps: int, seeds: int) -> dict[str, Any]
             others["comfyui_clip_text_encode"] = parity_qwen.with_clip_text_encode(workflow, base, folders, root)
         lora = out / "pytorch_lora_weights.safetensors"
         result["explained"] = parity_qwen.explain(base, lora, items, sampling, theirs, others)
-    if case == "toy":
+    if case.startswith("toy"):
         result["identity"] = {"sdlora": identity(ours), "comfyui": identity(theirs), "diffusers": identity(plain)}
     with contextlib.suppress(Exception):
         from PIL import Image
@@ -411,7 +457,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=STEPS)
     parser.add_argument("--seeds", type=int, default=SEEDS, help="images per case (sample prompts, one seed)")
     parser.add_argument("--json", type=Path, help="also write the results here")
-    parser.add_argument("--keep", type=Path, help="work in this folder (kept) instead of a temporary one")
+    parser.add_argument(
+        "--keep", type=Path, help="work in this folder (kept) instead of a temporary one; a case trained there "
+        "before is measured again without training",
+    )  # fmt: skip
     parser.add_argument("--recheck-weights", type=Path, help="only the weight comparison, for a --keep case folder")
     options = parser.parse_args()
     import parity_comfy

@@ -177,8 +177,11 @@ def sd1_clip_target(config: Path) -> Any:
     clip_model = functools.partial(
         comfy.sd1_clip.SDClipModel, textmodel_json_config=str(config), return_projected_pooled=False
     )
+    width = json.loads(config.read_text())["hidden_size"]  # an `embedding:` file's vectors must have it (not 768)
+    token = functools.partial(comfy.sd1_clip.SDTokenizer, embedding_size=width)
     return comfy.supported_models_base.ClipTarget(
-        comfy.sd1_clip.SD1Tokenizer, functools.partial(comfy.sd1_clip.SD1ClipModel, clip_model=clip_model)
+        functools.partial(comfy.sd1_clip.SD1Tokenizer, tokenizer=token),
+        functools.partial(comfy.sd1_clip.SD1ClipModel, clip_model=clip_model),
     )
 
 
@@ -334,6 +337,8 @@ def comfy_names(family: str, state_dict: dict[str, torch.Tensor]) -> dict[str, t
     family's process_clip_state_dict: SDXL's OpenCLIP in_proj split into q/k/v, ...)."""
     import comfy.supported_models
 
+    if family == "flux":  # BFL's transformer file (parity_flux.with_clip_l: and CLIP-L under ComfyUI's names)
+        return {k if k.startswith("clip_l.") else "diffusion_model." + k: v for k, v in state_dict.items()}
     if family not in ("sd1", "sd2", "sdxl"):  # a DiT's transformer file (BFL's, Z-Image's, Qwen-Image's): the model
         return {"diffusion_model." + k: v for k, v in state_dict.items()}
     models = {"sd1": comfy.supported_models.SD15, "sd2": comfy.supported_models.SD20}

@@ -43,16 +43,27 @@ def write_files(folder: Path, unet_name: str, root: Path) -> dict[str, Path]:
     for path in kinds.values():
         path.mkdir(parents=True, exist_ok=True)
     families.get("flux").save_single_file(pipe, kinds["diffusion_models"] / unet_name)
-    # transformers 5 names CLIPTextModel's tensors without `text_model.`; the published clip_l.safetensors has it
-    clip = {
-        "text_model." + k.removeprefix("text_model."): v.contiguous() for k, v in pipe.text_encoder.state_dict().items()
-    }
-    save_file(clip, kinds["text_encoders"] / CLIP_L)
+    save_file(clip_state(pipe), kinds["text_encoders"] / CLIP_L)
     t5 = {k: v.contiguous() for k, v in pipe.text_encoder_2.state_dict().items() if k != "encoder.embed_tokens.weight"}
     save_file(t5, kinds["text_encoders"] / T5)
     vae = {k.removeprefix(single_file.VAE_PREFIX): v.contiguous() for k, v in single_file.vae_state(pipe.vae).items()}
     save_file(vae, kinds["vae"] / AE)
     return kinds
+
+
+def clip_state(pipe: Any) -> dict[str, torch.Tensor]:
+    """CLIP-L's tensors as the published clip_l.safetensors names them (transformers 5 leaves out `text_model.`)."""
+    state = pipe.text_encoder.state_dict()
+    return {"text_model." + k.removeprefix("text_model."): v.contiguous() for k, v in state.items()}
+
+
+def with_clip_l(model_file: Path, clip: dict[str, torch.Tensor], path: Path) -> Path:
+    """The transformer file plus CLIP-L under ComfyUI's names (`clip_l.transformer.text_model.*`), in one file at
+    `path`: what parity.weight_diffs compares (ComfyUI's patched CLIP-L beside the model)."""
+    from safetensors.torch import load_file, save_file
+
+    save_file(load_file(str(model_file)) | {"clip_l.transformer." + k: v for k, v in clip.items()}, path)
+    return path
 
 
 class TinyT5Tokenizer:

@@ -311,6 +311,10 @@ def test_flux_dev_workflow_says_comfyui_pads_t5_to_256_tokens():
     assert any("256 tokens" in note and "max_sequence_length = 256" in note for note in dev.notes)
     schnell = flux.comfyui_parts(tiny_flux_pipeline(schnell=True), "black-forest-labs/FLUX.1-schnell", 64, 64, 0.0)
     assert not any("256 tokens" in note for note in schnell.notes)  # schnell renders at 256 already
+    # What bench/parity.py's tiny-flux-schnell rendered within 1/255: no guidance node, cfg 1, the static shift
+    assert (schnell.guidance, schnell.cfg, dev.cfg) == (None, 1.0, 1.0)
+    assert schnell.sampling == {"class_type": "ModelSamplingAuraFlow", "inputs": {"shift": 1.0}}
+    assert dev.sampling["class_type"] == "ModelSamplingFlux" and dev.guidance["inputs"]["guidance"] == 3.5
 
 
 def reference_pipelines():

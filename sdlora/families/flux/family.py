@@ -177,7 +177,7 @@ class Flux:
         if config.get("use_dynamic_shifting", False):
             shifts = {"max_shift": config.get("max_shift", 1.15), "base_shift": config.get("base_shift", 0.5)}
             sampling = loader("ModelSamplingFlux", **shifts, width=width, height=height)
-        else:  # ComfyUI's schnell default shifts by e; the pipeline's scheduler by its static `shift` (1: none)
+        else:  # the scheduler's static `shift` (schnell's: 1, none; ComfyUI's FluxSchnell default is the same)
             sampling = loader("ModelSamplingAuraFlow", shift=float(config.get("shift", 1.0)))
         dev = self.variant(pipe) == "dev"
         kontext = pipeline_class(pipe) in dict(self.reference_pipelines)
