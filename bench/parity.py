@@ -10,9 +10,9 @@ has our stack plus ComfyUI's requirements (torchsde, scipy; torchvision is stubb
 Cases (CASES): SD 1.x tiny and toy, SDXL tiny, SD 2.x tiny (ComfyUI's CLIP-H reading, and the tiny pipeline's),
 FLUX.1 [dev] tiny (at ComfyUI's 256 T5 tokens, and at dev's default 512 in sdlora); FLUX.1 [schnell] tiny; Flux with
 a CLIP-L LoRA (LoraLoader); the toy base with pivotal tuning (the demo's recipe, `embedding:me_emb`, 8 seeds);
-Z-Image (Base, Turbo) and FLUX.2 [klein] (base, distilled) tiny, through the pip-installable fork (`--comfyui
-FORK`: bench/parity_zimage.py); Qwen-Image and Qwen-Image-Edit tiny (bench/parity_qwen.py) on the fork too, with
---fork-path its nodes' own requirements (docs/parity.md has the commands).
+Z-Image (Base, Turbo) and FLUX.2 [klein] (base, distilled) tiny (bench/parity_zimage.py), Qwen-Image and
+Qwen-Image-Edit tiny (bench/parity_qwen.py), through the pip-installable fork (`--comfyui FORK`: its export and
+the command in bench/parity_fork.py and docs/parity.md).
 Per case: the base saved as a diffusers folder and as the files ComfyUI loads (the family's save_single_file;
 Flux: BFL's transformer file, clip_l, t5xxl and ae as bench/parity_flux.py writes them); `sdlora train` (CLI, a
 few steps, LoRA on the denoiser and, SD 1.x/2.x/SDXL, the text encoders, rank 8 / alpha 4,
@@ -104,14 +104,15 @@ BASES = {  # (module, builder, its arguments): a tiny pipeline with other settin
     "tiny-klein-distilled": ("sdlora.families.klein.tiny", "tiny_klein_pipeline", {"distilled": True}),
 }
 # Qwen-Image (bench/parity_qwen.py): rendered by the pip-installable fork's code (upstream's snapshot predates it);
-# --comfyui names the fork's checkout, --fork-path its comfy_extras export and its node modules' requirements.
+# --comfyui names the fork's export (bench/parity_fork.py).
 CASES["tiny-qwenimage"] = (
     "Qwen-Image tiny test pipeline (sdlora.families.qwenimage.tiny: 2 blocks of 3 heads x 16, Qwen2.5-VL width 16 "
     "behind the byte-level Qwen tokenizer, 4-channel 3D-causal VAE)"
 )
 CASES["tiny-qwenedit"] = "Qwen-Image-Edit tiny test pipeline (sdlora.families.qwenedit.tiny), trained text-to-image"
 FAMILY |= {"tiny-qwenimage": "qwenimage", "tiny-qwenedit": "qwenedit"}
-FORK_FAMILIES = ("qwenimage", "qwenedit")
+QWEN = ("qwenimage", "qwenedit")
+FORK_FAMILIES = ("zimage", "klein", *QWEN)  # rendered by the fork (parity_fork), the others by upstream
 TEXT_ENCODER_LORA = ("sd1", "sd2", "sdxl")  # the other families train the transformer only
 # FLUX.1 [schnell]; a LoRA on Flux's CLIP-L too (LoraLoader); pivotal tuning through the workflow (embedding:me_emb,
 # the demo's recipe on the toy base, one prompt at seeds generate.seed + i: the workflow's KSampler seeds set so).
@@ -335,7 +336,7 @@ def comfy_files(
         unet = next(n["inputs"]["unet_name"] for n in workflow.values() if n["class_type"] == "UNETLoader")
         return folders, parity_zimage.tiny_loading(family, base), folders["diffusion_models"] / unet
     loaders = {n["class_type"]: n["inputs"] for n in workflow.values()}
-    if family in FORK_FAMILIES:
+    if family in QWEN:
         import parity_qwen
 
         from sdlora import families
@@ -431,7 +432,7 @@ def run_case(case: str, workdir: Path, steps: int, seeds: int) -> dict[str, Any]
         "lora_effect": image_diff(without, ours),  # sdlora's base alone vs with the LoRA, the same settings
         "seconds": round(time.time() - started, 1),
     }
-    if family in FORK_FAMILIES:  # what the difference is made of (docs/parity.md)
+    if family in QWEN:  # what the difference is made of (docs/parity.md)
         import parity_qwen
 
         others = {}  # the Edit workflow as written before: its prompts through CLIPTextEncode (Qwen-Image's template)
@@ -452,7 +453,6 @@ def run_case(case: str, workdir: Path, steps: int, seeds: int) -> dict[str, Any]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--comfyui", type=Path, required=True, help="a ComfyUI checkout (upstream, or the fork)")
-    parser.add_argument("--fork-path", type=Path, nargs="*", default=[], help="the fork's comfy_extras, its needs")
     parser.add_argument("--case", nargs="+", choices=list(CASES), default=list(CASES))
     parser.add_argument("--steps", type=int, default=STEPS)
     parser.add_argument("--seeds", type=int, default=SEEDS, help="images per case (sample prompts, one seed)")
@@ -464,15 +464,16 @@ def main() -> None:
     parser.add_argument("--recheck-weights", type=Path, help="only the weight comparison, for a --keep case folder")
     options = parser.parse_args()
     import parity_comfy
-    import parity_zimage
+    import parity_fork
 
-    fork = (options.comfyui / "comfy/cmd").is_dir()  # the pip-installable fork: its own layout
-    if any(FAMILY[case] in FORK_FAMILIES for case in options.case):
-        import parity_qwen
-
-        parity_qwen.import_fork(options.comfyui, options.fork_path)
-    else:
-        (parity_zimage.import_fork if fork else parity_comfy.import_comfy)(options.comfyui)
+    fork = parity_fork.is_fork(options.comfyui)  # the pip-installable fork: its own layout
+    wrong = [case for case in options.case if (FAMILY[case] in FORK_FAMILIES) != fork]
+    if wrong:
+        raise SystemExit(
+            f"error: --comfyui {options.comfyui} is {'the fork' if fork else 'upstream ComfyUI'}; "
+            f"run {' '.join(wrong)} with {'upstream' if fork else 'the fork (bench/parity_fork.py)'}"
+        )
+    (parity_fork.import_fork if fork else parity_comfy.import_comfy)(options.comfyui)
     if options.recheck_weights:
         case = options.case[0] if len(options.case) == 1 else "tiny-sd1"
         print(json.dumps(recheck_weights(options.recheck_weights, FAMILY[case]), indent=2))

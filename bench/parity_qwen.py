@@ -2,10 +2,8 @@
 what the pip-installable fork's loaders need to read them (the counterpart of parity_flux for FLUX.1).
 
 Upstream ComfyUI's snapshot here predates Qwen-Image; the fork hiddenswitch/pip-and-uv-installable-ComfyUI has it
-(`comfy` as a package: model_base.QwenImage, text_encoders.qwen_image, the Wan 2.1 VAE that Qwen-Image's is).
-`import_fork` imports it (its nodes from comfy.nodes.base_nodes and comfy_extras.nodes, which an export of the
-fork's comfy_extras folder provides), and names its node table and folder_paths as upstream's `nodes` and
-`folder_paths`, so that parity_comfy.execute runs the workflow with the fork's node classes.
+(`comfy` as a package: model_base.QwenImage, text_encoders.qwen_image, the Wan 2.1 VAE that Qwen-Image's is),
+imported by parity_fork.import_fork (its docstring has the one setup: the fork's export and the command).
 
 The workflow sdlora writes for Qwen-Image loads three files (UNETLoader: the transformer under its diffusers names,
 which are ComfyUI's; CLIPLoader type qwen_image: qwen_2.5_vl_7b.safetensors; VAELoader: qwen_image_vae.safetensors).
@@ -33,9 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib.util
 import json
-import sys
 import types
 from collections.abc import Iterator
 from pathlib import Path
@@ -49,58 +45,6 @@ VAE = "qwen_image_vae.safetensors"
 LATENTS = "comfyui-latents.pt"  # what ComfyUI's VAEDecode nodes decoded, in workflow order
 RESNET = {"norm1.gamma": "residual.0.gamma", "conv1.": "residual.2.", "norm2.gamma": "residual.3.gamma"}
 RESNET |= {"conv2.": "residual.6.", "conv_shortcut.": "shortcut."}
-
-
-def import_fork(checkout: Path, extras: list[Path]) -> None:
-    """Import the fork from `checkout` on the CPU (its tracing start-up stubbed, torchvision a stand-in while it
-    imports); `extras`: folders appended to the import path (the fork's comfy_extras where the checkout lacks it,
-    and its node modules' own requirements: can_ada, ijson, jaxtyping, pebble, aiofiles, requests_cache).
-    Upstream's module names `nodes` (the fork's base nodes plus ModelSamplingAuraFlow and EmptySD3LatentImage) and
-    `folder_paths` then point at the fork's."""
-    import comfyui_dit
-
-    sys.path.insert(0, str(checkout))
-    sys.path.extend(str(path) for path in extras)
-    from comfy.cli_args import args
-    from comfy.cli_args_types import LatentPreviewMethod
-
-    args.cpu = True
-    args.disable_all_custom_nodes = True
-    args.preview_method = LatentPreviewMethod.NoPreviews  # the fork's default previews would fetch a decoder
-    import diffusers  # noqa: F401
-    import peft  # noqa: F401
-    import transformers  # noqa: F401
-
-    comfyui_dit.stub_fork_startup()
-    # torchvision and OpenCV: for nodes and models this never runs (image loading, previews)
-    names = [n for n in ("torchvision", "torchvision.models", "torchvision.transforms", "cv2") if not find(n)]
-    stub = bool(names)
-    if stub:
-        for name in names:
-            sys.modules[name] = types.ModuleType(name)
-    try:
-        import comfy.sd  # noqa: F401
-        from comfy.cmd import folder_paths
-        from comfy.nodes import base_nodes
-        from comfy_extras.nodes import nodes_model_advanced, nodes_qwen, nodes_sd3
-    finally:
-        if stub:
-            for name in names:
-                sys.modules.pop(name, None)
-    table = types.ModuleType("nodes")
-    table.NODE_CLASS_MAPPINGS = dict(base_nodes.NODE_CLASS_MAPPINGS) | {
-        "ModelSamplingAuraFlow": nodes_model_advanced.ModelSamplingAuraFlow,
-        "EmptySD3LatentImage": nodes_sd3.EmptySD3LatentImage,
-        "TextEncodeQwenImageEditPlus": nodes_qwen.TextEncodeQwenImageEditPlus,
-    }
-    sys.modules["nodes"], sys.modules["folder_paths"] = table, folder_paths
-
-
-def find(name: str) -> bool:
-    try:
-        return importlib.util.find_spec(name) is not None
-    except ModuleNotFoundError:  # a submodule of a missing package
-        return False
 
 
 def language_state(encoder: Any) -> dict[str, torch.Tensor]:

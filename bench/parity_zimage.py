@@ -13,27 +13,15 @@ transformers state dict under `model.`; VAELoader: the AE under LDM names). `tin
   Qwen's (sdlora.families.offline_text.qwen_tokenizer: the tiny pipelines' ids are not the real ones);
 - the AE's channels and group count, and the empty-latent nodes at the tiny AE's latent channels.
 Key mapping, LoRA patching, text encoding, the model, ModelSamplingAuraFlow, Flux2Scheduler, the samplers and
-decoding are the fork's own. `import_fork` imports it with stand-ins for what the loaders never reach (downloads,
-type hints, OpenCV, torchvision, its tracing start-up).
-
-The fork's packages, comfy_extras included (its nodes), exported outside the repository (checked at 87606c5f,
-2026-02-10; the mirror lacks two blobs nothing here reads: llama_tokenizer/tokenizer.json, paligemma's npz):
-
-    git -C MIRROR ls-tree -r HEAD comfy comfy_api comfy_compatibility comfy_config comfy_execution comfy_extras |
-        while read mode type sha path; do
-            mkdir -p "FORK/${path%/*}"; git -C MIRROR cat-file blob $sha > "FORK/$path" || rm "FORK/$path"; done
-    PYTHONPATH=$PWD:$PWD/bench nice -n 15 /work/scratch/comfy/venv/bin/python bench/parity.py --comfyui FORK \
-        --case tiny-zimage tiny-zimage-turbo tiny-klein tiny-klein-distilled --json parity-zimage-klein.json
+decoding are the fork's own, imported by parity_fork.import_fork (its docstring has the one setup: the fork's export
+and the command).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import importlib.util
 import json
-import sys
-import types
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -42,61 +30,6 @@ import torch
 
 FAMILIES = ("zimage", "klein")
 LATENT = {"zimage": (4, 8), "klein": (16, 16)}  # (channels, downsampling) of the latent each KSampler noises
-# Imported by the fork on the way to its nodes, used only to download, type-hint or edit images; absent here.
-STAND_INS = (
-    "requests_cache",
-    "can_ada",
-    "jaxtyping",
-    "cv2",
-    "torchvision",
-    "torchvision.models",
-    "torchvision.transforms",
-)
-
-
-class StandIn(types.ModuleType):
-    """A module whose every attribute is an empty (subscriptable) class: `from x import Y` and `Y[...]` work."""
-
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("__"):
-            raise AttributeError(name)
-        return type(name, (), {"__class_getitem__": classmethod(lambda cls, key: cls)})
-
-
-def import_fork(checkout: Path) -> None:
-    """Import the fork from `checkout` on the CPU: comfy.sd, its node classes and extras."""
-    import comfyui_dit
-
-    sys.path.insert(0, str(checkout))
-    from comfy.cli_args import args
-    from comfy.cli_args_types import LatentPreviewMethod
-
-    args.cpu = True
-    args.preview_method = LatentPreviewMethod.NoPreviews  # its previewer looks for (downloads) a TAESD first
-    comfyui_dit.stub_fork_startup()
-    import diffusers  # noqa: F401
-    import peft  # noqa: F401
-    import transformers  # noqa: F401
-
-    missing = [name for name in STAND_INS if importlib.util.find_spec(name.split(".")[0]) is None]
-    for name in missing:
-        sys.modules[name] = StandIn(name)
-    import comfy.sd  # noqa: F401
-    from comfy.nodes import base_nodes  # noqa: F401
-    from comfy_extras.nodes import nodes_custom_sampler, nodes_flux, nodes_model_advanced, nodes_sd3  # noqa: F401
-
-
-def node_classes() -> dict[str, Any]:
-    """The fork's built-in node classes the workflows use, by class_type."""
-    from comfy.nodes import base_nodes
-    from comfy_extras.nodes import nodes_custom_sampler, nodes_flux, nodes_model_advanced, nodes_sd3
-
-    classes = dict(base_nodes.NODE_CLASS_MAPPINGS) | dict(nodes_model_advanced.NODE_CLASS_MAPPINGS)
-    for module in (nodes_custom_sampler, nodes_flux, nodes_sd3):
-        for name, value in vars(module).items():
-            if isinstance(value, type) and hasattr(value, "define_schema") and value.__module__ == module.__name__:
-                classes.setdefault(name, value)
-    return classes
 
 
 def write_files(family: str, folder: Path, workflow: dict[str, Any], root: Path) -> dict[str, Path]:
@@ -326,16 +259,7 @@ def empty_latent(family: str) -> list[tuple[Any, str, Any]]:
 
 @contextlib.contextmanager
 def tiny_loading(family: str, folder: Path) -> Iterator[None]:
-    """While open, the fork loads the tiny pipeline's files (write_files) and parity_comfy.execute runs the fork's
-    node classes with its folder registry."""
-    import parity_comfy
-    from comfy.cmd import folder_paths
-
+    """While open, the fork (parity_fork.import_fork) loads the tiny pipeline's files (write_files)."""
     changes = text_encoder(family, qwen_config(folder)) + denoiser(family, folder) + autoencoder(folder)
-    changes += empty_latent(family) + [(parity_comfy, "node_classes", node_classes)]
-    sys.modules["folder_paths"] = folder_paths  # what parity_comfy.execute imports (upstream's top-level module)
-    try:
-        with patched(*changes):
-            yield
-    finally:
-        del sys.modules["folder_paths"]
+    with patched(*changes, *empty_latent(family)):
+        yield
