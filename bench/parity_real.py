@@ -10,7 +10,8 @@ files itself; what it still gets here is only what the reduced depth and the off
   the real BPE vocabulary) and the AE are detected and read by ComfyUI alone.
 - Z-Image and FLUX.2 [klein] (`real-zimage`, `real-klein`; the fork): Qwen3-4B's config at the pipeline's depth
   (Z-Image 2 of 36 layers; klein 27 narrow layers, QWEN3_NARROW) and the offline byte-level Qwen vocabulary and pad
-  id (parity_zimage.text_encoder). The transformer and the AE: ComfyUI's own detection.
+  id (parity_zimage.text_encoder); Z-Image's refiner depth (the fork builds the published 2 per side whatever the
+  file holds; the reduced model has 1). The transformer's widths and class and the AE: ComfyUI's own detection.
 
 On leaving each context, ComfyUI's loaded models are unloaded (the real-width copies are GBs).
 """
@@ -95,12 +96,30 @@ def fork_loading(family: str, folder: Path) -> Iterator[None]:
 
     changes = parity_zimage.text_encoder(family, parity_zimage.qwen_config(folder))
     changes += [(parity_comfy, "node_classes", parity_zimage.node_classes)]
+    if family == "zimage":
+        changes += refiner_depth()
     sys.modules["folder_paths"] = folder_paths  # what parity_comfy.execute imports (upstream's top-level module)
     try:
         with unloaded_after(), parity_zimage.patched(*changes):
             yield
     finally:
         del sys.modules["folder_paths"]
+
+
+def refiner_depth() -> list[tuple[Any, str, Any]]:
+    """Z-Image's refiner depth counted from the file (the fork counts the main layers but builds 2 refiner layers
+    each side, the published count; the reduced model has ZIMAGE_DEPTH's 1)."""
+    import comfy.model_detection as detection
+
+    detect = detection.detect_unet_config
+
+    def counted(state_dict: Any, key_prefix: str, *args: Any, **kwargs: Any) -> Any:
+        config = detect(state_dict, key_prefix, *args, **kwargs)
+        if config and config.get("image_model") == "lumina2":
+            config["n_refiner_layers"] = detection.count_blocks(list(state_dict), f"{key_prefix}noise_refiner.{{}}.")
+        return config
+
+    return [(detection, "detect_unet_config", counted)]
 
 
 def comfy_files(family: str, base: Path, workflow: dict[str, Any], root: Path) -> tuple[dict[str, Path], Any, Path]:
