@@ -133,6 +133,22 @@ LATENT_SCALE |= {"toy-pivotal": 4}
 TEXT = {"tiny-flux-te"}  # Flux cases whose LoRA covers CLIP-L
 SEEDED = {"toy-pivotal"}
 BASES["tiny-flux-schnell"] = ("sdlora.families.flux.tiny", "tiny_flux_pipeline", {"schnell": True})
+# Real widths, reduced depth (bench/_models.py's pipelines; bench/parity_real.py): ComfyUI detects the published model
+# classes itself. Few sampling steps (8) to fit a shared CPU; run with --steps 10 --seeds 2 (docs/parity.md).
+REAL = {"real-flux": "flux", "real-zimage": "zimage", "real-sd15": "sd15", "real-klein": "klein"}
+CASES |= {
+    "real-flux": "FLUX.1 [dev] at its real widths (hidden 3072, CLIP-L, T5-XXL 4096, the 16-channel AE), 1 double + "
+    "2 single blocks, T5 2 layers; 256 T5 tokens",
+    "real-zimage": "Z-Image (Base) at its real widths (dim 3840, Qwen3-4B 2560, the FLUX.1 AE), 2 layers + 1 refiner "
+    "layer each side, Qwen3 2 layers",
+    "real-sd15": "SD 1.5's published architecture, every layer (UNet 320-640-1280-1280, CLIP-L, the SD VAE)",
+    "real-klein": "FLUX.2 [klein] 4B at its real widths (hidden 3072, text 7680, the 32-channel FLUX.2 AE), 1 double "
+    "+ 2 single blocks, Qwen3 27 narrow layers",
+}
+FAMILY |= {"real-flux": "flux", "real-zimage": "zimage", "real-sd15": "sd1", "real-klein": "klein"}
+BASES |= {case: ("_models", "build_pipeline", {"model": model}) for case, model in REAL.items()}
+EXTRA |= {case: ["--set", "train.sample_steps=8"] for case in REAL}
+EXTRA["real-flux"] += EXTRA["tiny-flux"]
 
 
 def base_folder(case: str, folder: Path) -> Path:
@@ -331,6 +347,10 @@ def comfy_files(
     import parity_flux
     import parity_zimage
 
+    if root.name in REAL:  # the case's folder: real widths, ComfyUI's own detection
+        import parity_real
+
+        return parity_real.comfy_files(family, base, workflow, root)
     if family in parity_zimage.FAMILIES:
         folders = parity_zimage.write_files(family, base, workflow, root)
         unet = next(n["inputs"]["unet_name"] for n in workflow.values() if n["class_type"] == "UNETLoader")
@@ -398,6 +418,10 @@ def run_case(case: str, workdir: Path, steps: int, seeds: int) -> dict[str, Any]
     )
     weights = weight_diffs(family, comfy["_weights"], ckpt_name, root / "merged.st")
     channels, factor = parity_zimage.LATENT.get(family, (4, LATENT_SCALE.get(case, 8)))
+    if case in REAL:
+        import parity_real
+
+        channels, factor = parity_real.LATENT[family]
     latent = [1, channels, sampling.height // factor, sampling.width // factor]
     noise_equal = all(  # Qwen-Image's ComfyUI latent is 5-D (B, C, 1, H, W): the same values
         torch.equal(n.reshape(latent), torch.randn(latent, generator=torch.Generator().manual_seed(seed)))
