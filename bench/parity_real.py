@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -90,20 +89,14 @@ def flux_loading(folder: Path, workdir: Path) -> Iterator[None]:
 @contextlib.contextmanager
 def fork_loading(family: str, folder: Path) -> Iterator[None]:
     """The fork's Qwen3 at the pipeline's depth and vocabulary (parity_zimage.text_encoder); nothing else."""
-    import parity_comfy
     import parity_zimage
-    from comfy.cmd import folder_paths
 
+    # node classes and folder_paths: parity_fork.import_fork installed the fork's as `nodes` and `folder_paths`
     changes = parity_zimage.text_encoder(family, parity_zimage.qwen_config(folder))
-    changes += [(parity_comfy, "node_classes", parity_zimage.node_classes)]
     if family == "zimage":
         changes += refiner_depth()
-    sys.modules["folder_paths"] = folder_paths  # what parity_comfy.execute imports (upstream's top-level module)
-    try:
-        with unloaded_after(), parity_zimage.patched(*changes):
-            yield
-    finally:
-        del sys.modules["folder_paths"]
+    with unloaded_after(), parity_zimage.patched(*changes):
+        yield
 
 
 def refiner_depth() -> list[tuple[Any, str, Any]]:
