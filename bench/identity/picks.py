@@ -28,20 +28,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from sdlora.evaluation.checkpoints import standard_error
 
 RESULTS = Path(__file__).resolve().parents[2] / "docs" / "identity-benchmark"
 EXACT_PROMPTS = 1  # `exact` is read on one prompt, "a photo of sks person", at every seed
 MAX_BLEED = 0.05
 Picker = Callable[[list[dict[str, Any]], float, float], tuple[int, str]]
-
-
-def standard_error(share: float, images: int) -> float:
-    """The binomial standard error of a share of `images` images."""
-    return math.sqrt(share * (1 - share) / images)
 
 
 def sdlora_row(row: dict[str, Any], images: int) -> dict[str, Any]:

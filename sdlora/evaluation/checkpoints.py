@@ -161,10 +161,15 @@ def _likeness(row: dict[str, Any]) -> tuple[float, float]:
     return row["identity"], _recognised(row)
 
 
+def standard_error(share: float, images: int) -> float:
+    """The binomial standard error of a share of `images` images."""
+    return math.sqrt(share * (1 - share) / images)
+
+
 def _standard_error(row: dict[str, Any]) -> float:
     """The binomial standard error of the row's recognised rate (0 when the row does not say how many images)."""
-    images, rate = row.get("images") or 0, _recognised(row)
-    return math.sqrt(rate * (1 - rate) / images) if images > 0 else 0.0
+    images = row.get("images") or 0
+    return standard_error(_recognised(row), images) if images > 0 else 0.0
 
 
 def _band(top: dict[str, Any]) -> str:
