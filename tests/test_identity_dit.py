@@ -40,6 +40,18 @@ def test_dit_base_builds_by_steps_and_a_cut_build_resumes_to_the_same_weights(tm
         pairs = zip(getattr(a, part).parameters(), getattr(b, part).parameters(), strict=True)
         assert all(torch.equal(x, y) for x, y in pairs), part
     assert a.vae.config.shift_factor == record["vae_shift"] and a.scheduler.config.shift == dit.TINY.shift
+    # A continuation (a cut build's cooldown) trains the saved weights on, resumable in the same way.
+    more = dit.continue_dit(whole, tmp_path / "more", steps=2, lr=1e-3, **quiet)
+    again = dit.continue_dit(whole, tmp_path / "again", steps=2, lr=1e-3, max_seconds=1e-9, **quiet)
+    assert json.loads((again / "identity_base.json").read_text())["unet_steps_done"] == dit.TINY.unet_steps + 1
+    dit.continue_dit(whole, tmp_path / "again", steps=2, lr=1e-3, **quiet)
+    done = json.loads((more / "identity_base.json").read_text())
+    assert done["unet_steps_done"] == dit.TINY.unet_steps + 2 and done["spec"] == record["spec"]
+    assert [(c["steps"], c["lr"], c["steps_done"]) for c in done["continued"]] == [(2, 1e-3, 2)]
+    c, d = ZImagePipeline.from_pretrained(more), ZImagePipeline.from_pretrained(again)
+    pairs = list(zip(c.transformer.parameters(), d.transformer.parameters(), strict=True))
+    assert all(torch.equal(x, y) for x, y in pairs)
+    assert not all(torch.equal(x, y) for x, y in zip(a.transformer.parameters(), c.transformer.parameters()))
 
 
 def test_dit_base_packs_into_one_file_and_its_restore_renders_the_same_images(tmp_path):

@@ -13,6 +13,11 @@ Same world, captions, held-out subjects, pool of renders and resumable step-budg
 
     python -m bench.identity.dit --out DIT --threads 2 --max-seconds 9000 [--vae-from BASE3]   # again: continues
     python -m bench.identity --base DIT --base-only --seeds 64 --out OUT                      # VAE and validity
+    python -m bench.identity.dit --continue-from DIT --out DIT2 --steps 1500 --lr 3e-4        # a cut build's cooldown
+
+A cut build continues (`--continue-from`) as the UNet base's does: its saved weights (the moving average) trained
+`--steps` more with a cosine from `--lr` to zero on the same pool, the VAE kept; resumable like a build (the state
+beside the new folder), and listed under "continued" in identity_base.json.
 """
 
 from __future__ import annotations
@@ -109,9 +114,12 @@ def _vae(spec: DitSpec, pixels, state: progress.Progress, vae_from: Path | None,
     return vae
 
 
-def train_dit(spec: DitSpec, out: Path, log=print, max_seconds: float = 0, state=None, threads: int = 1, vae_from=None):
+def train_dit(
+    spec: DitSpec, out: Path, log=print, max_seconds: float = 0, state=None, threads: int = 1, vae_from=None, init=None
+):
     """Train (or take) the VAE, then the transformer and Qwen3 on cached latents; save a ZImagePipeline folder to
-    `out` with identity_base.json. True when every step of the spec is done."""
+    `out` with identity_base.json. True when every step of the spec is done. `init`: a saved DiT base folder whose
+    transformer, Qwen3 and VAE train on (`spec.unet_steps` more at `spec.lr`) instead of new ones."""
     import torch
     from diffusers import ZImagePipeline
 
@@ -120,21 +128,28 @@ def train_dit(spec: DitSpec, out: Path, log=print, max_seconds: float = 0, state
     from sdlora.families.zimage.tiny import zimage_scheduler
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    torch.manual_seed(spec.seed)
+    earlier = json.loads((Path(init) / "identity_base.json").read_text()) if init else None
+    torch.manual_seed(spec.seed + (len(earlier.get("continued", [])) + 1 if earlier else 0))
     if device == "cpu":
         torch.set_num_threads(threads)
     state = state or progress.Progress(None, asdict(spec), log)
     started = time.time()
     rng = random.Random(spec.seed)
     pool, pixels = base._pool(spec, rng, device)
-    vae = _vae(spec, pixels, state, vae_from, log)
+    vae = _vae(spec, pixels, state, init or vae_from, log)
     means = base._latents(vae, pixels)
     shift, scale = float(means.mean()), float(1 / means.std())
     vae.register_to_config(shift_factor=shift, scaling_factor=scale)
     latents = ZIMAGE.normalize_latents(vae, means)
     tokenizer = qwen_tokenizer()
-    transformer = build_transformer(spec).to(device)
-    text_encoder = build_text_encoder(spec, tokenizer).to(device)
+    if init:
+        saved = ZImagePipeline.from_pretrained(init)
+        transformer, text_encoder = (
+            m.to(device).train().requires_grad_(True) for m in (saved.transformer, saved.text_encoder)
+        )
+    else:
+        transformer = build_transformer(spec).to(device)
+        text_encoder = build_text_encoder(spec, tokenizer).to(device)
     sched = zimage_scheduler()
     sched.register_to_config(shift=spec.shift)
     objective = ZIMAGE.objective(sched, device)
@@ -155,9 +170,15 @@ def train_dit(spec: DitSpec, out: Path, log=print, max_seconds: float = 0, state
         scheduler=sched, vae=vae, text_encoder=models[1].eval(), tokenizer=tokenizer, transformer=models[0].eval()
     )
     pipe.to("cpu", torch.float32).save_pretrained(out, safe_serialization=True)
-    record = {"spec": asdict(spec), "vae_scale": scale, "vae_shift": shift, "unet_steps_done": steps}
-    record |= {"device": base._device_name(device), "vae_from": str(vae_from) if vae_from else None}
-    record["build_seconds"] = round(time.time() - started, 1)
+    if earlier:  # a continuation: the build's record, its steps counted on and this run listed
+        record = earlier | {"unet_steps_done": earlier["unet_steps_done"] + steps}
+        run = {"from": str(init), "steps": spec.unet_steps, "lr": spec.lr, "steps_done": steps}
+        run |= {"device": base._device_name(device), "seconds": round(time.time() - started, 1)}
+        record["continued"] = [*earlier.get("continued", []), run]
+    else:
+        record = {"spec": asdict(spec), "vae_scale": scale, "vae_shift": shift, "unet_steps_done": steps}
+        record |= {"device": base._device_name(device), "vae_from": str(vae_from) if vae_from else None}
+        record["build_seconds"] = round(time.time() - started, 1)
     (out / "identity_base.json").write_text(json.dumps(record, indent=2) + "\n")
     return steps == spec.unet_steps
 
@@ -166,6 +187,19 @@ def ensure_dit(spec: DitSpec, folder: Path, log=print, max_seconds: float = 0, t
     """Build the DiT base into `folder`, or continue a build of it that was cut short (its state beside it)."""
     train = lambda tmp, state: train_dit(spec, tmp, log, max_seconds, state, threads, vae_from)  # noqa: E731
     return base.build_resumable(Path(folder), asdict(spec), log, train)
+
+
+def continue_dit(src: Path, folder: Path, steps: int, lr: float, log=print, max_seconds: float = 0, threads: int = 1):
+    """Train the saved DiT base `src` `steps` more (cosine from `lr` to 0) into `folder`; cut short, the same call
+    continues it (its state beside `folder`, saved for this source and these budgets only)."""
+    spec = replace(DitSpec(**_spec_fields(src)), unet_steps=steps, lr=lr)
+    train = lambda tmp, state: train_dit(spec, tmp, log, max_seconds, state, threads, init=src)  # noqa: E731
+    return base.build_resumable(Path(folder), asdict(spec) | {"continue_from": str(Path(src).resolve())}, log, train)
+
+
+def _spec_fields(folder: Path) -> dict:
+    spec = json.loads((Path(folder) / "identity_base.json").read_text())["spec"]
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in spec.items()}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -178,7 +212,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-seconds", type=float, default=0, help="cut the training short (0: never)")
     parser.add_argument("--vae-from", type=Path, help="take the VAE of this base folder instead of training one")
     parser.add_argument("--threads", type=int, default=1, help="CPU: torch threads (1 on a shared 2-core machine)")
+    parser.add_argument("--continue-from", type=Path, help="train this saved DiT base further (--steps, --lr)")
+    parser.add_argument("--lr", type=float, default=3e-4, help="--continue-from: peak learning rate")
     args = parser.parse_args(argv)
+    if args.continue_from:
+        steps = args.steps or 1000
+        print(
+            continue_dit(
+                args.continue_from, args.out, steps, args.lr, max_seconds=args.max_seconds, threads=args.threads
+            )
+        )
+        return
     spec = TINY if args.tiny else DitSpec()
     if args.steps:
         spec = replace(spec, unet_steps=args.steps)
