@@ -24,6 +24,27 @@ def test_combine_merges_switches_and_settings():
     assert (both.rank, both.lr) == (plain.rank, plain.lr)  # the plain LoRA's rank and lr, as every method cell
 
 
+def test_flow_grid_and_levers_make_valid_configs_on_a_flow_base(tmp_path):
+    """Every cell of `--grid flow` and every lever of the bar search gives a config sdlora accepts on the DiT base
+    (its record says zimage), with the sampling it names; a lever added to a combination overrides the cell's own."""
+    import json
+
+    folder = tmp_path / "dit"
+    folder.mkdir()
+    (folder / "identity_base.json").write_text(json.dumps({"spec": {"kind": "zimage", "held_out": 3}}))
+    cells = [*run.FLOW, *(run.combine(f"pivotal+class_images+{lever.name}") for lever in run.LEVERS)]
+    configs = {cell.name: run.make_config(folder, cell, run.Scale(), tmp_path) for cell in cells}
+    assert len(run.FLOW) == 12 and configs["plain"].generate.scheduler == "flow_euler"
+    assert configs["plain"].model.allow_distilled and configs["plain"].train.timestep_sampling == "auto"
+    sampling = {name: (c.train.timestep_sampling, c.train.timestep_shift) for name, c in configs.items()}
+    assert sampling["ts_shift6"] == ("shift", 6.0) and sampling["ts_uniform"][0] == "uniform"
+    assert configs["lokr"].lora.kind == "lokr" and configs["output"].train.preservation == "output"
+    assert (
+        configs["pivotal+class_images+rank32"].lora.rank == 32 and configs["pivotal+class_images+rank32"].train.pivotal
+    )
+    assert configs["pivotal+class_images+pivotal_all"].train.pivotal_fraction == 1.0
+
+
 def test_combine_refuses_unknown_and_conflicting_methods(monkeypatch):
     with pytest.raises(ValueError, match="unknown method 'nope'"):
         run.combine("plain+nope")

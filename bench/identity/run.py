@@ -98,13 +98,33 @@ METHODS = [
 ]
 # The caption study (issue 31): the plain LoRA on varied photos, captioned three ways.
 CAPTIONS = [Setting(False, False, rank=16, lr=3e-3, label=f"captions={v}", captions=v) for v in caption_study.VARIANTS]
-GRIDS = {"reduced": REDUCED, "default": DEFAULT, "full": FULL, "methods": METHODS, "captions": CAPTIONS}
+# The methods grid on a flow-matching base (issue 32; the DiT base): the methods a flow family can take (no pivotal
+# tuning: Z-Image, FLUX.2 [klein] and Qwen-Image have no CLIP; no text encoder LoRA), then every timestep-sampling
+# scheme and a second shift (plain trains with the family's 'auto': the shift scheme at train.timestep_shift,
+# 3.1582); in the order a cut run measures them.
+_BY_NAME = {m.name: m for m in METHODS}
+FLOW = [
+    *(_BY_NAME[name] for name in ("plain", "output", "class_images", "lokr", "dora")),
+    _method("ts_uniform", train__timestep_sampling="uniform"),
+    _method("ts_sigmoid", train__timestep_sampling="sigmoid"),  # the shift scheme at shift 1
+    _method("ts_shift6", train__timestep_sampling="shift", train__timestep_shift=6.0),
+    _method("ts_logit_normal", train__timestep_sampling="logit_normal"),
+    *(_BY_NAME[name] for name in ("caption_dropout", "masked", "masked+prior")),
+]
+# Levers of the search for the bar (issue 32), to add to a combination (--combine pivotal+class_images+rank32).
+LEVERS = [
+    _method("rank4", lora__rank=4, lora__alpha=4.0),
+    _method("rank32", lora__rank=32, lora__alpha=32.0),
+    _method("lr1e-3", train__learning_rate=1e-3, train__text_encoder_learning_rate=1e-3 / 3),
+    _method("pivotal_all", train__pivotal_fraction=1.0),  # the new tokens train to the end, not the first half
+]
+GRIDS = {"reduced": REDUCED, "default": DEFAULT, "full": FULL, "methods": METHODS, "captions": CAPTIONS, "flow": FLOW}
 
 
 def combine(label: str) -> Setting:
     """The methods named in `label` ("class_images+timestep_high") at once: the union of their switches and
     settings (a setting two of them give differently is refused)."""
-    by_name = {m.name: m for m in METHODS}
+    by_name = {m.name: m for m in (*METHODS, *FLOW, *LEVERS)}
     parts, words = [], label.split("+")
     while words:  # the longest name first: a method's own name may hold a "+" ("masked+prior")
         size = next((n for n in range(len(words), 0, -1) if "+".join(words[:n]) in by_name), 0)
