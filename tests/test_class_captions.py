@@ -34,6 +34,15 @@ def test_a_class_image_trains_with_its_own_caption_else_the_class_prompt(tmp_pat
     assert [e.caption for e in class_examples(folder, "a photo of person", 2, sidecars=False)] == [
         "a photo of person"
     ] * 2
+    # Their conditioning is cached (a staged family's, before set-up), and the set-up line counts them.
+    from sdlora.config import load
+    from sdlora.train.methods.class_images import METHOD
+    from sdlora.train.setup import _class_count
+
+    config = load(None, {"train.class_dir": str(folder), "train.num_class_images": 3})
+    assert set(METHOD.cached_prompts(config, None)) == set(captions)
+    line = _class_count(config, class_examples(folder, "a photo of person", 3))
+    assert line == " + 3 class images (1 with their own caption)"
     # The micro-batches pair the subject's images with the class images, each under its own caption.
     vae = SimpleNamespace(config={}, device=torch.device("cpu"), dtype=torch.float32)
     vae.encode = lambda pixels: SimpleNamespace(latent_dist=SimpleNamespace(mean=pixels[:, :1, ::8, ::8]))
