@@ -350,7 +350,7 @@ def test_edit_training_looks_up_each_prompt_with_its_control_image(tiny_models, 
     instances, _, control_set = image_sets(examples, None, train, pipe.vae, family)
     objective = family.objective(pipe.scheduler, "cpu")
     settings = dict(seed=0, batch_size=4, num_processes=1, rank=0, noise_offset=0.0, caption_dropout=0.5)
-    batches = Batches(instances, None, class_prompt="", text_cache=cached.captions, controls=control_set,
+    batches = Batches(instances, None, text_cache=cached.captions, controls=control_set,
                       objective=objective, **settings)  # fmt: skip
     seen = set()
     with torch.no_grad():

@@ -45,6 +45,7 @@ class Setting:
     options: tuple[tuple[str, Any], ...] = ()  # more sdlora settings ("train.masked_loss", True), ...
     label: str = ""  # the cell's name in tables and plots (default: its prior/te/rank/lr)
     captions: str = ""  # a caption study variant (bench/identity/captions.py): varied photos with those captions
+    class_captions: bool = False  # each class image captioned with its attributes (an IMG.txt: class_renders)
 
     @property
     def name(self) -> str:
@@ -85,6 +86,7 @@ def _method(label: str, prior: bool = False, text_encoder: bool = False, **optio
 METHODS = [
     _method("plain"),
     _method("class_images", prior=True),
+    replace(_method("class_captions", prior=True), class_captions=True),  # regularisation captions (issue 32)
     _method("output", train__preservation="output"),
     _method("masked", train__masked_loss=True),
     _method("masked+prior", train__masked_loss=True, train__mask_prior_weight=1.0),
@@ -139,7 +141,8 @@ def combine(label: str) -> Setting:
                 raise ValueError(f"{label}: the methods set {key} differently")
     prior, text_encoder = any(p.prior for p in parts), any(p.text_encoder for p in parts)
     # Every method cell has the plain LoRA's rank and lr (_method), so the first part's stand for all.
-    return replace(parts[0], prior=prior, text_encoder=text_encoder, options=tuple(options.items()), label=label)
+    setting = replace(parts[0], prior=prior, text_encoder=text_encoder, options=tuple(options.items()), label=label)
+    return replace(setting, class_captions=any(p.class_captions for p in parts))
 
 
 # ----------------------------------------------------------------------------------------------- inputs
@@ -154,11 +157,16 @@ def write_renders(identities: list[world.Identity], folder: Path, seed: int) -> 
     return folder
 
 
-def class_renders(subject: world.Identity, count: int, folder: Path, seed: int) -> Path:
-    """Prior-preservation class images: renders of other identities (never the subject)."""
+def class_renders(subject: world.Identity, count: int, folder: Path, seed: int, captions: bool = False) -> Path:
+    """Prior-preservation class images: renders of other identities (never the subject); with `captions`, each
+    with an IMG.txt naming all its attributes in the base's phrases ("a photo of a person with red hair and ...")."""
     rng = random.Random(seed)
     others = [i for i in world.all_identities() if i != subject]
-    return write_renders(rng.sample(others, count), folder, seed + 1)
+    chosen = rng.sample(others, count)
+    write_renders(chosen, folder, seed + 1)
+    for i, identity in enumerate(chosen if captions else []):
+        (folder / f"{i:04d}.txt").write_text(f"{base.CLASS_PROMPT} " + " and ".join(identity.caption_words()))
+    return folder
 
 
 def make_config(base_dir: Path, setting: Setting, scale: Scale, class_dir: Path | None, seed: int = 0):
@@ -327,7 +335,8 @@ def run_subject(
     per checkpoint."""
     table_ = prompts_for(subject)
     keys = tuple(table_) if keys is None else keys
-    classes = class_renders(subject, scale.class_images, work / "class", seed=7) if setting.prior else None
+    captioned = setting.class_captions  # each class image with an IMG.txt naming its attributes
+    classes = class_renders(subject, scale.class_images, work / "class", 7, captioned) if setting.prior else None
     config = make_config(base_dir, setting, scale, classes)
     dataset = prep_subject(subject, work, config, scale, seed=11, captions=setting.captions)
     started = time.time()

@@ -45,7 +45,11 @@ class TrainConfig(Section):
         100, gt=0, le=MAX_IMAGES, description="How many class images prior preservation uses."
     )
     prior_loss_weight: float = Field(1.0, ge=0, description="Weight of the prior-preservation loss.")
-    class_dir: Path | None = Field(None, description="Prior preservation: a folder of ready class images.")
+    class_dir: Path | None = Field(
+        None,
+        description="Prior preservation: a folder of ready class images; an image's IMG.txt beside it is its caption "
+        "(else the class prompt) and must not name the trigger word.",
+    )
     sample_every: int = Field(200, ge=0, description="Render sample grids every N steps; 0 disables.")
     sample_prompts: list[str] = Field(
         default_factory=lambda: ["a photo of {trigger}", "a portrait of {trigger}, oil painting"],

@@ -133,7 +133,6 @@ class Batches:
         instances: ImageSet,
         classes: ImageSet | None,
         *,
-        class_prompt: str,
         text_cache: dict[str, Any] | None,
         seed: int,
         batch_size: int,
@@ -144,7 +143,7 @@ class Batches:
         caption_dropout: float,
         controls: ImageSet | None = None,
     ) -> None:
-        self.instances, self.classes, self.class_prompt = instances, classes, class_prompt
+        self.instances, self.classes = instances, classes  # each image with its caption (class images too)
         self.controls = controls  # the instances' control images, entry for entry (edit training)
         self.text_cache = text_cache  # {"prompts": {prompt: row}, "cond": Conditioning} or None
         self.seed, self.b, self.nproc, self.rank = seed, batch_size, num_processes, rank
@@ -215,7 +214,7 @@ class Batches:
         global_shape = (self.b * self.nproc, *latents.shape[1:])
         noise = objectives.sample_noise(global_shape, generator, self.noise_offset)[mine]
         timesteps = self.objective.sample_timesteps(self.b * self.nproc, generator)[mine]
-        prompts = [images.examples[i].caption if images is self.instances else self.class_prompt for i, _ in slots]
+        prompts = [images.examples[i].caption for i, _ in slots]
         return latents, noise, timesteps, prompts
 
 

@@ -68,7 +68,7 @@ def load_examples(dataset_dir: Path, default_caption: str, control_dir: Path | N
         ]
     else:
         images = [confined(dataset_dir, path.name) for path in list_images(dataset_dir)]
-        examples = [Example(path, _caption_of(path, default_caption)) for path in images]
+        examples = [Example(path, caption_of(path, default_caption)) for path in images]
     if not examples:
         raise UsageError(f"{dataset_dir}: no training images (expected manifest.jsonl or .png/.jpg files)")
     missing = [e.image for e in examples if not e.image.is_file()]
@@ -108,11 +108,15 @@ def list_images(folder: Path) -> list[Path]:
     return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in layout.IMAGE_SUFFIXES and p.is_file())
 
 
-def _caption_of(image: Path, default: str) -> str:
+def caption_of(image: Path, default: str) -> str:
+    """The caption of a plain folder's image (training photos, ready class images): its IMG.txt, else `default`."""
     sidecar = image.with_suffix(".txt")
     if sidecar.is_file():
         sidecar = confined(image.parent, sidecar.name)
-        text = sidecar.read_text(encoding="utf-8").strip()
+        try:
+            text = sidecar.read_text(encoding="utf-8").strip()
+        except UnicodeDecodeError:
+            raise UsageError(f"{sidecar}: the caption is not UTF-8 text; save it as UTF-8") from None
         if text:
             return text
     return default

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sdlora import layout
-from sdlora.config import Config
+from sdlora.config import Config, class_prompt_of
 from sdlora.train import fsdp, staging
 from sdlora.train.methods.base import Build, Method
 from sdlora.train.state import Plan, Run
@@ -338,17 +338,16 @@ def build_batches(
     tc, device = config.train, accelerator.device
     with staging.visiting(pipe, [n for n in staged if n == "vae"], device):
         instances, class_set, controls = image_sets(plan.examples, classes, tc, pipe.vae, family)
-    class_prompt = classes[0].caption if classes else ""
     trained = trained_text_encoders(config, pipe, family)
     frozen = [name for name in family.text_encoders if name not in trained]
     # Frozen encoders' outputs are cached: all of them, or (staged families) those beside a trained one (T5).
     if text_cache is None and frozen and not trained:  # (staged families' were cached apart: encode_apart)
-        prompts = [e.caption for e in plan.examples] + [class_prompt, ""]
+        prompts = [e.caption for e in [*plan.examples, *(classes or [])]] + [""]
         tokens = family.sequence_length(pipe, config.model.max_sequence_length)
         encoders, tokenizers = families.encoders(pipe, family), families.tokenizers(pipe, family)
         text_cache = build_text_cache(family, tokenizers, encoders, prompts, tokens)
     accelerator.print(
-        f"{len(plan.examples)} images{f' + {len(classes)} class images' if classes else ''}; effective batch "
+        f"{len(plan.examples)} images{_class_count(config, classes)}; effective batch "
         f"{tc.batch_size} x {tc.grad_accum} accumulation x {accelerator.num_processes} processes = "
         f"{tc.batch_size * tc.grad_accum * accelerator.num_processes}; "
         f"{'fp32 (no mixed precision)' if plan.precision == 'no' else plan.precision + ' mixed precision'}"
@@ -356,7 +355,6 @@ def build_batches(
     return Batches(
         instances,
         class_set,
-        class_prompt=class_prompt,
         text_cache=text_cache,
         controls=controls,
         seed=tc.seed,
@@ -387,3 +385,11 @@ def write_run_files(config: Config, plan: Plan, accelerator: Any, family_default
     given_only = ["generate", *family_defaults]
     save(stored, plan.out_dir / layout.CONFIG_JSON, given_only=given_only)
     atomic_write_text(plan.out_dir / layout.CONFIG_TOML, to_toml(stored, given_only=given_only))
+
+
+def _class_count(config: Config, classes: list[Any] | None) -> str:
+    """' + 100 class images' for the set-up line, and how many carried their own caption (class_dir's IMG.txt)."""
+    if not classes:
+        return ""
+    own = sum(e.caption != class_prompt_of(config) for e in classes)
+    return f" + {len(classes)} class images{f' ({own} with their own caption)' if own else ''}"

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from sdlora import layout
 from sdlora.errors import UsageError
 from sdlora.fsutil import atomic_path
-from sdlora.train.data import Example, list_images
+from sdlora.train.data import Example, caption_of, list_images
 from sdlora.train.methods.base import Build, Method
 
 if TYPE_CHECKING:
@@ -21,17 +21,27 @@ if TYPE_CHECKING:
 CLASS_IMAGES = layout.CLASS_IMAGES
 
 
-def check_class_dir(class_dir: Path | None) -> None:
-    """Pre-flight: a given --class-dir exists and holds images."""
+def check_class_dir(class_dir: Path | None, token: str, limit: int) -> None:
+    """Pre-flight: a given --class-dir exists and holds images, and no caption of the class images it uses (their
+    IMG.txt) names the trigger word: class images show other people."""
+    from sdlora.train.methods.pivotal import names_trigger
+
     if class_dir is None:
         return
     if not Path(class_dir).is_dir() or not list_images(Path(class_dir)):
         raise UsageError(f"--class-dir {class_dir}: no folder of .png/.jpg class images there")
+    for example in class_examples(Path(class_dir), "", limit):
+        if token and names_trigger([example], token):
+            raise UsageError(
+                f"{example.image.with_suffix('.txt')}: a class image's caption names the trigger word {token!r}; "
+                "class images show other people, so take it out"
+            )
 
 
-def class_examples(class_dir: Path, prompt: str, limit: int) -> list[Example]:
-    """Up to `limit` images of `class_dir`, each captioned with the class prompt."""
-    return [Example(path, prompt) for path in list_images(class_dir)[:limit]]
+def class_examples(class_dir: Path, prompt: str, limit: int, sidecars: bool = True) -> list[Example]:
+    """Up to `limit` images of `class_dir`, each captioned by its IMG.txt (with `sidecars`) or the class prompt."""
+    images = list_images(class_dir)[:limit]
+    return [Example(path, caption_of(path, prompt) if sidecars else prompt) for path in images]
 
 
 def generate_class_images(
@@ -81,7 +91,8 @@ def class_images(config: Config, plan: Plan, pipe: Any, accelerator: Any) -> lis
                 pipe, folder, prompt=prompt, count=tc.num_class_images, seed=tc.seed, sampling=sampling
             )
         accelerator.wait_for_everyone()
-    return class_examples(folder, prompt, tc.num_class_images)
+    # Ready class images may carry their own captions (IMG.txt); rendered ones show the class prompt.
+    return class_examples(folder, prompt, tc.num_class_images, sidecars=tc.class_dir is not None)
 
 
 class ClassImages(Method):
@@ -93,7 +104,7 @@ class ClassImages(Method):
         return tc.class_dir is not None or bool(tc.class_prompt)
 
     def check(self, config: Config, examples: Sequence[Example], dataset_dir: Path, token: str) -> None:
-        check_class_dir(config.train.class_dir)
+        check_class_dir(config.train.class_dir, token, config.train.num_class_images)
         if any(e.size and e.size[0] != e.size[1] for e in examples):
             raise UsageError(
                 f"{dataset_dir}: prior preservation needs square images; run `sdlora prep` without --buckets"
@@ -102,7 +113,9 @@ class ClassImages(Method):
     def cached_prompts(self, config: Config, plan: Plan) -> list[str]:
         from sdlora.config import class_prompt_of
 
-        return [class_prompt_of(config)]
+        prompt, tc = class_prompt_of(config), config.train
+        own = class_examples(Path(tc.class_dir), prompt, tc.num_class_images) if tc.class_dir else []
+        return [prompt, *(e.caption for e in own)]
 
     def rendered_prompts(self, config: Config, plan: Plan) -> list[list[str]]:
         tc = config.train
