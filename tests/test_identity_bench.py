@@ -191,5 +191,9 @@ def test_editability_counts_the_asked_change_with_everything_else_kept():
     metrics = run.score({"identity": [world.render(subject, rng)], **bad}, subject)
     assert metrics["edit"] == {"glasses": 0.0, "hair": 0.0, "style": 0.0, "eyes": 0.5}
     assert metrics["editability"] == pytest.approx(0.125)
+    # which half fails: the prompt ignored (glasses: the subject kept, nothing shown), the rest of the person lost
+    # (hair: shown, the background lost; style: shown on a stranger), both kept (eyes: one of two shows the change)
+    assert metrics["follow"] == {"glasses": 0.0, "hair": 1.0, "style": 1.0, "eyes": 0.5}
+    assert metrics["keep"] == {"glasses": 1.0, "hair": 0.0, "style": 0.0, "eyes": 1.0}
     # a subject who already wears glasses cannot be asked to take them off (no caption word): not scored
     assert edits.target(world.Identity(**(subject.as_dict() | {"glasses": True})), "glasses") is None

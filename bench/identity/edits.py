@@ -53,11 +53,24 @@ def prompts(subject: world.Identity, trigger: str) -> dict[str, str]:
 
 def score(readings: dict[str, list[world.Reading]], subject: world.Identity) -> dict[str, Any]:
     """{"editability": mean over the scored attributes, "edit": {attribute: share}}: the share of a prompt's images
-    decoded as exactly the asked edit of the subject. Attributes whose prompt was not rendered are None."""
+    decoded as exactly the asked edit of the subject. Attributes whose prompt was not rendered are None.
+    Its two halves, per attribute, say which one fails: "follow", the share of valid images showing the asked value
+    (whoever wears it), and "keep", the share of valid images keeping every other attribute of the subject."""
     per: dict[str, float | None] = {}
+    follow: dict[str, float | None] = {}
+    keep: dict[str, float | None] = {}
     for attribute, key in EDITABLE.items():
         changed, images = target(subject, attribute), readings.get(key) or []
         ok = changed is not None and images
         per[attribute] = sum(r.valid and r.identity == changed for r in images) / len(images) if ok else None
+        valid = [r.identity for r in images if r.valid] if ok else []
+        shown = [i for i in valid if getattr(i, attribute) == getattr(changed, attribute)]
+        others = [i for i in valid if _others(i, attribute) == _others(subject, attribute)]
+        follow[attribute] = len(shown) / len(images) if ok else None
+        keep[attribute] = len(others) / len(images) if ok else None
     scored = [v for v in per.values() if v is not None]
-    return {"editability": sum(scored) / len(scored) if scored else None, "edit": per}
+    return {"editability": sum(scored) / len(scored) if scored else None, "edit": per, "follow": follow, "keep": keep}
+
+
+def _others(identity: world.Identity, attribute: str) -> dict[str, Any]:
+    return {k: v for k, v in identity.as_dict().items() if k != attribute}
