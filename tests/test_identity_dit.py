@@ -12,9 +12,9 @@ import torch
 from sdlora.demo.base import PACKAGED_DIT
 
 # The DiT smoke test's scale: subject 0, the UNet smoke test's setting (rank 16, lr 3e-3, no prior, no text encoder)
-# for 25 steps instead of 100, 32 seeds instead of 64, flow Euler 10 steps instead of 20, so that it costs about 20
-# CPU-seconds. On the packaged base at 649 steps the soft agreement peaks early (16 seeds, 20 sampling steps: 0.385 ->
-# 0.583 at 25 steps, 0.563 at 50, 0.531 at 100): docs/identity-benchmark.md.
+# for 25 steps instead of 100, 32 seeds instead of 64, flow Euler 10 steps instead of 20, so that it costs about 30
+# CPU-seconds. On the packaged base (3,527 steps) it measured 0.307 -> 0.828 (margin 0.122); at lr 1e-8 0.307 -> 0.307
+# (docs/identity-benchmark.md).
 DIT_SMOKE = {"seeds": 32, "steps": 25, "sample_steps": 10}
 
 
@@ -109,9 +109,8 @@ def test_lora_on_the_packaged_dit_base_moves_decoded_attributes_toward_the_subje
     """The UNet smoke test's code path (renders as photos -> `prep` -> `train` -> `generate` -> decoder) on the
     packaged DiT base, given to the benchmark as the file: the LoRA raises the soft agreement of "a photo of sks
     person" with the subject above the base's by more than three standard errors of that difference at this test's
-    seeds, from the per-image spreads of the two rows measured here (the base at 649 steps draws no valid person,
-    but colour blobs whose nearest-prototype reading moves toward the subject). With lr 1e-8 (a LoRA that learns
-    nothing) the gain is 0.000 and the test fails."""
+    seeds, from the per-image spreads of the two rows measured here (not a constant: the base is re-packaged as its
+    build goes on). With lr 1e-8 (a LoRA that learns nothing) the gain is 0.000 and the test fails."""
     from bench.identity import base, run
 
     folder = run.base_folder(PACKAGED_DIT, tmp_path / "base")
