@@ -139,14 +139,16 @@ def test_lora_moves_decoded_attributes_toward_the_subject(tmp_path):
 @pytest.mark.slow
 def test_benchmark_main_filters_the_grid_and_keeps_the_subject_number(tmp_path):
     """`python -m bench.identity` at a micro scale on the fixture base: --rank/--lr pick the grid's cells, two
-    spawned jobs run them, and --only-subject 1 records subject 1 (not its position in the list)."""
+    spawned jobs run them, and --only-subject 1 records subject 1 (not its position in the list); two sampling steps
+    (--sample-steps) instead of 20, as nothing here reads the images' quality."""
     from bench.identity import fixture, run
 
     folder = fixture.restore(FIXTURE, tmp_path / "base")
     out = tmp_path / "out"
     argv = ["--base", str(folder), "--out", str(out), "--grid", "full", "--rank", "4", "--lr", "0.001"]
-    run.main([*argv, "--only-subject", "1", "--steps", "1", "2", "--seeds", "2", "--jobs", "2"])
+    run.main([*argv, "--only-subject", "1", "--steps", "1", "2", "--seeds", "2", "--jobs", "2", "--sample-steps", "2"])
     results = json.loads((out / "results.json").read_text())
+    assert results["scale"]["sample_steps"] == 2
     rows = results["rows"]
     assert {r["subject"] for r in rows} == {1}
     expected = {f"prior={p} te={t} r4 lr0.001" for p in ("on", "off") for t in ("on", "off")}
@@ -158,7 +160,7 @@ def test_benchmark_main_filters_the_grid_and_keeps_the_subject_number(tmp_path):
         run.main([*argv[:6], "--rank", "5"])
     # --base-only: the base's checks and step-0 rows, no LoRA trained
     alone = tmp_path / "alone"
-    run.main(["--base", str(folder), "--out", str(alone), "--base-only", "--seeds", "2"])
+    run.main(["--base", str(folder), "--out", str(alone), "--base-only", "--seeds", "2", "--sample-steps", "2"])
     results = json.loads((alone / "results.json").read_text())
     assert {r["setting"] for r in results["rows"]} == {"base"} and len(results["rows"]) == 3  # its three subjects
     assert 0 <= results["base"]["class_validity"] <= 1 and results["base"]["reconstruction_exact"] > 0.9
