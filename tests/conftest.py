@@ -36,6 +36,19 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     return Lazy()
 
 
+@pytest.fixture(scope="module")
+def two_torch_threads():
+    """Two torch threads for a module's in-process runs (the CLI processes it starts keep one). A single-file base's
+    transformer holds the folder's bits at other memory offsets; on one thread its image came out one level of 255 off
+    at one pixel against the folder's (Flux.1 and klein), on two, as those tests were written, equal."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_sd1(tiny_models) -> Path:
     return tiny_models["sd1"]

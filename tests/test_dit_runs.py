@@ -35,22 +35,10 @@ DIT = [name for name in ("zimage", "klein") if name in families.REGISTRY]
 IMG2IMG = {"zimage": True, "klein": True}
 INPAINTING = {"zimage": True, "klein": True}
 PROMPT = "a photo of sks person"
-pytestmark = pytest.mark.slow
+# Two torch threads for the in-process runs (conftest's two_torch_threads): the single file's pixels equal the folder's.
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("two_torch_threads")]
 runner = CliRunner()
 
-
-@pytest.fixture(scope="module", autouse=True)
-def two_threads():
-    """Two torch threads for this module's in-process runs (tests/conftest.py gives every test process one; the CLI
-    processes started here keep one). The single file's klein transformer holds the folder's bits at other memory
-    offsets, and on one thread its image comes out one level of 255 off at one pixel against the folder's render
-    (test_single_file_base_trains_and_renders_like_its_folder); on two, as the module was written, they are equal."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
 
 
 def env() -> dict[str, str]:
