@@ -40,7 +40,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("two_torch_threads")]
 runner = CliRunner()
 
 
-
 def env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
