@@ -11,6 +11,12 @@ import pytest
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+# One torch thread per test process, and in the CLI processes tests start (they inherit it): xdist runs one worker per
+# core, and the tiny models are launch-bound, so a second thread per worker only waits for a core the other worker
+# holds. On the busy 2-core machine, tests/test_train_sdxl.py + test_adapters.py on two workers took 87 s with one
+# thread and had not finished in 900 s with torch's default two. Set before torch is imported; a value the caller set
+# is kept. The golden scenarios pin their own threads (tests/golden.py).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session")
@@ -28,6 +34,19 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
             return built[family]
 
     return Lazy()
+
+
+@pytest.fixture(scope="module")
+def two_torch_threads():
+    """Two torch threads for a module's in-process runs (the CLI processes it starts keep one). A single-file base's
+    transformer holds the folder's bits at other memory offsets; on one thread its image came out one level of 255 off
+    at one pixel against the folder's (Flux.1 and klein), on two, as those tests were written, equal."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

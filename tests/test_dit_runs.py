@@ -35,7 +35,8 @@ DIT = [name for name in ("zimage", "klein") if name in families.REGISTRY]
 IMG2IMG = {"zimage": True, "klein": True}
 INPAINTING = {"zimage": True, "klein": True}
 PROMPT = "a photo of sks person"
-pytestmark = pytest.mark.slow
+# Two torch threads for the in-process runs (conftest's two_torch_threads): the single file's pixels equal the folder's.
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("two_torch_threads")]
 runner = CliRunner()
 
 

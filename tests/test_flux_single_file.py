@@ -46,6 +46,7 @@ def test_bfl_file_loads_the_same_transformer(flux_files, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("two_torch_threads")  # the pixels equal the folder's on two threads (conftest)
 def test_train_and_generate_on_the_single_file(flux_files, tmp_path):
     folder, path = flux_files
     data = subject_set(tmp_path / "data")

@@ -489,6 +489,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only-subject", type=int, help="run this subject (0-based) alone")
     parser.add_argument("--steps", type=int, nargs="+", default=list(Scale.checkpoints))
     parser.add_argument("--seeds", type=int, default=Scale.seeds)
+    parser.add_argument("--sample-steps", type=int, default=Scale.sample_steps, help="sampling steps per image")
     parser.add_argument(
         "--base", type=Path, help="a base folder, or a packaged base file (restored into OUT/base); default: built"
     )
@@ -517,7 +518,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    scale = Scale(checkpoints=tuple(args.steps), seeds=args.seeds)
+    scale = Scale(checkpoints=tuple(args.steps), seeds=args.seeds, sample_steps=args.sample_steps)
     base_dir = base_folder(args.base, args.out / "base") if args.base else base.ensure_base()
     unseen = base.held_out_subjects(base_dir)
     numbers = range(args.subjects or len(unseen)) if args.only_subject is None else [args.only_subject]
