@@ -102,8 +102,8 @@ METHODS = [
 CAPTIONS = [Setting(False, False, rank=16, lr=3e-3, label=f"captions={v}", captions=v) for v in caption_study.VARIANTS]
 # The methods grid on a flow-matching base (issue 32; the DiT base): the methods a flow family can take (no pivotal
 # tuning: Z-Image, FLUX.2 [klein] and Qwen-Image have no CLIP; no text encoder LoRA), then every timestep-sampling
-# scheme and a second shift (plain trains with the family's 'auto': the shift scheme at train.timestep_shift,
-# 3.1582); in the order a cut run measures them.
+# scheme and a second shift (plain trains with the family's 'auto': for Z-Image the shift scheme at the scheduler's
+# own shift, 3 on the DiT base); in the order a cut run measures them.
 _BY_NAME = {m.name: m for m in METHODS}
 FLOW = [
     *(_BY_NAME[name] for name in ("plain", "output", "class_images", "lokr", "dora")),
