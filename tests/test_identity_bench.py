@@ -169,7 +169,7 @@ def test_benchmark_main_filters_the_grid_and_keeps_the_subject_number(tmp_path):
     assert sorted(p.name for p in (alone / "work").iterdir()) == ["base-images"]
 
 
-def test_editability_counts_the_asked_change_with_everything_else_kept():
+def test_editability_counts_the_asked_change_with_everything_else_kept(tmp_path):
     """Scripted renders with known attributes: the asked edit of the subject counts; the unchanged subject, the
     edit with the background also changed, or the edit on a stranger do not."""
     from bench.identity import edits, run
@@ -199,5 +199,15 @@ def test_editability_counts_the_asked_change_with_everything_else_kept():
     # (hair: shown, the background lost; style: shown on a stranger), both kept (eyes: one of two shows the change)
     assert metrics["follow"] == {"glasses": 0.0, "hair": 1.0, "style": 1.0, "eyes": 0.5}
     assert metrics["keep"] == {"glasses": 1.0, "hair": 0.0, "style": 0.0, "eyes": 1.0}
+    # a run's saved images are scored again from their folder (each image's JSON names its prompt)
+    folder = tmp_path / "cell-s0" / "images-100"
+    folder.mkdir(parents=True)
+    for n, (prompt, who) in enumerate([(prompts["edit_hair"], asked["hair"]), (prompts["edit_eyes"], subject)]):
+        world.render(who, rng).save(folder / f"{n:04d}-{n}.png")
+        (folder / f"{n:04d}-{n}.json").write_text(json.dumps({"prompt": prompt}))
+    (line,) = edits.rescore(tmp_path)
+    assert line.startswith(
+        "cell-s0 images-100: editability 0.50, follow 0.50, keep 1.00 (hair 1.00/1.00/1.00, eyes 0.00"
+    )
     # a subject who already wears glasses cannot be asked to take them off (no caption word): not scored
     assert edits.target(world.Identity(**(subject.as_dict() | {"glasses": True})), "glasses") is None

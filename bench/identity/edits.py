@@ -8,10 +8,13 @@ of the change on a stranger, or of the change with a second attribute lost count
 
 Skin tone is the person, not an edit; the background has no caption word in the base's training captions
 (base.caption), so it cannot be asked for and is not scored.
+
+    python -m bench.identity.edits OUT/work    # editability, follow and keep of a run's saved images, per checkpoint
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from sdlora.faces import toyworld as world
@@ -74,3 +77,51 @@ def score(readings: dict[str, list[world.Reading]], subject: world.Identity) -> 
 
 def _others(identity: world.Identity, attribute: str) -> dict[str, Any]:
     return {k: v for k, v in identity.as_dict().items() if k != attribute}
+
+
+def rescore(work: Path) -> list[str]:
+    """One line per (cell, checkpoint) of a benchmark's work folder (`<cell>-s<N>/images-<step>/`, each image's
+    JSON naming its prompt): editability, follow and keep from the saved images, so runs written before follow and
+    keep existed can be read again without rendering."""
+    import json
+
+    from PIL import Image
+
+    from bench.identity import base, run
+
+    lines = []
+    for cell in sorted(p for p in Path(work).iterdir() if p.is_dir() and "-s" in p.name):
+        subject = base.SUBJECTS[int(cell.name.rsplit("-s", 1)[1])]
+        keys = {prompt: key for key, prompt in run.prompts_for(subject).items()}
+        for folder in sorted(cell.glob("images-*"), key=lambda p: int(p.name.split("-")[1])):
+            readings: dict[str, list[world.Reading]] = {}
+            for meta in sorted(folder.glob("*-*.json")):
+                key = keys.get(json.loads(meta.read_text()).get("prompt"))
+                if key:
+                    readings.setdefault(key, []).append(world.read(Image.open(meta.with_suffix(".png")).convert("RGB")))
+            found = score(readings, subject)
+            if found["editability"] is None:
+                continue
+            half = {k: _mean(found[k].values()) for k in ("follow", "keep")}
+            lines.append(
+                f"{cell.name} {folder.name}: editability {found['editability']:.2f}, follow {half['follow']:.2f}, "
+                f"keep {half['keep']:.2f} ("
+                + ", ".join(
+                    f"{a} {v:.2f}/{found['follow'][a]:.2f}/{found['keep'][a]:.2f}"
+                    for a, v in found["edit"].items()
+                    if v is not None
+                )
+                + ")"
+            )
+    return lines
+
+
+def _mean(values) -> float:
+    known = [v for v in values if v is not None]
+    return sum(known) / len(known) if known else float("nan")
+
+
+if __name__ == "__main__":
+    import sys
+
+    print("\n".join(rescore(Path(sys.argv[1]))))
