@@ -69,7 +69,7 @@ def test_a_class_caption_naming_the_trigger_word_fails_before_training(tiny_sd1,
     assert not (tmp_path / "out").exists()  # refused in the pre-flight, before any model loads
     (folder / "class-00002.txt").write_bytes(b"a photo of a person \xff")
     result = CliRunner().invoke(app, ["train", *args])
-    assert result.exit_code == 2 and f"{folder / 'class-00002.txt'}: the caption is not UTF-8" in result.output
+    assert result.exit_code == 2 and f"{folder / 'class-00002.txt'}: not UTF-8 text (byte 0x" in result.output
 
 
 def test_the_class_captions_cell_names_each_renders_attributes(tmp_path):

@@ -115,8 +115,11 @@ def caption_of(image: Path, default: str) -> str:
         sidecar = confined(image.parent, sidecar.name)
         try:
             text = sidecar.read_text(encoding="utf-8").strip()
-        except UnicodeDecodeError:
-            raise UsageError(f"{sidecar}: the caption is not UTF-8 text; save it as UTF-8") from None
+        except UnicodeDecodeError as exc:
+            byte = exc.object[exc.start : exc.start + 1].hex()
+            raise UsageError(
+                f"{sidecar}: not UTF-8 text (byte 0x{byte} at position {exc.start}); save it as UTF-8"
+            ) from None
         if text:
             return text
     return default
