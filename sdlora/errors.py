@@ -106,6 +106,12 @@ def one_line(exc: Exception) -> tuple[str, int]:
     return f"unexpected {type(exc).__name__}: {printable(first)[:300]}; {BUG}", 1
 
 
+def not_utf8(where: object, exc: UnicodeDecodeError) -> str:
+    """`where`'s one line when it is not UTF-8 text: which byte, where, and what to do."""
+    byte = exc.object[exc.start : exc.start + 1].hex() if exc.object else "?"
+    return f"{where}: not UTF-8 text (byte 0x{byte} at position {exc.start}); save it as UTF-8"
+
+
 def describe(exc: BaseException) -> tuple[str, int] | None:
     """The one-line message (`<file>: <what happened>; <what to do>`) and exit code of a failure that is not ours
     but that a user's input or machine causes; None for a failure we know nothing about (a bug)."""
@@ -117,9 +123,7 @@ def describe(exc: BaseException) -> tuple[str, int] | None:
     if isinstance(exc, OSError) and exc.errno is not None:
         return _os_error(exc), 1
     if isinstance(exc, UnicodeDecodeError):
-        where = _file_of(exc.__traceback__) or "a text file"
-        byte = exc.object[exc.start : exc.start + 1].hex() if exc.object else "?"
-        return f"{where}: not UTF-8 text (byte 0x{byte} at position {exc.start}); save it as UTF-8", 1
+        return not_utf8(_file_of(exc.__traceback__) or "a text file", exc), 1
     if isinstance(exc, UnicodeEncodeError):
         return f"{printable(exc.object[:80])!r}: can't be written as {exc.encoding} text; rename it", 1
     if name == "JSONDecodeError":

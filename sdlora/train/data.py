@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from sdlora import layout
-from sdlora.errors import UsageError
+from sdlora.errors import UsageError, not_utf8
 from sdlora.prep.manifest import confined
 
 
@@ -115,11 +115,8 @@ def caption_of(image: Path, default: str) -> str:
         sidecar = confined(image.parent, sidecar.name)
         try:
             text = sidecar.read_text(encoding="utf-8").strip()
-        except UnicodeDecodeError as exc:
-            byte = exc.object[exc.start : exc.start + 1].hex()
-            raise UsageError(
-                f"{sidecar}: not UTF-8 text (byte 0x{byte} at position {exc.start}); save it as UTF-8"
-            ) from None
+        except UnicodeDecodeError as exc:  # a usage error (exit 2) naming the caption, not the generic line
+            raise UsageError(not_utf8(sidecar, exc)) from None
         if text:
             return text
     return default
