@@ -59,8 +59,12 @@ LEGACY = {"held_out": 2, "attention_at": (16, 8)}
 
 def spec_of(record: dict) -> BaseSpec:
     """The spec an identity_base.json record was built with (fields it predates: their LEGACY values)."""
-    fields = {**LEGACY, **record["spec"]}
-    return BaseSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+    return BaseSpec(**spec_fields({**LEGACY, **record["spec"]}))
+
+
+def spec_fields(spec: dict) -> dict:
+    """A record's spec as a spec class takes it (JSON gave its tuples back as lists); any builder's spec."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in spec.items()}
 
 
 def held_out_subjects(base_dir: Path) -> tuple[world.Identity, ...]:

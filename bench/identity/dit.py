@@ -192,14 +192,10 @@ def ensure_dit(spec: DitSpec, folder: Path, log=print, max_seconds: float = 0, t
 def continue_dit(src: Path, folder: Path, steps: int, lr: float, log=print, max_seconds: float = 0, threads: int = 1):
     """Train the saved DiT base `src` `steps` more (cosine from `lr` to 0) into `folder`; cut short, the same call
     continues it (its state beside `folder`, saved for this source and these budgets only)."""
-    spec = replace(DitSpec(**_spec_fields(src)), unet_steps=steps, lr=lr)
+    record = json.loads((Path(src) / "identity_base.json").read_text())
+    spec = replace(DitSpec(**base.spec_fields(record["spec"])), unet_steps=steps, lr=lr)
     train = lambda tmp, state: train_dit(spec, tmp, log, max_seconds, state, threads, init=src)  # noqa: E731
     return base.build_resumable(Path(folder), asdict(spec) | {"continue_from": str(Path(src).resolve())}, log, train)
-
-
-def _spec_fields(folder: Path) -> dict:
-    spec = json.loads((Path(folder) / "identity_base.json").read_text())["spec"]
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in spec.items()}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -102,7 +102,7 @@ def rescore(work: Path) -> list[str]:
             found = score(readings, subject)
             if found["editability"] is None:
                 continue
-            half = {k: _mean(found[k].values()) for k in ("follow", "keep")}
+            half = {k: run.mean_known(list(found[k].values())) for k in ("follow", "keep")}
             lines.append(
                 f"{cell.name} {folder.name}: editability {found['editability']:.2f}, follow {half['follow']:.2f}, "
                 f"keep {half['keep']:.2f} ("
@@ -114,11 +114,6 @@ def rescore(work: Path) -> list[str]:
                 + ")"
             )
     return lines
-
-
-def _mean(values) -> float:
-    known = [v for v in values if v is not None]
-    return sum(known) / len(known) if known else float("nan")
 
 
 if __name__ == "__main__":

@@ -458,11 +458,11 @@ def plot(rows: list[dict], path: Path) -> None:
     panels += (("editability", "editability (one change asked)"), ("validity", "validity (trigger)"))
     panels += (("class_validity", "validity (class)"), ("fidelity", "fidelity (glasses)"))
     fig, axes = plt.subplots(2, 4, figsize=(17, 6.5))
-    base_mean = {k: _mean([r.get(k) for r in rows if r["setting"] == "base"]) for k, _ in panels}
+    base_mean = {k: mean_known([r.get(k) for r in rows if r["setting"] == "base"]) for k, _ in panels}
     for ax, (key, label) in zip(axes.flat, panels, strict=False):
         for setting in dict.fromkeys(r["setting"] for r in rows if r["setting"] != "base"):
             steps = sorted({r["step"] for r in rows if r["setting"] == setting})
-            ys = [_mean([r.get(key) for r in rows if r["setting"] == setting and r["step"] == s]) for s in steps]
+            ys = [mean_known([r.get(key) for r in rows if r["setting"] == setting and r["step"] == s]) for s in steps]
             ax.plot([0, *steps], [base_mean[key], *ys], marker="o", label=setting)
         ax.set_title(label, fontsize=9)
         ax.set_ylim(0, 1)
@@ -475,7 +475,8 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def _mean(values: list[float | None]) -> float:
+def mean_known(values: list[float | None]) -> float:
+    """The mean of the values that are not None (nan when none is)."""
     kept = [v for v in values if v is not None]
     return sum(kept) / len(kept) if kept else float("nan")
 
