@@ -110,11 +110,12 @@ steps = int(next(a for a in sys.argv if a.startswith("--max_train_steps=")).spli
 with open(os.environ["FAKE_SCRIPT_ARGV"], "w") as handle:
     json.dump(sys.argv[1:], handle)
 accelerator = Accelerator()
-weight = torch.nn.Parameter(torch.ones(64, 64))
+# 512 x 512: a step of milliseconds, so that its CPU time, rounded to 1 ms in the results, is never 0
+weight = torch.nn.Parameter(torch.ones(512, 512))
 optimizer = accelerator.prepare(torch.optim.AdamW([weight], lr=1e-4))
 accelerator.init_trackers("fake")
 for step in range(steps):
-    (weight @ torch.randn(64, 64)).square().mean().backward()
+    (weight @ torch.randn(512, 512)).square().mean().backward()
     optimizer.step()
     optimizer.zero_grad()
 raise SystemExit("the benchmark should have stopped the script before its loop ended")
