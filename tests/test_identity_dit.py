@@ -13,8 +13,8 @@ from sdlora.demo.base import PACKAGED_DIT
 
 # The DiT smoke test's scale: subject 0, the UNet smoke test's setting (rank 16, lr 3e-3, no prior, no text encoder)
 # for 25 steps instead of 100, 32 seeds instead of 64, flow Euler 10 steps instead of 20, so that it costs about 30
-# CPU-seconds. On the packaged base (3,527 steps) it measured 0.307 -> 0.828 (margin 0.122); at lr 1e-8 0.307 -> 0.307
-# (docs/identity-benchmark.md).
+# CPU-seconds. On the packaged base (3,527 steps), the subject called "zqx person", it measured 0.349 -> 0.839
+# (margin 0.123); at lr 1e-8 0.349 -> 0.349 (docs/identity-benchmark.md).
 DIT_SMOKE = {"seeds": 32, "steps": 25, "sample_steps": 10}
 
 
@@ -107,7 +107,7 @@ def test_dit_base_packs_into_one_file_and_its_restore_renders_the_same_images(tm
 @pytest.mark.slow
 def test_lora_on_the_packaged_dit_base_moves_decoded_attributes_toward_the_subject(tmp_path):
     """The UNet smoke test's code path (renders as photos -> `prep` -> `train` -> `generate` -> decoder) on the
-    packaged DiT base, given to the benchmark as the file: the LoRA raises the soft agreement of "a photo of sks
+    packaged DiT base, given to the benchmark as the file: the LoRA raises the soft agreement of "a photo of zqx
     person" with the subject above the base's by more than three standard errors of that difference at this test's
     seeds, from the per-image spreads of the two rows measured here (not a constant: the base is re-packaged as its
     build goes on). With lr 1e-8 (a LoRA that learns nothing) the gain is 0.000 and the test fails."""
@@ -126,3 +126,23 @@ def test_lora_on_the_packaged_dit_base_moves_decoded_attributes_toward_the_subje
     gain = after["soft_agreement"] - before["soft_agreement"]
     print(f"soft agreement {before['soft_agreement']:.3f} -> {after['soft_agreement']:.3f}, margin {margin:.3f}")
     assert gain > margin, (before["soft_agreement"], after["soft_agreement"], margin)
+
+
+def test_the_dit_worlds_trigger_is_a_word_its_base_never_trained_on(tmp_path):
+    """On the DiT base the benchmark names the subject "zqx person": Qwen's byte tokenizer reads "sks" as trained
+    bytes (the base draws glasses on it), while no caption the base trained on holds z, q or x."""
+    from safetensors import safe_open
+
+    from bench.identity import run
+    from sdlora.demo.base import DIT
+    from sdlora.families.offline_text import qwen_tokenizer
+
+    folder = run.base_folder(PACKAGED_DIT, tmp_path / "base")
+    config = run.make_config(folder, run.SMOKE, run.Scale(), None)
+    assert run.trigger_of(config) == "zqx person"
+    assert run.prompts_for(run.base.SUBJECTS[0], run.trigger_of(config))["identity"] == "a photo of zqx person"
+    with safe_open(str(PACKAGED_DIT), "pt") as handle:
+        trained = set(handle.get_tensor(DIT.embedding + ".ids").tolist())
+    tokenizer = qwen_tokenizer()
+    assert not set(tokenizer("zqx").input_ids) & trained
+    assert set(tokenizer("sks").input_ids) <= trained

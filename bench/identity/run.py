@@ -21,17 +21,35 @@ from bench.identity import base, edits, picks
 from bench.identity import captions as caption_study
 from sdlora.faces import toyworld as world
 
-TRIGGER = "sks person"
-PROMPTS = {
-    "identity": f"a photo of {TRIGGER}",
-    "class": base.CLASS_PROMPT,  # must NOT give the subject (bleed)
-    "glasses": f"a photo of {TRIGGER} with glasses",  # the subject, wearing glasses (prompt fidelity)
-}
+# The trigger word of each base: one its text encoder never trained on. "sks" is one CLIP token that no caption of
+# the UNet base holds; the DiT base's Qwen tokenizer reads bytes, and s and k are trained ("glasses", "skin": the
+# base draws glasses on 92% of "sks person"), while j, m, q, v, x and z occur in no caption (their rows untrained).
+TOKENS = {False: "sks", True: "zqx"}  # by base.is_flow
+TRIGGER = f"{TOKENS[False]} person"
+TRIGGERS = tuple(f"{token} person" for token in TOKENS.values())
 
 
-def prompts_for(subject: world.Identity) -> dict[str, str]:
-    """Every prompt of a subject's run, in render order: PROMPTS, then its edits (edits.py: one change asked)."""
-    return PROMPTS | edits.prompts(subject, TRIGGER)
+def prompts(trigger: str = TRIGGER) -> dict[str, str]:
+    """The shared prompts of a run whose subject is called `trigger`."""
+    return {
+        "identity": f"a photo of {trigger}",
+        "class": base.CLASS_PROMPT,  # must NOT give the subject (bleed)
+        "glasses": f"a photo of {trigger} with glasses",  # the subject, wearing glasses (prompt fidelity)
+    }
+
+
+PROMPTS = prompts()
+
+
+def prompts_for(subject: world.Identity, trigger: str = TRIGGER) -> dict[str, str]:
+    """Every prompt of a subject's run, in render order: the shared prompts, then its edits (edits.py: one change
+    asked)."""
+    return prompts(trigger) | edits.prompts(subject, trigger)
+
+
+def trigger_of(config: Any) -> str:
+    """The trigger of a run's config (prep.token and prep.class_word, as sdlora's captions name the subject)."""
+    return f"{config.prep.token} {config.prep.class_word}"
 
 
 @dataclass(frozen=True)
@@ -186,6 +204,7 @@ def make_config(base_dir: Path, setting: Setting, scale: Scale, class_dir: Path 
         "prep.blur_ratio": 0.0,  # flat-colour renders: sharpness is no signal
         "prep.duplicate_distance": 0,  # jittered renders of one identity hash alike, yet are distinct photos
         "prep.workers": 1,
+        "prep.token": TOKENS[base.is_flow(base_dir)],
         "lora.rank": setting.rank,
         "lora.alpha": float(setting.rank),
         "lora.train_text_encoder": setting.text_encoder,
@@ -229,7 +248,7 @@ def prep_subject(subject: world.Identity, work: Path, config: Any, scale: Scale,
     else:
         identities = caption_study.photo_set(subject, scale.photos)
         photos = write_renders(identities, work / "photos", seed)
-        texts, decisions = caption_study.captions(captions, identities, PROMPTS["identity"])
+        texts, decisions = caption_study.captions(captions, identities, prompts(trigger_of(config))["identity"])
         caption_study.write_sidecars(photos, texts)
         (work / "captions.json").write_text(json.dumps({"captions": texts, "decisions": decisions}, indent=1))
     prep(photos, work / "dataset", config, progress=False)
@@ -333,11 +352,11 @@ def run_subject(
 ) -> list[dict]:
     """Prep, train and score one (subject, setting) on the prompts `keys` (default: all, edits included): one row
     per checkpoint."""
-    table_ = prompts_for(subject)
-    keys = tuple(table_) if keys is None else keys
     captioned = setting.class_captions  # each class image with an IMG.txt naming its attributes
     classes = class_renders(subject, scale.class_images, work / "class", 7, captioned) if setting.prior else None
     config = make_config(base_dir, setting, scale, classes)
+    table_ = prompts_for(subject, trigger_of(config))
+    keys = tuple(table_) if keys is None else keys
     dataset = prep_subject(subject, work, config, scale, seed=11, captions=setting.captions)
     started = time.time()
     files = train_lora(config, dataset, work / "lora")
@@ -364,13 +383,15 @@ def base_rows(
     prompts as the subject's runs). The shared prompts are rendered once; each subject's edits after them, at the
     seeds they have in a run (into base-images/edits-sN)."""
     config = make_config(base_dir, REDUCED[0], scale, None)
+    trigger = trigger_of(config)
     shared = tuple(k for k in PROMPTS if keys is None or k in keys)
-    paths = render_prompts(config, None, work / "base-images", shared)
+    paths = render_prompts(config, None, work / "base-images", shared, prompts(trigger))
     rows = []
     for i, s in subjects.items():
-        mine = [k for k in edits.prompts(s, TRIGGER) if keys is None or k in keys]
+        mine = [k for k in edits.prompts(s, trigger) if keys is None or k in keys]
         folder = work / "base-images" / f"edits-s{i}"
-        extra = render_prompts(config, None, folder, tuple(mine), prompts_for(s), len(PROMPTS)) if mine else {}
+        table_ = prompts_for(s, trigger)
+        extra = render_prompts(config, None, folder, tuple(mine), table_, len(PROMPTS)) if mine else {}
         rows.append({"subject": i, "setting": "base", "step": 0, **score(paths | extra, s)})
     return rows
 
