@@ -87,3 +87,87 @@ def test_editability_is_reported_beside_identity_and_bleed_and_older_results_sho
     assert "editability s0 | editability s1" in text
     page = (tmp_path / "out" / "report.html").read_text()
     assert "<th>editability</th>" in page and "<td>40 ± 4%</td>" in page and "methods.png" in page
+
+
+def _cell(setting, step, exact, bleed, class_validity, editability, subjects=(0, 1)):
+    """One cell's rows: every argument but setting and step is one value per subject (or one for all)."""
+    values = [v if isinstance(v, tuple) else (v,) * len(subjects) for v in (exact, bleed, class_validity, editability)]
+    rows = []
+    for i, s in enumerate(subjects):
+        row = _row(s, setting, step, values[0][i], values[1][i], values[2][i])
+        rows.append(row if values[3][i] is None else {**row, "editability": values[3][i]})
+    return rows
+
+
+EDIT_BASE = [{**r, "editability": 0.0} for r in BASE]
+
+
+def test_the_bar_counts_each_bound_on_its_edge_never_past_step_800_nor_without_editability():
+    # means on every bound: 90% exact, 2% bleed, class validity 5 points under the base's 50%, 60% editability;
+    # (0.95 + 0.85) / 2 and 0.5 - 0.45 fall an ulp short in floats, which must still count
+    edge = ((0.95, 0.85), (0.03, 0.01), (0.5, 0.4), (0.65, 0.55))
+    rows = EDIT_BASE + _cell("edge", 800, *edge) + _cell("edge", 1500, *edge)
+    rows += _cell("exact", 800, (0.95, 0.83), *edge[1:]) + _cell("bleed", 800, edge[0], (0.03, 0.02), *edge[2:])
+    rows += _cell("class", 800, *edge[:2], (0.5, 0.38), edge[3]) + _cell("edits", 800, *edge[:3], (0.65, 0.53))
+    rows += _cell("old", 800, *edge[:3], None)  # written before editability existed
+    cells = {(c.setting, c.step): c for c in report.cells(rows, 64)}
+    assert cells["edge", 800].meets_bar() and not cells["edge", 1500].meets_bar()
+    for setting in ("exact", "bleed", "class", "edits", "old"):  # one point past a bound, or no editability
+        assert not cells[setting, 800].meets_bar(), setting
+    assert report.bar(list(cells.values())).startswith("Reached by 1 cell(s): edge at 800. Most exact: edge at step")
+    table = report.averaged_table(list(cells.values())).splitlines()
+    assert table[0].endswith("| goal | bar |")
+    assert table[2].endswith("|  |  |") and table[3].endswith("| yes |") and table[4].endswith("|  |")  # base, edge
+    assert table[-1].endswith("| - |")  # old: no editability, so the bar cannot be judged
+
+
+def test_the_bar_names_the_binding_constraint_and_the_bound_most_cells_miss():
+    rows = EDIT_BASE + _cell("sharp", 800, 0.95, 0.0, 0.5, 0.4) + _cell("sharper", 800, 0.92, 0.0, 0.5, 0.5)
+    rows += _cell("loose", 400, 0.8, 0.0, 0.5, 0.7) + _cell("messy", 800, 0.5, 0.3, 0.5, 0.2)
+    rows += _cell("late", 1500, 0.99, 0.0, 0.5, 0.9)  # past step 800: it does not count
+    text = report.bar(report.cells(rows, 64))
+    assert text.startswith("No cell reaches the bar. Exact identity binds: meeting the other three, the nearest is")
+    assert "nearest is loose at step 400 (exact 80 ± " in text and "editability 70 ± 4%), 10.0 points short" in text
+    assert "Editability binds: meeting the other three, the nearest is sharper at step 800" in text
+    assert "No cell meets every bound but bleed or class validity." in text
+    assert "Of 4 cells, missed: exact identity by 2; bleed by 1; class validity by 0; editability by 3." in text
+    assert text.endswith("Missed by the most cells: editability.") and "late" not in text
+    alone = report.bar(report.cells(EDIT_BASE + _cell("messy", 800, 0.5, 0.3, 0.5, 0.2), 64))
+    assert "No bound binds alone: every cell misses two or more." in alone
+    assert "missed: exact identity by 1, at best 40.0 points short (messy at 800); bleed by 1, at best 28.0" in alone
+    assert "Missed by the most cells: exact identity and bleed and editability." in alone
+
+
+FRONT = EDIT_BASE + _cell("a", 800, 0.9, 0.0, 0.5, 0.2) + _cell("b", 400, 0.6, 0.0, 0.5, 0.5)
+FRONT += _cell("c", 200, 0.3, 0.0, 0.5, 0.8) + _cell("dominated", 800, 0.5, 0.0, 0.5, 0.4)
+FRONT += _cell("same", 800, 0.6, 0.0, 0.5, 0.5)  # equal to b on both: neither beats the other
+FRONT += _cell("worse", 800, 0.9, 0.0, 0.5, 0.1)  # as exact as a, less editable: a beats it
+FRONT += _cell("bleeds", 800, 0.2, 0.3, 0.5, 0.9) + _cell("late", 1500, 0.99, 0.0, 0.5, 0.99)
+FRONT += _cell("old", 800, 0.95, 0.0, 0.5, None)
+
+
+def test_the_frontier_keeps_the_cells_no_other_beats_on_both_and_marks_the_bounds_they_break():
+    front = report.frontier(report.cells(FRONT, 64))
+    assert [(c.setting, c.step) for c in front] == [("bleeds", 800), ("c", 200), ("b", 400), ("same", 800), ("a", 800)]
+    table = report.frontier_table(front).splitlines()
+    assert table[2] == "| bleeds | 800 | 20 ± 4% | 90 ± 3% | 30 ± 4% | +0 | bleed |"
+    assert table[-1] == "| a | 800 | 90 ± 3% | 20 ± 4% | 0 ± 0% | +0 |  |"
+
+
+def test_the_report_draws_the_frontier_and_puts_both_images_in_the_page(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    rows = EDIT_BASE + _cell("a", 800, 0.9, 0.0, 0.5, 0.2) + _cell("bleeds", 800, 0.2, 0.3, 0.5, 0.9)
+    text = report.report([_results(tmp_path / "r.json", rows)], tmp_path / "out")
+    assert "\n\nFrontier (exact identity against editability" in text and "\n| bleeds | 800 | 20 ± 4% |" in text
+    pixels = np.asarray(Image.open(tmp_path / "out" / "frontier.png").convert("RGB"), dtype=int)
+    for colour in ((31, 119, 180), (214, 39, 40)):  # matplotlib's C0 (cells within the bounds) and C3 (bleeds)
+        assert (np.abs(pixels - colour).sum(axis=-1) < 30).any(), colour
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert page.endswith("<img src='methods.png' alt='curves per setting'><img src='frontier.png' alt='identity "
+                         "against editability'></body></html>\n")  # fmt: skip
+    one = report.html("x", [("methods.png", "curves per setting")])  # one image: the page as it always was
+    assert one.endswith("<body><p>x</p><img src='methods.png' alt='curves per setting'></body></html>\n")
+    old = report.frontier_text(report.cells(BASE + _cell("old", 800, 0.5, 0.0, 0.5, None), 64))
+    assert old[0].endswith(": no trained cell at step <= 800 has editability (results written before it).")
