@@ -25,7 +25,9 @@ from sdlora.lora.kinds import dora, lokr
 STEPS = 2
 SAMPLE_STEPS = 1
 PROMPT = "a photo of {trigger}"
-CASES = [(family, kind) for family in ("sd1", "sdxl") for kind in ("dora", "lokr")]
+# Z-Image's LoKr (what users train characters with there): LyCORIS names in ComfyUI's file (test_kinds has the
+# other DiT families and kinds, without a training run).
+CASES = [(family, kind) for family in ("sd1", "sdxl") for kind in ("dora", "lokr")] + [("zimage", "lokr")]
 
 
 def train_args(data, out, base, kind: str, text_encoder: bool) -> list[str]:
@@ -113,6 +115,8 @@ def test_lycoris_keys_and_metadata(run):
         shapes = {key: handle.get_slice(key).get_shape() for key in keys}
     modules = {key.split(".", 1)[0] for key in keys}
     assert kinds.file_kind(keys) == run["kind"]
+    lycoris = families.get(run["family"]).lycoris_names  # SimpleTuner's LyCORIS names, else kohya's
+    assert {m.startswith("lycoris_") for m in modules} == {lycoris}
     assert metadata["ss_network_module"] == "lycoris.kohya" and metadata["sdlora.adapter"] == run["kind"]
     text_prefixes = ("lora_te1_", "lora_te2_") if run["family"] == "sdxl" else ("lora_te_",)
     found = {m.split("_text_model")[0] + "_" for m in modules if m.startswith("lora_te")}

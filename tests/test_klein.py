@@ -264,7 +264,6 @@ def test_init_image_with_the_comfyui_file_and_a_filmstrip_through_the_cli(traine
     ("option", "words"),
     [
         (["--train-text-encoder"], ["--train-text-encoder", "FLUX.2 [klein] trains no text-encoder LoRA"]),
-        (["--adapter", "dora"], ["--adapter dora", "can't hold it", "--adapter lora"]),
         (["--pivotal"], ["--pivotal: not available for FLUX.2 [klein] bases", "--no-pivotal"]),
     ],
 )

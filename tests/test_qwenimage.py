@@ -231,7 +231,6 @@ def test_cached_prompts_equal_the_pipelines_encode_prompt(tiny_models):
     ("option", "words"),
     [
         (["--train-text-encoder"], ["--train-text-encoder", "Qwen-Image trains no text-encoder LoRA"]),
-        (["--adapter", "dora"], ["--adapter dora", "can't hold it", "--adapter lora"]),
         (["--pivotal"], ["--pivotal: not available for Qwen-Image bases", "--no-pivotal"]),
     ],
 )

@@ -133,6 +133,10 @@ class Files(Protocol):
     comfyui_diffusers_file: bool  # diffusers file written for ComfyUI too (lora.peft.save_diffusers for_comfyui)
     # The adapter kinds (lora.kind) its LoRA files can hold; None: every kind of sdlora.lora.kinds.KINDS.
     adapter_kinds: tuple[str, ...] | None
+    # Its UIs read DoRA and LoKr under SimpleTuner's LyCORIS names (`lycoris_` + the denoiser's diffusers module
+    # path, one layer each: ComfyUI puts q, k and v into its fused qkv rows itself), which NAME.safetensors then
+    # uses for them (sdlora.lora.kohya.denoiser_naming); False: kohya's names (kohya_namer) for every kind.
+    lycoris_names: bool
 
     def kohya_base_version(self, prediction_type: str, variant: str = "") -> str:
         """kohya's `ss_base_model_version`."""
@@ -150,8 +154,9 @@ class Files(Protocol):
         """The kohya key prefix of each text encoder given (`lora_te_`, or `lora_te1_`/`lora_te2_`)."""
 
     def ui_lora_state(self, denoiser: Any, text_encoders: Sequence[Any], adapter: str, dtype: Any) -> dict | None:
-        """The tensors of the UIs' LoRA file (NAME.safetensors) where the family's UIs read no kohya names
-        (Z-Image: ComfyUI's `diffusion_model.` + diffusers names, alpha/rank baked in), or None: kohya's."""
+        """The tensors of the UIs' plain-LoRA file (NAME.safetensors) where the family's UIs read no kohya names
+        (Z-Image: ComfyUI's `diffusion_model.` + diffusers names, alpha/rank baked in), or None: kohya's. (DoRA and
+        LoKr: lycoris_names.)"""
 
     def load_single_file(self, path: Any, config: str | None, kwargs: dict[str, Any]) -> Any:
         """The pipeline of an original-format file diffusers can't build alone (`config`: model.single_file_config),

@@ -7,6 +7,8 @@ the dots of the module path replaced by `_`, and stores `.lora_down.weight` (pef
   (`input_blocks.4.1...`, `middle_block.1...`, `output_blocks...`), because kohya trains SDXL on the SGM UNet.
 - Text encoders use the transformers-4 CLIP path (`text_model.encoder.layers.0...`); transformers 5's
   CLIPTextModel dropped the `text_model.` level, and readers silently skip names without it.
+Where a family's UIs read them (Z-Image, FLUX.2, Qwen-Image), DoRA and LoKr take SimpleTuner's LyCORIS names instead,
+`lycoris_<diffusers path>`, one layer each (denoiser_naming).
 """
 
 from __future__ import annotations
@@ -33,7 +35,10 @@ if TYPE_CHECKING:
 # A family's kohya naming: denoiser module path -> (kohya module path, part, parts).
 Namer = Callable[[str], tuple[str, int, int]]
 UNET_PREFIX = "lora_unet_"
-KEY_PREFIXES = (UNET_PREFIX, "lora_te_", "lora_te1_", "lora_te2_")
+# SimpleTuner's LyCORIS names: `lycoris_` + the denoiser's diffusers module path with "_" for ".". ComfyUI reads them
+# for Z-Image, FLUX.2 and Qwen-Image (comfy/lora.py model_lora_keys_unet), q, k and v put into its fused qkv rows.
+LYCORIS_PREFIX = "lycoris_"
+KEY_PREFIXES = (UNET_PREFIX, LYCORIS_PREFIX, "lora_te_", "lora_te1_", "lora_te2_")
 UI_PREFIXES = ("diffusion_model.",)  # a family's own UI names where its UIs read no kohya ones (ui_lora_state)
 KEY_SUFFIXES = (
     ".lora_down.weight",
@@ -64,11 +69,12 @@ def kohya_state_dict(
 
     family = families.get(family) if isinstance(family, str) else family
     dtype = torch.float16 if dtype is None else dtype
-    own = family.ui_lora_state(denoiser, text_encoders, adapter, dtype)  # Z-Image: ComfyUI's names, not kohya's
-    if own is not None:
+    names, namer = denoiser_naming(family, denoiser, adapter_kind(denoiser, adapter))
+    own = family.ui_lora_state(denoiser, text_encoders, adapter, dtype) if names == UNET_PREFIX else None
+    if own is not None:  # Z-Image's and Qwen-Image's plain LoRA: ComfyUI's names, not kohya's
         return own
     state: dict[str, torch.Tensor] = {}
-    _add_modules(state, denoiser, UNET_PREFIX, family.kohya_namer(denoiser), adapter, dtype)
+    _add_modules(state, denoiser, names, namer, adapter, dtype)
     for encoder, prefix in zip(text_encoders, family.kohya_encoder_prefixes(text_encoders), strict=True):
         _add_modules(state, encoder, prefix, lambda path: (text_encoder_path(path), 0, 1), adapter, dtype)
     if not state:
@@ -76,6 +82,20 @@ def kohya_state_dict(
             f"no LoRA layers named {adapter!r} in the {family.denoiser} or text encoders: nothing to save"
         )
     return state
+
+
+def denoiser_naming(family: Family, denoiser: Any, kind: str | None) -> tuple[str, Namer]:
+    """The key prefix and namer of the denoiser's modules holding adapters of `kind` in NAME.safetensors: SimpleTuner's
+    LyCORIS names, one layer each, for a kind that can't fuse layers where the family's UIs read those
+    (Family.lycoris_names); kohya's names (family.kohya_namer) otherwise."""
+    if family.lycoris_names and kind is not None and not KINDS[kind].fuses:
+        return LYCORIS_PREFIX, lambda path: (path, 0, 1)
+    return UNET_PREFIX, family.kohya_namer(denoiser)
+
+
+def adapter_kind(model: Any, adapter: str = "default") -> str | None:
+    """The kind of the first layer of `model` holding `adapter` (sdlora trains one kind per run), else None."""
+    return next((kind for _, _, kind in adapter_layers(model, adapter)), None)
 
 
 def _add_modules(state: dict, model: Any, prefix: str, namer: Namer, adapter: str, dtype: torch.dtype) -> None:
@@ -156,13 +176,15 @@ def fused_message(kind: str, name: str, parts: int) -> str:
     )
 
 
-def refuse_fused(kind: str, model: Any, namer: Namer, config: Any, family_label: str) -> None:
+def refuse_fused(kind: str, model: Any, family: Family, config: Any) -> None:
     """Before training: a DoRA or LoKr adapter on layers that the family's kohya format fuses into one module
-    (Flux's q, k, v -> qkv) can't be written; one-line UsageError naming the combination."""
+    (Flux's q, k, v -> qkv) can't be written; one-line UsageError naming the combination. Families whose UIs read
+    LyCORIS names (denoiser_naming) write each layer alone."""
     if KINDS[kind].fuses:
         return
     from peft.tuners.tuners_utils import check_target_module_exists
 
+    _, namer = denoiser_naming(family, model, kind)
     for path, _ in model.named_modules():
         if not path or not check_target_module_exists(config, path):
             continue
@@ -172,7 +194,7 @@ def refuse_fused(kind: str, model: Any, namer: Namer, config: Any, family_label:
             continue
         if parts > 1:
             raise UsageError(
-                f"--adapter {kind}: {family_label}'s kohya format fuses {parts} layers into {module} (e.g. q, k and v "
+                f"--adapter {kind}: {family.label}'s kohya format fuses {parts} layers into {module} (e.g. q, k and v "
                 f"-> qkv), and {kind} adapters of several layers don't combine into one module; use --adapter lora"
             )
 
@@ -214,7 +236,10 @@ def named_models(pipe: Any, family: Family) -> Iterator[tuple[str, Any, dict[str
     encoder of a loaded pipeline: every linear and conv layer named as kohya_state_dict names it (fused layers
     left out)."""
     denoiser = getattr(pipe, family.denoiser)
-    yield family.denoiser, denoiser, _kohya_names(denoiser, UNET_PREFIX, family.kohya_namer(denoiser))
+    names = _kohya_names(denoiser, UNET_PREFIX, family.kohya_namer(denoiser))
+    if family.lycoris_names:  # DoRA and LoKr files: LyCORIS names (denoiser_naming)
+        names |= _kohya_names(denoiser, LYCORIS_PREFIX, lambda path: (path, 0, 1))
+    yield family.denoiser, denoiser, names
     attrs = [name for name in family.trainable_text_encoders if getattr(pipe, name, None) is not None]
     encoders = [getattr(pipe, name) for name in attrs]
     for attr, encoder, prefix in zip(attrs, encoders, family.kohya_encoder_prefixes(encoders), strict=True):

@@ -198,4 +198,4 @@ def check_exportable(lora: Any, denoiser: Any, family: Family) -> None:
     from sdlora.lora.kohya import refuse_fused
 
     config = lora_config(lora.rank, lora.alpha, lora.dropout, family.denoiser_targets(lora.targets), lora.kind)
-    refuse_fused(lora.kind, denoiser, family.kohya_namer(denoiser), config, family.label)
+    refuse_fused(lora.kind, denoiser, family, config)

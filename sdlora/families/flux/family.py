@@ -94,6 +94,7 @@ class Flux:
     stage_frozen: bool = True  # T5-XXL (9.5 GB) and the VAE visit the device one at a time, only to be cached
     comfyui_diffusers_file: bool = True  # ComfyUI reads Flux diffusers keys (with .alpha, text_model. paths)
     adapter_kinds: tuple[str, ...] | None = None  # every kind (fused qkv modules: sdlora.lora.kohya.refuse_fused)
+    lycoris_names: bool = False  # Forge reads kohya's names
     photo_pipeline: str | None = None  # diffusers' AutoPipelineForImage2Image/ForInpainting pick them
     edit_training: bool = False
     reference_pipelines: tuple[tuple[str, int], ...] = (("FluxKontextPipeline", 1),)  # FLUX.1 Kontext: one photo

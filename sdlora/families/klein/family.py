@@ -129,9 +129,10 @@ class Klein:
     size_multiple: int = 16  # 8x VAE, then 2x2 patches
     stage_frozen: bool = True  # Qwen3 (8-16 GB in bf16) and the VAE visit the device one at a time, to be cached
     comfyui_diffusers_file: bool = False  # ComfyUI reads no diffusers FLUX.2 names: NAME.safetensors is kohya's
-    # The BFL file fuses q, k and v into one module, which a DoRA magnitude or a LoKr factor of each can't be (and
-    # diffusers' FLUX.2 loader drops DoRA's magnitudes): plain LoRA only.
-    adapter_kinds: tuple[str, ...] | None = ("lora",)
+    # Every kind: the BFL names fuse q, k and v into one qkv module, which a DoRA magnitude or a LoKr factor of each
+    # can't be, so DoRA and LoKr take LyCORIS names, one layer each, which ComfyUI's Flux map reads (into qkv rows).
+    adapter_kinds: tuple[str, ...] | None = None
+    lycoris_names: bool = True
     # diffusers' AutoPipelineForImage2Image maps klein to its text-to-image pipeline (whose `image` is a reference,
     # not a start) and AutoPipelineForInpainting has none: --init-image and --keep-face use klein's inpainting
     # pipeline (--init-image with the whole image masked, at --strength).

@@ -2,7 +2,9 @@
 released single files `flux-2-klein-4b.safetensors`, kohya/musubi LoRA names, ComfyUI), where a double block's q, k
 and v are one fused `img_attn.qkv` (`txt_attn.qkv` for the text stream) and a single block's attention and MLP
 input is one `linear1`. Used for the kohya LoRA names ComfyUI reads (`lora_unet_double_blocks_0_img_attn_qkv`) and to
-write whole transformers in the original names (single files)."""
+write whole transformers in the original names (single files). DoRA and LoKr, one module per layer, use
+SimpleTuner's `lycoris_` + diffusers names instead, which ComfyUI's Flux map puts into the qkv rows itself
+(sdlora.lora.kohya.denoiser_naming)."""
 
 from __future__ import annotations
 

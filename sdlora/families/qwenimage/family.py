@@ -126,7 +126,8 @@ class QwenImage:
     size_multiple: int = 16  # 8x VAE, then 2x2 patches
     stage_frozen: bool = True  # Qwen2.5-VL-7B (16 GB in bf16) and the VAE visit the device one at a time, to be cached
     comfyui_diffusers_file: bool = False  # NAME.safetensors is ComfyUI's file (ui_lora_state)
-    adapter_kinds: tuple[str, ...] | None = ("lora",)  # ComfyUI's file holds lora_A/lora_B alone (ui_lora_state)
+    adapter_kinds: tuple[str, ...] | None = None  # every kind: LoRA in ui_lora_state, DoRA and LoKr in ...
+    lycoris_names: bool = True  # ... LyCORIS names (sdlora.lora.kohya.denoiser_naming), which ComfyUI reads
     photo_pipeline: str | None = None  # AutoPipelineForImage2Image/ForInpainting: QwenImageImg2Img/InpaintPipeline
     edit_training: bool = False
     reference_pipelines: tuple[tuple[str, int], ...] = ()  # the Edit pipelines are sdlora.families.qwenedit's

@@ -1,7 +1,8 @@
 """Qwen-Image's names outside diffusers: the released single files (Qwen's and ComfyUI's `qwen_image*.safetensors`)
 and ComfyUI's own module names are diffusers' QwenImageTransformer2DModel names, so a transformer needs no renaming
 (diffusers' single-file mapping for it is the identity) and ComfyUI reads LoRA files under `diffusion_model.`,
-`transformer.` or bare diffusers names (its comfy/lora.py, QwenImage branch; checked on the pip-installable fork).
+`transformer.` or bare diffusers names, and `lycoris_` + the names with "_" for "." (its comfy/lora.py, QwenImage
+branch; checked on the pip-installable fork; sdlora's DoRA and LoKr files use those: lora.kohya.denoiser_naming).
 Here: telling a Qwen-Image transformer from its keys (its ComfyUI LoRA file:
 sdlora.families.comfyui.baked_lora_state)."""
 

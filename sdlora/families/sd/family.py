@@ -85,6 +85,7 @@ class UNetFamily:
     edit_training: bool = False
     reference_pipelines: tuple[tuple[str, int], ...] = ()
     adapter_kinds: tuple[str, ...] | None = None  # every kind: kohya's LoRA and LyCORIS's DoRA/LoKr keys
+    lycoris_names: bool = False  # A1111 and Forge read kohya's names alone
 
     def variant(self, pipe: Any) -> str:
         return ""

@@ -59,7 +59,8 @@ class ZImage:
     size_multiple: int = 16  # 8x VAE, then 2x2 patches
     stage_frozen: bool = True  # Qwen3-4B (8 GB in bf16) and the VAE visit the device one at a time, to be cached
     comfyui_diffusers_file: bool = False  # NAME.safetensors is ComfyUI's file (ui_lora_state)
-    adapter_kinds: tuple[str, ...] | None = ("lora",)  # ComfyUI's file holds lora_A/lora_B alone (ui_lora_state)
+    adapter_kinds: tuple[str, ...] | None = None  # every kind: LoRA in ui_lora_state, DoRA and LoKr in ...
+    lycoris_names: bool = True  # ... LyCORIS names (sdlora.lora.kohya.denoiser_naming), which ComfyUI reads
     photo_pipeline: str | None = None  # diffusers' AutoPipelineForImage2Image/ForInpainting pick them
     edit_training: bool = False
     reference_pipelines: tuple[tuple[str, int], ...] = ()

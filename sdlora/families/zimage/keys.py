@@ -2,7 +2,8 @@
 files (Tongyi-MAI's and ComfyUI's `z_image*.safetensors`), where q, k and v are one fused `attention.qkv`. The LoRA
 file ComfyUI reads for Z-Image is `diffusion_model.` + diffusers module names, alpha/rank baked in
 (sdlora.families.comfyui.baked_lora_state): its Z-Image loader maps those onto the fused layers, and reads no kohya
-`lora_unet_` names."""
+`lora_unet_` names. DoRA and LoKr go under SimpleTuner's `lycoris_` + diffusers names, which it maps the same way
+(sdlora.lora.kohya.denoiser_naming)."""
 
 from __future__ import annotations
 
