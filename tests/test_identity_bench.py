@@ -169,6 +169,17 @@ def test_benchmark_main_filters_the_grid_and_keeps_the_subject_number(tmp_path):
     assert sorted(p.name for p in (alone / "work").iterdir()) == ["base-images"]
 
 
+def test_runs_start_subject_by_subject_or_setting_by_setting():
+    from bench.identity import run
+
+    subjects = dict(enumerate(run.base.SUBJECTS[:2]))
+    a, b = run.FLOW[:2]
+    order = [(i, setting.name) for i, _, setting in run.run_order(subjects, [a, b])]
+    assert order == [(0, a.name), (0, b.name), (1, a.name), (1, b.name)]
+    order = [(i, setting.name) for i, _, setting in run.run_order(subjects, [a, b], by_setting=True)]
+    assert order == [(0, a.name), (1, a.name), (0, b.name), (1, b.name)]
+
+
 def test_editability_counts_the_asked_change_with_everything_else_kept(tmp_path):
     """Scripted renders with known attributes: the asked edit of the subject counts; the unchanged subject, the
     edit with the background also changed, or the edit on a stranger do not."""

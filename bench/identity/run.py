@@ -521,6 +521,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", nargs="+", help="only the grid's settings of these names (e.g. plain masked)")
     parser.add_argument("--base-only", action="store_true", help="measure the base alone (VAE, validity), no LoRA")
     parser.add_argument(
+        "--by-setting", action="store_true", help="every subject of a setting before the next (a cut run: whole cells)"
+    )
+    parser.add_argument(
         "--combine", nargs="+", default=[], help="also these combinations of methods (e.g. class_images+output)"
     )
     args = parser.parse_args(argv)
@@ -555,8 +558,7 @@ def main(argv: list[str] | None = None) -> None:
     if (base_dir / "identity_base.json").is_file():  # how the base was built (spec, device, continuations)
         checks["base_record"] = json.loads((base_dir / "identity_base.json").read_text())
     print(f"base {base_dir}: {checks}", flush=True)
-    # Subjects outer: a run cut short still has every setting for the first subject.
-    cells = [] if args.base_only else [(i, s, setting) for i, s in subjects.items() for setting in settings]
+    cells = [] if args.base_only else run_order(subjects, settings, args.by_setting)
     write_results(args.out, scale, checks, rows)
     with _pool(args.jobs, args.threads) as pool:
         futures = [
@@ -573,6 +575,14 @@ def main(argv: list[str] | None = None) -> None:
     for pick in picked:
         print(f"{pick['setting']} s{pick['subject']}: pick_best {pick['picked']}, measured best {pick['measured']}")
     print(picks.rate_line(picked))
+
+
+def run_order(subjects: dict[int, world.Identity], settings: list[Setting], by_setting: bool = False) -> list[tuple]:
+    """The runs (subject number, subject, setting) in the order they start. Subjects outer: a run cut short still
+    has every setting for the first subject; `by_setting`: every subject of the first settings (means over
+    subjects)."""
+    cells = [(i, s, setting) for i, s in subjects.items() for setting in settings]
+    return sorted(cells, key=lambda cell: settings.index(cell[2])) if by_setting else cells
 
 
 def base_folder(path: Path, folder: Path) -> Path:
