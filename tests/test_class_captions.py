@@ -73,7 +73,7 @@ def test_a_class_caption_naming_the_trigger_word_fails_before_training(tiny_sd1,
 
 
 def test_the_class_captions_cell_names_each_renders_attributes(tmp_path):
-    from bench.identity import run
+    from bench.identity import grids, run
     from sdlora.faces import toyworld as world
 
     subject = world.all_identities()[0]
@@ -88,6 +88,6 @@ def test_the_class_captions_cell_names_each_renders_attributes(tmp_path):
         assert sorted(text.removeprefix("a photo of a person ").split(" and ")) == sorted(words)
     plain_renders = run.class_renders(subject, 4, tmp_path / "plain", seed=7)
     assert not list(plain_renders.glob("*.txt"))
-    cell = run.combine("pivotal+class_captions")
+    cell = grids.combine("pivotal+class_captions")
     assert cell.prior and cell.class_captions and dict(cell.options)["train.pivotal"] is True
-    assert not run.combine("pivotal+class_images").class_captions
+    assert not grids.combine("pivotal+class_images").class_captions

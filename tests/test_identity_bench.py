@@ -170,10 +170,10 @@ def test_benchmark_main_filters_the_grid_and_keeps_the_subject_number(tmp_path):
 
 
 def test_runs_start_subject_by_subject_or_setting_by_setting():
-    from bench.identity import run
+    from bench.identity import grids, run
 
     subjects = dict(enumerate(run.base.SUBJECTS[:2]))
-    a, b = run.FLOW[:2]
+    a, b = grids.FLOW[:2]
     order = [(i, setting.name) for i, _, setting in run.run_order(subjects, [a, b])]
     assert order == [(0, a.name), (0, b.name), (1, a.name), (1, b.name)]
     order = [(i, setting.name) for i, _, setting in run.run_order(subjects, [a, b], by_setting=True)]
@@ -183,11 +183,11 @@ def test_runs_start_subject_by_subject_or_setting_by_setting():
 def test_editability_counts_the_asked_change_with_everything_else_kept(tmp_path):
     """Scripted renders with known attributes: the asked edit of the subject counts; the unchanged subject, the
     edit with the background also changed, or the edit on a stranger do not."""
-    from bench.identity import edits, run
+    from bench.identity import edits, grids, run
 
     rng = random.Random(9)
     subject = world.Identity("tan", "red", "long", "green", False, "mint")
-    prompts = run.prompts_for(subject)
+    prompts = grids.prompts_for(subject)
     assert prompts["edit_hair"] == "a photo of sks person with blue hair"
     assert prompts["edit_style"] == "a photo of sks person with tall hair"
     assert prompts["edit_eyes"] == "a photo of sks person with brown eyes"

@@ -133,14 +133,14 @@ def test_the_dit_worlds_trigger_is_a_word_its_base_never_trained_on(tmp_path):
     bytes (the base draws glasses on it), while no caption the base trained on holds z, q or x."""
     from safetensors import safe_open
 
-    from bench.identity import run
+    from bench.identity import grids, run
     from sdlora.demo.base import DIT
     from sdlora.families.offline_text import qwen_tokenizer
 
     folder = run.base_folder(PACKAGED_DIT, tmp_path / "base")
-    config = run.make_config(folder, run.SMOKE, run.Scale(), None)
-    assert run.trigger_of(config) == "zqx person"
-    assert run.prompts_for(run.base.SUBJECTS[0], run.trigger_of(config))["identity"] == "a photo of zqx person"
+    config = run.make_config(folder, run.SMOKE, grids.Scale(), None)
+    assert grids.trigger_of(config) == "zqx person"
+    assert grids.prompts_for(run.base.SUBJECTS[0], grids.trigger_of(config))["identity"] == "a photo of zqx person"
     with safe_open(str(PACKAGED_DIT), "pt") as handle:
         trained = set(handle.get_tensor(DIT.embedding + ".ids").tolist())
     tokenizer = qwen_tokenizer()

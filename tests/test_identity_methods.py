@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import pytest
 
-from bench.identity import run
+from bench.identity import grids, run
 
 
 def test_combine_merges_switches_and_settings():
-    both = run.combine("class_images+timestep_high")
+    both = grids.combine("class_images+timestep_high")
     assert both.name == "class_images+timestep_high" and both.prior and not both.text_encoder
     assert dict(both.options) == {"train.timestep_bias": "high"}
-    three = run.combine("masked+prior+text_encoder+pivotal")
+    three = grids.combine("masked+prior+text_encoder+pivotal")
     assert three.text_encoder and not three.prior
     assert dict(three.options) == {
         "train.masked_loss": True,
@@ -20,7 +20,7 @@ def test_combine_merges_switches_and_settings():
         "train.pivotal": True,
         "train.pivotal_learning_rate": 3e-3,
     }
-    plain = {m.name: m for m in run.METHODS}["plain"]
+    plain = {m.name: m for m in grids.METHODS}["plain"]
     assert (both.rank, both.lr) == (plain.rank, plain.lr)  # the plain LoRA's rank and lr, as every method cell
 
 
@@ -32,9 +32,9 @@ def test_flow_grid_and_levers_make_valid_configs_on_a_flow_base(tmp_path):
     folder = tmp_path / "dit"
     folder.mkdir()
     (folder / "identity_base.json").write_text(json.dumps({"spec": {"kind": "zimage", "held_out": 3}}))
-    cells = [*run.FLOW, *(run.combine(f"pivotal+class_images+{lever.name}") for lever in run.LEVERS)]
-    configs = {cell.name: run.make_config(folder, cell, run.Scale(), tmp_path) for cell in cells}
-    assert len(run.FLOW) == 12 and configs["plain"].generate.scheduler == "flow_euler"
+    cells = [*grids.FLOW, *(grids.combine(f"pivotal+class_images+{lever.name}") for lever in grids.LEVERS)]
+    configs = {cell.name: run.make_config(folder, cell, grids.Scale(), tmp_path) for cell in cells}
+    assert len(grids.FLOW) == 12 and configs["plain"].generate.scheduler == "flow_euler"
     assert configs["plain"].model.allow_distilled and configs["plain"].train.timestep_sampling == "auto"
     sampling = {name: (c.train.timestep_sampling, c.train.timestep_shift) for name, c in configs.items()}
     assert sampling["ts_shift6"] == ("shift", 6.0) and sampling["ts_uniform"][0] == "uniform"
@@ -47,11 +47,11 @@ def test_flow_grid_and_levers_make_valid_configs_on_a_flow_base(tmp_path):
 
 def test_combine_refuses_unknown_and_conflicting_methods(monkeypatch):
     with pytest.raises(ValueError, match="unknown method 'nope'"):
-        run.combine("plain+nope")
-    methods = [*run.METHODS, run._method("timestep_low", train__timestep_bias="low")]
-    monkeypatch.setattr(run, "METHODS", methods)
+        grids.combine("plain+nope")
+    methods = [*grids.METHODS, grids._method("timestep_low", train__timestep_bias="low")]
+    monkeypatch.setattr(grids, "METHODS", methods)
     with pytest.raises(ValueError, match="set train.timestep_bias differently"):
-        run.combine("timestep_high+timestep_low")
+        grids.combine("timestep_high+timestep_low")
     with pytest.raises(SystemExit):  # the command line says it in one line (argparse's error), before any work
         run.main(["--grid", "methods", "--combine", "plain+nope", "--base", "/nonexistent"])
 

@@ -87,12 +87,12 @@ def rescore(work: Path) -> list[str]:
 
     from PIL import Image
 
-    from bench.identity import base, run
+    from bench.identity import base, grids, run
 
     lines = []
     for cell in sorted(p for p in Path(work).iterdir() if p.is_dir() and "-s" in p.name):
         subject = base.SUBJECTS[int(cell.name.rsplit("-s", 1)[1])]
-        keys = {prompt: key for t in run.TRIGGERS for key, prompt in run.prompts_for(subject, t).items()}
+        keys = {prompt: key for t in grids.TRIGGERS for key, prompt in grids.prompts_for(subject, t).items()}
         for folder in sorted(cell.glob("images-*"), key=lambda p: int(p.name.split("-")[1])):
             readings: dict[str, list[world.Reading]] = {}
             for meta in sorted(folder.glob("*-*.json")):
