@@ -183,7 +183,7 @@ def test_runs_start_subject_by_subject_or_setting_by_setting():
 def test_editability_counts_the_asked_change_with_everything_else_kept(tmp_path):
     """Scripted renders with known attributes: the asked edit of the subject counts; the unchanged subject, the
     edit with the background also changed, or the edit on a stranger do not."""
-    from bench.identity import edits, grids, run
+    from bench.identity import edits, grids, scoring
 
     rng = random.Random(9)
     subject = world.Identity("tan", "red", "long", "green", False, "mint")
@@ -193,7 +193,7 @@ def test_editability_counts_the_asked_change_with_everything_else_kept(tmp_path)
     assert prompts["edit_eyes"] == "a photo of sks person with brown eyes"
     asked = {a: edits.target(subject, a) for a in edits.EDITABLE}
     good = {key: [world.render(asked[a], rng) for _ in range(4)] for a, key in edits.EDITABLE.items()}
-    metrics = run.score({"identity": [world.render(subject, rng)], **good}, subject)
+    metrics = scoring.score({"identity": [world.render(subject, rng)], **good}, subject)
     assert metrics["editability"] == 1.0 and metrics["fidelity"] == 1.0
     assert metrics["edit"] == dict.fromkeys(edits.EDITABLE, 1.0)
     stranger = world.Identity("dark", "blonde", "tall", "blue", False, "lilac")
@@ -203,7 +203,7 @@ def test_editability_counts_the_asked_change_with_everything_else_kept(tmp_path)
         "edit_style": [world.render(world.Identity(**(stranger.as_dict() | {"style": "tall"})), rng)],
         "edit_eyes": [world.render(asked["eyes"], rng), world.render(subject, rng)],  # one of two
     }
-    metrics = run.score({"identity": [world.render(subject, rng)], **bad}, subject)
+    metrics = scoring.score({"identity": [world.render(subject, rng)], **bad}, subject)
     assert metrics["edit"] == {"glasses": 0.0, "hair": 0.0, "style": 0.0, "eyes": 0.5}
     assert metrics["editability"] == pytest.approx(0.125)
     # which half fails: the prompt ignored (glasses: the subject kept, nothing shown), the rest of the person lost

@@ -97,7 +97,7 @@ def person_metrics(readings: dict[str, list[world.Reading]], subject: world.Iden
     }
 
 
-# glasses_rate (run.score): share of the "with glasses" images that are a valid person wearing glasses, anyone.
+# glasses_rate (scoring.score): share of the "with glasses" images that are a valid person wearing glasses, anyone.
 METRICS = ("person", "person_bleed", "class_validity", "person_edit", "glasses_rate", "trigger_glasses", "validity")
 
 

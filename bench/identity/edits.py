@@ -87,7 +87,7 @@ def rescore(work: Path) -> list[str]:
 
     from PIL import Image
 
-    from bench.identity import base, grids, run
+    from bench.identity import base, grids, scoring
 
     lines = []
     for cell in sorted(p for p in Path(work).iterdir() if p.is_dir() and "-s" in p.name):
@@ -102,7 +102,7 @@ def rescore(work: Path) -> list[str]:
             found = score(readings, subject)
             if found["editability"] is None:
                 continue
-            half = {k: run.mean_known(list(found[k].values())) for k in ("follow", "keep")}
+            half = {k: scoring.mean_known(list(found[k].values())) for k in ("follow", "keep")}
             lines.append(
                 f"{cell.name} {folder.name}: editability {found['editability']:.2f}, follow {half['follow']:.2f}, "
                 f"keep {half['keep']:.2f} ("

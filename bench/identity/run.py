@@ -6,7 +6,7 @@ seeds per prompt from the base and from every checkpoint, and decode every image
 results.json and curves.png.
 
 This module runs the benchmark (inputs, the real commands, the runner, the table and plot, the CLI); the cells and
-prompts it runs are in grids.py.
+prompts it runs are in grids.py, the metrics in scoring.py.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from bench.identity.grids import (
     prompts_for,
     trigger_of,
 )
+from bench.identity.scoring import mean_known, score
 from sdlora.faces import toyworld as world
 
 # ----------------------------------------------------------------------------------------------- inputs
@@ -163,53 +164,6 @@ def render_prompts(
     pngs = sorted(p for p in paths if p.suffix == ".png" and p.stem[:4].isdigit())
     n = config.generate.n
     return {key: pngs[i * n : (i + 1) * n] for i, key in enumerate(keys)}
-
-
-# ----------------------------------------------------------------------------------------------- scoring
-
-
-def score(images: dict[str, list[Any]], subject: world.Identity) -> dict[str, Any]:
-    """Decoder metrics of one image set ({prompt key: PIL images or paths}); see docs/identity-benchmark.md. The
-    metrics of a prompt key missing from `images` are None (the identity prompt's images are always needed)."""
-    from PIL import Image
-
-    def readings(key: str) -> list[world.Reading]:
-        return [world.read(Image.open(i) if isinstance(i, str | Path) else i) for i in images.get(key, [])]
-
-    ident, cls, glasses = readings("identity"), readings("class"), readings("glasses")
-    edit_readings = {key: readings(key) for key in edits.EDITABLE.values()}
-    valid = [r.identity for r in ident if r.valid]
-    with_glasses = world.Identity(**(subject.as_dict() | {"glasses": True}))
-    result = {
-        "exact": _share(ident, lambda r: r.valid and r.identity == subject),
-        "validity": _share(ident, lambda r: r.valid),
-        "attribute_accuracy": sum(world.agreement(v, subject) for v in valid) / len(valid) if valid else None,
-        "per_attribute": {
-            a: (sum(getattr(v, a) == getattr(subject, a) for v in valid) / len(valid) if valid else None)
-            for a in world.ATTRIBUTES
-        },
-        # Over every image, valid or not: the nearest-prototype guess (the smoke test's signal on weak models).
-        "soft_agreement": sum(world.agreement(r.identity, subject) for r in ident) / len(ident),
-        "soft_agreement_sd": _sd([world.agreement(r.identity, subject) for r in ident]),
-        "bleed": _share(cls, lambda r: r.valid and r.identity == subject),
-        "class_soft_agreement": sum(world.agreement(r.identity, subject) for r in cls) / len(cls) if cls else None,
-        "class_validity": _share(cls, lambda r: r.valid),
-        "fidelity": _share(glasses, lambda r: r.valid and r.identity == with_glasses),
-        "glasses_rate": _share(glasses, lambda r: r.valid and r.identity.glasses),
-        "glasses_validity": _share(glasses, lambda r: r.valid),
-        **edits.score(edit_readings, subject),
-    }
-    result.update(caption_study.person_metrics({"identity": ident, "class": cls, "glasses": glasses}, subject))
-    return result
-
-
-def _share(readings: list[world.Reading], test) -> float | None:
-    return sum(1 for r in readings if test(r)) / len(readings) if readings else None
-
-
-def _sd(values: list[float]) -> float:
-    mean = sum(values) / len(values)
-    return math.sqrt(sum((v - mean) ** 2 for v in values) / max(1, len(values) - 1))
 
 
 # ----------------------------------------------------------------------------------------------- the grid
@@ -367,12 +321,6 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
-
-
-def mean_known(values: list[float | None]) -> float:
-    """The mean of the values that are not None (nan when none is)."""
-    kept = [v for v in values if v is not None]
-    return sum(kept) / len(kept) if kept else float("nan")
 
 
 def main(argv: list[str] | None = None) -> None:
