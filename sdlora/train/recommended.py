@@ -7,7 +7,9 @@ the plain LoRA, 54% exact with 44% bleed. Pivotal tuning needs text encoders tha
 whose prompt words reach the model through T5) and captions that name the trigger word. Without it, class images
 alone held identity to 4% while output preservation alone cut bleed from 73% to 26% at 1,500 steps for the plain
 LoRA's identity: so "auto" is class images with pivotal tuning, output preservation without. A bucketed dataset
-(class images are square) takes output preservation too.
+(class images are square) takes output preservation too. On the benchmark's flow-matching base (a tiny Z-Image, issue
+32) output preservation was again the one preservation that stops bleed and keeps the person, and class images
+without pivotal tuning lost it: each family folder's DEFAULTS.md records the choice and its table.
 """
 
 from __future__ import annotations
