@@ -198,7 +198,7 @@ def _describe(c: Cell, edits: bool = False) -> str:
 def bar(all_cells: list[Cell]) -> str:
     """Which cells reach issue 32's bar; if none, which bound binds (`_binding`) and how many cells miss each
     bound. Only trained cells at step <= 800 count."""
-    counted = [c for c in all_cells if c.setting != "base" and c.step <= BAR_STEPS]
+    counted = _counted(all_cells)
     hits = [c for c in counted if c.meets_bar()]
     if hits:
         best = max(hits, key=lambda c: (c.mean["exact"], -c.step))
@@ -254,9 +254,14 @@ def frontier(all_cells: list[Cell]) -> list[Cell]:
     )
 
 
+def _counted(all_cells: list[Cell]) -> list[Cell]:
+    """The cells the bar judges: trained, at step <= 800."""
+    return [c for c in all_cells if c.setting != "base" and c.step <= BAR_STEPS]
+
+
 def _pool(all_cells: list[Cell]) -> list[Cell]:
-    """The frontier's cells: trained, at step <= 800, with editability."""
-    return [c for c in all_cells if c.setting != "base" and c.step <= BAR_STEPS and not math.isnan(_point(c)[1])]
+    """The frontier's cells: those the bar judges that have editability."""
+    return [c for c in _counted(all_cells) if not math.isnan(_point(c)[1])]
 
 
 def _point(c: Cell) -> tuple[float, float]:

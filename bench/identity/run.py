@@ -402,8 +402,9 @@ def run_order(subjects: dict[int, world.Identity], settings: list[Setting], by_s
     """The runs (subject number, subject, setting) in the order they start. Subjects outer: a run cut short still
     has every setting for the first subject; `by_setting`: every subject of the first settings (means over
     subjects)."""
-    cells = [(i, s, setting) for i, s in subjects.items() for setting in settings]
-    return sorted(cells, key=lambda cell: settings.index(cell[2])) if by_setting else cells
+    if by_setting:
+        return [(i, s, setting) for setting in settings for i, s in subjects.items()]
+    return [(i, s, setting) for i, s in subjects.items() for setting in settings]
 
 
 def base_folder(path: Path, folder: Path) -> Path:
