@@ -88,11 +88,11 @@ def comfyui_weight(weight: torch.Tensor, tensors: dict[str, torch.Tensor]) -> to
         rank = tensors["lora_down.weight"].shape[0]
         changed = weight + tensors["lora_up.weight"] @ tensors["lora_down.weight"] * (tensors["alpha"] / rank)
         return tensors["dora_scale"] * changed / changed.norm(dim=1, keepdim=True)
+    from sdlora.lora.kinds import lokr
+
     w1 = tensors["lokr_w1"] if "lokr_w1" in tensors else tensors["lokr_w1_a"] @ tensors["lokr_w1_b"]
     w2 = tensors["lokr_w2"] if "lokr_w2" in tensors else tensors["lokr_w2_a"] @ tensors["lokr_w2_b"]
-    factorised = [tensors[part].shape[0] for part in ("lokr_w1_b", "lokr_w2_b") if part in tensors]
-    scale = tensors["alpha"] / factorised[-1] if factorised else 1.0
-    return weight + torch.kron(w1, w2) * scale
+    return weight + torch.kron(w1, w2) * lokr.reader_scale(tensors)
 
 
 @pytest.mark.parametrize(("family_name", "kind"), LYCORIS_CASES)
