@@ -91,3 +91,32 @@ def test_the_class_captions_cell_names_each_renders_attributes(tmp_path):
     cell = grids.combine("pivotal+class_captions")
     assert cell.prior and cell.class_captions and dict(cell.options)["train.pivotal"] is True
     assert not grids.combine("pivotal+class_images").class_captions
+
+
+def test_the_named_lever_captions_half_the_subjects_photos_with_its_true_attributes(tmp_path):
+    """`named` (a lever of the bar search): the subject's own photos, unchanged; every other caption adds 1-3 of the
+    photo's true attribute phrases to the trigger's caption, and prep keeps them (the trigger kept in each)."""
+    import json
+
+    from bench.identity import captions, grids, run
+    from sdlora.faces import toyworld as world
+
+    subject = world.all_identities()[5]
+    cell = grids.combine("pivotal+class_images+named")
+    assert cell.captions == captions.NAMED and cell.prior and dict(cell.options)["train.pivotal"] is True
+    assert grids.combine("pivotal+class_images").captions == ""
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "identity_base.json").write_text(json.dumps({"spec": {"kind": "sd1", "held_out": 3}}))
+    config = run.make_config(base, cell, grids.Scale(photos=6), None)
+    dataset = run.prep_subject(subject, tmp_path, config, grids.Scale(photos=6), seed=11, captions=cell.captions)
+    texts = json.loads((tmp_path / "captions.json").read_text())["captions"]
+    trigger = grids.prompts(grids.trigger_of(config))["identity"]
+    assert texts[0::2] == [trigger] * 3
+    for text in texts[1::2]:
+        words = text.removeprefix(trigger + " ").split(" and ")
+        assert text.startswith(trigger + " ") and 1 <= len(words) <= 3 and set(words) <= set(subject.caption_words())
+    for photo in sorted((tmp_path / "photos").glob("*.png")):
+        assert world.decode(Image.open(photo)) == subject
+    kept = sorted(p.read_text().strip() for p in dataset.rglob("*.txt"))
+    assert kept == sorted(texts)

@@ -26,6 +26,11 @@ from sdlora.faces import toyworld as world
 from sdlora.prep import policy
 
 VARIANTS = ("trigger", "full", "variable")
+# A lever of the bar search (issue 32), not a variant of the study: the subject's own photos (unchanged, as the
+# methods grid trains on), every other caption naming 1-3 of the subject's true attributes in the base's phrasing
+# ("a photo of sks person with red hair and with brown eyes"), so that the trigger is learned beside the attribute
+# words instead of in place of them.
+NAMED = "named"
 PERSON = ("skin", "hair", "style", "eyes")  # what stays the same on the subject in every photo
 GLASSES_EVERY = 3  # every third photo wears glasses
 
@@ -62,6 +67,8 @@ def captions(variant: str, identities: list[world.Identity], base: str) -> tuple
     """(one caption a photo, the policy's decisions) for a caption variant; `base` holds the trigger."""
     if variant == "trigger":
         return [base] * len(identities), []
+    if variant == NAMED:
+        return named(identities, base), []
     if variant not in VARIANTS:
         raise ValueError(f"caption variant {variant!r}: choose from {', '.join(VARIANTS)}")
     answers = [answer(i) for i in identities]
@@ -69,6 +76,20 @@ def captions(variant: str, identities: list[world.Identity], base: str) -> tuple
     # The toy base's captions join attribute phrases with " and " after the class phrase.
     texts = [" ".join([base, " and ".join(policy.phrases(a, decisions))]).strip() for a in answers]
     return texts, [d.as_dict() for d in decisions]
+
+
+def named(identities: list[world.Identity], base: str, seed: int = 0) -> list[str]:
+    """The `named` lever's captions: `base` on even photos, `base` with 1-3 of the photo's attribute phrases (skin
+    and glasses included, as the base's captions) on odd ones, joined as the base's captions join them."""
+    import random
+
+    rng = random.Random(seed)
+    texts = []
+    for i, identity in enumerate(identities):
+        words = identity.caption_words()
+        chosen = rng.sample(words, rng.randint(1, min(3, len(words)))) if i % 2 else []
+        texts.append(" ".join([base, " and ".join(chosen)]).strip())
+    return texts
 
 
 def write_sidecars(folder: Path, texts: list[str]) -> None:

@@ -131,6 +131,7 @@ LEVERS = [
     _method("pivotal_all", train__pivotal_fraction=1.0),  # the new tokens train to the end, not the first half
     _method("pw0.2", train__preservation_weight=0.2),  # a weaker output preservation (with output)
     _method("prior0.2", train__prior_loss_weight=0.2),  # a weaker class-image loss (with class_images)
+    replace(_method("named"), captions=caption_study.NAMED),  # half the captions name true attributes
 ]
 GRIDS = {"reduced": REDUCED, "default": DEFAULT, "full": FULL, "methods": METHODS, "captions": CAPTIONS, "flow": FLOW}
 
@@ -154,4 +155,7 @@ def combine(label: str) -> Setting:
     prior, text_encoder = any(p.prior for p in parts), any(p.text_encoder for p in parts)
     # Every method cell has the plain LoRA's rank and lr (_method), so the first part's stand for all.
     setting = replace(parts[0], prior=prior, text_encoder=text_encoder, options=tuple(options.items()), label=label)
-    return replace(setting, class_captions=any(p.class_captions for p in parts))
+    captions = {p.captions for p in parts} - {""}
+    if len(captions) > 1:
+        raise ValueError(f"{label}: the methods caption the photos differently")
+    return replace(setting, class_captions=any(p.class_captions for p in parts), captions="".join(captions))

@@ -117,11 +117,10 @@ def prep_subject(subject: world.Identity, work: Path, config: Any, scale: Scale,
     """The subject's photos through `sdlora prep`; with a caption variant, varied photos with those captions."""
     from sdlora.prep.run import prep
 
-    if not captions:
-        photos = write_renders([subject] * scale.photos, work / "photos", seed)
-    else:
-        identities = caption_study.photo_set(subject, scale.photos)
-        photos = write_renders(identities, work / "photos", seed)
+    same = captions in ("", caption_study.NAMED)  # the subject's own photos; the caption study's vary
+    identities = [subject] * scale.photos if same else caption_study.photo_set(subject, scale.photos)
+    photos = write_renders(identities, work / "photos", seed)
+    if captions:
         texts, decisions = caption_study.captions(captions, identities, prompts(trigger_of(config))["identity"])
         caption_study.write_sidecars(photos, texts)
         (work / "captions.json").write_text(json.dumps({"captions": texts, "decisions": decisions}, indent=1))
@@ -280,7 +279,7 @@ def table(rows: list[dict]) -> str:
     keys = ["exact", "attribute_accuracy", "validity", "bleed", "editability", "class_validity", "fidelity"]
     keys += ["glasses_rate"]
     keys += ["soft_agreement", "class_soft_agreement"]
-    if any(row.get("captions") for row in rows):  # the caption study: the person-level metrics first
+    if any(row.get("captions") in caption_study.VARIANTS for row in rows):  # the caption study: person metrics first
         keys = list(caption_study.METRICS)
     groups: dict[tuple[str, int], list[dict]] = {}
     for row in rows:
