@@ -220,5 +220,7 @@ def test_editability_counts_the_asked_change_with_everything_else_kept(tmp_path)
     assert line.startswith(
         "cell-s0 images-100: editability 0.50, follow 0.50, keep 1.00 (hair 1.00/1.00/1.00, eyes 0.00"
     )
+    with pytest.raises(SystemExit):  # the command names a folder that is not there in one line, no traceback
+        edits.main([str(tmp_path / "nope")])
     # a subject who already wears glasses cannot be asked to take them off (no caption word): not scored
     assert edits.target(world.Identity(**(subject.as_dict() | {"glasses": True})), "glasses") is None

@@ -116,7 +116,17 @@ def rescore(work: Path) -> list[str]:
     return lines
 
 
-if __name__ == "__main__":
-    import sys
+def main(argv: list[str] | None = None) -> None:
+    """python -m bench.identity.edits OUT/work: editability, follow and keep of a run's saved images."""
+    import argparse
 
-    print("\n".join(rescore(Path(sys.argv[1]))))
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("work", type=Path, help="a benchmark's work folder (OUT/work)")
+    work = parser.parse_args(argv).work
+    if not work.is_dir():
+        parser.error(f"{work}: no such folder; give a benchmark's OUT/work")
+    print("\n".join(rescore(work)))
+
+
+if __name__ == "__main__":
+    main()
