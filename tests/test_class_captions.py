@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
 import torch
 from PIL import Image
 from train_utils import plain, subject_set
@@ -120,3 +121,8 @@ def test_the_named_lever_captions_half_the_subjects_photos_with_its_true_attribu
         assert world.decode(Image.open(photo)) == subject
     kept = sorted(p.read_text().strip() for p in dataset.rglob("*.txt"))
     assert kept == sorted(texts)
+    full = captions.named([subject] * 2, "a photo of sks person", full=True)  # `named_full`: every phrase, always
+    assert full == ["a photo of sks person " + " and ".join(subject.caption_words())] * 2
+    assert grids.combine("pivotal+named_full").captions == captions.NAMED_FULL
+    with pytest.raises(ValueError, match="caption the photos differently"):
+        grids.combine("named+named_full")

@@ -87,3 +87,21 @@ def test_a_saved_build_of_another_spec_is_refused(tmp_path):
     state = progress.Progress(saved, {"vae_steps": 2}, log=lambda _: None)
     with pytest.raises(SystemExit, match="saved by a build of another spec; remove it or choose another --out"):
         state.load_vae()
+
+
+def test_a_scale_lever_renders_with_a_weaker_lora(tmp_path, monkeypatch):
+    """`scale0.6` (a lever of the bar search): the benchmark renders with the LoRA at 0.6 (generate's PATH:SCALE);
+    a cell without it passes the path alone."""
+    import sdlora.generate
+
+    seen = []
+    monkeypatch.setattr(sdlora.generate, "generate", lambda config, out: seen.append(config.generate.loras) or [])
+    cell = grids.combine("pivotal+class_images+scale0.6")
+    assert cell.lora_scale == 0.6 and grids.combine("pivotal+class_images").lora_scale == 1.0
+    folder = tmp_path / "base"
+    folder.mkdir()
+    (folder / "identity_base.json").write_text('{"spec": {"kind": "sd1", "held_out": 3}}')
+    config = run.make_config(folder, cell, grids.Scale(), None)
+    run.render_prompts(config, tmp_path / "lora.safetensors", tmp_path / "out", scale=cell.lora_scale)
+    run.render_prompts(config, tmp_path / "lora.safetensors", tmp_path / "out")
+    assert seen == [[f"{tmp_path / 'lora.safetensors'}:0.6"], [str(tmp_path / "lora.safetensors")]]

@@ -31,6 +31,7 @@ VARIANTS = ("trigger", "full", "variable")
 # ("a photo of sks person with red hair and with brown eyes"), so that the trigger is learned beside the attribute
 # words instead of in place of them.
 NAMED = "named"
+NAMED_FULL = "named_full"  # the other end: every caption names every true attribute of the photo
 PERSON = ("skin", "hair", "style", "eyes")  # what stays the same on the subject in every photo
 GLASSES_EVERY = 3  # every third photo wears glasses
 
@@ -67,8 +68,8 @@ def captions(variant: str, identities: list[world.Identity], base: str) -> tuple
     """(one caption a photo, the policy's decisions) for a caption variant; `base` holds the trigger."""
     if variant == "trigger":
         return [base] * len(identities), []
-    if variant == NAMED:
-        return named(identities, base), []
+    if variant in (NAMED, NAMED_FULL):
+        return named(identities, base, full=variant == NAMED_FULL), []
     if variant not in VARIANTS:
         raise ValueError(f"caption variant {variant!r}: choose from {', '.join(VARIANTS)}")
     answers = [answer(i) for i in identities]
@@ -78,16 +79,17 @@ def captions(variant: str, identities: list[world.Identity], base: str) -> tuple
     return texts, [d.as_dict() for d in decisions]
 
 
-def named(identities: list[world.Identity], base: str, seed: int = 0) -> list[str]:
+def named(identities: list[world.Identity], base: str, seed: int = 0, full: bool = False) -> list[str]:
     """The `named` lever's captions: `base` on even photos, `base` with 1-3 of the photo's attribute phrases (skin
-    and glasses included, as the base's captions) on odd ones, joined as the base's captions join them."""
+    and glasses included, as the base's captions) on odd ones, joined as the base's captions join them; `full`:
+    every photo's caption with all of its phrases."""
     import random
 
     rng = random.Random(seed)
     texts = []
     for i, identity in enumerate(identities):
         words = identity.caption_words()
-        chosen = rng.sample(words, rng.randint(1, min(3, len(words)))) if i % 2 else []
+        chosen = words if full else rng.sample(words, rng.randint(1, min(3, len(words)))) if i % 2 else []
         texts.append(" ".join([base, " and ".join(chosen)]).strip())
     return texts
 

@@ -56,6 +56,7 @@ class Setting:
     label: str = ""  # the cell's name in tables and plots (default: its prior/te/rank/lr)
     captions: str = ""  # a caption study variant (bench/identity/captions.py): varied photos with those captions
     class_captions: bool = False  # each class image captioned with its attributes (an IMG.txt: run.class_renders)
+    lora_scale: float = 1.0  # the LoRA's strength when the benchmark renders (sdlora generate's PATH:SCALE)
 
     @property
     def name(self) -> str:
@@ -132,6 +133,8 @@ LEVERS = [
     _method("pw0.2", train__preservation_weight=0.2),  # a weaker output preservation (with output)
     _method("prior0.2", train__prior_loss_weight=0.2),  # a weaker class-image loss (with class_images)
     replace(_method("named"), captions=caption_study.NAMED),  # half the captions name true attributes
+    replace(_method("named_full"), captions=caption_study.NAMED_FULL),  # every caption names every one
+    *(replace(_method(f"scale{s:g}"), lora_scale=s) for s in (0.8, 0.6)),  # a weaker LoRA when rendering
 ]
 GRIDS = {"reduced": REDUCED, "default": DEFAULT, "full": FULL, "methods": METHODS, "captions": CAPTIONS, "flow": FLOW}
 
@@ -158,4 +161,7 @@ def combine(label: str) -> Setting:
     captions = {p.captions for p in parts} - {""}
     if len(captions) > 1:
         raise ValueError(f"{label}: the methods caption the photos differently")
-    return replace(setting, class_captions=any(p.class_captions for p in parts), captions="".join(captions))
+    scale = min(p.lora_scale for p in parts)
+    return replace(
+        setting, class_captions=any(p.class_captions for p in parts), captions="".join(captions), lora_scale=scale
+    )

@@ -117,7 +117,7 @@ def prep_subject(subject: world.Identity, work: Path, config: Any, scale: Scale,
     """The subject's photos through `sdlora prep`; with a caption variant, varied photos with those captions."""
     from sdlora.prep.run import prep
 
-    same = captions in ("", caption_study.NAMED)  # the subject's own photos; the caption study's vary
+    same = captions not in caption_study.VARIANTS  # the subject's own photos; the caption study's vary
     identities = [subject] * scale.photos if same else caption_study.photo_set(subject, scale.photos)
     photos = write_renders(identities, work / "photos", seed)
     if captions:
@@ -148,16 +148,18 @@ def render_prompts(
     keys: tuple[str, ...] = tuple(PROMPTS),
     table: dict[str, str] = PROMPTS,
     first: int = 0,
+    scale: float = 1.0,
 ) -> dict[str, list[Path]]:
     """`sdlora generate` of the prompts `keys` of `table` (default: all of PROMPTS) at the config's fixed seeds;
     {prompt key: image paths}. Prompt-major with seeds from generate.seed on: the first prompt's images do not
     depend on the others being rendered after them; `first` prompts' seeds are skipped (to render the later
-    prompts of a longer list alone, at the seeds they have in it)."""
+    prompts of a longer list alone, at the seeds they have in it); `scale`, the LoRA's strength."""
     from sdlora.generate import generate
 
     prompts = [table[key] for key in keys]
     seed = config.generate.seed + first * config.generate.n
-    update = {"prompts": prompts, "loras": [str(lora)] if lora else [], "seed": seed}
+    loras = [f"{lora}:{scale:g}" if scale != 1 else str(lora)] if lora else []
+    update = {"prompts": prompts, "loras": loras, "seed": seed}
     g = config.generate.model_copy(update=update)
     paths = generate(config.model_copy(update={"generate": g}), out)
     pngs = sorted(p for p in paths if p.suffix == ".png" and p.stem[:4].isdigit())
@@ -191,7 +193,8 @@ def run_subject(
     for step, lora in sorted(files.items()):
         if step not in scale.checkpoints:
             continue
-        metrics = score(render_prompts(config, lora, work / f"images-{step}", keys, table_), subject)
+        images = render_prompts(config, lora, work / f"images-{step}", keys, table_, scale=setting.lora_scale)
+        metrics = score(images, subject)
         row = {"setting": setting.name, **asdict(setting), "step": step, "train_s": round(train_s), **metrics}
         row["options"] = dict(setting.options)
         rows.append(row)
