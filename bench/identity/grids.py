@@ -132,6 +132,11 @@ LEVERS = [
     _method("pw0.2", train__preservation_weight=0.2),  # a weaker output preservation (with output)
     _method("prior0.2", train__prior_loss_weight=0.2),  # a weaker class-image loss (with class_images)
     replace(_method("named"), captions=caption_study.NAMED),  # half the captions name true attributes
+    # LoKr at its own factor (lora.lokr_factor; the lokr cell: peft's default, 8 x 8 (x) 16 x 16 on the DiT base's
+    # 128-wide attention, 7,680 parameters at rank 16): f4 4 x 4 (x) 32 x 32, 24,960; f16 16 x 16 (x) 8 x 8, 7,680
+    # (peft doesn't swap a factor above the square root as LyCORIS does: there f16 is the default's shapes)
+    _method("lokr_f4", lora__kind="lokr", lora__lokr_factor=4),
+    _method("lokr_f16", lora__kind="lokr", lora__lokr_factor=16),
 ]
 GRIDS = {"reduced": REDUCED, "default": DEFAULT, "full": FULL, "methods": METHODS, "captions": CAPTIONS, "flow": FLOW}
 
