@@ -26,8 +26,10 @@ STEPS = 2
 SAMPLE_STEPS = 1
 PROMPT = "a photo of {trigger}"
 # Z-Image's LoKr (what users train characters with there): LyCORIS names in ComfyUI's file (test_kinds has the
-# other DiT families and kinds, without a training run).
+# other DiT families and kinds, without a training run), at a factor of its own (lora.lokr_factor; 2 splits the
+# tiny widths otherwise than peft's default: test_kinds); the UNets' LoKr at the default.
 CASES = [(family, kind) for family in ("sd1", "sdxl") for kind in ("dora", "lokr")] + [("zimage", "lokr")]
+LOKR_FACTOR = {("zimage", "lokr"): 2}
 
 
 def train_args(data, out, base, kind: str, text_encoder: bool) -> list[str]:
@@ -52,6 +54,8 @@ def trained(family: str, kind: str, tiny_models, tmp_path_factory) -> dict:
         # Text-encoder adapters on SD 1.x; SDXL on the UNet only (time: its te1/te2 naming is LoRA's, test_kohya).
         text_encoder = family == "sd1"
         args = train_args(subject_set(root / "data"), out, tiny_models[family], kind, text_encoder)
+        factor = LOKR_FACTOR.get((family, kind), -1)
+        args += ["--set", f"lora.lokr_factor={factor}"] if factor != -1 else []
         result = CliRunner().invoke(app, args)
         assert result.exit_code == 0, result.output
         _RUNS[family, kind] = {
@@ -61,6 +65,7 @@ def trained(family: str, kind: str, tiny_models, tmp_path_factory) -> dict:
             "base": tiny_models[family],
             "text_encoder": text_encoder,
             "args": args,
+            "lokr_factor": factor,
         }
     return _RUNS[family, kind]
 
@@ -137,6 +142,17 @@ def test_lycoris_keys_and_metadata(run):
         assert kinds.file_kind(handle.keys()) == run["kind"]
     assert diffusers_meta["sdlora.adapter"] == run["kind"]
     assert json.loads(diffusers_meta["lora_adapter_metadata"])
+    if run["kind"] == "lokr":  # the factor trained with, stored for sdlora's reader in both files and config.json
+        ui_configs = json.loads(metadata["sdlora.adapter_config"]).values()  # {model: peft config}
+        diffusers_config = json.loads(diffusers_meta["lora_adapter_metadata"])  # {"model.key": value}
+        factors = [c["decompose_factor"] for c in ui_configs]
+        factors += [value for key, value in diffusers_config.items() if key.endswith(".decompose_factor")]
+        assert len(factors) >= 2 and set(factors) == {run["lokr_factor"]}
+        saved = json.loads((run["out"] / "config.json").read_text())
+        assert saved["lora"]["lokr_factor"] == run["lokr_factor"]
+        if run["lokr_factor"] != -1:  # w1 at most factor x factor in every module (peft's default: wider here)
+            w1 = [shape for key, shape in shapes.items() if key.endswith(".lokr_w1")]
+            assert w1 and all(max(shape) <= run["lokr_factor"] for shape in w1)
 
 
 @pytest.mark.slow
@@ -200,6 +216,22 @@ def test_lokr_has_no_input_dropout():
     with pytest.raises(ValueError, match="no input dropout"):
         sdconfig.LoraConfig(kind="lokr", dropout=0.1)
     assert sdconfig.LoraConfig(kind="dora", dropout=0.1).kind == "dora"
+
+
+def test_lokr_factor_is_lokrs_only_and_minus_one_or_two_and_up():
+    from sdlora.errors import ConfigError
+
+    assert [sdconfig.LoraConfig(kind="lokr", lokr_factor=f).lokr_factor for f in (-1, 2, 16)] == [-1, 2, 16]
+    assert sdconfig.LoraConfig(kind="dora").lokr_factor == -1
+    for factor in (0, 1, -2):
+        with pytest.raises(ValueError, match=rf"lora\.lokr_factor = {factor}: use -1"):
+            sdconfig.LoraConfig(kind="lokr", lokr_factor=factor)
+    with pytest.raises(ConfigError) as refused:
+        sdconfig.load(None, {"lora.kind": "dora", "lora.lokr_factor": 4})
+    assert str(refused.value) == (
+        "config: lora: lora.lokr_factor = 4 applies to kind 'lokr' only, not 'dora'; set lora.kind = 'lokr' or drop "
+        "lokr_factor"
+    )
 
 
 def test_lokr_scale_round_trip_and_dora_orientation():

@@ -52,13 +52,13 @@ LYCORIS_CASES = [
 ]
 
 
-def adapted(denoiser, family, kind: str):
+def adapted(denoiser, family, kind: str, lokr_factor: int = -1):
     """A copy of `denoiser` with the family's `kind` adapter on every target ("all", rank 4, alpha 8: a wrong
     scale shows), its tensors random (LoKr's w1 and DoRA's up start at zero, DoRA's magnitude at ||W||)."""
     from sdlora.lora import peft
 
     model = copy.deepcopy(denoiser)
-    peft.attach(model, 4, 8.0, 0.0, family.denoiser_targets("all"), kind)
+    peft.attach(model, 4, 8.0, 0.0, family.denoiser_targets("all"), kind, lokr_factor)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -81,9 +81,9 @@ def merged_weights(model, adapter: str = "default") -> dict[str, torch.Tensor]:
 
 def comfyui_weight(weight: torch.Tensor, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
     """One module of the file applied to its base weight as ComfyUI does (comfy/weight_adapter/lokr.py, lora.py):
-    LoKr W + kron(w1, w2) * alpha / dim (dim: the rank of a factorised part, else the scale is 1); DoRA
-    dora_scale * (W + up @ down * alpha / rank) normalised per output row, by its own norm as peft does (ComfyUI
-    0.3.64 and the 2026-02 fork divide by ||W||: README "Adapter types")."""
+    LoKr W + kron(w1, w2) (reshaped to W's shape) * alpha / dim (dim: the rank of a factorised part, else the scale
+    is 1); DoRA dora_scale * (W + up @ down * alpha / rank) normalised per output row, by its own norm as peft does
+    (ComfyUI 0.3.64 and the 2026-02 fork divide by ||W||: README "Adapter types")."""
     if "dora_scale" in tensors:
         rank = tensors["lora_down.weight"].shape[0]
         changed = weight + tensors["lora_up.weight"] @ tensors["lora_down.weight"] * (tensors["alpha"] / rank)
@@ -92,25 +92,19 @@ def comfyui_weight(weight: torch.Tensor, tensors: dict[str, torch.Tensor]) -> to
 
     w1 = tensors["lokr_w1"] if "lokr_w1" in tensors else tensors["lokr_w1_a"] @ tensors["lokr_w1_b"]
     w2 = tensors["lokr_w2"] if "lokr_w2" in tensors else tensors["lokr_w2_a"] @ tensors["lokr_w2_b"]
-    return weight + torch.kron(w1, w2) * lokr.reader_scale(tensors)
+    w1 = w1[:, :, None, None] if w2.ndim == 4 else w1  # a conv's whole w2 is 4-D (SD 1.x's proj_in/out)
+    return weight + torch.kron(w1, w2).reshape(weight.shape) * lokr.reader_scale(tensors)
 
 
-@pytest.mark.parametrize(("family_name", "kind"), LYCORIS_CASES)
-def test_the_ui_file_holds_each_kind_as_comfyui_reads_it(family_name, kind, tmp_path):
-    """NAME.safetensors of a DoRA or LoKr adapter on a family whose ComfyUI reads LyCORIS names (its Z-Image,
-    FLUX.2 and Qwen-Image maps: `lycoris_` + the diffusers module path, q/k/v put into the fused qkv rows there):
-    one module per adapted layer with the kind's keys, each applied as ComfyUI applies it equal to the trained
-    model's merged weight; both files (it and pytorch_lora_weights.safetensors) load back through sdlora's own
-    readers (generate, eval) to the same weights. The kind passes the pre-flight that refuses fused modules."""
+def check_both_files(family, pipe, model, kind: str, tmp_path) -> dict[str, dict[str, torch.Tensor]]:
+    """NAME.safetensors and pytorch_lora_weights.safetensors of `model`'s adapter (on `pipe`'s denoiser), written
+    as training writes them: each module of the first applied as ComfyUI applies it equals the trained model's
+    merged weight, one module per adapted layer, and both files load back through sdlora's own readers (generate,
+    eval) to the same weights. Returns the first file's modules."""
     from safetensors.torch import load_file
 
     from sdlora.lora import files, lycoris, peft
 
-    family = families.get(family_name)
-    pipe = family.tiny_pipeline(0)
-    base = getattr(pipe, family.denoiser)
-    peft.check_exportable(LoraConfig(kind=kind, targets="all", dropout=0.0), base, family)
-    model = adapted(base, family, kind)
     layers = {path: layer for path, layer, _ in kohya.adapter_layers(model)}
     originals = {path: layer.get_base_layer().weight.detach().clone() for path, layer in layers.items()}
     configs = {family.denoiser: peft.adapter_metadata(model)}
@@ -120,16 +114,12 @@ def test_the_ui_file_holds_each_kind_as_comfyui_reads_it(family_name, kind, tmp_
     peft.save_diffusers(diffusers_file, type(pipe), {family.denoiser: model}, {"sdlora.family": family.name})
     trained = merged_weights(model)
     modules = lycoris.group_modules(load_file(str(ui_file)))
-    assert set(modules) == {"lycoris_" + path.replace(".", "_") for path in layers}
-    own = {"dora": {"lora_down.weight", "lora_up.weight", "alpha", "dora_scale"}}.get(kind)
-    for path, original in originals.items():
-        tensors = modules["lycoris_" + path.replace(".", "_")]
-        if own:
-            assert set(tensors) == own and tensors["dora_scale"].shape == (original.shape[0], 1)
-        else:
-            assert "alpha" in tensors and {p.split("_")[1] for p in tensors if p.startswith("lokr_")} == {"w1", "w2"}
-        assert (trained[path] - original).abs().max() > 1e-3  # the adapter changes the layer
-        torch.testing.assert_close(comfyui_weight(original, tensors), trained[path], atol=1e-5, rtol=1e-5)
+    names = next(names for attr, _, names in kohya.named_models(pipe, family) if attr == family.denoiser)
+    assert sorted(names[module] for module in modules) == sorted(layers)
+    for module, tensors in modules.items():
+        path = names[module]
+        assert (trained[path] - originals[path]).abs().max() > 1e-3  # the adapter changes the layer
+        torch.testing.assert_close(comfyui_weight(originals[path], tensors), trained[path], atol=1e-5, rtol=1e-5)
     for path in (ui_file, diffusers_file):
         fresh = family.tiny_pipeline(0)  # the same base weights
         assert files.load_adapter_file(fresh, path, "reloaded")  # generate's and eval's reader: through peft
@@ -137,3 +127,59 @@ def test_the_ui_file_holds_each_kind_as_comfyui_reads_it(family_name, kind, tmp_
         assert reloaded.keys() == trained.keys(), path.name
         for key, weight in reloaded.items():
             torch.testing.assert_close(weight, trained[key], atol=1e-6, rtol=1e-6, msg=f"{path.name}: {key}")
+    return modules
+
+
+@pytest.mark.parametrize(("family_name", "kind"), LYCORIS_CASES)
+def test_the_ui_file_holds_each_kind_as_comfyui_reads_it(family_name, kind, tmp_path):
+    """NAME.safetensors of a DoRA or LoKr adapter on a family whose ComfyUI reads LyCORIS names (its Z-Image,
+    FLUX.2 and Qwen-Image maps: `lycoris_` + the diffusers module path, q/k/v put into the fused qkv rows there):
+    one module per adapted layer with the kind's keys, each applied as ComfyUI applies it equal to the trained
+    model's merged weight; both files (it and pytorch_lora_weights.safetensors) load back through sdlora's own
+    readers (generate, eval) to the same weights. The kind passes the pre-flight that refuses fused modules."""
+    from sdlora.lora import peft
+
+    family = families.get(family_name)
+    pipe = family.tiny_pipeline(0)
+    base = getattr(pipe, family.denoiser)
+    peft.check_exportable(LoraConfig(kind=kind, targets="all", dropout=0.0), base, family)
+    model = adapted(base, family, kind)
+    layers = {path for path, _, _ in kohya.adapter_layers(model)}
+    modules = check_both_files(family, pipe, model, kind, tmp_path)
+    assert set(modules) == {"lycoris_" + path.replace(".", "_") for path in layers}
+    own = {"dora": {"lora_down.weight", "lora_up.weight", "alpha", "dora_scale"}}.get(kind)
+    for path in layers:
+        tensors = modules["lycoris_" + path.replace(".", "_")]
+        if own:
+            out_features = dict(model.named_modules())[path].get_base_layer().weight.shape[0]
+            assert set(tensors) == own and tensors["dora_scale"].shape == (out_features, 1)
+        else:
+            assert "alpha" in tensors and {p.split("_")[1] for p in tensors if p.startswith("lokr_")} == {"w1", "w2"}
+
+
+# lora.lokr_factor = 2 on the tiny widths (32 and 64; 85 and 256 in feed-forwards): w1 at most 2 x 2 where peft's
+# default gives 4 x 4 to 16 x 8, and every w2 factorised at rank 4 (readers then scale by alpha / dim), where the
+# default keeps most whole.
+@pytest.mark.parametrize("family_name", ["zimage", pytest.param("sd1", marks=pytest.mark.slow)])
+def test_a_lokr_factor_changes_the_factors_and_both_files_still_load(family_name, tmp_path):
+    """LoKr at lora.lokr_factor (peft's decompose_factor) other than the default: other factor shapes in
+    NAME.safetensors (kohya names on SD 1.x, LyCORIS names on Z-Image), each applied as ComfyUI applies it equal to
+    the trained merge, the factor stored with the file, and both files loading back to the same weights."""
+    import json
+
+    from safetensors import safe_open
+
+    from sdlora.lora import lycoris
+
+    family = families.get(family_name)
+    pipe = family.tiny_pipeline(0)
+    base = getattr(pipe, family.denoiser)
+    modules = check_both_files(family, pipe, adapted(base, family, "lokr", 2), "lokr", tmp_path)
+    shapes = {name: {part: tuple(t.shape) for part, t in m.items()} for name, m in modules.items()}
+    default = lycoris.group_modules(kohya.kohya_state_dict(adapted(base, family, "lokr"), [], family))
+    assert default.keys() == shapes.keys()
+    assert all(shapes[name] != {part: tuple(t.shape) for part, t in m.items()} for name, m in default.items())
+    assert all(max(parts["lokr_w1"]) <= 2 and "lokr_w2_a" in parts for parts in shapes.values())
+    with safe_open(str(tmp_path / "me.safetensors"), framework="pt") as handle:
+        stored = json.loads(handle.metadata()["sdlora.adapter_config"])
+    assert stored[family.denoiser]["decompose_factor"] == 2

@@ -64,3 +64,21 @@ def test_a_saved_config_that_is_not_a_table_is_one_usage_error(tmp_path):
     (tmp_path / "config.json").write_text("[1, 2]")
     with pytest.raises(UsageError, match=r"config\.json: unreadable \(not a table of settings\); pass --overwrite"):
         checkpoint.check_out_dir(tmp_path, _settled(), resume="latest", overwrite=False)
+
+
+def test_lokr_factor_is_part_of_the_run(tmp_path):
+    """lora.lokr_factor sets the factors' shapes: a resume may not change it; a run saved before the setting
+    existed trained at peft's default factorisation (-1)."""
+    older = _settled()
+    older["lora"].pop("lokr_factor")
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "config.json").write_text(json.dumps(older))
+    checkpoint.check_out_dir(tmp_path / "old", _settled(), resume="latest", overwrite=False)
+    lokr = _settled()
+    lokr["lora"].update(kind="lokr", lokr_factor=4)
+    (tmp_path / "lokr").mkdir()
+    (tmp_path / "lokr" / "config.json").write_text(json.dumps(lokr))
+    with pytest.raises(UsageError, match=r"lora\.lokr_factor"):
+        checkpoint.check_out_dir(
+            tmp_path / "lokr", {**lokr, "lora": {**lokr["lora"], "lokr_factor": 8}}, "latest", False
+        )

@@ -135,6 +135,12 @@ LEVERS = [
     replace(_method("named"), captions=caption_study.NAMED),  # half the captions name true attributes
     replace(_method("named_full"), captions=caption_study.NAMED_FULL),  # every caption names every one
     *(replace(_method(f"scale{s:g}"), lora_scale=s) for s in (0.8, 0.6)),  # a weaker LoRA when rendering
+    # LoKr at its own factor (lora.lokr_factor; the lokr cell: peft's default, 8 x 8 (x) 16 x 16 on the DiT base's
+    # 128-wide attention, 7,680 parameters at rank 16): f4 4 x 4 (x) 32 x 32, 24,960; f2 2 x 2 (x) 64 x 64 at rank
+    # 16, more again. (A factor above a width's square root is not what it is on a real model: peft keeps it in w1
+    # where LyCORIS swaps it, so f16 on the toy's 128 would be the default's shapes swapped.)
+    _method("lokr_f4", lora__kind="lokr", lora__lokr_factor=4),
+    _method("lokr_f2", lora__kind="lokr", lora__lokr_factor=2),
 ]
 GRIDS = {"reduced": REDUCED, "default": DEFAULT, "full": FULL, "methods": METHODS, "captions": CAPTIONS, "flow": FLOW}
 

@@ -18,12 +18,24 @@ if TYPE_CHECKING:
 DIFFUSERS_FILE = layout.DIFFUSERS_LORA
 
 
-def lora_config(rank: int, alpha: float, dropout: float, targets: list[str] | str, kind: str = "lora"):
-    """peft's config of one adapter of `kind` (sdlora.config.LoraConfig.kind; its row of sdlora.lora.kinds)."""
-    return KINDS[kind].peft_config(rank, alpha, dropout, targets)
+def lora_config(
+    rank: int, alpha: float, dropout: float, targets: list[str] | str, kind: str = "lora", lokr_factor: int = -1
+):
+    """peft's config of one adapter of `kind` (sdlora.config.LoraConfig.kind; its row of sdlora.lora.kinds);
+    `lokr_factor` other than -1 only with kind lokr (the config refuses it with another)."""
+    factor = {} if lokr_factor == -1 else {"factor": lokr_factor}
+    return KINDS[kind].peft_config(rank, alpha, dropout, targets, **factor)
 
 
-def attach(model: Any, rank: int, alpha: float, dropout: float, targets: list[str] | str, kind: str = "lora") -> None:
+def attach(
+    model: Any,
+    rank: int,
+    alpha: float,
+    dropout: float,
+    targets: list[str] | str,
+    kind: str = "lora",
+    lokr_factor: int = -1,
+) -> None:
     """Add the 'default' adapter of `kind` to `model` (a diffusers UNet or a transformers text encoder), in place."""
     import warnings
 
@@ -31,7 +43,7 @@ def attach(model: Any, rank: int, alpha: float, dropout: float, targets: list[st
         # On a --quantize fp8 base peft warns once per layer that it can't merge into torchao weights: training
         # never merges (and generate refuses --fuse with fp8).
         warnings.filterwarnings("ignore", message="TorchaoLoraLinear was instantiated without", category=UserWarning)
-        model.add_adapter(lora_config(rank, alpha, dropout, targets, kind))
+        model.add_adapter(lora_config(rank, alpha, dropout, targets, kind, lokr_factor))
 
 
 def adapter_kind(model: Any, adapter: str = "default") -> str:
@@ -197,5 +209,6 @@ def check_exportable(lora: Any, denoiser: Any, family: Family) -> None:
     can't hold on the denoiser's targets, in one line (sdlora.lora.kohya.refuse_fused)."""
     from sdlora.lora.kohya import refuse_fused
 
-    config = lora_config(lora.rank, lora.alpha, lora.dropout, family.denoiser_targets(lora.targets), lora.kind)
+    targets = family.denoiser_targets(lora.targets)
+    config = lora_config(lora.rank, lora.alpha, lora.dropout, targets, lora.kind, lora.lokr_factor)
     refuse_fused(lora.kind, denoiser, family, config)

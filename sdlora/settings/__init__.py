@@ -168,11 +168,24 @@ class LoraConfig(Section):
         "channel (DoRA); lokr, a Kronecker product of two small factors (LoKr, rank = the factorised part's rank). "
         "A family whose kohya format can't hold a kind refuses it before training.",
     )
+    lokr_factor: int = Field(
+        -1,
+        description="LoKr's Kronecker factor (LyCORIS's factor, e.g. 4, 8, 16): each layer's width splits into factor "
+        "x width/factor (a smaller factor: more parameters); -1: near its square root, peft's default. Only with "
+        "kind = lokr.",
+    )
 
     @model_validator(mode="after")
     def _check_kind(self) -> LoraConfig:
         if self.kind == "lokr" and self.dropout:
             raise ValueError("kind 'lokr' has no input dropout (peft's LoKr drops ranks or modules); set dropout = 0")
+        if self.lokr_factor != -1 and self.lokr_factor < 2:
+            raise ValueError(f"lora.lokr_factor = {self.lokr_factor}: use -1 (the default factorisation) or 2 and up")
+        if self.lokr_factor != -1 and self.kind != "lokr":
+            raise ValueError(
+                f"lora.lokr_factor = {self.lokr_factor} applies to kind 'lokr' only, not {self.kind!r}; set "
+                "lora.kind = 'lokr' or drop lokr_factor"
+            )
         return self
 
 

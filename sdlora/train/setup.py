@@ -261,12 +261,12 @@ def attach_adapters(config: Config, pipe: Any, family: Family, seed: int) -> Non
     if config.model.training_adapter:  # before the seed: the LoRA's init is the same with or without it
         training_adapter.load(pipe, family, config.model.training_adapter)
     torch.manual_seed(seed)  # the LoRA init is part of the run: same seed, same adapter
-    peft.attach(denoiser, lc.rank, lc.alpha, lc.dropout, family.denoiser_targets(lc.targets), lc.kind)
+    peft.attach(denoiser, lc.rank, lc.alpha, lc.dropout, family.denoiser_targets(lc.targets), lc.kind, lc.lokr_factor)
     if config.model.training_adapter:
         training_adapter.activate(denoiser)  # peft's add_adapter left only the new LoRA active
     trained = [denoiser]
     for encoder in trained_text_encoders(config, pipe, family).values():
-        peft.attach(encoder, lc.rank, lc.alpha, lc.dropout, family.text_encoder_targets(), lc.kind)
+        peft.attach(encoder, lc.rank, lc.alpha, lc.dropout, family.text_encoder_targets(), lc.kind, lc.lokr_factor)
         trained.append(encoder)
         if tc.gradient_checkpointing:
             encoder.gradient_checkpointing_enable()

@@ -25,7 +25,8 @@ class AdapterKind:
     """One adapter kind: its row of the table."""
 
     name: str  # lora.kind, and `sdlora.adapter` in file metadata
-    peft_config: Callable[[int, float, float, Any], Any]  # (rank, alpha, dropout, targets) -> peft config
+    # (rank, alpha, dropout, targets) -> peft config; LoKr's also takes factor= (lora.lokr_factor).
+    peft_config: Callable[..., Any]
     holds: Callable[[Any, str], bool]  # whether a peft layer holds adapter `name` of this kind
     is_config: Callable[[Any], bool]  # whether a peft config trains this kind
     key_fragments: tuple[str, ...]  # tensor-key fragments that mark a file of this kind (kohya or peft names)

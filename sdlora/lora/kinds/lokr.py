@@ -17,12 +17,16 @@ PARTS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b
 KEY_FRAGMENTS = (".lokr_",)
 
 
-def peft_config(rank: int, alpha: float, dropout: float, targets: Any) -> Any:
+def peft_config(rank: int, alpha: float, dropout: float, targets: Any, factor: int = -1) -> Any:
+    """`factor`: lora.lokr_factor, peft's decompose_factor: a width it divides splits into (factor, width/factor),
+    the first in lokr_w1, as in LyCORIS up to the width's square root (above it LyCORIS puts the smaller one
+    first, peft doesn't: a 64-wide layer at factor 16 has a 16 x 16 w1 here, 4 x 4 there). Readers take the
+    shapes from the tensors (sdlora's from the stored config), so any factor loads."""
     from peft import LoKrConfig
 
     # peft's default init: lokr_w1 zero, so the adapter starts as a no-op like LoRA's zero B. (No dropout: the
     # config refuses lora.dropout with lokr.)
-    return LoKrConfig(r=rank, alpha=alpha, target_modules=targets)
+    return LoKrConfig(r=rank, alpha=alpha, target_modules=targets, decompose_factor=factor)
 
 
 def holds(layer: Any, adapter: str) -> bool:
