@@ -124,5 +124,8 @@ def test_the_named_lever_captions_half_the_subjects_photos_with_its_true_attribu
     full = captions.named([subject] * 2, "a photo of sks person", full=True)  # `named_full`: every phrase, always
     assert full == ["a photo of sks person " + " and ".join(subject.caption_words())] * 2
     assert grids.combine("pivotal+named_full").captions == captions.NAMED_FULL
+    three = captions.named([subject] * 8, "t", every=4)  # `named3`: the first of every four bare, as the base's
+    assert [text == "t" for text in three] == [True, False, False, False] * 2
+    assert grids.combine("pivotal+named3").captions == captions.NAMED3
     with pytest.raises(ValueError, match="caption the photos differently"):
         grids.combine("named+named_full")

@@ -32,6 +32,7 @@ VARIANTS = ("trigger", "full", "variable")
 # words instead of in place of them.
 NAMED = "named"
 NAMED_FULL = "named_full"  # the other end: every caption names every true attribute of the photo
+NAMED3 = "named3"  # three captions in four name 1-3 attributes, as three in four of the base's own captions do
 PERSON = ("skin", "hair", "style", "eyes")  # what stays the same on the subject in every photo
 GLASSES_EVERY = 3  # every third photo wears glasses
 
@@ -68,8 +69,8 @@ def captions(variant: str, identities: list[world.Identity], base: str) -> tuple
     """(one caption a photo, the policy's decisions) for a caption variant; `base` holds the trigger."""
     if variant == "trigger":
         return [base] * len(identities), []
-    if variant in (NAMED, NAMED_FULL):
-        return named(identities, base, full=variant == NAMED_FULL), []
+    if variant in (NAMED, NAMED_FULL, NAMED3):
+        return named(identities, base, full=variant == NAMED_FULL, every=4 if variant == NAMED3 else 2), []
     if variant not in VARIANTS:
         raise ValueError(f"caption variant {variant!r}: choose from {', '.join(VARIANTS)}")
     answers = [answer(i) for i in identities]
@@ -79,17 +80,17 @@ def captions(variant: str, identities: list[world.Identity], base: str) -> tuple
     return texts, [d.as_dict() for d in decisions]
 
 
-def named(identities: list[world.Identity], base: str, seed: int = 0, full: bool = False) -> list[str]:
-    """The `named` lever's captions: `base` on even photos, `base` with 1-3 of the photo's attribute phrases (skin
-    and glasses included, as the base's captions) on odd ones, joined as the base's captions join them; `full`:
-    every photo's caption with all of its phrases."""
+def named(identities: list[world.Identity], base: str, seed: int = 0, full: bool = False, every: int = 2) -> list[str]:
+    """The `named` lever's captions: `base` on every `every`-th photo from the first, `base` with 1-3 of the photo's
+    attribute phrases (skin and glasses included, as the base's captions) on the others, joined as the base's
+    captions join them; `full`: every photo's caption with all of its phrases."""
     import random
 
     rng = random.Random(seed)
     texts = []
     for i, identity in enumerate(identities):
         words = identity.caption_words()
-        chosen = words if full else rng.sample(words, rng.randint(1, min(3, len(words)))) if i % 2 else []
+        chosen = words if full else rng.sample(words, rng.randint(1, min(3, len(words)))) if i % every else []
         texts.append(" ".join([base, " and ".join(chosen)]).strip())
     return texts
 
