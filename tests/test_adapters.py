@@ -150,6 +150,8 @@ def test_lycoris_keys_and_metadata(run):
         assert len(factors) >= 2 and set(factors) == {run["lokr_factor"]}
         saved = json.loads((run["out"] / "config.json").read_text())
         assert saved["lora"]["lokr_factor"] == run["lokr_factor"]
+        args = json.loads(metadata["ss_network_args"])  # LyCORIS's record of the factor, as it writes it
+        assert args == {"algo": "lokr"} | ({"factor": str(run["lokr_factor"])} if run["lokr_factor"] != -1 else {})
         if run["lokr_factor"] != -1:  # w1 at most factor x factor in every module (peft's default: wider here)
             w1 = [shape for key, shape in shapes.items() if key.endswith(".lokr_w1")]
             assert w1 and all(max(shape) <= run["lokr_factor"] for shape in w1)

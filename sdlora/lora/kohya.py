@@ -338,6 +338,9 @@ def adapter_metadata(kind: str, configs: Mapping[str, Mapping[str, Any]]) -> dic
     args = KINDS[kind].network_args
     if args is None:
         return {}
+    factors = {c.get("decompose_factor", -1) for c in configs.values()} - {-1}
+    if factors:  # LyCORIS records a LoKr's factor among its network args (lora.lokr_factor: one per run)
+        args = args | {"factor": str(max(factors))}
     return {
         "ss_network_module": "lycoris.kohya",
         "ss_network_args": json.dumps(args),
