@@ -54,7 +54,7 @@ class Setting:
     lr: float = 3e-3
     options: tuple[tuple[str, Any], ...] = ()  # more sdlora settings ("train.masked_loss", True), ...
     label: str = ""  # the cell's name in tables and plots (default: its prior/te/rank/lr)
-    captions: str = ""  # a caption study variant (bench/identity/captions.py): varied photos with those captions
+    captions: str = ""  # a caption study variant (captions.py: varied photos) or a named lever (the subject's own)
     class_captions: bool = False  # each class image captioned with its attributes (an IMG.txt: run.class_renders)
     lora_scale: float = 1.0  # the LoRA's strength when the benchmark renders (sdlora generate's PATH:SCALE)
 

@@ -114,7 +114,8 @@ def make_config(base_dir: Path, setting: Setting, scale: Scale, class_dir: Path 
 
 
 def prep_subject(subject: world.Identity, work: Path, config: Any, scale: Scale, seed: int, captions: str = "") -> Path:
-    """The subject's photos through `sdlora prep`; with a caption variant, varied photos with those captions."""
+    """The subject's photos through `sdlora prep`; with a caption variant, varied photos with those captions; with a
+    named lever (captions.NAMED...), the subject's own photos with those."""
     from sdlora.prep.run import prep
 
     same = captions not in caption_study.VARIANTS  # the subject's own photos; the caption study's vary
