@@ -43,6 +43,7 @@ def test_flow_grid_and_levers_make_valid_configs_on_a_flow_base(tmp_path):
         configs["pivotal+class_images+rank32"].lora.rank == 32 and configs["pivotal+class_images+rank32"].train.pivotal
     )
     assert configs["pivotal+class_images+pivotal_all"].train.pivotal_fraction == 1.0
+    assert configs["pivotal+class_images+pivotal_short"].train.pivotal_fraction == 0.2
     lokr = configs["pivotal+class_images+lokr_f2"].lora
     assert (lokr.kind, lokr.lokr_factor) == ("lokr", 2)
     assert dict(grids.combine("lokr+lokr_f4").options) == {"lora.kind": "lokr", "lora.lokr_factor": 4}

@@ -130,6 +130,7 @@ LEVERS = [
     _method("rank32", lora__rank=32, lora__alpha=32.0),
     _method("lr1e-3", train__learning_rate=1e-3, train__text_encoder_learning_rate=1e-3 / 3),
     _method("pivotal_all", train__pivotal_fraction=1.0),  # the new tokens train to the end, not the first half
+    _method("pivotal_short", train__pivotal_fraction=0.2),  # the new tokens train for the first fifth only
     _method("pw0.2", train__preservation_weight=0.2),  # a weaker output preservation (with output)
     _method("prior0.2", train__prior_loss_weight=0.2),  # a weaker class-image loss (with class_images)
     replace(_method("named"), captions=caption_study.NAMED),  # half the captions name true attributes
