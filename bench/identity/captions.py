@@ -90,7 +90,12 @@ def named(identities: list[world.Identity], base: str, seed: int = 0, full: bool
     texts = []
     for i, identity in enumerate(identities):
         words = identity.caption_words()
-        chosen = words if full else rng.sample(words, rng.randint(1, min(3, len(words)))) if i % every else []
+        if full:
+            chosen = words
+        elif i % every:
+            chosen = rng.sample(words, rng.randint(1, min(3, len(words))))
+        else:
+            chosen = []
         texts.append(" ".join([base, " and ".join(chosen)]).strip())
     return texts
 
