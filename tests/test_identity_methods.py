@@ -32,7 +32,16 @@ def test_flow_grid_and_levers_make_valid_configs_on_a_flow_base(tmp_path):
     folder = tmp_path / "dit"
     folder.mkdir()
     (folder / "identity_base.json").write_text(json.dumps({"spec": {"kind": "zimage", "held_out": 3}}))
-    cells = [*grids.FLOW, *(grids.combine(f"pivotal+class_images+{lever.name}") for lever in grids.LEVERS)]
+    # a lever that is pivotal tuning at its own rate stands in for `pivotal`
+    rated = {lever.name for lever in grids.LEVERS if "train.pivotal_learning_rate" in dict(lever.options)}
+    assert rated == {"pivotal_lr1e-3", "pivotal_lr3e-4"}
+    cells = [
+        *grids.FLOW,
+        *(
+            grids.combine(f"{'' if lever.name in rated else 'pivotal+'}class_images+{lever.name}")
+            for lever in grids.LEVERS
+        ),
+    ]
     configs = {cell.name: run.make_config(folder, cell, grids.Scale(), tmp_path) for cell in cells}
     assert len(grids.FLOW) == 12 and configs["plain"].generate.scheduler == "flow_euler"
     assert configs["plain"].model.allow_distilled and configs["plain"].train.timestep_sampling == "auto"
@@ -44,6 +53,10 @@ def test_flow_grid_and_levers_make_valid_configs_on_a_flow_base(tmp_path):
     )
     assert configs["pivotal+class_images+pivotal_all"].train.pivotal_fraction == 1.0
     assert configs["pivotal+class_images+pivotal_short"].train.pivotal_fraction == 0.2
+    slow = configs["class_images+pivotal_lr3e-4"].train
+    assert slow.pivotal and slow.pivotal_learning_rate == 3e-4 and slow.pivotal_fraction == 0.5
+    with pytest.raises(ValueError, match="set train.pivotal_learning_rate differently"):
+        grids.combine("pivotal+pivotal_lr1e-3")
     lokr = configs["pivotal+class_images+lokr_f2"].lora
     assert (lokr.kind, lokr.lokr_factor) == ("lokr", 2)
     assert dict(grids.combine("lokr+lokr_f4").options) == {"lora.kind": "lokr", "lora.lokr_factor": 4}

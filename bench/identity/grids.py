@@ -131,6 +131,9 @@ LEVERS = [
     _method("lr1e-3", train__learning_rate=1e-3, train__text_encoder_learning_rate=1e-3 / 3),
     _method("pivotal_all", train__pivotal_fraction=1.0),  # the new tokens train to the end, not the first half
     _method("pivotal_short", train__pivotal_fraction=0.2),  # the new tokens train for the first fifth only
+    # pivotal tuning with its tokens at a lower rate (instead of `pivotal`, whose 3e-3 is the LoRA's): rows that
+    # move less from the class word's embedding, to hold less of the subject's colours; 3e-4 is sdlora's default
+    *(_method(f"pivotal_lr{r}", train__pivotal=True, train__pivotal_learning_rate=float(r)) for r in ("1e-3", "3e-4")),
     _method("pw0.2", train__preservation_weight=0.2),  # a weaker output preservation (with output)
     _method("prior0.2", train__prior_loss_weight=0.2),  # a weaker class-image loss (with class_images)
     replace(_method("named"), captions=caption_study.NAMED),  # half the captions name true attributes
