@@ -119,3 +119,35 @@ def test_nan_loss_stops_with_step_and_keeps_checkpoint(dataset, tiny_sd1, tmp_pa
     kept = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert kept and kept[-1] == f"step-{bad_step - 1:06d}"  # nothing saved from the bad step on
     assert not (out / "pytorch_lora_weights.safetensors").exists()
+
+
+def test_cross_attention_targets_train_only_the_prompts_key_and_value(dataset, tiny_sd1, tiny_models, tmp_path):
+    """lora.targets = "cross_attention" (Custom Diffusion's layers): both files hold every attn2 to_k/to_v of the
+    UNet and nothing else; a transformer family, which has no cross-attention, refuses it in one line."""
+    from diffusers import UNet2DConditionModel
+
+    out = tmp_path / "cross"
+    result = run(
+        dataset, out, "--base", tiny_sd1, *COMMON, "--steps", "2", "--sample-every", "0", "--checkpoint-every", "0",
+        "--set", "lora.targets='cross_attention'", "--name", "me",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd1, subfolder="unet")
+    layers = {name for name, _ in unet.named_modules() if name.endswith(("attn2.to_k", "attn2.to_v"))}
+    assert len(layers) >= 4
+    diffusers_keys = load_file(str(out / "pytorch_lora_weights.safetensors"))
+    trained = {key.removeprefix("unet.").split(".lora_")[0] for key in diffusers_keys}
+    assert trained == layers
+    kohya = load_file(str(out / "me.safetensors"))
+    names = {key.split(".")[0] for key in kohya}
+    assert len(names) == len(layers) and all(name.endswith(("attn2_to_k", "attn2_to_v")) for name in names)
+    assert all(float(diffusers_keys[k].abs().max()) > 0 for k in diffusers_keys if "lora_B" in k)  # they trained
+
+    refused = run(
+        dataset, tmp_path / "z", "--base", tiny_models["zimage"], *COMMON, "--steps", "1",
+        "--set", "lora.targets='cross_attention'",
+    )  # fmt: skip
+    assert refused.exit_code == 2, refused.output
+    lines = [line for line in refused.output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "cross_attention" in lines[0] and "Z-Image" in lines[0] and "'attention'" in lines[0]
+    assert "Traceback" not in refused.output and not (tmp_path / "z" / "pytorch_lora_weights.safetensors").exists()

@@ -144,6 +144,9 @@ LEVERS = [
     # 128-wide attention, 7,680 parameters at rank 16): f4 4 x 4 (x) 32 x 32, 24,960; f2 2 x 2 (x) 64 x 64 at rank
     # 16, more again. (A factor above a width's square root is not what it is on a real model: peft keeps it in w1
     # where LyCORIS swaps it, so f16 on the toy's 128 would be the default's shapes swapped.)
+    # LoRA on the cross-attention's key and value only (lora.targets = "cross_attention"; Custom Diffusion's
+    # layers): what the adapter adds is read from the prompt's tokens, so the attribute words keep a say
+    _method("cross_kv", lora__targets="cross_attention"),
     _method("lokr_f4", lora__kind="lokr", lora__lokr_factor=4),
     _method("lokr_f2", lora__kind="lokr", lora__lokr_factor=2),
 ]

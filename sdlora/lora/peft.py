@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sdlora import layout
-from sdlora.errors import SdloraError
+from sdlora.errors import SdloraError, UsageError
 from sdlora.fsutil import atomic_path
 from sdlora.lora.kinds import KINDS, config_kind, jsonable
 
@@ -209,6 +209,11 @@ def check_exportable(lora: Any, denoiser: Any, family: Family) -> None:
     can't hold on the denoiser's targets, in one line (sdlora.lora.kohya.refuse_fused)."""
     from sdlora.lora.kohya import refuse_fused
 
+    if lora.targets == "cross_attention" and family.denoiser != "unet":
+        raise UsageError(
+            f"lora.targets = 'cross_attention': {family.label} has no cross-attention (its {family.denoiser} attends "
+            "to the prompt and the image together); use 'attention' or 'all'"
+        )
     targets = family.denoiser_targets(lora.targets)
     config = lora_config(lora.rank, lora.alpha, lora.dropout, targets, lora.kind, lora.lokr_factor)
     refuse_fused(lora.kind, denoiser, family, config)

@@ -157,9 +157,11 @@ class LoraConfig(Section):
     rank: int = Field(16, gt=0, le=1024, description="LoRA rank (inner dimension).")
     alpha: float = Field(16.0, gt=0, description="LoRA alpha; the update is scaled by alpha / rank.")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
-    targets: Literal["attention", "all"] = Field(
+    targets: Literal["attention", "all", "cross_attention"] = Field(
         "attention",
-        description="attention: to_q/to_k/to_v/to_out.0; all: also feed-forward and transformer projections.",
+        description="attention: to_q/to_k/to_v/to_out.0; all: also feed-forward and transformer projections; "
+        "cross_attention: only the key and value projections that read the prompt (Custom Diffusion's choice; "
+        "UNet bases: SD 1.x/2.x, SDXL).",
     )
     train_text_encoder: bool = Field(False, description="Also train LoRA on the text encoder(s).")
     kind: Literal["lora", "dora", "lokr"] = Field(

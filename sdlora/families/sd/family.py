@@ -14,6 +14,7 @@ from sdlora.families.comfyui import ComfyParts, checkpoint_file, loader, true_cf
 UNET_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
 # Feed-forward and the transformer blocks' input/output projections (Conv2d 1x1 on SD 1.x, Linear on SD 2.x).
 UNET_EXTRA = ["ff.net.0.proj", "ff.net.2", "proj_in", "proj_out"]
+UNET_CROSS_ATTENTION = ["attn2.to_k", "attn2.to_v"]  # lora.targets = "cross_attention"
 TEXT_ENCODER_ATTENTION = ["q_proj", "k_proj", "v_proj", "out_proj"]
 # Our names of the samplers for UNet bases (sdlora.generate.render.SCHEDULERS).
 UNET_SAMPLERS = ("dpmpp_2m_karras", "euler_a", "euler", "ddim", "unipc")
@@ -44,7 +45,11 @@ def unet_objective(scheduler: Any, device: Any, sampling: str = "auto") -> Any:
 
 
 def unet_targets(targets: str) -> list[str]:
-    """Module-name suffixes of the UNet layers that get LoRA ('attention' or 'all')."""
+    """Module-name suffixes of the UNet layers that get LoRA ('attention', 'all' or 'cross_attention': the key and
+    value projections of the cross-attention (attn2), the only layers that read the text, as Custom Diffusion
+    trains)."""
+    if targets == "cross_attention":
+        return list(UNET_CROSS_ATTENTION)
     return UNET_ATTENTION + (UNET_EXTRA if targets == "all" else [])
 
 
