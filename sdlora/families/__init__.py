@@ -113,7 +113,9 @@ class Denoising(Protocol):
         """The training objective (sdlora.objectives) for this scheduler, train.timestep_sampling and _shift."""
 
     def denoiser_targets(self, targets: str) -> list[str] | str:
-        """LoRA targets for `lora.targets` ('attention'/'all'): peft's name suffixes, or one regex of whole paths."""
+        """LoRA targets for `lora.targets` ('attention'/'all'; 'cross_attention' reaches UNet families only:
+        sdlora.lora.peft.check_exportable refuses it for the others): peft's name suffixes, or one regex of whole
+        paths."""
 
     def normalize_latents(self, vae: Any, latents: Any) -> Any:
         """(B, C, h, w) VAE posterior latents -> the denoiser's latent space (SD: scaled; Flux: shifted, scaled)."""
