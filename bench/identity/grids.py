@@ -140,6 +140,9 @@ LEVERS = [
     replace(_method("named_full"), captions=caption_study.NAMED_FULL),  # every caption names every one
     replace(_method("named3"), captions=caption_study.NAMED3),  # three in four name 1-3 (the base's share)
     *(replace(_method(f"scale{s:g}"), lora_scale=s) for s in (0.8, 0.6)),  # a weaker LoRA when rendering
+    # class images captioned "a photo of a person", the prompt class validity is measured on, instead of sdlora's
+    # DreamBooth-style "a photo of person" (the class word after "a photo of", as the trigger's "a photo of sks person")
+    _method("class_article", train__class_prompt="a photo of a person"),
     _method("cfg7", generate__cfg=7.0),  # rendered at CFG 7 (sdlora generate's default) instead of the benchmark's 4
     # LoKr at its own factor (lora.lokr_factor; the lokr cell: peft's default, 8 x 8 (x) 16 x 16 on the DiT base's
     # 128-wide attention, 7,680 parameters at rank 16): f4 4 x 4 (x) 32 x 32, 24,960; f2 2 x 2 (x) 64 x 64 at rank
