@@ -78,7 +78,7 @@ def test_the_class_captions_cell_names_each_renders_attributes(tmp_path):
     from sdlora.faces import toyworld as world
 
     subject = world.all_identities()[0]
-    folder = run.class_renders(subject, 4, tmp_path / "class", seed=7, captions=True)
+    folder = run.class_renders(subject, 4, tmp_path / "class", seed=7, captions="attributes")
     for i in range(4):
         found = world.decode(Image.open(folder / f"{i:04d}.png"))
         assert found is not None and found != subject
@@ -89,9 +89,12 @@ def test_the_class_captions_cell_names_each_renders_attributes(tmp_path):
         assert sorted(text.removeprefix("a photo of a person ").split(" and ")) == sorted(words)
     plain_renders = run.class_renders(subject, 4, tmp_path / "plain", seed=7)
     assert not list(plain_renders.glob("*.txt"))
+    article = run.class_renders(subject, 4, tmp_path / "article", seed=7, captions="article")
+    assert [(article / f"{i:04d}.txt").read_text() for i in range(4)] == ["a photo of a person"] * 4
     cell = grids.combine("pivotal+class_captions")
-    assert cell.prior and cell.class_captions and dict(cell.options)["train.pivotal"] is True
+    assert cell.prior and cell.class_captions == "attributes" and dict(cell.options)["train.pivotal"] is True
     assert not grids.combine("pivotal+class_images").class_captions
+    assert grids.combine("pivotal+class_images+class_article").class_captions == "article"
 
 
 def test_the_named_lever_captions_half_the_subjects_photos_with_its_true_attributes(tmp_path):

@@ -55,7 +55,8 @@ def test_flow_grid_and_levers_make_valid_configs_on_a_flow_base(tmp_path):
     assert configs["pivotal+class_images+pivotal_short"].train.pivotal_fraction == 0.2
     assert configs["pivotal+class_images+cross_kv"].lora.targets == "cross_attention"
     assert configs["pivotal+class_images+cfg7"].generate.cfg == 7.0 and configs["plain"].generate.cfg == 4.0
-    assert configs["pivotal+class_images+class_article"].train.class_prompt == "a photo of a person"
+    with pytest.raises(ValueError, match="caption the class images differently"):
+        grids.combine("class_captions+class_article")
     slow = configs["class_images+pivotal_lr3e-4"].train
     assert slow.pivotal and slow.pivotal_learning_rate == 3e-4 and slow.pivotal_fraction == 0.5
     with pytest.raises(ValueError, match="set train.pivotal_learning_rate differently"):

@@ -55,7 +55,7 @@ class Setting:
     options: tuple[tuple[str, Any], ...] = ()  # more sdlora settings ("train.masked_loss", True), ...
     label: str = ""  # the cell's name in tables and plots (default: its prior/te/rank/lr)
     captions: str = ""  # a caption study variant (captions.py: varied photos) or a named lever (the subject's own)
-    class_captions: bool = False  # each class image captioned with its attributes (an IMG.txt: run.class_renders)
+    class_captions: str = ""  # class images' own captions (IMG.txt, run.class_renders): "attributes" or "article"
     lora_scale: float = 1.0  # the LoRA's strength when the benchmark renders (sdlora generate's PATH:SCALE)
 
     @property
@@ -97,7 +97,7 @@ def _method(label: str, prior: bool = False, text_encoder: bool = False, **optio
 METHODS = [
     _method("plain"),
     _method("class_images", prior=True),
-    replace(_method("class_captions", prior=True), class_captions=True),  # regularisation captions (issue 32)
+    replace(_method("class_captions", prior=True), class_captions="attributes"),  # regularisation captions (32)
     _method("output", train__preservation="output"),
     _method("masked", train__masked_loss=True),
     _method("masked+prior", train__masked_loss=True, train__mask_prior_weight=1.0),
@@ -142,7 +142,7 @@ LEVERS = [
     *(replace(_method(f"scale{s:g}"), lora_scale=s) for s in (0.8, 0.6)),  # a weaker LoRA when rendering
     # class images captioned "a photo of a person", the prompt class validity is measured on, instead of sdlora's
     # DreamBooth-style "a photo of person" (the class word after "a photo of", as the trigger's "a photo of sks person")
-    _method("class_article", train__class_prompt="a photo of a person"),
+    replace(_method("class_article", prior=True), class_captions="article"),
     _method("cfg7", generate__cfg=7.0),  # rendered at CFG 7 (sdlora generate's default) instead of the benchmark's 4
     # LoKr at its own factor (lora.lokr_factor; the lokr cell: peft's default, 8 x 8 (x) 16 x 16 on the DiT base's
     # 128-wide attention, 7,680 parameters at rank 16): f4 4 x 4 (x) 32 x 32, 24,960; f2 2 x 2 (x) 64 x 64 at rank
@@ -176,10 +176,10 @@ def combine(label: str) -> Setting:
     prior, text_encoder = any(p.prior for p in parts), any(p.text_encoder for p in parts)
     # Every method cell has the plain LoRA's rank and lr (_method), so the first part's stand for all.
     setting = replace(parts[0], prior=prior, text_encoder=text_encoder, options=tuple(options.items()), label=label)
-    captions = {p.captions for p in parts} - {""}
-    if len(captions) > 1:
-        raise ValueError(f"{label}: the methods caption the photos differently")
+    captions, class_captions = ({getattr(p, field) for p in parts} - {""} for field in ("captions", "class_captions"))
+    if len(captions) > 1 or len(class_captions) > 1:
+        raise ValueError(
+            f"{label}: the methods caption the {'photos' if len(captions) > 1 else 'class images'} differently"
+        )
     scale = min(p.lora_scale for p in parts)
-    return replace(
-        setting, class_captions=any(p.class_captions for p in parts), captions="".join(captions), lora_scale=scale
-    )
+    return replace(setting, class_captions="".join(class_captions), captions="".join(captions), lora_scale=scale)

@@ -49,15 +49,17 @@ def write_renders(identities: list[world.Identity], folder: Path, seed: int) -> 
     return folder
 
 
-def class_renders(subject: world.Identity, count: int, folder: Path, seed: int, captions: bool = False) -> Path:
-    """Prior-preservation class images: renders of other identities (never the subject); with `captions`, each
-    with an IMG.txt naming all its attributes in the base's phrases ("a photo of a person with red hair and ...")."""
+def class_renders(subject: world.Identity, count: int, folder: Path, seed: int, captions: str = "") -> Path:
+    """Prior-preservation class images: renders of other identities (never the subject); with captions
+    "attributes", each with an IMG.txt naming all its attributes in the base's phrases ("a photo of a person with red
+    hair and ..."), with "article" each captioned "a photo of a person"; without, sdlora's class prompt."""
     rng = random.Random(seed)
     others = [i for i in world.all_identities() if i != subject]
     chosen = rng.sample(others, count)
     write_renders(chosen, folder, seed + 1)
     for i, identity in enumerate(chosen if captions else []):
-        (folder / f"{i:04d}.txt").write_text(f"{base.CLASS_PROMPT} " + " and ".join(identity.caption_words()))
+        words = identity.caption_words() if captions == "attributes" else []
+        (folder / f"{i:04d}.txt").write_text(" ".join([base.CLASS_PROMPT, " and ".join(words)]).strip())
     return folder
 
 
@@ -181,7 +183,7 @@ def run_subject(
 ) -> list[dict]:
     """Prep, train and score one (subject, setting) on the prompts `keys` (default: all, edits included): one row
     per checkpoint."""
-    captioned = setting.class_captions  # each class image with an IMG.txt naming its attributes
+    captioned = setting.class_captions  # each class image with an IMG.txt (its attributes, or the article's prompt)
     classes = class_renders(subject, scale.class_images, work / "class", 7, captioned) if setting.prior else None
     config = make_config(base_dir, setting, scale, classes)
     table_ = prompts_for(subject, trigger_of(config))
