@@ -50,16 +50,15 @@ def write_renders(identities: list[world.Identity], folder: Path, seed: int) -> 
 
 
 def class_renders(subject: world.Identity, count: int, folder: Path, seed: int, captions: str = "") -> Path:
-    """Prior-preservation class images: renders of other identities (never the subject); with captions
-    "attributes", each with an IMG.txt naming all its attributes in the base's phrases ("a photo of a person with red
-    hair and ..."), with "article" each captioned "a photo of a person"; without, sdlora's class prompt."""
+    """Prior-preservation class images: renders of other identities (never the subject), captioned by sdlora's
+    class prompt, or by an IMG.txt: "attributes" ("a photo of a person with red hair and ..."), "article" (no words)."""
     rng = random.Random(seed)
     others = [i for i in world.all_identities() if i != subject]
     chosen = rng.sample(others, count)
     write_renders(chosen, folder, seed + 1)
     for i, identity in enumerate(chosen if captions else []):
-        words = identity.caption_words() if captions == "attributes" else []
-        (folder / f"{i:04d}.txt").write_text(" ".join([base.CLASS_PROMPT, " and ".join(words)]).strip())
+        words = " and ".join(identity.caption_words()) if captions == "attributes" else ""
+        (folder / f"{i:04d}.txt").write_text(f"{base.CLASS_PROMPT} {words}".strip())
     return folder
 
 
