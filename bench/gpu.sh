@@ -2,8 +2,8 @@
 # Everything that needs a GPU, in one run of at most 8 minutes; prints a short table last.
 #
 #   bash bench/gpu.sh              (from the repo root; results under $OUT or /tmp/sdlora-gpu)
-#   bash bench/gpu.sh matmul b32   (only the parts named: matmul b1 b8 sdxl b32 flux dit offload qwenimage;
-#                                   b32, flux, dit, offload and qwenimage are not in the default run)
+#   bash bench/gpu.sh matmul b32   (only the parts named: matmul b1 b8 sdxl b32 flux dit offload qwenimage
+#                                   identity; b32, flux, dit, offload, qwenimage and identity are not in the default run)
 #   bash bench/gpu.sh --dry-run dit  (print each part's commands, run nothing)
 #
 # No network is needed: models are built from configs with random weights. Packages missing on the machine
@@ -17,8 +17,9 @@ if [ "${1:-}" = --dry-run ]; then DRY_RUN=1; shift; fi
 PARTS=${*:-matmul b1 b8 sdxl}
 for part in $PARTS; do
   case $part in
-  matmul | b1 | b8 | sdxl | b32 | flux | dit | offload | qwenimage) ;;
-  *) echo "bench/gpu.sh: unknown part '$part'; choose from matmul b1 b8 sdxl b32 flux dit offload qwenimage" >&2; exit 2 ;;
+  matmul | b1 | b8 | sdxl | b32 | flux | dit | offload | qwenimage | identity) ;;
+  *) echo "bench/gpu.sh: unknown part '$part'; choose from matmul b1 b8 sdxl b32 flux dit offload qwenimage identity" >&2
+    exit 2 ;;
   esac
 done
 # The dit part runs diffusers' own training scripts, which are not part of this repository: copies of diffusers'
@@ -119,6 +120,21 @@ for part in $PARTS; do
     run 60 $PY bench/train_step.py "${common[@]}" --quantize nf4 --offload-blocks "$n16" \
       --json "$RESULTS/qwenimage-nf4-offload.json"
     [ -n "$DRY_RUN" ] || rm -rf "$dir" ;;
+  # The identity benchmark at issue 32's protocol, which this 2-core CPU affords only in part (about 17 hours for the
+  # flow grid): three subjects, 64 seeds per prompt, checkpoints 200/400/800/1,500. The flow grid on the packaged
+  # DiT base at the toy world's lr 1e-3 (docs/identity-benchmark.md, "The methods grid on the DiT base"), then the
+  # UNet base's default and its most exact cell. The toy models are a few MB: eight runs share the GPU, one CPU
+  # thread each; --by-setting saves whole cells first, so a cut run still reports the cells it finished. On CUDA
+  # sdlora trains with its mixed precision ('auto': bf16), the CPU in fp32: say so beside the figures.
+  identity) flow=(plain output output+pw0.2 class_images class_images+prior0.2 lokr dora ts_uniform ts_sigmoid)
+    flow+=(ts_shift6 ts_logit_normal caption_dropout masked masked+prior)
+    protocol=(--grid methods --only none --by-setting --seeds 64 --steps 200 400 800 1500 --jobs 8)
+    run 360 $PY -m bench.identity --base sdlora/demo/identity-dit.safetensors "${protocol[@]}" \
+      --combine "${flow[@]/%/+lr1e-3}" --out "$RESULTS/identity-flow"
+    run 150 $PY -m bench.identity --base sdlora/demo/identity-base.safetensors "${protocol[@]}" \
+      --combine pivotal+class_images pivotal+class_images+named+rank4+text_encoder --out "$RESULTS/identity-unet"
+    run 60 $PY -m bench.identity.report "$RESULTS/identity-flow/results.json" "$RESULTS/identity-unet/results.json" \
+      --out "$RESULTS/identity-report" ;;
   esac
 done
 [ -z "$DRY_RUN" ] || exit 0

@@ -256,6 +256,35 @@ def test_gpu_sh_dit_part_commands_parse(monkeypatch):
     assert sum(int(line.split()[1]) for line in lines) <= 360  # about 5 minutes of device time
 
 
+def test_gpu_sh_identity_part_runs_the_issues_protocol_on_both_bases():
+    """gpu.sh's identity part (issue 32's protocol, which the CPU affords only in part), dry-run: each benchmark
+    command is the protocol's (64 seeds, checkpoints 200/400/800/1,500, every subject) on a packaged base, every cell
+    it names is one the benchmark knows, the flow grid's cells are all there at the toy DiT's rate, and the whole
+    fits a device call."""
+    from bench.identity import grids
+
+    result = subprocess.run(
+        ["bash", str(ROOT / "bench" / "gpu.sh"), "--dry-run", "identity"], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    lines = [line.split() for line in result.stdout.strip().splitlines()]
+    runs = [words for words in lines if words[3:5] == ["-m", "bench.identity"]]
+    assert len(runs) == 2 and [w[4] for w in lines] == ["bench.identity", "bench.identity", "bench.identity.report"]
+    cells = {}
+    for words in runs:
+        text = " ".join(words)
+        assert "--seeds 64 --steps 200 400 800 1500" in text and "--subjects" not in text and "--by-setting" in text
+        base = words[words.index("--base") + 1]
+        assert (ROOT / base).is_file()
+        combine = words[words.index("--combine") + 1 : words.index("--out")]
+        cells[Path(base).name] = [grids.combine(label) for label in combine]
+    flow = cells["identity-dit.safetensors"]
+    assert {c.name.removesuffix("+lr1e-3") for c in flow} >= {m.name for m in grids.FLOW}
+    assert all(dict(c.options)["train.learning_rate"] == 1e-3 for c in flow)
+    assert "pivotal+class_images+named+rank4+text_encoder" in {c.name for c in cells["identity-base.safetensors"]}
+    assert sum(int(words[1]) for words in lines) <= 600
+
+
 def test_qwen_memory_offload_plan_is_the_least_n_that_fits(monkeypatch):
     """bench/qwen_memory.py's N for Qwen-Image's 20B transformer (meta device): block bytes follow each storage
     (fp8: 1 byte + a scale per row; nf4: half a byte + an absmax per 64), and N is the smallest count of swapped
