@@ -55,6 +55,8 @@ def test_flow_grid_and_levers_make_valid_configs_on_a_flow_base(tmp_path):
     assert configs["pivotal+class_images+pivotal_short"].train.pivotal_fraction == 0.2
     assert configs["pivotal+class_images+cross_kv"].lora.targets == "cross_attention"
     assert configs["pivotal+class_images+cfg7"].generate.cfg == 7.0 and configs["plain"].generate.cfg == 4.0
+    assert configs["pivotal+class_images+prior2"].train.prior_loss_weight == 2.0
+    assert configs["pivotal+class_images+te_lr3e-4"].train.text_encoder_learning_rate == 3e-4
     with pytest.raises(ValueError, match="caption the class images differently"):
         grids.combine("class_captions+class_article")
     slow = configs["class_images+pivotal_lr3e-4"].train

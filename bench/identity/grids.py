@@ -136,6 +136,8 @@ LEVERS = [
     *(_method(f"pivotal_lr{r}", train__pivotal=True, train__pivotal_learning_rate=float(r)) for r in ("1e-3", "3e-4")),
     _method("pw0.2", train__preservation_weight=0.2),  # a weaker output preservation (with output)
     _method("prior0.2", train__prior_loss_weight=0.2),  # a weaker class-image loss (with class_images)
+    _method("prior2", train__prior_loss_weight=2.0),  # a stronger one: the class prompt held closer to the base's
+    _method("te_lr3e-4", train__text_encoder_learning_rate=3e-4),  # the text-encoder LoRA at a third of its 1e-3
     replace(_method("named"), captions=caption_study.NAMED),  # half the captions name true attributes
     replace(_method("named_full"), captions=caption_study.NAMED_FULL),  # every caption names every one
     replace(_method("named3"), captions=caption_study.NAMED3),  # three in four name 1-3 (the base's share)
