@@ -16,6 +16,7 @@ from pathlib import Path
 
 from sdlora.demo.base import CLASS_PROMPT, Layout, layout_of, restore
 from sdlora.faces import toyworld as world
+from sdlora.fsutil import atomic_path
 
 __all__ = ["export", "restore", "trained_token_ids"]
 
@@ -56,8 +57,8 @@ def export(base_dir: Path, file: Path) -> None:
     metadata = {key: (base_dir / path).read_text() for key, path in layout.configs.items()}
     metadata["untrained_row_std"] = repr(float(table[untrained].std()))
     metadata["vocab_size"] = str(len(table))
-    file.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(file), metadata=metadata)
+    with atomic_path(file) as tmp:  # never a half-written fixture; a readable mode, not safetensors' 0600
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
 
 def main(argv: list[str] | None = None) -> None:
