@@ -13,8 +13,8 @@ from sdlora.demo.base import PACKAGED_DIT
 
 # The DiT smoke test's scale: subject 0, the UNet smoke test's setting (rank 16, lr 3e-3, no prior, no text encoder)
 # for 25 steps instead of 100, 32 seeds instead of 64, flow Euler 10 steps instead of 20, so that it costs about 30
-# CPU-seconds. On the packaged base (3,527 steps), the subject called "zqx person", it measured 0.349 -> 0.839
-# (margin 0.123); at lr 1e-8 0.349 -> 0.349 (docs/identity-benchmark.md).
+# CPU-seconds. On the packaged base (6,127 steps), the subject called "zqx person", it measured 0.333 -> 0.833
+# (margin 0.140); at lr 1e-8 0.333 -> 0.333 (docs/identity-benchmark.md).
 DIT_SMOKE = {"seeds": 32, "steps": 25, "sample_steps": 10}
 
 
