@@ -128,3 +128,29 @@ def test_a_scale_lever_renders_with_a_weaker_lora(tmp_path, monkeypatch):
     run.render_prompts(config, tmp_path / "lora.safetensors", tmp_path / "out", scale=cell.lora_scale)
     run.render_prompts(config, tmp_path / "lora.safetensors", tmp_path / "out")
     assert seen == [[f"{tmp_path / 'lora.safetensors'}:0.6"], [str(tmp_path / "lora.safetensors")]]
+
+
+def test_phrasings_reads_the_subjects_share_of_renders_and_refuses_a_missing_checkpoint(tmp_path):
+    """bench/identity/phrasings.py (bleed in another phrasing of the class prompt): `shares` counts the renders
+    the decoder reads as exactly the subject and those it reads at all; a cell the run never trained is refused in
+    one line."""
+    import json
+    import random
+
+    from PIL import Image
+
+    from bench.identity import phrasings
+    from sdlora.faces import toyworld as world
+
+    subject, other = world.all_identities()[:2]
+    rng = random.Random(0)
+    paths = []
+    for i, image in enumerate([world.render(subject, rng), world.render(other, rng), Image.new("RGB", (64, 64))]):
+        image.save(tmp_path / f"{i}.png")
+        paths.append(tmp_path / f"{i}.png")
+    assert phrasings.shares(paths, subject) == {"subject": 1 / 3, "valid": 2 / 3}
+    assert phrasings.shares(paths[:1], subject) == {"subject": 1.0, "valid": 1.0}
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "identity_base.json").write_text(json.dumps({"spec": {"kind": "zimage", "held_out": 3}}))
+    with pytest.raises(SystemExit, match="no such checkpoint; give a cell, subject and --step the run trained"):
+        phrasings.main([str(tmp_path), "output+lr1e-3:1"])
