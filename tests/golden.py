@@ -11,6 +11,11 @@ tensors than the Intel recording (its render-only scenario, generate-kohya-euler
 run the same. Re-recorded there on 2026-12-07 from 1f5f202, before the family-folder refactor; golden.json keeps
 the recording machine under "_recorded_on" so that a mismatch on a new kind of machine says so. The hashes
 cover tensor values, dtypes and shapes (not the files, whose headers hold timestamps) and decoded RGB pixels.
+
+CI and working machines come as both makes, so golden.json holds one recording per CPU make ("AMD", "Intel"; see
+`cpu_make`) and the test checks against its machine's. The Intel one was recorded on 2026-12-08 (Intel Xeon,
+AVX-512) from the code of 1f5f202, the AMD recording's code, and today's code gave the same hashes bit for bit
+there: the family-folder refactor changed no output on either make. `--record` writes this machine's make only.
 """
 
 from __future__ import annotations
@@ -219,6 +224,17 @@ def machine() -> dict[str, str]:
     return {"cpu": cpu, "capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__}
 
 
+def cpu_make(cpu: str) -> str:
+    """The key of a machine's recording in golden.json: the CPU's make, whose training tensors differ even pinned."""
+    return next((make for make in ("AMD", "Intel") if make.lower() in cpu.lower()), cpu)
+
+
+def recorded() -> dict:
+    """The recording for this machine's CPU make ({} when none was made on one)."""
+    recordings = json.loads(GOLDEN_FILE.read_text(encoding="utf-8"))
+    return recordings.get(cpu_make(machine()["cpu"]), {})
+
+
 def run_pinned(name: str) -> dict[str, str]:
     """One scenario's hashes, computed in a fresh process under PINNED_ENV."""
     import subprocess
@@ -252,9 +268,11 @@ if __name__ == "__main__":
         print(json.dumps(_scenario(sys.argv[sys.argv.index("--scenario") + 1]), sort_keys=True))
         sys.exit(0)
     result: dict = {name: run_pinned(name) for name in SCENARIOS}
-    if "--record" in sys.argv:
+    if "--record" in sys.argv:  # this machine's make only: the others' recordings stay
         result["_recorded_on"] = machine()
-        GOLDEN_FILE.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        recordings = json.loads(GOLDEN_FILE.read_text(encoding="utf-8")) if GOLDEN_FILE.is_file() else {}
+        recordings[cpu_make(result["_recorded_on"]["cpu"])] = result
+        GOLDEN_FILE.write_text(json.dumps(recordings, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         print(f"wrote {GOLDEN_FILE}")
     else:
         print(json.dumps(result, indent=2, sort_keys=True))
