@@ -34,16 +34,12 @@ def shares(images: list[Path], subject: world.Identity) -> dict[str, float]:
 
 
 def measure(out: Path, cell: str, subject: int, prompts: tuple[str, ...], step: int, seeds: int) -> dict[str, Any]:
-    folder = out / "base"
-    config = run.make_config(folder, grids.combine(cell), grids.Scale(seeds=seeds), None)
-    from sdlora.lora.peft import DIFFUSERS_FILE
-    from sdlora.train import checkpoint
-
     runs = out / "work" / f"{cell}-s{subject}" / "lora"
-    saved = {checkpoint.read_step(c): c / DIFFUSERS_FILE for c in checkpoint.list_checkpoints(runs)}
-    lora = saved.get(step, runs / f"step {step}")
+    lora = run.checkpoint_files(runs).get(step, runs / f"step {step}")
     if not lora.is_file():
         raise SystemExit(f"error: {lora}: no such checkpoint; give a cell, subject and --step the run trained")
+    folder = out / "base"
+    config = run.make_config(folder, grids.combine(cell), grids.Scale(seeds=seeds), None)
     table = {f"p{i}": prompt for i, prompt in enumerate(prompts)}
     images = run.render_prompts(config, lora, out / "phrasings" / f"{cell}-s{subject}-{step}", tuple(table), table)
     identity = base.held_out_subjects(folder)[subject]

@@ -136,10 +136,17 @@ def prep_subject(subject: world.Identity, work: Path, config: Any, scale: Scale,
 
 def train_lora(config: Any, dataset: Path, out: Path) -> dict[int, Path]:
     """`sdlora train`; returns {step: diffusers LoRA file} of every checkpoint."""
-    from sdlora.lora.peft import DIFFUSERS_FILE
-    from sdlora.train import checkpoint, train
+    from sdlora.train import train
 
     train(config, dataset, out)
+    return checkpoint_files(out)
+
+
+def checkpoint_files(out: Path) -> dict[int, Path]:
+    """{step: diffusers LoRA file} of every checkpoint a training run into `out` saved."""
+    from sdlora.lora.peft import DIFFUSERS_FILE
+    from sdlora.train import checkpoint
+
     return {checkpoint.read_step(c): c / DIFFUSERS_FILE for c in checkpoint.list_checkpoints(out)}
 
 
